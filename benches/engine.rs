@@ -1,0 +1,192 @@
+//! Engine throughput, ours versus llama.cpp (through `llama-cpp-2`) on the
+//! same model, threads and tokens, in one process:
+//!
+//! - prompt processing: one 512-token prompt;
+//! - generation: 128 tokens for 1 sequence, and for 8 sequences decoded
+//!   together (one token of each per step).
+//!
+//! `cargo bench --bench engine -- [--threads N] [--model PATH] [--reps N]`
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use svfit::model::{Batch, LoadOptions, Logits, Model, Tokenizer};
+use svfit::oracle::Reference;
+use svfit::sampling::argmax;
+
+const PROMPT: usize = 512;
+const GEN: usize = 128;
+const GEN_PROMPT: usize = 16;
+
+struct Options {
+    model: PathBuf,
+    threads: usize,
+    reps: usize,
+}
+
+fn parse_args() -> Options {
+    let mut opts = Options {
+        model: svfit::home::resolve_model(None).unwrap_or_else(|e| exit(&e.to_string())),
+        threads: svfit::model::default_threads(),
+        reps: 3,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| exit(&format!("{arg} needs a value")))
+        };
+        match arg.as_str() {
+            "--model" => opts.model = PathBuf::from(value()),
+            "--threads" => {
+                opts.threads = value()
+                    .parse()
+                    .unwrap_or_else(|_| exit("--threads takes a number"))
+            }
+            "--reps" => {
+                opts.reps = value()
+                    .parse()
+                    .unwrap_or_else(|_| exit("--reps takes a number"))
+            }
+            "--bench" => {}
+            other => exit(&format!("unknown option {other}")),
+        }
+    }
+    opts
+}
+
+fn exit(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(2)
+}
+
+/// Something that decodes batches: our engine or llama.cpp.
+trait Engine {
+    fn decode(&mut self, batch: &Batch) -> Logits;
+    fn reset(&mut self);
+}
+
+struct Ours {
+    model: Model,
+    cache: svfit::model::KvCache,
+}
+
+impl Engine for Ours {
+    fn decode(&mut self, batch: &Batch) -> Logits {
+        self.model.decode(&mut self.cache, batch).expect("decode")
+    }
+    fn reset(&mut self) {
+        self.cache.clear();
+    }
+}
+
+struct LlamaCpp<'m>(svfit::oracle::ReferenceSession<'m>);
+
+impl Engine for LlamaCpp<'_> {
+    fn decode(&mut self, batch: &Batch) -> Logits {
+        self.0.decode(batch).expect("llama.cpp decode")
+    }
+    fn reset(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Tokens per second of one 512-token prompt.
+fn prompt_speed(engine: &mut dyn Engine, tokens: &[u32]) -> f64 {
+    engine.reset();
+    let mut batch = Batch::new();
+    batch.add_sequence(&tokens[..PROMPT], 0, 0, false);
+    let start = Instant::now();
+    engine.decode(&batch);
+    PROMPT as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Generated tokens per second with `n_seq` sequences decoded together
+/// (greedy; the prompts are prefilled before the clock starts).
+fn generation_speed(engine: &mut dyn Engine, tokens: &[u32], n_seq: usize) -> f64 {
+    engine.reset();
+    let mut batch = Batch::new();
+    for s in 0..n_seq {
+        let prompt = &tokens[s * 7..s * 7 + GEN_PROMPT];
+        batch.add_sequence(prompt, 0, s as u32, false);
+    }
+    let mut logits = engine.decode(&batch);
+    let start = Instant::now();
+    for step in 0..GEN {
+        batch.clear();
+        for s in 0..n_seq {
+            batch.add(argmax(logits.row(s)), GEN_PROMPT + step, s as u32, true);
+        }
+        logits = engine.decode(&batch);
+    }
+    (GEN * n_seq) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn best(reps: usize, mut f: impl FnMut() -> f64) -> f64 {
+    (0..reps).map(|_| f()).fold(0.0, f64::max)
+}
+
+fn main() {
+    let opts = parse_args();
+    let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(|e| exit(&e.to_string()));
+    let text = include_str!("engine.rs").repeat(4);
+    let tokens = tokenizer.encode(&text, true);
+    assert!(tokens.len() >= PROMPT, "bench text too short");
+
+    let load = LoadOptions {
+        device: "cpu".into(),
+        threads: opts.threads,
+    };
+    let model = Model::load(&opts.model, &load).unwrap_or_else(|e| exit(&e.to_string()));
+    let cache = model
+        .new_cache(2048)
+        .unwrap_or_else(|e| exit(&e.to_string()));
+    let mut ours = Ours { model, cache };
+    let reference = Reference::load(&opts.model).unwrap_or_else(|e| exit(&e.to_string()));
+    let fa = std::env::var("FA").is_ok();
+    let mut theirs = LlamaCpp(
+        reference
+            .session_with(2048, 8, opts.threads, fa)
+            .unwrap_or_else(|e| exit(&e.to_string())),
+    );
+
+    println!(
+        "model {}, {} threads, best of {} runs",
+        opts.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        opts.threads,
+        opts.reps
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "test", "svfit tok/s", "llama.cpp", "ratio"
+    );
+    let mut rows = Vec::new();
+    for (name, run) in [
+        (
+            "prompt 512",
+            &(|e: &mut dyn Engine, t: &[u32]| prompt_speed(e, t))
+                as &dyn Fn(&mut dyn Engine, &[u32]) -> f64,
+        ),
+        (
+            "generate 128, 1 sequence",
+            &|e: &mut dyn Engine, t: &[u32]| generation_speed(e, t, 1),
+        ),
+        (
+            "generate 128, 8 sequences",
+            &|e: &mut dyn Engine, t: &[u32]| generation_speed(e, t, 8),
+        ),
+    ] {
+        let a = best(opts.reps, || run(&mut ours, &tokens));
+        let b = best(opts.reps, || run(&mut theirs, &tokens));
+        println!("{name:<28} {a:>12.1} {b:>12.1} {:>8.2}", a / b);
+        rows.push((a, b));
+    }
+    println!(
+        "batch-8 / batch-1 generation throughput: svfit {:.2}x, llama.cpp {:.2}x",
+        rows[2].0 / rows[1].0,
+        rows[2].1 / rows[1].1
+    );
+}

@@ -1,0 +1,282 @@
+//! Generation of one sequence: prefill the prompt in chunks, then sample
+//! token by token, streaming text until an end-of-generation token, a stop
+//! string, the token limit or the end of the context.
+
+use crate::model::{Batch, KvCache, Model, ModelError, Tokenizer};
+use crate::sampling::{Sampler, SamplingParams};
+
+/// Prompt tokens decoded per graph run during prefill.
+pub const PREFILL_CHUNK: usize = 512;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token.
+    Stop,
+    /// One of the stop strings appeared.
+    StopString,
+    /// `max_tokens` were generated.
+    Length,
+    /// The context is full.
+    Context,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::StopString => "stop_string",
+            FinishReason::Length => "length",
+            FinishReason::Context => "context",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens; the context holds {n_ctx} (leave room for at least one generated token)")]
+    PromptTooLong { prompt: usize, n_ctx: usize },
+    #[error("invalid sampling parameters: {0}")]
+    Sampling(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Checks that `prompt` fits a context of `n_ctx` tokens with room to generate.
+pub fn check_prompt(prompt: &[u32], n_ctx: usize) -> Result<(), GenerateError> {
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if prompt.len() >= n_ctx {
+        return Err(GenerateError::PromptTooLong {
+            prompt: prompt.len(),
+            n_ctx,
+        });
+    }
+    Ok(())
+}
+
+/// Runs `request` alone in `cache` (which it clears), calling `on_text` with
+/// each new piece of text as soon as it is known not to be part of a stop
+/// string.
+pub fn generate(
+    model: &mut Model,
+    cache: &mut KvCache,
+    tokenizer: &Tokenizer,
+    request: &Request,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    let n_ctx = cache.size().min(model.config().n_ctx_train);
+    check_prompt(&request.prompt, n_ctx)?;
+    request
+        .sampling
+        .validate()
+        .map_err(GenerateError::Sampling)?;
+    cache.clear();
+    const SEQ: u32 = 0;
+
+    let mut logits = None;
+    let mut batch = Batch::new();
+    for (i, chunk) in request.prompt.chunks(PREFILL_CHUNK).enumerate() {
+        batch.clear();
+        batch.add_sequence(chunk, i * PREFILL_CHUNK, SEQ, false);
+        logits = Some(model.decode(cache, &batch)?);
+    }
+    let mut logits = logits.expect("a non-empty prompt has one chunk");
+
+    let mut sampler = Sampler::new(request.sampling.clone());
+    let mut history = request.prompt.clone();
+    let mut text = TextStream::new(&request.stop);
+    let mut tokens = Vec::new();
+    let finish = loop {
+        if tokens.len() >= request.max_tokens {
+            break FinishReason::Length;
+        }
+        let token = sampler.sample(logits.row(0), &history);
+        if tokenizer.is_eog(token) {
+            break FinishReason::Stop;
+        }
+        tokens.push(token);
+        history.push(token);
+        if text.push(&tokenizer.piece(token), &mut on_text) {
+            break FinishReason::StopString;
+        }
+        if history.len() >= n_ctx {
+            break FinishReason::Context;
+        }
+        batch.clear();
+        batch.add(token, history.len() - 1, SEQ, true);
+        logits = model.decode(cache, &batch)?;
+    };
+    let text = text.finish(finish != FinishReason::StopString, &mut on_text);
+    Ok(Generation {
+        tokens,
+        text,
+        finish,
+    })
+}
+
+/// Turns token bytes into text: emits only complete UTF-8, holds back a tail
+/// that may be the start of a stop string, and cuts at the first stop string.
+pub struct TextStream {
+    stop: Vec<String>,
+    pending: Vec<u8>,
+    text: String,
+    emitted: usize,
+}
+
+impl TextStream {
+    pub fn new(stop: &[String]) -> Self {
+        TextStream {
+            stop: stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds a token's bytes; returns true when a stop string completed (the
+    /// text is then cut before it).
+    pub fn push(&mut self, bytes: &[u8], on_text: &mut impl FnMut(&str)) -> bool {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(s) => s.len(),
+            Err(e) if e.error_len().is_some() => {
+                // Invalid bytes (not just an unfinished character): replace them.
+                let lossy = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                self.text.push_str(&lossy);
+                return self.advance(on_text);
+            }
+            Err(e) => e.valid_up_to(),
+        };
+        let complete: Vec<u8> = self.pending.drain(..valid).collect();
+        self.text
+            .push_str(std::str::from_utf8(&complete).expect("checked above"));
+        self.advance(on_text)
+    }
+
+    fn advance(&mut self, on_text: &mut impl FnMut(&str)) -> bool {
+        let search_from = self
+            .emitted
+            .saturating_sub(self.stop.iter().map(String::len).max().unwrap_or(0));
+        let search_from = floor_char_boundary(&self.text, search_from);
+        let hit = self
+            .stop
+            .iter()
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|i| search_from + i)
+            })
+            .min();
+        if let Some(at) = hit {
+            self.text.truncate(at);
+            self.emit_up_to(self.text.len(), on_text);
+            return true;
+        }
+        // Hold back the longest tail that a stop string starts with.
+        let held = self
+            .stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .rev()
+                    .map(move |n| &s[..n])
+                    .filter(|p| s.is_char_boundary(p.len()))
+            })
+            .filter(|prefix| self.text.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        self.emit_up_to(self.text.len() - held, on_text);
+        false
+    }
+
+    fn emit_up_to(&mut self, end: usize, on_text: &mut impl FnMut(&str)) {
+        if end > self.emitted {
+            on_text(&self.text[self.emitted..end]);
+            self.emitted = end;
+        }
+    }
+
+    /// Flushes what is held back (unless the stream stopped on a stop string)
+    /// and returns the whole text.
+    pub fn finish(mut self, flush: bool, on_text: &mut impl FnMut(&str)) -> String {
+        if flush {
+            if !self.pending.is_empty() {
+                let rest = String::from_utf8_lossy(&self.pending).into_owned();
+                self.text.push_str(&rest);
+            }
+            self.emit_up_to(self.text.len(), on_text);
+        }
+        self.text
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pieces: &[&[u8]], stop: &[&str]) -> (Vec<String>, String, bool) {
+        let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
+        let mut stream = TextStream::new(&stop);
+        let mut out = Vec::new();
+        let mut stopped = false;
+        for p in pieces {
+            if stream.push(p, &mut |t: &str| out.push(t.to_string())) {
+                stopped = true;
+                break;
+            }
+        }
+        let text = stream.finish(!stopped, &mut |t: &str| out.push(t.to_string()));
+        (out, text, stopped)
+    }
+
+    #[test]
+    fn split_utf8_is_emitted_whole() {
+        let euro = "€".as_bytes();
+        let (out, text, _) = run(&[b"a", &euro[..1], &euro[1..], b"b"], &[]);
+        assert_eq!(text, "a€b");
+        assert_eq!(out, vec!["a", "€", "b"]);
+    }
+
+    #[test]
+    fn stop_string_across_tokens_is_cut_and_never_emitted() {
+        let (out, text, stopped) = run(&[b"Hello ", b"EN", b"D tail"], &["END"]);
+        assert!(stopped);
+        assert_eq!(text, "Hello ");
+        assert_eq!(out.concat(), "Hello ");
+    }
+
+    #[test]
+    fn held_back_prefix_is_flushed_when_no_stop_follows() {
+        let (out, text, stopped) = run(&[b"Hi E", b"N"], &["END"]);
+        assert!(!stopped);
+        assert_eq!(text, "Hi EN");
+        assert_eq!(out.concat(), "Hi EN");
+    }
+}

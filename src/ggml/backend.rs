@@ -1,0 +1,328 @@
+//! Backends (CPU, GPU), buffers, tensor sets allocated on a backend, and the
+//! scheduler that runs graphs over them.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::ptr::NonNull;
+
+use super::context::{Context, Graph, Tensor};
+use super::{sys, GgmlError};
+
+/// An owned ggml backend (one device's compute stream).
+pub struct Backend {
+    raw: NonNull<sys::ggml_backend>,
+}
+
+// SAFETY: backends are used from one thread at a time (their owner's).
+unsafe impl Send for Backend {}
+
+impl Backend {
+    /// The CPU backend with `threads` worker threads.
+    pub fn cpu(threads: usize) -> Result<Self, GgmlError> {
+        // SAFETY: returns null on failure.
+        let raw = unsafe { sys::ggml_backend_cpu_init() };
+        let backend = Self::wrap(raw, "the CPU backend")?;
+        backend.set_threads(threads);
+        Ok(backend)
+    }
+
+    /// The first device backend whose name or description contains `name`
+    /// (case-insensitive), or the first GPU for "gpu"/"auto"; `Ok(None)` for
+    /// "auto" when there is no GPU.
+    pub fn device(name: &str) -> Result<Option<Self>, GgmlError> {
+        let wanted = name.to_ascii_lowercase();
+        for dev in devices() {
+            let is_gpu = dev.kind == sys::GGML_BACKEND_DEVICE_TYPE_GPU
+                || dev.kind == sys::GGML_BACKEND_DEVICE_TYPE_IGPU;
+            let matches = match wanted.as_str() {
+                "auto" | "gpu" => is_gpu,
+                _ => {
+                    dev.name.to_ascii_lowercase().contains(&wanted)
+                        || dev.description.to_ascii_lowercase().contains(&wanted)
+                }
+            };
+            if matches {
+                // SAFETY: `dev.raw` comes from ggml's device registry; null params is allowed.
+                let raw = unsafe { sys::ggml_backend_dev_init(dev.raw, std::ptr::null()) };
+                return Self::wrap(raw, &dev.name).map(Some);
+            }
+        }
+        if wanted == "auto" {
+            Ok(None)
+        } else {
+            Err(GgmlError::NoDevice(name.to_string()))
+        }
+    }
+
+    fn wrap(raw: *mut sys::ggml_backend, what: &str) -> Result<Self, GgmlError> {
+        NonNull::new(raw)
+            .map(|raw| Backend { raw })
+            .ok_or_else(|| GgmlError::Alloc {
+                what: what.to_string(),
+            })
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::ggml_backend {
+        self.raw.as_ptr()
+    }
+
+    pub fn name(&self) -> String {
+        // SAFETY: returns a C string owned by the backend.
+        let ptr = unsafe { sys::ggml_backend_name(self.as_ptr()) };
+        c_str(ptr)
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        // SAFETY: the backend is live.
+        unsafe { sys::ggml_backend_is_cpu(self.as_ptr()) }
+    }
+
+    /// Sets the worker threads (CPU backend only; others ignore it).
+    pub fn set_threads(&self, threads: usize) {
+        if self.is_cpu() {
+            // SAFETY: the backend is a live CPU backend.
+            unsafe { sys::ggml_backend_cpu_set_n_threads(self.as_ptr(), threads.max(1) as i32) }
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: we own the backend.
+        unsafe { sys::ggml_backend_free(self.as_ptr()) }
+    }
+}
+
+/// One device known to ggml.
+pub struct DeviceInfo {
+    raw: sys::ggml_backend_dev_t,
+    pub name: String,
+    pub description: String,
+    kind: sys::ggml_backend_dev_type,
+}
+
+/// The devices ggml was built with (CPU always; CUDA with the `cuda` feature).
+pub fn devices() -> Vec<DeviceInfo> {
+    // SAFETY: the registry is initialised statically by ggml.
+    let n = unsafe { sys::ggml_backend_dev_count() };
+    (0..n)
+        .filter_map(|i| {
+            // SAFETY: i < count.
+            let raw = unsafe { sys::ggml_backend_dev_get(i) };
+            if raw.is_null() {
+                return None;
+            }
+            // SAFETY: `raw` is a registered device.
+            let (name, description, kind) = unsafe {
+                (
+                    c_str(sys::ggml_backend_dev_name(raw)),
+                    c_str(sys::ggml_backend_dev_description(raw)),
+                    sys::ggml_backend_dev_type(raw),
+                )
+            };
+            Some(DeviceInfo {
+                raw,
+                name,
+                description,
+                kind,
+            })
+        })
+        .collect()
+}
+
+fn c_str(ptr: *const std::os::raw::c_char) -> String {
+    if ptr.is_null() {
+        return String::new();
+    }
+    // SAFETY: ggml returns NUL-terminated strings that outlive this call.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// An owned backend buffer.
+pub struct Buffer {
+    raw: NonNull<sys::ggml_backend_buffer>,
+}
+
+// SAFETY: buffers have no thread affinity; access goes through their owner.
+unsafe impl Send for Buffer {}
+
+impl Buffer {
+    pub fn size(&self) -> usize {
+        // SAFETY: the buffer is live.
+        unsafe { sys::ggml_backend_buffer_get_size(self.raw.as_ptr()) }
+    }
+
+    /// Sets every byte of the buffer to `value`.
+    pub fn clear(&self, value: u8) {
+        // SAFETY: the buffer is live.
+        unsafe { sys::ggml_backend_buffer_clear(self.raw.as_ptr(), value) }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: we own the buffer; the tensors pointing into it are dropped
+        // with it (TensorSet owns both).
+        unsafe { sys::ggml_backend_buffer_free(self.raw.as_ptr()) }
+    }
+}
+
+/// Index of a tensor in a [`TensorSet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TensorId(usize);
+
+/// Tensors allocated together in one backend buffer, with the context that
+/// describes them. Weights, KV caches and adapter tables are tensor sets.
+pub struct TensorSet {
+    tensors: Vec<NonNull<sys::ggml_tensor>>,
+    by_name: HashMap<String, TensorId>,
+    buffer: Buffer,
+    // Dropped after the buffer, which is fine: freeing a buffer does not touch
+    // the tensors' metadata.
+    ctx: Context,
+}
+
+// SAFETY: the set owns its context and buffer; raw tensor pointers point into
+// the context, which moves with it.
+unsafe impl Send for TensorSet {}
+
+impl TensorSet {
+    /// Allocates every tensor of `ctx` in one buffer on `backend`.
+    pub fn allocate(ctx: Context, backend: &Backend) -> Result<Self, GgmlError> {
+        let tensors: Vec<_> = ctx
+            .tensors()
+            .map(|t| NonNull::new(t.as_ptr()).expect("non-null"))
+            .collect();
+        // SAFETY: the context and backend are live; returns null on failure
+        // (including a context without tensors).
+        let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors(ctx.as_ptr(), backend.as_ptr()) };
+        let buffer =
+            NonNull::new(raw)
+                .map(|raw| Buffer { raw })
+                .ok_or_else(|| GgmlError::Alloc {
+                    what: format!(
+                        "a buffer for {} tensors on {}",
+                        tensors.len(),
+                        backend.name()
+                    ),
+                })?;
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (Tensor::from_raw(*t).name(), TensorId(i)))
+            .collect();
+        Ok(TensorSet {
+            tensors,
+            by_name,
+            buffer,
+            ctx,
+        })
+    }
+
+    pub fn get(&self, id: TensorId) -> Tensor<'_> {
+        Tensor::from_raw(self.tensors[id.0])
+    }
+
+    pub fn find(&self, name: &str) -> Option<TensorId> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Tensor<'_>> + '_ {
+        self.ctx.tensors()
+    }
+
+    pub fn buffer(&self) -> &Buffer {
+        &self.buffer
+    }
+}
+
+/// Runs graphs over one or more backends (device first, CPU last), placing
+/// each node on the first backend that holds its weights and supports it.
+pub struct Scheduler {
+    raw: NonNull<sys::ggml_backend_sched>,
+    backends: Vec<Backend>,
+}
+
+// SAFETY: the scheduler and its backends are used from one thread at a time.
+unsafe impl Send for Scheduler {}
+
+impl Scheduler {
+    /// `backends` must end with the CPU backend.
+    pub fn new(backends: Vec<Backend>, graph_size: usize) -> Result<Self, GgmlError> {
+        let mut raws: Vec<_> = backends.iter().map(Backend::as_ptr).collect();
+        // SAFETY: `raws` holds live backends; default buffer types (null).
+        let raw = unsafe {
+            sys::ggml_backend_sched_new(
+                raws.as_mut_ptr(),
+                std::ptr::null_mut(),
+                raws.len() as i32,
+                graph_size,
+                false,
+                true,
+            )
+        };
+        NonNull::new(raw)
+            .map(|raw| Scheduler { raw, backends })
+            .ok_or_else(|| GgmlError::Alloc {
+                what: "a backend scheduler".to_string(),
+            })
+    }
+
+    /// The backend that holds weights and caches (the first one).
+    pub fn primary(&self) -> &Backend {
+        &self.backends[0]
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    pub fn set_threads(&self, threads: usize) {
+        for b in &self.backends {
+            b.set_threads(threads);
+        }
+    }
+
+    /// Allocates the graph's intermediate tensors (and inputs). Inputs are
+    /// written after this and before [`Scheduler::compute`].
+    pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<(), GgmlError> {
+        // SAFETY: scheduler and graph are live.
+        let ok = unsafe {
+            sys::ggml_backend_sched_reset(self.raw.as_ptr());
+            sys::ggml_backend_sched_alloc_graph(self.raw.as_ptr(), graph.as_ptr())
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(GgmlError::Alloc {
+                what: format!("compute buffers for a graph of {} nodes", graph.n_nodes()),
+            })
+        }
+    }
+
+    /// Computes an allocated graph and waits for it.
+    pub fn compute(&mut self, graph: &Graph<'_>) -> Result<(), GgmlError> {
+        // SAFETY: the graph was allocated by `alloc` on this scheduler.
+        let status =
+            unsafe { sys::ggml_backend_sched_graph_compute(self.raw.as_ptr(), graph.as_ptr()) };
+        if status == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(GgmlError::Compute(status))
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // SAFETY: freed before `backends` (fields drop after this body).
+        unsafe { sys::ggml_backend_sched_free(self.raw.as_ptr()) }
+    }
+}
+
+/// A C string for ggml, or `None` when `s` holds a NUL byte.
+pub(crate) fn c_string(s: &str) -> Option<CString> {
+    CString::new(s).ok()
+}

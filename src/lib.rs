@@ -1,0 +1,10 @@
+//! svfit: serve one frozen base LLM to many tenants, each fine-tuned with an
+//! SVFit adapter (a vector of singular values per target matrix).
+
+pub mod generate;
+pub mod ggml;
+pub mod home;
+pub mod model;
+pub mod npy;
+pub mod oracle;
+pub mod sampling;

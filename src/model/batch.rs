@@ -1,0 +1,66 @@
+//! A batch of tokens to decode together: prefill and decode tokens of several
+//! sequences, each with its own position and sequence id (as `llama_batch`).
+
+/// Identifies one sequence in the KV cache.
+pub type SeqId = u32;
+
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub(super) tokens: Vec<u32>,
+    pub(super) positions: Vec<i32>,
+    pub(super) seqs: Vec<SeqId>,
+    pub(super) outputs: Vec<bool>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `token` at `pos` of sequence `seq`; `output` asks for its logits.
+    pub fn add(&mut self, token: u32, pos: usize, seq: SeqId, output: bool) {
+        self.tokens.push(token);
+        self.positions.push(pos as i32);
+        self.seqs.push(seq);
+        self.outputs.push(output);
+    }
+
+    /// Adds `tokens` of `seq` starting at `start_pos`; logits for the last one
+    /// only, or for all when `all_logits`.
+    pub fn add_sequence(&mut self, tokens: &[u32], start_pos: usize, seq: SeqId, all_logits: bool) {
+        for (i, &t) in tokens.iter().enumerate() {
+            self.add(t, start_pos + i, seq, all_logits || i + 1 == tokens.len());
+        }
+    }
+
+    /// (token, position, sequence, wants logits) of each entry, in order.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, usize, SeqId, bool)> + '_ {
+        (0..self.len()).map(|i| {
+            (
+                self.tokens[i],
+                self.positions[i] as usize,
+                self.seqs[i],
+                self.outputs[i],
+            )
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn n_outputs(&self) -> usize {
+        self.outputs.iter().filter(|&&o| o).count()
+    }
+
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+        self.positions.clear();
+        self.seqs.clear();
+        self.outputs.clear();
+    }
+}

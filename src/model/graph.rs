@@ -1,0 +1,201 @@
+//! The llama forward graph, one function per block, read top to bottom:
+//! embed → (attention, feed-forward) × layers → norm → output head.
+
+use crate::ggml::{Context, Graph, Tensor, Type};
+
+use super::kv_cache::KvCache;
+use super::weights::{LayerWeights, Weights};
+use super::Config;
+
+/// The graph's inputs, filled per batch after allocation.
+pub(super) struct Inputs<'a> {
+    /// Token ids, i32 `[n_tokens]`.
+    pub tokens: Tensor<'a>,
+    /// Positions, i32 `[n_tokens]`.
+    pub positions: Tensor<'a>,
+    /// KV cell of each token, i64 `[n_tokens]`.
+    pub kv_cells: Tensor<'a>,
+    /// Element indices of the batch's V values in the transposed V cache,
+    /// i64 `[n_embd_kv * n_tokens]`.
+    pub v_elements: Tensor<'a>,
+    /// f32 `[n_kv, n_tokens]`: 0 where a token may attend a cell, -inf elsewhere.
+    pub kq_mask: Tensor<'a>,
+    /// Rows whose logits are wanted, i32 `[n_outputs]`; absent when all are.
+    pub out_rows: Option<Tensor<'a>>,
+}
+
+/// Shapes of one forward pass.
+pub(super) struct Shape {
+    pub n_tokens: usize,
+    pub n_kv: usize,
+    pub n_outputs: usize,
+}
+
+/// Builds the forward graph into `gf`; returns its inputs and the logits
+/// `[n_vocab, n_outputs]`.
+pub(super) fn forward<'a>(
+    ctx: &'a Context,
+    gf: &mut Graph<'a>,
+    cfg: &Config,
+    weights: &'a Weights,
+    cache: &'a KvCache,
+    shape: &Shape,
+) -> (Inputs<'a>, Tensor<'a>) {
+    let n_tokens = shape.n_tokens as i64;
+    let inputs = Inputs {
+        tokens: ctx
+            .new_tensor(Type::I32, &[n_tokens])
+            .set_name("inp_tokens")
+            .set_input(),
+        positions: ctx
+            .new_tensor(Type::I32, &[n_tokens])
+            .set_name("inp_pos")
+            .set_input(),
+        kv_cells: ctx
+            .new_tensor(Type::I64, &[n_tokens])
+            .set_name("inp_kv_cells")
+            .set_input(),
+        v_elements: ctx
+            .new_tensor(Type::I64, &[cfg.n_embd_kv() as i64 * n_tokens])
+            .set_name("inp_v_elements")
+            .set_input(),
+        kq_mask: ctx
+            .new_tensor(Type::F32, &[shape.n_kv as i64, n_tokens])
+            .set_name("inp_kq_mask")
+            .set_input(),
+        out_rows: (shape.n_outputs < shape.n_tokens).then(|| {
+            ctx.new_tensor(Type::I32, &[shape.n_outputs as i64])
+                .set_name("inp_out_rows")
+                .set_input()
+        }),
+    };
+
+    let mut x = ctx.get_rows(weights.get(weights.token_embd), inputs.tokens);
+    for (il, layer) in weights.layers.iter().enumerate() {
+        let attn_in = rms_norm(ctx, x, weights.get(layer.attn_norm), cfg.rms_norm_eps);
+        let mut attn_out = attention(
+            ctx, gf, cfg, weights, layer, cache, il, attn_in, &inputs, shape,
+        );
+        let mut residual = x;
+        if il + 1 == weights.layers.len() {
+            // Only the rows that produce logits go through the last FFN.
+            if let Some(rows) = inputs.out_rows {
+                attn_out = ctx.get_rows(attn_out, rows);
+                residual = ctx.get_rows(residual, rows);
+            }
+        }
+        let ffn_in = ctx.add(attn_out, residual);
+        let ffn_out = feed_forward(ctx, cfg, weights, layer, ffn_in);
+        x = ctx.add(ffn_out, ffn_in);
+    }
+    let x = rms_norm(ctx, x, weights.get(weights.output_norm), cfg.rms_norm_eps);
+    let logits = ctx
+        .mul_mat(weights.get(weights.output), x)
+        .set_name("logits")
+        .set_output();
+    gf.expand(logits);
+    (inputs, logits)
+}
+
+fn rms_norm<'a>(ctx: &'a Context, x: Tensor<'a>, weight: Tensor<'a>, eps: f32) -> Tensor<'a> {
+    ctx.mul(ctx.rms_norm(x, eps), weight)
+}
+
+/// `y = W x` for a weight of the model.
+fn linear<'a>(ctx: &'a Context, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+    ctx.mul_mat(w, x)
+}
+
+/// Grouped-query self-attention with RoPE over the KV cache.
+#[allow(clippy::too_many_arguments)]
+fn attention<'a>(
+    ctx: &'a Context,
+    gf: &mut Graph<'a>,
+    cfg: &Config,
+    weights: &'a Weights,
+    layer: &LayerWeights,
+    cache: &'a KvCache,
+    il: usize,
+    x: Tensor<'a>,
+    inputs: &Inputs<'a>,
+    shape: &Shape,
+) -> Tensor<'a> {
+    let (hd, n_tokens, n_kv) = (
+        cfg.head_dim as i64,
+        shape.n_tokens as i64,
+        shape.n_kv as i64,
+    );
+    let rope = |t: Tensor<'a>, n_heads: usize| {
+        let t = ctx.reshape_3d(t, hd, n_heads as i64, n_tokens);
+        ctx.rope(
+            t,
+            inputs.positions,
+            cfg.head_dim as i32,
+            cfg.n_ctx_train as i32,
+            cfg.rope_freq_base,
+        )
+    };
+    let q = rope(linear(ctx, weights.get(layer.attn_q), x), cfg.n_head);
+    let k = rope(linear(ctx, weights.get(layer.attn_k), x), cfg.n_head_kv);
+    let v = linear(ctx, weights.get(layer.attn_v), x);
+
+    // Store this batch's K and V in their cells before attention reads them.
+    // Plain attention, not ggml's flash attention: its CPU kernel switches
+    // between f16 and f32 accumulation with the number of queries, so a
+    // sequence's logits would depend on what else is in the batch.
+    let n_embd_kv = cfg.n_embd_kv() as i64;
+    let k_cache = cache.tensors().get(cache.k[il]);
+    let v_cache = cache.tensors().get(cache.v[il]);
+    gf.expand(ctx.set_rows(
+        k_cache,
+        ctx.reshape_2d(k, n_embd_kv, n_tokens),
+        inputs.kv_cells,
+    ));
+    let v_flat = ctx.reshape_2d(v_cache, 1, v_cache.n_elements());
+    gf.expand(ctx.set_rows(
+        v_flat,
+        ctx.reshape_2d(v, 1, n_embd_kv * n_tokens),
+        inputs.v_elements,
+    ));
+
+    let f16 = |n: i64| Type::F16.row_size(n).expect("f16 rows");
+    // k: [hd, n_kv, n_head_kv], q: [hd, n_tokens, n_head]
+    let k = ctx.view_3d(
+        k_cache,
+        [hd, cfg.n_head_kv as i64, n_kv],
+        f16(hd),
+        k_cache.nb()[1],
+        0,
+    );
+    let k = ctx.permute(k, [0, 2, 1, 3]);
+    let q = ctx.permute(q, [0, 2, 1, 3]);
+    let kq = ctx.prec_f32(ctx.mul_mat(k, q));
+    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+    let kq = ctx.soft_max_ext(kq, inputs.kq_mask, scale);
+    // v: [n_kv, hd, n_head_kv] → out: [hd, n_tokens, n_head]
+    let cells = v_cache.nb()[1];
+    let v = ctx.view_3d(
+        v_cache,
+        [n_kv, hd, cfg.n_head_kv as i64],
+        cells,
+        cells * hd as usize,
+        0,
+    );
+    let out = ctx.permute(ctx.mul_mat(v, kq), [0, 2, 1, 3]);
+    let out = ctx.reshape_2d(ctx.cont(out), hd * cfg.n_head as i64, n_tokens);
+    linear(ctx, weights.get(layer.attn_output), out)
+}
+
+/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+fn feed_forward<'a>(
+    ctx: &'a Context,
+    cfg: &Config,
+    weights: &'a Weights,
+    layer: &LayerWeights,
+    x: Tensor<'a>,
+) -> Tensor<'a> {
+    let x = rms_norm(ctx, x, weights.get(layer.ffn_norm), cfg.rms_norm_eps);
+    let gate = linear(ctx, weights.get(layer.ffn_gate), x);
+    let up = linear(ctx, weights.get(layer.ffn_up), x);
+    linear(ctx, weights.get(layer.ffn_down), ctx.swiglu_split(gate, up))
+}

@@ -1,0 +1,233 @@
+//! A llama-architecture model on ggml: GGUF → config + weights on a backend,
+//! the forward graph, the multi-sequence KV cache, and the tokenizer.
+
+mod batch;
+mod config;
+mod graph;
+mod kv_cache;
+pub mod tokenizer;
+mod weights;
+
+use std::path::Path;
+
+pub use batch::{Batch, SeqId};
+pub use config::{Config, SUPPORTED_ARCHITECTURES};
+pub use kv_cache::KvCache;
+pub use tokenizer::Tokenizer;
+
+use crate::ggml::gguf::{GgufError, GgufFile};
+use crate::ggml::{Backend, Context, GgmlError, Scheduler};
+use weights::Weights;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Ggml(#[from] GgmlError),
+    #[error("unsupported architecture '{0}' (supported: {list})", list = SUPPORTED_ARCHITECTURES.join(", "))]
+    UnsupportedArchitecture(String),
+    #[error("unsupported model feature: {0}")]
+    Unsupported(String),
+    #[error("invalid model metadata: {0}")]
+    Metadata(String),
+    #[error("tensor '{0}' is missing from the model")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<i64>,
+        actual: Vec<i64>,
+    },
+    #[error("the context is full: {needed} tokens do not fit in the {free} free of {size} cells")]
+    CacheFull {
+        needed: usize,
+        free: usize,
+        size: usize,
+    },
+    #[error("token id {token} is outside the vocabulary of {n_vocab}")]
+    InvalidToken { token: u32, n_vocab: usize },
+    #[error("position {pos} is outside the model's context of {n_ctx}")]
+    InvalidPosition { pos: i64, n_ctx: usize },
+    #[error("empty batch")]
+    EmptyBatch,
+}
+
+/// Where the model runs.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// "cpu", "auto" (the first GPU if any, else CPU), or a device name such
+    /// as "cuda0".
+    pub device: String,
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: "cpu".into(),
+            threads: default_threads(),
+        }
+    }
+}
+
+/// One thread per available core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Logits of the tokens that asked for them, in batch order.
+#[derive(Clone, Debug)]
+pub struct Logits {
+    n_vocab: usize,
+    data: Vec<f32>,
+}
+
+impl Logits {
+    pub(crate) fn new(n_vocab: usize, data: Vec<f32>) -> Self {
+        Logits { n_vocab, data }
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.data.len() / self.n_vocab.max(1)
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.n_vocab..(i + 1) * self.n_vocab]
+    }
+
+    /// All rows, row-major `[n_rows, n_vocab]`.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+pub struct Model {
+    config: Config,
+    weights: Weights,
+    sched: Scheduler,
+    graph_size: usize,
+}
+
+impl Model {
+    /// Loads a llama GGUF: validates metadata and every weight's shape, then
+    /// places the weights (in their stored types) on the chosen backend.
+    pub fn load(path: &Path, options: &LoadOptions) -> Result<Self, ModelError> {
+        let mut gguf = GgufFile::open(path)?;
+        let config = Config::from_gguf(&gguf)?;
+        let mut backends = Vec::new();
+        if options.device != "cpu" {
+            backends.extend(Backend::device(&options.device)?);
+        }
+        backends.push(Backend::cpu(options.threads)?);
+        let weights = Weights::load(&mut gguf, &config, &backends[0])?;
+        // Nodes per layer stay under 40; leave room for the SVFit branch.
+        let graph_size = 64 * (config.n_layer + 2) + 256;
+        let sched = Scheduler::new(backends, graph_size)?;
+        Ok(Model {
+            config,
+            weights,
+            sched,
+            graph_size,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Name of the backend that holds the weights ("CPU", "CUDA0", ...).
+    pub fn device_name(&self) -> String {
+        self.sched.primary().name()
+    }
+
+    pub fn set_threads(&self, threads: usize) {
+        self.sched.set_threads(threads);
+    }
+
+    /// A KV cache of `n_cells` tokens (shared by all sequences).
+    pub fn new_cache(&self, n_cells: usize) -> Result<KvCache, ModelError> {
+        KvCache::new(&self.config, n_cells.max(1), self.sched.primary())
+    }
+
+    /// Runs `batch` through the model, storing its K/V in `cache`; returns the
+    /// logits of the tokens marked for output. On error the cache is unchanged.
+    pub fn decode(&mut self, cache: &mut KvCache, batch: &Batch) -> Result<Logits, ModelError> {
+        self.validate(batch)?;
+        let cells = cache.place(batch)?;
+        let result = self.run(cache, batch, &cells);
+        if result.is_err() {
+            cache.unplace(batch, &cells);
+        }
+        result
+    }
+
+    fn validate(&self, batch: &Batch) -> Result<(), ModelError> {
+        if batch.is_empty() {
+            return Err(ModelError::EmptyBatch);
+        }
+        let n_vocab = self.config.n_vocab;
+        if let Some(&token) = batch.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ModelError::InvalidToken { token, n_vocab });
+        }
+        if let Some(&pos) = batch.positions.iter().find(|&&p| p < 0) {
+            return Err(ModelError::InvalidPosition {
+                pos: pos as i64,
+                n_ctx: self.config.n_ctx_train,
+            });
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, cache: &KvCache, batch: &Batch, cells: &[i64]) -> Result<Logits, ModelError> {
+        // A batch that wants no logits still computes one row (the last), so
+        // the graph always has an output.
+        let mut out_rows: Vec<i32> = (0..batch.len() as i32)
+            .filter(|&i| batch.outputs[i as usize])
+            .collect();
+        let n_wanted = out_rows.len();
+        if out_rows.is_empty() {
+            out_rows.push(batch.len() as i32 - 1);
+        }
+        let shape = graph::Shape {
+            n_tokens: batch.len(),
+            n_kv: cache.n_kv(),
+            n_outputs: out_rows.len(),
+        };
+        let ctx = Context::new(self.graph_size * 2, self.graph_size)?;
+        let mut gf = ctx.new_graph(self.graph_size);
+        let (inputs, logits) =
+            graph::forward(&ctx, &mut gf, &self.config, &self.weights, cache, &shape);
+        self.sched.alloc(&gf)?;
+
+        let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
+        inputs.tokens.write(&tokens)?;
+        inputs.positions.write(&batch.positions)?;
+        inputs.kv_cells.write(cells)?;
+        inputs
+            .v_elements
+            .write(&cache.v_indices(cells, self.config.n_embd_kv()))?;
+        inputs.kq_mask.write(&cache.mask(batch, shape.n_kv))?;
+        if let Some(rows) = inputs.out_rows {
+            rows.write(&out_rows)?;
+        }
+        self.sched.compute(&gf)?;
+
+        let mut data = vec![0f32; shape.n_outputs * self.config.n_vocab];
+        logits.read(&mut data)?;
+        data.truncate(n_wanted * self.config.n_vocab);
+        Ok(Logits {
+            n_vocab: self.config.n_vocab,
+            data,
+        })
+    }
+}
+
+/// Loads `path` with default options (CPU, all cores).
+pub fn load(path: &Path) -> Result<Model, ModelError> {
+    Model::load(path, &LoadOptions::default())
+}

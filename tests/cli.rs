@@ -1,0 +1,192 @@
+//! The `svfit` binary as a user runs it: answers, files it writes, and the
+//! one-line errors bad input gets (non-zero exit, no panic).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{TempDir, TinySpec, TINY};
+
+fn svfit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_svfit"))
+        .args(args)
+        .env_remove("SVFIT_MODEL")
+        .output()
+        .expect("run svfit")
+}
+
+/// Asserts a clean failure: non-zero exit, one `error:` line naming `cause`.
+fn assert_fails_with(out: &Output, cause: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one error line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        lines[0].contains(cause),
+        "error should name '{cause}': {stderr}"
+    );
+}
+
+fn generate_with(model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["generate", "--model", model.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    svfit(&args)
+}
+
+#[test]
+fn truncated_gguf_is_refused() {
+    let (dir, tiny) = common::tiny_model();
+    let bytes = std::fs::read(&tiny).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    assert_fails_with(&generate_with(&cut, &["--prompt", "hi"]), "truncated");
+    // Cut inside the header too.
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    assert_fails_with(&generate_with(&cut, &["--prompt", "hi"]), "not a GGUF file");
+}
+
+#[test]
+fn non_gguf_file_is_refused() {
+    let dir = TempDir::new("notgguf");
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, "this is a text file, not a model\n").unwrap();
+    assert_fails_with(
+        &generate_with(&path, &["--prompt", "hi"]),
+        "not a GGUF file",
+    );
+    let missing = dir.path().join("missing.gguf");
+    assert_fails_with(
+        &generate_with(&missing, &["--prompt", "hi"]),
+        "does not exist",
+    );
+}
+
+#[test]
+fn unsupported_architecture_is_refused() {
+    let dir = TempDir::new("arch");
+    let path = dir.path().join("gpt2.gguf");
+    common::write_tiny_model(
+        &path,
+        &TinySpec {
+            arch: "gpt2",
+            ..TINY
+        },
+    );
+    assert_fails_with(
+        &generate_with(&path, &["--prompt", "hi"]),
+        "unsupported architecture 'gpt2'",
+    );
+}
+
+#[test]
+fn model_without_tokenizer_is_refused_for_text() {
+    let (_dir, tiny) = common::tiny_model();
+    assert_fails_with(&generate_with(&tiny, &["--prompt", "hi"]), "no tokenizer");
+}
+
+#[test]
+fn prompt_longer_than_context_is_refused() {
+    let model = common::default_model();
+    let long = "word ".repeat(100);
+    let out = generate_with(&model, &["--ctx", "32", "--prompt", &long]);
+    assert_fails_with(&out, "context holds 32");
+    let out = svfit(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ctx",
+        "32",
+        "--text",
+        &long,
+        "--out",
+        "/dev/null",
+    ]);
+    assert_fails_with(&out, "context holds 32");
+}
+
+#[test]
+fn greedy_chat_answers_paris() {
+    let model = common::default_model();
+    let args = [
+        "--chat",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ];
+    let first = generate_with(&model, &args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let answer = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(answer.contains("Paris"), "answer: {answer}");
+    let second = generate_with(&model, &args);
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout),
+        answer,
+        "greedy is deterministic"
+    );
+}
+
+#[test]
+fn logits_file_has_every_position() {
+    let model = common::default_model();
+    let dir = TempDir::new("logits");
+    let (out, ids) = (dir.path().join("l.npy"), dir.path().join("ids.npy"));
+    let text = "<|im_start|>user\nHi<|im_end|>\n";
+    let run = svfit(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        text,
+        "--out",
+        out.to_str().unwrap(),
+        "--ids-out",
+        ids.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (shape, logits) = read_npy(&out, "<f4");
+    let (id_shape, id_bytes) = read_npy(&ids, "<i4");
+    let ids: Vec<i32> = id_bytes
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(shape, vec![ids.len(), 49152]);
+    assert_eq!(id_shape, vec![ids.len()]);
+    // Special tokens are parsed (one id each) and no BOS is added for this model.
+    assert_eq!(ids.first(), Some(&1), "<|im_start|> is token 1: {ids:?}");
+    assert!(ids.len() < 10, "{ids:?}");
+    assert_eq!(logits.len(), ids.len() * 49152 * 4);
+}
+
+/// Reads a v1 .npy file: (shape, raw data), checking the dtype.
+fn read_npy(path: &Path, descr: &str) -> (Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+    assert!(header.contains(&format!("'descr': '{descr}'")), "{header}");
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape = shape_text
+        .split(',')
+        .filter_map(|d| d.trim().parse().ok())
+        .collect();
+    (shape, bytes[10 + len..].to_vec())
+}

@@ -1,0 +1,169 @@
+//! Parity with llama.cpp: our engine and a llama.cpp context on the same GGUF
+//! (f16 KV cache, plain attention, same threads) give the same logits, alone
+//! and for several sequences of different lengths decoded in one batch.
+
+mod common;
+
+use std::path::Path;
+
+use common::{compare, Agreement, Rng};
+use svfit::model::{Batch, LoadOptions, Logits, Model, SeqId, Tokenizer};
+use svfit::oracle::Reference;
+
+const THREADS: usize = 2;
+const N_CTX: usize = 1024;
+
+/// Logits of every position of each sequence, `[seq][pos][vocab]`.
+type PerSequence = Vec<Vec<Vec<f32>>>;
+
+/// Feeds `seqs` through `decode`: the first `prefill` tokens of every
+/// sequence in one batch, then one token of each unfinished sequence per
+/// step, so that prefill and decode of sequences with different lengths mix.
+fn run_schedule(
+    decode: &mut dyn FnMut(&Batch) -> Logits,
+    seqs: &[(SeqId, Vec<u32>)],
+    prefill: &[usize],
+) -> PerSequence {
+    let mut out: PerSequence = vec![Vec::new(); seqs.len()];
+    let mut batch = Batch::new();
+    for ((seq, tokens), &n) in seqs.iter().zip(prefill) {
+        batch.add_sequence(&tokens[..n], 0, *seq, true);
+    }
+    let mut owners: Vec<usize> = prefill
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| std::iter::repeat_n(i, n))
+        .collect();
+    let mut step = 0;
+    loop {
+        let logits = decode(&batch);
+        for (row, &owner) in owners.iter().enumerate() {
+            out[owner].push(logits.row(row).to_vec());
+        }
+        batch.clear();
+        owners.clear();
+        for (i, ((seq, tokens), &n)) in seqs.iter().zip(prefill).enumerate() {
+            if let Some(&t) = tokens.get(n + step) {
+                batch.add(t, n + step, *seq, true);
+                owners.push(i);
+            }
+        }
+        if batch.is_empty() {
+            return out;
+        }
+        step += 1;
+    }
+}
+
+fn ours(path: &Path, seqs: &[(SeqId, Vec<u32>)], prefill: &[usize]) -> PerSequence {
+    let mut model = Model::load(
+        path,
+        &LoadOptions {
+            device: "cpu".into(),
+            threads: THREADS,
+        },
+    )
+    .unwrap();
+    let mut cache = model.new_cache(N_CTX).unwrap();
+    run_schedule(&mut |b| model.decode(&mut cache, b).unwrap(), seqs, prefill)
+}
+
+fn llama_cpp(path: &Path, seqs: &[(SeqId, Vec<u32>)], prefill: &[usize]) -> PerSequence {
+    let reference = Reference::load(path).unwrap();
+    let n_seq = seqs
+        .iter()
+        .map(|(id, _)| *id as usize + 1)
+        .max()
+        .unwrap_or(1);
+    let mut session = reference.session(N_CTX, n_seq, THREADS).unwrap();
+    run_schedule(&mut |b| session.decode(b).unwrap(), seqs, prefill)
+}
+
+fn flat(x: &PerSequence) -> Vec<&[f32]> {
+    x.iter().flatten().map(|r| r.as_slice()).collect()
+}
+
+fn agreement(a: &PerSequence, b: &PerSequence) -> Agreement {
+    compare(&flat(a), &flat(b))
+}
+
+fn assert_parity(what: &str, a: &Agreement) {
+    eprintln!("{what}: {a:?}");
+    assert!(
+        a.top1 >= 0.98,
+        "{what}: top-1 agrees at only {:.1}% of positions",
+        100.0 * a.top1
+    );
+    assert!(
+        a.mean_abs_rel < 2e-2,
+        "{what}: mean |Δ| is {:.4} of the logits' std",
+        a.mean_abs_rel
+    );
+}
+
+/// One sequence alone, then three sequences together versus each alone.
+fn check_model(path: &Path, seqs: Vec<Vec<u32>>) {
+    let single = vec![(0, seqs[0].clone())];
+    let prefill_single = [seqs[0].len() - 4];
+    assert_parity(
+        "one sequence vs llama.cpp",
+        &agreement(
+            &ours(path, &single, &prefill_single),
+            &llama_cpp(path, &single, &prefill_single),
+        ),
+    );
+
+    let together: Vec<(SeqId, Vec<u32>)> = seqs
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, s)| (i as SeqId + 1, s))
+        .collect();
+    let prefill: Vec<usize> = seqs.iter().map(|s| s.len() * 2 / 3).collect();
+    let batched = ours(path, &together, &prefill);
+    let mut alone_ours = PerSequence::new();
+    let mut alone_ref = PerSequence::new();
+    for (i, s) in together.iter().enumerate() {
+        alone_ours.extend(ours(path, std::slice::from_ref(s), &prefill[i..=i]));
+        alone_ref.extend(llama_cpp(path, std::slice::from_ref(s), &prefill[i..=i]));
+    }
+    let vs_ref = agreement(&batched, &alone_ref);
+    let vs_ours = agreement(&batched, &alone_ours);
+    assert_parity("3 sequences batched vs each alone in llama.cpp", &vs_ref);
+    assert_parity("3 sequences batched vs each alone (ours)", &vs_ours);
+}
+
+#[test]
+fn tiny_model_matches_llama_cpp() {
+    let (_dir, path) = common::tiny_model();
+    let mut rng = Rng::new(7);
+    let seqs = [45usize, 70, 96]
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| (rng.uniform() * common::TINY.n_vocab as f32) as u32)
+                .collect()
+        })
+        .collect();
+    check_model(&path, seqs);
+}
+
+#[test]
+fn default_model_matches_llama_cpp() {
+    let path = common::default_model();
+    let tokenizer = Tokenizer::load(&path).unwrap();
+    let texts = [
+        "The quick brown fox jumps over the lazy dog. Meanwhile, in a small village by the sea, \
+         the fishermen were mending their nets and talking about the weather, which had been \
+         unusually warm for the season.",
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.",
+        "fn main() {\n    let numbers = vec![1, 2, 3, 4, 5];\n    let total: i32 = numbers.iter().sum();\n    \
+         println!(\"{}\", total);\n}\n// This program adds up a list of numbers and prints the result.",
+    ];
+    let seqs: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t, true)).collect();
+    assert!(
+        seqs.iter().all(|s| s.len() >= 20),
+        "prompts tokenize to real sequences"
+    );
+    check_model(&path, seqs);
+}
