@@ -122,10 +122,6 @@ fn generation_speed(engine: &mut dyn Engine, tokens: &[u32], n_seq: usize) -> f6
     (GEN * n_seq) as f64 / start.elapsed().as_secs_f64()
 }
 
-fn best(reps: usize, mut f: impl FnMut() -> f64) -> f64 {
-    (0..reps).map(|_| f()).fold(0.0, f64::max)
-}
-
 fn main() {
     let opts = parse_args();
     let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(|e| exit(&e.to_string()));
@@ -179,8 +175,13 @@ fn main() {
             &|e: &mut dyn Engine, t: &[u32]| generation_speed(e, t, 8),
         ),
     ] {
-        let a = best(opts.reps, || run(&mut ours, &tokens));
-        let b = best(opts.reps, || run(&mut theirs, &tokens));
+        // Alternate the engines so that neither always runs on a warmer or
+        // quieter machine.
+        let (mut a, mut b) = (0f64, 0f64);
+        for _ in 0..opts.reps {
+            a = a.max(run(&mut ours, &tokens));
+            b = b.max(run(&mut theirs, &tokens));
+        }
         println!("{name:<28} {a:>12.1} {b:>12.1} {:>8.2}", a / b);
         rows.push((a, b));
     }

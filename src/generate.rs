@@ -90,6 +90,8 @@ pub fn generate(
         .map_err(GenerateError::Sampling)?;
     cache.clear();
     const SEQ: u32 = 0;
+    // Room for the whole generation up front: the sequence never moves.
+    cache.reserve(SEQ, (request.prompt.len() + request.max_tokens).min(n_ctx))?;
 
     let mut logits = None;
     let mut batch = Batch::new();

@@ -47,10 +47,12 @@ impl Backend {
                 return Self::wrap(raw, &dev.name).map(Some);
             }
         }
-        if wanted == "auto" {
-            Ok(None)
-        } else {
-            Err(GgmlError::NoDevice(name.to_string()))
+        match wanted.as_str() {
+            "auto" => Ok(None),
+            _ if wanted.starts_with("cuda") && super::cuda_device_count() == 0 => {
+                Err(GgmlError::NoCuda(name.to_string()))
+            }
+            _ => Err(GgmlError::NoDevice(name.to_string())),
         }
     }
 

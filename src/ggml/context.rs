@@ -221,6 +221,41 @@ impl<'a> Tensor<'a> {
         Ok(())
     }
 
+    fn check_range(self, offset: usize, len: usize) -> Result<(), GgmlError> {
+        self.check_transfer(self.n_bytes())?;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.n_bytes())
+        {
+            return Err(GgmlError::Size {
+                name: self.name(),
+                expected: self.n_bytes(),
+                actual: offset.saturating_add(len),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the tensor's memory at byte `offset`.
+    pub fn write_at(self, offset: usize, data: &[u8]) -> Result<(), GgmlError> {
+        self.check_range(offset, data.len())?;
+        // SAFETY: the range lies inside the allocated tensor.
+        unsafe {
+            sys::ggml_backend_tensor_set(self.as_ptr(), data.as_ptr().cast(), offset, data.len())
+        };
+        Ok(())
+    }
+
+    /// Copies bytes `offset..offset + out.len()` of the tensor into `out`.
+    pub fn read_at(self, offset: usize, out: &mut [u8]) -> Result<(), GgmlError> {
+        self.check_range(offset, out.len())?;
+        // SAFETY: the range lies inside the allocated tensor.
+        unsafe {
+            sys::ggml_backend_tensor_get(self.as_ptr(), out.as_mut_ptr().cast(), offset, out.len())
+        };
+        Ok(())
+    }
+
     /// The tensor's bytes, read from backend memory.
     pub fn read_bytes(self) -> Result<Vec<u8>, GgmlError> {
         let mut out = vec![0u8; self.n_bytes()];
@@ -372,6 +407,12 @@ impl Context {
     pub fn reshape_2d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64) -> Tensor<'a> {
         // SAFETY: see `mul_mat`.
         self.wrap(unsafe { sys::ggml_reshape_2d(self.as_ptr(), a.as_ptr(), ne0, ne1) })
+    }
+
+    /// `a` and `b` joined along dimension `dim`.
+    pub fn concat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, dim: i32) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_concat(self.as_ptr(), a.as_ptr(), b.as_ptr(), dim) })
     }
 
     pub fn reshape_1d<'a>(&'a self, a: Tensor<'a>, ne0: i64) -> Tensor<'a> {

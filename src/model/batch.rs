@@ -57,6 +57,43 @@ impl Batch {
         self.outputs.iter().filter(|&&o| o).count()
     }
 
+    /// When tokens of one sequence are not contiguous, the order (indices
+    /// into this batch) that groups them, sequences in order of first
+    /// appearance and each sequence's tokens in batch order.
+    pub(super) fn order_by_sequence(&self) -> Option<Vec<usize>> {
+        let grouped = self.seqs.windows(2).all(|w| w[0] == w[1]) || {
+            let mut seen = std::collections::HashSet::new();
+            let mut last = None;
+            self.seqs.iter().all(|&s| {
+                let ok = last == Some(s) || seen.insert(s);
+                last = Some(s);
+                ok
+            })
+        };
+        if grouped {
+            return None;
+        }
+        let mut first_seen: Vec<SeqId> = Vec::new();
+        for &s in &self.seqs {
+            if !first_seen.contains(&s) {
+                first_seen.push(s);
+            }
+        }
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by_key(|&i| first_seen.iter().position(|&s| s == self.seqs[i]));
+        Some(order)
+    }
+
+    /// This batch with its entries in `order`.
+    pub(super) fn permuted(&self, order: &[usize]) -> Batch {
+        Batch {
+            tokens: order.iter().map(|&i| self.tokens[i]).collect(),
+            positions: order.iter().map(|&i| self.positions[i]).collect(),
+            seqs: order.iter().map(|&i| self.seqs[i]).collect(),
+            outputs: order.iter().map(|&i| self.outputs[i]).collect(),
+        }
+    }
+
     pub fn clear(&mut self) {
         self.tokens.clear();
         self.positions.clear();

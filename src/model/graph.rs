@@ -3,7 +3,7 @@
 
 use crate::ggml::{Context, Graph, Tensor, Type};
 
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, SeqGroup};
 use super::weights::{LayerWeights, Weights};
 use super::Config;
 
@@ -18,17 +18,24 @@ pub(super) struct Inputs<'a> {
     /// Element indices of the batch's V values in the transposed V cache,
     /// i64 `[n_embd_kv * n_tokens]`.
     pub v_elements: Tensor<'a>,
-    /// f32 `[n_kv, n_tokens]`: 0 where a token may attend a cell, -inf elsewhere.
-    pub kq_mask: Tensor<'a>,
+    /// Per sequence group, f32 `[n_kv, n_tokens]`: 0 where a token may
+    /// attend a cell, -inf elsewhere.
+    pub kq_masks: Vec<Tensor<'a>>,
     /// Rows whose logits are wanted, i32 `[n_outputs]`; absent when all are.
     pub out_rows: Option<Tensor<'a>>,
 }
 
 /// Shapes of one forward pass.
-pub(super) struct Shape {
+pub(super) struct Shape<'g> {
     pub n_tokens: usize,
-    pub n_kv: usize,
     pub n_outputs: usize,
+    /// The batch's sequences: their tokens and cells.
+    pub groups: &'g [SeqGroup],
+}
+
+/// Graph nodes one forward pass needs at most.
+pub(super) fn graph_size(cfg: &Config, n_groups: usize) -> usize {
+    (48 + 16 * n_groups) * (cfg.n_layer + 2) + 256
 }
 
 /// Builds the forward graph into `gf`; returns its inputs and the logits
@@ -59,10 +66,16 @@ pub(super) fn forward<'a>(
             .new_tensor(Type::I64, &[cfg.n_embd_kv() as i64 * n_tokens])
             .set_name("inp_v_elements")
             .set_input(),
-        kq_mask: ctx
-            .new_tensor(Type::F32, &[shape.n_kv as i64, n_tokens])
-            .set_name("inp_kq_mask")
-            .set_input(),
+        kq_masks: shape
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                ctx.new_tensor(Type::F32, &[g.n_kv as i64, g.n_tokens as i64])
+                    .set_name(&format!("inp_kq_mask_{i}"))
+                    .set_input()
+            })
+            .collect(),
         out_rows: (shape.n_outputs < shape.n_tokens).then(|| {
             ctx.new_tensor(Type::I32, &[shape.n_outputs as i64])
                 .set_name("inp_out_rows")
@@ -120,11 +133,7 @@ fn attention<'a>(
     inputs: &Inputs<'a>,
     shape: &Shape,
 ) -> Tensor<'a> {
-    let (hd, n_tokens, n_kv) = (
-        cfg.head_dim as i64,
-        shape.n_tokens as i64,
-        shape.n_kv as i64,
-    );
+    let (hd, n_tokens) = (cfg.head_dim as i64, shape.n_tokens as i64);
     let rope = |t: Tensor<'a>, n_heads: usize| {
         let t = ctx.reshape_3d(t, hd, n_heads as i64, n_tokens);
         ctx.rope(
@@ -158,32 +167,75 @@ fn attention<'a>(
         inputs.v_elements,
     ));
 
-    let f16 = |n: i64| Type::F16.row_size(n).expect("f16 rows");
-    // k: [hd, n_kv, n_head_kv], q: [hd, n_tokens, n_head]
+    // Each sequence attends over its own cells only.
+    let heads: Vec<Tensor<'a>> = shape
+        .groups
+        .iter()
+        .zip(&inputs.kq_masks)
+        .map(|(g, &mask)| sequence_attention(ctx, cfg, q, k_cache, v_cache, g, mask))
+        .collect();
+    let out = join_tokens(ctx, &heads);
+    linear(ctx, weights.get(layer.attn_output), out)
+}
+
+/// Attention of one sequence's tokens over its cells; `[n_embd, n_tokens]`.
+fn sequence_attention<'a>(
+    ctx: &'a Context,
+    cfg: &Config,
+    q: Tensor<'a>,
+    k_cache: Tensor<'a>,
+    v_cache: Tensor<'a>,
+    g: &SeqGroup,
+    mask: Tensor<'a>,
+) -> Tensor<'a> {
+    let (hd, n_head, n_head_kv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
+    let (n_tokens, n_kv) = (g.n_tokens as i64, g.n_kv as i64);
+    let f16 = Type::F16.row_size(1).expect("f16");
+    // q: [hd, n_head, n_tokens] → [hd, n_tokens, n_head]
+    let q = ctx.view_3d(
+        q,
+        [hd, n_head, n_tokens],
+        q.nb()[1],
+        q.nb()[2],
+        g.first_token * q.nb()[2],
+    );
+    let q = ctx.permute(q, [0, 2, 1, 3]);
+    // k: [hd, n_kv, n_head_kv] from rows start.. of the K cache
+    let k_row = k_cache.nb()[1];
     let k = ctx.view_3d(
         k_cache,
-        [hd, cfg.n_head_kv as i64, n_kv],
-        f16(hd),
-        k_cache.nb()[1],
-        0,
+        [hd, n_head_kv, n_kv],
+        hd as usize * f16,
+        k_row,
+        g.start * k_row,
     );
     let k = ctx.permute(k, [0, 2, 1, 3]);
-    let q = ctx.permute(q, [0, 2, 1, 3]);
     let kq = ctx.prec_f32(ctx.mul_mat(k, q));
-    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-    let kq = ctx.soft_max_ext(kq, inputs.kq_mask, scale);
-    // v: [n_kv, hd, n_head_kv] → out: [hd, n_tokens, n_head]
-    let cells = v_cache.nb()[1];
+    let kq = ctx.soft_max_ext(kq, mask, 1.0 / (cfg.head_dim as f32).sqrt());
+    // v: [n_kv, hd, n_head_kv] from columns start.. of the transposed V cache
+    let v_line = v_cache.nb()[1];
     let v = ctx.view_3d(
         v_cache,
-        [n_kv, hd, cfg.n_head_kv as i64],
-        cells,
-        cells * hd as usize,
-        0,
+        [n_kv, hd, n_head_kv],
+        v_line,
+        v_line * hd as usize,
+        g.start * f16,
     );
+    // [hd, n_tokens, n_head] → [hd, n_head, n_tokens] → [n_embd, n_tokens]
     let out = ctx.permute(ctx.mul_mat(v, kq), [0, 2, 1, 3]);
-    let out = ctx.reshape_2d(ctx.cont(out), hd * cfg.n_head as i64, n_tokens);
-    linear(ctx, weights.get(layer.attn_output), out)
+    ctx.reshape_2d(ctx.cont(out), hd * n_head, n_tokens)
+}
+
+/// Joins per-sequence results `[n, n_i]` along the token dimension, as a
+/// balanced tree of concatenations.
+fn join_tokens<'a>(ctx: &'a Context, parts: &[Tensor<'a>]) -> Tensor<'a> {
+    match parts {
+        [one] => *one,
+        _ => {
+            let (left, right) = parts.split_at(parts.len() / 2);
+            ctx.concat(join_tokens(ctx, left), join_tokens(ctx, right), 1)
+        }
+    }
 }
 
 /// SwiGLU feed-forward: `down(silu(gate x) * up x)`.

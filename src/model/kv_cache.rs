@@ -1,52 +1,62 @@
 //! The KV cache: one K and one V tensor per layer with `size` cells; each cell
-//! holds one token of one sequence. Sequences share the cells, so prefill and
-//! decode tokens of many sequences go into one batch (as llama.cpp's unified
-//! cache). K is stored a cell per row (`[n_embd_kv, size]`), V transposed
-//! (`[size, n_embd_kv]`) so that attention's V product needs no copy.
+//! holds one token of one sequence. K is stored a cell per row
+//! (`[n_embd_kv, size]`), V transposed (`[size, n_embd_kv]`) so that
+//! attention's V product needs no copy.
 //!
-//! Batch invariance: a sequence's logits do not depend on what else shares
-//! its batch. ggml's reductions over cells (softmax sums, the V product) are
-//! SIMD loops whose rounding depends on each cell's index modulo the vector
-//! period, and one flipped rounding is amplified by the quantized matmuls
-//! downstream. So cells are handed out in pages of [`PAGE`] cells, a page
-//! belongs to one sequence, and position `p` of a sequence sits at offset
-//! `p % PAGE` of its page: the cell indices a sequence sees are congruent to
-//! those it would have alone, where other sequences' cells add exact zeros.
+//! Each sequence owns one contiguous range of cells, starting on a page
+//! boundary ([`PAGE`] cells), and its tokens fill it in order. Attention then
+//! runs per sequence over exactly its own range: its cost does not grow with
+//! the other sequences in the batch, and its arithmetic is the same as when
+//! the sequence runs alone. ggml's reductions over cells are SIMD loops whose
+//! rounding depends on each cell's offset modulo the vector period; a page
+//! is a multiple of every such period. This makes decoding batch-invariant:
+//! a sequence's logits do not depend on what shares its batch.
+//!
+//! A range grows in place when the pages after it are free, and otherwise
+//! moves (its cells are copied) to a free stretch twice as large.
+
+use std::collections::HashMap;
 
 use crate::ggml::{Backend, Context, TensorId, TensorSet, Type};
 
 use super::batch::{Batch, SeqId};
 use super::{Config, ModelError};
 
-/// Attention runs over the first `n_kv` cells, rounded up to this many, so
-/// that the graph shape changes rarely.
-const N_KV_PAD: usize = 256;
-
 /// Cells per page: a multiple of every SIMD reduction period in ggml's CPU
 /// kernels (at most 64 f16 values per step).
 pub const PAGE: usize = 64;
 
-/// The pages a sequence holds, in order, and how many cells it fills.
-#[derive(Clone, Debug, Default)]
-struct SeqPages {
-    pages: Vec<usize>,
+/// The cells `start .. start + len` of a sequence, inside `start .. start + cap`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Range {
+    start: usize,
+    cap: usize,
     len: usize,
 }
 
+/// Where one sequence of a batch attends: its cells and its batch tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Cell {
-    seq: SeqId,
-    pos: i32,
+pub(super) struct SeqGroup {
+    pub seq: SeqId,
+    /// First batch token of the sequence (its tokens are contiguous).
+    pub first_token: usize,
+    pub n_tokens: usize,
+    /// First cell of the sequence's range.
+    pub start: usize,
+    /// Cells attention covers: the sequence's length rounded up to a page.
+    pub n_kv: usize,
 }
 
 pub struct KvCache {
     set: TensorSet,
     pub(super) k: Vec<TensorId>,
     pub(super) v: Vec<TensorId>,
-    cells: Vec<Option<Cell>>,
+    n_embd_kv: usize,
+    /// Position of the token in each cell (meaningful inside a range).
+    positions: Vec<i32>,
     /// Owner of each page.
-    page_owner: Vec<Option<SeqId>>,
-    seqs: std::collections::HashMap<SeqId, SeqPages>,
+    pages: Vec<Option<SeqId>>,
+    seqs: HashMap<SeqId, Range>,
 }
 
 impl KvCache {
@@ -62,7 +72,7 @@ impl KvCache {
                 .set_name(&format!("cache_v_l{l}"));
         }
         let set = TensorSet::allocate(ctx, backend)?;
-        // Unused cells are masked out, but keep them finite all the same.
+        // Cells past a sequence's length are masked out; keep them finite.
         set.buffer().clear(0);
         let find = |kind: &str, l: usize| {
             set.find(&format!("cache_{kind}_l{l}"))
@@ -72,9 +82,10 @@ impl KvCache {
             k: (0..config.n_layer).map(|l| find("k", l)).collect(),
             v: (0..config.n_layer).map(|l| find("v", l)).collect(),
             set,
-            cells: vec![None; size],
-            page_owner: vec![None; size / PAGE],
-            seqs: Default::default(),
+            n_embd_kv: config.n_embd_kv(),
+            positions: vec![0; size],
+            pages: vec![None; size / PAGE],
+            seqs: HashMap::new(),
         })
     }
 
@@ -84,138 +95,230 @@ impl KvCache {
 
     /// Number of cells (tokens) the cache holds in all.
     pub fn size(&self) -> usize {
-        self.cells.len()
+        self.positions.len()
     }
 
-    /// Cells not held by any sequence (whole free pages).
+    /// Cells not reserved by any sequence.
     pub fn n_free(&self) -> usize {
-        self.page_owner.iter().filter(|o| o.is_none()).count() * PAGE
+        self.pages.iter().filter(|o| o.is_none()).count() * PAGE
     }
 
     /// Tokens of `seq` held in the cache.
     pub fn seq_len(&self, seq: SeqId) -> usize {
-        self.seqs.get(&seq).map_or(0, |s| s.len)
+        self.seqs.get(&seq).map_or(0, |r| r.len)
     }
 
     /// Frees every cell of `seq`.
     pub fn remove_seq(&mut self, seq: SeqId) {
-        if let Some(held) = self.seqs.remove(&seq) {
-            for page in held.pages {
-                self.page_owner[page] = None;
-                self.cells[page * PAGE..(page + 1) * PAGE].fill(None);
-            }
+        if let Some(r) = self.seqs.remove(&seq) {
+            self.pages[r.start / PAGE..(r.start + r.cap) / PAGE].fill(None);
         }
     }
 
     pub fn clear(&mut self) {
-        self.cells.fill(None);
-        self.page_owner.fill(None);
+        self.pages.fill(None);
         self.seqs.clear();
     }
 
-    /// Claims one cell per batch token, in its sequence's pages (new pages
-    /// as needed), and returns the cell indices; nothing changes when they
-    /// do not all fit.
-    pub(super) fn place(&mut self, batch: &Batch) -> Result<Vec<i64>, ModelError> {
-        let mut added: std::collections::HashMap<SeqId, usize> = Default::default();
-        for &seq in &batch.seqs {
-            *added.entry(seq).or_default() += 1;
+    /// Makes room for `seq` to hold `n_tokens` in all without moving later
+    /// (e.g. prompt plus the most tokens it may generate).
+    pub fn reserve(&mut self, seq: SeqId, n_tokens: usize) -> Result<(), ModelError> {
+        self.grow(seq, n_tokens, n_tokens)
+    }
+
+    /// Ensures `seq`'s range holds at least `needed` cells, preferring
+    /// `wanted`; grows in place or moves. Fails without changes when no free
+    /// stretch is large enough.
+    fn grow(&mut self, seq: SeqId, needed: usize, wanted: usize) -> Result<(), ModelError> {
+        let current = self.seqs.get(&seq).copied();
+        let cap = current.map_or(0, |r| r.cap);
+        if needed <= cap {
+            return Ok(());
         }
-        let pages_needed: usize = added
-            .iter()
-            .map(|(seq, n)| {
-                let len = self.seq_len(*seq);
-                (len + n).div_ceil(PAGE) - len.div_ceil(PAGE)
-            })
-            .sum();
-        let free_pages = self.n_free() / PAGE;
-        if pages_needed > free_pages {
-            return Err(ModelError::CacheFull {
-                needed: batch.len(),
-                free: self.n_free(),
-                size: self.size(),
+        let full = || ModelError::CacheFull {
+            needed,
+            free: self.n_free() + cap,
+            size: self.size(),
+        };
+        let needed_pages = needed.div_ceil(PAGE);
+        let wanted_pages = wanted.max(needed).div_ceil(PAGE);
+        if let Some(r) = current {
+            // In place: the pages right after the range.
+            let (first, end) = (r.start / PAGE, (r.start + r.cap) / PAGE);
+            let free_after = self.pages[end..].iter().take_while(|o| o.is_none()).count();
+            if end - first + free_after >= needed_pages {
+                let n = (wanted_pages - (end - first))
+                    .min(free_after)
+                    .max(needed_pages - (end - first));
+                self.pages[end..end + n].fill(Some(seq));
+                self.seqs.insert(
+                    seq,
+                    Range {
+                        cap: r.cap + n * PAGE,
+                        ..r
+                    },
+                );
+                return Ok(());
+            }
+        }
+        // Elsewhere: the first free stretch that fits (as wanted, else as needed).
+        let own = |p: usize| {
+            current.is_some_and(|r| (r.start / PAGE..(r.start + r.cap) / PAGE).contains(&p))
+        };
+        let first = self
+            .free_stretch(wanted_pages, &own)
+            .map(|p| (p, wanted_pages))
+            .or_else(|| {
+                self.free_stretch(needed_pages, &own)
+                    .map(|p| (p, needed_pages))
             });
+        let Some((page, n_pages)) = first else {
+            return Err(full());
+        };
+        let start = page * PAGE;
+        if let Some(r) = current {
+            self.move_cells(r.start, start, r.len)?;
+            self.positions.copy_within(r.start..r.start + r.len, start);
+            self.pages[r.start / PAGE..(r.start + r.cap) / PAGE].fill(None);
+        }
+        self.pages[page..page + n_pages].fill(Some(seq));
+        let len = current.map_or(0, |r| r.len);
+        self.seqs.insert(
+            seq,
+            Range {
+                start,
+                cap: n_pages * PAGE,
+                len,
+            },
+        );
+        Ok(())
+    }
+
+    /// First page of `n` consecutive pages that are free (or `own`, which
+    /// the caller is about to release).
+    fn free_stretch(&self, n: usize, own: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let mut run = 0;
+        for (p, owner) in self.pages.iter().enumerate() {
+            run = if owner.is_none() || own(p) {
+                run + 1
+            } else {
+                0
+            };
+            if run == n {
+                return Some(p + 1 - n);
+            }
+        }
+        None
+    }
+
+    /// Copies the K and V of cells `from .. from + len` to `to .. to + len`
+    /// in every layer (through a host buffer: moves are rare).
+    fn move_cells(&self, from: usize, to: usize, len: usize) -> Result<(), ModelError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let f16 = 2;
+        let row = self.n_embd_kv * f16;
+        let mut buf = vec![0u8; len * row];
+        for (&k, &v) in self.k.iter().zip(&self.v) {
+            let k = self.set.get(k);
+            k.read_at(from * row, &mut buf)?;
+            k.write_at(to * row, &buf)?;
+            let v = self.set.get(v);
+            let line = self.size() * f16;
+            let seg = &mut buf[..len * f16];
+            for e in 0..self.n_embd_kv {
+                v.read_at(e * line + from * f16, seg)?;
+                v.write_at(e * line + to * f16, seg)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims one cell per token of `batch` (whose tokens are grouped by
+    /// sequence), appending to each sequence's range; returns the cell of
+    /// each token and the attention groups. A failure leaves every
+    /// sequence's tokens as they were.
+    pub(super) fn place(&mut self, batch: &Batch) -> Result<(Vec<i64>, Vec<SeqGroup>), ModelError> {
+        let mut groups: Vec<SeqGroup> = Vec::new();
+        for (i, &seq) in batch.seqs.iter().enumerate() {
+            match groups.last_mut() {
+                Some(g) if g.seq == seq => g.n_tokens += 1,
+                _ => groups.push(SeqGroup {
+                    seq,
+                    first_token: i,
+                    n_tokens: 1,
+                    start: 0,
+                    n_kv: 0,
+                }),
+            }
+        }
+        let mut new_seqs = Vec::new();
+        for g in &groups {
+            let len = self.seq_len(g.seq);
+            if !self.seqs.contains_key(&g.seq) {
+                new_seqs.push(g.seq);
+            }
+            // Grow by doubling so that a growing sequence moves rarely.
+            if let Err(e) = self.grow(g.seq, len + g.n_tokens, (len + g.n_tokens).max(2 * len)) {
+                new_seqs.iter().for_each(|&s| self.remove_seq(s));
+                return Err(e);
+            }
         }
         let mut cells = Vec::with_capacity(batch.len());
-        for (&seq, &pos) in batch.seqs.iter().zip(&batch.positions) {
-            let held = self.seqs.entry(seq).or_default();
-            if held.len == held.pages.len() * PAGE {
-                // Prefer a page after the sequence's last one, so that its
-                // cells stay in position order.
-                let after = held.pages.last().map_or(0, |&p| p + 1);
-                let free = |p: &usize| self.page_owner[*p].is_none();
-                let page = (after..self.page_owner.len())
-                    .find(free)
-                    .or_else(|| (0..after).find(free))
-                    .expect("pages counted above");
-                self.page_owner[page] = Some(seq);
-                held.pages.push(page);
+        for g in &mut groups {
+            let r = self.seqs.get_mut(&g.seq).expect("grown above");
+            for t in g.first_token..g.first_token + g.n_tokens {
+                let cell = r.start + r.len;
+                self.positions[cell] = batch.positions[t];
+                r.len += 1;
+                cells.push(cell as i64);
             }
-            let cell = held.pages[held.len / PAGE] * PAGE + held.len % PAGE;
-            held.len += 1;
-            self.cells[cell] = Some(Cell { seq, pos });
-            cells.push(cell as i64);
+            g.start = r.start;
+            g.n_kv = r.len.next_multiple_of(PAGE);
         }
-        Ok(cells)
+        Ok((cells, groups))
     }
 
-    /// Undoes `place` (after a failed decode): drops the batch's cells and
-    /// any page they left empty.
-    pub(super) fn unplace(&mut self, batch: &Batch, cells: &[i64]) {
-        for (&seq, &cell) in batch.seqs.iter().zip(cells).rev() {
-            self.cells[cell as usize] = None;
-            let Some(held) = self.seqs.get_mut(&seq) else {
+    /// Undoes `place` (after a failed decode).
+    pub(super) fn unplace(&mut self, groups: &[SeqGroup]) {
+        for g in groups {
+            let Some(r) = self.seqs.get_mut(&g.seq) else {
                 continue;
             };
-            held.len -= 1;
-            if held.len == (held.pages.len() - 1) * PAGE {
-                if let Some(page) = held.pages.pop() {
-                    self.page_owner[page] = None;
-                }
-            }
-            if held.pages.is_empty() {
-                self.seqs.remove(&seq);
+            r.len = r.len.saturating_sub(g.n_tokens);
+            if r.len == 0 {
+                self.remove_seq(g.seq);
             }
         }
     }
 
-    /// Cells attention must look at: up to the last used one, padded.
-    pub(super) fn n_kv(&self) -> usize {
-        let last = self
-            .cells
-            .iter()
-            .rposition(Option::is_some)
-            .map_or(0, |i| i + 1);
-        last.div_ceil(N_KV_PAD)
-            .max(1)
-            .saturating_mul(N_KV_PAD)
-            .min(self.size())
-    }
-
-    /// Where each element of the batch's V rows goes in the transposed V
-    /// cache: element `e` of token `t` lands at `e * size + cells[t]`.
-    pub(super) fn v_indices(&self, cells: &[i64], n_embd_kv: usize) -> Vec<i64> {
-        let size = self.size() as i64;
-        cells
-            .iter()
-            .flat_map(|&cell| (0..n_embd_kv as i64).map(move |e| e * size + cell))
-            .collect()
-    }
-
-    /// The causal, per-sequence mask `[n_tokens][n_kv]`: a token sees the
-    /// cells of its own sequence at positions up to its own.
-    pub(super) fn mask(&self, batch: &Batch, n_kv: usize) -> Vec<f32> {
-        let mut mask = vec![f32::NEG_INFINITY; n_kv * batch.len()];
-        for (row, (&seq, &pos)) in mask
-            .chunks_exact_mut(n_kv)
-            .zip(batch.seqs.iter().zip(&batch.positions))
+    /// The causal mask of one group, `[n_tokens][n_kv]`: a token sees the
+    /// cells of its sequence at positions up to its own.
+    pub(super) fn mask(&self, batch: &Batch, g: &SeqGroup) -> Vec<f32> {
+        let len = self.seq_len(g.seq);
+        let cells = &self.positions[g.start..g.start + len];
+        let mut mask = vec![f32::NEG_INFINITY; g.n_kv * g.n_tokens];
+        for (row, &pos) in mask
+            .chunks_exact_mut(g.n_kv)
+            .zip(&batch.positions[g.first_token..])
         {
-            for (m, cell) in row.iter_mut().zip(&self.cells) {
-                if matches!(cell, Some(c) if c.seq == seq && c.pos <= pos) {
+            for (m, &cell_pos) in row.iter_mut().zip(cells) {
+                if cell_pos <= pos {
                     *m = 0.0;
                 }
             }
         }
         mask
+    }
+
+    /// Where each element of the batch's V rows goes in the transposed V
+    /// cache: element `e` of token `t` lands at `e * size + cells[t]`.
+    pub(super) fn v_indices(&self, cells: &[i64]) -> Vec<i64> {
+        let size = self.size() as i64;
+        cells
+            .iter()
+            .flat_map(|&cell| (0..self.n_embd_kv as i64).map(move |e| e * size + cell))
+            .collect()
     }
 }

@@ -17,6 +17,7 @@ pub use tokenizer::Tokenizer;
 
 use crate::ggml::gguf::{GgufError, GgufFile};
 use crate::ggml::{Backend, Context, GgmlError, Scheduler};
+use kv_cache::SeqGroup;
 use weights::Weights;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +101,18 @@ impl Logits {
         &self.data[i * self.n_vocab..(i + 1) * self.n_vocab]
     }
 
+    /// The rows in the order `rows` names them.
+    fn reorder(self, rows: &[usize]) -> Self {
+        let data = rows
+            .iter()
+            .flat_map(|&r| self.row(r).iter().copied())
+            .collect();
+        Logits {
+            n_vocab: self.n_vocab,
+            data,
+        }
+    }
+
     /// All rows, row-major `[n_rows, n_vocab]`.
     pub fn as_slice(&self) -> &[f32] {
         &self.data
@@ -110,7 +123,6 @@ pub struct Model {
     config: Config,
     weights: Weights,
     sched: Scheduler,
-    graph_size: usize,
 }
 
 impl Model {
@@ -125,14 +137,11 @@ impl Model {
         }
         backends.push(Backend::cpu(options.threads)?);
         let weights = Weights::load(&mut gguf, &config, &backends[0])?;
-        // Nodes per layer stay under 40; leave room for the SVFit branch.
-        let graph_size = 64 * (config.n_layer + 2) + 256;
-        let sched = Scheduler::new(backends, graph_size)?;
+        let sched = Scheduler::new(backends, graph::graph_size(&config, 64))?;
         Ok(Model {
             config,
             weights,
             sched,
-            graph_size,
         })
     }
 
@@ -155,15 +164,26 @@ impl Model {
     }
 
     /// Runs `batch` through the model, storing its K/V in `cache`; returns the
-    /// logits of the tokens marked for output. On error the cache is unchanged.
+    /// logits of the tokens marked for output, in batch order. On error the
+    /// cache is unchanged.
     pub fn decode(&mut self, cache: &mut KvCache, batch: &Batch) -> Result<Logits, ModelError> {
         self.validate(batch)?;
-        let cells = cache.place(batch)?;
-        let result = self.run(cache, batch, &cells);
-        if result.is_err() {
-            cache.unplace(batch, &cells);
-        }
-        result
+        // Attention runs per sequence over contiguous tokens: group them.
+        let order = batch.order_by_sequence();
+        let grouped = order.as_ref().map(|o| batch.permuted(o));
+        let run_batch = grouped.as_ref().unwrap_or(batch);
+        let (cells, groups) = cache.place(run_batch)?;
+        let logits = match self.run(cache, run_batch, &cells, &groups) {
+            Ok(logits) => logits,
+            Err(e) => {
+                cache.unplace(&groups);
+                return Err(e);
+            }
+        };
+        Ok(match order {
+            Some(order) => logits.reorder(&batch_output_rows(batch, &order)),
+            None => logits,
+        })
     }
 
     fn validate(&self, batch: &Batch) -> Result<(), ModelError> {
@@ -183,7 +203,13 @@ impl Model {
         Ok(())
     }
 
-    fn run(&mut self, cache: &KvCache, batch: &Batch, cells: &[i64]) -> Result<Logits, ModelError> {
+    fn run(
+        &mut self,
+        cache: &KvCache,
+        batch: &Batch,
+        cells: &[i64],
+        groups: &[SeqGroup],
+    ) -> Result<Logits, ModelError> {
         // A batch that wants no logits still computes one row (the last), so
         // the graph always has an output.
         let mut out_rows: Vec<i32> = (0..batch.len() as i32)
@@ -195,11 +221,12 @@ impl Model {
         }
         let shape = graph::Shape {
             n_tokens: batch.len(),
-            n_kv: cache.n_kv(),
             n_outputs: out_rows.len(),
+            groups,
         };
-        let ctx = Context::new(self.graph_size * 2, self.graph_size)?;
-        let mut gf = ctx.new_graph(self.graph_size);
+        let graph_size = graph::graph_size(&self.config, groups.len());
+        let ctx = Context::new(graph_size * 2, graph_size)?;
+        let mut gf = ctx.new_graph(graph_size);
         let (inputs, logits) =
             graph::forward(&ctx, &mut gf, &self.config, &self.weights, cache, &shape);
         self.sched.alloc(&gf)?;
@@ -208,10 +235,10 @@ impl Model {
         inputs.tokens.write(&tokens)?;
         inputs.positions.write(&batch.positions)?;
         inputs.kv_cells.write(cells)?;
-        inputs
-            .v_elements
-            .write(&cache.v_indices(cells, self.config.n_embd_kv()))?;
-        inputs.kq_mask.write(&cache.mask(batch, shape.n_kv))?;
+        inputs.v_elements.write(&cache.v_indices(cells))?;
+        for (mask, g) in inputs.kq_masks.iter().zip(groups) {
+            mask.write(&cache.mask(batch, g))?;
+        }
         if let Some(rows) = inputs.out_rows {
             rows.write(&out_rows)?;
         }
@@ -225,6 +252,23 @@ impl Model {
             data,
         })
     }
+}
+
+/// For each output token of `batch` in batch order, its row among the
+/// outputs of the batch permuted by `order`.
+fn batch_output_rows(batch: &Batch, order: &[usize]) -> Vec<usize> {
+    let mut row_of = vec![0; batch.len()];
+    let mut row = 0;
+    for &original in order {
+        if batch.outputs[original] {
+            row_of[original] = row;
+            row += 1;
+        }
+    }
+    (0..batch.len())
+        .filter(|&i| batch.outputs[i])
+        .map(|i| row_of[i])
+        .collect()
 }
 
 /// Loads `path` with default options (CPU, all cores).
