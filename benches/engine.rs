@@ -28,7 +28,7 @@ fn parse_args() -> Options {
     let mut opts = Options {
         model: svfit::home::resolve_model(None).unwrap_or_else(|e| exit(&e.to_string())),
         threads: svfit::model::default_threads(),
-        reps: 3,
+        reps: 7,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

@@ -88,3 +88,27 @@ fn interleaved_batch_gives_the_rows_of_a_grouped_one() {
         assert_eq!(x.row(2 * i + 1), y.row(6 + i), "sequence 9, token {i}");
     }
 }
+
+#[test]
+fn many_sequences_in_one_batch_match_each_alone() {
+    let (_dir, mut model) = tiny();
+    // More sequences than the graph is first sized for (it grows).
+    let seqs: Vec<Vec<u32>> = (0..20).map(|s| tokens(3 + s % 4, 100 + s as u64)).collect();
+    let mut batch = Batch::new();
+    for (s, t) in seqs.iter().enumerate() {
+        batch.add_sequence(t, 0, s as u32, true);
+    }
+    let mut cache = model.new_cache(20 * 64).unwrap();
+    let together = model.decode(&mut cache, &batch).unwrap();
+    let mut row = 0;
+    for (s, t) in seqs.iter().enumerate() {
+        let mut alone = Batch::new();
+        alone.add_sequence(t, 0, 0, true);
+        let mut cache = model.new_cache(64).unwrap();
+        let logits = model.decode(&mut cache, &alone).unwrap();
+        for i in 0..t.len() {
+            assert_eq!(together.row(row), logits.row(i), "sequence {s}, token {i}");
+            row += 1;
+        }
+    }
+}

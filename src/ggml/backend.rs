@@ -247,29 +247,44 @@ pub struct Scheduler {
     backends: Vec<Backend>,
 }
 
+fn new_sched(
+    backends: &[Backend],
+    graph_size: usize,
+) -> Result<NonNull<sys::ggml_backend_sched>, GgmlError> {
+    let mut raws: Vec<_> = backends.iter().map(Backend::as_ptr).collect();
+    // SAFETY: `raws` holds live backends; default buffer types (null).
+    let raw = unsafe {
+        sys::ggml_backend_sched_new(
+            raws.as_mut_ptr(),
+            std::ptr::null_mut(),
+            raws.len() as i32,
+            graph_size,
+            false,
+            true,
+        )
+    };
+    NonNull::new(raw).ok_or_else(|| GgmlError::Alloc {
+        what: "a backend scheduler".to_string(),
+    })
+}
+
 // SAFETY: the scheduler and its backends are used from one thread at a time.
 unsafe impl Send for Scheduler {}
 
 impl Scheduler {
     /// `backends` must end with the CPU backend.
     pub fn new(backends: Vec<Backend>, graph_size: usize) -> Result<Self, GgmlError> {
-        let mut raws: Vec<_> = backends.iter().map(Backend::as_ptr).collect();
-        // SAFETY: `raws` holds live backends; default buffer types (null).
-        let raw = unsafe {
-            sys::ggml_backend_sched_new(
-                raws.as_mut_ptr(),
-                std::ptr::null_mut(),
-                raws.len() as i32,
-                graph_size,
-                false,
-                true,
-            )
-        };
-        NonNull::new(raw)
-            .map(|raw| Scheduler { raw, backends })
-            .ok_or_else(|| GgmlError::Alloc {
-                what: "a backend scheduler".to_string(),
-            })
+        let raw = new_sched(&backends, graph_size)?;
+        Ok(Scheduler { raw, backends })
+    }
+
+    /// Replaces the scheduler with one for graphs of up to `graph_size` nodes.
+    pub fn resize(&mut self, graph_size: usize) -> Result<(), GgmlError> {
+        let raw = new_sched(&self.backends, graph_size)?;
+        // SAFETY: the old scheduler is ours and no graph is in flight.
+        unsafe { sys::ggml_backend_sched_free(self.raw.as_ptr()) };
+        self.raw = raw;
+        Ok(())
     }
 
     /// The backend that holds weights and caches (the first one).

@@ -39,6 +39,13 @@ impl Context {
             })
     }
 
+    /// Forgets every tensor and graph of the context, keeping its memory for
+    /// the next ones (no handle can outlive this: they borrow `self`).
+    pub fn reset(&mut self) {
+        // SAFETY: `&mut self` proves no Tensor or Graph handle is alive.
+        unsafe { sys::ggml_reset(self.as_ptr()) }
+    }
+
     /// Wraps a context that ggml created (e.g. by `gguf_init_from_file`).
     pub(crate) fn from_raw(raw: NonNull<sys::ggml_context>) -> Self {
         Context { raw }

@@ -123,6 +123,9 @@ pub struct Model {
     config: Config,
     weights: Weights,
     sched: Scheduler,
+    /// Reused for every forward graph (sized for `graph_groups` sequences).
+    graph_ctx: Context,
+    graph_groups: usize,
 }
 
 impl Model {
@@ -137,8 +140,13 @@ impl Model {
         }
         backends.push(Backend::cpu(options.threads)?);
         let weights = Weights::load(&mut gguf, &config, &backends[0])?;
-        let sched = Scheduler::new(backends, graph::graph_size(&config, 64))?;
+        // Graph room for this many sequences per batch; grows on demand.
+        const GROUPS: usize = 16;
+        let size = graph::graph_size(&config, GROUPS);
+        let sched = Scheduler::new(backends, size)?;
         Ok(Model {
+            graph_ctx: Context::new(2 * size, size)?,
+            graph_groups: GROUPS,
             config,
             weights,
             sched,
@@ -224,11 +232,18 @@ impl Model {
             n_outputs: out_rows.len(),
             groups,
         };
-        let graph_size = graph::graph_size(&self.config, groups.len());
-        let ctx = Context::new(graph_size * 2, graph_size)?;
-        let mut gf = ctx.new_graph(graph_size);
+        if groups.len() > self.graph_groups {
+            let groups = groups.len().next_power_of_two();
+            let room = graph::graph_size(&self.config, groups);
+            self.graph_ctx = Context::new(2 * room, room)?;
+            self.sched.resize(room)?;
+            self.graph_groups = groups;
+        }
+        self.graph_ctx.reset();
+        let ctx = &self.graph_ctx;
+        let mut gf = ctx.new_graph(graph::graph_size(&self.config, groups.len()));
         let (inputs, logits) =
-            graph::forward(&ctx, &mut gf, &self.config, &self.weights, cache, &shape);
+            graph::forward(ctx, &mut gf, &self.config, &self.weights, cache, &shape);
         self.sched.alloc(&gf)?;
 
         let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
