@@ -30,6 +30,28 @@ enum Command {
     Generate(GenerateArgs),
     /// Write the logits of every position of a text as a float32 .npy file.
     Logits(LogitsArgs),
+    /// Compute (or find cached) the SVD factors of the base model's target matrices.
+    Factorize(FactorizeArgs),
+}
+
+#[derive(Args)]
+struct FactorizeArgs {
+    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
+    #[arg(long, env = "SVFIT_MODEL")]
+    model: Option<PathBuf>,
+    /// Target matrices: all-linear, or a comma list of q, k, v, o, gate, up, down
+    #[arg(long, default_value = "q,v")]
+    targets: String,
+    /// Singular values kept per matrix: energy:T (smallest r whose squared
+    /// singular values reach fraction T of the total), rank:N, or full
+    #[arg(long, default_value = "energy:0.99")]
+    rank: String,
+    /// Element type of U and Vt in the factor file: f16 or f32
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+    /// Recompute even when the cache has these factors
+    #[arg(long)]
+    force: bool,
 }
 
 /// Which model to load and how to run it.
@@ -134,6 +156,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => run_generate(&args),
         Command::Logits(args) => run_logits(&args),
+        Command::Factorize(args) => run_factorize(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -235,4 +258,58 @@ fn all_logits(model: &mut Model, cache: &mut model::KvCache, ids: &[u32]) -> Res
 
 fn write_npy<T: npy::NpyElement>(path: &Path, shape: &[usize], data: &[T]) -> Result<()> {
     npy::write(path, shape, data).with_context(|| format!("writing {}", path.display()))
+}
+
+fn run_factorize(args: &FactorizeArgs) -> Result<()> {
+    use svfit::factors::{self, Factor, FactorsKey};
+    let path = home::resolve_model(args.model.as_deref())?;
+    let key = FactorsKey {
+        base_sha256: home::sha256_file(&path)
+            .with_context(|| format!("reading {}", path.display()))?,
+        targets: args.targets.parse()?,
+        policy: args.rank.parse()?,
+        dtype: args.dtype.parse()?,
+    };
+    let out = key.path(&home::home_dir());
+    let ranks = if out.exists() && !args.force {
+        eprintln!("factors already cached at {}", out.display());
+        factors::read_ranks(&out, &key)?
+    } else {
+        let gguf = svfit::ggml::gguf::GgufFile::open(&path)?;
+        let matrices = factors::target_matrices(&gguf, &key.targets)?;
+        let mut done = Vec::with_capacity(matrices.len());
+        let start = std::time::Instant::now();
+        for (i, t) in matrices.into_iter().enumerate() {
+            let name = format!("{}.weight", t.prefix());
+            let (w, m, n) = factors::read_matrix(&gguf, &name)?;
+            let f = Factor::of_matrix(&w, m, n, key.policy)
+                .ok_or_else(|| factors::FactorError::Svd(name.clone()))?;
+            eprint!(
+                "\r[{:>3}/{}] {name:<28} rank {:>4} of {:>4}  {:>5.1}s",
+                i + 1,
+                done.capacity(),
+                f.rank(),
+                m.min(n),
+                start.elapsed().as_secs_f64()
+            );
+            done.push((t, f));
+        }
+        eprintln!();
+        factors::write_factors(&out, &key, &done)?;
+        eprintln!("wrote {}", out.display());
+        done.into_iter().map(|(t, f)| (t, f.rank())).collect()
+    };
+    println!("{:<12} {:>6} {:>8} {:>6}", "matrix", "min", "mean", "max");
+    for (kind, min, mean, max) in factors::rank_summary(&ranks) {
+        println!("{kind:<12} {min:>6} {mean:>8.1} {max:>6}");
+    }
+    let bytes = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "factors: {} matrices, {:.1} MB ({}, {})",
+        ranks.len(),
+        bytes as f64 / 1e6,
+        key.policy,
+        key.dtype
+    );
+    Ok(())
 }
