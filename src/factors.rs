@@ -221,6 +221,9 @@ impl Factor {
     }
 }
 
+/// The singular values `S` of every target matrix, in the factors' order.
+pub type SingularValues = Vec<(TargetMatrix, Vec<f32>)>;
+
 /// One target matrix of the model: its GGUF name and factor-file prefix.
 #[derive(Clone, Debug)]
 pub struct TargetMatrix {
@@ -400,12 +403,31 @@ pub fn rank_summary(factors: &[(TargetMatrix, usize)]) -> Vec<(&'static str, usi
         .collect()
 }
 
-/// The rank of every matrix in an existing factor file (from its `S` shapes),
-/// after checking its format and key.
-pub fn read_ranks(
-    path: &Path,
+/// Computes the factors of every target matrix of the model at `model`,
+/// calling `progress(done, total, name, rank, full_rank)` after each.
+pub fn build(
+    model: &Path,
     key: &FactorsKey,
-) -> Result<Vec<(TargetMatrix, usize)>, FactorError> {
+    mut progress: impl FnMut(usize, usize, &str, usize, usize),
+) -> Result<Vec<(TargetMatrix, Factor)>, FactorError> {
+    let gguf = GgufFile::open(model)?;
+    let matrices = target_matrices(&gguf, &key.targets)?;
+    let total = matrices.len();
+    let mut out = Vec::with_capacity(total);
+    for (i, t) in matrices.into_iter().enumerate() {
+        let name = format!("{}.weight", t.prefix());
+        let (w, m, n) = read_matrix(&gguf, &name)?;
+        let f = Factor::of_matrix(&w, m, n, key.policy)
+            .ok_or_else(|| FactorError::Svd(name.clone()))?;
+        progress(i + 1, total, &name, f.rank(), m.min(n));
+        out.push((t, f));
+    }
+    Ok(out)
+}
+
+/// The singular values `S` of every matrix in a factor file, after checking
+/// its format and key.
+pub fn read_singular_values(path: &Path, key: &FactorsKey) -> Result<SingularValues, FactorError> {
     let invalid = |reason: String| FactorError::Invalid {
         path: path.to_path_buf(),
         reason,
@@ -414,6 +436,7 @@ pub fn read_ranks(
         path: path.to_path_buf(),
         source,
     })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
     let info = meta.metadata().clone().unwrap_or_default();
@@ -425,22 +448,43 @@ pub fn read_ranks(
             )));
         }
     }
-    let tensors = meta.tensors();
     let mut out = Vec::new();
     for layer in 0.. {
-        let mut found = false;
+        let before = out.len();
         for &kind in key.targets.kinds() {
             let t = TargetMatrix { layer, kind };
-            if let Some(s) = tensors.get(&format!("{}.S", t.prefix())) {
-                found = true;
-                out.push((t, s.shape.first().copied().unwrap_or(0)));
+            let Ok(view) = st.tensor(&format!("{}.S", t.prefix())) else {
+                continue;
+            };
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(invalid(format!(
+                    "{}.S is {:?}, expected F32",
+                    t.prefix(),
+                    view.dtype()
+                )));
             }
+            let s = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            out.push((t, s));
         }
-        if !found {
+        if out.len() == before {
             break;
         }
     }
     Ok(out)
+}
+
+/// The factor file for `key`: from the cache, or computed and cached.
+pub fn ensure(model: &Path, key: &FactorsKey, home: &Path) -> Result<PathBuf, FactorError> {
+    let path = key.path(home);
+    if !path.exists() {
+        let factors = build(model, key, |_, _, _, _, _| {})?;
+        write_factors(&path, key, &factors)?;
+    }
+    Ok(path)
 }
 
 #[cfg(test)]

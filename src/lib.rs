@@ -1,6 +1,7 @@
 //! svfit: serve one frozen base LLM to many tenants, each fine-tuned with an
 //! SVFit adapter (a vector of singular values per target matrix).
 
+pub mod adapter;
 pub mod factors;
 pub mod generate;
 pub mod ggml;

@@ -32,10 +32,50 @@ enum Command {
     Logits(LogitsArgs),
     /// Compute (or find cached) the SVD factors of the base model's target matrices.
     Factorize(FactorizeArgs),
+    /// Create, inspect and perturb SVFit adapter files.
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
 }
 
+#[derive(Subcommand)]
+enum AdapterCommand {
+    /// Write the identity adapter (sigma = S: the base model unchanged).
+    Init {
+        #[command(flatten)]
+        factors: FactorArgs,
+        /// Output adapter file (.safetensors)
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print an adapter's base, targets, ranks and per-matrix |delta|, after validating it against the model.
+    Inspect {
+        /// Adapter file
+        adapter: PathBuf,
+        /// The base model it must belong to [default: the default model]
+        #[arg(long, env = "SVFIT_MODEL")]
+        model: Option<PathBuf>,
+    },
+    /// Add random deltas: sigma = S * (1 + scale * z), z ~ N(0, 1) (for demos and tests).
+    Perturb {
+        /// Adapter file to start from (its factors define S)
+        adapter: PathBuf,
+        /// Relative size of the deltas (0.05 = about 5% of S)
+        #[arg(long)]
+        scale: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output adapter file
+        #[arg(long)]
+        out: PathBuf,
+        /// The base model [default: the default model]
+        #[arg(long, env = "SVFIT_MODEL")]
+        model: Option<PathBuf>,
+    },
+}
+
+/// Which factors: base model, targets, rank policy, dtype.
 #[derive(Args)]
-struct FactorizeArgs {
+struct FactorArgs {
     /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
     #[arg(long, env = "SVFIT_MODEL")]
     model: Option<PathBuf>,
@@ -49,6 +89,27 @@ struct FactorizeArgs {
     /// Element type of U and Vt in the factor file: f16 or f32
     #[arg(long, default_value = "f16")]
     dtype: String,
+}
+
+impl FactorArgs {
+    /// The model path and the factors key these arguments name.
+    fn key(&self) -> Result<(PathBuf, svfit::factors::FactorsKey)> {
+        let model = home::resolve_model(self.model.as_deref())?;
+        let key = svfit::factors::FactorsKey {
+            base_sha256: home::sha256_file(&model)
+                .with_context(|| format!("reading {}", model.display()))?,
+            targets: self.targets.parse()?,
+            policy: self.rank.parse()?,
+            dtype: self.dtype.parse()?,
+        };
+        Ok((model, key))
+    }
+}
+
+#[derive(Args)]
+struct FactorizeArgs {
+    #[command(flatten)]
+    factors: FactorArgs,
     /// Recompute even when the cache has these factors
     #[arg(long)]
     force: bool,
@@ -157,6 +218,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => run_generate(&args),
         Command::Logits(args) => run_logits(&args),
         Command::Factorize(args) => run_factorize(&args),
+        Command::Adapter(command) => run_adapter(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -261,39 +323,21 @@ fn write_npy<T: npy::NpyElement>(path: &Path, shape: &[usize], data: &[T]) -> Re
 }
 
 fn run_factorize(args: &FactorizeArgs) -> Result<()> {
-    use svfit::factors::{self, Factor, FactorsKey};
-    let path = home::resolve_model(args.model.as_deref())?;
-    let key = FactorsKey {
-        base_sha256: home::sha256_file(&path)
-            .with_context(|| format!("reading {}", path.display()))?,
-        targets: args.targets.parse()?,
-        policy: args.rank.parse()?,
-        dtype: args.dtype.parse()?,
-    };
+    use svfit::factors;
+    let (path, key) = args.factors.key()?;
     let out = key.path(&home::home_dir());
-    let ranks = if out.exists() && !args.force {
+    let ranks: Vec<_> = if out.exists() && !args.force {
         eprintln!("factors already cached at {}", out.display());
-        factors::read_ranks(&out, &key)?
+        factors::read_singular_values(&out, &key)?
+            .into_iter()
+            .map(|(t, s)| (t, s.len()))
+            .collect()
     } else {
-        let gguf = svfit::ggml::gguf::GgufFile::open(&path)?;
-        let matrices = factors::target_matrices(&gguf, &key.targets)?;
-        let mut done = Vec::with_capacity(matrices.len());
         let start = std::time::Instant::now();
-        for (i, t) in matrices.into_iter().enumerate() {
-            let name = format!("{}.weight", t.prefix());
-            let (w, m, n) = factors::read_matrix(&gguf, &name)?;
-            let f = Factor::of_matrix(&w, m, n, key.policy)
-                .ok_or_else(|| factors::FactorError::Svd(name.clone()))?;
-            eprint!(
-                "\r[{:>3}/{}] {name:<28} rank {:>4} of {:>4}  {:>5.1}s",
-                i + 1,
-                done.capacity(),
-                f.rank(),
-                m.min(n),
-                start.elapsed().as_secs_f64()
-            );
-            done.push((t, f));
-        }
+        let done = factors::build(&path, &key, |i, total, name, rank, full| {
+            let secs = start.elapsed().as_secs_f64();
+            eprint!("\r[{i:>3}/{total}] {name:<28} rank {rank:>4} of {full:>4}  {secs:>5.1}s");
+        })?;
         eprintln!();
         factors::write_factors(&out, &key, &done)?;
         eprintln!("wrote {}", out.display());
@@ -311,5 +355,93 @@ fn run_factorize(args: &FactorizeArgs) -> Result<()> {
         key.policy,
         key.dtype
     );
+    Ok(())
+}
+
+/// An adapter read from `path` and validated against the model's factors
+/// (computed and cached if missing), with those factors' singular values.
+fn load_adapter(
+    path: &Path,
+    model: Option<&Path>,
+) -> Result<(svfit::adapter::Adapter, svfit::factors::SingularValues)> {
+    let model = home::resolve_model(model)?;
+    let adapter = svfit::adapter::Adapter::read(path)?;
+    let sha = home::sha256_file(&model).with_context(|| format!("reading {}", model.display()))?;
+    let key = adapter.factors_key(path, &sha)?;
+    if adapter.base_sha256 != sha {
+        adapter.validate(path, &key, &[])?;
+    }
+    let factors = svfit::factors::ensure(&model, &key, &home::home_dir())?;
+    let singular = svfit::factors::read_singular_values(&factors, &key)?;
+    adapter.validate(path, &key, &singular)?;
+    Ok((adapter, singular))
+}
+
+fn run_adapter(command: &AdapterCommand) -> Result<()> {
+    use svfit::adapter::Adapter;
+    use svfit::factors;
+    match command {
+        AdapterCommand::Init { factors: args, out } => {
+            let (model, key) = args.key()?;
+            let path = factors::ensure(&model, &key, &home::home_dir())?;
+            let singular = factors::read_singular_values(&path, &key)?;
+            Adapter::identity(&key, &singular).write(out)?;
+            let n: usize = singular.iter().map(|(_, s)| s.len()).sum();
+            eprintln!(
+                "wrote {} ({} matrices, {n} singular values)",
+                out.display(),
+                singular.len()
+            );
+        }
+        AdapterCommand::Inspect { adapter, model } => {
+            let (a, singular) = load_adapter(adapter, model.as_deref())?;
+            println!("base sha256  {}", a.base_sha256);
+            println!("factors      {}", a.factors_id);
+            println!("targets      {}", a.targets);
+            println!("rank policy  {}", a.rank_policy);
+            let mut info: Vec<_> = a.info.iter().collect();
+            info.sort();
+            for (k, v) in info {
+                println!("{k:<12} {v}");
+            }
+            println!(
+                "{:<24} {:>6} {:>12} {:>12}",
+                "matrix", "rank", "|delta|", "|delta|/|S|"
+            );
+            for ((prefix, delta), (_, s)) in a.deltas(&singular).iter().zip(&singular) {
+                let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                let (d, sn) = (norm(delta), norm(s));
+                println!(
+                    "{prefix:<24} {:>6} {d:>12.5} {:>12.5}",
+                    s.len(),
+                    d / sn.max(f64::MIN_POSITIVE)
+                );
+            }
+        }
+        AdapterCommand::Perturb {
+            adapter,
+            scale,
+            seed,
+            out,
+            model,
+        } => {
+            if !scale.is_finite() || *scale < 0.0 {
+                anyhow::bail!("--scale must be a finite number >= 0, got {scale}");
+            }
+            let (mut a, singular) = load_adapter(adapter, model.as_deref())?;
+            let mut rng = svfit::sampling::SplitMix64::new(*seed);
+            for ((_, sigma), (_, s)) in a.sigma.iter_mut().zip(&singular) {
+                for (v, base) in sigma.iter_mut().zip(s) {
+                    *v = base * (1.0 + scale * rng.normal());
+                }
+            }
+            a.info.insert(
+                "svfit.perturbed".into(),
+                format!("scale {scale}, seed {seed}"),
+            );
+            a.write(out)?;
+            eprintln!("wrote {}", out.display());
+        }
+    }
     Ok(())
 }

@@ -178,9 +178,20 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// A small, seedable generator (SplitMix64): the same seed gives the same
 /// tokens on every machine.
-struct SplitMix64(u64);
+pub struct SplitMix64(u64);
 
 impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    /// A standard normal draw (Box-Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u = (self.next_f32() + 1.0 / (1u64 << 25) as f32).min(1.0);
+        let v = self.next_f32();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+    }
+
     fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

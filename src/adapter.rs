@@ -1,0 +1,309 @@
+//! SVFit adapters (DESIGN.md §2): per target matrix a vector `sigma [r]` of
+//! trained singular values, stored as safetensors. Reading checks the file
+//! itself (format, dtype, finite values); [`Adapter::validate`] checks it
+//! against a base model's factors (base hash, factor id, every tensor
+//! present with the factor's rank). Every failure names the tensor or field
+//! and the expected and actual value.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::factors::{FactorsKey, TargetMatrix};
+
+pub const FORMAT: &str = "adapter/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a safetensors adapter file: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: metadata '{field}' is {actual}, expected {expected}")]
+    Metadata {
+        path: PathBuf,
+        field: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: tensor '{tensor}': {problem}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        problem: String,
+    },
+}
+
+/// An adapter: its metadata and `sigma` per target matrix (`blk.L.kind`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adapter {
+    pub base_sha256: String,
+    pub factors_id: String,
+    pub targets: String,
+    pub rank_policy: String,
+    /// Free-form information (training data, steps, losses, ...).
+    pub info: HashMap<String, String>,
+    /// `(prefix, sigma)` in the factors' order.
+    pub sigma: Vec<(String, Vec<f32>)>,
+}
+
+impl Adapter {
+    /// The identity adapter of `factors`: `sigma = S`, so `delta = 0`.
+    pub fn identity(key: &FactorsKey, singular_values: &[(TargetMatrix, Vec<f32>)]) -> Self {
+        Adapter {
+            base_sha256: key.base_sha256.clone(),
+            factors_id: key.id(),
+            targets: key.targets.to_string(),
+            rank_policy: key.policy.to_string(),
+            info: HashMap::new(),
+            sigma: singular_values
+                .iter()
+                .map(|(t, s)| (t.prefix(), s.clone()))
+                .collect(),
+        }
+    }
+
+    /// Reads and checks the file on its own: safetensors layout, format,
+    /// required metadata, f32 vectors, finite values.
+    pub fn read(path: &Path) -> Result<Self, AdapterError> {
+        let bytes = std::fs::read(path).map_err(|source| AdapterError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let corrupt = |reason: String| AdapterError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let mut info = meta.metadata().clone().unwrap_or_default();
+        let mut take = |field: &str| {
+            info.remove(field).ok_or_else(|| AdapterError::Metadata {
+                path: path.to_path_buf(),
+                field: field.to_string(),
+                expected: "present".into(),
+                actual: "missing".into(),
+            })
+        };
+        let format = take("svfit.format")?;
+        if format != FORMAT {
+            return Err(AdapterError::Metadata {
+                path: path.to_path_buf(),
+                field: "svfit.format".into(),
+                expected: format!("'{FORMAT}'"),
+                actual: format!("'{format}'"),
+            });
+        }
+        let (base_sha256, factors_id, targets, rank_policy) = (
+            take("svfit.base_sha256")?,
+            take("svfit.factors_id")?,
+            take("svfit.targets")?,
+            take("svfit.rank_policy")?,
+        );
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names.sort_by_key(|n| tensor_order(n));
+        let mut sigma = Vec::with_capacity(names.len());
+        for name in names {
+            let bad = |problem: String| AdapterError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                problem,
+            };
+            let Some(prefix) = name.strip_suffix(".sigma") else {
+                return Err(bad(
+                    "unexpected tensor (adapters hold only blk.L.kind.sigma)".into(),
+                ));
+            };
+            let view = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+            if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
+                return Err(bad(format!(
+                    "expected F32 [r], got {:?} {:?}",
+                    view.dtype(),
+                    view.shape()
+                )));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!("value {i} is {} (must be finite)", values[i])));
+            }
+            sigma.push((prefix.to_string(), values));
+        }
+        Ok(Adapter {
+            base_sha256,
+            factors_id,
+            targets,
+            rank_policy,
+            info,
+            sigma,
+        })
+    }
+
+    /// Checks the adapter against the factors it must apply to.
+    pub fn validate(
+        &self,
+        path: &Path,
+        key: &FactorsKey,
+        singular_values: &[(TargetMatrix, Vec<f32>)],
+    ) -> Result<(), AdapterError> {
+        let field = |field: &str, expected: &str, actual: &str| {
+            (expected != actual).then(|| AdapterError::Metadata {
+                path: path.to_path_buf(),
+                field: field.to_string(),
+                expected: format!("'{expected}'"),
+                actual: format!("'{actual}'"),
+            })
+        };
+        let checks = [
+            field("svfit.base_sha256", &key.base_sha256, &self.base_sha256),
+            field("svfit.factors_id", &key.id(), &self.factors_id),
+        ];
+        if let Some(e) = checks.into_iter().flatten().next() {
+            return Err(e);
+        }
+        let mine: HashMap<&str, &Vec<f32>> =
+            self.sigma.iter().map(|(p, s)| (p.as_str(), s)).collect();
+        for (t, s) in singular_values {
+            let tensor = format!("{}.sigma", t.prefix());
+            let problem = match mine.get(t.prefix().as_str()) {
+                None => Some("missing".to_string()),
+                Some(v) if v.len() != s.len() => Some(format!(
+                    "length {}, expected the factor rank {}",
+                    v.len(),
+                    s.len()
+                )),
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                return Err(AdapterError::Tensor {
+                    path: path.to_path_buf(),
+                    tensor,
+                    problem,
+                });
+            }
+        }
+        if self.sigma.len() != singular_values.len() {
+            let known: Vec<String> = singular_values.iter().map(|(t, _)| t.prefix()).collect();
+            let extra = self
+                .sigma
+                .iter()
+                .find(|(p, _)| !known.contains(p))
+                .map(|(p, _)| p.clone());
+            return Err(AdapterError::Tensor {
+                path: path.to_path_buf(),
+                tensor: format!("{}.sigma", extra.unwrap_or_default()),
+                problem: "not a target matrix of these factors".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `delta = sigma - S` per matrix (after [`Adapter::validate`]).
+    pub fn deltas(&self, singular_values: &[(TargetMatrix, Vec<f32>)]) -> Vec<(String, Vec<f32>)> {
+        let mine: HashMap<&str, &Vec<f32>> =
+            self.sigma.iter().map(|(p, s)| (p.as_str(), s)).collect();
+        singular_values
+            .iter()
+            .map(|(t, s)| {
+                let prefix = t.prefix();
+                let sigma = mine.get(prefix.as_str()).map_or(&[][..], |v| v.as_slice());
+                let delta = sigma.iter().zip(s).map(|(a, b)| a - b).collect();
+                (prefix, delta)
+            })
+            .collect()
+    }
+
+    /// The factors key this adapter names, for the model whose sha256 is
+    /// `base_sha256` (the dtype is the last part of the factor id).
+    pub fn factors_key(&self, path: &Path, base_sha256: &str) -> Result<FactorsKey, AdapterError> {
+        let meta = |field: &str, actual: &str, expected: &str| AdapterError::Metadata {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            expected: expected.to_string(),
+            actual: format!("'{actual}'"),
+        };
+        let dtype = self.factors_id.rsplit('-').next().unwrap_or_default();
+        Ok(FactorsKey {
+            base_sha256: base_sha256.to_string(),
+            targets: self.targets.parse().map_err(|_| {
+                meta(
+                    "svfit.targets",
+                    &self.targets,
+                    "a target list such as 'q,v'",
+                )
+            })?,
+            policy: self.rank_policy.parse().map_err(|_| {
+                meta(
+                    "svfit.rank_policy",
+                    &self.rank_policy,
+                    "energy:T, rank:N or full",
+                )
+            })?,
+            dtype: dtype.parse().map_err(|_| {
+                meta(
+                    "svfit.factors_id",
+                    &self.factors_id,
+                    "an id ending in -f16 or -f32",
+                )
+            })?,
+        })
+    }
+
+    /// Writes the adapter as safetensors, atomically.
+    pub fn write(&self, path: &Path) -> Result<(), AdapterError> {
+        let mut metadata = self.info.clone();
+        metadata.insert("svfit.format".into(), FORMAT.into());
+        metadata.insert("svfit.base_sha256".into(), self.base_sha256.clone());
+        metadata.insert("svfit.factors_id".into(), self.factors_id.clone());
+        metadata.insert("svfit.targets".into(), self.targets.clone());
+        metadata.insert("svfit.rank_policy".into(), self.rank_policy.clone());
+        let data: Vec<(String, Vec<u8>, usize)> = self
+            .sigma
+            .iter()
+            .map(|(p, s)| {
+                (
+                    format!("{p}.sigma"),
+                    s.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    s.len(),
+                )
+            })
+            .collect();
+        let corrupt = |reason: String| AdapterError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let views = data
+            .iter()
+            .map(|(name, bytes, n)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| corrupt(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bytes =
+            safetensors::serialize(views, Some(metadata)).map_err(|e| corrupt(e.to_string()))?;
+        crate::home::write_atomic(path, |w| std::io::Write::write_all(w, &bytes)).map_err(
+            |source| AdapterError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        )
+    }
+}
+
+/// Sorts `blk.L.kind.sigma` by layer number, then name.
+fn tensor_order(name: &str) -> (usize, String) {
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(usize::MAX);
+    (layer, name.to_string())
+}
