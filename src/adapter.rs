@@ -126,11 +126,7 @@ impl Adapter {
                     view.shape()
                 )));
             }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let values = crate::tensorfile::f32s(view.data());
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                 return Err(bad(format!("value {i} is {} (must be finite)", values[i])));
             }
@@ -264,37 +260,21 @@ impl Adapter {
         metadata.insert("svfit.factors_id".into(), self.factors_id.clone());
         metadata.insert("svfit.targets".into(), self.targets.clone());
         metadata.insert("svfit.rank_policy".into(), self.rank_policy.clone());
-        let data: Vec<(String, Vec<u8>, usize)> = self
+        let entries: Vec<_> = self
             .sigma
             .iter()
-            .map(|(p, s)| {
-                (
-                    format!("{p}.sigma"),
-                    s.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    s.len(),
-                )
-            })
+            .map(|(p, s)| crate::tensorfile::Entry::f32(format!("{p}.sigma"), vec![s.len()], s))
             .collect();
-        let corrupt = |reason: String| AdapterError::Corrupt {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let views = data
-            .iter()
-            .map(|(name, bytes, n)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*n], bytes)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| corrupt(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let bytes =
-            safetensors::serialize(views, Some(metadata)).map_err(|e| corrupt(e.to_string()))?;
-        crate::home::write_atomic(path, |w| std::io::Write::write_all(w, &bytes)).map_err(
-            |source| AdapterError::Io {
+        crate::tensorfile::write(path, &entries, metadata).map_err(|e| match e {
+            crate::tensorfile::WriteError::Io(source) => AdapterError::Io {
                 path: path.to_path_buf(),
                 source,
             },
-        )
+            other => AdapterError::Corrupt {
+                path: path.to_path_buf(),
+                reason: other.to_string(),
+            },
+        })
     }
 }
 

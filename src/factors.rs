@@ -320,60 +320,33 @@ pub fn write_factors(
     key: &FactorsKey,
     factors: &[(TargetMatrix, Factor)],
 ) -> Result<(), FactorError> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let io = |source| FactorError::Io {
-        path: path.to_path_buf(),
-        source,
+    use crate::tensorfile::Entry;
+    let matrix = |name: String, shape: Vec<usize>, values: &[f32]| match key.dtype {
+        FactorDtype::F32 => Entry::f32(name, shape, values),
+        FactorDtype::F16 => Entry {
+            name,
+            dtype: safetensors::Dtype::F16,
+            shape,
+            bytes: ggml::quantize(Type::F16, values, values.len()).unwrap_or_default(),
+        },
     };
-    let encode = |values: &[f32], dtype: FactorDtype| -> Vec<u8> {
-        match dtype {
-            FactorDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            FactorDtype::F16 => ggml::quantize(Type::F16, values, values.len()).unwrap_or_default(),
-        }
-    };
-    let st_dtype = match key.dtype {
-        FactorDtype::F16 => Dtype::F16,
-        FactorDtype::F32 => Dtype::F32,
-    };
-    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut entries = Vec::with_capacity(3 * factors.len());
     for (t, f) in factors {
-        let r = f.rank();
-        buffers.push((
-            format!("{}.U", t.prefix()),
-            st_dtype,
-            vec![f.m, r],
-            encode(&f.u, key.dtype),
-        ));
-        buffers.push((
-            format!("{}.S", t.prefix()),
-            Dtype::F32,
-            vec![r],
-            encode(&f.s, FactorDtype::F32),
-        ));
-        buffers.push((
-            format!("{}.Vt", t.prefix()),
-            st_dtype,
-            vec![r, f.n],
-            encode(&f.vt, key.dtype),
-        ));
+        let (p, r) = (t.prefix(), f.rank());
+        entries.push(matrix(format!("{p}.U"), vec![f.m, r], &f.u));
+        entries.push(Entry::f32(format!("{p}.S"), vec![r], &f.s));
+        entries.push(matrix(format!("{p}.Vt"), vec![r, f.n], &f.vt));
     }
-    let views = buffers
-        .iter()
-        .map(|(name, dtype, shape, data)| {
-            TensorView::new(*dtype, shape.clone(), data)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| FactorError::Invalid {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let bytes =
-        safetensors::serialize(views, Some(key.metadata())).map_err(|e| FactorError::Invalid {
+    crate::tensorfile::write(path, &entries, key.metadata()).map_err(|e| match e {
+        crate::tensorfile::WriteError::Io(source) => FactorError::Io {
             path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    crate::home::write_atomic(path, |w| std::io::Write::write_all(w, &bytes)).map_err(io)
+            source,
+        },
+        other => FactorError::Invalid {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })
 }
 
 /// Ranks per matrix kind: (kind, min, mean, max) in target order.
@@ -463,11 +436,7 @@ pub fn read_singular_values(path: &Path, key: &FactorsKey) -> Result<SingularVal
                     view.dtype()
                 )));
             }
-            let s = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let s = crate::tensorfile::f32s(view.data());
             out.push((t, s));
         }
         if out.len() == before {

@@ -10,3 +10,4 @@ pub mod model;
 pub mod npy;
 pub mod oracle;
 pub mod sampling;
+pub mod tensorfile;

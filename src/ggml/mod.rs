@@ -167,12 +167,7 @@ pub fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
 pub fn dequantize(ty: Type, data: &[u8], n: usize) -> Option<Vec<f32>> {
     if ty == Type::F32 {
         let bytes = data.get(..n * 4)?;
-        return Some(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        );
+        return Some(crate::tensorfile::f32s(bytes));
     }
     let needed = ty.row_size(n as i64)?;
     if data.len() < needed {
