@@ -61,17 +61,11 @@ fn factor_file_reconstructs_the_weights_and_is_cached() {
     let gguf = GgufFile::open(&model).unwrap();
     for name in ["blk.1.ffn_down", "blk.0.attn_q"] {
         let (w, m, n) = factors::read_matrix(&gguf, &format!("{name}.weight")).unwrap();
-        let f32s = |t: &str| -> (Vec<usize>, Vec<f32>) {
+        let tensor = |t: &str| -> (Vec<usize>, Vec<f32>) {
             let v = st.tensor(&format!("{name}.{t}")).unwrap();
-            (
-                v.shape().to_vec(),
-                v.data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            )
+            (v.shape().to_vec(), svfit::tensorfile::f32s(v.data()))
         };
-        let ((us, u), (ss, s), (vs, vt)) = (f32s("U"), f32s("S"), f32s("Vt"));
+        let ((us, u), (ss, s), (vs, vt)) = (tensor("U"), tensor("S"), tensor("Vt"));
         let r = ss[0];
         assert_eq!((us, vs), (vec![m, r], vec![r, n]));
         assert_eq!(r, m.min(n));

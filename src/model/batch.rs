@@ -61,26 +61,22 @@ impl Batch {
     /// into this batch) that groups them, sequences in order of first
     /// appearance and each sequence's tokens in batch order.
     pub(super) fn order_by_sequence(&self) -> Option<Vec<usize>> {
-        let grouped = self.seqs.windows(2).all(|w| w[0] == w[1]) || {
-            let mut seen = std::collections::HashSet::new();
-            let mut last = None;
-            self.seqs.iter().all(|&s| {
-                let ok = last == Some(s) || seen.insert(s);
-                last = Some(s);
-                ok
+        // Each entry's sequence, numbered by first appearance: the batch is
+        // grouped exactly when these numbers never go down.
+        let mut first_seen = std::collections::HashMap::new();
+        let group: Vec<usize> = self
+            .seqs
+            .iter()
+            .map(|&s| {
+                let next = first_seen.len();
+                *first_seen.entry(s).or_insert(next)
             })
-        };
-        if grouped {
+            .collect();
+        if group.windows(2).all(|w| w[0] <= w[1]) {
             return None;
         }
-        let mut first_seen: Vec<SeqId> = Vec::new();
-        for &s in &self.seqs {
-            if !first_seen.contains(&s) {
-                first_seen.push(s);
-            }
-        }
         let mut order: Vec<usize> = (0..self.len()).collect();
-        order.sort_by_key(|&i| first_seen.iter().position(|&s| s == self.seqs[i]));
+        order.sort_by_key(|&i| group[i]);
         Some(order)
     }
 
