@@ -7,8 +7,11 @@
 //!
 //! `cargo bench --bench engine -- [--threads N] [--model PATH] [--reps N]`
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
+
+use common::fail;
 
 use svfit::model::{Batch, LoadOptions, Logits, Model, Tokenizer};
 use svfit::oracle::Reference;
@@ -17,48 +20,6 @@ use svfit::sampling::argmax;
 const PROMPT: usize = 512;
 const GEN: usize = 128;
 const GEN_PROMPT: usize = 16;
-
-struct Options {
-    model: PathBuf,
-    threads: usize,
-    reps: usize,
-}
-
-fn parse_args() -> Options {
-    let mut opts = Options {
-        model: svfit::home::resolve_model(None).unwrap_or_else(|e| exit(&e.to_string())),
-        threads: svfit::model::default_threads(),
-        reps: 7,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .unwrap_or_else(|| exit(&format!("{arg} needs a value")))
-        };
-        match arg.as_str() {
-            "--model" => opts.model = PathBuf::from(value()),
-            "--threads" => {
-                opts.threads = value()
-                    .parse()
-                    .unwrap_or_else(|_| exit("--threads takes a number"))
-            }
-            "--reps" => {
-                opts.reps = value()
-                    .parse()
-                    .unwrap_or_else(|_| exit("--reps takes a number"))
-            }
-            "--bench" => {}
-            other => exit(&format!("unknown option {other}")),
-        }
-    }
-    opts
-}
-
-fn exit(msg: &str) -> ! {
-    eprintln!("error: {msg}");
-    std::process::exit(2)
-}
 
 /// Something that decodes batches: our engine or llama.cpp.
 trait Engine {
@@ -123,8 +84,8 @@ fn generation_speed(engine: &mut dyn Engine, tokens: &[u32], n_seq: usize) -> f6
 }
 
 fn main() {
-    let opts = parse_args();
-    let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(|e| exit(&e.to_string()));
+    let opts = common::parse_args(7);
+    let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(fail);
     let text = include_str!("engine.rs").repeat(4);
     let tokens = tokenizer.encode(&text, true);
     assert!(tokens.len() >= PROMPT, "bench text too short");
@@ -133,17 +94,15 @@ fn main() {
         device: "cpu".into(),
         threads: opts.threads,
     };
-    let model = Model::load(&opts.model, &load).unwrap_or_else(|e| exit(&e.to_string()));
-    let cache = model
-        .new_cache(2048)
-        .unwrap_or_else(|e| exit(&e.to_string()));
+    let model = Model::load(&opts.model, &load).unwrap_or_else(fail);
+    let cache = model.new_cache(2048).unwrap_or_else(fail);
     let mut ours = Ours { model, cache };
-    let reference = Reference::load(&opts.model).unwrap_or_else(|e| exit(&e.to_string()));
+    let reference = Reference::load(&opts.model).unwrap_or_else(fail);
     let fa = std::env::var("FA").is_ok();
     let mut theirs = LlamaCpp(
         reference
             .session_with(2048, 8, opts.threads, fa)
-            .unwrap_or_else(|e| exit(&e.to_string())),
+            .unwrap_or_else(fail),
     );
 
     println!(

@@ -8,9 +8,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::factors::{FactorsKey, TargetMatrix};
+use crate::factors::{self, FactorError, FactorsKey, SingularValues, TargetMatrix};
 
 pub const FORMAT: &str = "adapter/1";
+
+/// Per target matrix (`blk.L.kind`), `delta = sigma - S`.
+pub type Deltas = Vec<(String, Vec<f32>)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -34,6 +37,75 @@ pub enum AdapterError {
         tensor: String,
         problem: String,
     },
+    #[error("adapters in a mix must share their factors: {first} uses '{first_id}', {other} uses '{other_id}'")]
+    MixedFactors {
+        first: PathBuf,
+        first_id: String,
+        other: PathBuf,
+        other_id: String,
+    },
+    #[error(transparent)]
+    Factors(#[from] FactorError),
+}
+
+/// An adapter checked against a base model, with the key and singular
+/// values of its factors.
+pub struct Loaded {
+    pub adapter: Adapter,
+    pub key: FactorsKey,
+    pub singular: SingularValues,
+}
+
+impl Loaded {
+    /// Reads the adapter at `path` and validates it against the model at
+    /// `model` (whose sha256 is `base_sha256`), computing and caching the
+    /// model's factors under `home` when they are missing.
+    pub fn open(
+        path: &Path,
+        model: &Path,
+        base_sha256: &str,
+        home: &Path,
+    ) -> Result<Self, AdapterError> {
+        let adapter = Adapter::read(path)?;
+        let key = adapter.factors_key(path, base_sha256)?;
+        if adapter.base_sha256 != base_sha256 {
+            // Refused before the (slow) factorization: names the base hash.
+            adapter.validate(path, &key, &[])?;
+        }
+        let factors = factors::ensure(model, &key, home)?;
+        let singular = factors::read_singular_values(&factors, &key)?;
+        adapter.validate(path, &key, &singular)?;
+        Ok(Loaded {
+            adapter,
+            key,
+            singular,
+        })
+    }
+
+    pub fn deltas(&self) -> Deltas {
+        self.adapter.deltas(&self.singular)
+    }
+}
+
+/// `delta = Σ w_i delta_i` of weighted adapters that share their factors
+/// (all `Deltas` in the same matrix order).
+pub fn mix(parts: &[(f32, Deltas)]) -> Deltas {
+    let Some((_, first)) = parts.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, (prefix, d))| {
+            let mut sum = vec![0f32; d.len()];
+            for (w, deltas) in parts {
+                for (s, v) in sum.iter_mut().zip(&deltas[i].1) {
+                    *s += w * v;
+                }
+            }
+            (prefix.clone(), sum)
+        })
+        .collect()
 }
 
 /// An adapter: its metadata and `sigma` per target matrix (`blk.L.kind`).
@@ -202,7 +274,7 @@ impl Adapter {
     }
 
     /// `delta = sigma - S` per matrix (after [`Adapter::validate`]).
-    pub fn deltas(&self, singular_values: &[(TargetMatrix, Vec<f32>)]) -> Vec<(String, Vec<f32>)> {
+    pub fn deltas(&self, singular_values: &[(TargetMatrix, Vec<f32>)]) -> Deltas {
         let mine: HashMap<&str, &Vec<f32>> =
             self.sigma.iter().map(|(p, s)| (p.as_str(), s)).collect();
         singular_values
@@ -286,4 +358,26 @@ fn tensor_order(name: &str) -> (usize, String) {
         .and_then(|l| l.parse().ok())
         .unwrap_or(usize::MAX);
     (layer, name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_is_the_weighted_sum_of_deltas() {
+        let a: Deltas = vec![
+            ("blk.0.attn_q".into(), vec![1.0, -2.0]),
+            ("blk.0.attn_v".into(), vec![4.0]),
+        ];
+        let b: Deltas = vec![
+            ("blk.0.attn_q".into(), vec![3.0, 2.0]),
+            ("blk.0.attn_v".into(), vec![-4.0]),
+        ];
+        let mixed = mix(&[(0.75, a.clone()), (0.25, b)]);
+        assert_eq!(mixed[0], ("blk.0.attn_q".to_string(), vec![1.5, -1.0]));
+        assert_eq!(mixed[1], ("blk.0.attn_v".to_string(), vec![2.0]));
+        assert_eq!(mix(&[(1.0, a.clone())]), a);
+        assert!(mix(&[]).is_empty());
+    }
 }

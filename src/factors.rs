@@ -398,9 +398,8 @@ pub fn build(
     Ok(out)
 }
 
-/// The singular values `S` of every matrix in a factor file, after checking
-/// its format and key.
-pub fn read_singular_values(path: &Path, key: &FactorsKey) -> Result<SingularValues, FactorError> {
+/// A factor file's bytes, after checking its format and key.
+fn read_file(path: &Path, key: &FactorsKey) -> Result<Vec<u8>, FactorError> {
     let invalid = |reason: String| FactorError::Invalid {
         path: path.to_path_buf(),
         reason,
@@ -409,7 +408,6 @@ pub fn read_singular_values(path: &Path, key: &FactorsKey) -> Result<SingularVal
         path: path.to_path_buf(),
         source,
     })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
     let info = meta.metadata().clone().unwrap_or_default();
@@ -421,29 +419,111 @@ pub fn read_singular_values(path: &Path, key: &FactorsKey) -> Result<SingularVal
             )));
         }
     }
+    Ok(bytes)
+}
+
+/// Reads a tensor of a factor file by name and number of dimensions: its
+/// shape and values as f32.
+type ReadTensor<'r> = dyn Fn(&str, usize) -> Result<(Vec<usize>, Vec<f32>), FactorError> + 'r;
+
+/// Reads every target matrix of a factor file, layer by layer, with `each`
+/// (which gets the tensor reader and the matrix).
+fn read_matrices<T>(
+    path: &Path,
+    key: &FactorsKey,
+    mut each: impl FnMut(&ReadTensor, &TargetMatrix) -> Result<T, FactorError>,
+) -> Result<Vec<(TargetMatrix, T)>, FactorError> {
+    let invalid = |reason: String| FactorError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = read_file(path, key)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+    // A tensor's shape and values as f32, checking its rank (number of dims).
+    let tensor = |name: &str, dims: usize| -> Result<(Vec<usize>, Vec<f32>), FactorError> {
+        let view = st
+            .tensor(name)
+            .map_err(|_| invalid(format!("tensor '{name}' is missing")))?;
+        if view.shape().len() != dims {
+            return Err(invalid(format!(
+                "tensor '{name}' has shape {:?}, expected {dims} dimensions",
+                view.shape()
+            )));
+        }
+        let values = match view.dtype() {
+            safetensors::Dtype::F32 => crate::tensorfile::f32s(view.data()),
+            safetensors::Dtype::F16 => {
+                let bits: Vec<u16> = view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                let mut out = vec![0f32; bits.len()];
+                ggml::f16_to_f32(&bits, &mut out);
+                out
+            }
+            other => {
+                return Err(invalid(format!(
+                    "tensor '{name}' is {other:?}, expected F32 or F16"
+                )))
+            }
+        };
+        Ok((view.shape().to_vec(), values))
+    };
     let mut out = Vec::new();
     for layer in 0.. {
         let before = out.len();
         for &kind in key.targets.kinds() {
             let t = TargetMatrix { layer, kind };
-            let Ok(view) = st.tensor(&format!("{}.S", t.prefix())) else {
+            if st.tensor(&format!("{}.S", t.prefix())).is_err() {
                 continue;
-            };
-            if view.dtype() != safetensors::Dtype::F32 {
-                return Err(invalid(format!(
-                    "{}.S is {:?}, expected F32",
-                    t.prefix(),
-                    view.dtype()
-                )));
             }
-            let s = crate::tensorfile::f32s(view.data());
-            out.push((t, s));
+            let value = each(&tensor, &t)?;
+            out.push((t, value));
         }
         if out.len() == before {
             break;
         }
     }
     Ok(out)
+}
+
+/// The singular values `S` of every matrix in a factor file, after checking
+/// its format and key.
+pub fn read_singular_values(path: &Path, key: &FactorsKey) -> Result<SingularValues, FactorError> {
+    read_matrices(path, key, |tensor, t| {
+        Ok(tensor(&format!("{}.S", t.prefix()), 1)?.1)
+    })
+}
+
+/// Every factor (U, S, Vt as f32) of a factor file, after checking its
+/// format, key and shapes.
+pub fn read_factors(
+    path: &Path,
+    key: &FactorsKey,
+) -> Result<Vec<(TargetMatrix, Factor)>, FactorError> {
+    read_matrices(path, key, |tensor, t| {
+        let p = t.prefix();
+        let (_, s) = tensor(&format!("{p}.S"), 1)?;
+        let (u_shape, u) = tensor(&format!("{p}.U"), 2)?;
+        let (vt_shape, vt) = tensor(&format!("{p}.Vt"), 2)?;
+        let r = s.len();
+        if u_shape[1] != r || vt_shape[0] != r {
+            return Err(FactorError::Invalid {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "{p}: U is {u_shape:?} and Vt {vt_shape:?}, expected [m, {r}] and [{r}, n]"
+                ),
+            });
+        }
+        Ok(Factor {
+            m: u_shape[0],
+            n: vt_shape[1],
+            u,
+            s,
+            vt,
+        })
+    })
 }
 
 /// The factor file for `key`: from the cache, or computed and cached.

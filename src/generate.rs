@@ -2,7 +2,7 @@
 //! token by token, streaming text until an end-of-generation token, a stop
 //! string, the token limit or the end of the context.
 
-use crate::model::{Batch, KvCache, Model, ModelError, Tokenizer};
+use crate::model::{Batch, KvCache, Model, ModelError, Slot, Tokenizer};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// Prompt tokens decoded per graph run during prefill.
@@ -37,6 +37,8 @@ pub struct Request {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// The adapter slot to run with (0: the base model).
+    pub adapter: Slot,
 }
 
 #[derive(Clone, Debug)]
@@ -98,6 +100,7 @@ pub fn generate(
     for (i, chunk) in request.prompt.chunks(PREFILL_CHUNK).enumerate() {
         batch.clear();
         batch.add_sequence(chunk, i * PREFILL_CHUNK, SEQ, false);
+        batch.set_adapter(SEQ, request.adapter);
         logits = Some(model.decode(cache, &batch)?);
     }
     let mut logits = logits.expect("a non-empty prompt has one chunk");
@@ -124,6 +127,7 @@ pub fn generate(
         }
         batch.clear();
         batch.add(token, history.len() - 1, SEQ, true);
+        batch.set_adapter(SEQ, request.adapter);
         logits = model.decode(cache, &batch)?;
     };
     let text = text.finish(finish != FinishReason::StopString, &mut on_text);

@@ -6,6 +6,7 @@ pub mod factors;
 pub mod generate;
 pub mod ggml;
 pub mod home;
+pub mod merge;
 pub mod model;
 pub mod npy;
 pub mod oracle;

@@ -7,9 +7,12 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
+use svfit::adapter::{self, Deltas, Loaded};
+use svfit::factors::FactorsKey;
 use svfit::generate::{self, Request};
+use svfit::ggml::Type;
 use svfit::model::tokenizer::Message;
-use svfit::model::{self, Batch, LoadOptions, Model, Tokenizer};
+use svfit::model::{self, Batch, LoadOptions, Model, Slot, Tokenizer};
 use svfit::sampling::SamplingParams;
 use svfit::{home, npy};
 
@@ -32,6 +35,9 @@ enum Command {
     Logits(LogitsArgs),
     /// Compute (or find cached) the SVD factors of the base model's target matrices.
     Factorize(FactorizeArgs),
+    /// Write a standalone GGUF with an adapter merged into the base weights
+    /// (W' = W + U diag(sigma - S) Vt), runnable by llama.cpp.
+    Merge(MergeArgs),
     /// Create, inspect and perturb SVFit adapter files.
     #[command(subcommand)]
     Adapter(AdapterCommand),
@@ -154,10 +160,115 @@ impl ModelArgs {
     }
 }
 
+/// Which SVFit adapter (or weighted mix of adapters) to apply.
+#[derive(Args)]
+struct AdapterArgs {
+    /// SVFit adapter file (.safetensors) to apply to the base model
+    #[arg(long, conflicts_with = "mix")]
+    adapter: Option<PathBuf>,
+    /// A weighted mix of adapters of the same factors, as
+    /// A.safetensors=0.7,B.safetensors=0.3: delta = sum of weight x delta
+    #[arg(long)]
+    mix: Option<String>,
+}
+
+/// A validated adapter or mix: its factors and combined deltas.
+struct Resolved {
+    key: FactorsKey,
+    factors: PathBuf,
+    deltas: Deltas,
+    /// What was applied, for messages and metadata.
+    description: String,
+}
+
+impl AdapterArgs {
+    /// `(path, weight)` of each adapter named.
+    fn parts(&self) -> Result<Vec<(PathBuf, f32)>> {
+        if let Some(path) = &self.adapter {
+            return Ok(vec![(path.clone(), 1.0)]);
+        }
+        let Some(mix) = &self.mix else {
+            return Ok(Vec::new());
+        };
+        mix.split(',')
+            .map(|part| {
+                let (path, weight) = part
+                    .rsplit_once('=')
+                    .with_context(|| format!("--mix part '{part}' is not FILE=WEIGHT"))?;
+                let weight: f32 = weight
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|w: &f32| w.is_finite())
+                    .with_context(|| format!("--mix weight '{weight}' is not a finite number"))?;
+                Ok((PathBuf::from(path.trim()), weight))
+            })
+            .collect()
+    }
+
+    /// Reads and validates the adapters against the model at `model`.
+    fn resolve(&self, model: &Path) -> Result<Option<Resolved>> {
+        let parts = self.parts()?;
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let sha =
+            home::sha256_file(model).with_context(|| format!("reading {}", model.display()))?;
+        let home = home::home_dir();
+        let mut loaded: Vec<(PathBuf, Loaded)> = Vec::new();
+        for (path, _) in &parts {
+            let l = Loaded::open(path, model, &sha, &home)?;
+            if let Some((first, f)) = loaded.first() {
+                if f.key != l.key {
+                    return Err(adapter::AdapterError::MixedFactors {
+                        first: first.clone(),
+                        first_id: f.key.id(),
+                        other: path.clone(),
+                        other_id: l.key.id(),
+                    }
+                    .into());
+                }
+            }
+            loaded.push((path.clone(), l));
+        }
+        let weighted: Vec<(f32, Deltas)> = parts
+            .iter()
+            .zip(&loaded)
+            .map(|((_, w), (_, l))| (*w, l.deltas()))
+            .collect();
+        let description = parts
+            .iter()
+            .map(|(p, w)| format!("{}={w}", p.display()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let key = loaded.swap_remove(0).1.key;
+        Ok(Some(Resolved {
+            factors: key.path(&home),
+            key,
+            deltas: adapter::mix(&weighted),
+            description,
+        }))
+    }
+
+    /// Applies the adapter (if any) to `model`: its factors in slot tables,
+    /// the deltas in slot 1. Returns the slot to run with.
+    fn apply(&self, model: &mut Model, model_path: &Path) -> Result<Slot> {
+        let Some(resolved) = self.resolve(model_path)? else {
+            return Ok(0);
+        };
+        let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
+        model.attach_factors(&factors, 2, Type::Q8_0)?;
+        model.set_adapter(1, &resolved.deltas)?;
+        Ok(1)
+    }
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     /// Raw prompt, tokenized as given (special tokens parsed)
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     prompt: Option<String>,
@@ -200,6 +311,8 @@ struct GenerateArgs {
 struct LogitsArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     /// Text to score, tokenized exactly as given (special tokens parsed; BOS
     /// only where the model's metadata asks for it)
     #[arg(long)]
@@ -212,12 +325,29 @@ struct LogitsArgs {
     ids_out: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct MergeArgs {
+    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
+    #[arg(long, env = "SVFIT_MODEL")]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+    /// Output GGUF file
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored type of the merged matrices: f16, f32, or keep (the base's own
+    /// type, re-quantized: with 4-bit bases small deltas are mostly lost)
+    #[arg(long = "type", default_value = "f16")]
+    ty: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => run_generate(&args),
         Command::Logits(args) => run_logits(&args),
         Command::Factorize(args) => run_factorize(&args),
+        Command::Merge(args) => run_merge(&args),
         Command::Adapter(command) => run_adapter(&command),
     };
     match result {
@@ -231,6 +361,7 @@ fn main() -> ExitCode {
 
 fn run_generate(args: &GenerateArgs) -> Result<()> {
     let (mut model, tokenizer) = args.model.load()?;
+    let adapter = args.adapter.apply(&mut model, &args.model.path()?)?;
     let prompt_text = match (&args.prompt, &args.chat) {
         (Some(p), _) => p.clone(),
         (None, Some(user)) => {
@@ -256,6 +387,7 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
             repeat_last_n: args.repeat_last_n,
             seed: args.seed,
         },
+        adapter,
     };
     let n_ctx = args.model.n_ctx(&model);
     generate::check_prompt(&request.prompt, n_ctx)?;
@@ -279,6 +411,7 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
 
 fn run_logits(args: &LogitsArgs) -> Result<()> {
     let (mut model, tokenizer) = args.model.load()?;
+    let adapter = args.adapter.apply(&mut model, &args.model.path()?)?;
     let ids = tokenizer.encode(&args.text, true);
     let n_ctx = args.model.n_ctx(&model);
     if ids.is_empty() {
@@ -291,7 +424,7 @@ fn run_logits(args: &LogitsArgs) -> Result<()> {
         );
     }
     let mut cache = model.new_cache(n_ctx)?;
-    let logits = all_logits(&mut model, &mut cache, &ids)?;
+    let logits = all_logits(&mut model, &mut cache, &ids, adapter)?;
     let n_vocab = model.config().n_vocab;
     write_npy(&args.out, &[ids.len(), n_vocab], &logits)?;
     if let Some(path) = &args.ids_out {
@@ -307,12 +440,18 @@ fn run_logits(args: &LogitsArgs) -> Result<()> {
 }
 
 /// Logits of every position of `ids` as one sequence, row-major.
-fn all_logits(model: &mut Model, cache: &mut model::KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+fn all_logits(
+    model: &mut Model,
+    cache: &mut model::KvCache,
+    ids: &[u32],
+    adapter: Slot,
+) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(ids.len() * model.config().n_vocab);
     let mut batch = Batch::new();
     for (i, chunk) in ids.chunks(generate::PREFILL_CHUNK).enumerate() {
         batch.clear();
         batch.add_sequence(chunk, i * generate::PREFILL_CHUNK, 0, true);
+        batch.set_adapter(0, adapter);
         out.extend_from_slice(model.decode(cache, &batch)?.as_slice());
     }
     Ok(out)
@@ -359,22 +498,37 @@ fn run_factorize(args: &FactorizeArgs) -> Result<()> {
 }
 
 /// An adapter read from `path` and validated against the model's factors
-/// (computed and cached if missing), with those factors' singular values.
-fn load_adapter(
-    path: &Path,
-    model: Option<&Path>,
-) -> Result<(svfit::adapter::Adapter, svfit::factors::SingularValues)> {
+/// (computed and cached if missing).
+fn load_adapter(path: &Path, model: Option<&Path>) -> Result<Loaded> {
     let model = home::resolve_model(model)?;
-    let adapter = svfit::adapter::Adapter::read(path)?;
     let sha = home::sha256_file(&model).with_context(|| format!("reading {}", model.display()))?;
-    let key = adapter.factors_key(path, &sha)?;
-    if adapter.base_sha256 != sha {
-        adapter.validate(path, &key, &[])?;
-    }
-    let factors = svfit::factors::ensure(&model, &key, &home::home_dir())?;
-    let singular = svfit::factors::read_singular_values(&factors, &key)?;
-    adapter.validate(path, &key, &singular)?;
-    Ok((adapter, singular))
+    Ok(Loaded::open(path, &model, &sha, &home::home_dir())?)
+}
+
+fn run_merge(args: &MergeArgs) -> Result<()> {
+    let ty: svfit::merge::MergeType = args.ty.parse()?;
+    let model = home::resolve_model(args.model.as_deref())?;
+    let resolved = args
+        .adapter
+        .resolve(&model)?
+        .context("name the adapter to merge with --adapter FILE or --mix A=W,B=W")?;
+    let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
+    let info = [
+        (
+            "svfit.merged.adapters".to_string(),
+            resolved.description.clone(),
+        ),
+        ("svfit.merged.factors_id".to_string(), resolved.key.id()),
+    ];
+    let start = std::time::Instant::now();
+    let n = svfit::merge::merge(&model, &factors, &resolved.deltas, ty, &info, &args.out)?;
+    eprintln!(
+        "wrote {} ({n} matrices merged as {}, {:.1}s)",
+        args.out.display(),
+        args.ty,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn run_adapter(command: &AdapterCommand) -> Result<()> {
@@ -394,7 +548,11 @@ fn run_adapter(command: &AdapterCommand) -> Result<()> {
             );
         }
         AdapterCommand::Inspect { adapter, model } => {
-            let (a, singular) = load_adapter(adapter, model.as_deref())?;
+            let Loaded {
+                adapter: a,
+                singular,
+                ..
+            } = load_adapter(adapter, model.as_deref())?;
             println!("base sha256  {}", a.base_sha256);
             println!("factors      {}", a.factors_id);
             println!("targets      {}", a.targets);
@@ -428,7 +586,11 @@ fn run_adapter(command: &AdapterCommand) -> Result<()> {
             if !scale.is_finite() || *scale < 0.0 {
                 anyhow::bail!("--scale must be a finite number >= 0, got {scale}");
             }
-            let (mut a, singular) = load_adapter(adapter, model.as_deref())?;
+            let Loaded {
+                adapter: mut a,
+                singular,
+                ..
+            } = load_adapter(adapter, model.as_deref())?;
             let mut rng = svfit::sampling::SplitMix64::new(*seed);
             for ((_, sigma), (_, s)) in a.sigma.iter_mut().zip(&singular) {
                 for (v, base) in sigma.iter_mut().zip(s) {

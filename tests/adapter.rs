@@ -156,3 +156,194 @@ fn init_perturb_inspect_and_every_bad_adapter() {
         "'svfit.format' is 'adapter/9'",
     );
 }
+
+fn npy_f32(path: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let header = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    svfit::tensorfile::f32s(&bytes[10 + header..])
+}
+
+/// The CLI around adapters on the default model: `--adapter` and `--mix`
+/// on `logits` and `generate`, `merge` to a GGUF that llama.cpp and our
+/// engine load with its tokenizer, and bad adapters or mixes refused.
+#[test]
+fn adapters_on_the_command_line() {
+    let dir = common::TempDir::new("cli-adapters");
+    let home = dir.path().join("home");
+    let m = common::default_model();
+    let m = m.to_str().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (id, a, b) = (
+        path("id.safetensors"),
+        path("a.safetensors"),
+        path("b.safetensors"),
+    );
+    ok(svfit(
+        &home,
+        &["adapter", "init", "--model", m, "--out", &id],
+    ));
+    for (out, seed) in [(&a, "1"), (&b, "2")] {
+        ok(svfit(
+            &home,
+            &[
+                "adapter", "perturb", &id, "--scale", "0.2", "--seed", seed, "--out", out,
+                "--model", m,
+            ],
+        ));
+    }
+    let text = "The capital of France is";
+    let logits = |name: &str, extra: &[&str]| {
+        let out = path(name);
+        let mut args = vec!["logits", "--model", m, "--text", text, "--out", &out];
+        args.extend_from_slice(extra);
+        ok(svfit(&home, &args));
+        npy_f32(&out)
+    };
+    let base = logits("base.npy", &[]);
+    let with_a = logits("a.npy", &["--adapter", &a]);
+    let with_id = logits("id.npy", &["--adapter", &id]);
+    assert_eq!(with_id, base, "the identity adapter is the base model");
+    assert_ne!(with_a, base, "an adapter changes the logits");
+    // 0.5 d + 0.5 d = d exactly: the mix path gives A's logits to the bit.
+    let half_half = format!("{a}=0.5,{a}=0.5");
+    assert_eq!(logits("aa.npy", &["--mix", &half_half]), with_a);
+    let ab = format!("{a}=1,{b}=1");
+    let with_ab = logits("ab.npy", &["--mix", &ab]);
+    assert_ne!(with_ab, with_a);
+
+    // Generation with an adapter runs and is deterministic.
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m,
+            "--chat",
+            "Name a color.",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        ok(svfit(&home, &args))
+    };
+    let first = generate(&["--adapter", &a]);
+    assert!(!first.trim().is_empty());
+    assert_eq!(generate(&["--adapter", &a]), first);
+
+    // Merge: metadata and tokenizer kept, loadable by our engine.
+    let merged = path("merged.gguf");
+    let stderr = svfit(
+        &home,
+        &["merge", "--model", m, "--adapter", &a, "--out", &merged],
+    );
+    assert!(
+        stderr.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stderr.stderr)
+    );
+    let gguf = svfit::ggml::gguf::GgufFile::open(Path::new(&merged)).unwrap();
+    assert!(gguf
+        .get_str("svfit.merged.adapters")
+        .unwrap()
+        .unwrap()
+        .contains("a.safetensors"));
+    assert_eq!(
+        gguf.tensor("blk.3.attn_q.weight").unwrap().ty,
+        svfit::ggml::Type::F16
+    );
+    let out = ok(svfit(
+        &home,
+        &[
+            "generate",
+            "--model",
+            &merged,
+            "--chat",
+            "Name a color.",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+        ],
+    ));
+    assert!(!out.trim().is_empty());
+
+    // Bad adapters and mixes.
+    let mut nan = Adapter::read(Path::new(&a)).unwrap();
+    nan.sigma[5].1[0] = f32::NAN;
+    let bad = path("nan.safetensors");
+    nan.write(Path::new(&bad)).unwrap();
+    refused(
+        svfit(
+            &home,
+            &["generate", "--model", m, "--prompt", "x", "--adapter", &bad],
+        ),
+        "value 0 is NaN",
+    );
+    let bad_weight = format!("{a}=heavy");
+    refused(
+        svfit(
+            &home,
+            &[
+                "logits",
+                "--model",
+                m,
+                "--text",
+                text,
+                "--out",
+                &path("x.npy"),
+                "--mix",
+                &bad_weight,
+            ],
+        ),
+        "--mix weight 'heavy' is not a finite number",
+    );
+    let other = path("rank8.safetensors");
+    ok(svfit(
+        &home,
+        &[
+            "adapter", "init", "--model", m, "--rank", "rank:8", "--out", &other,
+        ],
+    ));
+    let mixed = format!("{a}=0.5,{other}=0.5");
+    refused(
+        svfit(
+            &home,
+            &[
+                "merge",
+                "--model",
+                m,
+                "--mix",
+                &mixed,
+                "--out",
+                &path("y.gguf"),
+            ],
+        ),
+        "adapters in a mix must share their factors",
+    );
+    refused(
+        svfit(
+            &home,
+            &[
+                "merge",
+                "--model",
+                m,
+                "--adapter",
+                &a,
+                "--type",
+                "q3",
+                "--out",
+                &path("y.gguf"),
+            ],
+        ),
+        "invalid merge type 'q3'",
+    );
+    refused(
+        svfit(&home, &["merge", "--model", m, "--out", &path("y.gguf")]),
+        "name the adapter to merge",
+    );
+    assert!(
+        !Path::new(&path("y.gguf")).exists(),
+        "nothing written on error"
+    );
+}

@@ -192,8 +192,14 @@ impl<'a> Tensor<'a> {
         self
     }
 
+    /// Whether the tensor has backend memory (a graph input that no node
+    /// reads is left unallocated by the scheduler).
+    pub fn is_allocated(self) -> bool {
+        !self.get().buffer.is_null() || !self.get().view_src.is_null()
+    }
+
     fn check_transfer(self, bytes: usize) -> Result<(), GgmlError> {
-        if self.get().buffer.is_null() && self.get().view_src.is_null() {
+        if !self.is_allocated() {
             return Err(GgmlError::Unallocated { name: self.name() });
         }
         if bytes != self.n_bytes() {

@@ -463,15 +463,22 @@ impl GgufWriter {
         Ok(())
     }
 
-    /// Writes the file (metadata, then tensor data aligned as GGUF requires).
+    /// Writes the file (metadata, then tensor data aligned as GGUF requires)
+    /// atomically: to a temporary file beside `path`, renamed when complete.
     pub fn write(&self, path: &Path) -> Result<(), GgufWriteError> {
         let failed = || GgufWriteError::Write {
             path: path.to_path_buf(),
         };
-        let c_path = c_string(&path.to_string_lossy()).ok_or_else(failed)?;
+        let name = path.file_name().ok_or_else(failed)?.to_string_lossy();
+        let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+        let c_tmp = c_string(&tmp.to_string_lossy()).ok_or_else(failed)?;
         // SAFETY: live context; every tensor has data (see `add_tensor`).
-        let ok = unsafe { sys::gguf_write_to_file(self.raw.as_ptr(), c_path.as_ptr(), false) };
-        ok.then_some(()).ok_or_else(failed)
+        let ok = unsafe { sys::gguf_write_to_file(self.raw.as_ptr(), c_tmp.as_ptr(), false) };
+        if ok && std::fs::rename(&tmp, path).is_ok() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&tmp);
+        Err(failed())
     }
 }
 

@@ -191,6 +191,10 @@ pub fn quantize(ty: Type, data: &[f32], n_per_row: usize) -> Option<Vec<u8>> {
     if n_per_row == 0 || !data.len().is_multiple_of(n_per_row) {
         return None;
     }
+    // SAFETY: pure query; types that need an importance matrix would abort.
+    if unsafe { sys::ggml_quantize_requires_imatrix(ty.0) } {
+        return None;
+    }
     let n_rows = data.len() / n_per_row;
     let row_size = ty.row_size(n_per_row as i64)?;
     let mut out = vec![0u8; row_size * n_rows];

@@ -1,6 +1,8 @@
 //! A batch of tokens to decode together: prefill and decode tokens of several
 //! sequences, each with its own position and sequence id (as `llama_batch`).
 
+use super::svfit::Slot;
+
 /// Identifies one sequence in the KV cache.
 pub type SeqId = u32;
 
@@ -10,6 +12,8 @@ pub struct Batch {
     pub(super) positions: Vec<i32>,
     pub(super) seqs: Vec<SeqId>,
     pub(super) outputs: Vec<bool>,
+    /// The adapter slot of each sequence that is not on the base (slot 0).
+    pub(super) adapters: Vec<(SeqId, Slot)>,
 }
 
 impl Batch {
@@ -31,6 +35,28 @@ impl Batch {
         for (i, &t) in tokens.iter().enumerate() {
             self.add(t, start_pos + i, seq, all_logits || i + 1 == tokens.len());
         }
+    }
+
+    /// Runs every token of `seq` in this batch with the adapter in `slot`
+    /// (0, the default, is the base model).
+    pub fn set_adapter(&mut self, seq: SeqId, slot: Slot) {
+        self.adapters.retain(|&(s, _)| s != seq);
+        if slot != 0 {
+            self.adapters.push((seq, slot));
+        }
+    }
+
+    /// The adapter slot of `seq`.
+    pub fn adapter(&self, seq: SeqId) -> Slot {
+        self.adapters
+            .iter()
+            .find(|&&(s, _)| s == seq)
+            .map_or(0, |&(_, slot)| slot)
+    }
+
+    /// The adapter slot of each token, in batch order.
+    pub(super) fn token_slots(&self) -> Vec<i32> {
+        self.seqs.iter().map(|&s| self.adapter(s) as i32).collect()
     }
 
     /// (token, position, sequence, wants logits) of each entry, in order.
@@ -87,6 +113,7 @@ impl Batch {
             positions: order.iter().map(|&i| self.positions[i]).collect(),
             seqs: order.iter().map(|&i| self.seqs[i]).collect(),
             outputs: order.iter().map(|&i| self.outputs[i]).collect(),
+            adapters: self.adapters.clone(),
         }
     }
 
@@ -95,5 +122,6 @@ impl Batch {
         self.positions.clear();
         self.seqs.clear();
         self.outputs.clear();
+        self.adapters.clear();
     }
 }

@@ -4,6 +4,7 @@
 use crate::ggml::{Context, Graph, Tensor, Type};
 
 use super::kv_cache::{KvCache, SeqGroup};
+use super::svfit::{Branch, TargetTensors};
 use super::weights::{LayerWeights, Weights};
 use super::Config;
 
@@ -23,6 +24,10 @@ pub(super) struct Inputs<'a> {
     pub kq_masks: Vec<Tensor<'a>>,
     /// Rows whose logits are wanted, i32 `[n_outputs]`; absent when all are.
     pub out_rows: Option<Tensor<'a>>,
+    /// With the SVFit branch: each token's adapter slot, i32 `[n_tokens]`,
+    /// and the slots of the output rows, i32 `[n_outputs]` (with `out_rows`).
+    pub slots: Option<Tensor<'a>>,
+    pub out_slots: Option<Tensor<'a>>,
 }
 
 /// Shapes of one forward pass.
@@ -33,22 +38,27 @@ pub(super) struct Shape<'g> {
     pub groups: &'g [SeqGroup],
 }
 
-/// Graph nodes one forward pass needs at most.
+/// Graph nodes one forward pass needs at most (with the SVFit branch on
+/// every linear matrix).
 pub(super) fn graph_size(cfg: &Config, n_groups: usize) -> usize {
-    (48 + 16 * n_groups) * (cfg.n_layer + 2) + 256
+    (96 + 16 * n_groups) * (cfg.n_layer + 2) + 256
 }
 
-/// Builds the forward graph into `gf`; returns its inputs and the logits
+/// Builds the forward graph into `gf`, with the SVFit branch of `branch` on
+/// its target matrices when given; returns its inputs and the logits
 /// `[n_vocab, n_outputs]`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward<'a>(
     ctx: &'a Context,
     gf: &mut Graph<'a>,
     cfg: &Config,
     weights: &'a Weights,
     cache: &'a KvCache,
+    branch: Option<&'a Branch>,
     shape: &Shape,
 ) -> (Inputs<'a>, Tensor<'a>) {
     let n_tokens = shape.n_tokens as i64;
+    let partial = shape.n_outputs < shape.n_tokens;
     let inputs = Inputs {
         tokens: ctx
             .new_tensor(Type::I32, &[n_tokens])
@@ -76,29 +86,60 @@ pub(super) fn forward<'a>(
                     .set_input()
             })
             .collect(),
-        out_rows: (shape.n_outputs < shape.n_tokens).then(|| {
+        out_rows: partial.then(|| {
             ctx.new_tensor(Type::I32, &[shape.n_outputs as i64])
                 .set_name("inp_out_rows")
                 .set_input()
         }),
+        slots: branch.map(|_| {
+            ctx.new_tensor(Type::I32, &[n_tokens])
+                .set_name("inp_slots")
+                .set_input()
+        }),
+        out_slots: (branch.is_some() && partial).then(|| {
+            ctx.new_tensor(Type::I32, &[shape.n_outputs as i64])
+                .set_name("inp_out_slots")
+                .set_input()
+        }),
+    };
+    // The SVFit branch of a target matrix, for tokens whose slots are `slots`.
+    let adapted = |il: usize, kind: &str, slots: Option<Tensor<'a>>| {
+        Some(Adapted {
+            target: branch?.target(il, kind)?,
+            slots: slots?,
+        })
     };
 
     let mut x = ctx.get_rows(weights.get(weights.token_embd), inputs.tokens);
     for (il, layer) in weights.layers.iter().enumerate() {
         let attn_in = rms_norm(ctx, x, weights.get(layer.attn_norm), cfg.rms_norm_eps);
         let mut attn_out = attention(
-            ctx, gf, cfg, weights, layer, cache, il, attn_in, &inputs, shape,
+            ctx,
+            gf,
+            cfg,
+            weights,
+            layer,
+            cache,
+            il,
+            attn_in,
+            &inputs,
+            shape,
+            &|kind| adapted(il, kind, inputs.slots),
         );
         let mut residual = x;
+        let mut ffn_slots = inputs.slots;
         if il + 1 == weights.layers.len() {
             // Only the rows that produce logits go through the last FFN.
             if let Some(rows) = inputs.out_rows {
                 attn_out = ctx.get_rows(attn_out, rows);
                 residual = ctx.get_rows(residual, rows);
+                ffn_slots = inputs.out_slots;
             }
         }
         let ffn_in = ctx.add(attn_out, residual);
-        let ffn_out = feed_forward(ctx, cfg, weights, layer, ffn_in);
+        let ffn_out = feed_forward(ctx, cfg, weights, layer, ffn_in, &|kind| {
+            adapted(il, kind, ffn_slots)
+        });
         x = ctx.add(ffn_out, ffn_in);
     }
     let x = rms_norm(ctx, x, weights.get(weights.output_norm), cfg.rms_norm_eps);
@@ -114,9 +155,31 @@ fn rms_norm<'a>(ctx: &'a Context, x: Tensor<'a>, weight: Tensor<'a>, eps: f32) -
     ctx.mul(ctx.rms_norm(x, eps), weight)
 }
 
-/// `y = W x` for a weight of the model.
-fn linear<'a>(ctx: &'a Context, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
-    ctx.mul_mat(w, x)
+/// A target matrix's SVFit factors and the slot of each token.
+#[derive(Clone, Copy)]
+struct Adapted<'a> {
+    target: TargetTensors<'a>,
+    slots: Tensor<'a>,
+}
+
+/// The SVFit branch (if any) of a layer's matrix of a given kind.
+type BranchOf<'b, 'a> = &'b dyn Fn(&str) -> Option<Adapted<'a>>;
+
+/// `y = W x` for a weight of the model, plus `U (D[:, slot] ⊙ Vt x)` when
+/// the matrix is an SVFit target (DESIGN.md §4).
+fn linear<'a>(
+    ctx: &'a Context,
+    w: Tensor<'a>,
+    x: Tensor<'a>,
+    svfit: Option<Adapted<'a>>,
+) -> Tensor<'a> {
+    let y = ctx.mul_mat(w, x);
+    let Some(Adapted { target, slots }) = svfit else {
+        return y;
+    };
+    let t = ctx.mul_mat(target.vt, x);
+    let delta = ctx.get_rows(target.d, slots);
+    ctx.add(y, ctx.mul_mat(target.u, ctx.mul(t, delta)))
 }
 
 /// Grouped-query self-attention with RoPE over the KV cache.
@@ -132,6 +195,7 @@ fn attention<'a>(
     x: Tensor<'a>,
     inputs: &Inputs<'a>,
     shape: &Shape,
+    svfit: BranchOf<'_, 'a>,
 ) -> Tensor<'a> {
     let (hd, n_tokens) = (cfg.head_dim as i64, shape.n_tokens as i64);
     let rope = |t: Tensor<'a>, n_heads: usize| {
@@ -144,9 +208,10 @@ fn attention<'a>(
             cfg.rope_freq_base,
         )
     };
-    let q = rope(linear(ctx, weights.get(layer.attn_q), x), cfg.n_head);
-    let k = rope(linear(ctx, weights.get(layer.attn_k), x), cfg.n_head_kv);
-    let v = linear(ctx, weights.get(layer.attn_v), x);
+    let proj = |w, kind| linear(ctx, weights.get(w), x, svfit(kind));
+    let q = rope(proj(layer.attn_q, "attn_q"), cfg.n_head);
+    let k = rope(proj(layer.attn_k, "attn_k"), cfg.n_head_kv);
+    let v = proj(layer.attn_v, "attn_v");
 
     // Store this batch's K and V in their cells before attention reads them.
     // Plain attention, not ggml's flash attention: its CPU kernel switches
@@ -175,7 +240,12 @@ fn attention<'a>(
         .map(|(g, &mask)| sequence_attention(ctx, cfg, q, k_cache, v_cache, g, mask))
         .collect();
     let out = join_tokens(ctx, &heads);
-    linear(ctx, weights.get(layer.attn_output), out)
+    linear(
+        ctx,
+        weights.get(layer.attn_output),
+        out,
+        svfit("attn_output"),
+    )
 }
 
 /// Attention of one sequence's tokens over its cells; `[n_embd, n_tokens]`.
@@ -245,9 +315,15 @@ fn feed_forward<'a>(
     weights: &'a Weights,
     layer: &LayerWeights,
     x: Tensor<'a>,
+    svfit: BranchOf<'_, 'a>,
 ) -> Tensor<'a> {
     let x = rms_norm(ctx, x, weights.get(layer.ffn_norm), cfg.rms_norm_eps);
-    let gate = linear(ctx, weights.get(layer.ffn_gate), x);
-    let up = linear(ctx, weights.get(layer.ffn_up), x);
-    linear(ctx, weights.get(layer.ffn_down), ctx.swiglu_split(gate, up))
+    let gate = linear(ctx, weights.get(layer.ffn_gate), x, svfit("ffn_gate"));
+    let up = linear(ctx, weights.get(layer.ffn_up), x, svfit("ffn_up"));
+    linear(
+        ctx,
+        weights.get(layer.ffn_down),
+        ctx.swiglu_split(gate, up),
+        svfit("ffn_down"),
+    )
 }

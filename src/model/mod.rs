@@ -5,6 +5,7 @@ mod batch;
 mod config;
 mod graph;
 mod kv_cache;
+mod svfit;
 pub mod tokenizer;
 mod weights;
 
@@ -13,10 +14,12 @@ use std::path::Path;
 pub use batch::{Batch, SeqId};
 pub use config::{Config, SUPPORTED_ARCHITECTURES};
 pub use kv_cache::KvCache;
+pub use svfit::{Branch, Slot};
 pub use tokenizer::Tokenizer;
 
+use crate::factors::{Factor, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile};
-use crate::ggml::{Backend, Context, GgmlError, Scheduler};
+use crate::ggml::{Backend, Context, GgmlError, Scheduler, Type};
 use kv_cache::SeqGroup;
 use weights::Weights;
 
@@ -52,6 +55,12 @@ pub enum ModelError {
     InvalidPosition { pos: i64, n_ctx: usize },
     #[error("empty batch")]
     EmptyBatch,
+    #[error("SVFit factors do not fit this model: {0}")]
+    Factors(String),
+    #[error(
+        "adapter slot {slot} does not exist (the model has {n_slots} slots; slot 0 is the base)"
+    )]
+    Slot { slot: Slot, n_slots: usize },
 }
 
 /// Where the model runs.
@@ -126,6 +135,8 @@ pub struct Model {
     /// Reused for every forward graph (sized for `graph_groups` sequences).
     graph_ctx: Context,
     graph_groups: usize,
+    /// The SVFit factors and adapter slots, once attached.
+    svfit: Option<Branch>,
 }
 
 impl Model {
@@ -147,6 +158,7 @@ impl Model {
         Ok(Model {
             graph_ctx: Context::new(2 * size, size)?,
             graph_groups: GROUPS,
+            svfit: None,
             config,
             weights,
             sched,
@@ -164,6 +176,46 @@ impl Model {
 
     pub fn set_threads(&self, threads: usize) {
         self.sched.set_threads(threads);
+    }
+
+    /// Places SVD factors of this model's target matrices on its backend,
+    /// with `n_slots` adapter slots (slot 0 is the base model), replacing
+    /// any attached before. `factor_type` is how U and Vt are held: q8_0
+    /// (the default of the CLI), f16 or f32.
+    pub fn attach_factors(
+        &mut self,
+        factors: &[(TargetMatrix, Factor)],
+        n_slots: usize,
+        factor_type: Type,
+    ) -> Result<(), ModelError> {
+        self.svfit = None;
+        let backend = self.sched.primary();
+        self.svfit = Some(Branch::new(
+            &self.config,
+            factors,
+            n_slots,
+            factor_type,
+            backend,
+        )?);
+        Ok(())
+    }
+
+    /// The attached SVFit factors and slots.
+    pub fn branch(&self) -> Option<&Branch> {
+        self.svfit.as_ref()
+    }
+
+    /// Loads an adapter's deltas (`sigma - S` per `blk.L.kind`) into `slot`
+    /// (1 or more); sequences on that slot use it from their next batch.
+    pub fn set_adapter(
+        &mut self,
+        slot: Slot,
+        deltas: &[(String, Vec<f32>)],
+    ) -> Result<(), ModelError> {
+        match &self.svfit {
+            Some(branch) => branch.set_slot(slot, deltas),
+            None => Err(ModelError::Slot { slot, n_slots: 1 }),
+        }
     }
 
     /// A KV cache of `n_cells` tokens (shared by all sequences).
@@ -208,6 +260,10 @@ impl Model {
                 n_ctx: self.config.n_ctx_train,
             });
         }
+        let n_slots = self.svfit.as_ref().map_or(1, Branch::n_slots);
+        if let Some(&(_, slot)) = batch.adapters.iter().find(|&&(_, s)| s as usize >= n_slots) {
+            return Err(ModelError::Slot { slot, n_slots });
+        }
         Ok(())
     }
 
@@ -239,11 +295,24 @@ impl Model {
             self.sched.resize(room)?;
             self.graph_groups = groups;
         }
+        // The SVFit branch only when some token is not on the base.
+        let slots = batch.token_slots();
+        let branch = self
+            .svfit
+            .as_ref()
+            .filter(|_| slots.iter().any(|&s| s != 0));
         self.graph_ctx.reset();
         let ctx = &self.graph_ctx;
         let mut gf = ctx.new_graph(graph::graph_size(&self.config, groups.len()));
-        let (inputs, logits) =
-            graph::forward(ctx, &mut gf, &self.config, &self.weights, cache, &shape);
+        let (inputs, logits) = graph::forward(
+            ctx,
+            &mut gf,
+            &self.config,
+            &self.weights,
+            cache,
+            branch,
+            &shape,
+        );
         self.sched.alloc(&gf)?;
 
         let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
@@ -256,6 +325,14 @@ impl Model {
         }
         if let Some(rows) = inputs.out_rows {
             rows.write(&out_rows)?;
+        }
+        // Slot inputs that no target matrix reads stay unallocated.
+        if let Some(t) = inputs.slots.filter(|t| t.is_allocated()) {
+            t.write(&slots)?;
+        }
+        if let Some(t) = inputs.out_slots.filter(|t| t.is_allocated()) {
+            let out: Vec<i32> = out_rows.iter().map(|&r| slots[r as usize]).collect();
+            t.write(&out)?;
         }
         self.sched.compute(&gf)?;
 

@@ -1,0 +1,148 @@
+//! SVFit adapter serving cost on the default model: decode throughput with
+//! the batched SVFit branch as a ratio to the base model, in one process,
+//! the modes alternating:
+//!
+//! - 1 sequence: base (slot 0, the branch skipped) and one `q,v` adapter;
+//! - 8 sequences decoded together: all base, all on one adapter, and each on
+//!   its own adapter (8 distinct slots in one batch).
+//!
+//! Also prints the factor memory for `q,v` and `all-linear` (computing and
+//! caching the factors in $SVFIT_HOME when missing).
+//!
+//! `cargo bench --bench adapters -- [--threads N] [--model PATH] [--reps N]`
+
+mod common;
+
+use std::time::Instant;
+
+use common::fail;
+use svfit::adapter::Adapter;
+use svfit::factors::{self, FactorsKey};
+use svfit::ggml::Type;
+use svfit::model::{Batch, LoadOptions, Model, Slot, Tokenizer};
+use svfit::sampling::{argmax, SplitMix64};
+
+const GEN: usize = 64;
+const GEN_PROMPT: usize = 16;
+const N_ADAPTERS: usize = 8;
+
+/// Generated tokens per second, sequence `s` on `slots[s]` (greedy; the
+/// prompts are prefilled before the clock starts).
+fn generation_speed(model: &mut Model, tokens: &[u32], slots: &[Slot]) -> f64 {
+    let mut cache = model.new_cache(1024).unwrap_or_else(fail);
+    let mut batch = Batch::new();
+    for (s, &slot) in slots.iter().enumerate() {
+        let prompt = &tokens[s * 7..s * 7 + GEN_PROMPT];
+        batch.add_sequence(prompt, 0, s as u32, false);
+        batch.set_adapter(s as u32, slot);
+    }
+    let mut logits = model.decode(&mut cache, &batch).expect("decode");
+    let start = Instant::now();
+    for step in 0..GEN {
+        batch.clear();
+        for (s, &slot) in slots.iter().enumerate() {
+            batch.add(argmax(logits.row(s)), GEN_PROMPT + step, s as u32, true);
+            batch.set_adapter(s as u32, slot);
+        }
+        logits = model.decode(&mut cache, &batch).expect("decode");
+    }
+    (GEN * slots.len()) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn key(model: &std::path::Path, targets: &str) -> FactorsKey {
+    FactorsKey {
+        base_sha256: svfit::home::sha256_file(model).unwrap_or_else(fail),
+        targets: targets.parse().expect("valid targets"),
+        policy: "energy:0.99".parse().expect("valid policy"),
+        dtype: "f16".parse().expect("valid dtype"),
+    }
+}
+
+fn main() {
+    let opts = common::parse_args(5);
+    let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(fail);
+    let tokens = tokenizer.encode(&include_str!("adapters.rs").repeat(2), true);
+    let load = LoadOptions {
+        device: "cpu".into(),
+        threads: opts.threads,
+    };
+    let home = svfit::home::home_dir();
+
+    // Factor memory per target set: the file (f16) and on the backend (q8_0).
+    let mut memory = Vec::new();
+    for targets in ["q,v", "all-linear"] {
+        let key = key(&opts.model, targets);
+        let path = factors::ensure(&opts.model, &key, &home).unwrap_or_else(fail);
+        let factors = factors::read_factors(&path, &key).unwrap_or_else(fail);
+        let values: usize = factors.iter().map(|(_, f)| f.rank() * (f.m + f.n)).sum();
+        let mut model = Model::load(&opts.model, &load).unwrap_or_else(fail);
+        model
+            .attach_factors(&factors, N_ADAPTERS + 1, Type::Q8_0)
+            .unwrap_or_else(fail);
+        let file = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let device = model.branch().map_or(0, |b| b.bytes());
+        memory.push((targets, factors.len(), values, file, device));
+    }
+
+    // Throughput with q,v adapters in slots 1..=8.
+    let key = key(&opts.model, "q,v");
+    let path = key.path(&home);
+    let factors = factors::read_factors(&path, &key).unwrap_or_else(fail);
+    let singular = factors::read_singular_values(&path, &key).unwrap_or_else(fail);
+    let mut model = Model::load(&opts.model, &load).unwrap_or_else(fail);
+    model
+        .attach_factors(&factors, N_ADAPTERS + 1, Type::Q8_0)
+        .unwrap_or_else(fail);
+    let mut rng = SplitMix64::new(1);
+    for slot in 1..=N_ADAPTERS {
+        let mut a = Adapter::identity(&key, &singular);
+        for v in a.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
+            *v *= 1.0 + 0.05 * rng.normal();
+        }
+        model
+            .set_adapter(slot as Slot, &a.deltas(&singular))
+            .unwrap_or_else(fail);
+    }
+
+    let modes: [(&str, Vec<Slot>); 5] = [
+        ("1 sequence, base", vec![0]),
+        ("1 sequence, 1 adapter", vec![1]),
+        ("8 sequences, base", vec![0; 8]),
+        ("8 sequences, 1 adapter", vec![1; 8]),
+        ("8 sequences, 8 adapters", (1..=8).collect()),
+    ];
+    let mut best = vec![0f64; modes.len()];
+    for _ in 0..opts.reps {
+        for (b, (_, slots)) in best.iter_mut().zip(&modes) {
+            *b = b.max(generation_speed(&mut model, &tokens, slots));
+        }
+    }
+
+    println!(
+        "model {}, {} threads, q,v factors as q8_0, generate {GEN} tokens, best of {} runs",
+        opts.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        opts.threads,
+        opts.reps
+    );
+    println!("{:<28} {:>10}", "mode", "tok/s");
+    for ((name, _), b) in modes.iter().zip(&best) {
+        println!("{name:<28} {b:>10.1}");
+    }
+    println!("1 adapter / base, 1 sequence:     {:.3}", best[1] / best[0]);
+    println!("1 adapter / base, 8 sequences:    {:.3}", best[3] / best[2]);
+    println!("8 adapters / 1 adapter, 8 seqs:   {:.3}", best[4] / best[3]);
+    println!(
+        "\n{:<12} {:>9} {:>14} {:>14} {:>16}",
+        "targets", "matrices", "factor values", "file (f16) MB", "in memory MB"
+    );
+    for (targets, n, values, file, device) in memory {
+        println!(
+            "{targets:<12} {n:>9} {values:>14} {:>14.1} {:>16.1}",
+            file as f64 / 1e6,
+            device as f64 / 1e6
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! The batched SVFit branch (DESIGN.md §4). Every target matrix `W` keeps
+//! its SVD factors `U`, `Vt` on the backend, shared by all adapters, and a
+//! delta table `D` with one column per adapter slot; slot 0 is the base
+//! model and stays all zeros. A token of a sequence on slot `j` gets
+//!
+//! ```text
+//! y = W x + U (D[:, j] ⊙ (Vt x))
+//! ```
+//!
+//! so one batch mixes any adapters at the cost of two dense products per
+//! target matrix and a row gather.
+//!
+//! `U` and `Vt` are held as q8_0 by default (half the bytes of f16: decoding
+//! is bound by the bytes read per token). ggml quantizes rows in blocks of
+//! 32, so the rank is padded to a multiple of 32 with zero columns of `U`,
+//! zero rows of `Vt` and zero deltas: the padding adds exact zeros.
+
+use std::collections::HashMap;
+
+use crate::factors::{Factor, TargetMatrix, KINDS};
+use crate::ggml::{self, Backend, Context, Tensor, TensorId, TensorSet, Type};
+
+use super::{Config, ModelError};
+
+/// An adapter slot; slot 0 is the base model (all deltas zero).
+pub type Slot = u32;
+
+/// Rank padding: ggml's quantization block.
+const BLOCK: usize = 32;
+
+/// One target matrix's tensors.
+struct Target {
+    u: TensorId,
+    vt: TensorId,
+    d: TensorId,
+    rank: usize,
+    padded: usize,
+}
+
+/// The tensors of one target matrix for a graph.
+#[derive(Clone, Copy)]
+pub(super) struct TargetTensors<'a> {
+    /// `[padded, m]`
+    pub u: Tensor<'a>,
+    /// `[n, padded]`
+    pub vt: Tensor<'a>,
+    /// `[padded, n_slots]` f32
+    pub d: Tensor<'a>,
+}
+
+/// The factors of every target matrix and the slot tables, on one backend.
+pub struct Branch {
+    set: TensorSet,
+    /// Indexed by layer, then by the kind's position in [`KINDS`].
+    targets: Vec<[Option<Target>; KINDS.len()]>,
+    by_prefix: HashMap<String, (usize, usize)>,
+    n_slots: usize,
+    factor_type: Type,
+}
+
+fn kind_index(kind: &str) -> Option<usize> {
+    KINDS.iter().position(|k| k.1 == kind)
+}
+
+impl Branch {
+    /// Places `factors` (checked against the model's shapes) on `backend`
+    /// with `n_slots` slots (at least 2: the base and one adapter). U and Vt
+    /// are stored as `factor_type` (q8_0, f16 or f32); a Vt whose width is
+    /// not a multiple of 32 stays f16 when q8_0 is asked for.
+    pub(super) fn new(
+        config: &Config,
+        factors: &[(TargetMatrix, Factor)],
+        n_slots: usize,
+        factor_type: Type,
+        backend: &Backend,
+    ) -> Result<Self, ModelError> {
+        if ![Type::Q8_0, Type::F16, Type::F32].contains(&factor_type) {
+            return Err(ModelError::Factors(format!(
+                "factor type {factor_type} is not one of q8_0, f16, f32"
+            )));
+        }
+        let n_slots = n_slots.max(2);
+        let ctx = Context::new(3 * factors.len().max(1), 0)?;
+        let mut shapes = Vec::with_capacity(factors.len());
+        for (t, f) in factors {
+            let (m, n) = expected_shape(config, t)?;
+            if (f.m, f.n) != (m, n) || f.u.len() != m * f.rank() || f.vt.len() != f.rank() * n {
+                return Err(ModelError::Factors(format!(
+                    "{}: factors of a [{}, {}] matrix, the model's is [{m}, {n}]",
+                    t.prefix(),
+                    f.m,
+                    f.n
+                )));
+            }
+            let padded = f.rank().next_multiple_of(BLOCK);
+            let vt_type = storage_type(factor_type, n);
+            let p = t.prefix();
+            ctx.new_tensor(factor_type, &[padded as i64, m as i64])
+                .set_name(&format!("{p}.U"));
+            ctx.new_tensor(vt_type, &[n as i64, padded as i64])
+                .set_name(&format!("{p}.Vt"));
+            ctx.new_tensor(Type::F32, &[padded as i64, n_slots as i64])
+                .set_name(&format!("{p}.D"));
+            shapes.push((padded, vt_type));
+        }
+        let set = TensorSet::allocate(ctx, backend)?;
+        set.buffer().clear(0);
+
+        let mut targets: Vec<[Option<Target>; KINDS.len()]> =
+            (0..config.n_layer).map(|_| Default::default()).collect();
+        let mut by_prefix = HashMap::new();
+        for ((t, f), (padded, vt_type)) in factors.iter().zip(shapes) {
+            let p = t.prefix();
+            let id = |suffix: &str| set.find(&format!("{p}.{suffix}")).expect("created above");
+            let (r, m, n) = (f.rank(), f.m, f.n);
+            let mut u = vec![0f32; padded * m];
+            for i in 0..m {
+                u[i * padded..i * padded + r].copy_from_slice(&f.u[i * r..(i + 1) * r]);
+            }
+            let mut vt = f.vt.clone();
+            vt.resize(padded * n, 0.0);
+            let encode = |ty: Type, values: &[f32], row: usize| {
+                ggml::quantize(ty, values, row).ok_or_else(|| {
+                    ModelError::Factors(format!("{p}: cannot store the factors as {ty}"))
+                })
+            };
+            let target = Target {
+                u: id("U"),
+                vt: id("Vt"),
+                d: id("D"),
+                rank: r,
+                padded,
+            };
+            set.get(target.u).write(&encode(factor_type, &u, padded)?)?;
+            set.get(target.vt).write(&encode(vt_type, &vt, n)?)?;
+            let kind = kind_index(t.kind).expect("factor kinds come from KINDS");
+            targets[t.layer][kind] = Some(target);
+            by_prefix.insert(p, (t.layer, kind));
+        }
+        Ok(Branch {
+            set,
+            targets,
+            by_prefix,
+            n_slots,
+            factor_type,
+        })
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.n_slots
+    }
+
+    /// Bytes the factors and slot tables take on the backend.
+    pub fn bytes(&self) -> usize {
+        self.set.buffer().size()
+    }
+
+    pub fn factor_type(&self) -> Type {
+        self.factor_type
+    }
+
+    /// Writes an adapter's deltas (`sigma - S` per `blk.L.kind`) into `slot`;
+    /// matrices it does not name get zeros.
+    pub(super) fn set_slot(
+        &self,
+        slot: Slot,
+        deltas: &[(String, Vec<f32>)],
+    ) -> Result<(), ModelError> {
+        let slot = slot as usize;
+        if slot == 0 || slot >= self.n_slots {
+            return Err(ModelError::Slot {
+                slot: slot as Slot,
+                n_slots: self.n_slots,
+            });
+        }
+        // Check everything before writing anything.
+        let mut columns = HashMap::new();
+        for (prefix, delta) in deltas {
+            let target = self
+                .by_prefix
+                .get(prefix)
+                .and_then(|&(l, k)| self.targets[l][k].as_ref())
+                .ok_or_else(|| {
+                    ModelError::Factors(format!("{prefix}: not a target matrix of the factors"))
+                })?;
+            if delta.len() != target.rank {
+                return Err(ModelError::Factors(format!(
+                    "{prefix}: {} deltas for a factor of rank {}",
+                    delta.len(),
+                    target.rank
+                )));
+            }
+            if let Some(v) = delta.iter().find(|v| !v.is_finite()) {
+                return Err(ModelError::Factors(format!(
+                    "{prefix}: delta {v} is not finite"
+                )));
+            }
+            columns.insert(prefix.as_str(), delta);
+        }
+        for (prefix, &(l, k)) in &self.by_prefix {
+            let target = self.targets[l][k].as_ref().expect("indexed above");
+            let mut column = vec![0f32; target.padded];
+            if let Some(delta) = columns.get(prefix.as_str()) {
+                column[..target.rank].copy_from_slice(delta);
+            }
+            let bytes: Vec<u8> = column.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.set
+                .get(target.d)
+                .write_at(slot * target.padded * 4, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The tensors of the target `kind` ("attn_q", ...) of layer `layer`.
+    pub(super) fn target(&self, layer: usize, kind: &str) -> Option<TargetTensors<'_>> {
+        let t = self.targets.get(layer)?[kind_index(kind)?].as_ref()?;
+        Some(TargetTensors {
+            u: self.set.get(t.u),
+            vt: self.set.get(t.vt),
+            d: self.set.get(t.d),
+        })
+    }
+}
+
+/// `Vt` rows are `n` wide: q8_0 needs whole blocks.
+fn storage_type(factor_type: Type, n: usize) -> Type {
+    if factor_type == Type::Q8_0 && !n.is_multiple_of(BLOCK) {
+        Type::F16
+    } else {
+        factor_type
+    }
+}
+
+/// `[m, n]` (out, in features) of a target matrix of this model.
+fn expected_shape(c: &Config, t: &TargetMatrix) -> Result<(usize, usize), ModelError> {
+    let (embd, ff, q, kv) = (c.n_embd, c.n_ff, c.n_head * c.head_dim, c.n_embd_kv());
+    let shape = match t.kind {
+        "attn_q" => (q, embd),
+        "attn_k" | "attn_v" => (kv, embd),
+        "attn_output" => (embd, q),
+        "ffn_gate" | "ffn_up" => (ff, embd),
+        "ffn_down" => (embd, ff),
+        other => {
+            return Err(ModelError::Factors(format!(
+                "unknown target kind '{other}'"
+            )))
+        }
+    };
+    if t.layer >= c.n_layer {
+        return Err(ModelError::Factors(format!(
+            "{}: the model has {} layers",
+            t.prefix(),
+            c.n_layer
+        )));
+    }
+    Ok(shape)
+}
