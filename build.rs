@@ -1,4 +1,6 @@
-//! Extra ggml bindings that `llama-cpp-sys-2` does not generate.
+//! Build steps: the gRPC code from `proto/` (compiled by `protox`, a
+//! pure-Rust protobuf compiler, so no system `protoc` is needed), and extra
+//! ggml bindings that `llama-cpp-sys-2` does not generate.
 //!
 //! `llama-cpp-sys-2` (links = "llama") exports `DEP_LLAMA_ROOT`, the CMake
 //! install prefix of llama.cpp, whose `include/` holds every ggml header. We run
@@ -10,9 +12,27 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    compile_protos();
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         generate_cuda_bindings();
     }
+}
+
+/// `proto/svfit/v1/svfit.proto` → tonic/prost code, plus the encoded file
+/// descriptor set that server reflection serves.
+fn compile_protos() {
+    let proto = "proto/svfit/v1/svfit.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"]).expect("compile proto/svfit/v1/svfit.proto");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    std::fs::write(
+        out.join("svfit_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )
+    .expect("write the descriptor set");
+    tonic_prost_build::configure()
+        .compile_fds(fds)
+        .expect("generate the gRPC code");
 }
 
 fn generate_cuda_bindings() {

@@ -144,14 +144,19 @@ impl Adapter {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::parse(&bytes, path)
+    }
+
+    /// As [`Adapter::read`], for a file's bytes; `path` names it in errors.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, AdapterError> {
         let corrupt = |reason: String| AdapterError::Corrupt {
             path: path.to_path_buf(),
             reason,
         };
         let st =
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
         let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(e.to_string()))?;
         let mut info = meta.metadata().clone().unwrap_or_default();
         let mut take = |field: &str| {
             info.remove(field).ok_or_else(|| AdapterError::Metadata {

@@ -85,57 +85,143 @@ pub fn generate(
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation, GenerateError> {
     let n_ctx = cache.size().min(model.config().n_ctx_train);
-    check_prompt(&request.prompt, n_ctx)?;
-    request
-        .sampling
-        .validate()
-        .map_err(GenerateError::Sampling)?;
+    let mut sequence = Sequence::new(request, n_ctx)?;
     cache.clear();
     const SEQ: u32 = 0;
     // Room for the whole generation up front: the sequence never moves.
-    cache.reserve(SEQ, (request.prompt.len() + request.max_tokens).min(n_ctx))?;
+    cache.reserve(SEQ, sequence.reservation())?;
 
     let mut logits = None;
     let mut batch = Batch::new();
-    for (i, chunk) in request.prompt.chunks(PREFILL_CHUNK).enumerate() {
+    while let Some((start, chunk)) = sequence.next_prefill_chunk() {
         batch.clear();
-        batch.add_sequence(chunk, i * PREFILL_CHUNK, SEQ, false);
+        batch.add_sequence(chunk, start, SEQ, false);
         batch.set_adapter(SEQ, request.adapter);
         logits = Some(model.decode(cache, &batch)?);
     }
     let mut logits = logits.expect("a non-empty prompt has one chunk");
+    loop {
+        match sequence.advance(logits.row(0), tokenizer, &mut on_text) {
+            Ok(token) => {
+                batch.clear();
+                batch.add(token, sequence.position(), SEQ, true);
+                batch.set_adapter(SEQ, request.adapter);
+                logits = model.decode(cache, &batch)?;
+            }
+            Err(finish) => return Ok(sequence.finish(finish, &mut on_text)),
+        }
+    }
+}
 
-    let mut sampler = Sampler::new(request.sampling.clone());
-    let mut history = request.prompt.clone();
-    let mut text = TextStream::new(&request.stop);
-    let mut tokens = Vec::new();
-    let finish = loop {
-        if tokens.len() >= request.max_tokens {
-            break FinishReason::Length;
+/// One sequence's generation state, shared by [`generate`] and the
+/// serving engine so that both make exactly the same choices: prefill in
+/// chunks of [`PREFILL_CHUNK`], then one sampled token per step.
+pub struct Sequence {
+    prompt: Vec<u32>,
+    prefilled: usize,
+    max_tokens: usize,
+    n_ctx: usize,
+    sampler: Sampler,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    text: TextStream,
+}
+
+impl Sequence {
+    /// Checks the prompt against a context of `n_ctx` tokens and the
+    /// sampling parameters.
+    pub fn new(request: &Request, n_ctx: usize) -> Result<Self, GenerateError> {
+        check_prompt(&request.prompt, n_ctx)?;
+        request
+            .sampling
+            .validate()
+            .map_err(GenerateError::Sampling)?;
+        Ok(Sequence {
+            prompt: request.prompt.clone(),
+            prefilled: 0,
+            max_tokens: request.max_tokens,
+            n_ctx,
+            sampler: Sampler::new(request.sampling.clone()),
+            history: request.prompt.clone(),
+            tokens: Vec::new(),
+            text: TextStream::new(&request.stop),
+        })
+    }
+
+    /// KV cells the whole generation can use: prompt + max tokens, at most
+    /// the context.
+    pub fn reservation(&self) -> usize {
+        (self.prompt.len() + self.max_tokens).min(self.n_ctx)
+    }
+
+    /// The next prompt chunk to decode (start position, tokens); the logits
+    /// of its last token matter only for the last chunk.
+    pub fn next_prefill_chunk(&mut self) -> Option<(usize, &[u32])> {
+        let start = self.prefilled;
+        if start >= self.prompt.len() {
+            return None;
         }
-        let token = sampler.sample(logits.row(0), &history);
+        let end = (start + PREFILL_CHUNK).min(self.prompt.len());
+        self.prefilled = end;
+        Some((start, &self.prompt[start..end]))
+    }
+
+    /// Whether the whole prompt has been handed out.
+    pub fn prefill_done(&self) -> bool {
+        self.prefilled >= self.prompt.len()
+    }
+
+    /// Position of the last token (the one to decode next after `advance`).
+    pub fn position(&self) -> usize {
+        self.history.len() - 1
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt.len()
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Samples the next token from the logits of the last one. `Ok(token)`:
+    /// decode it next; `Err(reason)`: the generation is over.
+    pub fn advance(
+        &mut self,
+        logits: &[f32],
+        tokenizer: &Tokenizer,
+        on_text: &mut impl FnMut(&str),
+    ) -> Result<u32, FinishReason> {
+        if self.tokens.len() >= self.max_tokens {
+            return Err(FinishReason::Length);
+        }
+        let token = self.sampler.sample(logits, &self.history);
         if tokenizer.is_eog(token) {
-            break FinishReason::Stop;
+            return Err(FinishReason::Stop);
         }
-        tokens.push(token);
-        history.push(token);
-        if text.push(&tokenizer.piece(token), &mut on_text) {
-            break FinishReason::StopString;
+        self.tokens.push(token);
+        self.history.push(token);
+        if self.text.push(&tokenizer.piece(token), on_text) {
+            return Err(FinishReason::StopString);
         }
-        if history.len() >= n_ctx {
-            break FinishReason::Context;
+        if self.history.len() >= self.n_ctx {
+            return Err(FinishReason::Context);
         }
-        batch.clear();
-        batch.add(token, history.len() - 1, SEQ, true);
-        batch.set_adapter(SEQ, request.adapter);
-        logits = model.decode(cache, &batch)?;
-    };
-    let text = text.finish(finish != FinishReason::StopString, &mut on_text);
-    Ok(Generation {
-        tokens,
-        text,
-        finish,
-    })
+        Ok(token)
+    }
+
+    /// Ends the generation: flushes held-back text (unless a stop string
+    /// ended it).
+    pub fn finish(self, finish: FinishReason, on_text: &mut impl FnMut(&str)) -> Generation {
+        let text = self
+            .text
+            .finish(finish != FinishReason::StopString, on_text);
+        Generation {
+            tokens: self.tokens,
+            text,
+            finish,
+        }
+    }
 }
 
 /// Turns token bytes into text: emits only complete UTF-8, holds back a tail

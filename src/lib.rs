@@ -2,6 +2,7 @@
 //! SVFit adapter (a vector of singular values per target matrix).
 
 pub mod adapter;
+pub mod engine;
 pub mod factors;
 pub mod generate;
 pub mod ggml;
@@ -11,4 +12,6 @@ pub mod model;
 pub mod npy;
 pub mod oracle;
 pub mod sampling;
+pub mod server;
+pub mod store;
 pub mod tensorfile;

@@ -29,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over gRPC to many tenants, each request with its own adapter.
+    Serve(ServeArgs),
     /// Generate text from a raw prompt or a chat message, streamed to stdout.
     Generate(GenerateArgs),
     /// Write the logits of every position of a text as a float32 .npy file.
@@ -326,6 +328,57 @@ struct LogitsArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (loopback only unless --api-keys or --allow-remote)
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: std::net::SocketAddr,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Target matrices the served adapters are made for
+    #[arg(long, default_value = "q,v")]
+    targets: String,
+    /// Rank policy of the served factors
+    #[arg(long, default_value = "energy:0.99")]
+    rank: String,
+    /// Adapter directory: DIR/<tenant>/<id>.safetensors [default: $SVFIT_HOME/adapters]
+    #[arg(long)]
+    adapters: Option<PathBuf>,
+    /// Host memory for validated adapters, in MB (least recently used are dropped)
+    #[arg(long, default_value_t = 256)]
+    adapter_cache_mb: usize,
+    /// Adapters resident on the compute device at once (one batch may mix them all)
+    #[arg(long, default_value_t = 32)]
+    adapter_slots: usize,
+    /// Sequences decoded together at most
+    #[arg(long, default_value_t = 32)]
+    max_sequences: usize,
+    /// KV cache cells shared by all sequences [default: 8 x --ctx]
+    #[arg(long)]
+    kv_cells: Option<usize>,
+    /// Requests waiting for admission at most (more get RESOURCE_EXHAUSTED)
+    #[arg(long, default_value_t = 1024)]
+    queue: usize,
+    /// max_tokens of requests that do not set it
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// API key file: lines of 'KEY TENANT' ('*' as the tenant makes an admin key)
+    #[arg(long)]
+    api_keys: Option<PathBuf>,
+    /// TLS certificate (PEM); needs --tls-key
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Listen on a non-loopback address without API keys
+    #[arg(long)]
+    allow_remote: bool,
+}
+
+#[derive(Args)]
 struct MergeArgs {
     /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
     #[arg(long, env = "SVFIT_MODEL")]
@@ -344,6 +397,7 @@ struct MergeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => run_serve(&args),
         Command::Generate(args) => run_generate(&args),
         Command::Logits(args) => run_logits(&args),
         Command::Factorize(args) => run_factorize(&args),
@@ -357,6 +411,55 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_serve(args: &ServeArgs) -> Result<()> {
+    use svfit::engine::EngineConfig;
+    let model = args.model.path()?;
+    let factors = FactorsKey {
+        base_sha256: home::sha256_file(&model)
+            .with_context(|| format!("reading {}", model.display()))?,
+        targets: args.targets.parse()?,
+        policy: args.rank.parse()?,
+        dtype: "f16".parse()?,
+    };
+    let config = svfit::server::ServeConfig {
+        addr: args.addr,
+        load: LoadOptions {
+            device: args.model.device.clone(),
+            threads: args.model.threads.unwrap_or_else(model::default_threads),
+        },
+        model,
+        factors,
+        home: home::home_dir(),
+        adapters_dir: args
+            .adapters
+            .clone()
+            .unwrap_or_else(|| home::home_dir().join("adapters")),
+        adapter_cache_bytes: args.adapter_cache_mb << 20,
+        engine: EngineConfig {
+            max_sequences: args.max_sequences.max(1),
+            context: args.model.ctx.max(2),
+            kv_cells: args.kv_cells.unwrap_or(8 * args.model.ctx),
+            adapter_slots: args.adapter_slots.max(1),
+            queue_limit: args.queue,
+            prefill_budget: generate::PREFILL_CHUNK,
+        },
+        max_tokens_default: args.max_tokens,
+        api_keys: args.api_keys.clone(),
+        tls: args.tls_cert.clone().zip(args.tls_key.clone()),
+        metrics_addr: args.metrics_addr,
+        allow_remote: args.allow_remote,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let running = svfit::server::start(config).await?;
+        eprintln!("svfit serving on {} (Ctrl-C stops)", running.addr);
+        tokio::select! {
+            result = running.wait() => result,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
 }
 
 fn run_generate(args: &GenerateArgs) -> Result<()> {

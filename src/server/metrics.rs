@@ -1,0 +1,166 @@
+//! Prometheus metrics in the text exposition format, over plain HTTP on
+//! their own address (`--metrics-addr`): any GET answers with all of them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Shared;
+
+/// Starts the metrics listener; returns its address.
+pub(super) async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                // The request line and headers; the answer does not depend on them.
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let body = render(&shared);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+/// Every metric, as text.
+pub(super) fn render(shared: &Shared) -> String {
+    let e = shared.engine.stats();
+    let c = shared.store.cache_stats();
+    let s = &shared.stats;
+    let steps = e.steps.load(Relaxed);
+    let metrics: [(&str, &str, &str, f64); 20] = [
+        (
+            "svfit_requests_total",
+            "counter",
+            "gRPC inference requests received",
+            s.requests.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_request_errors_total",
+            "counter",
+            "inference requests refused before running",
+            s.errors.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_requests_finished_total",
+            "counter",
+            "requests that completed",
+            e.requests_finished.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_requests_cancelled_total",
+            "counter",
+            "requests cancelled (client gone or deadline)",
+            e.requests_cancelled.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_requests_failed_total",
+            "counter",
+            "requests failed in the engine",
+            e.requests_failed.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_generated_tokens_total",
+            "counter",
+            "tokens generated",
+            e.tokens_generated.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_prompt_tokens_total",
+            "counter",
+            "prompt tokens prefilled",
+            e.prompt_tokens.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_queue_depth",
+            "gauge",
+            "requests waiting for admission",
+            e.queued.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_active_sequences",
+            "gauge",
+            "sequences being decoded",
+            e.active.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_batch_sequences",
+            "gauge",
+            "sequences in the last decode step",
+            e.last_batch_sequences.load(Relaxed) as f64,
+        ),
+        ("svfit_steps_total", "counter", "decode steps", steps as f64),
+        (
+            "svfit_step_seconds_total",
+            "counter",
+            "time spent in decode steps",
+            e.step_micros.load(Relaxed) as f64 / 1e6,
+        ),
+        (
+            "svfit_batch_tokens_total",
+            "counter",
+            "tokens decoded over all steps",
+            e.batch_tokens.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_adapter_cache_hits_total",
+            "counter",
+            "host adapter cache hits",
+            c.hits as f64,
+        ),
+        (
+            "svfit_adapter_cache_misses_total",
+            "counter",
+            "host adapter cache misses",
+            c.misses as f64,
+        ),
+        (
+            "svfit_adapter_cache_evictions_total",
+            "counter",
+            "host adapter cache evictions",
+            c.evictions as f64,
+        ),
+        (
+            "svfit_adapter_loads_total",
+            "counter",
+            "adapter files read and validated",
+            c.loads as f64,
+        ),
+        (
+            "svfit_adapter_cache_bytes",
+            "gauge",
+            "bytes of deltas in the host cache",
+            c.bytes as f64,
+        ),
+        (
+            "svfit_adapter_slot_loads_total",
+            "counter",
+            "adapters written into device slots",
+            e.slot_loads.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_adapter_slot_evictions_total",
+            "counter",
+            "device slots taken from an unused adapter",
+            e.slot_evictions.load(Relaxed) as f64,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in metrics {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    out
+}

@@ -1,0 +1,752 @@
+//! The gRPC server over real loopback connections, on the default model,
+//! against `svfit generate --adapter` as the oracle: concurrent tenants,
+//! hot swap, eviction, cancellation, isolation, no cross-adapter reuse,
+//! error codes, health and reflection.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::TempDir;
+use svfit::adapter::Adapter;
+use svfit::engine::EngineConfig;
+use svfit::factors::{self, FactorsKey, SingularValues};
+use svfit::model::LoadOptions;
+use svfit::sampling::SplitMix64;
+use svfit::server::pb::adapters_client::AdaptersClient;
+use svfit::server::pb::inference_client::InferenceClient;
+use svfit::server::pb::{self, generate_request::Input};
+use svfit::server::{self, Running, ServeConfig};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+const MAX_TOKENS: u32 = 12;
+
+/// The factors of the default model, computed once into a home shared by
+/// every test of this file (and by the CLI runs used as the oracle).
+struct Base {
+    home: PathBuf,
+    model: PathBuf,
+    key: FactorsKey,
+    singular: SingularValues,
+}
+
+fn base() -> &'static Base {
+    static BASE: OnceLock<Base> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let home = std::env::temp_dir().join("svfit-test-server-home");
+        let model = common::default_model();
+        let key = FactorsKey {
+            base_sha256: svfit::home::sha256_file(&model).unwrap(),
+            targets: "q,v".parse().unwrap(),
+            policy: "energy:0.99".parse().unwrap(),
+            dtype: "f16".parse().unwrap(),
+        };
+        let path = factors::ensure(&model, &key, &home).unwrap();
+        let singular = factors::read_singular_values(&path, &key).unwrap();
+        Base {
+            home,
+            model,
+            key,
+            singular,
+        }
+    })
+}
+
+/// An adapter with sigma = S (1 + scale z).
+fn adapter(seed: u64) -> Adapter {
+    let b = base();
+    let mut a = Adapter::identity(&b.key, &b.singular);
+    let mut rng = SplitMix64::new(seed);
+    for v in a.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
+        *v *= 1.0 + 0.3 * rng.normal();
+    }
+    a
+}
+
+fn write(dir: &Path, tenant: &str, id: &str, a: &Adapter) -> PathBuf {
+    let path = dir.join(tenant).join(format!("{id}.safetensors"));
+    a.write(&path).unwrap();
+    path
+}
+
+fn config(dir: &Path) -> ServeConfig {
+    let b = base();
+    ServeConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        model: b.model.clone(),
+        load: LoadOptions {
+            device: "cpu".into(),
+            threads: 2,
+        },
+        factors: b.key.clone(),
+        home: b.home.clone(),
+        adapters_dir: dir.join("adapters"),
+        adapter_cache_bytes: 64 << 20,
+        engine: EngineConfig {
+            max_sequences: 16,
+            context: 4096,
+            kv_cells: 8192,
+            adapter_slots: 16,
+            queue_limit: 256,
+            prefill_budget: 512,
+        },
+        max_tokens_default: 64,
+        api_keys: None,
+        tls: None,
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        allow_remote: false,
+    }
+}
+
+async fn clients(running: &Running) -> (InferenceClient<Channel>, AdaptersClient<Channel>) {
+    let url = format!("http://{}", running.addr);
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    (
+        InferenceClient::new(channel.clone()),
+        AdaptersClient::new(channel),
+    )
+}
+
+fn greedy(adapter: &str, prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        adapter: adapter.into(),
+        input: Some(Input::Prompt(prompt.into())),
+        sampling: Some(pb::Sampling {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+fn with_key<T>(message: T, key: &str) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r
+}
+
+/// `svfit generate` (greedy) with `adapter` (a file, or none): the oracle.
+fn cli(adapter: Option<&Path>, prompt: &str, max_tokens: u32) -> String {
+    let b = base();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_svfit"));
+    cmd.args(["generate", "--threads", "2", "--temperature", "0"])
+        .args(["--max-tokens", &max_tokens.to_string(), "--prompt", prompt])
+        .arg("--model")
+        .arg(&b.model)
+        .env("SVFIT_HOME", &b.home);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.strip_suffix('\n').unwrap_or(&text).to_string()
+}
+
+async fn stream_text(
+    client: &mut InferenceClient<Channel>,
+    request: Request<pb::GenerateRequest>,
+) -> (String, String) {
+    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+    let mut text = String::new();
+    let mut finish = String::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        text.push_str(&chunk.text);
+        if !chunk.finish_reason.is_empty() {
+            finish = chunk.finish_reason;
+        }
+    }
+    (text, finish)
+}
+
+async fn metric(running: &Running, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = running.metrics_addr.expect("metrics enabled");
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    socket.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("metric {name} missing:\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+const PROMPTS: [&str; 2] = [
+    "The three most important things about the ocean are",
+    "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_tenants_get_their_own_adapters() {
+    let dir = TempDir::new("server-tenants");
+    let mut config = config(dir.path());
+    let keys = dir.path().join("keys.txt");
+    let mut key_lines = String::from("# key tenant\n");
+    let mut files = Vec::new();
+    for t in 0..8 {
+        key_lines.push_str(&format!("key{t} tenant{t}\n"));
+        files.push(write(
+            &config.adapters_dir,
+            &format!("tenant{t}"),
+            "style",
+            &adapter(t),
+        ));
+    }
+    std::fs::write(&keys, key_lines).unwrap();
+    config.api_keys = Some(keys);
+    let running = server::start(config).await.unwrap();
+    let (client, _) = clients(&running).await;
+
+    // 16 clients: 8 tenants x 2 prompts, half streaming, all at once.
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        for (p, prompt) in PROMPTS.iter().enumerate() {
+            let mut client = client.clone();
+            let request = with_key(greedy("style", prompt, MAX_TOKENS), &format!("key{t}"));
+            tasks.push(tokio::spawn(async move {
+                let text = if p == 0 {
+                    stream_text(&mut client, request).await.0
+                } else {
+                    client.generate(request).await.unwrap().into_inner().text
+                };
+                (t, p, text)
+            }));
+        }
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let distinct: std::collections::HashSet<&String> = answers.iter().map(|a| &a.2).collect();
+    assert!(distinct.len() > 8, "adapters give different answers");
+    for (t, p, text) in &answers {
+        let want = cli(Some(&files[*t as usize]), PROMPTS[*p], MAX_TOKENS);
+        assert_eq!(text, &want, "tenant {t}, prompt {p}");
+    }
+    running.stop().await;
+}
+
+async fn upload(
+    client: &mut AdaptersClient<Channel>,
+    id: &str,
+    bytes: Vec<u8>,
+) -> Result<pb::AdapterInfo, tonic::Status> {
+    let mut chunks = vec![pb::UploadChunk {
+        part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
+            id: id.into(),
+            tenant: String::new(),
+        })),
+    }];
+    for piece in bytes.chunks(8192) {
+        chunks.push(pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Data(piece.to_vec())),
+        });
+    }
+    client
+        .upload(tokio_stream::iter(chunks))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn file_bytes(dir: &Path, name: &str, a: &Adapter) -> (PathBuf, Vec<u8>) {
+    let path = dir.join(name);
+    a.write(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    (path, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_swap_upload_delete_list_and_restart() {
+    let dir = TempDir::new("server-swap");
+    let config = config(dir.path());
+    let running = server::start(config.clone()).await.unwrap();
+    let (mut infer, mut admin) = clients(&running).await;
+    let (v1_path, v1) = file_bytes(dir.path(), "v1.safetensors", &adapter(101));
+    let (v2_path, v2) = file_bytes(dir.path(), "v2.safetensors", &adapter(102));
+
+    let info = upload(&mut admin, "swap", v1).await.unwrap();
+    assert_eq!((info.id.as_str(), info.version), ("swap", 1));
+    // A long stream on version 1; version 2 arrives after its first token.
+    let long = 40;
+    let mut stream = infer
+        .generate_stream(greedy("swap", PROMPTS[0], long))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.adapter_version, "swap@v1");
+    let info = upload(&mut admin, "swap", v2).await.unwrap();
+    assert_eq!(info.version, 2);
+    let mut text = first.text;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        text.push_str(&chunk.text);
+    }
+    assert_eq!(
+        text,
+        cli(Some(&v1_path), PROMPTS[0], long),
+        "stream kept v1"
+    );
+    let next = infer
+        .generate(greedy("swap", PROMPTS[0], long))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.adapter_version, "swap@v2");
+    assert_eq!(
+        next.text,
+        cli(Some(&v2_path), PROMPTS[0], long),
+        "next uses v2"
+    );
+
+    // List, get, delete.
+    upload(&mut admin, "other", std::fs::read(&v1_path).unwrap())
+        .await
+        .unwrap();
+    let list = admin
+        .list(pb::ListAdaptersRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.adapters.len(), 1);
+    assert_eq!(list.adapters[0].id, "other");
+    let page2 = admin
+        .list(pb::ListAdaptersRequest {
+            page_size: 1,
+            page_token: list.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page2.adapters[0].id, "swap");
+    assert_eq!(page2.adapters[0].version, 2);
+    assert!(page2.next_page_token.is_empty());
+    let r = |id: &str| pb::AdapterRef {
+        id: id.into(),
+        tenant: String::new(),
+    };
+    admin.delete(r("other")).await.unwrap();
+    assert_eq!(
+        admin.get(r("other")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        infer
+            .generate(greedy("other", PROMPTS[0], 4))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    running.stop().await;
+
+    // A restart keeps what was uploaded.
+    let running = server::start(config).await.unwrap();
+    let (mut infer, mut admin) = clients(&running).await;
+    assert_eq!(admin.get(r("swap")).await.unwrap().into_inner().version, 2);
+    let again = infer
+        .generate(greedy("swap", PROMPTS[0], long))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.text, next.text);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_cache_evicts_and_stays_correct() {
+    let dir = TempDir::new("server-evict");
+    let mut config = config(dir.path());
+    // Room for two adapters' deltas on the host and two device slots.
+    let one = adapter(0)
+        .sigma
+        .iter()
+        .map(|(p, s)| p.len() + 4 * s.len())
+        .sum::<usize>();
+    config.adapter_cache_bytes = 2 * one + one / 2;
+    config.engine.adapter_slots = 2;
+    let files: Vec<PathBuf> = (0..6)
+        .map(|t| {
+            write(
+                &config.adapters_dir,
+                "default",
+                &format!("t{t}"),
+                &adapter(200 + t),
+            )
+        })
+        .collect();
+    let running = server::start(config).await.unwrap();
+    let (mut infer, _) = clients(&running).await;
+    let want: Vec<String> = files.iter().map(|f| cli(Some(f), PROMPTS[1], 8)).collect();
+    for round in 0..2 {
+        for (t, want) in want.iter().enumerate() {
+            let got = infer
+                .generate(greedy(&format!("t{t}"), PROMPTS[1], 8))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(&got.text, want, "round {round}, tenant {t}");
+        }
+    }
+    let evictions = metric(&running, "svfit_adapter_cache_evictions_total").await;
+    let slot_evictions = metric(&running, "svfit_adapter_slot_evictions_total").await;
+    eprintln!("host evictions {evictions}, slot evictions {slot_evictions}");
+    assert!(evictions >= 8.0, "host cache evictions: {evictions}");
+    assert!(slot_evictions >= 8.0, "slot evictions: {slot_evictions}");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_stream_frees_its_sequence() {
+    let dir = TempDir::new("server-cancel");
+    let running = server::start(config(dir.path())).await.unwrap();
+    let (mut infer, _) = clients(&running).await;
+    let mut stream = infer
+        .generate_stream(greedy("", PROMPTS[0], 2000))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    stream.message().await.unwrap().unwrap();
+    let info = infer
+        .model_info(pb::ModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.active_sequences, 1);
+    drop(stream);
+    let start = Instant::now();
+    loop {
+        let info = infer
+            .model_info(pb::ModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if info.active_sequences == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "sequence not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("freed after {:?}", start.elapsed());
+    assert_eq!(
+        metric(&running, "svfit_requests_cancelled_total").await,
+        1.0
+    );
+    running.stop().await;
+}
+
+/// The code of a refused call.
+fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => panic!("the call succeeded"),
+        Err(status) => {
+            eprintln!("{:?}: {}", status.code(), status.message());
+            status.code()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_cannot_touch_each_others_adapters() {
+    let dir = TempDir::new("server-isolation");
+    let mut config = config(dir.path());
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "ka alice\nkb bob\nkroot *\n").unwrap();
+    config.api_keys = Some(keys);
+    let running = server::start(config).await.unwrap();
+    let (mut infer, mut admin) = clients(&running).await;
+    let (_, bytes) = file_bytes(dir.path(), "secret.safetensors", &adapter(300));
+
+    let mut chunks = vec![pb::UploadChunk {
+        part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
+            id: "secret".into(),
+            tenant: String::new(),
+        })),
+    }];
+    chunks.push(pb::UploadChunk {
+        part: Some(pb::upload_chunk::Part::Data(bytes)),
+    });
+    admin
+        .upload(with_key(tokio_stream::iter(chunks), "kb"))
+        .await
+        .unwrap();
+    let r = |id: &str, tenant: &str| pb::AdapterRef {
+        id: id.into(),
+        tenant: tenant.into(),
+    };
+    // Alice can neither use, see, list nor delete it.
+    assert_eq!(
+        code(
+            infer
+                .generate(with_key(greedy("secret", PROMPTS[0], 2), "ka"))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            infer
+                .generate(with_key(greedy("bob/secret", PROMPTS[0], 2), "ka"))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(admin.get(with_key(r("secret", ""), "ka")).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(admin.get(with_key(r("secret", "bob"), "ka")).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(admin.delete(with_key(r("secret", ""), "ka")).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(admin.delete(with_key(r("secret", "bob"), "ka")).await),
+        Code::PermissionDenied
+    );
+    let alice = admin
+        .list(with_key(pb::ListAdaptersRequest::default(), "ka"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(alice.adapters.is_empty());
+    let bob_as_alice = pb::ListAdaptersRequest {
+        tenant: "bob".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(admin.list(with_key(bob_as_alice, "ka")).await),
+        Code::PermissionDenied
+    );
+    // Bob uses it; the admin sees it.
+    infer
+        .generate(with_key(greedy("secret", PROMPTS[0], 2), "kb"))
+        .await
+        .unwrap();
+    let all = admin
+        .list(with_key(pb::ListAdaptersRequest::default(), "kroot"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.adapters.len(), 1);
+    assert_eq!(all.adapters[0].tenant, "bob");
+    // No key, or a wrong one.
+    assert_eq!(
+        code(infer.generate(greedy("", PROMPTS[0], 2)).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(
+            infer
+                .generate(with_key(greedy("", PROMPTS[0], 2), "nope"))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_prompt_never_reuses_another_adapters_state() {
+    let dir = TempDir::new("server-reuse");
+    let config = config(dir.path());
+    let a = write(&config.adapters_dir, "default", "a", &adapter(400));
+    let b = write(&config.adapters_dir, "default", "b", &adapter(401));
+    let running = server::start(config).await.unwrap();
+    let (mut infer, _) = clients(&running).await;
+    let want_a = cli(Some(&a), PROMPTS[1], MAX_TOKENS);
+    let want_b = cli(Some(&b), PROMPTS[1], MAX_TOKENS);
+    let want_base = cli(None, PROMPTS[1], MAX_TOKENS);
+    assert!(want_a != want_b && want_a != want_base);
+    for (adapter, want) in [
+        ("", &want_base),
+        ("a", &want_a),
+        ("b", &want_b),
+        ("a", &want_a),
+        ("", &want_base),
+        ("a", &want_a),
+    ] {
+        let got = infer
+            .generate(greedy(adapter, PROMPTS[1], MAX_TOKENS))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&got.text, want, "adapter '{adapter}'");
+    }
+    // The adapter may also come as request metadata; the body wins.
+    let mut r = Request::new(greedy("", PROMPTS[1], MAX_TOKENS));
+    r.metadata_mut()
+        .insert("x-svfit-adapter", "b".parse().unwrap());
+    assert_eq!(infer.generate(r).await.unwrap().into_inner().text, want_b);
+    let mut r = Request::new(greedy("a", PROMPTS[1], MAX_TOKENS));
+    r.metadata_mut()
+        .insert("x-svfit-adapter", "b".parse().unwrap());
+    assert_eq!(infer.generate(r).await.unwrap().into_inner().text, want_a);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_error_has_its_code() {
+    let dir = TempDir::new("server-errors");
+    let mut config = config(dir.path());
+    config.engine.context = 64;
+    config.engine.max_sequences = 1;
+    config.engine.queue_limit = 1;
+    let running = server::start(config).await.unwrap();
+    let (mut infer, mut admin) = clients(&running).await;
+    assert_eq!(
+        code(infer.generate(greedy("ghost", "hi", 2)).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(infer.generate(greedy("", "", 2)).await),
+        Code::InvalidArgument
+    );
+    let long = "word ".repeat(200);
+    assert_eq!(
+        code(infer.generate(greedy("", &long, 2)).await),
+        Code::InvalidArgument
+    );
+    let mut bad = greedy("", "hi", 2);
+    bad.sampling = Some(pb::Sampling {
+        top_p: Some(2.0),
+        ..Default::default()
+    });
+    assert_eq!(code(infer.generate(bad).await), Code::InvalidArgument);
+    assert_eq!(
+        code(infer.generate(greedy("../x", "hi", 2)).await),
+        Code::InvalidArgument
+    );
+    let mut no_input = greedy("", "hi", 2);
+    no_input.input = None;
+    assert_eq!(code(infer.generate(no_input).await), Code::InvalidArgument);
+
+    // Uploads: NaN, another base, garbage.
+    let mut nan = adapter(500);
+    nan.sigma[3].1[7] = f32::NAN;
+    let (_, bytes) = file_bytes(dir.path(), "nan.safetensors", &nan);
+    let status = upload(&mut admin, "nan", bytes).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(status.message().contains("NaN"), "{}", status.message());
+    let mut other = adapter(501);
+    other.base_sha256 = "0".repeat(64);
+    let (_, bytes) = file_bytes(dir.path(), "other.safetensors", &other);
+    let status = upload(&mut admin, "other", bytes).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
+    let status = upload(&mut admin, "junk", b"not an adapter".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert_eq!(
+        admin
+            .get(pb::AdapterRef {
+                id: "nan".into(),
+                tenant: String::new()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound,
+        "a refused upload leaves nothing behind"
+    );
+
+    // A full queue: one sequence runs, one waits, the next is refused.
+    let mut running_stream = infer
+        .generate_stream(greedy("", "Count to a thousand:", 50))
+        .await
+        .unwrap()
+        .into_inner();
+    running_stream.message().await.unwrap();
+    let mut waiting = infer.clone();
+    let waiter = tokio::spawn(async move { waiting.generate(greedy("", "Hello", 2)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        code(infer.generate(greedy("", "Hello", 2)).await),
+        Code::ResourceExhausted
+    );
+    drop(running_stream);
+    waiter.await.unwrap().unwrap();
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_and_reflection_answer() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = TempDir::new("server-health");
+    let running = server::start(config(dir.path())).await.unwrap();
+    let channel = Channel::from_shared(format!("http://{}", running.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "svfit.v1.Inference", "svfit.v1.Adapters"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, 1, "'{service}' is SERVING");
+    }
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "svfit.v1.Inference",
+        "svfit.v1.Adapters",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+    running.stop().await;
+}
