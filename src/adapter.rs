@@ -329,19 +329,15 @@ impl Adapter {
         })
     }
 
+    /// The adapter as the bytes of a safetensors file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, crate::tensorfile::WriteError> {
+        let (entries, metadata) = self.entries();
+        crate::tensorfile::serialize(&entries, metadata)
+    }
+
     /// Writes the adapter as safetensors, atomically.
     pub fn write(&self, path: &Path) -> Result<(), AdapterError> {
-        let mut metadata = self.info.clone();
-        metadata.insert("svfit.format".into(), FORMAT.into());
-        metadata.insert("svfit.base_sha256".into(), self.base_sha256.clone());
-        metadata.insert("svfit.factors_id".into(), self.factors_id.clone());
-        metadata.insert("svfit.targets".into(), self.targets.clone());
-        metadata.insert("svfit.rank_policy".into(), self.rank_policy.clone());
-        let entries: Vec<_> = self
-            .sigma
-            .iter()
-            .map(|(p, s)| crate::tensorfile::Entry::f32(format!("{p}.sigma"), vec![s.len()], s))
-            .collect();
+        let (entries, metadata) = self.entries();
         crate::tensorfile::write(path, &entries, metadata).map_err(|e| match e {
             crate::tensorfile::WriteError::Io(source) => AdapterError::Io {
                 path: path.to_path_buf(),
@@ -352,6 +348,21 @@ impl Adapter {
                 reason: other.to_string(),
             },
         })
+    }
+
+    fn entries(&self) -> (Vec<crate::tensorfile::Entry>, HashMap<String, String>) {
+        let mut metadata = self.info.clone();
+        metadata.insert("svfit.format".into(), FORMAT.into());
+        metadata.insert("svfit.base_sha256".into(), self.base_sha256.clone());
+        metadata.insert("svfit.factors_id".into(), self.factors_id.clone());
+        metadata.insert("svfit.targets".into(), self.targets.clone());
+        metadata.insert("svfit.rank_policy".into(), self.rank_policy.clone());
+        let entries = self
+            .sigma
+            .iter()
+            .map(|(p, s)| crate::tensorfile::Entry::f32(format!("{p}.sigma"), vec![s.len()], s))
+            .collect();
+        (entries, metadata)
     }
 }
 

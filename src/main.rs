@@ -340,9 +340,11 @@ struct ServeArgs {
     /// Rank policy of the served factors
     #[arg(long, default_value = "energy:0.99")]
     rank: String,
-    /// Adapter directory: DIR/<tenant>/<id>.safetensors [default: $SVFIT_HOME/adapters]
+    /// Adapter store: a directory (DIR/<tenant>/<id>.safetensors), or with the
+    /// s3 feature an object store URL such as s3://bucket/prefix (credentials
+    /// from AWS_* variables) [default: $SVFIT_HOME/adapters]
     #[arg(long)]
-    adapters: Option<PathBuf>,
+    adapters: Option<String>,
     /// Host memory for validated adapters, in MB (least recently used are dropped)
     #[arg(long, default_value_t = 256)]
     adapter_cache_mb: usize,
@@ -432,10 +434,12 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
         model,
         factors,
         home: home::home_dir(),
-        adapters_dir: args
-            .adapters
-            .clone()
-            .unwrap_or_else(|| home::home_dir().join("adapters")),
+        adapters: args.adapters.clone().unwrap_or_else(|| {
+            home::home_dir()
+                .join("adapters")
+                .to_string_lossy()
+                .into_owned()
+        }),
         adapter_cache_bytes: args.adapter_cache_mb << 20,
         engine: EngineConfig {
             max_sequences: args.max_sequences.max(1),

@@ -1,13 +1,14 @@
 //! Where the server's adapters live: a local directory, one namespace per
-//! tenant (`DIR/<tenant>/<id>.safetensors`), and a host cache of validated
-//! deltas bounded in bytes (least recently used out first; pinned adapters
-//! stay).
+//! tenant (`DIR/<tenant>/<id>.safetensors`) — or, with the `object-store`
+//! feature, the same layout in an object store (`s3://bucket/prefix` with
+//! the `s3` feature, `memory://`) — and a host cache of validated deltas
+//! bounded in bytes (least recently used out first; pinned adapters stay).
 //!
 //! Each file carries its version in its metadata (`svfit.version`); an
 //! upload of an existing id writes version + 1, atomically, so a reader
 //! sees the old file or the new one. Files dropped into the directory are
-//! picked up on their first use (and re-read when they change on disk: the
-//! cache remembers each file's size and modification time). Every entry
+//! picked up on their first use (and re-read when they change: the cache
+//! remembers each file's size and modification time or entity tag). Every entry
 //! handed to the engine is keyed by version and content, so a replaced
 //! adapter never shares a slot or a cache entry with its old version.
 
@@ -64,8 +65,8 @@ pub struct CacheStats {
 
 struct Cached {
     stored: Arc<Stored>,
-    /// The file's (size, modification time) when read.
-    fingerprint: (u64, Option<SystemTime>),
+    /// The file's fingerprint when read.
+    fingerprint: Fingerprint,
     bytes: usize,
 }
 
@@ -75,8 +76,108 @@ struct State {
     stats: CacheStats,
 }
 
+/// Identifies one state of a file: size and modification time (or tag).
+pub type Fingerprint = (u64, String);
+
+/// Storage of adapter files by (tenant, id).
+pub trait Backend: Send + Sync {
+    /// The file's fingerprint, `None` when it does not exist.
+    fn stat(&self, tenant: &str, id: &str) -> Result<Option<Fingerprint>, StoreError>;
+    fn read(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Replaces the file atomically.
+    fn write(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Whether there was a file to delete.
+    fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError>;
+    fn tenants(&self) -> Result<Vec<String>, StoreError>;
+    fn ids(&self, tenant: &str) -> Result<Vec<String>, StoreError>;
+}
+
+/// Adapter files in a local directory.
+pub struct LocalDir(PathBuf);
+
+impl LocalDir {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        Ok(LocalDir(dir.to_path_buf()))
+    }
+
+    fn path(&self, tenant: &str, id: &str) -> PathBuf {
+        self.0.join(tenant).join(format!("{id}.safetensors"))
+    }
+
+    /// Names of the entries of `dir` that `keep` maps to a name.
+    fn names(dir: &Path, keep: impl Fn(&std::fs::DirEntry) -> Option<String>) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| keep(&e))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Backend for LocalDir {
+    fn stat(&self, tenant: &str, id: &str) -> Result<Option<Fingerprint>, StoreError> {
+        Ok(std::fs::metadata(self.path(tenant, id)).ok().map(|m| {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            (m.len(), modified.to_string())
+        }))
+    }
+
+    fn read(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(std::fs::read(self.path(tenant, id)).ok())
+    }
+
+    fn write(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(tenant, id);
+        crate::home::write_atomic(&path, |w| std::io::Write::write_all(w, bytes))
+            .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))
+    }
+
+    fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(std::fs::remove_file(self.path(tenant, id)).is_ok())
+    }
+
+    fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Self::names(&self.0, |e| {
+            e.path()
+                .is_dir()
+                .then(|| e.file_name().into_string().ok())
+                .flatten()
+        }))
+    }
+
+    fn ids(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
+        Ok(Self::names(&self.0.join(tenant), |e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".safetensors").map(str::to_string)
+        }))
+    }
+}
+
+/// The backend for `--adapters`: a directory, or (with the `object-store`
+/// feature) an object store URL such as `s3://bucket/prefix`.
+pub fn backend(location: &str) -> Result<Box<dyn Backend>, StoreError> {
+    if location.contains("://") {
+        #[cfg(feature = "object-store")]
+        return Ok(Box::new(object::Objects::open(location)?));
+        #[cfg(not(feature = "object-store"))]
+        return Err(StoreError::Io(format!(
+            "{location}: object store URLs need svfit built with --features s3 (or object-store)"
+        )));
+    }
+    Ok(Box::new(LocalDir::open(Path::new(location))?))
+}
+
 pub struct AdapterStore {
-    dir: PathBuf,
+    backend: Box<dyn Backend>,
     key: FactorsKey,
     singular: SingularValues,
     budget: usize,
@@ -102,18 +203,17 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
 }
 
 impl AdapterStore {
-    /// A store in `dir` for adapters of the factors `key` (whose singular
-    /// values are `singular`), caching at most `budget` bytes of deltas.
+    /// A store over `backend` for adapters of the factors `key` (whose
+    /// singular values are `singular`), caching at most `budget` bytes of
+    /// deltas.
     pub fn open(
-        dir: &Path,
+        backend: Box<dyn Backend>,
         key: FactorsKey,
         singular: SingularValues,
         budget: usize,
-    ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
-        Ok(AdapterStore {
-            dir: dir.to_path_buf(),
+    ) -> Self {
+        AdapterStore {
+            backend,
             key,
             singular,
             budget,
@@ -122,7 +222,7 @@ impl AdapterStore {
                 pinned: HashSet::new(),
                 stats: CacheStats::default(),
             }),
-        })
+        }
     }
 
     pub fn key(&self) -> &FactorsKey {
@@ -131,10 +231,6 @@ impl AdapterStore {
 
     pub fn singular(&self) -> &SingularValues {
         &self.singular
-    }
-
-    fn path(&self, tenant: &str, id: &str) -> PathBuf {
-        self.dir.join(tenant).join(format!("{id}.safetensors"))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -157,9 +253,8 @@ impl AdapterStore {
     pub fn get(&self, tenant: &str, id: &str) -> Result<Arc<Stored>, StoreError> {
         check_name("tenant", tenant)?;
         check_name("adapter id", id)?;
-        let path = self.path(tenant, id);
-        let meta = std::fs::metadata(&path).map_err(|_| StoreError::NotFound(id.to_string()))?;
-        let fingerprint = (meta.len(), meta.modified().ok());
+        let not_found = || StoreError::NotFound(id.to_string());
+        let fingerprint = self.backend.stat(tenant, id)?.ok_or_else(not_found)?;
         let name = (tenant.to_string(), id.to_string());
         {
             let mut s = self.state();
@@ -172,7 +267,7 @@ impl AdapterStore {
             }
             s.stats.misses += 1;
         }
-        let bytes = std::fs::read(&path).map_err(|_| StoreError::NotFound(id.to_string()))?;
+        let bytes = self.backend.read(tenant, id)?.ok_or_else(not_found)?;
         let stored = Arc::new(self.validate(tenant, id, &bytes)?);
         let size = stored
             .deltas
@@ -256,31 +351,33 @@ impl AdapterStore {
     pub fn put(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<Arc<Stored>, StoreError> {
         check_name("tenant", tenant)?;
         check_name("adapter id", id)?;
-        let path = self.path(tenant, id);
         let mut stored = self.validate(tenant, id, bytes)?;
-        let previous = std::fs::read(&path)
-            .ok()
-            .and_then(|b| Adapter::parse(&b, &path).ok())
-            .and_then(|a| a.info.get(VERSION_KEY).and_then(|v| v.parse::<u64>().ok()))
-            .unwrap_or(0);
-        let version = previous.max(if path.exists() { 1 } else { 0 }) + 1;
+        let previous = match self.backend.read(tenant, id)? {
+            None => 0,
+            Some(old) => Adapter::parse(&old, Path::new(id))
+                .ok()
+                .and_then(|a| a.info.get(VERSION_KEY).and_then(|v| v.parse().ok()))
+                .unwrap_or(1),
+        };
         stored
             .adapter
             .info
-            .insert(VERSION_KEY.into(), version.to_string());
-        stored
+            .insert(VERSION_KEY.into(), (previous + 1).to_string());
+        let bytes = stored
             .adapter
-            .write(&path)
+            .to_bytes()
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        // Re-read through the cache so the entry matches the file on disk.
+        self.backend.write(tenant, id, &bytes)?;
+        // Read back through the cache so the entry matches what is stored.
         self.get(tenant, id)
     }
 
     pub fn delete(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
         check_name("tenant", tenant)?;
         check_name("adapter id", id)?;
-        let path = self.path(tenant, id);
-        std::fs::remove_file(&path).map_err(|_| StoreError::NotFound(id.to_string()))?;
+        if !self.backend.delete(tenant, id)? {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
         let mut s = self.state();
         let name = (tenant.to_string(), id.to_string());
         s.cache.pop(&name);
@@ -302,38 +399,29 @@ impl AdapterStore {
         Ok(stored)
     }
 
+    pub fn pinned_count(&self) -> usize {
+        self.state().pinned.len()
+    }
+
     pub fn is_pinned(&self, tenant: &str, id: &str) -> bool {
         self.state()
             .pinned
             .contains(&(tenant.to_string(), id.to_string()))
     }
 
-    /// Tenants with a directory, sorted.
-    pub fn tenants(&self) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| check_name("tenant", n).is_ok())
-            .collect();
-        out.sort();
-        out
+    /// Tenants that have adapters, sorted.
+    pub fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        let mut t = self.backend.tenants()?;
+        t.retain(|n| check_name("tenant", n).is_ok());
+        Ok(t)
     }
 
     /// Adapter ids of `tenant`, sorted.
-    pub fn ids(&self, tenant: &str) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(self.dir.join(tenant))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter_map(|n| n.strip_suffix(".safetensors").map(str::to_string))
-            .filter(|n| check_name("adapter id", n).is_ok())
-            .collect();
-        out.sort();
-        out
+    pub fn ids(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
+        check_name("tenant", tenant)?;
+        let mut ids = self.backend.ids(tenant)?;
+        ids.retain(|n| check_name("adapter id", n).is_ok());
+        Ok(ids)
     }
 
     /// The deltas of a weighted mix, keyed for the engine by its parts'
@@ -357,4 +445,138 @@ impl AdapterStore {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Adapter files in an object store (the `object-store` feature), laid
+/// out as in a directory: `<prefix>/<tenant>/<id>.safetensors`. Calls run
+/// on the store's own small runtime, so they may come from any thread.
+#[cfg(feature = "object-store")]
+mod object {
+    use object_store::path::Path as ObjectPath;
+    use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+    use super::{Backend, Fingerprint, StoreError};
+
+    pub struct Objects {
+        store: Box<dyn ObjectStore>,
+        prefix: ObjectPath,
+        runtime: tokio::runtime::Runtime,
+    }
+
+    fn io(e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io(e.to_string())
+    }
+
+    impl Objects {
+        /// Opens `url`; options come from `AWS_*` (and other provider)
+        /// environment variables.
+        pub fn open(url: &str) -> Result<Self, StoreError> {
+            let parsed = url::Url::parse(url).map_err(|e| io(format!("{url}: {e}")))?;
+            let options = std::env::vars()
+                .filter(|(k, _)| k.starts_with("AWS_"))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v));
+            let (store, prefix) = object_store::parse_url_opts(&parsed, options)
+                .map_err(|e| io(format!("{url}: {e}")))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(io)?;
+            Ok(Objects {
+                store,
+                prefix,
+                runtime,
+            })
+        }
+
+        fn path(&self, tenant: &str, id: &str) -> ObjectPath {
+            self.prefix
+                .clone()
+                .join(tenant)
+                .join(format!("{id}.safetensors").as_str())
+        }
+
+        fn run<T>(&self, f: impl std::future::Future<Output = T> + Send) -> T
+        where
+            T: Send,
+        {
+            std::thread::scope(|s| {
+                s.spawn(|| self.runtime.block_on(f))
+                    .join()
+                    .expect("object store call panicked")
+            })
+        }
+
+        /// Names directly under `dir` (sub-prefixes when `dirs`, else
+        /// objects), last path part only.
+        fn names(&self, dir: ObjectPath, dirs: bool) -> Result<Vec<String>, StoreError> {
+            let listed = self
+                .run(self.store.list_with_delimiter(Some(&dir)))
+                .map_err(io)?;
+            let paths: Vec<ObjectPath> = if dirs {
+                listed.common_prefixes
+            } else {
+                listed.objects.into_iter().map(|o| o.location).collect()
+            };
+            let mut out: Vec<String> = paths
+                .iter()
+                .filter_map(|p| p.filename().map(str::to_string))
+                .collect();
+            out.sort();
+            Ok(out)
+        }
+    }
+
+    impl Backend for Objects {
+        fn stat(&self, tenant: &str, id: &str) -> Result<Option<Fingerprint>, StoreError> {
+            match self.run(self.store.head(&self.path(tenant, id))) {
+                Ok(meta) => Ok(Some((
+                    meta.size,
+                    meta.e_tag
+                        .unwrap_or_else(|| meta.last_modified.to_rfc3339()),
+                ))),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(io(e)),
+            }
+        }
+
+        fn read(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            let path = self.path(tenant, id);
+            let result = self.run(async { self.store.get(&path).await?.bytes().await });
+            match result {
+                Ok(bytes) => Ok(Some(bytes.to_vec())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(io(e)),
+            }
+        }
+
+        fn write(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+            let payload = PutPayload::from(bytes.to_vec());
+            self.run(self.store.put(&self.path(tenant, id), payload))
+                .map(|_| ())
+                .map_err(io)
+        }
+
+        fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+            if self.stat(tenant, id)?.is_none() {
+                return Ok(false);
+            }
+            self.run(self.store.delete(&self.path(tenant, id)))
+                .map_err(io)?;
+            Ok(true)
+        }
+
+        fn tenants(&self) -> Result<Vec<String>, StoreError> {
+            self.names(self.prefix.clone(), true)
+        }
+
+        fn ids(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
+            let dir = self.prefix.clone().join(tenant);
+            Ok(self
+                .names(dir, false)?
+                .into_iter()
+                .filter_map(|n| n.strip_suffix(".safetensors").map(str::to_string))
+                .collect())
+        }
+    }
 }

@@ -37,12 +37,11 @@ pub enum WriteError {
     Io(#[from] std::io::Error),
 }
 
-/// Writes `entries` and `metadata` as a safetensors file, atomically.
-pub fn write(
-    path: &Path,
+/// `entries` and `metadata` as the bytes of a safetensors file.
+pub fn serialize(
     entries: &[Entry],
     metadata: HashMap<String, String>,
-) -> Result<(), WriteError> {
+) -> Result<Vec<u8>, WriteError> {
     let views = entries
         .iter()
         .map(|e| {
@@ -54,8 +53,16 @@ pub fn write(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| WriteError::Serialize(e.to_string()))?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| WriteError::Serialize(e.to_string()))
+}
+
+/// Writes `entries` and `metadata` as a safetensors file, atomically.
+pub fn write(
+    path: &Path,
+    entries: &[Entry],
+    metadata: HashMap<String, String>,
+) -> Result<(), WriteError> {
+    let bytes = serialize(entries, metadata)?;
     crate::home::write_atomic(path, |w| std::io::Write::write_all(w, &bytes))?;
     Ok(())
 }

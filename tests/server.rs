@@ -84,7 +84,7 @@ fn config(dir: &Path) -> ServeConfig {
         },
         factors: b.key.clone(),
         home: b.home.clone(),
-        adapters_dir: dir.join("adapters"),
+        adapters: dir.join("adapters").to_string_lossy().into_owned(),
         adapter_cache_bytes: 64 << 20,
         engine: EngineConfig {
             max_sequences: 16,
@@ -201,7 +201,7 @@ async fn concurrent_tenants_get_their_own_adapters() {
     for t in 0..8 {
         key_lines.push_str(&format!("key{t} tenant{t}\n"));
         files.push(write(
-            &config.adapters_dir,
+            Path::new(&config.adapters),
             &format!("tenant{t}"),
             "style",
             &adapter(t),
@@ -386,7 +386,7 @@ async fn small_cache_evicts_and_stays_correct() {
     let files: Vec<PathBuf> = (0..6)
         .map(|t| {
             write(
-                &config.adapters_dir,
+                Path::new(&config.adapters),
                 "default",
                 &format!("t{t}"),
                 &adapter(200 + t),
@@ -406,6 +406,41 @@ async fn small_cache_evicts_and_stays_correct() {
             assert_eq!(&got.text, want, "round {round}, tenant {t}");
         }
     }
+    // Pins: with two slots, one adapter may be pinned, not two.
+    let (_, mut admin) = clients(&running).await;
+    let pin = |id: &str, pinned: bool| pb::PinRequest {
+        id: id.into(),
+        tenant: String::new(),
+        pinned,
+    };
+    assert!(
+        admin
+            .pin(pin("t0", true))
+            .await
+            .unwrap()
+            .into_inner()
+            .pinned
+    );
+    assert_eq!(
+        admin.pin(pin("t1", true)).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    for (t, want) in want.iter().enumerate() {
+        let got = infer
+            .generate(greedy(&format!("t{t}"), PROMPTS[1], 8))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&got.text, want, "pinned round, tenant {t}");
+    }
+    assert!(
+        !admin
+            .pin(pin("t0", false))
+            .await
+            .unwrap()
+            .into_inner()
+            .pinned
+    );
     let evictions = metric(&running, "svfit_adapter_cache_evictions_total").await;
     let slot_evictions = metric(&running, "svfit_adapter_slot_evictions_total").await;
     eprintln!("host evictions {evictions}, slot evictions {slot_evictions}");
@@ -575,8 +610,8 @@ async fn tenants_cannot_touch_each_others_adapters() {
 async fn same_prompt_never_reuses_another_adapters_state() {
     let dir = TempDir::new("server-reuse");
     let config = config(dir.path());
-    let a = write(&config.adapters_dir, "default", "a", &adapter(400));
-    let b = write(&config.adapters_dir, "default", "b", &adapter(401));
+    let a = write(Path::new(&config.adapters), "default", "a", &adapter(400));
+    let b = write(Path::new(&config.adapters), "default", "b", &adapter(401));
     let running = server::start(config).await.unwrap();
     let (mut infer, _) = clients(&running).await;
     let want_a = cli(Some(&a), PROMPTS[1], MAX_TOKENS);
@@ -748,5 +783,149 @@ async fn health_and_reflection_answer() {
     ] {
         assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
     }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deadline_cancels_the_request() {
+    let dir = TempDir::new("server-deadline");
+    let running = server::start(config(dir.path())).await.unwrap();
+    let (mut infer, _) = clients(&running).await;
+    let mut request = Request::new(greedy("", PROMPTS[0], 2000));
+    request.set_timeout(Duration::from_millis(300));
+    let status = infer.generate(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let start = Instant::now();
+    while metric(&running, "svfit_active_sequences").await > 0.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "sequence not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        metric(&running, "svfit_requests_cancelled_total").await,
+        1.0
+    );
+    running.stop().await;
+}
+
+/// One tenant's flood does not starve another: admission is round-robin
+/// over tenants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flooding_tenant_does_not_starve_others() {
+    let dir = TempDir::new("server-fair");
+    let mut config = config(dir.path());
+    config.engine.max_sequences = 2;
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "ka alice\nkb bob\n").unwrap();
+    config.api_keys = Some(keys);
+    let running = server::start(config).await.unwrap();
+    let (infer, _) = clients(&running).await;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..16 {
+        let (mut client, done) = (infer.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let r = with_key(greedy("", PROMPTS[0], 24), "ka");
+            client.generate(r).await.unwrap();
+            let _ = done.send(format!("alice{i}"));
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut client, done) = (infer.clone(), done_tx.clone());
+    tokio::spawn(async move {
+        client
+            .generate(with_key(greedy("", PROMPTS[0], 24), "kb"))
+            .await
+            .unwrap();
+        let _ = done.send("bob".to_string());
+    });
+    drop(done_tx);
+    let mut order = Vec::new();
+    while let Some(name) = done_rx.recv().await {
+        order.push(name);
+    }
+    let bob = order.iter().position(|n| n == "bob").unwrap();
+    eprintln!("bob finished {} of {}", bob + 1, order.len());
+    assert!(bob <= 4, "bob waited behind alice's flood: {order:?}");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_serves_and_plaintext_is_refused() {
+    use tonic::transport::{Certificate, ClientTlsConfig};
+    let dir = TempDir::new("server-tls");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, &cert_pem).unwrap();
+    std::fs::write(&key_path, &key_pem).unwrap();
+    let mut config = config(dir.path());
+    config.tls = Some((cert_path, key_path));
+    let running = server::start(config).await.unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&cert_pem))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", running.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut infer = InferenceClient::new(channel);
+    let out = infer
+        .generate(greedy("", PROMPTS[1], 4))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.usage.unwrap().completion_tokens, 4);
+    let (mut plain, _) = clients(&running).await;
+    assert!(plain.model_info(pb::ModelInfoRequest {}).await.is_err());
+    running.stop().await;
+}
+
+/// The object-store adapter backend (here `memory://`; `s3://` with the
+/// `s3` feature goes through the same code).
+#[cfg(feature = "object-store")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn object_store_adapters_round_trip() {
+    let dir = TempDir::new("server-objects");
+    let mut config = config(dir.path());
+    config.adapters = "memory:///adapters".into();
+    let running = server::start(config).await.unwrap();
+    let (mut infer, mut admin) = clients(&running).await;
+    let (v1_path, v1) = file_bytes(dir.path(), "v1.safetensors", &adapter(600));
+    let (v2_path, v2) = file_bytes(dir.path(), "v2.safetensors", &adapter(601));
+    assert_eq!(upload(&mut admin, "obj", v1).await.unwrap().version, 1);
+    let got = infer
+        .generate(greedy("obj", PROMPTS[1], MAX_TOKENS))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.text, cli(Some(&v1_path), PROMPTS[1], MAX_TOKENS));
+    assert_eq!(upload(&mut admin, "obj", v2).await.unwrap().version, 2);
+    let got = infer
+        .generate(greedy("obj", PROMPTS[1], MAX_TOKENS))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.adapter_version, "obj@v2");
+    assert_eq!(got.text, cli(Some(&v2_path), PROMPTS[1], MAX_TOKENS));
+    let list = admin
+        .list(pb::ListAdaptersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.adapters.len(), 1);
+    let r = pb::AdapterRef {
+        id: "obj".into(),
+        tenant: String::new(),
+    };
+    admin.delete(r.clone()).await.unwrap();
+    assert_eq!(admin.get(r).await.unwrap_err().code(), Code::NotFound);
     running.stop().await;
 }

@@ -51,7 +51,9 @@ pub struct ServeConfig {
     /// holds (or receives) them.
     pub factors: FactorsKey,
     pub home: PathBuf,
-    pub adapters_dir: PathBuf,
+    /// Where adapters live: a directory, or an object store URL (with the
+    /// `object-store` / `s3` features).
+    pub adapters: String,
     pub adapter_cache_bytes: usize,
     pub engine: EngineConfig,
     pub max_tokens_default: usize,
@@ -132,11 +134,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         let tokenizer = Arc::new(Tokenizer::load(&config.model)?);
         let engine = Engine::start(model, tokenizer.clone(), config.engine.clone())?;
         let store = AdapterStore::open(
-            &config.adapters_dir,
+            crate::store::backend(&config.adapters)?,
             config.factors.clone(),
             singular,
             config.adapter_cache_bytes,
-        )?;
+        );
         anyhow::Ok((engine, store, tokenizer, ranks))
     })
     .await??;
@@ -706,7 +708,7 @@ impl Adapters for AdaptersService {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         let tenants = if r.tenant.is_empty() && caller.admin && self.0.keys.is_some() {
-            self.0.store.tenants()
+            self.0.store.tenants().map_err(store_status)?
         } else {
             vec![caller.tenant(&r.tenant)?]
         };
@@ -714,17 +716,12 @@ impl Adapters for AdaptersService {
             0 => 100,
             n => n.min(1000) as usize,
         };
-        let mut names: Vec<(String, String)> = tenants
-            .iter()
-            .flat_map(|t| {
-                self.0
-                    .store
-                    .ids(t)
-                    .into_iter()
-                    .map(move |id| (t.clone(), id))
-            })
-            .filter(|(t, id)| r.page_token.is_empty() || format!("{t}/{id}") > r.page_token)
-            .collect();
+        let mut names: Vec<(String, String)> = Vec::new();
+        for t in &tenants {
+            let ids = self.0.store.ids(t).map_err(store_status)?;
+            names.extend(ids.into_iter().map(|id| (t.clone(), id)));
+        }
+        names.retain(|(t, id)| r.page_token.is_empty() || format!("{t}/{id}") > r.page_token);
         names.sort();
         let more = names.len() > page_size;
         names.truncate(page_size);
@@ -772,6 +769,17 @@ impl Adapters for AdaptersService {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         let tenant = caller.tenant(&r.tenant)?;
+        let slots = self.0.engine.config().adapter_slots;
+        if r.pinned
+            && !self.0.store.is_pinned(&tenant, &r.id)
+            && self.0.store.pinned_count() + 1 >= slots
+        {
+            // Keep one slot for everything else.
+            return Err(Status::failed_precondition(format!(
+                "{} adapters are pinned; the server has {slots} slots",
+                self.0.store.pinned_count()
+            )));
+        }
         let shared = self.0.clone();
         let stored = blocking(move || shared.store.pin(&tenant, &r.id, r.pinned)).await?;
         self.0.engine.pin(&stored.deltas.key, r.pinned);
