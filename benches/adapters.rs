@@ -120,10 +120,7 @@ fn main() {
 
     println!(
         "model {}, {} threads, q,v factors as q8_0, generate {GEN} tokens, best of {} runs",
-        opts.model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        opts.model_name(),
         opts.threads,
         opts.reps
     );

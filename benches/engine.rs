@@ -107,10 +107,7 @@ fn main() {
 
     println!(
         "model {}, {} threads, best of {} runs",
-        opts.model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        opts.model_name(),
         opts.threads,
         opts.reps
     );

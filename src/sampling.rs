@@ -192,7 +192,7 @@ impl SplitMix64 {
         (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

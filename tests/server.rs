@@ -888,14 +888,16 @@ async fn tls_serves_and_plaintext_is_refused() {
     running.stop().await;
 }
 
-/// The object-store adapter backend (here `memory://`; `s3://` with the
-/// `s3` feature goes through the same code).
+/// The object-store adapter backend: `memory://` by default, or the URL in
+/// `SVFIT_TEST_OBJECT_URL` (e.g. `s3://bucket/prefix` against an S3 mock,
+/// with the `s3` feature and `AWS_*` variables).
 #[cfg(feature = "object-store")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn object_store_adapters_round_trip() {
     let dir = TempDir::new("server-objects");
     let mut config = config(dir.path());
-    config.adapters = "memory:///adapters".into();
+    config.adapters =
+        std::env::var("SVFIT_TEST_OBJECT_URL").unwrap_or_else(|_| "memory:///adapters".into());
     let running = server::start(config).await.unwrap();
     let (mut infer, mut admin) = clients(&running).await;
     let (v1_path, v1) = file_bytes(dir.path(), "v1.safetensors", &adapter(600));

@@ -40,6 +40,16 @@ pub fn parse_args(reps: usize) -> Options {
     opts
 }
 
+impl Options {
+    /// The model's file name, for report headers.
+    pub fn model_name(&self) -> String {
+        self.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
 pub fn exit(msg: &str) -> ! {
     eprintln!("error: {msg}");
     std::process::exit(2)

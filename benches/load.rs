@@ -1,0 +1,883 @@
+//! Multi-tenant load test: `svfit serve` (in-process, real gRPC over
+//! loopback) versus llama.cpp (through `llama-cpp-2`, in-process) serving
+//! the same traffic on the same model and threads.
+//!
+//! llama.cpp runs as its server does: continuous batching, but a batch can
+//! hold only one LoRA set, so each step decodes the running sequences in
+//! one call per distinct adapter (per-tenant LoRAs of rank 8 on q and v,
+//! written by this bench as GGUF LoRA files).
+//!
+//! `cargo bench --bench load -- --scenario NAME [options]`
+//!
+//! Scenarios: `base` (no adapters), `one` (every request on one adapter),
+//! `many` (64 adapters, all resident), `cold` (1,000 adapters, a host cache
+//! and slot pool smaller than the working set: cold loads from the store;
+//! svfit only, plus the measured cost of one cold load), `mix` (each request
+//! a weighted mix of two of 64 adapters; svfit only).
+//!
+//! Options: `--clients N` (concurrent streaming clients, default 8),
+//! `--seconds S` (per engine, default 40), `--requests N` (stop after N
+//! instead), `--rate R` (open loop: Poisson arrivals at R requests/s
+//! instead of closed loop), `--prompt-words N` (default 30), `--gen N`
+//! (tokens per request, default 32), `--threads N`, `--model PATH`,
+//! `--addr HOST:PORT` (drive a running server instead of starting one;
+//! its adapters must exist), `--no-llama`, `--json FILE`.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use svfit::adapter::Adapter;
+use svfit::engine::EngineConfig;
+use svfit::factors::{self, FactorsKey, SingularValues};
+use svfit::ggml::gguf::{GgufFile, GgufWriter};
+use svfit::ggml::{self, Type};
+use svfit::model::tokenizer::llama_backend;
+use svfit::model::LoadOptions;
+use svfit::sampling::{argmax, SplitMix64};
+use svfit::server::pb::inference_client::InferenceClient;
+use svfit::server::pb::{self, generate_request::Input};
+use svfit::store::{AdapterStore, LocalDir};
+use tokio::sync::mpsc;
+
+fn exit(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(2)
+}
+
+fn fail<T, E: std::fmt::Display>(e: E) -> T {
+    exit(&e.to_string())
+}
+
+struct Options {
+    scenario: String,
+    clients: usize,
+    seconds: f64,
+    requests: Option<usize>,
+    rate: Option<f64>,
+    prompt_words: usize,
+    gen: u32,
+    threads: usize,
+    model: PathBuf,
+    addr: Option<String>,
+    llama: bool,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Options {
+    let mut o = Options {
+        scenario: String::new(),
+        clients: 8,
+        seconds: 40.0,
+        requests: None,
+        rate: None,
+        prompt_words: 30,
+        gen: 32,
+        threads: svfit::model::default_threads(),
+        model: svfit::home::resolve_model(None).unwrap_or_else(fail),
+        addr: None,
+        llama: true,
+        json: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| exit(&format!("{arg} needs a value")))
+        };
+        let number = |v: String| -> f64 {
+            v.parse()
+                .unwrap_or_else(|_| exit(&format!("bad number {v}")))
+        };
+        match arg.as_str() {
+            "--scenario" => o.scenario = value(),
+            "--clients" => o.clients = number(value()) as usize,
+            "--seconds" => o.seconds = number(value()),
+            "--requests" => o.requests = Some(number(value()) as usize),
+            "--rate" => o.rate = Some(number(value())),
+            "--prompt-words" => o.prompt_words = number(value()) as usize,
+            "--gen" => o.gen = number(value()) as u32,
+            "--threads" => o.threads = number(value()) as usize,
+            "--model" => o.model = PathBuf::from(value()),
+            "--addr" => o.addr = Some(value()),
+            "--no-llama" => o.llama = false,
+            "--json" => o.json = Some(PathBuf::from(value())),
+            "--bench" => {}
+            other => exit(&format!("unknown option {other}")),
+        }
+    }
+    if !["base", "one", "many", "cold", "mix"].contains(&o.scenario.as_str()) {
+        exit("--scenario must be one of base, one, many, cold, mix");
+    }
+    o
+}
+
+/// What one request asks for.
+#[derive(Clone)]
+enum Which {
+    Base,
+    Adapter(usize),
+    Mix(usize, usize),
+}
+
+#[derive(Clone)]
+struct Job {
+    which: Which,
+    prompt: String,
+}
+
+/// The traffic of a scenario: an endless, seeded sequence of requests.
+struct Traffic {
+    adapters: usize,
+    scenario: String,
+    words: usize,
+    rng: SplitMix64,
+}
+
+const WORDS: &[&str] = &[
+    "river", "market", "engine", "garden", "letter", "window", "mountain", "signal", "winter",
+    "planet", "harbor", "forest", "lantern", "bridge", "meadow", "violin", "castle", "desert",
+    "ocean", "silver", "thunder", "village", "compass", "orchard", "library", "canyon",
+];
+
+impl Traffic {
+    fn next(&mut self) -> Job {
+        let mut pick = |n: usize| (self.rng.next_u64() % n as u64) as usize;
+        let which = match self.scenario.as_str() {
+            "base" => Which::Base,
+            "one" => Which::Adapter(0),
+            "mix" => Which::Mix(pick(self.adapters), pick(self.adapters)),
+            _ => Which::Adapter(pick(self.adapters)),
+        };
+        let mut prompt = String::from("Tell a short story about");
+        for _ in 0..self.words {
+            prompt.push(' ');
+            prompt.push_str(WORDS[pick(WORDS.len())]);
+        }
+        prompt.push('.');
+        Job { which, prompt }
+    }
+}
+
+/// Timings of one finished request.
+struct Sample {
+    ttft: Duration,
+    gaps: Vec<Duration>,
+    tokens: usize,
+}
+
+struct Report {
+    engine: String,
+    scenario: String,
+    clients: usize,
+    requests: usize,
+    seconds: f64,
+    requests_per_s: f64,
+    tokens_per_s: f64,
+    ttft_ms: [f64; 3],
+    itl_ms: [f64; 3],
+    extra: Vec<(String, f64)>,
+}
+
+impl Report {
+    /// The report as a JSON object.
+    fn json(&self) -> String {
+        let extra: Vec<String> = self
+            .extra
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": {v}"))
+            .collect();
+        format!(
+            "{{\"engine\": \"{}\", \"scenario\": \"{}\", \"clients\": {}, \"requests\": {}, \"seconds\": {:.3}, \
+             \"requests_per_s\": {:.3}, \"tokens_per_s\": {:.3}, \"ttft_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}, \
+             \"itl_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}{}{}}}",
+            self.engine,
+            self.scenario,
+            self.clients,
+            self.requests,
+            self.seconds,
+            self.requests_per_s,
+            self.tokens_per_s,
+            self.ttft_ms[0],
+            self.ttft_ms[1],
+            self.ttft_ms[2],
+            self.itl_ms[0],
+            self.itl_ms[1],
+            self.itl_ms[2],
+            if extra.is_empty() { "" } else { ", " },
+            extra.join(", ")
+        )
+    }
+}
+
+fn percentiles(mut v: Vec<Duration>) -> [f64; 3] {
+    if v.is_empty() {
+        return [0.0; 3];
+    }
+    v.sort();
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    [at(0.50), at(0.95), at(0.99)]
+}
+
+fn report(engine: &str, o: &Options, samples: &[Sample], elapsed: Duration) -> Report {
+    let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+    let secs = elapsed.as_secs_f64();
+    Report {
+        engine: engine.into(),
+        scenario: o.scenario.clone(),
+        clients: o.clients,
+        requests: samples.len(),
+        seconds: secs,
+        requests_per_s: samples.len() as f64 / secs,
+        tokens_per_s: tokens as f64 / secs,
+        ttft_ms: percentiles(samples.iter().map(|s| s.ttft).collect()),
+        itl_ms: percentiles(samples.iter().flat_map(|s| s.gaps.clone()).collect()),
+        extra: Vec::new(),
+    }
+}
+
+/// Runs `o.clients` closed-loop clients (or Poisson arrivals with
+/// `--rate`) over `send` until the time or request budget is spent.
+async fn drive<F, Fut>(o: &Options, traffic: &mut Traffic, send: F) -> (Vec<Sample>, Duration)
+where
+    F: Fn(Job) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Sample> + Send,
+{
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(o.seconds);
+    let budget = o.requests.unwrap_or(usize::MAX);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut issued = 0;
+    let jobs: Vec<Job> = (0..budget.min(100_000)).map(|_| traffic.next()).collect();
+    let jobs = Arc::new(jobs);
+    match o.rate {
+        None => {
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for _ in 0..o.clients {
+                let (send, tx, jobs, next) = (send.clone(), tx.clone(), jobs.clone(), next.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= jobs.len() || Instant::now() >= deadline {
+                            return;
+                        }
+                        let sample = send(jobs[i].clone()).await;
+                        if tx.send(sample).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            let mut rng = SplitMix64::new(7);
+            let mut at = start;
+            while issued < jobs.len() && at < deadline {
+                let u = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                at += Duration::from_secs_f64(-u.ln() / rate);
+                tokio::time::sleep_until(at.into()).await;
+                let (send, tx, job) = (send.clone(), tx.clone(), jobs[issued].clone());
+                tokio::spawn(async move {
+                    let _ = tx.send(send(job).await);
+                });
+                issued += 1;
+            }
+        }
+    }
+    drop(tx);
+    let mut samples = Vec::new();
+    while let Some(s) = rx.recv().await {
+        samples.push(s);
+    }
+    (samples, start.elapsed())
+}
+
+/// Peak resident memory of this process (VmHWM), in MB.
+fn peak_rss_mb() -> f64 {
+    rss_field("VmHWM")
+}
+
+fn rss_mb() -> f64 {
+    rss_field("VmRSS")
+}
+
+fn rss_field(name: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with(name)).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Base {
+    key: FactorsKey,
+    singular: SingularValues,
+    home: PathBuf,
+}
+
+fn base(o: &Options) -> Base {
+    let home = svfit::home::home_dir();
+    let key = FactorsKey {
+        base_sha256: svfit::home::sha256_file(&o.model).unwrap_or_else(fail),
+        targets: "q,v".parse().unwrap_or_else(fail),
+        policy: "energy:0.99".parse().unwrap_or_else(fail),
+        dtype: "f16".parse().unwrap_or_else(fail),
+    };
+    let path = factors::ensure(&o.model, &key, &home).unwrap_or_else(fail);
+    let singular = factors::read_singular_values(&path, &key).unwrap_or_else(fail);
+    Base {
+        key,
+        singular,
+        home,
+    }
+}
+
+/// SVFit adapters `t0 .. t{n-1}` of tenant "default", random deltas.
+fn write_adapters(b: &Base, dir: &Path, n: usize) {
+    for i in 0..n {
+        let mut a = Adapter::identity(&b.key, &b.singular);
+        let mut rng = SplitMix64::new(i as u64 + 1);
+        for v in a.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
+            *v *= 1.0 + 0.05 * rng.normal();
+        }
+        a.write(&dir.join("default").join(format!("t{i}.safetensors")))
+            .unwrap_or_else(fail);
+    }
+}
+
+fn request(job: &Job, gen: u32) -> pb::GenerateRequest {
+    let (adapter, mix) = match job.which {
+        Which::Base => (String::new(), Vec::new()),
+        Which::Adapter(i) => (format!("t{i}"), Vec::new()),
+        Which::Mix(i, j) => (
+            String::new(),
+            vec![
+                pb::MixPart {
+                    adapter: format!("t{i}"),
+                    weight: 0.7,
+                },
+                pb::MixPart {
+                    adapter: format!("t{j}"),
+                    weight: 0.3,
+                },
+            ],
+        ),
+    };
+    pb::GenerateRequest {
+        adapter,
+        mix,
+        input: Some(Input::Prompt(job.prompt.clone())),
+        sampling: Some(pb::Sampling {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        max_tokens: gen,
+        // Never stop early: every request generates exactly `gen` tokens.
+        ..Default::default()
+    }
+}
+
+async fn metrics(addr: std::net::SocketAddr) -> HashMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(fail);
+    let _ = socket.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    let mut body = String::new();
+    let _ = socket.read_to_string(&mut body).await;
+    body.lines()
+        .filter(|l| l.starts_with("svfit_"))
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Report {
+    let adapters = dir.join("adapters");
+    let rss_before = rss_mb();
+    let (slots, cache) = match o.scenario.as_str() {
+        // A working set of 1,000 against 64 slots and 100 adapters' bytes.
+        "cold" => (64, 100 * 16_251 * 4 + 100 * 2_000),
+        _ => (64, 256 << 20),
+    };
+    let mut running = None;
+    let addr = match &o.addr {
+        Some(a) => a.clone(),
+        None => {
+            if n_adapters > 0 {
+                write_adapters(b, &adapters, n_adapters);
+            }
+            let config = svfit::server::ServeConfig {
+                addr: "127.0.0.1:0".parse().unwrap_or_else(fail),
+                model: o.model.clone(),
+                load: LoadOptions {
+                    device: "cpu".into(),
+                    threads: o.threads,
+                },
+                factors: b.key.clone(),
+                home: b.home.clone(),
+                adapters: adapters.to_string_lossy().into_owned(),
+                adapter_cache_bytes: cache,
+                engine: EngineConfig {
+                    max_sequences: o.clients.max(1),
+                    context: 1024,
+                    kv_cells: 1024 * o.clients.max(1),
+                    adapter_slots: slots,
+                    queue_limit: 100_000,
+                    prefill_budget: 512,
+                },
+                max_tokens_default: o.gen as usize,
+                api_keys: None,
+                tls: None,
+                metrics_addr: Some("127.0.0.1:0".parse().unwrap_or_else(fail)),
+                allow_remote: false,
+            };
+            let r = svfit::server::start(config).await.unwrap_or_else(fail);
+            let addr = r.addr.to_string();
+            running = Some(r);
+            addr
+        }
+    };
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(fail)
+        .connect()
+        .await
+        .unwrap_or_else(fail);
+    let client = InferenceClient::new(channel);
+    let gen = o.gen;
+    let send = move |job: Job| {
+        let mut client = client.clone();
+        async move {
+            let start = Instant::now();
+            let mut stream = client
+                .generate_stream(request(&job, gen))
+                .await
+                .unwrap_or_else(fail)
+                .into_inner();
+            let (mut ttft, mut last, mut gaps, mut tokens) = (None, start, Vec::new(), 0);
+            while let Some(chunk) = stream.message().await.unwrap_or_else(fail) {
+                if chunk.token_ids.is_empty() {
+                    continue;
+                }
+                let now = Instant::now();
+                match ttft {
+                    None => ttft = Some(now - start),
+                    Some(_) => gaps.push(now - last),
+                }
+                last = now;
+                tokens += chunk.token_ids.len();
+            }
+            Sample {
+                ttft: ttft.unwrap_or_else(|| start.elapsed()),
+                gaps,
+                tokens,
+            }
+        }
+    };
+    let mut traffic = Traffic {
+        adapters: n_adapters.max(1),
+        scenario: o.scenario.clone(),
+        words: o.prompt_words,
+        rng: SplitMix64::new(1),
+    };
+    let (samples, elapsed) = drive(o, &mut traffic, send).await;
+    let mut r = report("svfit", o, &samples, elapsed);
+    if let Some(running) = running {
+        let m = metrics(running.metrics_addr.expect("enabled")).await;
+        let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+        let (hits, misses) = (
+            get("svfit_adapter_cache_hits_total"),
+            get("svfit_adapter_cache_misses_total"),
+        );
+        r.extra = vec![
+            (
+                "adapter_cache_hit_rate".into(),
+                hits / (hits + misses).max(1.0),
+            ),
+            ("adapter_loads".into(), get("svfit_adapter_loads_total")),
+            (
+                "adapter_cache_evictions".into(),
+                get("svfit_adapter_cache_evictions_total"),
+            ),
+            ("slot_loads".into(), get("svfit_adapter_slot_loads_total")),
+            (
+                "adapter_cache_mb".into(),
+                get("svfit_adapter_cache_bytes") / (1 << 20) as f64,
+            ),
+            (
+                "adapter_cache_budget_mb".into(),
+                cache as f64 / (1 << 20) as f64,
+            ),
+            ("rss_added_mb".into(), rss_mb() - rss_before),
+            ("peak_rss_mb".into(), peak_rss_mb()),
+        ];
+        running.stop().await;
+    }
+    r
+}
+
+/// The added latency of a cold adapter: reading and validating it from the
+/// store, and writing it into a slot (p50/p99 over `n` adapters).
+fn cold_load_cost(o: &Options, b: &Base, dir: &Path, n: usize) -> Vec<(String, f64)> {
+    let store = AdapterStore::open(
+        Box::new(LocalDir::open(&dir.join("adapters")).unwrap_or_else(fail)),
+        b.key.clone(),
+        b.singular.clone(),
+        1,
+    );
+    let path = b.key.path(&b.home);
+    let factor_set = factors::read_factors(&path, &b.key).unwrap_or_else(fail);
+    let mut model = svfit::model::Model::load(
+        &o.model,
+        &LoadOptions {
+            device: "cpu".into(),
+            threads: o.threads,
+        },
+    )
+    .unwrap_or_else(fail);
+    model
+        .attach_factors(&factor_set, 2, Type::Q8_0)
+        .unwrap_or_else(fail);
+    let (mut read, mut slot) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let t = Instant::now();
+        let stored = store.get("default", &format!("t{i}")).unwrap_or_else(fail);
+        read.push(t.elapsed());
+        let t = Instant::now();
+        model
+            .set_adapter(1, &stored.deltas.deltas)
+            .unwrap_or_else(fail);
+        slot.push(t.elapsed());
+    }
+    let (r, s) = (percentiles(read), percentiles(slot));
+    vec![
+        ("cold_read_validate_ms_p50".into(), r[0]),
+        ("cold_read_validate_ms_p99".into(), r[2]),
+        ("cold_slot_write_ms_p50".into(), s[0]),
+        ("cold_slot_write_ms_p99".into(), s[2]),
+    ]
+}
+
+/// A rank-8 LoRA on q and v as a GGUF adapter llama.cpp loads.
+fn write_lora(model: &GgufFile, path: &Path, seed: u64) {
+    let mut w = GgufWriter::new(256).unwrap_or_else(fail);
+    w.set_str("general.architecture", "llama")
+        .unwrap_or_else(fail);
+    w.set_str("general.type", "adapter").unwrap_or_else(fail);
+    w.set_str("adapter.type", "lora").unwrap_or_else(fail);
+    w.set_f32("adapter.lora.alpha", 8.0).unwrap_or_else(fail);
+    let mut rng = SplitMix64::new(seed);
+    let rank = 8usize;
+    for info in model.tensors() {
+        let is_target =
+            info.name.ends_with("attn_q.weight") || info.name.ends_with("attn_v.weight");
+        if !is_target {
+            continue;
+        }
+        let (n_in, n_out) = (info.ne[0] as usize, info.ne[1] as usize);
+        let mut values =
+            |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| scale * rng.normal()).collect() };
+        let a = values(n_in * rank, 1.0 / (n_in as f32).sqrt());
+        let b = values(rank * n_out, 0.01);
+        let add = |w: &mut GgufWriter, name: String, shape: [usize; 2], v: Vec<f32>| {
+            let bytes = ggml::quantize(Type::F16, &v, shape[0]).unwrap_or_else(|| exit("f16"));
+            w.add_tensor(&name, Type::F16, &[shape[0] as i64, shape[1] as i64], bytes)
+                .unwrap_or_else(fail);
+        };
+        add(&mut w, format!("{}.lora_a", info.name), [n_in, rank], a);
+        add(&mut w, format!("{}.lora_b", info.name), [rank, n_out], b);
+    }
+    w.write(path).unwrap_or_else(fail);
+}
+
+/// One request for the llama.cpp engine: its tokens and where to report.
+struct LlamaJob {
+    tokens: Vec<u32>,
+    adapter: Option<usize>,
+    gen: usize,
+    events: mpsc::UnboundedSender<Instant>,
+}
+
+/// llama.cpp serving as its server does: continuous batching over the
+/// running sequences, one decode call per distinct LoRA each step.
+fn llama_engine(o: &Options, loras: Vec<PathBuf>, rx: std::sync::mpsc::Receiver<LlamaJob>) {
+    let params = LlamaModelParams::default().with_n_gpu_layers(0);
+    let mut model =
+        LlamaModel::load_from_file(llama_backend(), &o.model, &params).unwrap_or_else(fail);
+    let mut adapters: Vec<LlamaLoraAdapter> = loras
+        .iter()
+        .map(|p| model.lora_adapter_init(p).unwrap_or_else(fail))
+        .collect();
+    let n_seq = o.clients.max(1);
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new((1024 * n_seq) as u32))
+        .with_n_batch(2048)
+        .with_n_ubatch(512)
+        .with_n_seq_max(n_seq as u32)
+        .with_n_threads(o.threads as i32)
+        .with_n_threads_batch(o.threads as i32)
+        .with_type_k(KvCacheType::F16)
+        .with_type_v(KvCacheType::F16)
+        .with_kv_unified(true);
+    let mut ctx = model
+        .new_context(llama_backend(), ctx_params)
+        .unwrap_or_else(fail);
+    struct Seq {
+        job: LlamaJob,
+        pos: usize,
+        next: Option<u32>,
+        generated: usize,
+    }
+    let mut free: Vec<i32> = (0..n_seq as i32).rev().collect();
+    let mut running: Vec<(i32, Seq)> = Vec::new();
+    let mut waiting: std::collections::VecDeque<LlamaJob> = Default::default();
+    let mut current: Option<Option<usize>> = None;
+    loop {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(j) => waiting.push_back(j),
+                Err(_) => return,
+            }
+        }
+        while let Ok(j) = rx.try_recv() {
+            waiting.push_back(j);
+        }
+        while !free.is_empty() && !waiting.is_empty() {
+            let job = waiting.pop_front().expect("non-empty");
+            let seq = free.pop().expect("non-empty");
+            running.push((
+                seq,
+                Seq {
+                    job,
+                    pos: 0,
+                    next: None,
+                    generated: 0,
+                },
+            ));
+        }
+        // Group the running sequences by adapter: one decode per group.
+        let mut groups: Vec<Option<usize>> = running.iter().map(|(_, s)| s.job.adapter).collect();
+        groups.sort();
+        groups.dedup();
+        for group in groups {
+            if current != Some(group) {
+                match group {
+                    Some(i) => ctx
+                        .lora_adapter_set(&mut adapters[i], 1.0)
+                        .unwrap_or_else(fail),
+                    None => {
+                        if let Some(a) = adapters.first_mut() {
+                            ctx.lora_adapter_remove(a).unwrap_or_else(fail);
+                        }
+                    }
+                }
+                current = Some(group);
+            }
+            let members: Vec<usize> = (0..running.len())
+                .filter(|&i| running[i].1.job.adapter == group)
+                .collect();
+            let mut batch = LlamaBatch::new(2048, 1);
+            let mut rows = Vec::new();
+            for &i in &members {
+                let (seq, s) = &mut running[i];
+                match s.next {
+                    Some(t) => {
+                        batch
+                            .add(LlamaToken(t as i32), s.pos as i32, &[*seq], true)
+                            .unwrap_or_else(fail);
+                        s.pos += 1;
+                    }
+                    None => {
+                        let n = s.job.tokens.len();
+                        for (k, &t) in s.job.tokens.iter().enumerate() {
+                            batch
+                                .add(LlamaToken(t as i32), k as i32, &[*seq], k + 1 == n)
+                                .unwrap_or_else(fail);
+                        }
+                        s.pos = n;
+                    }
+                }
+                rows.push((i, batch.n_tokens() - 1));
+            }
+            ctx.decode(&mut batch).unwrap_or_else(fail);
+            for (i, row) in rows {
+                let s = &mut running[i].1;
+                let token = argmax(ctx.get_logits_ith(row));
+                s.next = Some(token);
+                s.generated += 1;
+                let _ = s.job.events.send(Instant::now());
+            }
+        }
+        let mut k = 0;
+        while k < running.len() {
+            let done = running[k].1.generated >= running[k].1.job.gen;
+            if done {
+                let (seq, _) = running.swap_remove(k);
+                ctx.clear_kv_cache_seq(Some(seq as u32), None, None)
+                    .unwrap_or_else(fail);
+                free.push(seq);
+            } else {
+                k += 1;
+            }
+        }
+    }
+}
+
+async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
+    let gguf = GgufFile::open(&o.model).unwrap_or_else(fail);
+    let loras: Vec<PathBuf> = (0..n_adapters)
+        .map(|i| {
+            let p = dir.join(format!("lora{i}.gguf"));
+            write_lora(&gguf, &p, i as u64 + 1);
+            p
+        })
+        .collect();
+    drop(gguf);
+    let tokenizer = Arc::new(svfit::model::Tokenizer::load(&o.model).unwrap_or_else(fail));
+    let (tx, rx) = std::sync::mpsc::channel::<LlamaJob>();
+    let opts = Options {
+        scenario: o.scenario.clone(),
+        model: o.model.clone(),
+        json: None,
+        addr: None,
+        ..*o
+    };
+    let engine = std::thread::spawn(move || llama_engine(&opts, loras, rx));
+    let gen = o.gen as usize;
+    let tx = Arc::new(std::sync::Mutex::new(tx));
+    let send = move |job: Job| {
+        let (tx, tokenizer) = (tx.clone(), tokenizer.clone());
+        async move {
+            let start = Instant::now();
+            let (events, mut rx) = mpsc::unbounded_channel();
+            let adapter = match job.which {
+                Which::Base => None,
+                Which::Adapter(i) | Which::Mix(i, _) => Some(i),
+            };
+            let tokens = tokenizer.encode(&job.prompt, true);
+            tx.lock()
+                .expect("sender")
+                .send(LlamaJob {
+                    tokens,
+                    adapter,
+                    gen,
+                    events,
+                })
+                .unwrap_or_else(fail);
+            let (mut ttft, mut last, mut gaps, mut tokens) = (None, start, Vec::new(), 0);
+            while let Some(now) = rx.recv().await {
+                match ttft {
+                    None => ttft = Some(now - start),
+                    Some(_) => gaps.push(now - last),
+                }
+                last = now;
+                tokens += 1;
+            }
+            Sample {
+                ttft: ttft.unwrap_or_else(|| start.elapsed()),
+                gaps,
+                tokens,
+            }
+        }
+    };
+    let mut traffic = Traffic {
+        adapters: n_adapters.max(1),
+        scenario: o.scenario.clone(),
+        words: o.prompt_words,
+        rng: SplitMix64::new(1),
+    };
+    let (samples, elapsed) = drive(o, &mut traffic, send).await;
+    drop(engine);
+    report("llama.cpp", o, &samples, elapsed)
+}
+
+fn print(reports: &[Report]) {
+    println!(
+        "{:<10} {:<6} {:>7} {:>8} {:>9} {:>24} {:>24}",
+        "engine", "scen.", "clients", "req/s", "tok/s", "TTFT ms p50/p95/p99", "ITL ms p50/p95/p99"
+    );
+    for r in reports {
+        println!(
+            "{:<10} {:<6} {:>7} {:>8.2} {:>9.1} {:>24} {:>24}",
+            r.engine,
+            r.scenario,
+            r.clients,
+            r.requests_per_s,
+            r.tokens_per_s,
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                r.ttft_ms[0], r.ttft_ms[1], r.ttft_ms[2]
+            ),
+            format!("{:.1}/{:.1}/{:.1}", r.itl_ms[0], r.itl_ms[1], r.itl_ms[2]),
+        );
+        for (k, v) in &r.extra {
+            println!("    {k}: {v:.3}");
+        }
+    }
+}
+
+fn main() {
+    let o = parse_args();
+    let dir = std::env::temp_dir().join(format!("svfit-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(fail);
+    let b = base(&o);
+    let n_adapters = match o.scenario.as_str() {
+        "base" => 0,
+        "one" => 1,
+        "cold" => 1000,
+        _ => 64,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap_or_else(fail);
+    let mut reports = Vec::new();
+    let mut ours = runtime.block_on(run_svfit(&o, &b, &dir, n_adapters));
+    if o.scenario == "cold" && o.addr.is_none() {
+        ours.extra.extend(cold_load_cost(&o, &b, &dir, 200));
+    }
+    reports.push(ours);
+    let comparable = ["base", "one", "many"].contains(&o.scenario.as_str());
+    if o.llama && comparable {
+        reports.push(runtime.block_on(run_llama(&o, &dir, n_adapters)));
+        let (a, l) = (&reports[0], &reports[1]);
+        println!(
+            "svfit / llama.cpp: throughput {:.2}x, TTFT p95 {:.2}x, ITL p95 {:.2}x",
+            a.tokens_per_s / l.tokens_per_s,
+            a.ttft_ms[1] / l.ttft_ms[1],
+            a.itl_ms[1] / l.itl_ms[1]
+        );
+    }
+    println!(
+        "model {}, {} threads, {} clients, {} words + {} generated tokens per request, {}",
+        o.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        o.threads,
+        o.clients,
+        o.prompt_words,
+        o.gen,
+        match o.rate {
+            Some(r) => format!("open loop at {r} req/s"),
+            None => "closed loop".into(),
+        }
+    );
+    print(&reports);
+    if let Some(path) = &o.json {
+        let body: Vec<String> = reports.iter().map(Report::json).collect();
+        std::fs::write(path, format!("[{}]\n", body.join(",\n"))).unwrap_or_else(fail);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
