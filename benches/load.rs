@@ -12,7 +12,8 @@
 //! Scenarios: `base` (no adapters), `one` (every request on one adapter),
 //! `many` (64 adapters, all resident), `cold` (1,000 adapters, a host cache
 //! and slot pool smaller than the working set: cold loads from the store;
-//! svfit only, plus the measured cost of one cold load), `mix` (each request
+//! a cache of 20 adapters and 16 slots; svfit only, plus the measured cost of one
+//! cold load), `mix` (each request
 //! a weighted mix of two of 64 adapters; svfit only).
 //!
 //! Options: `--clients N` (concurrent streaming clients, default 8),
@@ -21,7 +22,9 @@
 //! instead of closed loop), `--prompt-words N` (default 30), `--gen N`
 //! (tokens per request, default 32), `--threads N`, `--model PATH`,
 //! `--addr HOST:PORT` (drive a running server instead of starting one;
-//! its adapters must exist), `--no-llama`, `--json FILE`.
+//! its adapters must exist), `--no-llama`, `--json FILE`,
+//! `--prefill-budget N` (prompt tokens the engine starts per step, default
+//! 512).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -69,6 +72,7 @@ struct Options {
     addr: Option<String>,
     llama: bool,
     json: Option<PathBuf>,
+    prefill_budget: usize,
 }
 
 fn parse_args() -> Options {
@@ -85,6 +89,7 @@ fn parse_args() -> Options {
         addr: None,
         llama: true,
         json: None,
+        prefill_budget: 512,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -109,6 +114,7 @@ fn parse_args() -> Options {
             "--addr" => o.addr = Some(value()),
             "--no-llama" => o.llama = false,
             "--json" => o.json = Some(PathBuf::from(value())),
+            "--prefill-budget" => o.prefill_budget = number(value()) as usize,
             "--bench" => {}
             other => exit(&format!("unknown option {other}")),
         }
@@ -410,8 +416,8 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Repo
     let adapters = dir.join("adapters");
     let rss_before = rss_mb();
     let (slots, cache) = match o.scenario.as_str() {
-        // A working set of 1,000 against 64 slots and 100 adapters' bytes.
-        "cold" => (64, 100 * 16_251 * 4 + 100 * 2_000),
+        // A working set of 1,000 against 16 slots and 20 adapters' bytes.
+        "cold" => (16, 20 * 16_251 * 4 + 20 * 2_000),
         _ => (64, 256 << 20),
     };
     let mut running = None;
@@ -438,7 +444,7 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Repo
                     kv_cells: 1024 * o.clients.max(1),
                     adapter_slots: slots,
                     queue_limit: 100_000,
-                    prefill_budget: 512,
+                    prefill_budget: o.prefill_budget,
                 },
                 max_tokens_default: o.gen as usize,
                 api_keys: None,
