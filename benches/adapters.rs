@@ -111,26 +111,47 @@ fn main() {
         ("8 sequences, 1 adapter", vec![1; 8]),
         ("8 sequences, 8 adapters", (1..=8).collect()),
     ];
-    let mut best = vec![0f64; modes.len()];
+    // Every rep runs each mode once, back to back: ratios are taken within
+    // a rep (the machine's speed drifts between reps) and the median kept.
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for _ in 0..opts.reps {
-        for (b, (_, slots)) in best.iter_mut().zip(&modes) {
-            *b = b.max(generation_speed(&mut model, &tokens, slots));
+        for (r, (_, slots)) in runs.iter_mut().zip(&modes) {
+            r.push(generation_speed(&mut model, &tokens, slots));
         }
     }
+    let best: Vec<f64> = runs
+        .iter()
+        .map(|r| r.iter().cloned().fold(0.0, f64::max))
+        .collect();
+    let median_ratio = |a: usize, b: usize| {
+        let mut ratios: Vec<f64> = runs[a].iter().zip(&runs[b]).map(|(x, y)| x / y).collect();
+        ratios.sort_by(f64::total_cmp);
+        (
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1],
+        )
+    };
 
     println!(
-        "model {}, {} threads, q,v factors as q8_0, generate {GEN} tokens, best of {} runs",
+        "model {}, {} threads, q,v factors as q8_0, generate {GEN} tokens, {} runs",
         opts.model_name(),
         opts.threads,
         opts.reps
     );
-    println!("{:<28} {:>10}", "mode", "tok/s");
+    println!("{:<28} {:>10}", "mode", "best tok/s");
     for ((name, _), b) in modes.iter().zip(&best) {
         println!("{name:<28} {b:>10.1}");
     }
-    println!("1 adapter / base, 1 sequence:     {:.3}", best[1] / best[0]);
-    println!("1 adapter / base, 8 sequences:    {:.3}", best[3] / best[2]);
-    println!("8 adapters / 1 adapter, 8 seqs:   {:.3}", best[4] / best[3]);
+    println!("ratio (median over runs, [min, max])");
+    for (name, a, b) in [
+        ("1 adapter / base, 1 sequence", 1, 0),
+        ("1 adapter / base, 8 sequences", 3, 2),
+        ("8 adapters / 1 adapter, 8 seqs", 4, 3),
+    ] {
+        let (median, min, max) = median_ratio(a, b);
+        println!("{name:<32} {median:.3} [{min:.3}, {max:.3}]");
+    }
     println!(
         "\n{:<12} {:>9} {:>14} {:>14} {:>16}",
         "targets", "matrices", "factor values", "file (f16) MB", "in memory MB"
