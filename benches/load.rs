@@ -154,6 +154,15 @@ const WORDS: &[&str] = &[
 ];
 
 impl Traffic {
+    fn new(o: &Options, adapters: usize) -> Self {
+        Traffic {
+            adapters: adapters.max(1),
+            scenario: o.scenario.clone(),
+            words: o.prompt_words,
+            rng: SplitMix64::new(1),
+        }
+    }
+
     fn next(&mut self) -> Job {
         let mut pick = |n: usize| (self.rng.next_u64() % n as u64) as usize;
         let which = match self.scenario.as_str() {
@@ -177,6 +186,46 @@ struct Sample {
     ttft: Duration,
     gaps: Vec<Duration>,
     tokens: usize,
+}
+
+/// Collects a request's token arrival times into a [`Sample`].
+struct Timer {
+    start: Instant,
+    last: Instant,
+    ttft: Option<Duration>,
+    gaps: Vec<Duration>,
+    tokens: usize,
+}
+
+impl Timer {
+    fn new() -> Self {
+        let now = Instant::now();
+        Timer {
+            start: now,
+            last: now,
+            ttft: None,
+            gaps: Vec::new(),
+            tokens: 0,
+        }
+    }
+
+    /// `n` tokens arrived at `now`.
+    fn tokens(&mut self, now: Instant, n: usize) {
+        match self.ttft {
+            None => self.ttft = Some(now - self.start),
+            Some(_) => self.gaps.push(now - self.last),
+        }
+        self.last = now;
+        self.tokens += n;
+    }
+
+    fn finish(self) -> Sample {
+        Sample {
+            ttft: self.ttft.unwrap_or_else(|| self.start.elapsed()),
+            gaps: self.gaps,
+            tokens: self.tokens,
+        }
+    }
 }
 
 struct Report {
@@ -468,38 +517,21 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Repo
     let send = move |job: Job| {
         let mut client = client.clone();
         async move {
-            let start = Instant::now();
+            let mut timer = Timer::new();
             let mut stream = client
                 .generate_stream(request(&job, gen))
                 .await
                 .unwrap_or_else(fail)
                 .into_inner();
-            let (mut ttft, mut last, mut gaps, mut tokens) = (None, start, Vec::new(), 0);
             while let Some(chunk) = stream.message().await.unwrap_or_else(fail) {
-                if chunk.token_ids.is_empty() {
-                    continue;
+                if !chunk.token_ids.is_empty() {
+                    timer.tokens(Instant::now(), chunk.token_ids.len());
                 }
-                let now = Instant::now();
-                match ttft {
-                    None => ttft = Some(now - start),
-                    Some(_) => gaps.push(now - last),
-                }
-                last = now;
-                tokens += chunk.token_ids.len();
             }
-            Sample {
-                ttft: ttft.unwrap_or_else(|| start.elapsed()),
-                gaps,
-                tokens,
-            }
+            timer.finish()
         }
     };
-    let mut traffic = Traffic {
-        adapters: n_adapters.max(1),
-        scenario: o.scenario.clone(),
-        words: o.prompt_words,
-        rng: SplitMix64::new(1),
-    };
+    let mut traffic = Traffic::new(o, n_adapters);
     let (samples, elapsed) = drive(o, &mut traffic, send).await;
     let mut r = report("svfit", o, &samples, elapsed);
     if let Some(running) = running {
@@ -768,7 +800,7 @@ async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
     let send = move |job: Job| {
         let (tx, tokenizer) = (tx.clone(), tokenizer.clone());
         async move {
-            let start = Instant::now();
+            let mut timer = Timer::new();
             let (events, mut rx) = mpsc::unbounded_channel();
             let adapter = match job.which {
                 Which::Base => None,
@@ -784,28 +816,13 @@ async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
                     events,
                 })
                 .unwrap_or_else(fail);
-            let (mut ttft, mut last, mut gaps, mut tokens) = (None, start, Vec::new(), 0);
             while let Some(now) = rx.recv().await {
-                match ttft {
-                    None => ttft = Some(now - start),
-                    Some(_) => gaps.push(now - last),
-                }
-                last = now;
-                tokens += 1;
+                timer.tokens(now, 1);
             }
-            Sample {
-                ttft: ttft.unwrap_or_else(|| start.elapsed()),
-                gaps,
-                tokens,
-            }
+            timer.finish()
         }
     };
-    let mut traffic = Traffic {
-        adapters: n_adapters.max(1),
-        scenario: o.scenario.clone(),
-        words: o.prompt_words,
-        rng: SplitMix64::new(1),
-    };
+    let mut traffic = Traffic::new(o, n_adapters);
     let (samples, elapsed) = drive(o, &mut traffic, send).await;
     drop(engine);
     report("llama.cpp", o, &samples, elapsed)
