@@ -68,10 +68,8 @@ impl Loaded {
     ) -> Result<Self, AdapterError> {
         let adapter = Adapter::read(path)?;
         let key = adapter.factors_key(path, base_sha256)?;
-        if adapter.base_sha256 != base_sha256 {
-            // Refused before the (slow) factorization: names the base hash.
-            adapter.validate(path, &key, &[])?;
-        }
+        // Refused before the (slow) factorization: names the base hash.
+        adapter.check_base(path, &key)?;
         let factors = factors::ensure(model, &key, home)?;
         let singular = factors::read_singular_values(&factors, &key)?;
         adapter.validate(path, &key, &singular)?;
@@ -226,21 +224,7 @@ impl Adapter {
         key: &FactorsKey,
         singular_values: &[(TargetMatrix, Vec<f32>)],
     ) -> Result<(), AdapterError> {
-        let field = |field: &str, expected: &str, actual: &str| {
-            (expected != actual).then(|| AdapterError::Metadata {
-                path: path.to_path_buf(),
-                field: field.to_string(),
-                expected: format!("'{expected}'"),
-                actual: format!("'{actual}'"),
-            })
-        };
-        let checks = [
-            field("svfit.base_sha256", &key.base_sha256, &self.base_sha256),
-            field("svfit.factors_id", &key.id(), &self.factors_id),
-        ];
-        if let Some(e) = checks.into_iter().flatten().next() {
-            return Err(e);
-        }
+        self.check_base(path, key)?;
         let mine: HashMap<&str, &Vec<f32>> =
             self.sigma.iter().map(|(p, s)| (p.as_str(), s)).collect();
         for (t, s) in singular_values {
@@ -276,6 +260,27 @@ impl Adapter {
             });
         }
         Ok(())
+    }
+
+    /// Checks the adapter's base model and factor set (its metadata only):
+    /// an adapter made for other weights or other factors.
+    pub fn check_base(&self, path: &Path, key: &FactorsKey) -> Result<(), AdapterError> {
+        let field = |field: &str, expected: &str, actual: &str| {
+            (expected != actual).then(|| AdapterError::Metadata {
+                path: path.to_path_buf(),
+                field: field.to_string(),
+                expected: format!("'{expected}'"),
+                actual: format!("'{actual}'"),
+            })
+        };
+        let checks = [
+            field("svfit.base_sha256", &key.base_sha256, &self.base_sha256),
+            field("svfit.factors_id", &key.id(), &self.factors_id),
+        ];
+        match checks.into_iter().flatten().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// `delta = sigma - S` per matrix (after [`Adapter::validate`]).

@@ -482,11 +482,10 @@ impl Worker {
     }
 
     fn finish(&mut self, r: Running, finish: FinishReason) {
+        self.release(&r);
         let Running {
-            seq,
             job,
             sequence,
-            slot,
             started,
             first_token,
             ..
@@ -510,10 +509,7 @@ impl Worker {
             time_to_first_token: first_token.unwrap_or_else(|| job.arrived.elapsed()),
             total: job.arrived.elapsed(),
         });
-        self.cache.remove_seq(seq);
-        self.slots.release(slot);
         self.stats.requests_finished.fetch_add(1, Relaxed);
-        self.stats.active.store(self.running.len(), Relaxed);
     }
 }
 

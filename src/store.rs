@@ -20,7 +20,7 @@ use std::time::SystemTime;
 use lru::LruCache;
 use sha2::Digest;
 
-use crate::adapter::{Adapter, AdapterError, Deltas};
+use crate::adapter::{Adapter, Deltas};
 use crate::engine::AdapterDeltas;
 use crate::factors::{FactorsKey, SingularValues};
 
@@ -314,15 +314,11 @@ impl AdapterStore {
         let shown = Path::new(id);
         let adapter =
             Adapter::parse(bytes, shown).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let mismatch = |e: AdapterError| StoreError::Mismatch(e.to_string());
         // Base and factor id first: a different base is a precondition
         // failure, not a malformed file.
         adapter
-            .validate(shown, &self.key, &[])
-            .or_else(|e| match e {
-                AdapterError::Tensor { .. } => Ok(()),
-                other => Err(mismatch(other)),
-            })?;
+            .check_base(shown, &self.key)
+            .map_err(|e| StoreError::Mismatch(e.to_string()))?;
         adapter
             .validate(shown, &self.key, &self.singular)
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
