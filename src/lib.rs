@@ -15,3 +15,4 @@ pub mod sampling;
 pub mod server;
 pub mod store;
 pub mod tensorfile;
+pub mod train;

@@ -931,3 +931,121 @@ async fn object_store_adapters_round_trip() {
     assert_eq!(admin.get(r).await.unwrap_err().code(), Code::NotFound);
     running.stop().await;
 }
+
+/// Greedy continuation of `prompt` by llama.cpp on the GGUF at `model`.
+fn llama_cpp_greedy(model: &Path, prompt: &str, max_tokens: usize) -> String {
+    use svfit::model::{Batch, Tokenizer};
+    use svfit::oracle::Reference;
+    let tokenizer = Tokenizer::load(model).unwrap();
+    let reference = Reference::load(model).unwrap();
+    let mut session = reference.session(512, 1, 2).unwrap();
+    let ids = tokenizer.encode(prompt, true);
+    let mut batch = Batch::new();
+    batch.add_sequence(&ids, 0, 0, true);
+    let mut logits = session.decode(&batch).unwrap();
+    let mut out = Vec::new();
+    for i in 0..max_tokens {
+        let next = svfit::sampling::argmax(logits.row(logits.n_rows() - 1));
+        if tokenizer.is_eog(next) {
+            break;
+        }
+        out.push(next);
+        batch.clear();
+        batch.add(next, ids.len() + i, 0, true);
+        logits = session.decode(&batch).unwrap();
+    }
+    tokenizer.decode(&out)
+}
+
+/// An adapter made by `svfit train` is an ordinary adapter: the server
+/// serves it as `svfit generate --adapter` answers, and llama.cpp running
+/// `svfit merge` of it answers the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trained_adapter_serves_and_merges() {
+    let b = base();
+    let dir = TempDir::new("server-trained");
+    let data = dir.path().join("colors.jsonl");
+    let lines: Vec<String> = [
+        "sky", "grass", "snow", "coal", "blood", "sun", "leaf", "milk",
+    ]
+    .iter()
+    .zip([
+        "blue", "green", "white", "black", "red", "yellow", "green", "white",
+    ])
+    .map(|(thing, color)| {
+        serde_json::json!({
+            "prompt": format!("What color is {thing}? One word."),
+            "completion": color,
+        })
+        .to_string()
+    })
+    .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let config = config(dir.path());
+    let adapter = dir.path().join("out/colors.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_svfit"))
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+            "--epochs",
+            "2",
+        ])
+        .args(["--batch", "4", "--lr", "0.05", "--ctx", "128", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&adapter)
+        .arg("--model")
+        .arg(&b.model)
+        .env("SVFIT_HOME", &b.home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The chat prompt, rendered as the trainer renders it.
+    let prompt =
+        "<|im_start|>user\nWhat color is snow? One word.<|im_end|>\n<|im_start|>assistant\n";
+    let want = cli(Some(&adapter), prompt, MAX_TOKENS);
+    assert_ne!(
+        want,
+        cli(None, prompt, MAX_TOKENS),
+        "training changed nothing"
+    );
+
+    let stored = Path::new(&config.adapters).join("default/colors.safetensors");
+    std::fs::create_dir_all(stored.parent().unwrap()).unwrap();
+    std::fs::copy(&adapter, &stored).unwrap();
+    let running = server::start(config).await.unwrap();
+    let (mut infer, _) = clients(&running).await;
+    let got = infer
+        .generate(greedy("colors", prompt, MAX_TOKENS))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.text, want);
+    running.stop().await;
+
+    let merged = dir.path().join("merged.gguf");
+    let out = Command::new(env!("CARGO_BIN_EXE_svfit"))
+        .args(["merge", "--type", "f32", "--adapter"])
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&merged)
+        .arg("--model")
+        .arg(&b.model)
+        .env("SVFIT_HOME", &b.home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(llama_cpp_greedy(&merged, prompt, MAX_TOKENS as usize), want);
+}

@@ -20,10 +20,20 @@ impl Context {
     /// A metadata-only context with room for `n_tensors` tensors and one graph
     /// of `graph_size` nodes.
     pub fn new(n_tensors: usize, graph_size: usize) -> Result<Self, GgmlError> {
+        Self::with_graphs(n_tensors, graph_size, false)
+    }
+
+    /// Like [`Context::new`], with room for graphs that carry gradients
+    /// (training: [`Context::new_graph_with_grads`]).
+    pub fn with_graphs(
+        n_tensors: usize,
+        graph_size: usize,
+        grads: bool,
+    ) -> Result<Self, GgmlError> {
         // SAFETY: pure size computations.
         let mem_size = unsafe {
             n_tensors * sys::ggml_tensor_overhead()
-                + sys::ggml_graph_overhead_custom(graph_size, false)
+                + sys::ggml_graph_overhead_custom(graph_size, grads)
         };
         let params = sys::ggml_init_params {
             mem_size,
@@ -90,6 +100,18 @@ impl Context {
     pub fn new_graph(&self, size: usize) -> Graph<'_> {
         // SAFETY: the context was sized for a graph (see `new`).
         let raw = unsafe { sys::ggml_new_graph_custom(self.as_ptr(), size, false) };
+        Graph {
+            raw: NonNull::new(raw).expect("context sized for the graph"),
+            _ctx: PhantomData,
+        }
+    }
+
+    /// A graph with room for `size` nodes and their gradients, for
+    /// [`Graph::build_backward`]. The context must come from
+    /// [`Context::with_graphs`] with `grads`.
+    pub fn new_graph_with_grads(&self, size: usize) -> Graph<'_> {
+        // SAFETY: the context was sized for a graph with gradients.
+        let raw = unsafe { sys::ggml_new_graph_custom(self.as_ptr(), size, true) };
         Graph {
             raw: NonNull::new(raw).expect("context sized for the graph"),
             _ctx: PhantomData,
@@ -189,6 +211,21 @@ impl<'a> Tensor<'a> {
     pub fn set_output(self) -> Self {
         // SAFETY: sets a flag on a live tensor.
         unsafe { sys::ggml_set_output(self.as_ptr()) };
+        self
+    }
+
+    /// Marks a leaf tensor as a trainable parameter: the backward graph
+    /// computes its gradient.
+    pub fn set_param(self) -> Self {
+        // SAFETY: sets a flag on a live leaf tensor (ggml asserts it is a leaf).
+        unsafe { sys::ggml_set_param(self.as_ptr()) };
+        self
+    }
+
+    /// Marks a scalar f32 node as the loss the backward graph differentiates.
+    pub fn set_loss(self) -> Self {
+        // SAFETY: sets a flag on a live scalar node (ggml asserts the shape).
+        unsafe { sys::ggml_set_loss(self.as_ptr()) };
         self
     }
 
@@ -310,6 +347,33 @@ impl<'a> Graph<'a> {
         unsafe { sys::ggml_build_forward_expand(self.as_ptr(), t.as_ptr()) }
     }
 
+    /// Appends the backward pass of the loss node (see [`Tensor::set_loss`])
+    /// to this forward graph. `accumulators` pairs nodes with allocated
+    /// tensors of their shape that receive their gradients: the loss (whose
+    /// accumulator must hold 1.0) and the parameters whose gradients are
+    /// read back. [`Graph::reset_gradients`] prepares them before compute.
+    pub fn build_backward(&mut self, ctx: &'a Context, accumulators: &[(Tensor<'a>, Tensor<'a>)]) {
+        let n = self.n_nodes().max(0) as usize;
+        let mut accs: Vec<*mut sys::ggml_tensor> = vec![std::ptr::null_mut(); n];
+        for (i, acc) in accs.iter_mut().enumerate() {
+            // SAFETY: `i` is below the node count.
+            let node = unsafe { sys::ggml_graph_node(self.as_ptr(), i as i32) };
+            if let Some((_, a)) = accumulators.iter().find(|(t, _)| t.as_ptr() == node) {
+                *acc = a.as_ptr();
+            }
+        }
+        // SAFETY: the graph was made with gradients and holds a loss and a
+        // parameter (ggml asserts both); `accs` has one entry per node.
+        unsafe { sys::ggml_build_backward_expand(ctx.as_ptr(), self.as_ptr(), accs.as_mut_ptr()) }
+    }
+
+    /// Sets the loss gradient to 1 and every other gradient accumulator to
+    /// 0, before each compute of a backward graph.
+    pub fn reset_gradients(&mut self) {
+        // SAFETY: the graph has gradients and its accumulators are allocated.
+        unsafe { sys::ggml_graph_reset(self.as_ptr()) }
+    }
+
     pub fn n_nodes(&self) -> i32 {
         // SAFETY: the graph is live.
         unsafe { sys::ggml_graph_n_nodes(self.as_ptr()) }
@@ -338,6 +402,15 @@ impl Context {
     pub fn scale<'a>(&'a self, a: Tensor<'a>, s: f32) -> Tensor<'a> {
         // SAFETY: see `mul_mat`.
         self.wrap(unsafe { sys::ggml_scale(self.as_ptr(), a.as_ptr(), s) })
+    }
+
+    /// Mean over rows of the cross-entropy of `softmax(logits)` against the
+    /// probability rows `labels` (same shape); a scalar.
+    pub fn cross_entropy_loss<'a>(&'a self, logits: Tensor<'a>, labels: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe {
+            sys::ggml_cross_entropy_loss(self.as_ptr(), logits.as_ptr(), labels.as_ptr())
+        })
     }
 
     pub fn rms_norm<'a>(&'a self, a: Tensor<'a>, eps: f32) -> Tensor<'a> {

@@ -334,6 +334,49 @@ impl GgufFile {
         Ok(set)
     }
 
+    /// Like [`GgufFile::load_tensors`], but the tensors `to_f32` selects are
+    /// dequantized to f32 on the way (training differentiates through the
+    /// frozen weights, which is ~10× slower on quantized ones).
+    pub fn load_tensors_f32(
+        &mut self,
+        backend: &Backend,
+        to_f32: impl Fn(&TensorInfo) -> bool,
+    ) -> Result<TensorSet, GgufError> {
+        let ggml = |path: &Path, source| GgufError::Ggml {
+            path: path.to_path_buf(),
+            source,
+        };
+        let ctx = Context::new(self.tensors.len(), 0).map_err(|e| ggml(&self.path, e))?;
+        for info in &self.tensors {
+            let ty = if to_f32(info) { Type::F32 } else { info.ty };
+            ctx.new_tensor(ty, &info.ne).set_name(&info.name);
+        }
+        let set = TensorSet::allocate(ctx, backend).map_err(|e| ggml(&self.path, e))?;
+        for info in &self.tensors {
+            let Some(id) = set.find(&info.name) else {
+                continue;
+            };
+            let tensor = set.get(id);
+            let bytes = self.read_tensor_bytes(info)?;
+            let result = if tensor.ty() == info.ty {
+                tensor.write(&bytes)
+            } else {
+                let n = info.ne.iter().product::<i64>() as usize;
+                let values =
+                    super::dequantize(info.ty, &bytes, n).ok_or_else(|| GgufError::Invalid {
+                        path: self.path.clone(),
+                        reason: format!(
+                            "tensor '{}': no f32 conversion for {}",
+                            info.name, info.ty
+                        ),
+                    })?;
+                tensor.write(&values)
+            };
+            result.map_err(|e| ggml(&self.path, e))?;
+        }
+        Ok(set)
+    }
+
     pub(crate) fn as_ptr(&self) -> *mut sys::gguf_context {
         self.raw.as_ptr()
     }

@@ -104,9 +104,14 @@ pub(super) fn forward<'a>(
     };
     // The SVFit branch of a target matrix, for tokens whose slots are `slots`.
     let adapted = |il: usize, kind: &str, slots: Option<Tensor<'a>>| {
+        let TargetTensors { u, vt, d } = branch?.target(il, kind)?;
         Some(Adapted {
-            target: branch?.target(il, kind)?,
-            slots: slots?,
+            u,
+            vt,
+            delta: Delta::PerToken {
+                table: d,
+                slots: slots?,
+            },
         })
     };
 
@@ -155,11 +160,26 @@ fn rms_norm<'a>(ctx: &'a Context, x: Tensor<'a>, weight: Tensor<'a>, eps: f32) -
     ctx.mul(ctx.rms_norm(x, eps), weight)
 }
 
-/// A target matrix's SVFit factors and the slot of each token.
+/// A target matrix's SVFit factors and the deltas its tokens use.
 #[derive(Clone, Copy)]
-struct Adapted<'a> {
-    target: TargetTensors<'a>,
-    slots: Tensor<'a>,
+pub(super) struct Adapted<'a> {
+    /// `[rank, m]`
+    pub u: Tensor<'a>,
+    /// `[n, rank]`
+    pub vt: Tensor<'a>,
+    pub delta: Delta<'a>,
+}
+
+/// Where a branch's deltas come from.
+#[derive(Clone, Copy)]
+pub(super) enum Delta<'a> {
+    /// Serving: each token's row of the slot table `[rank, n_slots]`.
+    PerToken {
+        table: Tensor<'a>,
+        slots: Tensor<'a>,
+    },
+    /// Training: one vector `[rank]` for every token (the parameter).
+    Shared(Tensor<'a>),
 }
 
 /// The SVFit branch (if any) of a layer's matrix of a given kind.
@@ -174,12 +194,15 @@ fn linear<'a>(
     svfit: Option<Adapted<'a>>,
 ) -> Tensor<'a> {
     let y = ctx.mul_mat(w, x);
-    let Some(Adapted { target, slots }) = svfit else {
+    let Some(Adapted { u, vt, delta }) = svfit else {
         return y;
     };
-    let t = ctx.mul_mat(target.vt, x);
-    let delta = ctx.get_rows(target.d, slots);
-    ctx.add(y, ctx.mul_mat(target.u, ctx.mul(t, delta)))
+    let t = ctx.mul_mat(vt, x);
+    let delta = match delta {
+        Delta::PerToken { table, slots } => ctx.get_rows(table, slots),
+        Delta::Shared(d) => d,
+    };
+    ctx.add(y, ctx.mul_mat(u, ctx.mul(t, delta)))
 }
 
 /// Grouped-query self-attention with RoPE over the KV cache.
@@ -325,5 +348,119 @@ fn feed_forward<'a>(
         weights.get(layer.ffn_down),
         ctx.swiglu_split(gate, up),
         svfit("ffn_down"),
+    )
+}
+
+/// The inputs of a training graph: packed examples as one token row.
+pub(super) struct TrainInputs<'a> {
+    /// Token ids, i32 `[n_tokens]`.
+    pub tokens: Tensor<'a>,
+    /// Positions (restarting at each packed example), i32 `[n_tokens]`.
+    pub positions: Tensor<'a>,
+    /// f32 `[n_tokens, n_tokens]`: 0 where a token may attend another (an
+    /// earlier token of its own example), -inf elsewhere.
+    pub mask: Tensor<'a>,
+    /// Rows whose next-token prediction is in the loss, i32 `[n_targets]`.
+    pub loss_rows: Tensor<'a>,
+    /// One-hot next tokens of those rows, f32 `[n_vocab, n_targets]`.
+    pub labels: Tensor<'a>,
+}
+
+/// Graph nodes a training graph (forward and backward) needs at most.
+pub(super) fn train_graph_size(cfg: &Config) -> usize {
+    512 * (cfg.n_layer + 2)
+}
+
+/// The forward graph of training (DESIGN.md §5): whole sequences without a
+/// KV cache, plain attention, split SwiGLU, the SVFit branch with a shared
+/// delta per target matrix, and the output head only at the rows that carry
+/// loss. Returns the inputs, the logits `[n_vocab, n_targets]` and the mean
+/// cross-entropy (a scalar marked as the loss).
+pub(super) fn train_forward<'a>(
+    ctx: &'a Context,
+    gf: &mut Graph<'a>,
+    cfg: &Config,
+    weights: &'a Weights,
+    svfit: &dyn Fn(usize, &str) -> Option<Adapted<'a>>,
+    n_tokens: usize,
+    n_targets: usize,
+) -> (TrainInputs<'a>, Tensor<'a>, Tensor<'a>) {
+    let n = n_tokens as i64;
+    let input = |ty, shape: &[i64], name| ctx.new_tensor(ty, shape).set_name(name).set_input();
+    let inputs = TrainInputs {
+        tokens: input(Type::I32, &[n], "inp_tokens"),
+        positions: input(Type::I32, &[n], "inp_pos"),
+        mask: input(Type::F32, &[n, n], "inp_kq_mask"),
+        loss_rows: input(Type::I32, &[n_targets as i64], "inp_loss_rows"),
+        labels: input(
+            Type::F32,
+            &[cfg.n_vocab as i64, n_targets as i64],
+            "inp_labels",
+        ),
+    };
+    let mut x = ctx.get_rows(weights.get(weights.token_embd), inputs.tokens);
+    for (il, layer) in weights.layers.iter().enumerate() {
+        let attn_in = rms_norm(ctx, x, weights.get(layer.attn_norm), cfg.rms_norm_eps);
+        let attn_out = whole_attention(ctx, cfg, weights, layer, attn_in, &inputs, n, &|kind| {
+            svfit(il, kind)
+        });
+        let ffn_in = ctx.add(attn_out, x);
+        let ffn_out = feed_forward(ctx, cfg, weights, layer, ffn_in, &|kind| svfit(il, kind));
+        x = ctx.add(ffn_out, ffn_in);
+    }
+    let x = ctx.get_rows(x, inputs.loss_rows);
+    let x = rms_norm(ctx, x, weights.get(weights.output_norm), cfg.rms_norm_eps);
+    let logits = ctx
+        .mul_mat(weights.get(weights.output), x)
+        .set_name("logits")
+        .set_output();
+    let loss = ctx
+        .cross_entropy_loss(logits, inputs.labels)
+        .set_name("loss")
+        .set_output()
+        .set_loss();
+    gf.expand(loss);
+    (inputs, logits, loss)
+}
+
+/// Self-attention of a row of packed examples over itself (no cache).
+#[allow(clippy::too_many_arguments)]
+fn whole_attention<'a>(
+    ctx: &'a Context,
+    cfg: &Config,
+    weights: &'a Weights,
+    layer: &LayerWeights,
+    x: Tensor<'a>,
+    inputs: &TrainInputs<'a>,
+    n: i64,
+    svfit: BranchOf<'_, 'a>,
+) -> Tensor<'a> {
+    let (hd, n_head, n_head_kv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
+    let proj = |w, kind| linear(ctx, weights.get(w), x, svfit(kind));
+    let rope = |t: Tensor<'a>, heads: i64| {
+        let t = ctx.reshape_3d(t, hd, heads, n);
+        ctx.rope(
+            t,
+            inputs.positions,
+            cfg.head_dim as i32,
+            cfg.n_ctx_train as i32,
+            cfg.rope_freq_base,
+        )
+    };
+    // [hd, heads, n] → [hd, n, heads]
+    let q = ctx.permute(rope(proj(layer.attn_q, "attn_q"), n_head), [0, 2, 1, 3]);
+    let k = ctx.permute(rope(proj(layer.attn_k, "attn_k"), n_head_kv), [0, 2, 1, 3]);
+    let kq = ctx.soft_max_ext(ctx.mul_mat(k, q), inputs.mask, 1.0 / (hd as f32).sqrt());
+    // v: [n_embd_kv, n] → [n, hd, n_head_kv]
+    let v = ctx.reshape_3d(proj(layer.attn_v, "attn_v"), hd, n_head_kv, n);
+    let v = ctx.cont(ctx.permute(v, [1, 2, 0, 3]));
+    // [hd, n, n_head] → [hd, n_head, n] → [n_embd, n]
+    let out = ctx.permute(ctx.mul_mat(v, kq), [0, 2, 1, 3]);
+    let out = ctx.reshape_2d(ctx.cont(out), hd * n_head, n);
+    linear(
+        ctx,
+        weights.get(layer.attn_output),
+        out,
+        svfit("attn_output"),
     )
 }

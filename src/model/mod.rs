@@ -7,6 +7,7 @@ mod graph;
 mod kv_cache;
 mod svfit;
 pub mod tokenizer;
+mod train;
 mod weights;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ pub use config::{Config, SUPPORTED_ARCHITECTURES};
 pub use kv_cache::KvCache;
 pub use svfit::{Branch, Slot};
 pub use tokenizer::Tokenizer;
+pub use train::{Learner, RowLoss, TrainRow};
 
 use crate::factors::{Factor, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile};
@@ -143,6 +145,21 @@ impl Model {
     /// Loads a llama GGUF: validates metadata and every weight's shape, then
     /// places the weights (in their stored types) on the chosen backend.
     pub fn load(path: &Path, options: &LoadOptions) -> Result<Self, ModelError> {
+        Self::load_with(path, options, false)
+    }
+
+    /// Loads a model for training: with `f32_weights` the matrices are
+    /// dequantized to f32 (backward through quantized weights is ~10× slower
+    /// on CPU, and CUDA's backward takes f32 only).
+    pub fn load_for_training(
+        path: &Path,
+        options: &LoadOptions,
+        f32_weights: bool,
+    ) -> Result<Self, ModelError> {
+        Self::load_with(path, options, f32_weights)
+    }
+
+    fn load_with(path: &Path, options: &LoadOptions, f32: bool) -> Result<Self, ModelError> {
         let mut gguf = GgufFile::open(path)?;
         let config = Config::from_gguf(&gguf)?;
         let mut backends = Vec::new();
@@ -150,7 +167,7 @@ impl Model {
             backends.extend(Backend::device(&options.device)?);
         }
         backends.push(Backend::cpu(options.threads)?);
-        let weights = Weights::load(&mut gguf, &config, &backends[0])?;
+        let weights = Weights::load(&mut gguf, &config, &backends[0], f32)?;
         // Graph room for this many sequences per batch; grows on demand.
         const GROUPS: usize = 16;
         let size = graph::graph_size(&config, GROUPS);

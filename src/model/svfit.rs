@@ -232,7 +232,7 @@ fn storage_type(factor_type: Type, n: usize) -> Type {
 }
 
 /// `[m, n]` (out, in features) of a target matrix of this model.
-fn expected_shape(c: &Config, t: &TargetMatrix) -> Result<(usize, usize), ModelError> {
+pub(super) fn expected_shape(c: &Config, t: &TargetMatrix) -> Result<(usize, usize), ModelError> {
     let (embd, ff, q, kv) = (c.n_embd, c.n_ff, c.n_head * c.head_dim, c.n_embd_kv());
     let shape = match t.kind {
         "attn_q" => (q, embd),

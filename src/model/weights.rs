@@ -2,7 +2,7 @@
 //! only here, with its shape checked against the config.
 
 use crate::ggml::gguf::GgufFile;
-use crate::ggml::{Backend, Tensor, TensorId, TensorSet};
+use crate::ggml::{Backend, Tensor, TensorId, TensorSet, Type};
 
 use super::{Config, ModelError};
 
@@ -31,11 +31,13 @@ pub struct Weights {
 
 impl Weights {
     /// Checks every tensor's presence and shape, then loads them on `backend`
-    /// in their stored types.
+    /// in their stored types, or with `f32` every matrix that a backward pass
+    /// goes through dequantized to f32 (all but an untied token embedding).
     pub fn load(
         gguf: &mut GgufFile,
         config: &Config,
         backend: &Backend,
+        f32: bool,
     ) -> Result<Self, ModelError> {
         let expected = expected_shapes(config);
         for (name, shape, required) in &expected {
@@ -55,7 +57,14 @@ impl Weights {
                 }
             }
         }
-        let set = gguf.load_tensors(backend)?;
+        let set = if f32 {
+            let tied = gguf.tensor("output.weight").is_none();
+            gguf.load_tensors_f32(backend, |info| {
+                info.ty != Type::F32 && (tied || info.name != "token_embd.weight")
+            })?
+        } else {
+            gguf.load_tensors(backend)?
+        };
         let id = |name: &str| {
             set.find(name)
                 .ok_or_else(|| ModelError::MissingTensor(name.to_string()))

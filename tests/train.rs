@@ -1,0 +1,274 @@
+//! Training (DESIGN.md §5): the gradient of every singular value against
+//! central finite differences of the loss, on the tiny model.
+
+mod common;
+
+use std::path::Path;
+
+use common::Rng;
+use svfit::factors::{self, Factor, FactorsKey, TargetMatrix};
+use svfit::model::{Learner, LoadOptions, Model, TrainRow};
+
+fn factors_of(model: &Path, home: &Path, targets: &str) -> Vec<(TargetMatrix, Factor)> {
+    let key = FactorsKey {
+        base_sha256: svfit::home::sha256_file(model).unwrap(),
+        targets: targets.parse().unwrap(),
+        policy: "full".parse().unwrap(),
+        dtype: "f32".parse().unwrap(),
+    };
+    let path = factors::ensure(model, &key, home).unwrap();
+    factors::read_factors(&path, &key).unwrap()
+}
+
+fn learner(model: &Path, home: &Path, targets: &str) -> Learner {
+    let options = LoadOptions {
+        device: "cpu".into(),
+        threads: 2,
+    };
+    let m = Model::load_for_training(model, &options, true).unwrap();
+    Learner::new(m, &factors_of(model, home, targets)).unwrap()
+}
+
+/// Two packed examples of random tokens, loss on the second half of each.
+fn row(n_vocab: usize, seed: u64) -> TrainRow {
+    let mut rng = Rng::new(seed);
+    let mut row = TrainRow::default();
+    for len in [13, 9] {
+        let tokens: Vec<u32> = (0..len)
+            .map(|_| (rng.uniform() * n_vocab as f32) as u32 % n_vocab as u32)
+            .collect();
+        let loss: Vec<bool> = (0..len).map(|i| i >= len / 2).collect();
+        row.push(&tokens, &loss);
+    }
+    row
+}
+
+#[test]
+fn gradient_matches_finite_differences() {
+    let (dir, model) = common::tiny_model();
+    let mut learner = learner(&model, &dir.path().join("home"), "all-linear");
+    let n_vocab = learner.model().config().n_vocab;
+    let row = row(n_vocab, 7);
+    let n = learner.n_params();
+    // Away from zero so every path through the branch is exercised.
+    let mut rng = Rng::new(3);
+    let base: Vec<f32> = rng.normals(n, 0.05);
+    learner.set_deltas(&base).unwrap();
+    let mut grad = vec![0f32; n];
+    let loss = learner.gradient(&row, &mut grad).unwrap();
+    let check = learner.evaluate(&row).unwrap();
+    assert_eq!(
+        loss, check.loss,
+        "forward-only and backward graphs disagree on the loss"
+    );
+
+    // Sixth-order central differences with a large step: f32 rounding of
+    // the loss (~1e-6) stays far below the signal; truncation is O(h^6).
+    let h = 0.3f32;
+    let g_max = grad.iter().fold(0f32, |m, g| m.max(g.abs())) as f64;
+    let mut deltas = base.clone();
+    let mut worst = (0.0f64, String::new());
+    let mut offset = 0;
+    for (prefix, rank) in learner
+        .matrices()
+        .map(|(p, r)| (p.to_string(), r))
+        .collect::<Vec<_>>()
+    {
+        for i in offset..offset + rank {
+            let mut diff = |k: f32| {
+                let mut at = |d: f32| {
+                    deltas[i] = base[i] + d;
+                    learner.set_deltas(&deltas).unwrap();
+                    learner.evaluate(&row).unwrap().loss as f64
+                };
+                at(k * h) - at(-k * h)
+            };
+            let numeric = (45.0 * diff(1.0) - 9.0 * diff(2.0) + diff(3.0)) / (60.0 * h as f64);
+            deltas[i] = base[i];
+            let analytic = grad[i] as f64;
+            // Relative to the larger of the two, floored at 1% of the largest
+            // gradient: both sides carry f32 error of ~1e-5 absolute.
+            let scale = analytic.abs().max(numeric.abs()).max(1e-2 * g_max);
+            let rel = (analytic - numeric).abs() / scale;
+            if rel > worst.0 {
+                worst = (
+                    rel,
+                    format!(
+                        "{prefix}[{}]: analytic {analytic:.6e}, numeric {numeric:.6e}",
+                        i - offset
+                    ),
+                );
+            }
+        }
+        offset += rank;
+    }
+    eprintln!(
+        "{n} singular values, largest |gradient| {g_max:.3e}; worst relative error {:.2e} at {}",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 < 1e-2,
+        "gradient check failed: {:.2e} at {}",
+        worst.0,
+        worst.1
+    );
+}
+
+// ---- `svfit train` on the default model, as a user runs it ----
+
+use std::process::{Command, Output};
+
+use common::TempDir;
+
+/// A factor cache shared by the tests of this file (q,v factors of the
+/// default model take a few seconds to compute).
+const HOME: &str = "/tmp/svfit-test-train-home";
+
+fn svfit(args: &[&str]) -> Output {
+    let model = common::default_model();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_svfit"));
+    command
+        .args(args)
+        .env("SVFIT_HOME", HOME)
+        .env("SVFIT_MODEL", &model);
+    command.output().expect("run svfit")
+}
+
+fn ok(out: Output) -> Output {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "svfit failed: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    out
+}
+
+/// A small classification task: is a number odd or even.
+fn write_data(path: &Path, numbers: impl Iterator<Item = u32>) {
+    let lines: Vec<String> = numbers
+        .map(|n| {
+            let answer = if n % 2 == 0 { "even" } else { "odd" };
+            serde_json::json!({
+                "prompt": format!("Is {n} odd or even? Answer with one word."),
+                "completion": answer,
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// `(step, loss)` of every step line of a metrics.jsonl.
+fn step_losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?))
+        })
+        .collect()
+}
+
+fn sigmas(adapter: &Path) -> Vec<f32> {
+    svfit::adapter::Adapter::read(adapter)
+        .unwrap()
+        .sigma
+        .into_iter()
+        .flat_map(|(_, s)| s)
+        .collect()
+}
+
+fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "train", "--data", data, "--out", out, "--epochs", "2", "--batch", "4", "--ctx", "128",
+        "--lr", "0.05", "--device", "cpu",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let dir = TempDir::new("train-resume");
+    let data = dir.path().join("data.jsonl");
+    write_data(&data, 10..22);
+    let data = data.to_str().unwrap();
+    let whole = dir.path().join("whole.safetensors");
+    let parts = dir.path().join("parts.safetensors");
+    let (whole_s, parts_s) = (whole.to_str().unwrap(), parts.to_str().unwrap());
+
+    ok(svfit(&train_args(data, whole_s, &[])));
+    // One epoch (3 steps), stop, resume for the second.
+    let stopped = ok(svfit(&train_args(data, parts_s, &["--stop-after", "3"])));
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
+    assert!(!parts.exists(), "a stopped run writes no adapter");
+    let checkpoint = dir.path().join("parts.ckpt.safetensors");
+    ok(svfit(&[
+        "train",
+        "--resume",
+        checkpoint.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
+
+    let a = step_losses(&dir.path().join("whole.metrics.jsonl"));
+    let b = step_losses(&dir.path().join("parts.metrics.jsonl"));
+    assert_eq!(a.len(), 6, "{a:?}");
+    assert_eq!(
+        a.iter().map(|s| s.0).collect::<Vec<_>>(),
+        b.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    for ((step, la), (_, lb)) in a.iter().zip(&b) {
+        assert!((la - lb).abs() < 1e-4, "step {step}: {la} vs {lb}");
+    }
+    assert!(a[5].1 < a[0].1, "the loss should fall: {a:?}");
+    let (sa, sb) = (sigmas(&whole), sigmas(&parts));
+    let worst = sa
+        .iter()
+        .zip(&sb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "adapters differ by {worst}");
+    assert!(dir.path().join("whole.loss.png").exists());
+}
+
+#[test]
+fn bad_data_lines_are_reported_or_refused() {
+    let dir = TempDir::new("train-bad");
+    let data = dir.path().join("data.jsonl");
+    let mut text = String::new();
+    text.push_str("{\"prompt\": \"Is 3 odd or even?\", \"completion\": \"odd\"}\n");
+    text.push_str("not json\n");
+    text.push_str("{\"prompt\": \"only a prompt\"}\n");
+    text.push_str("{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}]}\n");
+    text.push_str("{\"text\": \"Some plain text to learn.\"}\n");
+    std::fs::write(&data, text).unwrap();
+    let out_path = dir.path().join("a.safetensors");
+    let (d, o) = (data.to_str().unwrap(), out_path.to_str().unwrap());
+
+    let strict = svfit(&[
+        "train", "--data", d, "--out", o, "--strict", "--device", "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(!strict.status.success());
+    assert!(stderr.contains("data.jsonl:2:"), "names the line: {stderr}");
+    assert!(!out_path.exists());
+
+    let lenient = ok(svfit(&[
+        "train",
+        "--data",
+        d,
+        "--out",
+        o,
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]));
+    let stderr = String::from_utf8_lossy(&lenient.stderr);
+    assert!(
+        stderr.contains("2 examples") && stderr.contains("3 lines skipped"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(out_path.exists());
+}
