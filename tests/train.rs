@@ -272,3 +272,116 @@ fn bad_data_lines_are_reported_or_refused() {
     assert!(stderr.contains("line 2"), "{stderr}");
     assert!(out_path.exists());
 }
+
+/// The tokens whose prediction is in the loss, as text.
+fn loss_text(tokenizer: &svfit::model::Tokenizer, e: &svfit::train::data::Example) -> String {
+    let next: Vec<u32> = (0..e.tokens.len() - 1)
+        .filter(|&i| e.loss[i])
+        .map(|i| e.tokens[i + 1])
+        .collect();
+    tokenizer.decode(&next)
+}
+
+#[test]
+fn records_put_the_loss_on_the_answers() {
+    use svfit::model::Tokenizer;
+    use svfit::train::data::Dataset;
+    let dir = TempDir::new("train-records");
+    let data = dir.path().join("data.jsonl");
+    let records = [
+        serde_json::json!({"prompt": "Is 3 odd or even?", "completion": "odd"}),
+        serde_json::json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]}),
+        serde_json::json!({"text": "Plain text is learned everywhere."}),
+    ];
+    let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let tokenizer = Tokenizer::load(&common::default_model()).unwrap();
+    let set = Dataset::read(&data, &tokenizer, 512, true).unwrap();
+    assert_eq!(set.examples.len(), 3);
+    let [answer, chat, text] = &set.examples[..] else {
+        unreachable!()
+    };
+    assert_eq!(loss_text(&tokenizer, answer), "odd<|im_end|>\n");
+    let rendered = tokenizer.decode(&answer.tokens);
+    assert!(
+        rendered
+            .starts_with("<|im_start|>user\nIs 3 odd or even?<|im_end|>\n<|im_start|>assistant\n"),
+        "{rendered:?}"
+    );
+    assert_eq!(
+        loss_text(&tokenizer, chat),
+        "Hello.<|im_end|>\nGoodbye.<|im_end|>\n"
+    );
+    assert_eq!(
+        loss_text(&tokenizer, text),
+        tokenizer.decode(&text.tokens[1..])
+    );
+    assert_eq!(text.n_targets(), text.tokens.len() - 1);
+    // A prompt longer than --ctx is cut at the front, the answer kept.
+    let short = Dataset::read(&data, &tokenizer, 12, false).unwrap();
+    let cut = &short.examples[0];
+    assert!(cut.tokens.len() <= 12 && short.truncated >= 1);
+    assert_eq!(loss_text(&tokenizer, cut), "odd<|im_end|>\n");
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_that_resumes() {
+    let dir = TempDir::new("train-sigint");
+    let data = dir.path().join("data.jsonl");
+    write_data(&data, 30..54);
+    let out = dir.path().join("a.safetensors");
+    let args = train_args(data.to_str().unwrap(), out.to_str().unwrap(), &[]);
+    let child = Command::new(env!("CARGO_BIN_EXE_svfit"))
+        .args(&args)
+        .env("SVFIT_HOME", HOME)
+        .env("SVFIT_MODEL", common::default_model())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first step is logged.
+    let metrics = dir.path().join("a.metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !std::fs::read_to_string(&metrics).is_ok_and(|m| m.contains("\"loss\"")) {
+        assert!(std::time::Instant::now() < deadline, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let stopped = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(stopped.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("writing a checkpoint") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "an interrupted run writes no adapter");
+    let steps = step_losses(&metrics).len();
+    assert!(
+        (1..12).contains(&steps),
+        "stopped after {steps} of 12 steps"
+    );
+
+    let checkpoint = dir.path().join("a.ckpt.safetensors");
+    ok(svfit(&[
+        "train",
+        "--resume",
+        checkpoint.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
+    let done = step_losses(&metrics);
+    assert_eq!(
+        done.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert!(out.exists());
+}
