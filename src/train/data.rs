@@ -44,7 +44,6 @@ pub enum DataError {
 
 /// One JSONL record, as written by the user.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Record {
     prompt: Option<String>,
     completion: Option<String>,
@@ -53,7 +52,6 @@ struct Record {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RecordMessage {
     role: String,
     content: String,
