@@ -932,6 +932,21 @@ async fn object_store_adapters_round_trip() {
     running.stop().await;
 }
 
+/// Runs `svfit ARGS PATHS --model M` with the shared home; asserts success.
+fn svfit_ok(args: &[&str], paths: &[&Path]) {
+    let b = base();
+    let out = Command::new(env!("CARGO_BIN_EXE_svfit"))
+        .args(args)
+        .args(paths)
+        .arg("--model")
+        .arg(&b.model)
+        .env("SVFIT_HOME", &b.home)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "svfit {args:?}: {stderr}");
+}
+
 /// Greedy continuation of `prompt` by llama.cpp on the GGUF at `model`.
 fn llama_cpp_greedy(model: &Path, prompt: &str, max_tokens: usize) -> String {
     use svfit::model::{Batch, Tokenizer};
@@ -962,7 +977,6 @@ fn llama_cpp_greedy(model: &Path, prompt: &str, max_tokens: usize) -> String {
 /// `svfit merge` of it answers the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn trained_adapter_serves_and_merges() {
-    let b = base();
     let dir = TempDir::new("server-trained");
     let data = dir.path().join("colors.jsonl");
     let lines: Vec<String> = [
@@ -983,30 +997,17 @@ async fn trained_adapter_serves_and_merges() {
     std::fs::write(&data, lines.join("\n")).unwrap();
     let config = config(dir.path());
     let adapter = dir.path().join("out/colors.safetensors");
-    let out = Command::new(env!("CARGO_BIN_EXE_svfit"))
-        .args([
-            "train",
-            "--device",
-            "cpu",
-            "--threads",
-            "2",
-            "--epochs",
-            "2",
-        ])
-        .args(["--batch", "4", "--lr", "0.05", "--ctx", "128", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&adapter)
-        .arg("--model")
-        .arg(&b.model)
-        .env("SVFIT_HOME", &b.home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut train = vec![
+        "train",
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "--epochs",
+        "2",
+    ];
+    train.extend(["--batch", "4", "--lr", "0.05", "--ctx", "128", "--data"]);
+    svfit_ok(&train, &[&data, Path::new("--out"), &adapter]);
 
     // The chat prompt, rendered as the trainer renders it.
     let prompt =
@@ -1032,20 +1033,9 @@ async fn trained_adapter_serves_and_merges() {
     running.stop().await;
 
     let merged = dir.path().join("merged.gguf");
-    let out = Command::new(env!("CARGO_BIN_EXE_svfit"))
-        .args(["merge", "--type", "f32", "--adapter"])
-        .arg(&adapter)
-        .arg("--out")
-        .arg(&merged)
-        .arg("--model")
-        .arg(&b.model)
-        .env("SVFIT_HOME", &b.home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    svfit_ok(
+        &["merge", "--type", "f32", "--adapter"],
+        &[&adapter, Path::new("--out"), &merged],
     );
     assert_eq!(llama_cpp_greedy(&merged, prompt, MAX_TOKENS as usize), want);
 }

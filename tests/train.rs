@@ -177,6 +177,11 @@ fn sigmas(adapter: &Path) -> Vec<f32> {
         .collect()
 }
 
+fn resume(checkpoint: &Path) {
+    let checkpoint = checkpoint.to_str().unwrap();
+    ok(svfit(&["train", "--resume", checkpoint, "--device", "cpu"]));
+}
+
 fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "train", "--data", data, "--out", out, "--epochs", "2", "--batch", "4", "--ctx", "128",
@@ -202,13 +207,7 @@ fn resume_continues_exactly() {
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
     assert!(!parts.exists(), "a stopped run writes no adapter");
     let checkpoint = dir.path().join("parts.ckpt.safetensors");
-    ok(svfit(&[
-        "train",
-        "--resume",
-        checkpoint.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
+    resume(&checkpoint);
 
     let a = step_losses(&dir.path().join("whole.metrics.jsonl"));
     let b = step_losses(&dir.path().join("parts.metrics.jsonl"));
@@ -371,13 +370,7 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() {
     );
 
     let checkpoint = dir.path().join("a.ckpt.safetensors");
-    ok(svfit(&[
-        "train",
-        "--resume",
-        checkpoint.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
+    resume(&checkpoint);
     let done = step_losses(&metrics);
     assert_eq!(
         done.iter().map(|s| s.0).collect::<Vec<_>>(),

@@ -83,15 +83,7 @@ impl Branch {
         let ctx = Context::new(3 * factors.len().max(1), 0)?;
         let mut shapes = Vec::with_capacity(factors.len());
         for (t, f) in factors {
-            let (m, n) = expected_shape(config, t)?;
-            if (f.m, f.n) != (m, n) || f.u.len() != m * f.rank() || f.vt.len() != f.rank() * n {
-                return Err(ModelError::Factors(format!(
-                    "{}: factors of a [{}, {}] matrix, the model's is [{m}, {n}]",
-                    t.prefix(),
-                    f.m,
-                    f.n
-                )));
-            }
+            let (m, n) = check_factor(config, t, f)?;
             let padded = f.rank().next_multiple_of(BLOCK);
             let vt_type = storage_type(factor_type, n);
             let p = t.prefix();
@@ -231,8 +223,26 @@ fn storage_type(factor_type: Type, n: usize) -> Type {
     }
 }
 
+/// Checks that `f` factors the model's matrix `t`; returns its `[m, n]`.
+pub(super) fn check_factor(
+    config: &Config,
+    t: &TargetMatrix,
+    f: &Factor,
+) -> Result<(usize, usize), ModelError> {
+    let (m, n) = expected_shape(config, t)?;
+    if (f.m, f.n) != (m, n) || f.u.len() != m * f.rank() || f.vt.len() != f.rank() * n {
+        return Err(ModelError::Factors(format!(
+            "{}: factors of a [{}, {}] matrix, the model's is [{m}, {n}]",
+            t.prefix(),
+            f.m,
+            f.n
+        )));
+    }
+    Ok((m, n))
+}
+
 /// `[m, n]` (out, in features) of a target matrix of this model.
-pub(super) fn expected_shape(c: &Config, t: &TargetMatrix) -> Result<(usize, usize), ModelError> {
+fn expected_shape(c: &Config, t: &TargetMatrix) -> Result<(usize, usize), ModelError> {
     let (embd, ff, q, kv) = (c.n_embd, c.n_ff, c.n_head * c.head_dim, c.n_embd_kv());
     let shape = match t.kind {
         "attn_q" => (q, embd),

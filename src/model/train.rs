@@ -103,15 +103,7 @@ impl Learner {
         }
         let ctx = Context::new(4 * factors.len() + 1, 0)?;
         for (t, f) in factors {
-            let (m, n) = super::svfit::expected_shape(model.config(), t)?;
-            if (f.m, f.n) != (m, n) || f.u.len() != m * f.rank() || f.vt.len() != f.rank() * n {
-                return Err(ModelError::Factors(format!(
-                    "{}: factors of a [{}, {}] matrix, the model's is [{m}, {n}]",
-                    t.prefix(),
-                    f.m,
-                    f.n
-                )));
-            }
+            let (m, n) = super::svfit::check_factor(model.config(), t, f)?;
             let (p, r) = (t.prefix(), f.rank() as i64);
             ctx.new_tensor(Type::F32, &[r, m as i64])
                 .set_name(&format!("{p}.U"));
