@@ -408,7 +408,7 @@ struct TrainArgs {
     /// (loss on assistant turns) or {"text"} (loss on every token)
     #[arg(long, required_unless_present = "resume")]
     data: Option<PathBuf>,
-    /// Output adapter (.safetensors); A.ckpt.safetensors, A.metrics.jsonl and
+    /// Output adapter (.safetensors); A.ckpt, A.metrics.jsonl and
     /// A.loss.png are written beside it
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -472,7 +472,7 @@ struct TrainArgs {
     /// free memory), f32, or keep (as stored: less memory, slower backward)
     #[arg(long, default_value = "auto")]
     frozen: String,
-    /// Continue from a checkpoint (A.ckpt.safetensors): its data, output and
+    /// Continue from a checkpoint (A.ckpt): its data, output and
     /// hyper-parameters are used; the data must be unchanged
     #[arg(long)]
     resume: Option<PathBuf>,

@@ -206,7 +206,7 @@ fn resume_continues_exactly() {
     let stopped = ok(svfit(&train_args(data, parts_s, &["--stop-after", "3"])));
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
     assert!(!parts.exists(), "a stopped run writes no adapter");
-    let checkpoint = dir.path().join("parts.ckpt.safetensors");
+    let checkpoint = dir.path().join("parts.ckpt");
     resume(&checkpoint);
 
     let a = step_losses(&dir.path().join("whole.metrics.jsonl"));
@@ -369,7 +369,7 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() {
         "stopped after {steps} of 12 steps"
     );
 
-    let checkpoint = dir.path().join("a.ckpt.safetensors");
+    let checkpoint = dir.path().join("a.ckpt");
     resume(&checkpoint);
     let done = step_losses(&metrics);
     assert_eq!(

@@ -2,8 +2,10 @@
 //! checkpoints, `metrics.jsonl` and the loss plot out. Files written beside
 //! the adapter `A.safetensors`:
 //!
-//! - `A.ckpt.safetensors`: the state after the last whole epoch (or the
-//!   stop), which `--resume` continues exactly;
+//! - `A.ckpt` (safetensors inside; not named `.safetensors`, so training
+//!   into a served adapters directory adds no bogus adapter id): the state
+//!   after the last whole epoch (or the stop), which `--resume` continues
+//!   exactly;
 //! - `A.metrics.jsonl`: one JSON object per step and per evaluation;
 //! - `A.loss.png`: the loss curve.
 
@@ -420,7 +422,7 @@ pub fn run(
         hyper.ctx
     ));
 
-    let checkpoint_path = sidecar(&options.out, "ckpt.safetensors");
+    let checkpoint_path = sidecar(&options.out, "ckpt");
     let metrics_path = sidecar(&options.out, "metrics.jsonl");
     let plot_path = sidecar(&options.out, "loss.png");
     let mut metrics = Metrics::open(&metrics_path, resumed_at)?;
