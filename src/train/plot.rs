@@ -6,7 +6,6 @@
 //! yields a valid image with axes and title, and unusable image sizes are
 //! reported as [`io::ErrorKind::InvalidInput`].
 
-use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 
@@ -35,13 +34,12 @@ const TEXT: [u8; 3] = [20, 20, 20];
 const BORDER: [u8; 3] = [150, 150, 150];
 const WHITE: [u8; 3] = [255, 255, 255];
 
-/// Renders the plot (see [`render_png`]) and writes it to `path` atomically: the
-/// bytes go to `<path>.tmp` in the same directory, which is then renamed to `path`.
+/// Renders the plot (see [`render_png`]) and writes it to `path` atomically
+/// (through [`crate::home::write_atomic`]).
 ///
 /// # Errors
-/// Errors of [`render_png`], [`io::ErrorKind::InvalidInput`] if `path` has no
-/// file name, and any I/O error from writing or renaming (the `.tmp` file is
-/// then removed on a best-effort basis).
+/// Errors of [`render_png`] (nothing is written then), and any I/O error from
+/// writing or renaming.
 pub fn write_png(
     path: &Path,
     title: &str,
@@ -51,21 +49,8 @@ pub fn write_png(
     width: u32,
     height: u32,
 ) -> io::Result<()> {
-    let Some(name) = path.file_name() else {
-        return Err(invalid(format!("no file name in {}", path.display())));
-    };
     let bytes = render_png(title, x_label, y_label, series, width, height)?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let result = fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| fs::rename(&tmp, path));
-    if result.is_err() {
-        // Best-effort cleanup; the original error is the one worth reporting.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::home::write_atomic(path, |w| w.write_all(&bytes))
 }
 
 /// Renders a `width`x`height` RGB PNG with the series, axes, grid, tick labels,
@@ -423,6 +408,7 @@ fn glyph(ch: char) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn decode(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
         let decoder = png::Decoder::new(io::Cursor::new(bytes));
@@ -538,7 +524,15 @@ mod tests {
             write_png(&path, "t", "x", "y", &s, 120, height).expect("write");
             assert_eq!(decode(&fs::read(&path).expect("read")).1, height);
         }
-        assert!(!dir.join("loss.png.tmp").exists());
+        let names: Vec<_> = fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("loss.png")],
+            "no temporary file left"
+        );
         assert!(write_png(&dir.join("x.png"), "t", "x", "y", &s, 10, 10).is_err());
         assert!(!dir.join("x.png").exists());
         fs::remove_dir_all(&dir).expect("cleanup");
