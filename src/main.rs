@@ -1058,7 +1058,7 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     }
     let norm = |s: &str| s.trim().trim_end_matches(['.', '!']).trim().to_lowercase();
     let labels: std::collections::BTreeSet<String> = records.iter().map(|(_, c)| norm(c)).collect();
-    let classes = labels.len() <= 32 && labels.len() * 2 <= records.len();
+    let classes = svfit::train::data::are_class_labels(labels.len(), records.len());
     let n_ctx = args.model.n_ctx(&model);
     let mut cache = model.new_cache(n_ctx)?;
     let (mut exact, mut labelled) = (0usize, 0usize);

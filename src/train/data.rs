@@ -195,9 +195,15 @@ impl Dataset {
         for e in &self.examples {
             labels.insert(e.completion.as_deref()?.trim().to_string());
         }
-        let few = labels.len() <= 32 && labels.len() * 2 <= self.examples.len();
-        few.then_some(labels)
+        are_class_labels(labels.len(), self.examples.len()).then_some(labels)
     }
+}
+
+/// Whether `distinct` completion values over `examples` records look like
+/// class labels (few, each shared by several records): then accuracy is
+/// reported.
+pub fn are_class_labels(distinct: usize, examples: usize) -> bool {
+    distinct <= 32 && distinct * 2 <= examples
 }
 
 struct Parsed {
