@@ -31,6 +31,8 @@ fn compile_protos() {
     )
     .expect("write the descriptor set");
     tonic_prost_build::configure()
+        // Decode errors are INVALID_ARGUMENT (src/server/codec.rs).
+        .codec_path("crate::server::codec::ProstCodec")
         .compile_fds(fds)
         .expect("generate the gRPC code");
 }

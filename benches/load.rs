@@ -47,7 +47,7 @@ use svfit::model::LoadOptions;
 use svfit::sampling::{argmax, SplitMix64};
 use svfit::server::pb::inference_client::InferenceClient;
 use svfit::server::pb::{self, generate_request::Input};
-use svfit::store::{AdapterStore, LocalDir};
+use svfit::store::{AdapterStore, LocalDir, PinLimits};
 use tokio::sync::mpsc;
 
 fn exit(msg: &str) -> ! {
@@ -495,7 +495,11 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Repo
                     queue_limit: 100_000,
                     prefill_budget: o.prefill_budget,
                 },
-                max_tokens_default: o.gen as usize,
+                limits: svfit::server::validation::Limits {
+                    max_tokens_default: o.gen as usize,
+                    ..Default::default()
+                },
+                pins_per_tenant: 4,
                 api_keys: None,
                 tls: None,
                 metrics_addr: Some("127.0.0.1:0".parse().unwrap_or_else(fail)),
@@ -576,6 +580,10 @@ fn cold_load_cost(o: &Options, b: &Base, dir: &Path, n: usize) -> Vec<(String, f
         b.key.clone(),
         b.singular.clone(),
         1,
+        PinLimits {
+            total: 0,
+            per_tenant: 0,
+        },
     );
     let path = b.key.path(&b.home);
     let factor_set = factors::read_factors(&path, &b.key).unwrap_or_else(fail);

@@ -87,7 +87,7 @@ impl Loaded {
 
 /// `delta = Σ w_i delta_i` of weighted adapters that share their factors
 /// (all `Deltas` in the same matrix order).
-pub fn mix(parts: &[(f32, Deltas)]) -> Deltas {
+pub fn mix(parts: &[(f32, &Deltas)]) -> Deltas {
     let Some((_, first)) = parts.first() else {
         return Vec::new();
     };
@@ -395,10 +395,10 @@ mod tests {
             ("blk.0.attn_q".into(), vec![3.0, 2.0]),
             ("blk.0.attn_v".into(), vec![-4.0]),
         ];
-        let mixed = mix(&[(0.75, a.clone()), (0.25, b)]);
+        let mixed = mix(&[(0.75, &a), (0.25, &b)]);
         assert_eq!(mixed[0], ("blk.0.attn_q".to_string(), vec![1.5, -1.0]));
         assert_eq!(mixed[1], ("blk.0.attn_v".to_string(), vec![2.0]));
-        assert_eq!(mix(&[(1.0, a.clone())]), a);
+        assert_eq!(mix(&[(1.0, &a)]), a);
         assert!(mix(&[]).is_empty());
     }
 }

@@ -47,6 +47,11 @@ pub struct EngineConfig {
 pub struct AdapterDeltas {
     /// Unique per adapter version or mix of versions.
     pub key: String,
+    /// The stored adapter (`tenant/id`) this is a version of; `None` for a
+    /// mix. Pins belong to the owner, not to one version.
+    pub owner: Option<String>,
+    /// The owner's version (0 for a mix).
+    pub version: u64,
     pub deltas: Deltas,
 }
 
@@ -79,7 +84,28 @@ pub enum Event {
         time_to_first_token: Duration,
         total: Duration,
     },
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why a request stopped without finishing. Each kind maps to one gRPC
+/// code (`server::inference`), never through the text of a message.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The request cannot run as given (checked again at admission).
+    #[error(transparent)]
+    Invalid(GenerateError),
+    /// Writing the adapter into a device slot failed.
+    #[error("loading the adapter into a slot failed: {0}")]
+    AdapterLoad(ModelError),
+    /// The batch holding this sequence failed to decode (every sequence
+    /// of the batch gets the same reason).
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    /// A bug while handling this sequence; the engine went on without it.
+    #[error("internal error while generating ({0}); the request was stopped")]
+    Panicked(String),
 }
 
 /// Counters the engine keeps (read by metrics and `ModelInfo`).
@@ -113,7 +139,14 @@ pub enum SubmitError {
 
 enum Command {
     Job(Box<Job>),
-    Pin { key: String, pinned: bool },
+    Pin {
+        owner: String,
+        pinned: bool,
+    },
+    /// The adapter was deleted: its versions' slots are free once unused.
+    Forget {
+        owner: String,
+    },
 }
 
 /// A handle to the engine thread; dropping every handle stops it.
@@ -122,6 +155,8 @@ pub struct Engine {
     tx: mpsc::Sender<Command>,
     stats: Arc<Stats>,
     config: EngineConfig,
+    /// Turns false when the engine thread ends (it only ends early by a bug).
+    alive: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Engine {
@@ -151,11 +186,31 @@ impl Engine {
             next_seq: 0,
             config: config.clone(),
         };
+        let (alive_tx, alive) = tokio::sync::watch::channel(true);
         std::thread::Builder::new()
             .name("svfit-engine".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // Sequence-level failures are caught inside; this catches
+                // the rest so that the server learns the engine is gone.
+                let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                if let Err(panic) = ended {
+                    tracing::error!(panic = panic_text(&*panic), "the engine thread stopped");
+                }
+                let _ = alive_tx.send(false);
+            })
             .map_err(|e| ModelError::Unsupported(format!("cannot start the engine thread: {e}")))?;
-        Ok(Engine { tx, stats, config })
+        Ok(Engine {
+            tx,
+            stats,
+            config,
+            alive,
+        })
+    }
+
+    /// Resolves when the engine thread has ended.
+    pub async fn stopped(&self) {
+        let mut alive = self.alive.clone();
+        let _ = alive.wait_for(|alive| !alive).await;
     }
 
     /// Queues a job; it is checked first (prompt length, sampling values).
@@ -172,11 +227,20 @@ impl Engine {
         })
     }
 
-    /// Keeps (or stops keeping) an adapter version in its slot when unused.
-    pub fn pin(&self, key: &str, pinned: bool) {
+    /// Keeps (or stops keeping) the current version of the adapter `owner`
+    /// (`tenant/id`) in its slot when unused; older versions are never kept.
+    pub fn pin(&self, owner: &str, pinned: bool) {
         let _ = self.tx.send(Command::Pin {
-            key: key.to_string(),
+            owner: owner.to_string(),
             pinned,
+        });
+    }
+
+    /// The adapter `owner` was deleted: unpins it, and its slots become
+    /// free as soon as no sequence uses them.
+    pub fn forget(&self, owner: &str) {
+        let _ = self.tx.send(Command::Forget {
+            owner: owner.to_string(),
         });
     }
 
@@ -257,7 +321,8 @@ impl Worker {
                 }
                 queue.push_back(job);
             }
-            Command::Pin { key, pinned } => self.slots.pin(&key, pinned),
+            Command::Pin { owner, pinned } => self.slots.pin(&owner, pinned),
+            Command::Forget { owner } => self.slots.forget(&owner),
         }
     }
 
@@ -274,7 +339,7 @@ impl Worker {
             if Self::is_cancelled(&self.running[i].job, now) {
                 let r = self.running.swap_remove(i);
                 if !r.job.events.is_closed() {
-                    let _ = r.job.events.send(Event::Failed("deadline exceeded".into()));
+                    let _ = r.job.events.send(Event::Failed(Failure::DeadlineExceeded));
                 }
                 self.release(&r);
                 self.stats.requests_cancelled.fetch_add(1, Relaxed);
@@ -284,7 +349,13 @@ impl Worker {
         }
         for queue in self.pending.values_mut() {
             let before = queue.len();
-            queue.retain(|job| !Self::is_cancelled(job, now));
+            queue.retain(|job| {
+                let cancelled = Self::is_cancelled(job, now);
+                if cancelled && !job.events.is_closed() {
+                    let _ = job.events.send(Event::Failed(Failure::DeadlineExceeded));
+                }
+                !cancelled
+            });
             let gone = before - queue.len();
             if gone > 0 {
                 self.stats.queued.fetch_sub(gone, Relaxed);
@@ -314,7 +385,17 @@ impl Worker {
                 .get_mut(&tenant)
                 .expect("listed tenants have jobs");
             let job = queue.pop_front().expect("listed tenants have jobs");
-            match self.start(job) {
+            let events = job.events.clone();
+            let started =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start(job)))
+                    .unwrap_or_else(|panic| {
+                        let _ = events.send(Event::Failed(Failure::Panicked(
+                            panic_text(&*panic).to_string(),
+                        )));
+                        self.stats.requests_failed.fetch_add(1, Relaxed);
+                        Ok(())
+                    });
+            match started {
                 Ok(()) => {
                     blocked = 0;
                     self.stats.queued.fetch_sub(1, Relaxed);
@@ -342,20 +423,29 @@ impl Worker {
         let sequence = match Sequence::new(&job.request, self.context) {
             Ok(s) => s,
             Err(e) => {
-                let _ = job.events.send(Event::Failed(e.to_string()));
-                self.stats.requests_failed.fetch_add(1, Relaxed);
+                self.fail(&job, Failure::Invalid(e));
                 return Ok(());
             }
         };
         let slot = match &job.adapter {
             None => 0,
-            Some(adapter) => match self.slots.acquire(&mut self.model, adapter, &self.stats) {
-                Ok(Some(slot)) => slot,
-                Ok(None) => return Err(job),
-                Err(e) => {
-                    let _ = job.events.send(Event::Failed(e.to_string()));
-                    self.stats.requests_failed.fetch_add(1, Relaxed);
-                    return Ok(());
+            Some(adapter) => match self.slots.acquire(adapter) {
+                Acquired::Full => return Err(job),
+                Acquired::Hit(slot) => {
+                    self.stats.slot_hits.fetch_add(1, Relaxed);
+                    slot
+                }
+                Acquired::Load { slot, evicted } => {
+                    if evicted {
+                        self.stats.slot_evictions.fetch_add(1, Relaxed);
+                    }
+                    if let Err(e) = self.model.set_adapter(slot, &adapter.deltas) {
+                        self.slots.unload(slot);
+                        self.fail(&job, Failure::AdapterLoad(e));
+                        return Ok(());
+                    }
+                    self.stats.slot_loads.fetch_add(1, Relaxed);
+                    slot
                 }
             },
         };
@@ -375,6 +465,11 @@ impl Worker {
             first_token: None,
         });
         Ok(())
+    }
+
+    fn fail(&self, job: &Job, failure: Failure) {
+        let _ = job.events.send(Event::Failed(failure));
+        self.stats.requests_failed.fetch_add(1, Relaxed);
     }
 
     /// One decode step over every running sequence.
@@ -412,24 +507,36 @@ impl Worker {
         if batch.is_empty() {
             return;
         }
-        let result = self.model.decode(&mut self.cache, &batch);
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                // Fail everything in the batch (their cells are unchanged
-                // but their state is no longer consistent).
-                let seqs: HashSet<SeqId> = batch.entries().map(|(_, _, s, _)| s).collect();
-                let failed: Vec<Running> = {
-                    let (out, keep) = std::mem::take(&mut self.running)
-                        .into_iter()
-                        .partition(|r| seqs.contains(&r.seq));
-                    self.running = keep;
-                    out
+        #[cfg(feature = "fault-injection")]
+        if self
+            .running
+            .iter()
+            .any(|r| fault::asks(&r.job, fault::KILL_ENGINE))
+        {
+            panic!("fault injection: the engine thread dies");
+        }
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.model.decode(&mut self.cache, &batch)
+        }));
+        let logits = match decoded {
+            Ok(Ok(logits)) => logits,
+            failed => {
+                // Fail everything in the batch: their cells are unchanged
+                // (a failed decode restores the cache) but their state is
+                // no longer consistent.
+                let reason = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(panic) => panic_text(&*panic).to_string(),
+                    Ok(Ok(_)) => unreachable!("matched above"),
                 };
+                let seqs: HashSet<SeqId> = batch.entries().map(|(_, _, s, _)| s).collect();
+                let (failed, keep) = std::mem::take(&mut self.running)
+                    .into_iter()
+                    .partition(|r| seqs.contains(&r.seq));
+                self.running = keep;
                 for r in failed {
-                    let _ = r.job.events.send(Event::Failed(e.to_string()));
                     self.release(&r);
-                    self.stats.requests_failed.fetch_add(1, Relaxed);
+                    self.fail(&r.job, Failure::Decode(reason.clone()));
                 }
                 return;
             }
@@ -437,39 +544,28 @@ impl Worker {
         let mut finished = Vec::new();
         for (row, &i) in owners.iter().enumerate() {
             let r = &mut self.running[i];
-            let mut text = String::new();
-            let before = r.sequence.generated().len();
-            let outcome = r
-                .sequence
-                .advance(logits.row(row), &self.tokenizer, &mut |t| text.push_str(t));
-            let tokens = r.sequence.generated()[before..].to_vec();
-            let first = if r.first_token.is_none() && !tokens.is_empty() {
-                let ttft = r.job.arrived.elapsed();
-                r.first_token = Some(ttft);
-                Some(ttft)
-            } else {
-                None
-            };
-            self.stats
-                .tokens_generated
-                .fetch_add(tokens.len() as u64, Relaxed);
-            if !text.is_empty() || !tokens.is_empty() {
-                let _ = r.job.events.send(Event::Text {
-                    text,
-                    tokens,
-                    first,
-                });
-            }
+            // A bug while handling one sequence stops that sequence only.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                advance(r, logits.row(row), &self.tokenizer, &self.stats)
+            }));
             match outcome {
-                Ok(token) => r.next = Some(token),
-                Err(finish) => finished.push((i, finish)),
+                Ok(Ok(token)) => r.next = Some(token),
+                Ok(Err(finish)) => finished.push((i, Ok(finish))),
+                Err(panic) => finished.push((i, Err(panic_text(&*panic).to_string()))),
             }
         }
         // Remove from the back so indices stay valid.
         finished.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
-        for (i, finish) in finished {
+        for (i, outcome) in finished {
             let r = self.running.swap_remove(i);
-            self.finish(r, finish);
+            match outcome {
+                Ok(finish) => self.finish(r, finish),
+                Err(panic) => {
+                    tracing::error!(panic, tenant = r.job.tenant, "a sequence failed");
+                    self.release(&r);
+                    self.fail(&r.job, Failure::Panicked(panic));
+                }
+            }
         }
         self.stats.steps.fetch_add(1, Relaxed);
         self.stats
@@ -513,64 +609,180 @@ impl Worker {
     }
 }
 
+/// Samples a sequence's next token from its logits and sends the new
+/// text. `Ok(token)`: decode it next; `Err(reason)`: it is finished.
+fn advance(
+    r: &mut Running,
+    logits: &[f32],
+    tokenizer: &Tokenizer,
+    stats: &Stats,
+) -> Result<u32, FinishReason> {
+    #[cfg(feature = "fault-injection")]
+    if fault::asks(&r.job, fault::PANIC_SEQUENCE) {
+        panic!("fault injection: a bug in one sequence");
+    }
+    let mut text = String::new();
+    let before = r.sequence.generated().len();
+    let outcome = r
+        .sequence
+        .advance(logits, tokenizer, &mut |t| text.push_str(t));
+    let tokens = r.sequence.generated()[before..].to_vec();
+    let first = if r.first_token.is_none() && !tokens.is_empty() {
+        let ttft = r.job.arrived.elapsed();
+        r.first_token = Some(ttft);
+        Some(ttft)
+    } else {
+        None
+    };
+    stats
+        .tokens_generated
+        .fetch_add(tokens.len() as u64, Relaxed);
+    if !text.is_empty() || !tokens.is_empty() {
+        let _ = r.job.events.send(Event::Text {
+            text,
+            tokens,
+            first,
+        });
+    }
+    outcome
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic")
+}
+
+/// Test-only faults (the `fault-injection` feature): a request whose stop
+/// strings include one of these makes the engine fail on purpose.
+#[cfg(feature = "fault-injection")]
+pub mod fault {
+    /// Panics while handling this request's sequence.
+    pub const PANIC_SEQUENCE: &str = "\u{1}svfit-fault:panic-sequence";
+    /// Panics on the engine thread outside any sequence: the engine dies.
+    pub const KILL_ENGINE: &str = "\u{1}svfit-fault:kill-engine";
+
+    pub(super) fn asks(job: &super::Job, fault: &str) -> bool {
+        job.request.stop.iter().any(|s| s == fault)
+    }
+}
+
+/// What [`SlotPool::acquire`] found.
+#[derive(Debug, PartialEq)]
+enum Acquired {
+    /// The adapter is already in this slot.
+    Hit(Slot),
+    /// This slot is now the adapter's: write its deltas there (`evicted`:
+    /// it held another adapter).
+    Load { slot: Slot, evicted: bool },
+    /// Every slot is in use or protected by a pin.
+    Full,
+}
+
+/// What one slot holds.
+#[derive(Clone, Debug)]
+struct Held {
+    key: String,
+    owner: Option<String>,
+}
+
 /// The device slots 1..=n of the model's delta tables.
+///
+/// Pins belong to an adapter (`tenant/id`), and protect only its newest
+/// version seen here: a replaced version's slot is reused as soon as its
+/// last sequence ends. So protected slots never outnumber pinned adapters,
+/// and with fewer pinned adapters than slots (the store's pin limit) a
+/// request for any other adapter gets a slot once one is unused.
 struct SlotPool {
-    /// Per slot (index 0 unused): the adapter key it holds, its users, and
-    /// when it was last released.
-    keys: Vec<Option<String>>,
+    /// Per slot (index 0 unused): what it holds, its users, and when it
+    /// was last released.
+    held: Vec<Option<Held>>,
     users: Vec<usize>,
     last_used: Vec<u64>,
     by_key: HashMap<String, Slot>,
     pinned: HashSet<String>,
+    /// Per owner, the newest version seen and its key.
+    newest: HashMap<String, (u64, String)>,
     clock: u64,
 }
 
 impl SlotPool {
     fn new(n: usize) -> Self {
         SlotPool {
-            keys: vec![None; n + 1],
+            held: vec![None; n + 1],
             users: vec![0; n + 1],
             last_used: vec![0; n + 1],
             by_key: HashMap::new(),
             pinned: HashSet::new(),
+            newest: HashMap::new(),
             clock: 0,
         }
     }
 
-    /// A slot holding `adapter` (loaded now if needed), or `None` when
-    /// every slot is in use or pinned.
-    fn acquire(
-        &mut self,
-        model: &mut Model,
-        adapter: &AdapterDeltas,
-        stats: &Stats,
-    ) -> Result<Option<Slot>, ModelError> {
+    /// Whether slot `s` must keep its adapter even when unused: it holds
+    /// the newest version of a pinned adapter.
+    fn protected(&self, s: usize) -> bool {
+        let Some(Held {
+            key,
+            owner: Some(owner),
+        }) = &self.held[s]
+        else {
+            return false;
+        };
+        self.pinned.contains(owner) && self.newest.get(owner).is_some_and(|(_, k)| k == key)
+    }
+
+    /// A slot for `adapter`, taking a user of it.
+    fn acquire(&mut self, adapter: &AdapterDeltas) -> Acquired {
         if let Some(&slot) = self.by_key.get(&adapter.key) {
             self.users[slot as usize] += 1;
-            stats.slot_hits.fetch_add(1, Relaxed);
-            return Ok(Some(slot));
+            return Acquired::Hit(slot);
         }
-        let free = (1..self.keys.len())
-            .filter(|&s| self.users[s] == 0)
-            .filter(|&s| {
-                self.keys[s]
-                    .as_ref()
-                    .is_none_or(|k| !self.pinned.contains(k))
-            })
-            .min_by_key(|&s| (self.keys[s].is_some(), self.last_used[s]));
+        if let Some(owner) = &adapter.owner {
+            let newer = self
+                .newest
+                .get(owner)
+                .is_none_or(|(v, _)| adapter.version >= *v);
+            if newer {
+                self.newest
+                    .insert(owner.clone(), (adapter.version, adapter.key.clone()));
+            }
+        }
+        let free = (1..self.held.len())
+            .filter(|&s| self.users[s] == 0 && !self.protected(s))
+            .min_by_key(|&s| (self.held[s].is_some(), self.last_used[s]));
         let Some(slot) = free else {
-            return Ok(None);
+            return Acquired::Full;
         };
-        if let Some(old) = self.keys[slot].take() {
-            self.by_key.remove(&old);
-            stats.slot_evictions.fetch_add(1, Relaxed);
-        }
-        model.set_adapter(slot as Slot, &adapter.deltas)?;
-        stats.slot_loads.fetch_add(1, Relaxed);
-        self.keys[slot] = Some(adapter.key.clone());
+        let evicted = match self.held[slot].take() {
+            Some(old) => {
+                self.by_key.remove(&old.key);
+                true
+            }
+            None => false,
+        };
+        self.held[slot] = Some(Held {
+            key: adapter.key.clone(),
+            owner: adapter.owner.clone(),
+        });
         self.by_key.insert(adapter.key.clone(), slot as Slot);
         self.users[slot] = 1;
-        Ok(Some(slot as Slot))
+        Acquired::Load {
+            slot: slot as Slot,
+            evicted,
+        }
+    }
+
+    /// Gives back a slot whose load failed: it holds nothing.
+    fn unload(&mut self, slot: Slot) {
+        let s = slot as usize;
+        if let Some(old) = self.held[s].take() {
+            self.by_key.remove(&old.key);
+        }
+        self.users[s] = 0;
     }
 
     fn release(&mut self, slot: Slot) {
@@ -583,11 +795,125 @@ impl SlotPool {
         self.last_used[s] = self.clock;
     }
 
-    fn pin(&mut self, key: &str, pinned: bool) {
+    fn pin(&mut self, owner: &str, pinned: bool) {
         if pinned {
-            self.pinned.insert(key.to_string());
+            self.pinned.insert(owner.to_string());
         } else {
-            self.pinned.remove(key);
+            self.pinned.remove(owner);
         }
+    }
+
+    /// The adapter is gone: no pin, and its unused slots are free now.
+    fn forget(&mut self, owner: &str) {
+        self.pinned.remove(owner);
+        self.newest.remove(owner);
+        for s in 1..self.held.len() {
+            let owned = self.held[s]
+                .as_ref()
+                .is_some_and(|h| h.owner.as_deref() == Some(owner));
+            if owned && self.users[s] == 0 {
+                self.unload(s as Slot);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn adapter(owner: u8, version: u64) -> AdapterDeltas {
+        AdapterDeltas {
+            key: format!("t/a{owner}@v{version}"),
+            owner: Some(format!("t/a{owner}")),
+            version,
+            deltas: Vec::new(),
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Use { owner: u8, version: u64 },
+        Finish(usize),
+        Pin(u8),
+        Unpin(u8),
+        Delete(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..6, 1u64..4).prop_map(|(owner, version)| Op::Use { owner, version }),
+            3 => (0usize..8).prop_map(Op::Finish),
+            2 => (0u8..6).prop_map(Op::Pin),
+            1 => (0u8..6).prop_map(Op::Unpin),
+            1 => (0u8..6).prop_map(Op::Delete),
+        ]
+    }
+
+    const SLOTS: usize = 3;
+
+    proptest! {
+        /// With any sequence of pin, upload (a newer version in use),
+        /// delete and use: protected slots never outnumber pins, a request
+        /// waits only while every slot is in use or protected, and once the
+        /// running sequences end any unpinned adapter gets a slot.
+        #[test]
+        fn pins_never_block_unpinned_adapters(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut pool = SlotPool::new(SLOTS);
+            let mut running: Vec<Slot> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Use { owner, version } => match pool.acquire(&adapter(owner, version)) {
+                        Acquired::Hit(slot) | Acquired::Load { slot, .. } => running.push(slot),
+                        Acquired::Full => prop_assert!((1..=SLOTS)
+                            .all(|s| pool.users[s] > 0 || pool.protected(s))),
+                    },
+                    Op::Finish(i) if !running.is_empty() => {
+                        let slot = running.swap_remove(i % running.len());
+                        pool.release(slot);
+                    }
+                    Op::Finish(_) => {}
+                    // The store allows one pin less than there are slots.
+                    Op::Pin(owner) if pool.pinned.len() + 1 < SLOTS => {
+                        pool.pin(&format!("t/a{owner}"), true)
+                    }
+                    Op::Pin(_) => {}
+                    Op::Unpin(owner) => pool.pin(&format!("t/a{owner}"), false),
+                    Op::Delete(owner) => pool.forget(&format!("t/a{owner}")),
+                }
+                let protected = (1..=SLOTS).filter(|&s| pool.protected(s)).count();
+                prop_assert!(protected <= pool.pinned.len());
+                for (key, &slot) in &pool.by_key {
+                    prop_assert_eq!(&pool.held[slot as usize].as_ref().unwrap().key, key);
+                }
+            }
+            for slot in running.drain(..) {
+                pool.release(slot);
+            }
+            let mix = AdapterDeltas { key: "mix:x".into(), owner: None, version: 0, deltas: Vec::new() };
+            prop_assert_ne!(pool.acquire(&mix), Acquired::Full);
+        }
+    }
+
+    #[test]
+    fn a_replaced_pinned_version_frees_its_slot() {
+        let mut pool = SlotPool::new(2);
+        let Acquired::Load { slot: v1, .. } = pool.acquire(&adapter(0, 1)) else {
+            panic!("a free pool loads");
+        };
+        pool.pin("t/a0", true);
+        pool.release(v1);
+        assert!(pool.protected(v1 as usize));
+        // Version 2 in use: version 1's slot is no longer protected.
+        let Acquired::Load { slot: v2, .. } = pool.acquire(&adapter(0, 2)) else {
+            panic!("one slot is free");
+        };
+        assert!(!pool.protected(v1 as usize));
+        assert!(
+            matches!(pool.acquire(&adapter(1, 1)), Acquired::Load { slot, evicted: true } if slot == v1)
+        );
+        pool.release(v2);
+        assert!(pool.protected(v2 as usize));
     }
 }

@@ -284,17 +284,16 @@ impl TextStream {
             return true;
         }
         // Hold back the longest tail that a stop string starts with.
+        let text = &self.text;
         let held = self
             .stop
             .iter()
-            .flat_map(|s| {
-                (1..s.len())
+            .filter_map(|s| {
+                (1..s.len().min(text.len() + 1))
                     .rev()
-                    .map(move |n| &s[..n])
-                    .filter(|p| s.is_char_boundary(p.len()))
+                    .filter(|&n| s.is_char_boundary(n))
+                    .find(|&n| text.ends_with(&s[..n]))
             })
-            .filter(|prefix| self.text.ends_with(prefix))
-            .map(str::len)
             .max()
             .unwrap_or(0);
         self.emit_up_to(self.text.len() - held, on_text);
@@ -362,6 +361,18 @@ mod tests {
         assert!(stopped);
         assert_eq!(text, "Hello ");
         assert_eq!(out.concat(), "Hello ");
+    }
+
+    #[test]
+    fn multibyte_stop_strings_hold_back_and_cut_on_char_boundaries() {
+        let (out, text, stopped) = run(&[b"caf", "é!".as_bytes()], &["é!", "éa"]);
+        assert!(stopped);
+        assert_eq!(text, "caf");
+        assert_eq!(out.concat(), "caf");
+        let (out, text, stopped) = run(&[b"x", "é".as_bytes(), b"y"], &["é!", "€", "日本"]);
+        assert!(!stopped);
+        assert_eq!(text, "xéy");
+        assert_eq!(out, vec!["x", "éy"]);
     }
 
     #[test]

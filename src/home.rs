@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use sha2::{Digest, Sha256};
 
@@ -70,7 +71,10 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// Writes `path` through a temporary file in the same directory, renamed
-/// into place only when `fill` succeeded: readers never see a partial file.
+/// into place only when `fill` succeeded and the bytes are on disk: readers
+/// never see a partial file, and a crash leaves the old file or the new
+/// one. Each call has its own temporary file, so concurrent writers of one
+/// path never write into each other's file (the last rename wins).
 pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
@@ -84,16 +88,92 @@ pub fn write_atomic(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{name}{TEMP_MARK}{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Relaxed)
+    ));
     let result = (|| {
-        let mut w = BufWriter::new(File::create(&tmp)?);
+        let mut w = BufWriter::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?,
+        );
         fill(&mut w)?;
         w.flush()?;
         w.get_ref().sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable only once the directory is.
+        File::open(dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// What marks a temporary file of [`write_atomic`]: `.NAME.tmp.PID.N`.
+const TEMP_MARK: &str = ".tmp.";
+
+/// Removes the temporary files that [`write_atomic`] calls of processes no
+/// longer running left in `dir` (a process killed mid-write); returns how
+/// many. Files of live processes are left alone: they may be mid-write.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_owner) else {
+            continue;
+        };
+        if !process_exists(pid) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The process id in a temporary file's name `.NAME.tmp.PID.N`.
+fn temp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(TEMP_MARK)?;
+    let (pid, n) = tail.split_once('.')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+fn process_exists(pid: u32) -> bool {
+    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_carry_their_process() {
+        assert_eq!(temp_owner(".a.safetensors.tmp.1234.7"), Some(1234));
+        assert_eq!(temp_owner("a.safetensors"), None);
+        assert_eq!(temp_owner(".a.tmp.x.1"), None);
+    }
+
+    #[test]
+    fn stale_temps_are_removed_and_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("svfit-home-temps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // pid_max on Linux is at most 2^22: this process cannot exist.
+        let dead = dir.join(".a.safetensors.tmp.4294967295.0");
+        let live = dir.join(format!(".b.safetensors.tmp.{}.0", std::process::id()));
+        std::fs::write(&dead, b"x").unwrap();
+        std::fs::write(&live, b"x").unwrap();
+        write_atomic(&dir.join("c"), |w| w.write_all(b"c")).unwrap();
+        assert_eq!(remove_stale_temps(&dir), 1);
+        assert!(!dead.exists() && live.exists());
+        assert_eq!(std::fs::read(dir.join("c")).unwrap(), b"c");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -239,11 +239,8 @@ impl AdapterArgs {
             }
             loaded.push((path.clone(), l));
         }
-        let weighted: Vec<(f32, Deltas)> = parts
-            .iter()
-            .zip(&loaded)
-            .map(|((_, w), (_, l))| (*w, l.deltas()))
-            .collect();
+        let deltas: Vec<Deltas> = loaded.iter().map(|(_, l)| l.deltas()).collect();
+        let weighted: Vec<(f32, &Deltas)> = parts.iter().map(|(_, w)| *w).zip(&deltas).collect();
         let description = parts
             .iter()
             .map(|(p, w)| format!("{}={w}", p.display()))
@@ -369,6 +366,25 @@ struct ServeArgs {
     /// max_tokens of requests that do not set it
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
+    /// Bytes of a request's prompt (or of its chat messages together) at most
+    #[arg(long, default_value_t = 256 << 10)]
+    max_prompt_bytes: usize,
+    /// Chat messages in one request at most
+    #[arg(long, default_value_t = 256)]
+    max_chat_messages: usize,
+    /// Stop strings in one request at most
+    #[arg(long, default_value_t = 16)]
+    max_stop_strings: usize,
+    /// Bytes of one stop string at most
+    #[arg(long, default_value_t = 128)]
+    max_stop_bytes: usize,
+    /// Adapters in one mix at most
+    #[arg(long, default_value_t = 8)]
+    max_mix: usize,
+    /// Adapters one tenant may pin (all tenants together may pin one less
+    /// than --adapter-slots)
+    #[arg(long, default_value_t = 4)]
+    pins_per_tenant: usize,
     /// API key file: lines of 'KEY TENANT' ('*' as the tenant makes an admin key)
     #[arg(long)]
     api_keys: Option<PathBuf>,
@@ -570,12 +586,22 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
             queue_limit: args.queue,
             prefill_budget: generate::PREFILL_CHUNK,
         },
-        max_tokens_default: args.max_tokens,
+        limits: svfit::server::validation::Limits {
+            prompt_bytes: args.max_prompt_bytes,
+            chat_messages: args.max_chat_messages,
+            stop_strings: args.max_stop_strings,
+            stop_bytes: args.max_stop_bytes,
+            mix_parts: args.max_mix,
+            max_tokens: args.model.ctx,
+            max_tokens_default: args.max_tokens,
+        },
+        pins_per_tenant: args.pins_per_tenant,
         api_keys: args.api_keys.clone(),
         tls: args.tls_cert.clone().zip(args.tls_key.clone()),
         metrics_addr: args.metrics_addr,
         allow_remote: args.allow_remote,
     };
+    init_logs();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let running = svfit::server::start(config).await?;
@@ -585,6 +611,19 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
+}
+
+/// The server's logs: one line per event on stderr, `key=value` fields;
+/// `RUST_LOG` filters them (default: info for svfit and its requests,
+/// warnings from tonic and the rest).
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,svfit=info,request=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
 }
 
 fn run_generate(args: &GenerateArgs) -> Result<()> {

@@ -4,15 +4,21 @@
 //! the `s3` feature, `memory://`) — and a host cache of validated deltas
 //! bounded in bytes (least recently used out first; pinned adapters stay).
 //!
-//! Each file carries its version in its metadata (`svfit.version`); an
-//! upload of an existing id writes version + 1, atomically, so a reader
-//! sees the old file or the new one. Files dropped into the directory are
-//! picked up on their first use (and re-read when they change: the cache
-//! remembers each file's size and modification time or entity tag). Every entry
-//! handed to the engine is keyed by version and content, so a replaced
-//! adapter never shares a slot or a cache entry with its old version.
+//! Each file carries its version in its metadata (`svfit.version`). An
+//! upload is a compare-and-swap through [`Backend::update`]: the backend
+//! reads the current file, the store computes the next file from it
+//! (version + 1), and the backend writes it only if nobody else wrote in
+//! between — a lock on the tenant's directory for local files, a
+//! conditional put for object stores. So concurrent uploads of one id get
+//! distinct, increasing versions, and a reader sees the old file or the new
+//! one, never a mix. Files dropped into the directory are picked up on
+//! their first use (and re-read when they change: the cache remembers each
+//! file's size and modification time or entity tag). Every entry handed to
+//! the engine is keyed by version and content, so a replaced adapter never
+//! shares a slot or a cache entry with its old version.
 
 use std::collections::HashSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -20,24 +26,55 @@ use std::time::SystemTime;
 use lru::LruCache;
 use sha2::Digest;
 
-use crate::adapter::{Adapter, Deltas};
+use crate::adapter::{Adapter, AdapterError, Deltas};
 use crate::engine::AdapterDeltas;
 use crate::factors::{FactorsKey, SingularValues};
 
 pub const VERSION_KEY: &str = "svfit.version";
 
+/// Longest tenant or adapter name.
+pub const MAX_NAME: usize = 128;
+
+type Source = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("adapter '{0}' not found")]
     NotFound(String),
-    #[error("invalid {what} '{name}': use 1 to 128 of A-Z a-z 0-9 . _ - (not starting with '.')")]
+    #[error("invalid {what} '{}' ({} bytes): use 1 to {MAX_NAME} of A-Z a-z 0-9 . _ - (not starting with '.')", shown(name), name.len())]
     InvalidName { what: &'static str, name: String },
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    Mismatch(String),
-    #[error("adapter store: {0}")]
-    Io(String),
+    /// The file is not a valid adapter for the served factors.
+    #[error(transparent)]
+    Invalid(AdapterError),
+    /// The file is an adapter of another base model or factor set.
+    #[error(transparent)]
+    Mismatch(AdapterError),
+    #[error("tenant '{tenant}' already pins {quota} adapters, its quota")]
+    PinQuota { tenant: String, quota: usize },
+    #[error("{pinned} adapters are pinned; at most {limit} may be (one device slot stays free)")]
+    PinBudget { pinned: usize, limit: usize },
+    #[error("adapter '{0}' kept changing while it was being written; retry")]
+    Conflict(String),
+    #[error("adapter store: {context}: {source}")]
+    Io { context: String, source: Source },
+}
+
+impl StoreError {
+    fn io(context: impl std::fmt::Display, source: impl Into<Source>) -> Self {
+        StoreError::Io {
+            context: context.to_string(),
+            source: source.into(),
+        }
+    }
+}
+
+/// A client-supplied name as it may appear in a message: at most 64
+/// characters of it.
+pub fn shown(name: &str) -> String {
+    match name.char_indices().nth(64) {
+        Some((end, _)) => format!("{}…", &name[..end]),
+        None => name.to_string(),
+    }
 }
 
 /// What the store knows of one adapter.
@@ -63,6 +100,14 @@ pub struct CacheStats {
     pub entries: usize,
 }
 
+/// How many adapters may be pinned: in all (the device slots less one, so
+/// unpinned adapters always have a slot) and per tenant.
+#[derive(Clone, Copy, Debug)]
+pub struct PinLimits {
+    pub total: usize,
+    pub per_tenant: usize,
+}
+
 struct Cached {
     stored: Arc<Stored>,
     /// The file's fingerprint when read.
@@ -70,22 +115,30 @@ struct Cached {
     bytes: usize,
 }
 
+type Name = (String, String);
+
 struct State {
-    cache: LruCache<(String, String), Cached>,
-    pinned: HashSet<(String, String)>,
+    cache: LruCache<Name, Cached>,
+    pinned: HashSet<Name>,
     stats: CacheStats,
 }
 
 /// Identifies one state of a file: size and modification time (or tag).
 pub type Fingerprint = (u64, String);
 
+/// Computes the file to write from the current one (`None`: no file yet).
+pub type NextFile<'a> = dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, StoreError> + 'a;
+
 /// Storage of adapter files by (tenant, id).
 pub trait Backend: Send + Sync {
     /// The file's fingerprint, `None` when it does not exist.
     fn stat(&self, tenant: &str, id: &str) -> Result<Option<Fingerprint>, StoreError>;
-    fn read(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Replaces the file atomically.
-    fn write(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The file and the fingerprint of exactly those bytes.
+    fn read(&self, tenant: &str, id: &str) -> Result<Option<(Vec<u8>, Fingerprint)>, StoreError>;
+    /// Replaces the file with `next(current)`, atomically and only if no
+    /// other writer replaced it in between (`next` may be called again
+    /// with the newer file).
+    fn update(&self, tenant: &str, id: &str, next: &mut NextFile<'_>) -> Result<(), StoreError>;
     /// Whether there was a file to delete.
     fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError>;
     fn tenants(&self) -> Result<Vec<String>, StoreError>;
@@ -96,69 +149,122 @@ pub trait Backend: Send + Sync {
 pub struct LocalDir(PathBuf);
 
 impl LocalDir {
+    /// Opens (creating) `dir` and removes the temporary files that killed
+    /// processes left behind.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
-        Ok(LocalDir(dir.to_path_buf()))
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir.display(), e))?;
+        let local = LocalDir(dir.to_path_buf());
+        for tenant in local.tenants()? {
+            crate::home::remove_stale_temps(&dir.join(tenant));
+        }
+        Ok(local)
     }
 
     fn path(&self, tenant: &str, id: &str) -> PathBuf {
         self.0.join(tenant).join(format!("{id}.safetensors"))
     }
 
-    /// Names of the entries of `dir` that `keep` maps to a name.
-    fn names(dir: &Path, keep: impl Fn(&std::fs::DirEntry) -> Option<String>) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| keep(&e))
-            .collect();
+    /// Holds an exclusive lock on the tenant's directory (created if
+    /// missing) until dropped: writers of that tenant take turns, in this
+    /// process and in others that share the directory.
+    fn lock(&self, tenant: &str) -> Result<std::fs::File, StoreError> {
+        let dir = self.0.join(tenant);
+        let fail = |e| StoreError::io(dir.display(), e);
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        let handle = std::fs::File::open(&dir).map_err(fail)?;
+        handle.lock().map_err(fail)?;
+        Ok(handle)
+    }
+
+    /// Names of the entries of `dir` that `keep` maps to a name (none when
+    /// `dir` does not exist).
+    fn names(
+        dir: &Path,
+        keep: impl Fn(&std::fs::DirEntry) -> Option<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io(dir.display(), e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io(dir.display(), e))?;
+            out.extend(keep(&entry));
+        }
         out.sort();
-        out
+        Ok(out)
+    }
+}
+
+fn local_fingerprint(meta: &std::fs::Metadata) -> Fingerprint {
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    (meta.len(), modified.to_string())
+}
+
+/// `Ok(None)` for a missing file, the error for anything else.
+fn absent_is_none<T>(result: std::io::Result<T>, path: &Path) -> Result<Option<T>, StoreError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(path.display(), e)),
     }
 }
 
 impl Backend for LocalDir {
     fn stat(&self, tenant: &str, id: &str) -> Result<Option<Fingerprint>, StoreError> {
-        Ok(std::fs::metadata(self.path(tenant, id)).ok().map(|m| {
-            let modified = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            (m.len(), modified.to_string())
-        }))
-    }
-
-    fn read(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(std::fs::read(self.path(tenant, id)).ok())
-    }
-
-    fn write(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let path = self.path(tenant, id);
-        crate::home::write_atomic(&path, |w| std::io::Write::write_all(w, bytes))
-            .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))
+        Ok(absent_is_none(std::fs::metadata(&path), &path)?.map(|m| local_fingerprint(&m)))
+    }
+
+    fn read(&self, tenant: &str, id: &str) -> Result<Option<(Vec<u8>, Fingerprint)>, StoreError> {
+        let path = self.path(tenant, id);
+        let Some(mut file) = absent_is_none(std::fs::File::open(&path), &path)? else {
+            return Ok(None);
+        };
+        let fail = |e| StoreError::io(path.display(), e);
+        // The fingerprint of the open file: a rename after the open does
+        // not change what we read.
+        let meta = file.metadata().map_err(fail)?;
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes).map_err(fail)?;
+        Ok(Some((bytes, local_fingerprint(&meta))))
+    }
+
+    fn update(&self, tenant: &str, id: &str, next: &mut NextFile<'_>) -> Result<(), StoreError> {
+        let _lock = self.lock(tenant)?;
+        let current = self.read(tenant, id)?.map(|(bytes, _)| bytes);
+        let bytes = next(current.as_deref())?;
+        let path = self.path(tenant, id);
+        crate::home::write_atomic(&path, |w| std::io::Write::write_all(w, &bytes))
+            .map_err(|e| StoreError::io(path.display(), e))
     }
 
     fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
-        Ok(std::fs::remove_file(self.path(tenant, id)).is_ok())
+        let _lock = self.lock(tenant)?;
+        let path = self.path(tenant, id);
+        Ok(absent_is_none(std::fs::remove_file(&path), &path)?.is_some())
     }
 
     fn tenants(&self) -> Result<Vec<String>, StoreError> {
-        Ok(Self::names(&self.0, |e| {
-            e.path()
+        Self::names(&self.0, |e| {
+            e.file_type()
+                .ok()?
                 .is_dir()
                 .then(|| e.file_name().into_string().ok())
                 .flatten()
-        }))
+        })
     }
 
     fn ids(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
-        Ok(Self::names(&self.0.join(tenant), |e| {
+        Self::names(&self.0.join(tenant), |e| {
             let name = e.file_name().into_string().ok()?;
             name.strip_suffix(".safetensors").map(str::to_string)
-        }))
+        })
     }
 }
 
@@ -169,9 +275,10 @@ pub fn backend(location: &str) -> Result<Box<dyn Backend>, StoreError> {
         #[cfg(feature = "object-store")]
         return Ok(Box::new(object::Objects::open(location)?));
         #[cfg(not(feature = "object-store"))]
-        return Err(StoreError::Io(format!(
-            "{location}: object store URLs need svfit built with --features s3 (or object-store)"
-        )));
+        return Err(StoreError::io(
+            location,
+            "object store URLs need svfit built with --features s3 (or object-store)",
+        ));
     }
     Ok(Box::new(LocalDir::open(Path::new(location))?))
 }
@@ -181,13 +288,14 @@ pub struct AdapterStore {
     key: FactorsKey,
     singular: SingularValues,
     budget: usize,
+    pins: PinLimits,
     state: Mutex<State>,
 }
 
 /// Tenant and adapter names: safe as file names.
 pub fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
-        && name.len() <= 128
+        && name.len() <= MAX_NAME
         && !name.starts_with('.')
         && name
             .chars()
@@ -202,21 +310,28 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// The version recorded in an adapter file's metadata.
+fn version_of(adapter: &Adapter) -> Option<u64> {
+    adapter.info.get(VERSION_KEY).and_then(|v| v.parse().ok())
+}
+
 impl AdapterStore {
     /// A store over `backend` for adapters of the factors `key` (whose
     /// singular values are `singular`), caching at most `budget` bytes of
-    /// deltas.
+    /// deltas, with at most `pins` pinned adapters.
     pub fn open(
         backend: Box<dyn Backend>,
         key: FactorsKey,
         singular: SingularValues,
         budget: usize,
+        pins: PinLimits,
     ) -> Self {
         AdapterStore {
             backend,
             key,
             singular,
             budget,
+            pins,
             state: Mutex::new(State {
                 cache: LruCache::unbounded(),
                 pinned: HashSet::new(),
@@ -234,7 +349,8 @@ impl AdapterStore {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the cache
+        // A std Mutex: it is held for map operations only, never across I/O
+        // or an await. A panic while holding it cannot leave the cache
         // inconsistent in a way that matters (entries are whole values).
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -249,7 +365,7 @@ impl AdapterStore {
     }
 
     /// The current version of `tenant/id`, validated, from the cache or
-    /// the directory.
+    /// the backend.
     pub fn get(&self, tenant: &str, id: &str) -> Result<Arc<Stored>, StoreError> {
         check_name("tenant", tenant)?;
         check_name("adapter id", id)?;
@@ -267,7 +383,7 @@ impl AdapterStore {
             }
             s.stats.misses += 1;
         }
-        let bytes = self.backend.read(tenant, id)?.ok_or_else(not_found)?;
+        let (bytes, fingerprint) = self.backend.read(tenant, id)?.ok_or_else(not_found)?;
         let stored = Arc::new(self.validate(tenant, id, &bytes)?);
         let size = stored
             .deltas
@@ -277,14 +393,21 @@ impl AdapterStore {
             .sum::<usize>();
         let mut s = self.state();
         s.stats.loads += 1;
-        s.cache.put(
-            name,
-            Cached {
-                stored: stored.clone(),
-                fingerprint,
-                bytes: size,
-            },
-        );
+        // A slower reader of an older file must not replace a newer entry.
+        let newer_cached = s
+            .cache
+            .peek(&name)
+            .is_some_and(|c| c.stored.version > stored.version);
+        if !newer_cached {
+            s.cache.put(
+                name,
+                Cached {
+                    stored: stored.clone(),
+                    fingerprint,
+                    bytes: size,
+                },
+            );
+        }
         Self::evict(&mut s, self.budget);
         Ok(stored)
     }
@@ -312,21 +435,16 @@ impl AdapterStore {
     /// Checks a file's bytes completely against the served factors.
     fn validate(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<Stored, StoreError> {
         let shown = Path::new(id);
-        let adapter =
-            Adapter::parse(bytes, shown).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let adapter = Adapter::parse(bytes, shown).map_err(StoreError::Invalid)?;
         // Base and factor id first: a different base is a precondition
         // failure, not a malformed file.
         adapter
             .check_base(shown, &self.key)
-            .map_err(|e| StoreError::Mismatch(e.to_string()))?;
+            .map_err(StoreError::Mismatch)?;
         adapter
             .validate(shown, &self.key, &self.singular)
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let version = adapter
-            .info
-            .get(VERSION_KEY)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
+            .map_err(StoreError::Invalid)?;
+        let version = version_of(&adapter).unwrap_or(1);
         let hash = hex(&sha2::Sha256::digest(bytes)[..6]);
         let deltas: Deltas = adapter.deltas(&self.singular);
         Ok(Stored {
@@ -336,6 +454,8 @@ impl AdapterStore {
             bytes: bytes.len() as u64,
             deltas: Arc::new(AdapterDeltas {
                 key: format!("{tenant}/{id}@v{version}-{hash}"),
+                owner: Some(format!("{tenant}/{id}")),
+                version,
                 deltas,
             }),
             adapter,
@@ -343,29 +463,33 @@ impl AdapterStore {
     }
 
     /// Validates an uploaded file and makes it the next version of
-    /// `tenant/id`; nothing is visible unless all of it is valid.
+    /// `tenant/id`; nothing is visible unless all of it is valid, and
+    /// concurrent uploads of one id get distinct, increasing versions.
     pub fn put(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<Arc<Stored>, StoreError> {
         check_name("tenant", tenant)?;
         check_name("adapter id", id)?;
-        let mut stored = self.validate(tenant, id, bytes)?;
-        let previous = match self.backend.read(tenant, id)? {
-            None => 0,
-            Some(old) => Adapter::parse(&old, Path::new(id))
-                .ok()
-                .and_then(|a| a.info.get(VERSION_KEY).and_then(|v| v.parse().ok()))
-                .unwrap_or(1),
-        };
-        stored
-            .adapter
-            .info
-            .insert(VERSION_KEY.into(), (previous + 1).to_string());
-        let bytes = stored
-            .adapter
-            .to_bytes()
-            .map_err(|e| StoreError::Io(e.to_string()))?;
-        self.backend.write(tenant, id, &bytes)?;
-        // Read back through the cache so the entry matches what is stored.
-        self.get(tenant, id)
+        let mut adapter = self.validate(tenant, id, bytes)?.adapter;
+        let mut written = 0;
+        self.backend.update(tenant, id, &mut |current| {
+            // A current file that cannot be read still had a version: its
+            // successor is at least 2, and after any version we can read.
+            let previous = current.map_or(0, |old| {
+                Adapter::parse(old, Path::new(id))
+                    .ok()
+                    .and_then(|a| version_of(&a))
+                    .unwrap_or(1)
+            });
+            written = previous.saturating_add(1);
+            adapter.info.insert(VERSION_KEY.into(), written.to_string());
+            adapter
+                .to_bytes()
+                .map_err(|e| StoreError::io(format!("encoding {}", shown(id)), e))
+        })?;
+        // Read back through the cache so the entry matches what is stored
+        // (or a newer upload, if one landed since).
+        let stored = self.get(tenant, id)?;
+        debug_assert!(stored.version >= written);
+        Ok(stored)
     }
 
     pub fn delete(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
@@ -381,12 +505,28 @@ impl AdapterStore {
         Ok(())
     }
 
-    /// Pins (keeps in the host cache) or unpins an adapter.
+    /// Pins (keeps in the host cache) or unpins an adapter, within the
+    /// pin limits.
     pub fn pin(&self, tenant: &str, id: &str, pinned: bool) -> Result<Arc<Stored>, StoreError> {
         let stored = self.get(tenant, id)?;
         let mut s = self.state();
         let name = (tenant.to_string(), id.to_string());
         if pinned {
+            if !s.pinned.contains(&name) {
+                let of_tenant = s.pinned.iter().filter(|(t, _)| t == tenant).count();
+                if of_tenant >= self.pins.per_tenant {
+                    return Err(StoreError::PinQuota {
+                        tenant: tenant.to_string(),
+                        quota: self.pins.per_tenant,
+                    });
+                }
+                if s.pinned.len() >= self.pins.total {
+                    return Err(StoreError::PinBudget {
+                        pinned: s.pinned.len(),
+                        limit: self.pins.total,
+                    });
+                }
+            }
             s.pinned.insert(name);
         } else {
             s.pinned.remove(&name);
@@ -428,12 +568,12 @@ impl AdapterStore {
             .map(|(s, w)| format!("{}*{w}", s.deltas.key))
             .collect::<Vec<_>>()
             .join("+");
-        let weighted: Vec<(f32, Deltas)> = parts
-            .iter()
-            .map(|(s, w)| (*w, s.deltas.deltas.clone()))
-            .collect();
+        let weighted: Vec<(f32, &Deltas)> =
+            parts.iter().map(|(s, w)| (*w, &s.deltas.deltas)).collect();
         Arc::new(AdapterDeltas {
             key: format!("mix:{key}"),
+            owner: None,
+            version: 0,
             deltas: crate::adapter::mix(&weighted),
         })
     }
@@ -449,9 +589,15 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(feature = "object-store")]
 mod object {
     use object_store::path::Path as ObjectPath;
-    use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+    use object_store::{
+        ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
+    };
 
-    use super::{Backend, Fingerprint, StoreError};
+    use super::{Backend, Fingerprint, NextFile, StoreError};
+
+    /// Conditional writes that lose to another writer are retried this
+    /// many times before the upload fails with `Conflict`.
+    const UPDATE_ATTEMPTS: usize = 16;
 
     pub struct Objects {
         store: Box<dyn ObjectStore>,
@@ -459,25 +605,21 @@ mod object {
         runtime: tokio::runtime::Runtime,
     }
 
-    fn io(e: impl std::fmt::Display) -> StoreError {
-        StoreError::Io(e.to_string())
-    }
-
     impl Objects {
         /// Opens `url`; options come from `AWS_*` (and other provider)
         /// environment variables.
         pub fn open(url: &str) -> Result<Self, StoreError> {
-            let parsed = url::Url::parse(url).map_err(|e| io(format!("{url}: {e}")))?;
+            let parsed = url::Url::parse(url).map_err(|e| StoreError::io(url, e))?;
             let options = std::env::vars()
                 .filter(|(k, _)| k.starts_with("AWS_"))
                 .map(|(k, v)| (k.to_ascii_lowercase(), v));
             let (store, prefix) = object_store::parse_url_opts(&parsed, options)
-                .map_err(|e| io(format!("{url}: {e}")))?;
+                .map_err(|e| StoreError::io(url, e))?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
                 .build()
-                .map_err(io)?;
+                .map_err(|e| StoreError::io("starting the object store runtime", e))?;
             Ok(Objects {
                 store,
                 prefix,
@@ -497,9 +639,11 @@ mod object {
             T: Send,
         {
             std::thread::scope(|s| {
-                s.spawn(|| self.runtime.block_on(f))
-                    .join()
-                    .expect("object store call panicked")
+                match s.spawn(|| self.runtime.block_on(f)).join() {
+                    Ok(v) => v,
+                    // The object store client's own bug: not ours to hide.
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
             })
         }
 
@@ -508,7 +652,7 @@ mod object {
         fn names(&self, dir: ObjectPath, dirs: bool) -> Result<Vec<String>, StoreError> {
             let listed = self
                 .run(self.store.list_with_delimiter(Some(&dir)))
-                .map_err(io)?;
+                .map_err(|e| StoreError::io(&dir, e))?;
             let paths: Vec<ObjectPath> = if dirs {
                 listed.common_prefixes
             } else {
@@ -521,44 +665,100 @@ mod object {
             out.sort();
             Ok(out)
         }
+
+        /// The object's bytes and the version to condition a put on.
+        fn read_versioned(
+            &self,
+            path: &ObjectPath,
+        ) -> Result<Option<(Vec<u8>, Fingerprint, UpdateVersion)>, StoreError> {
+            let result = self.run(async {
+                let got = self.store.get(path).await?;
+                let meta = got.meta.clone();
+                Ok::<_, object_store::Error>((got.bytes().await?, meta))
+            });
+            match result {
+                Ok((bytes, meta)) => {
+                    let fingerprint = fingerprint(&meta);
+                    let version = UpdateVersion {
+                        e_tag: meta.e_tag,
+                        version: meta.version,
+                    };
+                    Ok(Some((bytes.to_vec(), fingerprint, version)))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(StoreError::io(path, e)),
+            }
+        }
+    }
+
+    fn fingerprint(meta: &object_store::ObjectMeta) -> Fingerprint {
+        (
+            meta.size,
+            meta.e_tag
+                .clone()
+                .unwrap_or_else(|| meta.last_modified.to_rfc3339()),
+        )
     }
 
     impl Backend for Objects {
         fn stat(&self, tenant: &str, id: &str) -> Result<Option<Fingerprint>, StoreError> {
-            match self.run(self.store.head(&self.path(tenant, id))) {
-                Ok(meta) => Ok(Some((
-                    meta.size,
-                    meta.e_tag
-                        .unwrap_or_else(|| meta.last_modified.to_rfc3339()),
-                ))),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(io(e)),
-            }
-        }
-
-        fn read(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
             let path = self.path(tenant, id);
-            let result = self.run(async { self.store.get(&path).await?.bytes().await });
-            match result {
-                Ok(bytes) => Ok(Some(bytes.to_vec())),
+            match self.run(self.store.head(&path)) {
+                Ok(meta) => Ok(Some(fingerprint(&meta))),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(io(e)),
+                Err(e) => Err(StoreError::io(&path, e)),
             }
         }
 
-        fn write(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<(), StoreError> {
-            let payload = PutPayload::from(bytes.to_vec());
-            self.run(self.store.put(&self.path(tenant, id), payload))
-                .map(|_| ())
-                .map_err(io)
+        fn read(
+            &self,
+            tenant: &str,
+            id: &str,
+        ) -> Result<Option<(Vec<u8>, Fingerprint)>, StoreError> {
+            Ok(self
+                .read_versioned(&self.path(tenant, id))?
+                .map(|(bytes, fingerprint, _)| (bytes, fingerprint)))
+        }
+
+        fn update(
+            &self,
+            tenant: &str,
+            id: &str,
+            next: &mut NextFile<'_>,
+        ) -> Result<(), StoreError> {
+            let path = self.path(tenant, id);
+            for _ in 0..UPDATE_ATTEMPTS {
+                let current = self.read_versioned(&path)?;
+                let bytes = next(current.as_ref().map(|(b, _, _)| b.as_slice()))?;
+                let mode = match current {
+                    Some((_, _, version)) => PutMode::Update(version),
+                    None => PutMode::Create,
+                };
+                let options = PutOptions {
+                    mode,
+                    ..Default::default()
+                };
+                let put = self.store.put_opts(&path, PutPayload::from(bytes), options);
+                match self.run(put) {
+                    Ok(_) => return Ok(()),
+                    // Another writer won: compute the next file from theirs.
+                    Err(
+                        object_store::Error::Precondition { .. }
+                        | object_store::Error::AlreadyExists { .. },
+                    ) => continue,
+                    Err(e) => return Err(StoreError::io(&path, e)),
+                }
+            }
+            Err(StoreError::Conflict(format!("{tenant}/{id}")))
         }
 
         fn delete(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
             if self.stat(tenant, id)?.is_none() {
                 return Ok(false);
             }
-            self.run(self.store.delete(&self.path(tenant, id)))
-                .map_err(io)?;
+            let path = self.path(tenant, id);
+            self.run(self.store.delete(&path))
+                .map_err(|e| StoreError::io(&path, e))?;
             Ok(true)
         }
 

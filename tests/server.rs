@@ -94,7 +94,11 @@ fn config(dir: &Path) -> ServeConfig {
             queue_limit: 256,
             prefill_budget: 512,
         },
-        max_tokens_default: 64,
+        limits: svfit::server::validation::Limits {
+            max_tokens_default: 64,
+            ..Default::default()
+        },
+        pins_per_tenant: 4,
         api_keys: None,
         tls: None,
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),

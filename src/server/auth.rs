@@ -7,8 +7,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use tonic::metadata::MetadataMap;
-use tonic::Status;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
 
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -78,26 +81,56 @@ pub fn authenticate(keys: Option<&Keys>, metadata: &MetadataMap) -> Result<Calle
         .ok_or_else(|| Status::unauthenticated("unknown API key"))
 }
 
+/// The interceptor in front of the svfit services: authenticates each
+/// request and puts its [`Caller`] into the request's extensions, where
+/// handlers find it with [`caller`].
+#[derive(Clone)]
+pub struct Authenticate(pub Option<Arc<Keys>>);
+
+impl Interceptor for Authenticate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = authenticate(self.0.as_deref(), request.metadata())?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// The caller that [`Authenticate`] found.
+pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the request was not authenticated"))
+}
+
 impl Caller {
     /// The tenant a request acts on: its own, or (admin only) the one named.
     pub fn tenant(&self, named: &str) -> Result<String, Status> {
         if named.is_empty() || named == self.tenant {
             Ok(self.tenant.clone())
         } else if self.admin {
+            crate::store::check_name("tenant", named)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok(named.to_string())
         } else {
             Err(Status::permission_denied(format!(
-                "tenant '{}' may not act on tenant '{named}'",
-                self.tenant
+                "tenant '{}' may not act on tenant '{}'",
+                self.tenant,
+                crate::store::shown(named)
             )))
         }
     }
 
-    /// Splits an adapter reference `id` or `tenant/id` into (tenant, id).
+    /// Splits an adapter reference `id` or `tenant/id` into (tenant, id),
+    /// both valid names.
     pub fn adapter(&self, reference: &str) -> Result<(String, String), Status> {
-        match reference.split_once('/') {
-            Some((tenant, id)) => Ok((self.tenant(tenant)?, id.to_string())),
-            None => Ok((self.tenant.clone(), reference.to_string())),
-        }
+        let (tenant, id) = match reference.split_once('/') {
+            Some((tenant, id)) => (self.tenant(tenant)?, id),
+            None => (self.tenant.clone(), reference),
+        };
+        crate::store::check_name("adapter id", id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok((tenant, id.to_string()))
     }
 }

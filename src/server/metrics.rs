@@ -1,32 +1,52 @@
 //! Prometheus metrics in the text exposition format, over plain HTTP on
 //! their own address (`--metrics-addr`): any GET answers with all of them.
+//! At most [`MAX_CONNECTIONS`] are served at once (more wait in the
+//! kernel's backlog), and a client that sends no request within
+//! [`READ_TIMEOUT`] is dropped, so scrapers cannot hold the port.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
 
 use super::Shared;
+
+const MAX_CONNECTIONS: usize = 32;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts the metrics listener; returns its address.
 pub(super) async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
+        loop {
+            let Ok(permit) = connections.clone().acquire_owned().await else {
+                return;
+            };
+            let mut socket = super::listener::accept(&listener, "metrics").await;
             let shared = shared.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 // The request line and headers; the answer does not depend on them.
                 let mut buf = [0u8; 4096];
-                let _ = socket.read(&mut buf).await;
+                match tokio::time::timeout(READ_TIMEOUT, socket.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
                 let body = render(&shared);
                 let head = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
-                let _ = socket.write_all(head.as_bytes()).await;
-                let _ = socket.write_all(body.as_bytes()).await;
+                let reply = async {
+                    socket.write_all(head.as_bytes()).await?;
+                    socket.write_all(body.as_bytes()).await
+                };
+                let _ = tokio::time::timeout(READ_TIMEOUT, reply).await;
             });
         }
     });

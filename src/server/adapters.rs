@@ -1,0 +1,198 @@
+//! The Adapters service: uploads, reads, listings, deletions and pins of
+//! the caller's tenant (an admin key may name any tenant), delegated to the
+//! store; pins and deletions also reach the engine's slots.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{auth, blocking, pb, store_status, Shared};
+use crate::store::Stored;
+
+/// Largest adapter upload accepted (the default model's are ~70 kB).
+pub const MAX_UPLOAD: usize = 16 << 20;
+/// Largest single message of the service.
+pub const MAX_MESSAGE: usize = 8 << 20;
+/// Uploads buffered at once; more wait their turn, so concurrent uploads
+/// hold at most this many times [`MAX_UPLOAD`].
+const CONCURRENT_UPLOADS: usize = 4;
+
+pub(super) struct AdaptersService {
+    shared: Arc<Shared>,
+    uploads: Semaphore,
+}
+
+impl AdaptersService {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        AdaptersService {
+            shared,
+            uploads: Semaphore::new(CONCURRENT_UPLOADS),
+        }
+    }
+
+    fn info(&self, stored: &Stored) -> pb::AdapterInfo {
+        let a = &stored.adapter;
+        pb::AdapterInfo {
+            id: stored.id.clone(),
+            tenant: stored.tenant.clone(),
+            version: stored.version,
+            bytes: stored.bytes,
+            targets: a.targets.clone(),
+            rank_policy: a.rank_policy.clone(),
+            factors_id: a.factors_id.clone(),
+            pinned: self.shared.store.is_pinned(&stored.tenant, &stored.id),
+            info: a.info.clone().into_iter().collect(),
+        }
+    }
+
+    /// The caller's (tenant, id) for a reference to one adapter.
+    fn name<T>(
+        &self,
+        req: &Request<T>,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(String, String), Status> {
+        let tenant = auth::caller(req)?.tenant(tenant)?;
+        crate::store::check_name("adapter id", id).map_err(store_status)?;
+        Ok((tenant, id.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::adapters_server::Adapters for AdaptersService {
+    async fn upload(
+        &self,
+        req: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::AdapterInfo>, Status> {
+        let caller = auth::caller(&req)?;
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::UploadChunk {
+                part: Some(pb::upload_chunk::Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first upload message must be the header",
+                ))
+            }
+        };
+        let tenant = caller.tenant(&header.tenant)?;
+        crate::store::check_name("adapter id", &header.id).map_err(store_status)?;
+        let _turn = self
+            .uploads
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is stopping"))?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            match chunk.part {
+                Some(pb::upload_chunk::Part::Data(data)) => {
+                    if bytes.len() + data.len() > MAX_UPLOAD {
+                        return Err(Status::invalid_argument(format!(
+                            "adapter larger than {} MB",
+                            MAX_UPLOAD >> 20
+                        )));
+                    }
+                    bytes.extend_from_slice(&data);
+                }
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "only the first message may be a header",
+                    ))
+                }
+            }
+        }
+        let shared = self.shared.clone();
+        let id = header.id;
+        let stored = blocking(move || shared.store.put(&tenant, &id, &bytes)).await?;
+        tracing::info!(
+            tenant = stored.tenant,
+            adapter = format!("{}@v{}", stored.id, stored.version),
+            bytes = stored.bytes,
+            "upload"
+        );
+        Ok(Response::new(self.info(&stored)))
+    }
+
+    async fn get(&self, req: Request<pb::AdapterRef>) -> Result<Response<pb::AdapterInfo>, Status> {
+        let (tenant, id) = self.name(&req, &req.get_ref().tenant, &req.get_ref().id)?;
+        let shared = self.shared.clone();
+        let stored = blocking(move || shared.store.get(&tenant, &id)).await?;
+        Ok(Response::new(self.info(&stored)))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListAdaptersRequest>,
+    ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
+        let caller = auth::caller(&req)?;
+        let r = req.into_inner();
+        let all_tenants =
+            r.tenant.is_empty() && caller.admin && self.shared.config.api_keys.is_some();
+        let named = if all_tenants {
+            None
+        } else {
+            Some(caller.tenant(&r.tenant)?)
+        };
+        let page_size = match r.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let shared = self.shared.clone();
+        let page_token = r.page_token;
+        let (stored, next_page_token) = blocking(move || {
+            let tenants = match named {
+                Some(t) => vec![t],
+                None => shared.store.tenants()?,
+            };
+            let mut names: Vec<(String, String)> = Vec::new();
+            for t in &tenants {
+                let ids = shared.store.ids(t)?;
+                names.extend(ids.into_iter().map(|id| (t.clone(), id)));
+            }
+            names.retain(|(t, id)| page_token.is_empty() || format!("{t}/{id}") > page_token);
+            names.sort();
+            let more = names.len() > page_size;
+            names.truncate(page_size);
+            let next = match names.last() {
+                Some((t, id)) if more => format!("{t}/{id}"),
+                _ => String::new(),
+            };
+            // An adapter that is invalid or was deleted meanwhile is left out.
+            let stored: Vec<Arc<Stored>> = names
+                .iter()
+                .filter_map(|(t, id)| shared.store.get(t, id).ok())
+                .collect();
+            Ok((stored, next))
+        })
+        .await?;
+        Ok(Response::new(pb::ListAdaptersResponse {
+            adapters: stored.iter().map(|s| self.info(s)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::AdapterRef>,
+    ) -> Result<Response<pb::DeleteAdapterResponse>, Status> {
+        let (tenant, id) = self.name(&req, &req.get_ref().tenant, &req.get_ref().id)?;
+        let shared = self.shared.clone();
+        let (t, i) = (tenant.clone(), id.clone());
+        blocking(move || shared.store.delete(&t, &i)).await?;
+        self.shared.engine.forget(&format!("{tenant}/{id}"));
+        tracing::info!(tenant, adapter = id, "delete");
+        Ok(Response::new(pb::DeleteAdapterResponse {}))
+    }
+
+    async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::AdapterInfo>, Status> {
+        let (tenant, id) = self.name(&req, &req.get_ref().tenant, &req.get_ref().id)?;
+        let pinned = req.get_ref().pinned;
+        let shared = self.shared.clone();
+        let (t, i) = (tenant.clone(), id.clone());
+        let stored = blocking(move || shared.store.pin(&t, &i, pinned)).await?;
+        self.shared.engine.pin(&format!("{tenant}/{id}"), pinned);
+        Ok(Response::new(self.info(&stored)))
+    }
+}

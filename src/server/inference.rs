@@ -1,0 +1,334 @@
+//! The Inference service: a request is validated (`validation.rs`), its
+//! adapter resolved from the store and its prompt tokenized off the async
+//! threads, then it goes to the engine, whose events are streamed back.
+//! Each request ends with one log line (`request` target).
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::validation::{self, AdapterChoice, Prompt, ValidRequest};
+use super::{auth, blocking, failure_status, pb, submit_status, Shared};
+use crate::engine::{AdapterDeltas, Event, Job};
+use crate::generate;
+
+pub(super) struct InferenceService(pub(super) Arc<Shared>);
+
+/// A submitted request: its engine events and what identifies it.
+struct Submitted {
+    events: mpsc::UnboundedReceiver<Event>,
+    request_id: String,
+    tenant: String,
+    adapter_version: String,
+}
+
+impl InferenceService {
+    async fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
+        let shared = &self.0;
+        shared.stats.requests.fetch_add(1, Relaxed);
+        let result = self.submit_inner(req).await;
+        if let Err(status) = &result {
+            shared.stats.errors.fetch_add(1, Relaxed);
+            tracing::info!(
+                target: "request",
+                code = ?status.code(),
+                message = status.message(),
+                "refused"
+            );
+        }
+        result
+    }
+
+    async fn submit_inner(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
+        let shared = self.0.clone();
+        let caller = auth::caller(&req)?;
+        let arrived = Instant::now();
+        let (metadata, _, body) = req.into_parts();
+        let valid = validation::validate(body, &metadata, &caller, &shared.limits)?;
+        let ValidRequest {
+            adapter,
+            prompt,
+            sampling,
+            max_tokens,
+            stop,
+            deadline,
+        } = valid;
+        let (deltas, adapter_version) = resolve(&shared, adapter).await?;
+        let tokenizer = shared.tokenizer.clone();
+        let prompt = tokio::task::spawn_blocking(move || match prompt {
+            Prompt::Text(text) => Ok(tokenizer.encode(&text, true)),
+            Prompt::Chat(messages) => tokenizer
+                .apply_chat_template(&messages, true)
+                .map(|text| tokenizer.encode(&text, true))
+                .map_err(|e| Status::invalid_argument(format!("chat: {e}"))),
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let (tx, events) = mpsc::unbounded_channel();
+        let request_id = format!(
+            "{:x}-{}",
+            shared.started.elapsed().as_micros(),
+            shared.stats.next_id.fetch_add(1, Relaxed)
+        );
+        shared
+            .engine
+            .submit(Job {
+                request: generate::Request {
+                    prompt,
+                    max_tokens,
+                    stop,
+                    sampling,
+                    adapter: 0,
+                },
+                tenant: caller.tenant.clone(),
+                adapter: deltas,
+                events: tx,
+                deadline,
+                arrived,
+            })
+            .map_err(submit_status)?;
+        Ok(Submitted {
+            events,
+            request_id,
+            tenant: caller.tenant,
+            adapter_version,
+        })
+    }
+}
+
+/// The deltas the engine runs with and the version string the client sees
+/// ("" for the base).
+async fn resolve(
+    shared: &Arc<Shared>,
+    choice: AdapterChoice,
+) -> Result<(Option<Arc<AdapterDeltas>>, String), Status> {
+    let shared = shared.clone();
+    match choice {
+        AdapterChoice::Base => Ok((None, String::new())),
+        AdapterChoice::One(tenant, id) => {
+            let stored = blocking(move || shared.store.get(&tenant, &id)).await?;
+            let version = format!("{}@v{}", stored.id, stored.version);
+            Ok((Some(stored.deltas.clone()), version))
+        }
+        AdapterChoice::Mix(parts) => {
+            blocking(move || {
+                let mut stored = Vec::with_capacity(parts.len());
+                for (tenant, id, weight) in parts {
+                    stored.push((shared.store.get(&tenant, &id)?, weight));
+                }
+                let version = stored
+                    .iter()
+                    .map(|(s, w)| format!("{}@v{}*{w}", s.id, s.version))
+                    .collect::<Vec<_>>()
+                    .join("+");
+                Ok((Some(shared.store.mix(&stored)), version))
+            })
+            .await
+        }
+    }
+}
+
+/// Usage and timings of the `Done` event.
+fn usage_and_timings(event: &Event) -> Option<(pb::Usage, pb::Timings, &'static str)> {
+    match event {
+        Event::Done {
+            finish,
+            prompt_tokens,
+            completion_tokens,
+            queue,
+            time_to_first_token,
+            total,
+        } => Some((
+            pb::Usage {
+                prompt_tokens: *prompt_tokens as u32,
+                completion_tokens: *completion_tokens as u32,
+            },
+            pb::Timings {
+                queue_ms: queue.as_secs_f64() * 1e3,
+                time_to_first_token_ms: time_to_first_token.as_secs_f64() * 1e3,
+                total_ms: total.as_secs_f64() * 1e3,
+            },
+            finish.as_str(),
+        )),
+        _ => None,
+    }
+}
+
+/// What the engine says when it drops a request without a last event: it
+/// stopped.
+fn engine_gone() -> Status {
+    Status::unavailable("the engine stopped")
+}
+
+impl Submitted {
+    /// The request's one log line, when it ends.
+    fn log_done(&self, usage: &pb::Usage, timings: &pb::Timings, finish: &str) {
+        tracing::info!(
+            target: "request",
+            request_id = self.request_id,
+            tenant = self.tenant,
+            adapter = self.adapter_version,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            finish,
+            queue_ms = format!("{:.1}", timings.queue_ms),
+            ttft_ms = format!("{:.1}", timings.time_to_first_token_ms),
+            total_ms = format!("{:.1}", timings.total_ms),
+            "done"
+        );
+    }
+
+    fn log_failed(&self, status: &Status) {
+        tracing::info!(
+            target: "request",
+            request_id = self.request_id,
+            tenant = self.tenant,
+            adapter = self.adapter_version,
+            code = ?status.code(),
+            message = status.message(),
+            "failed"
+        );
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::inference_server::Inference for InferenceService {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let mut submitted = self.submit(req).await?;
+        let mut response = pb::GenerateResponse {
+            request_id: submitted.request_id.clone(),
+            adapter_version: submitted.adapter_version.clone(),
+            ..Default::default()
+        };
+        while let Some(event) = submitted.events.recv().await {
+            if let Some((usage, timings, finish)) = usage_and_timings(&event) {
+                submitted.log_done(&usage, &timings, finish);
+                response.usage = Some(usage);
+                response.timings = Some(timings);
+                response.finish_reason = finish.into();
+                return Ok(Response::new(response));
+            }
+            match event {
+                Event::Text { text, tokens, .. } => {
+                    response.text.push_str(&text);
+                    response.token_ids.extend(tokens);
+                }
+                Event::Failed(failure) => {
+                    let status = failure_status(&failure);
+                    submitted.log_failed(&status);
+                    return Err(status);
+                }
+                Event::Done { .. } => unreachable!("handled above"),
+            }
+        }
+        let status = engine_gone();
+        submitted.log_failed(&status);
+        Err(status)
+    }
+
+    type GenerateStreamStream = ChunkStream;
+
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let mut submitted = self.submit(req).await?;
+        let (tx, rx) = mpsc::channel::<Result<pb::GenerateChunk, Status>>(16);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = submitted.events.recv() => event,
+                    // The client left: dropping `events` cancels the
+                    // sequence at the engine's next step.
+                    _ = tx.closed() => return,
+                };
+                let Some(event) = event else {
+                    let status = engine_gone();
+                    submitted.log_failed(&status);
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                };
+                let mut chunk = pb::GenerateChunk {
+                    request_id: submitted.request_id.clone(),
+                    adapter_version: submitted.adapter_version.clone(),
+                    ..Default::default()
+                };
+                let mut last = false;
+                if let Some((usage, timings, finish)) = usage_and_timings(&event) {
+                    submitted.log_done(&usage, &timings, finish);
+                    chunk.usage = Some(usage);
+                    chunk.timings = Some(timings);
+                    chunk.finish_reason = finish.into();
+                    last = true;
+                }
+                let item = match event {
+                    Event::Text { text, tokens, .. } => {
+                        chunk.text = text;
+                        chunk.token_ids = tokens;
+                        Ok(chunk)
+                    }
+                    Event::Failed(failure) => {
+                        last = true;
+                        let status = failure_status(&failure);
+                        submitted.log_failed(&status);
+                        Err(status)
+                    }
+                    Event::Done { .. } => Ok(chunk),
+                };
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn model_info(
+        &self,
+        _req: Request<pb::ModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let shared = &self.0;
+        let stats = shared.engine.stats();
+        let config = shared.engine.config();
+        let key = shared.store.key();
+        Ok(Response::new(pb::ModelInfoResponse {
+            model: shared
+                .config
+                .model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: key.base_sha256.clone(),
+            targets: key.targets.to_string(),
+            rank_policy: key.policy.to_string(),
+            ranks: shared
+                .ranks
+                .iter()
+                .map(|&(kind, min, mean, max)| pb::TargetRank {
+                    kind: kind.into(),
+                    min: min as u32,
+                    mean,
+                    max: max as u32,
+                })
+                .collect(),
+            context: config.context as u32,
+            max_sequences: config.max_sequences as u32,
+            adapter_slots: config.adapter_slots as u32,
+            max_tokens_default: shared.limits.max_tokens_default as u32,
+            active_sequences: stats.active.load(Relaxed) as u32,
+            queued_requests: stats.queued.load(Relaxed) as u32,
+        }))
+    }
+}
