@@ -385,6 +385,9 @@ struct ServeArgs {
     /// than --adapter-slots)
     #[arg(long, default_value_t = 4)]
     pins_per_tenant: usize,
+    /// Open gRPC connections at most (more wait until one closes)
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
     /// API key file: lines of 'KEY TENANT' ('*' as the tenant makes an admin key)
     #[arg(long)]
     api_keys: Option<PathBuf>,
@@ -596,6 +599,7 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
             max_tokens_default: args.max_tokens,
         },
         pins_per_tenant: args.pins_per_tenant,
+        max_connections: args.max_connections,
         api_keys: args.api_keys.clone(),
         tls: args.tls_cert.clone().zip(args.tls_key.clone()),
         metrics_addr: args.metrics_addr,
@@ -606,6 +610,9 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
     runtime.block_on(async {
         let running = svfit::server::start(config).await?;
         eprintln!("svfit serving on {} (Ctrl-C stops)", running.addr);
+        if let Some(metrics) = running.metrics_addr {
+            eprintln!("svfit metrics on http://{metrics}/metrics");
+        }
         tokio::select! {
             result = running.wait() => result,
             _ = tokio::signal::ctrl_c() => Ok(()),

@@ -469,7 +469,7 @@ impl AdapterStore {
         check_name("tenant", tenant)?;
         check_name("adapter id", id)?;
         let mut adapter = self.validate(tenant, id, bytes)?.adapter;
-        let mut written = 0;
+        let mut written = Vec::new();
         self.backend.update(tenant, id, &mut |current| {
             // A current file that cannot be read still had a version: its
             // successor is at least 2, and after any version we can read.
@@ -479,17 +479,17 @@ impl AdapterStore {
                     .and_then(|a| version_of(&a))
                     .unwrap_or(1)
             });
-            written = previous.saturating_add(1);
-            adapter.info.insert(VERSION_KEY.into(), written.to_string());
             adapter
+                .info
+                .insert(VERSION_KEY.into(), previous.saturating_add(1).to_string());
+            written = adapter
                 .to_bytes()
-                .map_err(|e| StoreError::io(format!("encoding {}", shown(id)), e))
+                .map_err(|e| StoreError::io(format!("encoding {}", shown(id)), e))?;
+            Ok(written.clone())
         })?;
-        // Read back through the cache so the entry matches what is stored
-        // (or a newer upload, if one landed since).
-        let stored = self.get(tenant, id)?;
-        debug_assert!(stored.version >= written);
-        Ok(stored)
+        // What this upload wrote (a concurrent upload may already have
+        // replaced it); the cache picks the stored file up on its next get.
+        Ok(Arc::new(self.validate(tenant, id, &written)?))
     }
 
     pub fn delete(&self, tenant: &str, id: &str) -> Result<(), StoreError> {

@@ -7,193 +7,15 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::serve::*;
 use common::TempDir;
-use svfit::adapter::Adapter;
-use svfit::engine::EngineConfig;
-use svfit::factors::{self, FactorsKey, SingularValues};
-use svfit::model::LoadOptions;
-use svfit::sampling::SplitMix64;
-use svfit::server::pb::adapters_client::AdaptersClient;
+use svfit::server;
+use svfit::server::pb;
 use svfit::server::pb::inference_client::InferenceClient;
-use svfit::server::pb::{self, generate_request::Input};
-use svfit::server::{self, Running, ServeConfig};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
-
-const MAX_TOKENS: u32 = 12;
-
-/// The factors of the default model, computed once into a home shared by
-/// every test of this file (and by the CLI runs used as the oracle).
-struct Base {
-    home: PathBuf,
-    model: PathBuf,
-    key: FactorsKey,
-    singular: SingularValues,
-}
-
-fn base() -> &'static Base {
-    static BASE: OnceLock<Base> = OnceLock::new();
-    BASE.get_or_init(|| {
-        let home = std::env::temp_dir().join("svfit-test-server-home");
-        let model = common::default_model();
-        let key = FactorsKey {
-            base_sha256: svfit::home::sha256_file(&model).unwrap(),
-            targets: "q,v".parse().unwrap(),
-            policy: "energy:0.99".parse().unwrap(),
-            dtype: "f16".parse().unwrap(),
-        };
-        let path = factors::ensure(&model, &key, &home).unwrap();
-        let singular = factors::read_singular_values(&path, &key).unwrap();
-        Base {
-            home,
-            model,
-            key,
-            singular,
-        }
-    })
-}
-
-/// An adapter with sigma = S (1 + scale z).
-fn adapter(seed: u64) -> Adapter {
-    let b = base();
-    let mut a = Adapter::identity(&b.key, &b.singular);
-    let mut rng = SplitMix64::new(seed);
-    for v in a.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
-        *v *= 1.0 + 0.3 * rng.normal();
-    }
-    a
-}
-
-fn write(dir: &Path, tenant: &str, id: &str, a: &Adapter) -> PathBuf {
-    let path = dir.join(tenant).join(format!("{id}.safetensors"));
-    a.write(&path).unwrap();
-    path
-}
-
-fn config(dir: &Path) -> ServeConfig {
-    let b = base();
-    ServeConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        model: b.model.clone(),
-        load: LoadOptions {
-            device: "cpu".into(),
-            threads: 2,
-        },
-        factors: b.key.clone(),
-        home: b.home.clone(),
-        adapters: dir.join("adapters").to_string_lossy().into_owned(),
-        adapter_cache_bytes: 64 << 20,
-        engine: EngineConfig {
-            max_sequences: 16,
-            context: 4096,
-            kv_cells: 8192,
-            adapter_slots: 16,
-            queue_limit: 256,
-            prefill_budget: 512,
-        },
-        limits: svfit::server::validation::Limits {
-            max_tokens_default: 64,
-            ..Default::default()
-        },
-        pins_per_tenant: 4,
-        api_keys: None,
-        tls: None,
-        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        allow_remote: false,
-    }
-}
-
-async fn clients(running: &Running) -> (InferenceClient<Channel>, AdaptersClient<Channel>) {
-    let url = format!("http://{}", running.addr);
-    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-    (
-        InferenceClient::new(channel.clone()),
-        AdaptersClient::new(channel),
-    )
-}
-
-fn greedy(adapter: &str, prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        adapter: adapter.into(),
-        input: Some(Input::Prompt(prompt.into())),
-        sampling: Some(pb::Sampling {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        max_tokens,
-        ..Default::default()
-    }
-}
-
-fn with_key<T>(message: T, key: &str) -> Request<T> {
-    let mut r = Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
-}
-
-/// `svfit generate` (greedy) with `adapter` (a file, or none): the oracle.
-fn cli(adapter: Option<&Path>, prompt: &str, max_tokens: u32) -> String {
-    let b = base();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_svfit"));
-    cmd.args(["generate", "--threads", "2", "--temperature", "0"])
-        .args(["--max-tokens", &max_tokens.to_string(), "--prompt", prompt])
-        .arg("--model")
-        .arg(&b.model)
-        .env("SVFIT_HOME", &b.home);
-    if let Some(a) = adapter {
-        cmd.arg("--adapter").arg(a);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.strip_suffix('\n').unwrap_or(&text).to_string()
-}
-
-async fn stream_text(
-    client: &mut InferenceClient<Channel>,
-    request: Request<pb::GenerateRequest>,
-) -> (String, String) {
-    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
-    let mut text = String::new();
-    let mut finish = String::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        text.push_str(&chunk.text);
-        if !chunk.finish_reason.is_empty() {
-            finish = chunk.finish_reason;
-        }
-    }
-    (text, finish)
-}
-
-async fn metric(running: &Running, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = running.metrics_addr.expect("metrics enabled");
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    socket.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("metric {name} missing:\n{body}"))
-        .parse()
-        .unwrap()
-}
-
-const PROMPTS: [&str; 2] = [
-    "The three most important things about the ocean are",
-    "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n",
-];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_tenants_get_their_own_adapters() {
@@ -243,35 +65,6 @@ async fn concurrent_tenants_get_their_own_adapters() {
         assert_eq!(text, &want, "tenant {t}, prompt {p}");
     }
     running.stop().await;
-}
-
-async fn upload(
-    client: &mut AdaptersClient<Channel>,
-    id: &str,
-    bytes: Vec<u8>,
-) -> Result<pb::AdapterInfo, tonic::Status> {
-    let mut chunks = vec![pb::UploadChunk {
-        part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
-            id: id.into(),
-            tenant: String::new(),
-        })),
-    }];
-    for piece in bytes.chunks(8192) {
-        chunks.push(pb::UploadChunk {
-            part: Some(pb::upload_chunk::Part::Data(piece.to_vec())),
-        });
-    }
-    client
-        .upload(tokio_stream::iter(chunks))
-        .await
-        .map(|r| r.into_inner())
-}
-
-fn file_bytes(dir: &Path, name: &str, a: &Adapter) -> (PathBuf, Vec<u8>) {
-    let path = dir.join(name);
-    a.write(&path).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    (path, bytes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -494,17 +287,6 @@ async fn dropped_stream_frees_its_sequence() {
         1.0
     );
     running.stop().await;
-}
-
-/// The code of a refused call.
-fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
-    match r {
-        Ok(_) => panic!("the call succeeded"),
-        Err(status) => {
-            eprintln!("{:?}: {}", status.code(), status.message());
-            status.code()
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -34,6 +34,9 @@ use auth::{Authenticate, Keys};
 use inference::InferenceService;
 use validation::Limits;
 
+/// How long running requests get to finish when the engine has died.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The generated gRPC code and the descriptor set served by reflection.
 pub mod pb {
     tonic::include_proto!("svfit.v1");
@@ -62,6 +65,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Adapters one tenant may pin.
     pub pins_per_tenant: usize,
+    /// Open gRPC connections at most.
+    pub max_connections: usize,
     pub api_keys: Option<PathBuf>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub metrics_addr: Option<SocketAddr>,
@@ -190,7 +195,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
 
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
-    let mut builder = tonic::transport::Server::builder();
+    // Keepalive pings find dead peers, so their connections (and
+    // connection permits) are freed.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
     if let Some((cert, key)) = &config.tls {
         let identity = tonic::transport::Identity::from_pem(
             std::fs::read(cert).map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?,
@@ -215,27 +224,43 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         ));
 
     // Stop on request, or when the engine thread is gone: then health
-    // says NOT_SERVING first, and `wait` reports the failure so the
-    // process exits non-zero and its supervisor restarts it.
+    // says NOT_SERVING first, running requests get DRAIN to finish, and
+    // `wait` reports the failure so that the process exits non-zero and
+    // its supervisor restarts it.
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    let (died, engine_died) = tokio::sync::oneshot::channel::<()>();
     let engine = shared.engine.clone();
+    let signal = async move {
+        tokio::select! {
+            _ = stop => {}
+            _ = engine.stopped() => {
+                tracing::error!("the engine stopped; health is NOT_SERVING and the server exits");
+                health.set_not_serving::<InferenceServer<InferenceService>>().await;
+                health.set_not_serving::<AdaptersServer<AdaptersService>>().await;
+                let _ = died.send(());
+            }
+        }
+    };
+    let serve = router.serve_with_incoming_shutdown(
+        listener::incoming(listener, "grpc", config.max_connections),
+        signal,
+    );
     let task = tokio::spawn(async move {
-        let engine_died = std::sync::atomic::AtomicBool::new(false);
-        let signal = async {
-            tokio::select! {
-                _ = stop => {}
-                _ = engine.stopped() => {
-                    engine_died.store(true, std::sync::atomic::Ordering::SeqCst);
-                    tracing::error!("the engine stopped; health is NOT_SERVING and the server exits");
-                    health.set_not_serving::<InferenceServer<InferenceService>>().await;
-                    health.set_not_serving::<AdaptersServer<AdaptersService>>().await;
-                }
+        tokio::pin!(serve);
+        let mut engine_died = engine_died;
+        let failed = tokio::select! {
+            result = &mut serve => {
+                result?;
+                engine_died.try_recv().is_ok()
+            }
+            // Streams that never end (a health watch) do not hold the
+            // process once the engine is gone.
+            Ok(()) = &mut engine_died => {
+                let _ = tokio::time::timeout(DRAIN, &mut serve).await;
+                true
             }
         };
-        router
-            .serve_with_incoming_shutdown(listener::incoming(listener, "grpc"), signal)
-            .await?;
-        if engine_died.load(std::sync::atomic::Ordering::SeqCst) {
+        if failed {
             anyhow::bail!("the engine stopped");
         }
         Ok(())

@@ -2,6 +2,8 @@
 //! themselves, the default model's path, and logit comparisons.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::path::{Path, PathBuf};
 
 use svfit::ggml::gguf::GgufWriter;
