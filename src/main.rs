@@ -367,7 +367,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Bytes of a request's prompt (or of its chat messages together) at most
-    #[arg(long, default_value_t = 256 << 10)]
+    #[arg(long, default_value_t = 64 << 10)]
     max_prompt_bytes: usize,
     /// Chat messages in one request at most
     #[arg(long, default_value_t = 256)]

@@ -33,6 +33,9 @@ fn keyed_config(dir: &Path) -> svfit::server::ServeConfig {
     config
 }
 
+/// Pause of the hostile client between two requests.
+const PACE_MS: u64 = 10;
+
 /// Bob's ordinary request: its answer and how long it took.
 async fn bobs_request(infer: &mut InferenceClient<Channel>) -> (String, Duration) {
     let start = Instant::now();
@@ -102,6 +105,7 @@ fn attacks() -> Vec<Attack> {
         }),
         Code::Ok,
     );
+    // Larger than any valid request: refused before it is decoded.
     add(
         "thousands of long stop strings",
         alice(pb::GenerateRequest {
@@ -110,12 +114,41 @@ fn attacks() -> Vec<Attack> {
                 .collect(),
             ..short("")
         }),
+        Code::OutOfRange,
+    );
+    add(
+        "too many stop strings",
+        alice(pb::GenerateRequest {
+            stop: (0..100).map(|i| i.to_string()).collect(),
+            ..short("")
+        }),
+        Code::InvalidArgument,
+    );
+    add(
+        "a long stop string",
+        alice(pb::GenerateRequest {
+            stop: vec!["é".repeat(100)],
+            ..short("")
+        }),
         Code::InvalidArgument,
     );
     add(
         "a 30,000-part mix",
         alice(pb::GenerateRequest {
             mix: (0..30_000)
+                .map(|i| pb::MixPart {
+                    adapter: format!("a{i}"),
+                    weight: 0.5,
+                })
+                .collect(),
+            ..short("")
+        }),
+        Code::OutOfRange,
+    );
+    add(
+        "a 100-part mix",
+        alice(pb::GenerateRequest {
+            mix: (0..100)
                 .map(|i| pb::MixPart {
                     adapter: format!("a{i}"),
                     weight: 0.5,
@@ -176,12 +209,20 @@ fn attacks() -> Vec<Attack> {
             input: Some(Input::Prompt("word ".repeat(200_000))),
             ..short("")
         }),
+        Code::OutOfRange,
+    );
+    add(
+        "a 100 kB prompt",
+        alice(pb::GenerateRequest {
+            input: Some(Input::Prompt("word ".repeat(20_000))),
+            ..short("")
+        }),
         Code::InvalidArgument,
     );
     add(
         "a prompt longer than the context",
         alice(pb::GenerateRequest {
-            input: Some(Input::Prompt("word ".repeat(20_000))),
+            input: Some(Input::Prompt("word ".repeat(12_000))),
             ..short("")
         }),
         Code::InvalidArgument,
@@ -314,6 +355,11 @@ async fn hostile_requests_get_clean_errors_and_neighbours_keep_their_answers() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for attack in attacks() {
                     let _ = infer.generate(attack.request).await;
+                    // One client, one request after another: on two cores
+                    // a client that never pauses takes a core from the
+                    // engine whatever it sends (a flood is rate limiting's
+                    // job, not the validation layer's).
+                    tokio::time::sleep(Duration::from_millis(PACE_MS)).await;
                 }
                 let _ = raw_generate(channel.clone(), vec![0xff; 64]).await;
             }
@@ -918,9 +964,12 @@ async fn accept_loops_back_off_and_recover_when_descriptors_run_out() {
     assert!(scrape(server.metrics).await.is_some());
     let mut idle = Vec::new();
     for _ in 0..400 {
-        match tokio::net::TcpStream::connect(server.addr).await {
-            Ok(s) => idle.push(s),
-            Err(_) => break,
+        // Past the server's descriptors and the kernel's backlog a connect
+        // hangs: stop there.
+        let connect = tokio::net::TcpStream::connect(server.addr);
+        match tokio::time::timeout(Duration::from_millis(300), connect).await {
+            Ok(Ok(s)) => idle.push(s),
+            _ => break,
         }
     }
     // Let the server hit EMFILE, then check it does not spin.

@@ -213,8 +213,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InferenceServer::with_interceptor(
-            InferenceService(shared.clone()),
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            // A request larger than any valid one is refused before it is
+            // decoded (OUT_OF_RANGE).
+            InferenceServer::new(InferenceService(shared.clone()))
+                .max_decoding_message_size(shared.limits.max_message_bytes()),
             authenticate.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -34,10 +34,23 @@ pub struct Limits {
     pub max_tokens_default: usize,
 }
 
+impl Limits {
+    /// The largest encoded request that can pass: the prompt, the stop
+    /// strings and the mix at their limits, plus room for the rest.
+    pub fn max_message_bytes(&self) -> usize {
+        let per_string = 8;
+        self.prompt_bytes
+            + self.chat_messages * 2 * per_string
+            + self.stop_strings * (self.stop_bytes + per_string)
+            + self.mix_parts * (2 * super::super::store::MAX_NAME + 16)
+            + (64 << 10)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            prompt_bytes: 256 << 10,
+            prompt_bytes: 64 << 10,
             chat_messages: 256,
             stop_strings: 16,
             stop_bytes: 128,
