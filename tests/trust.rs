@@ -581,7 +581,16 @@ fn spawn_server(adapters: &Path, extra: &[&str], shell_prefix: &str) -> Process 
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("svfit serve did not start");
+}
+
+impl Drop for Process {
+    /// A failing test leaves no server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn channel(addr: SocketAddr) -> Channel {
