@@ -313,7 +313,12 @@ impl TextStream {
         if flush {
             if !self.pending.is_empty() {
                 let rest = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
                 self.text.push_str(&rest);
+                // The replacement characters may complete a stop string.
+                if self.advance(on_text) {
+                    return self.text;
+                }
             }
             self.emit_up_to(self.text.len(), on_text);
         }
@@ -373,6 +378,14 @@ mod tests {
         assert!(!stopped);
         assert_eq!(text, "xéy");
         assert_eq!(out, vec!["x", "éy"]);
+    }
+
+    #[test]
+    fn a_stop_string_completed_by_the_final_flush_is_cut() {
+        // Found by tests/fuzz.rs: an unfinished character becomes U+FFFD.
+        let (out, text, _) = run(&[b"ok", &[194]], &["\u{FFFD}"]);
+        assert_eq!(text, "ok");
+        assert_eq!(out.concat(), "ok");
     }
 
     #[test]

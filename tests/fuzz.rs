@@ -1,0 +1,461 @@
+//! Fuzzing on stable Rust, for a bounded time: the parsers and checks that
+//! see untrusted bytes must answer every input with a value or an error,
+//! never a panic or a crash. Targets: the adapter file parser and its
+//! validation, the GGUF reader and model config, request validation, and
+//! the stop-string text stream.
+//!
+//! Inputs come from proptest strategies: byte targets mutate the seed
+//! files in `tests/fuzz/corpus/<target>/` (flips, interesting values,
+//! insertions, deletions, truncations, splices); structured targets draw
+//! whole requests. Each target runs `SVFIT_FUZZ_SECS` seconds (default
+//! 60, as in CI); `SVFIT_FUZZ_SEED` replays a run (its seed is printed).
+//! A failure prints the shrunk input: add it to the corpus with the fix.
+//! `cargo test --test fuzz -- --ignored write_corpus` rewrites the seeds.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use svfit::adapter::Adapter;
+use svfit::factors::{FactorsKey, SingularValues, TargetMatrix};
+use svfit::generate::TextStream;
+use svfit::ggml::gguf::GgufFile;
+use svfit::server::auth::Caller;
+use svfit::server::pb;
+use svfit::server::validation::{self, AdapterChoice, Limits};
+use tonic::metadata::MetadataMap;
+
+fn corpus_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz/corpus")
+        .join(target)
+}
+
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus_dir(target))
+        .unwrap_or_else(|e| panic!("the {target} corpus: {e}"))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let seeds: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    assert!(!seeds.is_empty(), "the {target} corpus is empty");
+    seeds
+}
+
+/// Runs `check` on inputs drawn from `strategy` for the time budget.
+fn fuzz<S: Strategy>(target: &str, strategy: S, check: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
+    S::Value: std::fmt::Debug,
+{
+    let budget = Duration::from_secs(
+        std::env::var("SVFIT_FUZZ_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
+    let seed: u64 = std::env::var("SVFIT_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{target}: SVFIT_FUZZ_SEED={seed}, {budget:?}");
+    let start = Instant::now();
+    let (mut inputs, mut round) = (0u64, 0u64);
+    while start.elapsed() < budget {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&seed.to_le_bytes());
+        key[8..16].copy_from_slice(&round.to_le_bytes());
+        let config = Config {
+            cases: 256,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let mut runner =
+            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
+        if let Err(e) = runner.run(&strategy, &check) {
+            panic!("{target} (SVFIT_FUZZ_SEED={seed}, round {round}): {e}");
+        }
+        inputs += 256;
+        round += 1;
+    }
+    eprintln!("{target}: {inputs} inputs in {:?}", start.elapsed());
+}
+
+/// One edit of a seed file.
+#[derive(Clone, Debug)]
+enum Edit {
+    Flip { at: usize, bit: u8 },
+    Set { at: usize, byte: u8 },
+    /// A little-endian integer at `at` (lengths, counts, offsets).
+    Word { at: usize, value: u64, width: usize },
+    Insert { at: usize, bytes: Vec<u8> },
+    Delete { at: usize, len: usize },
+    Truncate { at: usize },
+    /// Copies `len` bytes from `from` over `at`.
+    Splice { from: usize, at: usize, len: usize },
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    let at = any::<usize>();
+    let interesting = prop_oneof![
+        Just(0u64),
+        Just(1),
+        Just(0x7f),
+        Just(0xff),
+        Just(0x8000_0000),
+        Just(u32::MAX as u64),
+        Just(u64::MAX),
+        Just(1 << 62),
+        any::<u64>(),
+    ];
+    prop_oneof![
+        (at.clone(), 0u8..8).prop_map(|(at, bit)| Edit::Flip { at, bit }),
+        (at.clone(), any::<u8>()).prop_map(|(at, byte)| Edit::Set { at, byte }),
+        (at.clone(), interesting, prop_oneof![Just(1usize), Just(2), Just(4), Just(8)])
+            .prop_map(|(at, value, width)| Edit::Word { at, value, width }),
+        (at.clone(), proptest::collection::vec(any::<u8>(), 1..32))
+            .prop_map(|(at, bytes)| Edit::Insert { at, bytes }),
+        (at.clone(), 1usize..64).prop_map(|(at, len)| Edit::Delete { at, len }),
+        at.clone().prop_map(|at| Edit::Truncate { at }),
+        (at.clone(), at, 1usize..64).prop_map(|(from, at, len)| Edit::Splice { from, at, len }),
+    ]
+}
+
+fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+    for e in edits {
+        let n = bytes.len().max(1);
+        match e {
+            Edit::Flip { at, bit } => {
+                if let Some(b) = bytes.get_mut(at % n) {
+                    *b ^= 1 << bit;
+                }
+            }
+            Edit::Set { at, byte } => {
+                if let Some(b) = bytes.get_mut(at % n) {
+                    *b = *byte;
+                }
+            }
+            Edit::Word { at, value, width } => {
+                let at = at % n;
+                for (k, b) in value.to_le_bytes()[..*width].iter().enumerate() {
+                    if let Some(slot) = bytes.get_mut(at + k) {
+                        *slot = *b;
+                    }
+                }
+            }
+            Edit::Insert { at, bytes: new } => {
+                let at = at % (bytes.len() + 1);
+                bytes.splice(at..at, new.iter().copied());
+            }
+            Edit::Delete { at, len } => {
+                let at = at % n;
+                let end = (at + len).min(bytes.len());
+                if at < end {
+                    bytes.drain(at..end);
+                }
+            }
+            Edit::Truncate { at } => bytes.truncate(at % n),
+            Edit::Splice { from, at, len } => {
+                let (from, at) = (from % n, at % n);
+                let piece: Vec<u8> = bytes.iter().skip(from).take(*len).copied().collect();
+                for (k, b) in piece.into_iter().enumerate() {
+                    if let Some(slot) = bytes.get_mut(at + k) {
+                        *slot = b;
+                    }
+                }
+            }
+        }
+    }
+    bytes
+}
+
+/// A seed file with up to 8 edits, or (rarely) random bytes.
+fn mutated(seeds: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        15 => (
+            proptest::sample::select(seeds),
+            proptest::collection::vec(edit(), 0..8)
+        )
+            .prop_map(|(seed, edits)| apply(seed, &edits)),
+        1 => proptest::collection::vec(any::<u8>(), 0..512),
+    ]
+}
+
+/// The factors the adapter seeds are made for: two layers of q and v,
+/// small ranks, no model needed.
+fn fuzz_factors() -> (FactorsKey, SingularValues) {
+    let key = FactorsKey {
+        base_sha256: "f".repeat(64),
+        targets: "q,v".parse().unwrap(),
+        policy: "energy:0.99".parse().unwrap(),
+        dtype: "f16".parse().unwrap(),
+    };
+    let singular = (0..2)
+        .flat_map(|layer| {
+            ["attn_q", "attn_v"].map(|kind| {
+                let rank = 3 + layer;
+                let values = (0..rank).map(|i| 4.0 / (i + 1) as f32).collect();
+                (TargetMatrix { layer, kind }, values)
+            })
+        })
+        .collect();
+    (key, singular)
+}
+
+#[test]
+fn adapter_files() {
+    let (key, singular) = fuzz_factors();
+    let path = Path::new("fuzzed.safetensors");
+    fuzz("adapter", mutated(corpus("adapter")), |bytes| {
+        if let Ok(adapter) = Adapter::parse(&bytes, path) {
+            if adapter.validate(path, &key, &singular).is_ok() {
+                let deltas = adapter.deltas(&singular);
+                prop_assert_eq!(deltas.len(), singular.len());
+                prop_assert!(deltas.iter().flat_map(|(_, d)| d).all(|v| v.is_finite()));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn gguf_files() {
+    let dir = common::TempDir::new("fuzz-gguf");
+    let path = dir.path().join("fuzzed.gguf");
+    fuzz("gguf", mutated(corpus("gguf")), |bytes| {
+        std::fs::write(&path, &bytes).unwrap();
+        if let Ok(gguf) = GgufFile::open(&path) {
+            let _ = svfit::model::Config::from_gguf(&gguf);
+            for info in gguf.tensors() {
+                if let Ok(data) = gguf.read_tensor_bytes(info) {
+                    prop_assert_eq!(data.len(), info.n_bytes);
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Text of any kind: ASCII, multi-byte characters, separators.
+fn text(max: usize) -> impl Strategy<Value = String> {
+    prop_oneof![
+        proptest::string::string_regex(&format!("[a-z/._-]{{0,{max}}}")).unwrap(),
+        proptest::collection::vec(any::<char>(), 0..max).prop_map(|c| c.into_iter().collect()),
+        proptest::collection::vec(
+            prop_oneof![Just('é'), Just('/'), Just('日'), Just('🦀'), Just('a'), Just('\0')],
+            0..max
+        )
+        .prop_map(|c| c.into_iter().collect()),
+    ]
+}
+
+fn float() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        Just(f32::NAN),
+        Just(f32::INFINITY),
+        Just(f32::NEG_INFINITY),
+        Just(0.0),
+        Just(-0.0),
+        Just(f32::MIN_POSITIVE),
+        Just(f32::MAX),
+        -2.0f32..2.0,
+        any::<f32>(),
+    ]
+}
+
+fn request() -> impl Strategy<Value = pb::GenerateRequest> {
+    let mix = proptest::collection::vec(
+        (text(12), float()).prop_map(|(adapter, weight)| pb::MixPart { adapter, weight }),
+        0..12,
+    );
+    let input = prop_oneof![
+        Just(None),
+        text(64).prop_map(|p| Some(pb::generate_request::Input::Prompt(p))),
+        proptest::collection::vec(
+            (text(8), text(32)).prop_map(|(role, content)| pb::ChatMessage { role, content }),
+            0..4
+        )
+        .prop_map(|messages| Some(pb::generate_request::Input::Chat(pb::Chat { messages }))),
+    ];
+    let sampling = (
+        proptest::option::of(float()),
+        proptest::option::of(any::<u32>()),
+        proptest::option::of(float()),
+        proptest::option::of(float()),
+        proptest::option::of(float()),
+        proptest::option::of(any::<u32>()),
+        proptest::option::of(any::<u64>()),
+    )
+        .prop_map(|(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)| {
+            pb::Sampling {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repeat_penalty,
+                repeat_last_n,
+                seed,
+            }
+        });
+    (
+        text(24),
+        mix,
+        input,
+        proptest::option::of(sampling),
+        prop_oneof![Just(0u32), 1u32..10_000, any::<u32>()],
+        proptest::collection::vec(text(24), 0..24),
+    )
+        .prop_map(|(adapter, mix, input, sampling, max_tokens, stop)| pb::GenerateRequest {
+            adapter,
+            mix,
+            input,
+            sampling,
+            max_tokens,
+            stop,
+        })
+}
+
+/// Header values: what a client may put in `grpc-timeout` and
+/// `x-svfit-adapter` (any bytes a header may carry).
+fn header() -> impl Strategy<Value = Option<Vec<u8>>> {
+    proptest::option::of(prop_oneof![
+        proptest::string::string_regex("[0-9]{0,14}[HMSmun]?")
+            .unwrap()
+            .prop_map(String::into_bytes),
+        proptest::collection::vec(
+            any::<u8>().prop_filter("a header byte", |b| *b == b'\t' || (0x20..0x7f).contains(b) || *b >= 0x80),
+            0..24
+        ),
+    ])
+}
+
+#[test]
+fn request_validation() {
+    let limits = Limits {
+        stop_strings: 4,
+        stop_bytes: 16,
+        mix_parts: 3,
+        prompt_bytes: 48,
+        chat_messages: 2,
+        max_tokens: 4096,
+        max_tokens_default: 64,
+    };
+    let callers = [
+        Caller {
+            tenant: "alice".into(),
+            admin: false,
+        },
+        Caller {
+            tenant: "root".into(),
+            admin: true,
+        },
+    ];
+    let strategy = (request(), header(), header(), 0..2usize);
+    fuzz("request", strategy, |(body, timeout, adapter, who)| {
+        let mut metadata = MetadataMap::new();
+        for (name, value) in [("grpc-timeout", timeout), ("x-svfit-adapter", adapter)] {
+            if let Some(v) = value.and_then(|v| tonic::metadata::MetadataValue::try_from(&v[..]).ok()) {
+                metadata.insert(name, v);
+            }
+        }
+        let caller = &callers[who];
+        let Ok(valid) = validation::validate(body, &metadata, caller, &limits) else {
+            return Ok(());
+        };
+        prop_assert!(valid.stop.len() <= limits.stop_strings);
+        prop_assert!(valid.stop.iter().all(|s| s.len() <= limits.stop_bytes));
+        prop_assert!((1..=limits.max_tokens).contains(&valid.max_tokens));
+        prop_assert!(valid.sampling.validate().is_ok());
+        if let Some(deadline) = valid.deadline {
+            prop_assert!(deadline <= Instant::now() + validation::MAX_DEADLINE);
+        }
+        let named = |tenant: &str, id: &str| {
+            svfit::store::check_name("tenant", tenant).is_ok()
+                && svfit::store::check_name("adapter id", id).is_ok()
+                && (caller.admin || tenant == caller.tenant)
+        };
+        match &valid.adapter {
+            AdapterChoice::Base => {}
+            AdapterChoice::One(tenant, id) => prop_assert!(named(tenant, id)),
+            AdapterChoice::Mix(parts) => {
+                prop_assert!(!parts.is_empty() && parts.len() <= limits.mix_parts);
+                let distinct: std::collections::HashSet<_> =
+                    parts.iter().map(|(t, i, _)| (t, i)).collect();
+                prop_assert_eq!(distinct.len(), parts.len());
+                for (tenant, id, weight) in parts {
+                    prop_assert!(named(tenant, id));
+                    prop_assert!(weight.is_finite() && weight.abs() <= validation::MAX_MIX_WEIGHT);
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn stop_strings_in_streamed_text() {
+    let pieces = proptest::collection::vec(
+        prop_oneof![
+            text(6).prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..4),
+        ],
+        0..24,
+    );
+    let stops = proptest::collection::vec(text(6), 0..5);
+    fuzz("stop", (pieces, stops), |(pieces, stops)| {
+        let mut stream = TextStream::new(&stops);
+        let mut emitted = String::new();
+        let mut stopped = false;
+        for piece in &pieces {
+            if stream.push(piece, &mut |t: &str| emitted.push_str(t)) {
+                stopped = true;
+                break;
+            }
+        }
+        let text = stream.finish(!stopped, &mut |t: &str| emitted.push_str(t));
+        prop_assert_eq!(&emitted, &text, "everything kept is emitted, once");
+        for stop in stops.iter().filter(|s| !s.is_empty()) {
+            prop_assert!(!text.contains(stop.as_str()), "'{}' in {:?}", stop, text);
+        }
+        Ok(())
+    });
+}
+
+/// Rewrites the seed files of the byte targets.
+#[test]
+#[ignore]
+fn write_corpus() {
+    let (key, singular) = fuzz_factors();
+    let dir = corpus_dir("adapter");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut identity = Adapter::identity(&key, &singular);
+    identity.write(&dir.join("identity.safetensors")).unwrap();
+    identity
+        .info
+        .insert(svfit::store::VERSION_KEY.into(), "7".into());
+    for (_, sigma) in identity.sigma.iter_mut() {
+        sigma.iter_mut().for_each(|v| *v *= 1.5);
+    }
+    identity.write(&dir.join("scaled-v7.safetensors")).unwrap();
+
+    let dir = corpus_dir("gguf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = common::TinySpec {
+        n_vocab: 32,
+        n_embd: 32,
+        n_head: 2,
+        n_head_kv: 1,
+        n_ff: 32,
+        n_layer: 1,
+        n_ctx: 64,
+        ..common::TINY
+    };
+    common::write_tiny_model(&dir.join("tiny-llama.gguf"), &spec);
+}
