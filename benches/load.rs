@@ -14,7 +14,13 @@
 //! and slot pool smaller than the working set: cold loads from the store;
 //! a cache of 20 adapters and 16 slots; svfit only, plus the measured cost of one
 //! cold load), `mix` (each request
-//! a weighted mix of two of 64 adapters; svfit only).
+//! a weighted mix of two of 64 adapters; svfit only), `soak` (the `many`
+//! traffic twice on svfit: alone, then with a hostile tenant beside it that
+//! sends one malformed or abusive request after another: non-ASCII stop
+//! strings, huge lists, extreme numbers, other tenants' and unknown
+//! adapters, over-long prompts; reports the hostile requests' codes, any
+//! INTERNAL or UNAVAILABLE among them, and the ordinary traffic's
+//! throughput and latency with the attack relative to without).
 //!
 //! Options: `--clients N` (concurrent streaming clients, default 8),
 //! `--seconds S` (per engine, default 40), `--requests N` (stop after N
@@ -24,7 +30,8 @@
 //! `--addr HOST:PORT` (drive a running server instead of starting one;
 //! its adapters must exist), `--no-llama`, `--json FILE`,
 //! `--prefill-budget N` (prompt tokens the engine starts per step, default
-//! 512).
+//! 512), `--hostile-pace-ms N` (soak: the hostile client's pause between
+//! requests, default 10).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -73,6 +80,7 @@ struct Options {
     llama: bool,
     json: Option<PathBuf>,
     prefill_budget: usize,
+    hostile_pace: Duration,
 }
 
 fn parse_args() -> Options {
@@ -90,6 +98,7 @@ fn parse_args() -> Options {
         llama: true,
         json: None,
         prefill_budget: 512,
+        hostile_pace: Duration::from_millis(10),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -115,12 +124,13 @@ fn parse_args() -> Options {
             "--no-llama" => o.llama = false,
             "--json" => o.json = Some(PathBuf::from(value())),
             "--prefill-budget" => o.prefill_budget = number(value()) as usize,
+            "--hostile-pace-ms" => o.hostile_pace = Duration::from_secs_f64(number(value()) / 1e3),
             "--bench" => {}
             other => exit(&format!("unknown option {other}")),
         }
     }
-    if !["base", "one", "many", "cold", "mix"].contains(&o.scenario.as_str()) {
-        exit("--scenario must be one of base, one, many, cold, mix");
+    if !["base", "one", "many", "cold", "mix", "soak"].contains(&o.scenario.as_str()) {
+        exit("--scenario must be one of base, one, many, cold, mix, soak");
     }
     o
 }
@@ -461,7 +471,124 @@ async fn metrics(addr: std::net::SocketAddr) -> HashMap<String, f64> {
         .collect()
 }
 
-async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Report {
+/// The soak scenario's hostile requests: each must get a clean error (or
+/// work), never INTERNAL or UNAVAILABLE.
+fn hostile_requests() -> Vec<pb::GenerateRequest> {
+    let short = |adapter: &str| pb::GenerateRequest {
+        adapter: adapter.into(),
+        input: Some(Input::Prompt("Hello".into())),
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let mix = |n: usize, weight: f32| pb::GenerateRequest {
+        mix: (0..n)
+            .map(|i| pb::MixPart {
+                adapter: format!("t{}", i % 64),
+                weight,
+            })
+            .collect(),
+        ..short("")
+    };
+    vec![
+        pb::GenerateRequest {
+            stop: vec!["é".into(), "日本".into(), "🦀".into()],
+            ..short("t1")
+        },
+        pb::GenerateRequest {
+            stop: (0..5000)
+                .map(|i| format!("{i}{}", "x".repeat(200)))
+                .collect(),
+            ..short("")
+        },
+        pb::GenerateRequest {
+            stop: (0..100).map(|i| i.to_string()).collect(),
+            ..short("")
+        },
+        mix(30_000, 0.5),
+        mix(100, 0.5),
+        mix(2, 1e30),
+        mix(2, f32::NAN),
+        pb::GenerateRequest {
+            mix: vec![
+                pb::MixPart {
+                    adapter: "t1".into(),
+                    weight: 0.5,
+                },
+                pb::MixPart {
+                    adapter: "default/t1".into(),
+                    weight: 0.5,
+                },
+            ],
+            ..short("")
+        },
+        short(&"é".repeat(10_000)),
+        short("nobody/t1"),
+        short("missing"),
+        pb::GenerateRequest {
+            input: Some(Input::Prompt("word ".repeat(200_000))),
+            ..short("")
+        },
+        pb::GenerateRequest {
+            input: Some(Input::Prompt("word ".repeat(12_000))),
+            ..short("")
+        },
+        pb::GenerateRequest {
+            max_tokens: u32::MAX,
+            ..short("")
+        },
+        pb::GenerateRequest {
+            sampling: Some(pb::Sampling {
+                temperature: Some(1e30),
+                top_k: Some(u32::MAX),
+                top_p: Some(f32::NAN),
+                ..Default::default()
+            }),
+            ..short("")
+        },
+    ]
+}
+
+/// Counts of the hostile client's answers.
+#[derive(Default)]
+struct Hostile {
+    sent: u64,
+    ok: u64,
+    refused: u64,
+    /// INTERNAL or UNAVAILABLE: the server failed, not the request.
+    broken: u64,
+}
+
+/// Sends hostile requests one after another until `stop` is set.
+async fn hostile_client(
+    mut client: InferenceClient<tonic::transport::Channel>,
+    pace: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Hostile {
+    let mut counts = Hostile::default();
+    let requests = hostile_requests();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for request in &requests {
+            let mut r = tonic::Request::new(request.clone());
+            if counts.sent % 7 == 3 {
+                r.metadata_mut()
+                    .insert("grpc-timeout", "123456789012S".parse().unwrap_or_else(fail));
+            }
+            counts.sent += 1;
+            match client.generate(r).await {
+                Ok(_) => counts.ok += 1,
+                Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::Unavailable) => {
+                    eprintln!("hostile request broke the server: {s:?}");
+                    counts.broken += 1;
+                }
+                Err(_) => counts.refused += 1,
+            }
+            tokio::time::sleep(pace).await;
+        }
+    }
+    counts
+}
+
+async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile: bool) -> Report {
     let adapters = dir.join("adapters");
     let rss_before = rss_mb();
     let (slots, cache) = match o.scenario.as_str() {
@@ -518,6 +645,14 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Repo
         .await
         .unwrap_or_else(fail);
     let client = InferenceClient::new(channel);
+    let stop_hostile = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = hostile.then(|| {
+        tokio::spawn(hostile_client(
+            client.clone(),
+            o.hostile_pace,
+            stop_hostile.clone(),
+        ))
+    });
     let gen = o.gen;
     let send = move |job: Job| {
         let mut client = client.clone();
@@ -538,7 +673,22 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Repo
     };
     let mut traffic = Traffic::new(o, n_adapters);
     let (samples, elapsed) = drive(o, &mut traffic, send).await;
-    let mut r = report("svfit", o, &samples, elapsed);
+    let mut r = report(
+        if hostile { "svfit+hostile" } else { "svfit" },
+        o,
+        &samples,
+        elapsed,
+    );
+    if let Some(attacker) = attacker {
+        stop_hostile.store(true, std::sync::atomic::Ordering::Relaxed);
+        let counts = attacker.await.unwrap_or_else(fail);
+        r.extra.extend([
+            ("hostile_requests".into(), counts.sent as f64),
+            ("hostile_ok".into(), counts.ok as f64),
+            ("hostile_refused".into(), counts.refused as f64),
+            ("hostile_broken".into(), counts.broken as f64),
+        ]);
+    }
     if let Some(running) = running {
         let m = metrics(running.metrics_addr.expect("enabled")).await;
         let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
@@ -546,7 +696,8 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Repo
             get("svfit_adapter_cache_hits_total"),
             get("svfit_adapter_cache_misses_total"),
         );
-        r.extra = vec![
+        r.extra.extend([
+            ("requests_failed".into(), get("svfit_requests_failed_total")),
             (
                 "adapter_cache_hit_rate".into(),
                 hits / (hits + misses).max(1.0),
@@ -567,7 +718,7 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize) -> Repo
             ),
             ("rss_added_mb".into(), rss_mb() - rss_before),
             ("peak_rss_mb".into(), peak_rss_mb()),
-        ];
+        ]);
         running.stop().await;
     }
     r
@@ -871,15 +1022,26 @@ fn main() {
         "base" => 0,
         "one" => 1,
         "cold" => 1000,
+        "soak" => 64,
         _ => 64,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(fail);
     let mut reports = Vec::new();
-    let mut ours = runtime.block_on(run_svfit(&o, &b, &dir, n_adapters));
+    let mut ours = runtime.block_on(run_svfit(&o, &b, &dir, n_adapters, false));
     if o.scenario == "cold" && o.addr.is_none() {
         ours.extra.extend(cold_load_cost(&o, &b, &dir, 200));
     }
     reports.push(ours);
+    if o.scenario == "soak" {
+        reports.push(runtime.block_on(run_svfit(&o, &b, &dir, n_adapters, true)));
+        let (calm, attacked) = (&reports[0], &reports[1]);
+        println!(
+            "with the hostile tenant / without: throughput {:.2}x, TTFT p95 {:.2}x, ITL p95 {:.2}x",
+            attacked.tokens_per_s / calm.tokens_per_s,
+            attacked.ttft_ms[1] / calm.ttft_ms[1],
+            attacked.itl_ms[1] / calm.itl_ms[1]
+        );
+    }
     let comparable = ["base", "one", "many"].contains(&o.scenario.as_str());
     if o.llama && comparable {
         reports.push(runtime.block_on(run_llama(&o, &dir, n_adapters)));

@@ -46,8 +46,11 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
 }
 
 /// Runs `check` on inputs drawn from `strategy` for the time budget.
-fn fuzz<S: Strategy>(target: &str, strategy: S, check: impl Fn(S::Value) -> Result<(), TestCaseError>)
-where
+fn fuzz<S: Strategy>(
+    target: &str,
+    strategy: S,
+    check: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
     S::Value: std::fmt::Debug,
 {
     let budget = Duration::from_secs(
@@ -91,15 +94,37 @@ where
 /// One edit of a seed file.
 #[derive(Clone, Debug)]
 enum Edit {
-    Flip { at: usize, bit: u8 },
-    Set { at: usize, byte: u8 },
+    Flip {
+        at: usize,
+        bit: u8,
+    },
+    Set {
+        at: usize,
+        byte: u8,
+    },
     /// A little-endian integer at `at` (lengths, counts, offsets).
-    Word { at: usize, value: u64, width: usize },
-    Insert { at: usize, bytes: Vec<u8> },
-    Delete { at: usize, len: usize },
-    Truncate { at: usize },
+    Word {
+        at: usize,
+        value: u64,
+        width: usize,
+    },
+    Insert {
+        at: usize,
+        bytes: Vec<u8>,
+    },
+    Delete {
+        at: usize,
+        len: usize,
+    },
+    Truncate {
+        at: usize,
+    },
     /// Copies `len` bytes from `from` over `at`.
-    Splice { from: usize, at: usize, len: usize },
+    Splice {
+        from: usize,
+        at: usize,
+        len: usize,
+    },
 }
 
 fn edit() -> impl Strategy<Value = Edit> {
@@ -116,15 +141,19 @@ fn edit() -> impl Strategy<Value = Edit> {
         any::<u64>(),
     ];
     prop_oneof![
-        (at.clone(), 0u8..8).prop_map(|(at, bit)| Edit::Flip { at, bit }),
-        (at.clone(), any::<u8>()).prop_map(|(at, byte)| Edit::Set { at, byte }),
-        (at.clone(), interesting, prop_oneof![Just(1usize), Just(2), Just(4), Just(8)])
+        (at, 0u8..8).prop_map(|(at, bit)| Edit::Flip { at, bit }),
+        (at, any::<u8>()).prop_map(|(at, byte)| Edit::Set { at, byte }),
+        (
+            at,
+            interesting,
+            prop_oneof![Just(1usize), Just(2), Just(4), Just(8)]
+        )
             .prop_map(|(at, value, width)| Edit::Word { at, value, width }),
-        (at.clone(), proptest::collection::vec(any::<u8>(), 1..32))
+        (at, proptest::collection::vec(any::<u8>(), 1..32))
             .prop_map(|(at, bytes)| Edit::Insert { at, bytes }),
-        (at.clone(), 1usize..64).prop_map(|(at, len)| Edit::Delete { at, len }),
-        at.clone().prop_map(|at| Edit::Truncate { at }),
-        (at.clone(), at, 1usize..64).prop_map(|(from, at, len)| Edit::Splice { from, at, len }),
+        (at, 1usize..64).prop_map(|(at, len)| Edit::Delete { at, len }),
+        at.prop_map(|at| Edit::Truncate { at }),
+        (at, at, 1usize..64).prop_map(|(from, at, len)| Edit::Splice { from, at, len }),
     ]
 }
 
@@ -249,7 +278,14 @@ fn text(max: usize) -> impl Strategy<Value = String> {
         proptest::string::string_regex(&format!("[a-z/._-]{{0,{max}}}")).unwrap(),
         proptest::collection::vec(any::<char>(), 0..max).prop_map(|c| c.into_iter().collect()),
         proptest::collection::vec(
-            prop_oneof![Just('é'), Just('/'), Just('日'), Just('🦀'), Just('a'), Just('\0')],
+            prop_oneof![
+                Just('é'),
+                Just('/'),
+                Just('日'),
+                Just('🦀'),
+                Just('a'),
+                Just('\0')
+            ],
             0..max
         )
         .prop_map(|c| c.into_iter().collect()),
@@ -293,17 +329,19 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
         proptest::option::of(any::<u32>()),
         proptest::option::of(any::<u64>()),
     )
-        .prop_map(|(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)| {
-            pb::Sampling {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                repeat_penalty,
-                repeat_last_n,
-                seed,
-            }
-        });
+        .prop_map(
+            |(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)| {
+                pb::Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    repeat_penalty,
+                    repeat_last_n,
+                    seed,
+                }
+            },
+        );
     (
         text(24),
         mix,
@@ -312,14 +350,16 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
         prop_oneof![Just(0u32), 1u32..10_000, any::<u32>()],
         proptest::collection::vec(text(24), 0..24),
     )
-        .prop_map(|(adapter, mix, input, sampling, max_tokens, stop)| pb::GenerateRequest {
-            adapter,
-            mix,
-            input,
-            sampling,
-            max_tokens,
-            stop,
-        })
+        .prop_map(
+            |(adapter, mix, input, sampling, max_tokens, stop)| pb::GenerateRequest {
+                adapter,
+                mix,
+                input,
+                sampling,
+                max_tokens,
+                stop,
+            },
+        )
 }
 
 /// Header values: what a client may put in `grpc-timeout` and
@@ -330,7 +370,9 @@ fn header() -> impl Strategy<Value = Option<Vec<u8>>> {
             .unwrap()
             .prop_map(String::into_bytes),
         proptest::collection::vec(
-            any::<u8>().prop_filter("a header byte", |b| *b == b'\t' || (0x20..0x7f).contains(b) || *b >= 0x80),
+            any::<u8>().prop_filter("a header byte", |b| *b == b'\t'
+                || (0x20..0x7f).contains(b)
+                || *b >= 0x80),
             0..24
         ),
     ])
@@ -361,7 +403,9 @@ fn request_validation() {
     fuzz("request", strategy, |(body, timeout, adapter, who)| {
         let mut metadata = MetadataMap::new();
         for (name, value) in [("grpc-timeout", timeout), ("x-svfit-adapter", adapter)] {
-            if let Some(v) = value.and_then(|v| tonic::metadata::MetadataValue::try_from(&v[..]).ok()) {
+            if let Some(v) =
+                value.and_then(|v| tonic::metadata::MetadataValue::try_from(&v[..]).ok())
+            {
                 metadata.insert(name, v);
             }
         }
