@@ -620,6 +620,7 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
                     kv_cells: 1024 * o.clients.max(1),
                     adapter_slots: slots,
                     queue_limit: 100_000,
+                    tenant_queue_limit: 100_000,
                     prefill_budget: o.prefill_budget,
                 },
                 limits: svfit::server::validation::Limits {

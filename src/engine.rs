@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub adapter_slots: usize,
     /// Requests waiting for admission at most.
     pub queue_limit: usize,
+    /// Requests of one tenant waiting for admission at most, so that one
+    /// tenant cannot fill the queue for everyone.
+    pub tenant_queue_limit: usize,
     /// Prompt tokens prefilled per step at most (one chunk always runs).
     pub prefill_budget: usize,
 }
@@ -131,6 +134,8 @@ pub struct Stats {
 pub enum SubmitError {
     #[error("the queue is full ({0} requests waiting); retry later")]
     QueueFull(usize),
+    #[error("this tenant has {0} requests waiting, its limit; retry later")]
+    TenantQueueFull(usize),
     #[error("the engine has stopped")]
     Stopped,
     #[error(transparent)]
@@ -154,6 +159,7 @@ enum Command {
 pub struct Engine {
     tx: mpsc::Sender<Command>,
     stats: Arc<Stats>,
+    waiting: Arc<Waiting>,
     config: EngineConfig,
     /// Turns false when the engine thread ends (it only ends early by a bug).
     alive: tokio::sync::watch::Receiver<bool>,
@@ -171,6 +177,7 @@ impl Engine {
         let cache = model.new_cache(config.kv_cells)?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
+        let waiting = Arc::new(Waiting::default());
         let n_slots = model.branch().map_or(0, |b| b.n_slots().saturating_sub(1));
         let worker = Worker {
             context: config.context,
@@ -179,6 +186,7 @@ impl Engine {
             tokenizer,
             rx,
             stats: stats.clone(),
+            waiting: waiting.clone(),
             pending: HashMap::new(),
             tenants: VecDeque::new(),
             running: Vec::new(),
@@ -202,6 +210,7 @@ impl Engine {
         Ok(Engine {
             tx,
             stats,
+            waiting,
             config,
             alive,
         })
@@ -216,13 +225,19 @@ impl Engine {
     /// Queues a job; it is checked first (prompt length, sampling values).
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         Sequence::new(&job.request, self.config.context)?;
+        let tenant = job.tenant.clone();
+        self.waiting
+            .join(&tenant, self.config.tenant_queue_limit)
+            .map_err(SubmitError::TenantQueueFull)?;
         let queued = self.stats.queued.fetch_add(1, Relaxed);
         if queued >= self.config.queue_limit {
             self.stats.queued.fetch_sub(1, Relaxed);
+            self.waiting.leave(&tenant, 1);
             return Err(SubmitError::QueueFull(queued));
         }
         self.tx.send(Command::Job(Box::new(job))).map_err(|_| {
             self.stats.queued.fetch_sub(1, Relaxed);
+            self.waiting.leave(&tenant, 1);
             SubmitError::Stopped
         })
     }
@@ -253,6 +268,39 @@ impl Engine {
     }
 }
 
+/// Requests waiting for admission, per tenant (shared by the handles,
+/// which add, and the engine thread, which removes).
+#[derive(Default)]
+struct Waiting(std::sync::Mutex<HashMap<String, usize>>);
+
+impl Waiting {
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // Held for one map operation; a panic cannot leave it half-done.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one more waiting request of `tenant`, unless it has `limit`.
+    fn join(&self, tenant: &str, limit: usize) -> Result<(), usize> {
+        let mut counts = self.counts();
+        let n = counts.entry(tenant.to_string()).or_default();
+        if *n >= limit {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn leave(&self, tenant: &str, gone: usize) {
+        let mut counts = self.counts();
+        if let Some(n) = counts.get_mut(tenant) {
+            *n = n.saturating_sub(gone);
+            if *n == 0 {
+                counts.remove(tenant);
+            }
+        }
+    }
+}
+
 /// One running sequence.
 struct Running {
     seq: SeqId,
@@ -271,6 +319,7 @@ struct Worker {
     tokenizer: Arc<Tokenizer>,
     rx: mpsc::Receiver<Command>,
     stats: Arc<Stats>,
+    waiting: Arc<Waiting>,
     /// Waiting jobs per tenant, and the tenants in round-robin order.
     pending: HashMap<String, VecDeque<Box<Job>>>,
     tenants: VecDeque<String>,
@@ -347,7 +396,7 @@ impl Worker {
                 i += 1;
             }
         }
-        for queue in self.pending.values_mut() {
+        for (tenant, queue) in self.pending.iter_mut() {
             let before = queue.len();
             queue.retain(|job| {
                 let cancelled = Self::is_cancelled(job, now);
@@ -359,6 +408,7 @@ impl Worker {
             let gone = before - queue.len();
             if gone > 0 {
                 self.stats.queued.fetch_sub(gone, Relaxed);
+                self.waiting.leave(tenant, gone);
                 self.stats
                     .requests_cancelled
                     .fetch_add(gone as u64, Relaxed);
@@ -399,6 +449,7 @@ impl Worker {
                 Ok(()) => {
                     blocked = 0;
                     self.stats.queued.fetch_sub(1, Relaxed);
+                    self.waiting.leave(&tenant, 1);
                     if !self.pending[&tenant].is_empty() {
                         self.tenants.push_back(tenant);
                     }

@@ -363,6 +363,10 @@ struct ServeArgs {
     /// Requests waiting for admission at most (more get RESOURCE_EXHAUSTED)
     #[arg(long, default_value_t = 1024)]
     queue: usize,
+    /// Requests of one tenant waiting for admission at most (more get
+    /// RESOURCE_EXHAUSTED), so one tenant cannot fill the queue
+    #[arg(long, default_value_t = 256)]
+    tenant_queue: usize,
     /// max_tokens of requests that do not set it
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -587,6 +591,7 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
             kv_cells: args.kv_cells.unwrap_or(8 * args.model.ctx),
             adapter_slots: args.adapter_slots.max(1),
             queue_limit: args.queue,
+            tenant_queue_limit: args.tenant_queue,
             prefill_budget: generate::PREFILL_CHUNK,
         },
         limits: svfit::server::validation::Limits {

@@ -435,9 +435,25 @@ fn is_one_upload(adapters: &Path, tenant: &str, id: &str, uploads: &[(Adapter, V
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_of_one_id_get_increasing_versions_and_complete_files() {
     let dir = TempDir::new("trust-uploads");
-    let config = config(dir.path());
+    concurrent_uploads(config(dir.path()), dir.path(), true).await;
+}
+
+/// The same through the object-store backend (`memory://`, whose
+/// conditional puts are those of S3's `If-Match`).
+#[cfg(feature = "object-store")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_uploads_to_an_object_store_get_increasing_versions() {
+    let dir = TempDir::new("trust-uploads-objects");
+    let mut config = config(dir.path());
+    config.adapters = "memory://".into();
+    concurrent_uploads(config, dir.path(), false).await;
+}
+
+/// 20 concurrent uploads of one id, 3 rounds, with Gets running; with
+/// `local_files`, the stored file is checked too.
+async fn concurrent_uploads(config: svfit::server::ServeConfig, dir: &Path, local_files: bool) {
     let adapters = PathBuf::from(&config.adapters);
-    let files = uploads(dir.path(), 20);
+    let files = uploads(dir, 20);
     let running = server::start(config).await.unwrap();
     let (_, mut admin) = clients(&running).await;
     let first = upload(&mut admin, "shared", files[0].1.clone())
@@ -497,14 +513,26 @@ async fn concurrent_uploads_of_one_id_get_increasing_versions_and_complete_files
         assert!(low > highest, "round {round}: versions increase");
         assert_eq!(high - low + 1, versions.len() as u64, "no version skipped");
         highest = high;
-        let stored = is_one_upload(&adapters, "default", "shared", &files);
-        assert_eq!(stored, highest, "the last version is the stored one");
+        let got = admin
+            .get(pb::AdapterRef {
+                id: "shared".into(),
+                tenant: String::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.get_ref().version, highest, "the last version is served");
+        if local_files {
+            let stored = is_one_upload(&adapters, "default", "shared", &files);
+            assert_eq!(stored, highest, "the last version is the stored one");
+        }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for reader in readers {
         assert!(reader.await.unwrap() > 0);
     }
-    assert_eq!(temp_files(&adapters), Vec::<PathBuf>::new());
+    if local_files {
+        assert_eq!(temp_files(&adapters), Vec::<PathBuf>::new());
+    }
     running.stop().await;
 }
 
@@ -1039,5 +1067,47 @@ async fn connections_beyond_the_limit_wait_their_turn() {
     let mut infer = InferenceClient::new(channel(running.addr).await);
     infer.model_info(pb::ModelInfoRequest {}).await.unwrap();
     drop(idle);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenant_cannot_fill_the_queue() {
+    let dir = TempDir::new("trust-queue");
+    let mut config = keyed_config(dir.path());
+    config.engine.max_sequences = 1;
+    config.engine.tenant_queue_limit = 2;
+    let running = server::start(config).await.unwrap();
+    let (infer, _) = clients(&running).await;
+    // Alice sends 8 long requests at once: one runs, two wait, the rest
+    // are refused.
+    let floods: Vec<_> = (0..8)
+        .map(|_| {
+            let mut infer = infer.clone();
+            tokio::spawn(async move {
+                infer
+                    .generate(alice(greedy("", PROMPTS[0], 24)))
+                    .await
+                    .map_err(|s| s.code())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut bob = infer.clone();
+    let answer = bob
+        .generate(with_key(greedy("", PROMPTS[1], 4), "kb"))
+        .await
+        .expect("bob is queued and served");
+    assert_eq!(answer.into_inner().usage.unwrap().completion_tokens, 4);
+    let mut refused = 0;
+    for flood in floods {
+        match flood.await.unwrap() {
+            Ok(_) => {}
+            Err(code) => {
+                assert_eq!(code, Code::ResourceExhausted);
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 5, "{refused} of alice's 8 refused");
     running.stop().await;
 }

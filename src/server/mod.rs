@@ -318,7 +318,9 @@ fn failure_status(failure: &Failure) -> Status {
 fn submit_status(e: SubmitError) -> Status {
     let message = e.to_string();
     match e {
-        SubmitError::QueueFull(_) => Status::resource_exhausted(message),
+        SubmitError::QueueFull(_) | SubmitError::TenantQueueFull(_) => {
+            Status::resource_exhausted(message)
+        }
         SubmitError::Stopped => Status::unavailable(message),
         SubmitError::Invalid(_) => Status::invalid_argument(message),
     }

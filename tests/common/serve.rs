@@ -87,6 +87,7 @@ pub fn config(dir: &Path) -> ServeConfig {
             kv_cells: 8192,
             adapter_slots: 16,
             queue_limit: 256,
+            tenant_queue_limit: 64,
             prefill_budget: 512,
         },
         limits: svfit::server::validation::Limits {
