@@ -776,11 +776,9 @@ async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
     upload_as(&mut admin, "a", bytes(600), "ka").await.unwrap();
     admin.pin(pin("a", true, "ka")).await.unwrap();
     for cycle in 0..8u64 {
-        let alice = infer
-            .generate(with_key(greedy("a", PROMPTS[1], 2), "ka"))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut request = with_key(greedy("a", PROMPTS[1], 2), "ka");
+        request.set_timeout(Duration::from_secs(60));
+        let alice = infer.generate(request).await.unwrap().into_inner();
         assert!(
             alice.adapter_version.starts_with("a@v"),
             "{}",
@@ -846,10 +844,9 @@ async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
     // Two pinned adapters in use, and the third slot serves every other.
     for b in 0..6 {
         infer.generate(bob(b)).await.unwrap();
-        infer
-            .generate(with_key(greedy("c", PROMPTS[1], 2), "kroot"))
-            .await
-            .unwrap();
+        let mut request = with_key(greedy("c", PROMPTS[1], 2), "kroot");
+        request.set_timeout(Duration::from_secs(60));
+        infer.generate(request).await.unwrap();
     }
     running.stop().await;
 }
