@@ -545,7 +545,7 @@ struct Process {
     log: std::sync::mpsc::Receiver<String>,
 }
 
-fn spawn_server(adapters: &Path, extra: &[&str], shell_prefix: &str) -> Process {
+fn spawn_server(adapters: &Path, rust_log: &str, shell_prefix: &str) -> Process {
     let b = base();
     let exe = env!("CARGO_BIN_EXE_svfit");
     let mut args: Vec<String> = [
@@ -562,7 +562,6 @@ fn spawn_server(adapters: &Path, extra: &[&str], shell_prefix: &str) -> Process 
     .collect();
     args.extend(["--model".into(), b.model.display().to_string()]);
     args.extend(["--adapters".into(), adapters.display().to_string()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
     let mut command = if shell_prefix.is_empty() {
         let mut c = Command::new(exe);
         c.args(&args);
@@ -575,9 +574,14 @@ fn spawn_server(adapters: &Path, extra: &[&str], shell_prefix: &str) -> Process 
             .args(&args);
         c
     };
+    // An empty `rust_log`: the server's default filter.
+    if rust_log.is_empty() {
+        command.env_remove("RUST_LOG");
+    } else {
+        command.env("RUST_LOG", rust_log);
+    }
     let mut child = command
         .env("SVFIT_HOME", &b.home)
-        .env("RUST_LOG", "warn")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -640,7 +644,7 @@ async fn kill_9_during_concurrent_uploads_leaves_every_adapter_readable() {
     let mut draws = Draws(7);
     let rounds = 30;
     for round in 0..=rounds {
-        let mut server = spawn_server(&adapters, &[], "");
+        let mut server = spawn_server(&adapters, "warn", "");
         // The restart: every adapter readable, one complete upload, no
         // acknowledged version lost, no temporary file left.
         assert_eq!(
@@ -917,7 +921,7 @@ async fn a_dead_engine_turns_health_not_serving_and_exits_non_zero() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let dir = TempDir::new("trust-dead-engine");
-    let mut server = spawn_server(&dir.path().join("adapters"), &[], "");
+    let mut server = spawn_server(&dir.path().join("adapters"), "warn", "");
     let channel = channel(server.addr).await;
     let mut health = HealthClient::new(channel.clone());
     let mut watch = health
@@ -951,7 +955,10 @@ async fn a_dead_engine_turns_health_not_serving_and_exits_non_zero() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(!exit.success(), "{exit:?}");
-    let log: Vec<String> = server.log.try_iter().collect();
+    let mut log = Vec::new();
+    while let Ok(line) = server.log.recv_timeout(Duration::from_secs(10)) {
+        log.push(line);
+    }
     assert!(
         log.iter().any(|l| l.contains("the engine stopped")),
         "{log:?}"
@@ -993,7 +1000,7 @@ async fn scrape(addr: SocketAddr) -> Option<String> {
 async fn accept_loops_back_off_and_recover_when_descriptors_run_out() {
     let dir = TempDir::new("trust-fds");
     // Few descriptors: a few hundred idle connections exhaust them.
-    let mut server = spawn_server(&dir.path().join("adapters"), &[], "ulimit -n 160");
+    let mut server = spawn_server(&dir.path().join("adapters"), "warn", "ulimit -n 160");
     let pid = server.child.id();
     assert!(scrape(server.metrics).await.is_some());
     let mut idle = Vec::new();
@@ -1107,4 +1114,39 @@ async fn one_tenant_cannot_fill_the_queue() {
     }
     assert!(refused >= 5, "{refused} of alice's 8 refused");
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_request_ends_with_one_log_line() {
+    let dir = TempDir::new("trust-log");
+    let mut server = spawn_server(&dir.path().join("adapters"), "", "");
+    let mut infer = InferenceClient::new(channel(server.addr).await);
+    let done = infer
+        .generate(greedy("", PROMPTS[1], 4))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = infer.generate(greedy("", "", 4)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    // Everything the server wrote, up to the end of its stderr.
+    let mut log = Vec::new();
+    while let Ok(line) = server.log.recv_timeout(Duration::from_secs(10)) {
+        log.push(line);
+    }
+    let lines: Vec<&String> = log.iter().filter(|l| l.contains(" request: ")).collect();
+    assert_eq!(lines.len(), 2, "{log:#?}");
+    eprintln!("{}\n{}", lines[0], lines[1]);
+    let want = [
+        format!("request_id=\"{}\"", done.request_id),
+        "tenant=\"default\"".into(),
+        "completion_tokens=4".into(),
+        "finish=\"length\"".into(),
+        "ttft_ms=".into(),
+    ];
+    for field in want {
+        assert!(lines[0].contains(&field), "{field} in {}", lines[0]);
+    }
+    assert!(lines[1].contains("code=InvalidArgument"), "{}", lines[1]);
 }

@@ -31,13 +31,15 @@ impl InferenceService {
     async fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
         let shared = &self.0;
         shared.stats.requests.fetch_add(1, Relaxed);
+        let tenant = auth::caller(&req).map(|c| c.tenant).unwrap_or_default();
         let result = self.submit_inner(req).await;
         if let Err(status) = &result {
             shared.stats.errors.fetch_add(1, Relaxed);
             tracing::info!(
                 target: "request",
+                tenant,
                 code = ?status.code(),
-                message = status.message(),
+                error = status.message(),
                 "refused"
             );
         }
@@ -190,7 +192,7 @@ impl Submitted {
             tenant = self.tenant,
             adapter = self.adapter_version,
             code = ?status.code(),
-            message = status.message(),
+            error = status.message(),
             "failed"
         );
     }

@@ -42,7 +42,7 @@ impl Limits {
         self.prompt_bytes
             + self.chat_messages * 2 * per_string
             + self.stop_strings * (self.stop_bytes + per_string)
-            + self.mix_parts * (2 * super::super::store::MAX_NAME + 16)
+            + self.mix_parts * (2 * crate::store::MAX_NAME + 16)
             + (64 << 10)
     }
 }
