@@ -629,6 +629,7 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
                 },
                 pins_per_tenant: 4,
                 max_connections: 4096,
+                upload_timeout: Duration::from_secs(60),
                 api_keys: None,
                 tls: None,
                 metrics_addr: Some("127.0.0.1:0".parse().unwrap_or_else(fail)),

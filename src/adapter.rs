@@ -1,4 +1,4 @@
-//! SVFit adapters (DESIGN.md §2): per target matrix a vector `sigma [r]` of
+//! SVFit adapters (METHOD.md §2): per target matrix a vector `sigma [r]` of
 //! trained singular values, stored as safetensors. Reading checks the file
 //! itself (format, dtype, finite values); [`Adapter::validate`] checks it
 //! against a base model's factors (base hash, factor id, every tensor

@@ -1,4 +1,4 @@
-//! The serving engine (DESIGN.md §3): one thread owns the model and the KV
+//! The serving engine (METHOD.md §3): one thread owns the model and the KV
 //! cache and runs continuous batching over every tenant's requests. Each
 //! step it drops cancelled or expired sequences, admits waiting requests
 //! (round-robin over tenants, so one tenant's flood cannot starve the

@@ -1,4 +1,4 @@
-//! SVD factors of the base model's target matrices (DESIGN.md §1–2): the
+//! SVD factors of the base model's target matrices (METHOD.md §1–2): the
 //! rank policy, the thin SVD (`faer`) of each matrix dequantized from the
 //! GGUF, and the factor cache (safetensors, keyed by the base's sha256,
 //! targets, rank policy and dtype).

@@ -392,6 +392,10 @@ struct ServeArgs {
     /// Open gRPC connections at most (more wait until one closes)
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Seconds an adapter upload may take once its turn has come (a few
+    /// are buffered at a time; a stalled one gets DEADLINE_EXCEEDED)
+    #[arg(long, default_value_t = 60.0)]
+    upload_timeout: f64,
     /// API key file: lines of 'KEY TENANT' ('*' as the tenant makes an admin key)
     #[arg(long)]
     api_keys: Option<PathBuf>,
@@ -605,6 +609,7 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
         },
         pins_per_tenant: args.pins_per_tenant,
         max_connections: args.max_connections,
+        upload_timeout: std::time::Duration::from_secs_f64(args.upload_timeout),
         api_keys: args.api_keys.clone(),
         tls: args.tls_cert.clone().zip(args.tls_key.clone()),
         metrics_addr: args.metrics_addr,

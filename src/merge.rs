@@ -1,5 +1,5 @@
 //! `svfit merge`: the base GGUF with every target matrix replaced by
-//! `W' = W + U diag(delta) Vt` (DESIGN.md §1), all other tensors and all
+//! `W' = W + U diag(delta) Vt` (METHOD.md §1), all other tensors and all
 //! metadata (tokenizer included) kept, so llama.cpp and every GGUF tool can
 //! run an adapter — and so llama.cpp can check our adapter path.
 

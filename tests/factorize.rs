@@ -1,5 +1,5 @@
 //! `svfit factorize` on the tiny model: the factor file has the names,
-//! shapes and metadata of DESIGN.md §2, reconstructs the weights, is reused
+//! shapes and metadata of METHOD.md §2, reconstructs the weights, is reused
 //! from the cache, and bad options are refused.
 
 mod common;

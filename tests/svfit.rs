@@ -1,4 +1,4 @@
-//! The SVFit branch in the engine (DESIGN.md §4), against its oracles:
+//! The SVFit branch in the engine (METHOD.md §4), against its oracles:
 //! - identity: an adapter with sigma = S gives the base model's logits;
 //! - exactness: a perturbed adapter on our path agrees with llama.cpp running
 //!   the `svfit merge` output (W' = W + U diag(delta) Vt stored as F32);

@@ -1,4 +1,4 @@
-//! Training (DESIGN.md §5): the gradient of every singular value against
+//! Training (METHOD.md §5): the gradient of every singular value against
 //! central finite differences of the loss, on the tiny model.
 
 mod common;

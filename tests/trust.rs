@@ -1150,3 +1150,55 @@ async fn each_request_ends_with_one_log_line() {
     }
     assert!(lines[1].contains("code=InvalidArgument"), "{}", lines[1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_uploads_time_out_and_never_block_others() {
+    let dir = TempDir::new("trust-stalled-uploads");
+    let mut config = config(dir.path());
+    config.upload_timeout = Duration::from_secs(1);
+    let running = server::start(config).await.unwrap();
+    let (_, admin) = clients(&running).await;
+    let (_, bytes) = file_bytes(dir.path(), "ok.safetensors", &adapter(900));
+    // Eight uploads that send a header and a little data, then nothing.
+    let mut held = Vec::new();
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
+                id: format!("stalled{i}"),
+                tenant: String::new(),
+            })),
+        })
+        .await
+        .unwrap();
+        tx.send(pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Data(bytes[..100].to_vec())),
+        })
+        .await
+        .unwrap();
+        held.push(tx);
+        let mut admin = admin.clone();
+        stalled.push(tokio::spawn(async move {
+            admin
+                .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    let info = upload(&mut admin.clone(), "fine", bytes).await.unwrap();
+    assert_eq!(info.version, 1);
+    eprintln!("an upload behind 8 stalled ones took {:?}", start.elapsed());
+    for upload in stalled {
+        let status = upload.await.unwrap().unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::DeadlineExceeded,
+            "{}",
+            status.message()
+        );
+    }
+    drop(held);
+    running.stop().await;
+}

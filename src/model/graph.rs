@@ -186,7 +186,7 @@ pub(super) enum Delta<'a> {
 type BranchOf<'b, 'a> = &'b dyn Fn(&str) -> Option<Adapted<'a>>;
 
 /// `y = W x` for a weight of the model, plus `U (D[:, slot] ⊙ Vt x)` when
-/// the matrix is an SVFit target (DESIGN.md §4).
+/// the matrix is an SVFit target (METHOD.md §4).
 fn linear<'a>(
     ctx: &'a Context,
     w: Tensor<'a>,
@@ -371,7 +371,7 @@ pub(super) fn train_graph_size(cfg: &Config) -> usize {
     512 * (cfg.n_layer + 2)
 }
 
-/// The forward graph of training (DESIGN.md §5): whole sequences without a
+/// The forward graph of training (METHOD.md §5): whole sequences without a
 /// KV cache, plain attention, split SwiGLU, the SVFit branch with a shared
 /// delta per target matrix, and the output head only at the rows that carry
 /// loss. Returns the inputs, the logits `[n_vocab, n_targets]` and the mean

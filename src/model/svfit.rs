@@ -1,4 +1,4 @@
-//! The batched SVFit branch (DESIGN.md §4). Every target matrix `W` keeps
+//! The batched SVFit branch (METHOD.md §4). Every target matrix `W` keeps
 //! its SVD factors `U`, `Vt` on the backend, shared by all adapters, and a
 //! delta table `D` with one column per adapter slot; slot 0 is the base
 //! model and stays all zeros. A token of a sequence on slot `j` gets

@@ -1,4 +1,4 @@
-//! The differentiable side of the model (DESIGN.md §5): the loss of packed
+//! The differentiable side of the model (METHOD.md §5): the loss of packed
 //! training rows and its gradient with respect to the delta (`sigma - S`) of
 //! every SVFit target matrix. The factors are held as f32 (the backward pass
 //! multiplies by them), the deltas are graph parameters, and ggml's backward

@@ -59,6 +59,30 @@ impl AdaptersService {
     }
 }
 
+/// The file's bytes: the data messages after the header.
+async fn receive(stream: &mut Streaming<pb::UploadChunk>) -> Result<Vec<u8>, Status> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        match chunk.part {
+            Some(pb::upload_chunk::Part::Data(data)) => {
+                if bytes.len() + data.len() > MAX_UPLOAD {
+                    return Err(Status::invalid_argument(format!(
+                        "adapter larger than {} MB",
+                        MAX_UPLOAD >> 20
+                    )));
+                }
+                bytes.extend_from_slice(&data);
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "only the first message may be a header",
+                ))
+            }
+        }
+    }
+    Ok(bytes)
+}
+
 #[tonic::async_trait]
 impl pb::adapters_server::Adapters for AdaptersService {
     async fn upload(
@@ -84,25 +108,16 @@ impl pb::adapters_server::Adapters for AdaptersService {
             .acquire()
             .await
             .map_err(|_| Status::unavailable("the server is stopping"))?;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.message().await? {
-            match chunk.part {
-                Some(pb::upload_chunk::Part::Data(data)) => {
-                    if bytes.len() + data.len() > MAX_UPLOAD {
-                        return Err(Status::invalid_argument(format!(
-                            "adapter larger than {} MB",
-                            MAX_UPLOAD >> 20
-                        )));
-                    }
-                    bytes.extend_from_slice(&data);
-                }
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "only the first message may be a header",
-                    ))
-                }
-            }
-        }
+        // A client that stalls mid-upload must not keep its turn.
+        let limit = self.shared.config.upload_timeout;
+        let bytes = tokio::time::timeout(limit, receive(&mut stream))
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the upload took longer than {:.1} s",
+                    limit.as_secs_f64()
+                ))
+            })??;
         let shared = self.shared.clone();
         let id = header.id;
         let stored = blocking(move || shared.store.put(&tenant, &id, &bytes)).await?;

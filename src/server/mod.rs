@@ -67,6 +67,9 @@ pub struct ServeConfig {
     pub pins_per_tenant: usize,
     /// Open gRPC connections at most.
     pub max_connections: usize,
+    /// Time an upload may take once its turn has come (uploads are
+    /// buffered a few at a time).
+    pub upload_timeout: std::time::Duration,
     pub api_keys: Option<PathBuf>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub metrics_addr: Option<SocketAddr>,

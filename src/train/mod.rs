@@ -1,4 +1,4 @@
-//! SVFit training (DESIGN.md §5): the singular values of every target
+//! SVFit training (METHOD.md §5): the singular values of every target
 //! matrix are learned by backprop through the frozen base model.
 //!
 //! - [`data`]: JSONL records → token sequences with a loss mask, packing;

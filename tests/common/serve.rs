@@ -96,6 +96,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         },
         pins_per_tenant: 4,
         max_connections: 1024,
+        upload_timeout: std::time::Duration::from_secs(60),
         api_keys: None,
         tls: None,
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
