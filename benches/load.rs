@@ -629,6 +629,8 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
                 },
                 pins_per_tenant: 4,
                 max_connections: 4096,
+                tenant_rate: 0.0,
+                tenant_burst: 0.0,
                 upload_timeout: Duration::from_secs(60),
                 api_keys: None,
                 tls: None,

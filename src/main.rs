@@ -392,6 +392,13 @@ struct ServeArgs {
     /// Open gRPC connections at most (more wait until one closes)
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Requests per second of one tenant on average, over both services
+    /// (more get RESOURCE_EXHAUSTED with retry-after; 0: no limit)
+    #[arg(long, default_value_t = 100.0)]
+    tenant_rate: f64,
+    /// Requests of one tenant at once above --tenant-rate
+    #[arg(long, default_value_t = 200.0)]
+    tenant_burst: f64,
     /// Seconds an adapter upload may take once its turn has come (a few
     /// are buffered at a time; a stalled one gets DEADLINE_EXCEEDED)
     #[arg(long, default_value_t = 60.0)]
@@ -609,6 +616,8 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
         },
         pins_per_tenant: args.pins_per_tenant,
         max_connections: args.max_connections,
+        tenant_rate: args.tenant_rate,
+        tenant_burst: args.tenant_burst,
         upload_timeout: std::time::Duration::from_secs_f64(args.upload_timeout),
         api_keys: args.api_keys.clone(),
         tls: args.tls_cert.clone().zip(args.tls_key.clone()),

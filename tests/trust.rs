@@ -556,6 +556,9 @@ fn spawn_server(adapters: &Path, rust_log: &str, shell_prefix: &str) -> Process 
         "127.0.0.1:0",
         "--threads",
         "2",
+        // The uploaders of the kill test go faster than a tenant may.
+        "--tenant-rate",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -1200,5 +1203,41 @@ async fn stalled_uploads_time_out_and_never_block_others() {
         );
     }
     drop(held);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_over_its_rate_is_refused_before_decoding_and_others_are_not() {
+    let dir = TempDir::new("trust-rate");
+    let mut config = keyed_config(dir.path());
+    config.tenant_rate = 5.0;
+    config.tenant_burst = 10.0;
+    let running = server::start(config).await.unwrap();
+    let (mut infer, _) = clients(&running).await;
+    // Alice floods with requests of 1 MB: past her burst they are refused
+    // with RESOURCE_EXHAUSTED (not OUT_OF_RANGE: never decoded).
+    let huge = || {
+        alice(pb::GenerateRequest {
+            input: Some(Input::Prompt("word ".repeat(200_000))),
+            ..greedy("", "", 4)
+        })
+    };
+    let mut codes = Vec::new();
+    for _ in 0..30 {
+        codes.push(infer.generate(huge()).await.unwrap_err());
+    }
+    let limited: Vec<&tonic::Status> = codes
+        .iter()
+        .filter(|s| s.code() == Code::ResourceExhausted)
+        .collect();
+    assert!(limited.len() >= 15, "{} of 30 limited", limited.len());
+    assert!(limited[0].metadata().get("retry-after").is_some());
+    assert!(codes[..10].iter().all(|s| s.code() == Code::OutOfRange));
+    // Bob is not limited by alice's flood.
+    let answer = infer
+        .generate(with_key(greedy("", PROMPTS[1], 4), "kb"))
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().usage.unwrap().completion_tokens, 4);
     running.stop().await;
 }

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
 use tonic::service::Interceptor;
@@ -82,16 +83,76 @@ pub fn authenticate(keys: Option<&Keys>, metadata: &MetadataMap) -> Result<Calle
 }
 
 /// The interceptor in front of the svfit services: authenticates each
-/// request and puts its [`Caller`] into the request's extensions, where
-/// handlers find it with [`caller`].
+/// request, holds each tenant to its request rate, and puts the
+/// [`Caller`] into the request's extensions, where handlers find it with
+/// [`caller`]. It runs before the request body is decoded, so a refused
+/// request costs next to nothing.
 #[derive(Clone)]
-pub struct Authenticate(pub Option<Arc<Keys>>);
+pub struct Authenticate {
+    pub keys: Option<Arc<Keys>>,
+    pub rate: Option<Arc<TenantRate>>,
+}
 
 impl Interceptor for Authenticate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = authenticate(self.0.as_deref(), request.metadata())?;
+        let caller = authenticate(self.keys.as_deref(), request.metadata())?;
+        if let Some(rate) = &self.rate {
+            rate.admit(&caller.tenant)?;
+        }
         request.extensions_mut().insert(caller);
         Ok(request)
+    }
+}
+
+/// Requests per second per tenant: a token bucket per tenant (tenants
+/// come from the key file, so there are few buckets).
+pub struct TenantRate {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TenantRate {
+    /// `per_second` requests on average, `burst` at once.
+    pub fn new(per_second: f64, burst: f64) -> Self {
+        TenantRate {
+            per_second,
+            burst: burst.max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one request from `tenant`'s bucket, or says when to retry.
+    pub fn admit(&self, tenant: &str) -> Result<(), Status> {
+        let now = Instant::now();
+        // Held for one map operation; a panic cannot leave it half-done.
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets.entry(tenant.to_string()).or_insert(Bucket {
+            tokens: self.burst,
+            last: now,
+        });
+        let refill = now.duration_since(bucket.last).as_secs_f64() * self.per_second;
+        bucket.tokens = (bucket.tokens + refill).min(self.burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = Duration::from_secs_f64((1.0 - bucket.tokens) / self.per_second);
+        let mut status = Status::resource_exhausted(format!(
+            "tenant '{tenant}' is over its rate of {} requests/s; retry in {} ms",
+            self.per_second,
+            wait.as_millis() + 1
+        ));
+        if let Ok(v) = (wait.as_secs() + 1).to_string().parse() {
+            status.metadata_mut().insert("retry-after", v);
+        }
+        Err(status)
     }
 }
 
@@ -132,5 +193,22 @@ impl Caller {
         crate::store::check_name("adapter id", id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok((tenant, id.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_over_its_rate_waits_and_others_do_not() {
+        let rate = TenantRate::new(1.0, 3.0);
+        for _ in 0..3 {
+            rate.admit("alice").unwrap();
+        }
+        let refused = rate.admit("alice").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.metadata().get("retry-after").is_some());
+        rate.admit("bob").unwrap();
     }
 }

@@ -30,7 +30,7 @@ use crate::ggml::Type;
 use crate::model::{LoadOptions, Model, Tokenizer};
 use crate::store::{AdapterStore, PinLimits, StoreError};
 use adapters::AdaptersService;
-use auth::{Authenticate, Keys};
+use auth::{Authenticate, Keys, TenantRate};
 use inference::InferenceService;
 use validation::Limits;
 
@@ -67,6 +67,10 @@ pub struct ServeConfig {
     pub pins_per_tenant: usize,
     /// Open gRPC connections at most.
     pub max_connections: usize,
+    /// Requests per second of one tenant on average (0: no limit), and
+    /// at once.
+    pub tenant_rate: f64,
+    pub tenant_burst: f64,
     /// Time an upload may take once its turn has come (uploads are
     /// buffered a few at a time).
     pub upload_timeout: std::time::Duration,
@@ -211,7 +215,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         builder =
             builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
-    let authenticate = Authenticate(keys.map(Arc::new));
+    let authenticate = Authenticate {
+        keys: keys.map(Arc::new),
+        rate: (config.tenant_rate > 0.0)
+            .then(|| Arc::new(TenantRate::new(config.tenant_rate, config.tenant_burst))),
+    };
     let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -96,6 +96,8 @@ pub fn config(dir: &Path) -> ServeConfig {
         },
         pins_per_tenant: 4,
         max_connections: 1024,
+        tenant_rate: 0.0,
+        tenant_burst: 0.0,
         upload_timeout: std::time::Duration::from_secs(60),
         api_keys: None,
         tls: None,
