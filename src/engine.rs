@@ -547,6 +547,9 @@ impl Worker {
                     batch.add(t, pos + k, r.seq, last && k + 1 == chunk.len());
                 }
                 if !last {
+                    // No logits yet, but the adapter all the same: the
+                    // chunk's keys and values depend on it.
+                    batch.set_adapter(r.seq, r.slot);
                     continue;
                 }
             } else {

@@ -432,6 +432,39 @@ async fn same_prompt_never_reuses_another_adapters_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prompt_of_several_prefill_chunks_runs_every_chunk_with_its_adapter() {
+    let dir = TempDir::new("server-long-prompt");
+    let config = config(dir.path());
+    // A strong adapter, so that the keys and values of the first chunks
+    // matter to the answer.
+    let mut strong = adapter(410);
+    let mut rng = svfit::sampling::SplitMix64::new(411);
+    for v in strong.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
+        *v *= 1.0 + rng.normal();
+    }
+    let a = write(Path::new(&config.adapters), "default", "a", &strong);
+    let running = server::start(config).await.unwrap();
+    let (mut infer, _) = clients(&running).await;
+    // Over 1,000 tokens: three prefill chunks of at most 512, the facts
+    // in the first one.
+    let mut prompt = String::from("My name is Ada and I live in Lisbon. ");
+    for i in 0..330 {
+        prompt.push_str(&format!("Note {i}. "));
+    }
+    prompt.push_str("What is my name and where do I live?");
+    let want = cli(Some(&a), &prompt, 16);
+    let got = infer
+        .generate(greedy("a", &prompt, 16))
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!("{want:?} / {:?}", got.text);
+    assert!(got.usage.unwrap().prompt_tokens > 1024);
+    assert_eq!(got.text, want);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_error_has_its_code() {
     let dir = TempDir::new("server-errors");
     let mut config = config(dir.path());
