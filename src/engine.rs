@@ -532,6 +532,12 @@ impl Worker {
         let mut budget = self.config.prefill_budget;
         for (i, r) in self.running.iter_mut().enumerate() {
             if let Some(token) = r.next {
+                #[cfg(feature = "fault-injection")]
+                let token = if fault::asks(&r.job, fault::INVALID_TOKEN) {
+                    u32::MAX / 2
+                } else {
+                    token
+                };
                 batch.add(token, r.sequence.position(), r.seq, true);
             } else if budget > 0 || owners.is_empty() && batch.is_empty() {
                 let Some((pos, chunk)) = r.sequence.next_prefill_chunk() else {
@@ -572,17 +578,26 @@ impl Worker {
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.model.decode(&mut self.cache, &batch)
         }));
+        // What each running sequence of the batch comes to this step.
+        let mut ended: Vec<(usize, Result<FinishReason, Failure>)> = Vec::new();
         let logits = match decoded {
-            Ok(Ok(logits)) => logits,
-            failed => {
-                // Fail everything in the batch: their cells are unchanged
-                // (a failed decode restores the cache) but their state is
-                // no longer consistent.
-                let reason = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(panic) => panic_text(&*panic).to_string(),
-                    Ok(Ok(_)) => unreachable!("matched above"),
-                };
+            Ok(Ok(logits)) => StepLogits::Batch(logits),
+            Ok(Err(e)) => {
+                // The cache is as it was: find the sequences that fail by
+                // themselves, and go on with the others.
+                tracing::warn!(error = %e, sequences = owners.len(), "a batch failed to decode; decoding its sequences alone");
+                let (alone, failed) = self.decode_alone(&batch, &owners);
+                for (i, r) in self.running.iter().enumerate() {
+                    if let Some(reason) = failed.get(&r.seq) {
+                        ended.push((i, Err(Failure::Decode(reason.clone()))));
+                    }
+                }
+                alone
+            }
+            Err(panic) => {
+                // A panic may leave the cache in any state: fail everything
+                // in the batch.
+                let reason = panic_text(&*panic).to_string();
                 let seqs: HashSet<SeqId> = batch.entries().map(|(_, _, s, _)| s).collect();
                 let (failed, keep) = std::mem::take(&mut self.running)
                     .into_iter()
@@ -595,29 +610,34 @@ impl Worker {
                 return;
             }
         };
-        let mut finished = Vec::new();
         for (row, &i) in owners.iter().enumerate() {
+            let Some(logits) = logits.row(row) else {
+                continue; // failed alone: in `ended` already
+            };
             let r = &mut self.running[i];
             // A bug while handling one sequence stops that sequence only.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                advance(r, logits.row(row), &self.tokenizer, &self.stats)
+                advance(r, logits, &self.tokenizer, &self.stats)
             }));
             match outcome {
                 Ok(Ok(token)) => r.next = Some(token),
-                Ok(Err(finish)) => finished.push((i, Ok(finish))),
-                Err(panic) => finished.push((i, Err(panic_text(&*panic).to_string()))),
+                Ok(Err(finish)) => ended.push((i, Ok(finish))),
+                Err(panic) => {
+                    let panic = panic_text(&*panic).to_string();
+                    tracing::error!(panic, tenant = r.job.tenant, "a sequence failed");
+                    ended.push((i, Err(Failure::Panicked(panic))));
+                }
             }
         }
         // Remove from the back so indices stay valid.
-        finished.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
-        for (i, outcome) in finished {
+        ended.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, outcome) in ended {
             let r = self.running.swap_remove(i);
             match outcome {
                 Ok(finish) => self.finish(r, finish),
-                Err(panic) => {
-                    tracing::error!(panic, tenant = r.job.tenant, "a sequence failed");
+                Err(failure) => {
                     self.release(&r);
-                    self.fail(&r.job, Failure::Panicked(panic));
+                    self.fail(&r.job, failure);
                 }
             }
         }
@@ -629,6 +649,51 @@ impl Worker {
             .batch_tokens
             .fetch_add(batch.len() as u64, Relaxed);
         self.stats.last_batch_sequences.store(owners.len(), Relaxed);
+    }
+
+    /// After `batch` failed to decode: each of its sequences alone, so that
+    /// only those that fail by themselves fail. Batch invariance makes the
+    /// logits of the others exactly those the batch would have given.
+    /// Returns the logits per owner row and the reason of each failure.
+    fn decode_alone(
+        &mut self,
+        batch: &Batch,
+        owners: &[usize],
+    ) -> (StepLogits, HashMap<SeqId, String>) {
+        let mut seqs: Vec<SeqId> = Vec::new();
+        for (_, _, seq, _) in batch.entries() {
+            if !seqs.contains(&seq) {
+                seqs.push(seq);
+            }
+        }
+        let mut rows = HashMap::new();
+        let mut failed = HashMap::new();
+        for seq in seqs {
+            let mut one = Batch::new();
+            for (token, pos, _, output) in batch.entries().filter(|e| e.2 == seq) {
+                one.add(token, pos, seq, output);
+            }
+            one.set_adapter(seq, batch.adapter(seq));
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.model.decode(&mut self.cache, &one)
+            }));
+            match decoded {
+                Ok(Ok(logits)) => {
+                    rows.insert(seq, logits);
+                }
+                Ok(Err(e)) => {
+                    failed.insert(seq, e.to_string());
+                }
+                Err(panic) => {
+                    failed.insert(seq, panic_text(&*panic).to_string());
+                }
+            }
+        }
+        let per_owner = owners
+            .iter()
+            .map(|&i| rows.remove(&self.running[i].seq))
+            .collect();
+        (StepLogits::Alone(per_owner), failed)
     }
 
     fn finish(&mut self, r: Running, finish: FinishReason) {
@@ -660,6 +725,24 @@ impl Worker {
             total: job.arrived.elapsed(),
         });
         self.stats.requests_finished.fetch_add(1, Relaxed);
+    }
+}
+
+/// The logits of one step, one row per sequence that samples.
+enum StepLogits {
+    /// From the whole batch.
+    Batch(crate::model::Logits),
+    /// From each sequence alone (after the batch failed); `None` where the
+    /// sequence failed.
+    Alone(Vec<Option<crate::model::Logits>>),
+}
+
+impl StepLogits {
+    fn row(&self, row: usize) -> Option<&[f32]> {
+        match self {
+            StepLogits::Batch(logits) => Some(logits.row(row)),
+            StepLogits::Alone(rows) => rows[row].as_ref().map(|logits| logits.row(0)),
+        }
     }
 }
 
@@ -718,6 +801,8 @@ pub mod fault {
     pub const PANIC_SEQUENCE: &str = "\u{1}svfit-fault:panic-sequence";
     /// Panics on the engine thread outside any sequence: the engine dies.
     pub const KILL_ENGINE: &str = "\u{1}svfit-fault:kill-engine";
+    /// Decodes an invalid token after the prompt: the whole batch fails.
+    pub const INVALID_TOKEN: &str = "\u{1}svfit-fault:invalid-token";
 
     pub(super) fn asks(job: &super::Job, fault: &str) -> bool {
         job.request.stop.iter().any(|s| s == fault)

@@ -1241,3 +1241,46 @@ async fn a_tenant_over_its_rate_is_refused_before_decoding_and_others_are_not() 
     assert_eq!(answer.into_inner().usage.unwrap().completion_tokens, 4);
     running.stop().await;
 }
+
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
+    use svfit::engine::fault;
+    let dir = TempDir::new("trust-decode");
+    let config = keyed_config(dir.path());
+    let adapters = PathBuf::from(&config.adapters);
+    write(&adapters, "bob", "style", &adapter(2));
+    let running = server::start(config).await.unwrap();
+    let (mut infer, _) = clients(&running).await;
+    let bobs = || with_key(greedy("style", PROMPTS[0], 40), "kb");
+    let want = infer.generate(bobs()).await.unwrap().into_inner().text;
+
+    // Two streams of bob's share every batch with alice's bad sequence.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut stream = infer.generate_stream(bobs()).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        streams.push((stream, first.text));
+    }
+    let failed = infer
+        .generate(alice(pb::GenerateRequest {
+            stop: vec![fault::INVALID_TOKEN.into()],
+            ..greedy("", PROMPTS[1], 8)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Code::Internal, "{}", failed.message());
+    assert!(
+        failed.message().contains("decoding failed"),
+        "{}",
+        failed.message()
+    );
+    for (mut stream, mut text) in streams {
+        while let Some(chunk) = stream.message().await.unwrap() {
+            text.push_str(&chunk.text);
+        }
+        assert_eq!(text, want, "bob's stream, decoded alone for a step");
+    }
+    assert_eq!(metric(&running, "svfit_requests_failed_total").await, 1.0);
+    running.stop().await;
+}
