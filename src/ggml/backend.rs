@@ -227,6 +227,15 @@ impl TensorSet {
         Tensor::from_raw(self.tensors[id.0])
     }
 
+    /// The host memory of tensor `id` when the set lives in a host buffer
+    /// (CPU), to fill it without an intermediate copy; the `&mut` borrow of
+    /// the set makes it the only access to the tensor's data meanwhile.
+    pub fn host_bytes_mut(&mut self, id: TensorId) -> Option<&mut [u8]> {
+        // SAFETY: `self` is borrowed mutably for the slice's lifetime, and
+        // every other access to the set's tensors goes through `self`.
+        unsafe { Tensor::from_raw(self.tensors[id.0]).host_bytes_mut() }
+    }
+
     pub fn find(&self, name: &str) -> Option<TensorId> {
         self.by_name.get(name).copied()
     }

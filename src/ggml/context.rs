@@ -313,9 +313,14 @@ impl<'a> Tensor<'a> {
         Ok(out)
     }
 
-    /// The tensor's host memory when it lives in a host buffer (CPU), to fill
-    /// it without an intermediate copy.
-    pub fn host_bytes_mut(self) -> Option<&'a mut [u8]> {
+    /// The tensor's host memory when it lives in a host buffer (CPU).
+    ///
+    /// # Safety
+    /// Nothing else may read or write the tensor's data while the slice
+    /// lives; handles are `Copy`, so the caller must make sure of it (see
+    /// [`TensorSet::host_bytes_mut`](super::TensorSet::host_bytes_mut),
+    /// which does through a `&mut` borrow of the set).
+    pub(crate) unsafe fn host_bytes_mut(self) -> Option<&'a mut [u8]> {
         let t = self.get();
         if t.buffer.is_null() || t.data.is_null() {
             return None;
@@ -325,7 +330,7 @@ impl<'a> Tensor<'a> {
             return None;
         }
         // SAFETY: a host buffer tensor's data pointer addresses n_bytes bytes,
-        // valid as long as the tensor; callers hold the only handle in use.
+        // valid as long as the tensor; the caller guarantees exclusive use.
         Some(unsafe { std::slice::from_raw_parts_mut(t.data.cast::<u8>(), self.n_bytes()) })
     }
 }

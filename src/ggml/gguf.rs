@@ -306,7 +306,7 @@ impl GgufFile {
             path: self.path.clone(),
             reason: "tensors already loaded".into(),
         })?;
-        let set = TensorSet::allocate(meta, backend).map_err(ggml)?;
+        let mut set = TensorSet::allocate(meta, backend).map_err(ggml)?;
         let io = |source| GgufError::Io {
             path: self.path.clone(),
             source,
@@ -317,14 +317,13 @@ impl GgufFile {
             let Some(id) = set.find(&info.name) else {
                 continue;
             };
-            let tensor = set.get(id);
             file.seek(SeekFrom::Start(info.file_offset)).map_err(io)?;
-            match tensor.host_bytes_mut() {
+            match set.host_bytes_mut(id) {
                 Some(dst) => file.read_exact(dst).map_err(io)?,
                 None => {
                     staging.resize(info.n_bytes, 0);
                     file.read_exact(&mut staging).map_err(io)?;
-                    tensor.write(&staging).map_err(|source| GgufError::Ggml {
+                    set.get(id).write(&staging).map_err(|source| GgufError::Ggml {
                         path: self.path.clone(),
                         source,
                     })?;
