@@ -323,10 +323,12 @@ impl GgufFile {
                 None => {
                     staging.resize(info.n_bytes, 0);
                     file.read_exact(&mut staging).map_err(io)?;
-                    set.get(id).write(&staging).map_err(|source| GgufError::Ggml {
-                        path: self.path.clone(),
-                        source,
-                    })?;
+                    set.get(id)
+                        .write(&staging)
+                        .map_err(|source| GgufError::Ggml {
+                            path: self.path.clone(),
+                            source,
+                        })?;
                 }
             }
         }
