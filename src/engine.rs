@@ -138,6 +138,8 @@ pub enum SubmitError {
     TenantQueueFull(usize),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the server is shutting down; retry on another replica")]
+    Draining,
     #[error(transparent)]
     Invalid(#[from] GenerateError),
 }
@@ -163,6 +165,8 @@ pub struct Engine {
     config: EngineConfig,
     /// Turns false when the engine thread ends (it only ends early by a bug).
     alive: tokio::sync::watch::Receiver<bool>,
+    /// Set by [`Engine::drain`]: new requests are refused.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Engine {
@@ -213,7 +217,18 @@ impl Engine {
             waiting,
             config,
             alive,
+            draining: Arc::default(),
         })
+    }
+
+    /// Refuses new requests from now on; queued and running ones go on.
+    pub fn drain(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Requests queued or running.
+    pub fn load(&self) -> usize {
+        self.stats.queued.load(Relaxed) + self.stats.active.load(Relaxed)
     }
 
     /// Resolves when the engine thread has ended.
@@ -224,6 +239,9 @@ impl Engine {
 
     /// Queues a job; it is checked first (prompt length, sampling values).
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        if self.draining.load(Relaxed) {
+            return Err(SubmitError::Draining);
+        }
         Sequence::new(&job.request, self.config.context)?;
         let tenant = job.tenant.clone();
         self.waiting

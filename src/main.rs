@@ -399,6 +399,10 @@ struct ServeArgs {
     /// Requests of one tenant at once above --tenant-rate
     #[arg(long, default_value_t = 200.0)]
     tenant_burst: f64,
+    /// Seconds that requests already queued or running get to finish after
+    /// SIGTERM (health turns NOT_SERVING and new requests are refused at once)
+    #[arg(long, default_value_t = 30.0)]
+    drain_timeout: f64,
     /// Seconds an adapter upload may take once its turn has come (a few
     /// are buffered at a time; a stalled one gets DEADLINE_EXCEEDED)
     #[arg(long, default_value_t = 60.0)]
@@ -626,15 +630,27 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
     };
     init_logs();
     let runtime = tokio::runtime::Runtime::new()?;
+    let drain = std::time::Duration::from_secs_f64(args.drain_timeout);
     runtime.block_on(async {
-        let running = svfit::server::start(config).await?;
-        eprintln!("svfit serving on {} (Ctrl-C stops)", running.addr);
+        let mut running = svfit::server::start(config).await?;
+        eprintln!(
+            "svfit serving on {} (Ctrl-C stops; SIGTERM drains)",
+            running.addr
+        );
         if let Some(metrics) = running.metrics_addr {
             eprintln!("svfit metrics on http://{metrics}/metrics");
         }
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             result = running.wait() => result,
             _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = terminate.recv() => {
+                eprintln!("svfit draining (at most {:.0} s)", drain.as_secs_f64());
+                let cut = running.drain(drain).await;
+                eprintln!("svfit stopped; {cut} requests cut off at the deadline");
+                Ok(())
+            }
         }
     })
 }

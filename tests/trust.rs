@@ -1284,3 +1284,64 @@ async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
     assert_eq!(metric(&running, "svfit_requests_failed_total").await, 1.0);
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_running_requests_then_exits() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = TempDir::new("trust-drain");
+    let mut server = spawn_server(&dir.path().join("adapters"), "warn", "");
+    let channel = channel(server.addr).await;
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "svfit.v1.Inference".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
+    let mut infer = InferenceClient::new(channel);
+    let mut stream = infer
+        .generate_stream(greedy("", PROMPTS[0], 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = stream.message().await.unwrap().unwrap().text;
+    let term = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        2,
+        "NOT_SERVING"
+    );
+    let refused = infer.generate(greedy("", PROMPTS[1], 4)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+    // The running stream finishes whole.
+    let mut finish = String::new();
+    let mut tokens = 0;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        text.push_str(&chunk.text);
+        if let Some(usage) = chunk.usage {
+            tokens = usage.completion_tokens;
+            finish = chunk.finish_reason;
+        }
+    }
+    assert_eq!((tokens, finish.as_str()), (60, "length"), "{text:?}");
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the process exits"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    eprintln!("exited {:?} after the stream ended", start.elapsed());
+}

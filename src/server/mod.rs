@@ -34,7 +34,8 @@ use auth::{Authenticate, Keys, TenantRate};
 use inference::InferenceService;
 use validation::Limits;
 
-/// How long running requests get to finish when the engine has died.
+/// How long running requests get to finish when the engine has died, and
+/// open streams after a drain.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The generated gRPC code and the descriptor set served by reflection.
@@ -106,6 +107,8 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    health: tonic_health::server::HealthReporter,
+    engine: Engine,
 }
 
 impl Running {
@@ -119,8 +122,37 @@ impl Running {
 
     /// Serves until the server fails or stops; an error when the engine
     /// stopped (the process should exit non-zero and be restarted).
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await?
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.task).await?
+    }
+
+    /// Shuts down without dropping a request (SIGTERM in a rolling
+    /// restart): health turns NOT_SERVING at once, so load balancers and
+    /// probes stop sending; new requests get UNAVAILABLE; requests already
+    /// queued or running finish, for at most `deadline`; then the server
+    /// stops. Returns how many requests were cut off at the deadline.
+    pub async fn drain(mut self, deadline: std::time::Duration) -> usize {
+        self.health
+            .set_not_serving::<InferenceServer<InferenceService>>()
+            .await;
+        self.health
+            .set_not_serving::<AdaptersServer<AdaptersService>>()
+            .await;
+        self.engine.drain();
+        let until = Instant::now() + deadline;
+        while self.engine.load() > 0 && Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let cut = self.engine.load();
+        tracing::info!(cut_off = cut, "drained");
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        // Streams that never end (a health watch) do not hold the process.
+        if tokio::time::timeout(DRAIN, &mut self.task).await.is_err() {
+            self.task.abort();
+        }
+        cut
     }
 }
 
@@ -244,6 +276,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
     let (died, engine_died) = tokio::sync::oneshot::channel::<()>();
     let engine = shared.engine.clone();
+    let reporter = health.clone();
     let signal = async move {
         tokio::select! {
             _ = stop => {}
@@ -290,6 +323,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         metrics_addr,
         shutdown: Some(shutdown),
         task,
+        health: reporter,
+        engine: shared.engine.clone(),
     })
 }
 
@@ -332,7 +367,7 @@ fn submit_status(e: SubmitError) -> Status {
         SubmitError::QueueFull(_) | SubmitError::TenantQueueFull(_) => {
             Status::resource_exhausted(message)
         }
-        SubmitError::Stopped => Status::unavailable(message),
+        SubmitError::Stopped | SubmitError::Draining => Status::unavailable(message),
         SubmitError::Invalid(_) => Status::invalid_argument(message),
     }
 }
