@@ -132,13 +132,14 @@ impl Running {
     /// queued or running finish, for at most `deadline`; then the server
     /// stops. Returns how many requests were cut off at the deadline.
     pub async fn drain(mut self, deadline: std::time::Duration) -> usize {
+        // Refusing first: whoever sees NOT_SERVING is refused too.
+        self.engine.drain();
         self.health
             .set_not_serving::<InferenceServer<InferenceService>>()
             .await;
         self.health
             .set_not_serving::<AdaptersServer<AdaptersService>>()
             .await;
-        self.engine.drain();
         let until = Instant::now() + deadline;
         while self.engine.load() > 0 && Instant::now() < until {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
