@@ -33,6 +33,10 @@ fn keyed_config(dir: &Path) -> svfit::server::ServeConfig {
     config
 }
 
+/// The test that compares latencies runs alone; the others share the
+/// machine with each other (they run in parallel), never with it.
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Pause of the hostile client between two requests.
 const PACE_MS: u64 = 10;
 
@@ -299,6 +303,7 @@ fn attacks() -> Vec<Attack> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_requests_get_clean_errors_and_neighbours_keep_their_answers() {
+    let _machine = MACHINE.write().await;
     let dir = TempDir::new("trust-hostile");
     let config = keyed_config(dir.path());
     let adapters = PathBuf::from(&config.adapters);
@@ -434,6 +439,7 @@ fn is_one_upload(adapters: &Path, tenant: &str, id: &str, uploads: &[(Adapter, V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_of_one_id_get_increasing_versions_and_complete_files() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-uploads");
     concurrent_uploads(config(dir.path()), dir.path(), true).await;
 }
@@ -443,6 +449,7 @@ async fn concurrent_uploads_of_one_id_get_increasing_versions_and_complete_files
 #[cfg(feature = "object-store")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_to_an_object_store_get_increasing_versions() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-uploads-objects");
     let mut config = config(dir.path());
     config.adapters = "memory://".into();
@@ -638,6 +645,7 @@ async fn channel(addr: SocketAddr) -> Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_during_concurrent_uploads_leaves_every_adapter_readable() {
+    let _machine = MACHINE.read().await;
     use rand_like::Draws;
     let dir = TempDir::new("trust-kill");
     let adapters = dir.path().join("adapters");
@@ -732,6 +740,7 @@ mod rand_like {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-pins");
     let mut config = keyed_config(dir.path());
     // Three slots: two may be pinned, one tenant may pin one.
@@ -861,6 +870,7 @@ async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panic_in_one_sequence_fails_only_that_request() {
+    let _machine = MACHINE.read().await;
     use svfit::engine::fault;
     let dir = TempDir::new("trust-panic");
     let mut config = keyed_config(dir.path());
@@ -920,6 +930,7 @@ async fn a_panic_in_one_sequence_fails_only_that_request() {
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_engine_turns_health_not_serving_and_exits_non_zero() {
+    let _machine = MACHINE.read().await;
     use svfit::engine::fault;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
@@ -1001,6 +1012,7 @@ async fn scrape(addr: SocketAddr) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accept_loops_back_off_and_recover_when_descriptors_run_out() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-fds");
     // Few descriptors: a few hundred idle connections exhaust them.
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "ulimit -n 160");
@@ -1052,6 +1064,7 @@ async fn accept_loops_back_off_and_recover_when_descriptors_run_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_beyond_the_limit_wait_their_turn() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-connections");
     let mut config = config(dir.path());
     config.max_connections = 4;
@@ -1079,6 +1092,7 @@ async fn connections_beyond_the_limit_wait_their_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_tenant_cannot_fill_the_queue() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-queue");
     let mut config = keyed_config(dir.path());
     config.engine.max_sequences = 1;
@@ -1121,6 +1135,7 @@ async fn one_tenant_cannot_fill_the_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_request_ends_with_one_log_line() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-log");
     let mut server = spawn_server(&dir.path().join("adapters"), "", "");
     let mut infer = InferenceClient::new(channel(server.addr).await);
@@ -1156,6 +1171,7 @@ async fn each_request_ends_with_one_log_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_uploads_time_out_and_never_block_others() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-stalled-uploads");
     let mut config = config(dir.path());
     config.upload_timeout = Duration::from_secs(1);
@@ -1208,6 +1224,7 @@ async fn stalled_uploads_time_out_and_never_block_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_over_its_rate_is_refused_before_decoding_and_others_are_not() {
+    let _machine = MACHINE.read().await;
     let dir = TempDir::new("trust-rate");
     let mut config = keyed_config(dir.path());
     config.tenant_rate = 5.0;
@@ -1245,6 +1262,7 @@ async fn a_tenant_over_its_rate_is_refused_before_decoding_and_others_are_not() 
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
+    let _machine = MACHINE.read().await;
     use svfit::engine::fault;
     let dir = TempDir::new("trust-decode");
     let config = keyed_config(dir.path());
@@ -1287,6 +1305,7 @@ async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_running_requests_then_exits() {
+    let _machine = MACHINE.read().await;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let dir = TempDir::new("trust-drain");
