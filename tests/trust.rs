@@ -932,20 +932,10 @@ async fn a_panic_in_one_sequence_fails_only_that_request() {
 async fn a_dead_engine_turns_health_not_serving_and_exits_non_zero() {
     let _machine = MACHINE.read().await;
     use svfit::engine::fault;
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
     let dir = TempDir::new("trust-dead-engine");
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "");
     let channel = channel(server.addr).await;
-    let mut health = HealthClient::new(channel.clone());
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: "svfit.v1.Inference".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
+    let mut watch = watch_health(channel.clone()).await;
     let mut infer = InferenceClient::new(channel);
     let failed = infer
         .generate(pb::GenerateRequest {
@@ -957,17 +947,7 @@ async fn a_dead_engine_turns_health_not_serving_and_exits_non_zero() {
     assert_eq!(failed.code(), Code::Unavailable, "{}", failed.message());
     let status = watch.message().await.unwrap().unwrap().status;
     assert_eq!(status, 2, "NOT_SERVING");
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(exit) = server.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the process exits"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = exited(&mut server.child).await;
     assert!(!exit.success(), "{exit:?}");
     let mut log = Vec::new();
     while let Ok(line) = server.log.recv_timeout(Duration::from_secs(10)) {
@@ -977,6 +957,36 @@ async fn a_dead_engine_turns_health_not_serving_and_exits_non_zero() {
         log.iter().any(|l| l.contains("the engine stopped")),
         "{log:?}"
     );
+}
+
+/// A health watch on the Inference service, past its first SERVING.
+async fn watch_health(channel: Channel) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "svfit.v1.Inference".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
+    watch
+}
+
+/// The exit status of a server process, which must come within 30 s.
+async fn exited(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return exit;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the process exits"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// CPU seconds a process has used (user + system), from /proc.
@@ -1306,20 +1316,10 @@ async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_running_requests_then_exits() {
     let _machine = MACHINE.read().await;
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
     let dir = TempDir::new("trust-drain");
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "");
     let channel = channel(server.addr).await;
-    let mut health = HealthClient::new(channel.clone());
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: "svfit.v1.Inference".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
+    let mut watch = watch_health(channel.clone()).await;
     let mut infer = InferenceClient::new(channel);
     let mut stream = infer
         .generate_stream(greedy("", PROMPTS[0], 60))
@@ -1351,16 +1351,7 @@ async fn sigterm_drains_running_requests_then_exits() {
     }
     assert_eq!((tokens, finish.as_str()), (60, "length"), "{text:?}");
     let start = Instant::now();
-    let exit = loop {
-        if let Some(exit) = server.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the process exits"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exit = exited(&mut server.child).await;
     assert!(exit.success(), "{exit:?}");
     eprintln!("exited {:?} after the stream ended", start.elapsed());
 }
