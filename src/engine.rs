@@ -102,8 +102,8 @@ pub enum Failure {
     /// Writing the adapter into a device slot failed.
     #[error("loading the adapter into a slot failed: {0}")]
     AdapterLoad(ModelError),
-    /// The batch holding this sequence failed to decode (every sequence
-    /// of the batch gets the same reason).
+    /// Decoding this sequence failed (alone, after its batch failed; or
+    /// with its whole batch, after a panic in the decoder).
     #[error("decoding failed: {0}")]
     Decode(String),
     /// A bug while handling this sequence; the engine went on without it.
@@ -457,10 +457,8 @@ impl Worker {
             let started =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start(job)))
                     .unwrap_or_else(|panic| {
-                        let _ = events.send(Event::Failed(Failure::Panicked(
-                            panic_text(&*panic).to_string(),
-                        )));
-                        self.stats.requests_failed.fetch_add(1, Relaxed);
+                        let panic = panic_text(&*panic).to_string();
+                        self.fail(&events, Failure::Panicked(panic));
                         Ok(())
                     });
             match started {
@@ -492,7 +490,7 @@ impl Worker {
         let sequence = match Sequence::new(&job.request, self.context) {
             Ok(s) => s,
             Err(e) => {
-                self.fail(&job, Failure::Invalid(e));
+                self.fail(&job.events, Failure::Invalid(e));
                 return Ok(());
             }
         };
@@ -510,7 +508,7 @@ impl Worker {
                     }
                     if let Err(e) = self.model.set_adapter(slot, &adapter.deltas) {
                         self.slots.unload(slot);
-                        self.fail(&job, Failure::AdapterLoad(e));
+                        self.fail(&job.events, Failure::AdapterLoad(e));
                         return Ok(());
                     }
                     self.stats.slot_loads.fetch_add(1, Relaxed);
@@ -536,8 +534,9 @@ impl Worker {
         Ok(())
     }
 
-    fn fail(&self, job: &Job, failure: Failure) {
-        let _ = job.events.send(Event::Failed(failure));
+    /// Tells a request it failed, over its `events`.
+    fn fail(&self, events: &UnboundedSender<Event>, failure: Failure) {
+        let _ = events.send(Event::Failed(failure));
         self.stats.requests_failed.fetch_add(1, Relaxed);
     }
 
@@ -623,7 +622,7 @@ impl Worker {
                 self.running = keep;
                 for r in failed {
                     self.release(&r);
-                    self.fail(&r.job, Failure::Decode(reason.clone()));
+                    self.fail(&r.job.events, Failure::Decode(reason.clone()));
                 }
                 return;
             }
@@ -655,7 +654,7 @@ impl Worker {
                 Ok(finish) => self.finish(r, finish),
                 Err(failure) => {
                     self.release(&r);
-                    self.fail(&r.job, failure);
+                    self.fail(&r.job.events, failure);
                 }
             }
         }

@@ -14,6 +14,7 @@ use svfit::ggml::Type;
 use svfit::model::tokenizer::Message;
 use svfit::model::{self, Batch, LoadOptions, Model, Slot, Tokenizer};
 use svfit::sampling::SamplingParams;
+use svfit::server::validation::Limits;
 use svfit::{home, npy};
 
 #[derive(Parser)]
@@ -371,19 +372,19 @@ struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Bytes of a request's prompt (or of its chat messages together) at most
-    #[arg(long, default_value_t = 64 << 10)]
+    #[arg(long, default_value_t = Limits::default().prompt_bytes)]
     max_prompt_bytes: usize,
     /// Chat messages in one request at most
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = Limits::default().chat_messages)]
     max_chat_messages: usize,
     /// Stop strings in one request at most
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = Limits::default().stop_strings)]
     max_stop_strings: usize,
     /// Bytes of one stop string at most
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = Limits::default().stop_bytes)]
     max_stop_bytes: usize,
     /// Adapters in one mix at most
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = Limits::default().mix_parts)]
     max_mix: usize,
     /// Adapters one tenant may pin (all tenants together may pin one less
     /// than --adapter-slots)
@@ -609,7 +610,7 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
             tenant_queue_limit: args.tenant_queue,
             prefill_budget: generate::PREFILL_CHUNK,
         },
-        limits: svfit::server::validation::Limits {
+        limits: Limits {
             prompt_bytes: args.max_prompt_bytes,
             chat_messages: args.max_chat_messages,
             stop_strings: args.max_stop_strings,

@@ -434,6 +434,12 @@ impl AdapterStore {
 
     /// Checks a file's bytes completely against the served factors.
     fn validate(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<Stored, StoreError> {
+        let adapter = self.check(id, bytes)?;
+        Ok(self.stored(tenant, id, adapter, bytes))
+    }
+
+    /// The adapter in `bytes`, if it is one for the served factors.
+    fn check(&self, id: &str, bytes: &[u8]) -> Result<Adapter, StoreError> {
         let shown = Path::new(id);
         let adapter = Adapter::parse(bytes, shown).map_err(StoreError::Invalid)?;
         // Base and factor id first: a different base is a precondition
@@ -444,10 +450,15 @@ impl AdapterStore {
         adapter
             .validate(shown, &self.key, &self.singular)
             .map_err(StoreError::Invalid)?;
+        Ok(adapter)
+    }
+
+    /// What the store knows of a checked `adapter` whose file is `bytes`.
+    fn stored(&self, tenant: &str, id: &str, adapter: Adapter, bytes: &[u8]) -> Stored {
         let version = version_of(&adapter).unwrap_or(1);
         let hash = hex(&sha2::Sha256::digest(bytes)[..6]);
         let deltas: Deltas = adapter.deltas(&self.singular);
-        Ok(Stored {
+        Stored {
             tenant: tenant.to_string(),
             id: id.to_string(),
             version,
@@ -459,7 +470,7 @@ impl AdapterStore {
                 deltas,
             }),
             adapter,
-        })
+        }
     }
 
     /// Validates an uploaded file and makes it the next version of
@@ -468,7 +479,7 @@ impl AdapterStore {
     pub fn put(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<Arc<Stored>, StoreError> {
         check_name("tenant", tenant)?;
         check_name("adapter id", id)?;
-        let mut adapter = self.validate(tenant, id, bytes)?.adapter;
+        let mut adapter = self.check(id, bytes)?;
         let mut written = Vec::new();
         self.backend.update(tenant, id, &mut |current| {
             // A current file that cannot be read still had a version: its
@@ -489,7 +500,7 @@ impl AdapterStore {
         })?;
         // What this upload wrote (a concurrent upload may already have
         // replaced it); the cache picks the stored file up on its next get.
-        Ok(Arc::new(self.validate(tenant, id, &written)?))
+        Ok(Arc::new(self.stored(tenant, id, adapter, &written)))
     }
 
     pub fn delete(&self, tenant: &str, id: &str) -> Result<(), StoreError> {

@@ -300,15 +300,7 @@ async fn tenants_cannot_touch_each_others_adapters() {
     let (mut infer, mut admin) = clients(&running).await;
     let (_, bytes) = file_bytes(dir.path(), "secret.safetensors", &adapter(300));
 
-    let mut chunks = vec![pb::UploadChunk {
-        part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
-            id: "secret".into(),
-            tenant: String::new(),
-        })),
-    }];
-    chunks.push(pb::UploadChunk {
-        part: Some(pb::upload_chunk::Part::Data(bytes)),
-    });
+    let chunks = upload_chunks("secret", &bytes);
     admin
         .upload(with_key(tokio_stream::iter(chunks), "kb"))
         .await

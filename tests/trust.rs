@@ -767,19 +767,8 @@ async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
         b
     };
     let upload_as = |client: &mut AdaptersClient<Channel>, id: &str, bytes: Vec<u8>, key: &str| {
-        let chunks = vec![
-            pb::UploadChunk {
-                part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
-                    id: id.into(),
-                    tenant: String::new(),
-                })),
-            },
-            pb::UploadChunk {
-                part: Some(pb::upload_chunk::Part::Data(bytes)),
-            },
-        ];
         let mut client = client.clone();
-        let request = with_key(tokio_stream::iter(chunks), key);
+        let request = with_key(tokio_stream::iter(upload_chunks(id, &bytes)), key);
         async move { client.upload(request).await.map(|r| r.into_inner()) }
     };
     // Bob's requests must never wait for a slot for long.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{auth, blocking, pb, store_status, Shared};
+use super::{auth, blocking, pb, Shared};
 use crate::store::Stored;
 
 /// Largest adapter upload accepted (the default model's are ~70 kB).
@@ -44,18 +44,6 @@ impl AdaptersService {
             pinned: self.shared.store.is_pinned(&stored.tenant, &stored.id),
             info: a.info.clone().into_iter().collect(),
         }
-    }
-
-    /// The caller's (tenant, id) for a reference to one adapter.
-    fn name<T>(
-        &self,
-        req: &Request<T>,
-        tenant: &str,
-        id: &str,
-    ) -> Result<(String, String), Status> {
-        let tenant = auth::caller(req)?.tenant(tenant)?;
-        crate::store::check_name("adapter id", id).map_err(store_status)?;
-        Ok((tenant, id.to_string()))
     }
 }
 
@@ -101,8 +89,7 @@ impl pb::adapters_server::Adapters for AdaptersService {
                 ))
             }
         };
-        let tenant = caller.tenant(&header.tenant)?;
-        crate::store::check_name("adapter id", &header.id).map_err(store_status)?;
+        let (tenant, id) = caller.named(&header.tenant, &header.id)?;
         let _turn = self
             .uploads
             .acquire()
@@ -119,7 +106,6 @@ impl pb::adapters_server::Adapters for AdaptersService {
                 ))
             })??;
         let shared = self.shared.clone();
-        let id = header.id;
         let stored = blocking(move || shared.store.put(&tenant, &id, &bytes)).await?;
         tracing::info!(
             tenant = stored.tenant,
@@ -131,7 +117,7 @@ impl pb::adapters_server::Adapters for AdaptersService {
     }
 
     async fn get(&self, req: Request<pb::AdapterRef>) -> Result<Response<pb::AdapterInfo>, Status> {
-        let (tenant, id) = self.name(&req, &req.get_ref().tenant, &req.get_ref().id)?;
+        let (tenant, id) = auth::caller(&req)?.named(&req.get_ref().tenant, &req.get_ref().id)?;
         let shared = self.shared.clone();
         let stored = blocking(move || shared.store.get(&tenant, &id)).await?;
         Ok(Response::new(self.info(&stored)))
@@ -192,7 +178,7 @@ impl pb::adapters_server::Adapters for AdaptersService {
         &self,
         req: Request<pb::AdapterRef>,
     ) -> Result<Response<pb::DeleteAdapterResponse>, Status> {
-        let (tenant, id) = self.name(&req, &req.get_ref().tenant, &req.get_ref().id)?;
+        let (tenant, id) = auth::caller(&req)?.named(&req.get_ref().tenant, &req.get_ref().id)?;
         let shared = self.shared.clone();
         let (t, i) = (tenant.clone(), id.clone());
         blocking(move || shared.store.delete(&t, &i)).await?;
@@ -202,7 +188,7 @@ impl pb::adapters_server::Adapters for AdaptersService {
     }
 
     async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::AdapterInfo>, Status> {
-        let (tenant, id) = self.name(&req, &req.get_ref().tenant, &req.get_ref().id)?;
+        let (tenant, id) = auth::caller(&req)?.named(&req.get_ref().tenant, &req.get_ref().id)?;
         let pinned = req.get_ref().pinned;
         let shared = self.shared.clone();
         let (t, i) = (tenant.clone(), id.clone());

@@ -186,10 +186,16 @@ impl Caller {
     /// Splits an adapter reference `id` or `tenant/id` into (tenant, id),
     /// both valid names.
     pub fn adapter(&self, reference: &str) -> Result<(String, String), Status> {
-        let (tenant, id) = match reference.split_once('/') {
-            Some((tenant, id)) => (self.tenant(tenant)?, id),
-            None => (self.tenant.clone(), reference),
-        };
+        match reference.split_once('/') {
+            Some((tenant, id)) => self.named(tenant, id),
+            None => self.named("", reference),
+        }
+    }
+
+    /// The (tenant, id) of adapter `id` in tenant `tenant` (empty: the
+    /// caller's own), both valid names the caller may act on.
+    pub fn named(&self, tenant: &str, id: &str) -> Result<(String, String), Status> {
+        let tenant = self.tenant(tenant)?;
         crate::store::check_name("adapter id", id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok((tenant, id.to_string()))

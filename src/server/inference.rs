@@ -31,8 +31,15 @@ impl InferenceService {
     async fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
         let shared = &self.0;
         shared.stats.requests.fetch_add(1, Relaxed);
-        let tenant = auth::caller(&req).map(|c| c.tenant).unwrap_or_default();
-        let result = self.submit_inner(req).await;
+        let caller = auth::caller(&req);
+        let tenant = caller
+            .as_ref()
+            .map(|c| c.tenant.clone())
+            .unwrap_or_default();
+        let result = match caller {
+            Ok(caller) => self.submit_inner(req, caller).await,
+            Err(status) => Err(status),
+        };
         if let Err(status) = &result {
             shared.stats.errors.fetch_add(1, Relaxed);
             tracing::info!(
@@ -46,9 +53,12 @@ impl InferenceService {
         result
     }
 
-    async fn submit_inner(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
+    async fn submit_inner(
+        &self,
+        req: Request<pb::GenerateRequest>,
+        caller: auth::Caller,
+    ) -> Result<Submitted, Status> {
         let shared = self.0.clone();
-        let caller = auth::caller(&req)?;
         let arrived = Instant::now();
         let (metadata, _, body) = req.into_parts();
         let valid = validation::validate(body, &metadata, &caller, &shared.limits)?;

@@ -134,12 +134,7 @@ impl Running {
     pub async fn drain(mut self, deadline: std::time::Duration) -> usize {
         // Refusing first: whoever sees NOT_SERVING is refused too.
         self.engine.drain();
-        self.health
-            .set_not_serving::<InferenceServer<InferenceService>>()
-            .await;
-        self.health
-            .set_not_serving::<AdaptersServer<AdaptersService>>()
-            .await;
+        not_serving(&self.health).await;
         let until = Instant::now() + deadline;
         while self.engine.load() > 0 && Instant::now() < until {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -283,8 +278,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             _ = stop => {}
             _ = engine.stopped() => {
                 tracing::error!("the engine stopped; health is NOT_SERVING and the server exits");
-                health.set_not_serving::<InferenceServer<InferenceService>>().await;
-                health.set_not_serving::<AdaptersServer<AdaptersService>>().await;
+                not_serving(&health).await;
                 let _ = died.send(());
             }
         }
@@ -327,6 +321,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         health: reporter,
         engine: shared.engine.clone(),
     })
+}
+
+/// Health says NOT_SERVING for both svfit services.
+async fn not_serving(health: &tonic_health::server::HealthReporter) {
+    health
+        .set_not_serving::<InferenceServer<InferenceService>>()
+        .await;
+    health
+        .set_not_serving::<AdaptersServer<AdaptersService>>()
+        .await;
 }
 
 /// The gRPC status of a store failure. I/O failures are the server's:

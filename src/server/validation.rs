@@ -100,6 +100,17 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }
 
+/// `n` of `what` in `field`, at most `limit`.
+fn at_most(field: &str, n: usize, limit: usize, what: &str) -> Result<(), Status> {
+    if n > limit {
+        return Err(invalid(
+            field,
+            format!("{n} {what}; at most {limit} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks `body` (with its `metadata`) from `caller` against `limits`.
 pub fn validate(
     body: pb::GenerateRequest,
@@ -120,16 +131,7 @@ pub fn validate(
         }
         n => n,
     };
-    if body.stop.len() > limits.stop_strings {
-        return Err(invalid(
-            "stop",
-            format!(
-                "{} strings; at most {} are allowed",
-                body.stop.len(),
-                limits.stop_strings
-            ),
-        ));
-    }
+    at_most("stop", body.stop.len(), limits.stop_strings, "strings")?;
     if let Some(long) = body.stop.iter().find(|s| s.len() > limits.stop_bytes) {
         return Err(invalid(
             "stop",
@@ -177,16 +179,7 @@ fn adapter_choice(
     if !reference.is_empty() {
         return Err(invalid("mix", "set either adapter or mix, not both"));
     }
-    if body.mix.len() > limits.mix_parts {
-        return Err(invalid(
-            "mix",
-            format!(
-                "{} parts; at most {} are allowed",
-                body.mix.len(),
-                limits.mix_parts
-            ),
-        ));
-    }
+    at_most("mix", body.mix.len(), limits.mix_parts, "parts")?;
     let mut seen = HashSet::new();
     let mut parts = Vec::with_capacity(body.mix.len());
     for part in &body.mix {
@@ -235,16 +228,12 @@ fn prompt(input: Option<pb::generate_request::Input>, limits: &Limits) -> Result
             if chat.messages.is_empty() {
                 return Err(invalid("chat", "no messages"));
             }
-            if chat.messages.len() > limits.chat_messages {
-                return Err(invalid(
-                    "chat",
-                    format!(
-                        "{} messages; at most {} are allowed",
-                        chat.messages.len(),
-                        limits.chat_messages
-                    ),
-                ));
-            }
+            at_most(
+                "chat",
+                chat.messages.len(),
+                limits.chat_messages,
+                "messages",
+            )?;
             let bytes: usize = chat
                 .messages
                 .iter()

@@ -200,6 +200,15 @@ pub async fn upload(
     id: &str,
     bytes: Vec<u8>,
 ) -> Result<pb::AdapterInfo, tonic::Status> {
+    client
+        .upload(tokio_stream::iter(upload_chunks(id, &bytes)))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The messages of an upload of `bytes` as `id` in the caller's tenant:
+/// the header, then the data in chunks of 8 kB.
+pub fn upload_chunks(id: &str, bytes: &[u8]) -> Vec<pb::UploadChunk> {
     let mut chunks = vec![pb::UploadChunk {
         part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
             id: id.into(),
@@ -211,10 +220,7 @@ pub async fn upload(
             part: Some(pb::upload_chunk::Part::Data(piece.to_vec())),
         });
     }
-    client
-        .upload(tokio_stream::iter(chunks))
-        .await
-        .map(|r| r.into_inner())
+    chunks
 }
 
 pub fn file_bytes(dir: &Path, name: &str, a: &Adapter) -> (PathBuf, Vec<u8>) {
