@@ -65,6 +65,7 @@ fn main() {
     let load = LoadOptions {
         device: "cpu".into(),
         threads: opts.threads,
+        ..LoadOptions::default()
     };
     let home = svfit::home::home_dir();
 

@@ -5,7 +5,9 @@
 //! - generation: 128 tokens for 1 sequence, and for 8 sequences decoded
 //!   together (one token of each per step).
 //!
-//! `cargo bench --bench engine -- [--threads N] [--model PATH] [--reps N]`
+//! `cargo bench --bench engine -- [--threads N] [--model PATH] [--reps N] [--weights keep,auto]`
+//!
+//! Each `--weights` layout is one svfit column; llama.cpp runs the file as stored.
 
 mod common;
 
@@ -90,31 +92,35 @@ fn main() {
     let tokens = tokenizer.encode(&text, true);
     assert!(tokens.len() >= PROMPT, "bench text too short");
 
-    let load = LoadOptions {
-        device: "cpu".into(),
-        threads: opts.threads,
-    };
-    let model = Model::load(&opts.model, &load).unwrap_or_else(fail);
-    let cache = model.new_cache(2048).unwrap_or_else(fail);
-    let mut ours = Ours { model, cache };
     let reference = Reference::load(&opts.model).unwrap_or_else(fail);
+    let mut engines: Vec<(String, Box<dyn Engine>)> = Vec::new();
+    for &weights in &opts.weights {
+        let load = LoadOptions {
+            device: "cpu".into(),
+            threads: opts.threads,
+            weights,
+        };
+        let model = Model::load(&opts.model, &load).unwrap_or_else(fail);
+        let cache = model.new_cache(2048).unwrap_or_else(fail);
+        engines.push((format!("svfit {weights}"), Box::new(Ours { model, cache })));
+    }
     let fa = std::env::var("FA").is_ok();
-    let mut theirs = LlamaCpp(
-        reference
-            .session_with(2048, 8, opts.threads, fa)
-            .unwrap_or_else(fail),
-    );
+    let theirs = reference
+        .session_with(2048, 8, opts.threads, fa)
+        .unwrap_or_else(fail);
+    engines.push(("llama.cpp".into(), Box::new(LlamaCpp(theirs))));
 
     println!(
-        "model {}, {} threads, best of {} runs",
+        "model {}, {} threads, best of {} runs, tokens/s",
         opts.model_name(),
         opts.threads,
         opts.reps
     );
-    println!(
-        "{:<28} {:>12} {:>12} {:>8}",
-        "test", "svfit tok/s", "llama.cpp", "ratio"
-    );
+    print!("{:<28}", "test");
+    for (name, _) in &engines {
+        print!(" {name:>14}");
+    }
+    println!();
     let mut rows = Vec::new();
     for (name, run) in [
         (
@@ -131,19 +137,28 @@ fn main() {
             &|e: &mut dyn Engine, t: &[u32]| generation_speed(e, t, 8),
         ),
     ] {
-        // Alternate the engines so that neither always runs on a warmer or
-        // quieter machine.
-        let (mut a, mut b) = (0f64, 0f64);
+        // Take turns so that no engine always runs on a warmer or quieter
+        // machine.
+        let mut best = vec![0f64; engines.len()];
         for _ in 0..opts.reps {
-            a = a.max(run(&mut ours, &tokens));
-            b = b.max(run(&mut theirs, &tokens));
+            for ((_, engine), best) in engines.iter_mut().zip(&mut best) {
+                *best = best.max(run(engine.as_mut(), &tokens));
+            }
         }
-        println!("{name:<28} {a:>12.1} {b:>12.1} {:>8.2}", a / b);
-        rows.push((a, b));
+        print!("{name:<28}");
+        for b in &best {
+            print!(" {b:>14.1}");
+        }
+        println!();
+        rows.push(best);
     }
-    println!(
-        "batch-8 / batch-1 generation throughput: svfit {:.2}x, llama.cpp {:.2}x",
-        rows[2].0 / rows[1].0,
-        rows[2].1 / rows[1].1
-    );
+    for (i, (name, _)) in engines.iter().enumerate() {
+        println!(
+            "{name}: batch-8 / batch-1 generation {:.2}x; versus {}: prompt {:.2}x, batch-8 {:.2}x",
+            rows[2][i] / rows[1][i],
+            engines[0].0,
+            rows[0][i] / rows[0][0],
+            rows[2][i] / rows[2][0],
+        );
+    }
 }

@@ -609,6 +609,7 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
                 load: LoadOptions {
                     device: "cpu".into(),
                     threads: o.threads,
+                    ..LoadOptions::default()
                 },
                 factors: b.key.clone(),
                 home: b.home.clone(),
@@ -748,6 +749,7 @@ fn cold_load_cost(o: &Options, b: &Base, dir: &Path, n: usize) -> Vec<(String, f
         &LoadOptions {
             device: "cpu".into(),
             threads: o.threads,
+            ..LoadOptions::default()
         },
     )
     .unwrap_or_else(fail);

@@ -94,6 +94,7 @@ fn main() {
     let options = LoadOptions {
         device: "cpu".into(),
         threads: opts.threads,
+        ..LoadOptions::default()
     };
     for targets in ["q,v", "all-linear"] {
         let key = FactorsKey {

@@ -12,7 +12,7 @@ use svfit::factors::FactorsKey;
 use svfit::generate::{self, Request};
 use svfit::ggml::Type;
 use svfit::model::tokenizer::Message;
-use svfit::model::{self, Batch, LoadOptions, Model, Slot, Tokenizer};
+use svfit::model::{self, Batch, LoadOptions, Model, Slot, Tokenizer, WeightFormat};
 use svfit::sampling::SamplingParams;
 use svfit::server::validation::Limits;
 use svfit::{home, npy};
@@ -41,6 +41,9 @@ enum Command {
     /// Write a standalone GGUF with an adapter merged into the base weights
     /// (W' = W + U diag(sigma - S) Vt), runnable by llama.cpp.
     Merge(MergeArgs),
+    /// Write the model with its matrices in the types --weights holds them
+    /// in (as on CPU), so llama.cpp runs exactly the weights svfit serves.
+    Convert(ConvertArgs),
     /// Learn an adapter's singular values from JSONL data by backprop
     /// (writes the adapter, a checkpoint, metrics.jsonl and a loss plot).
     Train(Box<TrainArgs>),
@@ -122,6 +125,31 @@ impl FactorArgs {
 }
 
 #[derive(Args)]
+struct ConvertArgs {
+    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
+    #[arg(long, env = "SVFIT_MODEL")]
+    model: Option<PathBuf>,
+    /// The layout to write: auto (what `svfit serve` uses on CPU), keep, q8_0 or f16
+    #[arg(long, default_value = "auto")]
+    weights: WeightFormat,
+    /// Output GGUF file
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn run_convert(args: &ConvertArgs) -> Result<()> {
+    let model = home::resolve_model(args.model.as_deref())?;
+    let n = model::write_converted(&model, args.weights, &args.out)
+        .with_context(|| format!("converting {}", model.display()))?;
+    println!(
+        "wrote {} ({n} matrices converted for --weights {})",
+        args.out.display(),
+        args.weights
+    );
+    Ok(())
+}
+
+#[derive(Args)]
 struct FactorizeArgs {
     #[command(flatten)]
     factors: FactorArgs,
@@ -145,20 +173,29 @@ struct ModelArgs {
     /// Context size in tokens (KV cache cells); capped at the model's training context
     #[arg(long = "ctx", default_value_t = 4096)]
     ctx: usize,
+    /// How the weight matrices are held: auto (on CPU, Q8_0 for 4- and
+    /// 5-bit files: batches run several times faster), keep (as stored,
+    /// bit-exact with llama.cpp on the same file), q8_0 or f16
+    #[arg(long, default_value = "auto")]
+    weights: WeightFormat,
 }
 
 impl ModelArgs {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.device.clone(),
+            threads: self.threads.unwrap_or_else(model::default_threads),
+            weights: self.weights,
+        }
+    }
+
     fn path(&self) -> Result<PathBuf> {
         Ok(home::resolve_model(self.model.as_deref())?)
     }
 
     fn load(&self) -> Result<(Model, Tokenizer)> {
         let path = self.path()?;
-        let options = LoadOptions {
-            device: self.device.clone(),
-            threads: self.threads.unwrap_or_else(model::default_threads),
-        };
-        let model = Model::load(&path, &options)
+        let model = Model::load(&path, &self.load_options())
             .with_context(|| format!("loading model {}", path.display()))?;
         let tokenizer = Tokenizer::load(&path)?;
         Ok((model, tokenizer))
@@ -549,6 +586,7 @@ fn main() -> ExitCode {
         Command::Logits(args) => run_logits(&args),
         Command::Factorize(args) => run_factorize(&args),
         Command::Merge(args) => run_merge(&args),
+        Command::Convert(args) => run_convert(&args),
         Command::Adapter(command) => run_adapter(&command),
         Command::Train(args) => run_train(&args),
         Command::Eval(args) => run_eval(&args),
@@ -587,10 +625,7 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
     };
     let config = svfit::server::ServeConfig {
         addr: args.addr,
-        load: LoadOptions {
-            device: args.model.device.clone(),
-            threads: args.model.threads.unwrap_or_else(model::default_threads),
-        },
+        load: args.model.load_options(),
         model,
         factors,
         home: home::home_dir(),
@@ -1037,6 +1072,8 @@ fn run_train(args: &TrainArgs) -> Result<()> {
         load: LoadOptions {
             device: args.device.clone(),
             threads: args.threads.unwrap_or_else(model::default_threads),
+            // Training holds its frozen weights as --frozen says.
+            weights: WeightFormat::Keep,
         },
         frozen: args.frozen.parse().map_err(anyhow::Error::msg)?,
         targets: match &saved {

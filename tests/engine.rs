@@ -13,6 +13,7 @@ fn tiny() -> (common::TempDir, Model) {
         &LoadOptions {
             device: "cpu".into(),
             threads: 2,
+            ..LoadOptions::default()
         },
     )
     .unwrap();

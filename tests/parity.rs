@@ -1,13 +1,15 @@
 //! Parity with llama.cpp: our engine and a llama.cpp context on the same GGUF
 //! (f16 KV cache, plain attention, same threads) give the same logits, alone
-//! and for several sequences of different lengths decoded in one batch.
+//! and for several sequences of different lengths decoded in one batch. For
+//! every `--weights` layout: llama.cpp runs the file `svfit convert` writes
+//! for that layout, holding the very weights we hold.
 
 mod common;
 
 use std::path::Path;
 
 use common::{compare, Agreement, Rng};
-use svfit::model::{Batch, LoadOptions, Logits, Model, SeqId, Tokenizer};
+use svfit::model::{Batch, LoadOptions, Logits, Model, SeqId, Tokenizer, WeightFormat};
 use svfit::oracle::Reference;
 
 const THREADS: usize = 2;
@@ -55,12 +57,26 @@ fn run_schedule(
     }
 }
 
-fn ours(path: &Path, seqs: &[(SeqId, Vec<u32>)], prefill: &[usize]) -> PerSequence {
+/// The weight layouts every parity test runs.
+const FORMATS: [WeightFormat; 4] = [
+    WeightFormat::Keep,
+    WeightFormat::Auto,
+    WeightFormat::Q8_0,
+    WeightFormat::F16,
+];
+
+/// A model file and the layout we load it in.
+#[derive(Clone, Copy)]
+struct Ours<'p>(&'p Path, WeightFormat);
+
+fn ours(model: Ours, seqs: &[(SeqId, Vec<u32>)], prefill: &[usize]) -> PerSequence {
+    let Ours(path, weights) = model;
     let mut model = Model::load(
         path,
         &LoadOptions {
             device: "cpu".into(),
             threads: THREADS,
+            weights,
         },
     )
     .unwrap();
@@ -113,14 +129,20 @@ fn assert_batch_invariant(what: &str, a: &Agreement) {
     );
 }
 
-/// One sequence alone, then three sequences together versus each alone.
-fn check_model(path: &Path, seqs: Vec<Vec<u32>>) {
+/// One sequence alone, then three sequences together versus each alone,
+/// for `path` loaded in `weights` and llama.cpp on the converted file.
+fn check_model(path: &Path, seqs: Vec<Vec<u32>>, weights: WeightFormat) {
+    let dir = common::TempDir::new("parity");
+    let converted = dir.0.join("converted.gguf");
+    svfit::model::write_converted(path, weights, &converted).unwrap();
+    let (mine, path) = (Ours(path, weights), converted.as_path());
+    eprintln!("--weights {weights}");
     let single = vec![(0, seqs[0].clone())];
     let prefill_single = [seqs[0].len() - 4];
     assert_parity(
         "one sequence vs llama.cpp",
         &agreement(
-            &ours(path, &single, &prefill_single),
+            &ours(mine, &single, &prefill_single),
             &llama_cpp(path, &single, &prefill_single),
         ),
     );
@@ -132,11 +154,11 @@ fn check_model(path: &Path, seqs: Vec<Vec<u32>>) {
         .map(|(i, s)| (i as SeqId + 1, s))
         .collect();
     let prefill: Vec<usize> = seqs.iter().map(|s| s.len() * 2 / 3).collect();
-    let batched = ours(path, &together, &prefill);
+    let batched = ours(mine, &together, &prefill);
     let mut alone_ours = PerSequence::new();
     let mut alone_ref = PerSequence::new();
     for (i, s) in together.iter().enumerate() {
-        alone_ours.extend(ours(path, std::slice::from_ref(s), &prefill[i..=i]));
+        alone_ours.extend(ours(mine, std::slice::from_ref(s), &prefill[i..=i]));
         alone_ref.extend(llama_cpp(path, std::slice::from_ref(s), &prefill[i..=i]));
     }
     let vs_ref = agreement(&batched, &alone_ref);
@@ -156,8 +178,10 @@ fn tiny_model_matches_llama_cpp() {
                 .map(|_| (rng.uniform() * common::TINY.n_vocab as f32) as u32)
                 .collect()
         })
-        .collect();
-    check_model(&path, seqs);
+        .collect::<Vec<_>>();
+    for weights in FORMATS {
+        check_model(&path, seqs.clone(), weights);
+    }
 }
 
 /// A sequence that outgrows its cells while its neighbour holds the next
@@ -174,15 +198,18 @@ fn growing_sequence_moves_without_changing_logits() {
     // Both start with one page; the first grows past 64 tokens, then past 128.
     let seqs = vec![(0, tokens(150)), (1, tokens(40))];
     let prefill = [10, 10];
-    let batched = ours(&path, &seqs, &prefill);
-    let mut alone = PerSequence::new();
-    for (i, s) in seqs.iter().enumerate() {
-        alone.extend(ours(&path, std::slice::from_ref(s), &prefill[i..=i]));
+    for weights in FORMATS {
+        let mine = Ours(&path, weights);
+        let batched = ours(mine, &seqs, &prefill);
+        let mut alone = PerSequence::new();
+        for (i, s) in seqs.iter().enumerate() {
+            alone.extend(ours(mine, std::slice::from_ref(s), &prefill[i..=i]));
+        }
+        assert_batch_invariant(
+            &format!("growing sequence batched vs alone, --weights {weights}"),
+            &agreement(&batched, &alone),
+        );
     }
-    assert_batch_invariant(
-        "growing sequence batched vs alone",
-        &agreement(&batched, &alone),
-    );
 }
 
 #[test]
@@ -202,5 +229,42 @@ fn default_model_matches_llama_cpp() {
         seqs.iter().all(|s| s.len() >= 20),
         "prompts tokenize to real sequences"
     );
-    check_model(&path, seqs);
+    for weights in FORMATS {
+        check_model(&path, seqs.clone(), weights);
+    }
+}
+
+/// `--weights auto` (Q4_1 re-quantized to Q8_0 on CPU) moves the logits of
+/// the Q4_1 file no further than llama.cpp moves them on the converted
+/// file (`tests/cli.rs` checks that it answers the France prompt as the file
+/// does).
+#[test]
+fn default_model_auto_stays_within_llama_cpps_conversion_distance() {
+    let path = common::default_model();
+    let tokenizer = Tokenizer::load(&path).unwrap();
+    let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n\
+                  <|im_start|>assistant\nThe capital of France is Paris. It is";
+    let seq = vec![(0, tokenizer.encode(prompt, true))];
+    let prefill = [seq[0].1.len() - 8];
+    let dir = common::TempDir::new("auto");
+    let converted = dir.0.join("auto.gguf");
+    svfit::model::write_converted(&path, WeightFormat::Auto, &converted).unwrap();
+
+    let file = llama_cpp(&path, &seq, &prefill);
+    let theirs = compare(&flat(&llama_cpp(&converted, &seq, &prefill)), &flat(&file));
+    let mine = compare(
+        &flat(&ours(Ours(&path, WeightFormat::Auto), &seq, &prefill)),
+        &flat(&file),
+    );
+    eprintln!("llama.cpp converted vs file: {theirs:?}\nours auto vs file: {mine:?}");
+    assert!(
+        theirs.max_abs_rel > 0.0,
+        "the conversion changes the weights"
+    );
+    assert!(
+        mine.mean_abs_rel <= theirs.mean_abs_rel * 1.001
+            && mine.max_abs_rel <= theirs.max_abs_rel * 1.001,
+        "auto moves the logits further than llama.cpp's conversion: {mine:?} vs {theirs:?}"
+    );
+    assert!(mine.top1 >= theirs.top1, "auto changes more greedy tokens");
 }

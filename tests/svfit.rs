@@ -81,6 +81,7 @@ fn load(path: &Path) -> Model {
     let options = LoadOptions {
         device: "cpu".into(),
         threads: THREADS,
+        ..LoadOptions::default()
     };
     Model::load(path, &options).unwrap()
 }

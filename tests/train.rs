@@ -24,6 +24,7 @@ fn learner(model: &Path, home: &Path, targets: &str) -> Learner {
     let options = LoadOptions {
         device: "cpu".into(),
         threads: 2,
+        ..LoadOptions::default()
     };
     let m = Model::load_for_training(model, &options, true).unwrap();
     Learner::new(m, &factors_of(model, home, targets)).unwrap()

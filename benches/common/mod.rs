@@ -2,18 +2,24 @@
 
 use std::path::PathBuf;
 
+use svfit::model::WeightFormat;
+
 pub struct Options {
     pub model: PathBuf,
     pub threads: usize,
     pub reps: usize,
+    /// Weight layouts to compare (`--weights keep,auto`).
+    pub weights: Vec<WeightFormat>,
 }
 
-/// `--model PATH`, `--threads N`, `--reps N` (default `reps`).
+/// `--model PATH`, `--threads N`, `--reps N` (default `reps`), `--weights
+/// LIST` (default `keep,auto`).
 pub fn parse_args(reps: usize) -> Options {
     let mut opts = Options {
         model: svfit::home::resolve_model(None).unwrap_or_else(|e| exit(&e.to_string())),
         threads: svfit::model::default_threads(),
         reps,
+        weights: vec![WeightFormat::Keep, WeightFormat::Auto],
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -32,6 +38,12 @@ pub fn parse_args(reps: usize) -> Options {
                 opts.reps = value()
                     .parse()
                     .unwrap_or_else(|_| exit("--reps takes a number"))
+            }
+            "--weights" => {
+                opts.weights = value()
+                    .split(',')
+                    .map(|w| w.parse().unwrap_or_else(|e: String| exit(&e)))
+                    .collect()
             }
             "--bench" => {}
             other => exit(&format!("unknown option {other}")),

@@ -175,6 +175,11 @@ impl Drop for Buffer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(usize);
 
+impl TensorId {
+    /// The first tensor of a set.
+    pub const FIRST: TensorId = TensorId(0);
+}
+
 /// Tensors allocated together in one backend buffer, with the context that
 /// describes them. Weights, KV caches and adapter tables are tensor sets.
 pub struct TensorSet {

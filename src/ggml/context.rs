@@ -118,7 +118,7 @@ impl Context {
         }
     }
 
-    fn wrap(&self, raw: *mut sys::ggml_tensor) -> Tensor<'_> {
+    pub(super) fn wrap(&self, raw: *mut sys::ggml_tensor) -> Tensor<'_> {
         // ggml aborts itself when a context runs out of memory; a null here
         // would be a sizing bug in this crate, not bad input.
         Tensor::from_raw(NonNull::new(raw).unwrap_or_else(|| {

@@ -335,13 +335,14 @@ impl GgufFile {
         Ok(set)
     }
 
-    /// Like [`GgufFile::load_tensors`], but the tensors `to_f32` selects are
-    /// dequantized to f32 on the way (training differentiates through the
-    /// frozen weights, which is ~10× slower on quantized ones).
-    pub fn load_tensors_f32(
+    /// Like [`GgufFile::load_tensors`], but each tensor is held in the type
+    /// `type_of` picks for it, converted on the way through f32 when that is
+    /// not its stored type (training dequantizes the frozen weights; serving
+    /// may re-quantize them into a layout that batches better).
+    pub fn load_tensors_as(
         &mut self,
         backend: &Backend,
-        to_f32: impl Fn(&TensorInfo) -> bool,
+        type_of: impl Fn(&TensorInfo) -> Type,
     ) -> Result<TensorSet, GgufError> {
         let ggml = |path: &Path, source| GgufError::Ggml {
             path: path.to_path_buf(),
@@ -349,8 +350,7 @@ impl GgufFile {
         };
         let ctx = Context::new(self.tensors.len(), 0).map_err(|e| ggml(&self.path, e))?;
         for info in &self.tensors {
-            let ty = if to_f32(info) { Type::F32 } else { info.ty };
-            ctx.new_tensor(ty, &info.ne).set_name(&info.name);
+            ctx.new_tensor(type_of(info), &info.ne).set_name(&info.name);
         }
         let set = TensorSet::allocate(ctx, backend).map_err(|e| ggml(&self.path, e))?;
         for info in &self.tensors {
@@ -359,23 +359,28 @@ impl GgufFile {
             };
             let tensor = set.get(id);
             let bytes = self.read_tensor_bytes(info)?;
-            let result = if tensor.ty() == info.ty {
-                tensor.write(&bytes)
+            let bytes = if tensor.ty() == info.ty {
+                bytes
             } else {
-                let n = info.ne.iter().product::<i64>() as usize;
-                let values =
-                    super::dequantize(info.ty, &bytes, n).ok_or_else(|| GgufError::Invalid {
-                        path: self.path.clone(),
-                        reason: format!(
-                            "tensor '{}': no f32 conversion for {}",
-                            info.name, info.ty
-                        ),
-                    })?;
-                tensor.write(&values)
+                self.convert(info, &bytes, tensor.ty())?
             };
-            result.map_err(|e| ggml(&self.path, e))?;
+            tensor.write(&bytes).map_err(|e| ggml(&self.path, e))?;
         }
         Ok(set)
+    }
+
+    /// `bytes` of the tensor `info` converted to `ty`, row by row.
+    pub fn convert(&self, info: &TensorInfo, bytes: &[u8], ty: Type) -> Result<Vec<u8>, GgufError> {
+        let invalid = || GgufError::Invalid {
+            path: self.path.clone(),
+            reason: format!(
+                "tensor '{}': no conversion from {} to {ty}",
+                info.name, info.ty
+            ),
+        };
+        let n = info.ne.iter().product::<i64>() as usize;
+        let values = super::dequantize(info.ty, bytes, n).ok_or_else(invalid)?;
+        super::quantize(ty, &values, info.ne[0] as usize).ok_or_else(invalid)
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::gguf_context {

@@ -10,6 +10,7 @@ mod backend;
 mod context;
 pub mod gguf;
 pub mod log;
+pub mod q8_0;
 
 pub use backend::{Backend, Buffer, Scheduler, TensorId, TensorSet};
 pub use context::{Context, Graph, Tensor};

@@ -1,7 +1,7 @@
 //! The llama forward graph, one function per block, read top to bottom:
 //! embed → (attention, feed-forward) × layers → norm → output head.
 
-use crate::ggml::{Context, Graph, Tensor, Type};
+use crate::ggml::{Context, Graph, Tensor, TensorId, Type};
 
 use super::kv_cache::{KvCache, SeqGroup};
 use super::svfit::{Branch, TargetTensors};
@@ -148,8 +148,8 @@ pub(super) fn forward<'a>(
         x = ctx.add(ffn_out, ffn_in);
     }
     let x = rms_norm(ctx, x, weights.get(weights.output_norm), cfg.rms_norm_eps);
-    let logits = ctx
-        .mul_mat(weights.get(weights.output), x)
+    let logits = weights
+        .product(ctx, weights.output, x)
         .set_name("logits")
         .set_output();
     gf.expand(logits);
@@ -189,11 +189,12 @@ type BranchOf<'b, 'a> = &'b dyn Fn(&str) -> Option<Adapted<'a>>;
 /// the matrix is an SVFit target (METHOD.md §4).
 fn linear<'a>(
     ctx: &'a Context,
-    w: Tensor<'a>,
+    weights: &'a Weights,
+    w: TensorId,
     x: Tensor<'a>,
     svfit: Option<Adapted<'a>>,
 ) -> Tensor<'a> {
-    let y = ctx.mul_mat(w, x);
+    let y = weights.product(ctx, w, x);
     let Some(Adapted { u, vt, delta }) = svfit else {
         return y;
     };
@@ -231,7 +232,7 @@ fn attention<'a>(
             cfg.rope_freq_base,
         )
     };
-    let proj = |w, kind| linear(ctx, weights.get(w), x, svfit(kind));
+    let proj = |w, kind| linear(ctx, weights, w, x, svfit(kind));
     let q = rope(proj(layer.attn_q, "attn_q"), cfg.n_head);
     let k = rope(proj(layer.attn_k, "attn_k"), cfg.n_head_kv);
     let v = proj(layer.attn_v, "attn_v");
@@ -263,12 +264,7 @@ fn attention<'a>(
         .map(|(g, &mask)| sequence_attention(ctx, cfg, q, k_cache, v_cache, g, mask))
         .collect();
     let out = join_tokens(ctx, &heads);
-    linear(
-        ctx,
-        weights.get(layer.attn_output),
-        out,
-        svfit("attn_output"),
-    )
+    linear(ctx, weights, layer.attn_output, out, svfit("attn_output"))
 }
 
 /// Attention of one sequence's tokens over its cells; `[n_embd, n_tokens]`.
@@ -341,11 +337,12 @@ fn feed_forward<'a>(
     svfit: BranchOf<'_, 'a>,
 ) -> Tensor<'a> {
     let x = rms_norm(ctx, x, weights.get(layer.ffn_norm), cfg.rms_norm_eps);
-    let gate = linear(ctx, weights.get(layer.ffn_gate), x, svfit("ffn_gate"));
-    let up = linear(ctx, weights.get(layer.ffn_up), x, svfit("ffn_up"));
+    let gate = linear(ctx, weights, layer.ffn_gate, x, svfit("ffn_gate"));
+    let up = linear(ctx, weights, layer.ffn_up, x, svfit("ffn_up"));
     linear(
         ctx,
-        weights.get(layer.ffn_down),
+        weights,
+        layer.ffn_down,
         ctx.swiglu_split(gate, up),
         svfit("ffn_down"),
     )
@@ -410,8 +407,8 @@ pub(super) fn train_forward<'a>(
     }
     let x = ctx.get_rows(x, inputs.loss_rows);
     let x = rms_norm(ctx, x, weights.get(weights.output_norm), cfg.rms_norm_eps);
-    let logits = ctx
-        .mul_mat(weights.get(weights.output), x)
+    let logits = weights
+        .product(ctx, weights.output, x)
         .set_name("logits")
         .set_output();
     let loss = ctx
@@ -436,7 +433,7 @@ fn whole_attention<'a>(
     svfit: BranchOf<'_, 'a>,
 ) -> Tensor<'a> {
     let (hd, n_head, n_head_kv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
-    let proj = |w, kind| linear(ctx, weights.get(w), x, svfit(kind));
+    let proj = |w, kind| linear(ctx, weights, w, x, svfit(kind));
     let rope = |t: Tensor<'a>, heads: i64| {
         let t = ctx.reshape_3d(t, hd, heads, n);
         ctx.rope(
@@ -457,10 +454,5 @@ fn whole_attention<'a>(
     // [hd, n, n_head] → [hd, n_head, n] → [n_embd, n]
     let out = ctx.permute(ctx.mul_mat(v, kq), [0, 2, 1, 3]);
     let out = ctx.reshape_2d(ctx.cont(out), hd * n_head, n);
-    linear(
-        ctx,
-        weights.get(layer.attn_output),
-        out,
-        svfit("attn_output"),
-    )
+    linear(ctx, weights, layer.attn_output, out, svfit("attn_output"))
 }

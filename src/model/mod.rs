@@ -20,10 +20,11 @@ pub use tokenizer::Tokenizer;
 pub use train::{Learner, RowLoss, TrainRow};
 
 use crate::factors::{Factor, TargetMatrix};
-use crate::ggml::gguf::{GgufError, GgufFile};
+use crate::ggml::gguf::{GgufError, GgufFile, GgufWriteError};
 use crate::ggml::{Backend, Context, GgmlError, Scheduler, Type};
 use kv_cache::SeqGroup;
-use weights::Weights;
+pub use weights::{write_converted, WeightFormat};
+use weights::{Holding, Weights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -31,6 +32,8 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Ggml(#[from] GgmlError),
+    #[error(transparent)]
+    Write(#[from] GgufWriteError),
     #[error("unsupported architecture '{0}' (supported: {list})", list = SUPPORTED_ARCHITECTURES.join(", "))]
     UnsupportedArchitecture(String),
     #[error("unsupported model feature: {0}")]
@@ -72,6 +75,8 @@ pub struct LoadOptions {
     /// as "cuda0".
     pub device: String,
     pub threads: usize,
+    /// How the weight matrices are held (`Auto` resolves per backend).
+    pub weights: WeightFormat,
 }
 
 impl Default for LoadOptions {
@@ -79,6 +84,7 @@ impl Default for LoadOptions {
         LoadOptions {
             device: "cpu".into(),
             threads: default_threads(),
+            weights: WeightFormat::Keep,
         }
     }
 }
@@ -159,7 +165,7 @@ impl Model {
         Self::load_with(path, options, f32_weights)
     }
 
-    fn load_with(path: &Path, options: &LoadOptions, f32: bool) -> Result<Self, ModelError> {
+    fn load_with(path: &Path, options: &LoadOptions, train: bool) -> Result<Self, ModelError> {
         let mut gguf = GgufFile::open(path)?;
         let config = Config::from_gguf(&gguf)?;
         let mut backends = Vec::new();
@@ -167,7 +173,12 @@ impl Model {
             backends.extend(Backend::device(&options.device)?);
         }
         backends.push(Backend::cpu(options.threads)?);
-        let weights = Weights::load(&mut gguf, &config, &backends[0], f32)?;
+        let holding = if train {
+            Holding::Train
+        } else {
+            Holding::Serve(options.weights.resolve(backends[0].is_cpu()))
+        };
+        let weights = Weights::load(&mut gguf, &config, &backends[0], holding)?;
         // Graph room for this many sequences per batch; grows on demand.
         const GROUPS: usize = 16;
         let size = graph::graph_size(&config, GROUPS);

@@ -76,6 +76,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         load: LoadOptions {
             device: "cpu".into(),
             threads: 2,
+            ..LoadOptions::default()
         },
         factors: b.key.clone(),
         home: b.home.clone(),

@@ -1,0 +1,368 @@
+//! A batched CPU kernel for `W x` with Q8_0 weights, as a ggml custom op.
+//!
+//! ggml's own kernel computes every (row, column) dot product on its own:
+//! one 256-bit accumulator whose fused multiply-adds wait on each other, a
+//! horizontal sum, and the weight row loaded again for every column. Its
+//! cost per column hardly falls with the batch. This kernel computes a tile
+//! of 4 rows × 8 columns at once with AVX-512 VNNI, two columns per 512-bit
+//! register, so each weight block is loaded and unpacked once per 8 columns
+//! and 16 accumulators run side by side.
+//!
+//! It is bit-identical to ggml's: the activations are quantized exactly as
+//! `quantize_row_q8_0` does, and every output is the same sequence of float
+//! operations as `ggml_vec_dot_q8_0_q8_0` (per block: the exact integer dot
+//! product of each group of 4 bytes in its lane, converted to float, fused
+//! multiply-add with the product of the two scales; then ggml's horizontal
+//! sum). So it changes speed only: the results equal llama.cpp's on a Q8_0
+//! file, and a column's result does not depend on the other columns (batch
+//! invariance).
+
+use std::cell::RefCell;
+
+use super::context::{Context, Tensor};
+use super::{sys, Type};
+
+/// Bytes of one Q8_0 block: an f16 scale and 32 signed bytes.
+const BLOCK_BYTES: usize = 34;
+const QK: usize = 32;
+/// Rows and column pairs of one tile.
+const TILE_ROWS: usize = 4;
+const TILE_PAIRS: usize = 4;
+/// How far ahead in a weight row to prefetch, in bytes.
+const PREFETCH: usize = 512;
+
+/// Whether this CPU runs the kernel (AVX-512 F/BW/VL/VNNI and F16C), and
+/// `SVFIT_Q8_0_KERNEL=0` does not turn it off (to compare it with ggml's).
+pub fn available() -> bool {
+    if std::env::var_os("SVFIT_Q8_0_KERNEL").is_some_and(|v| v == "0") {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("f16c")
+            && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Context {
+    /// `w x` for a Q8_0 matrix `w` `[k, n]` and contiguous f32 `x` `[k, b]`:
+    /// f32 `[n, b]`, equal bit for bit to [`Context::mul_mat`], through the
+    /// batched kernel. The caller checks [`available`] and the shapes and
+    /// types ([`fits`]); the graph must run on the CPU backend.
+    pub fn mul_mat_q8_0<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        debug_assert!(fits(w, x));
+        let mut args = [w.as_ptr(), x.as_ptr()];
+        // SAFETY: both operands are live tensors; `fits` holds (checked by
+        // the caller), so `compute` reads within them and writes the whole
+        // `[n, b]` result. All threads of the backend take part.
+        let raw = unsafe {
+            sys::ggml_custom_4d(
+                self.as_ptr(),
+                sys::GGML_TYPE_F32,
+                w.ne()[1],
+                x.ne()[1],
+                1,
+                1,
+                args.as_mut_ptr(),
+                2,
+                Some(compute),
+                -1,
+                std::ptr::null_mut(),
+            )
+        };
+        self.wrap(raw)
+    }
+}
+
+/// Whether [`Context::mul_mat_q8_0`] takes these operands: a 2-D Q8_0
+/// matrix and a contiguous 2-D f32 input of the same row length.
+pub fn fits(w: Tensor<'_>, x: Tensor<'_>) -> bool {
+    let (wn, xn) = (w.ne(), x.ne());
+    w.ty() == Type::Q8_0
+        && x.ty() == Type::F32
+        && wn[0] == xn[0]
+        && wn[0] % QK as i64 == 0
+        && wn[2] == 1
+        && wn[3] == 1
+        && xn[2] == 1
+        && xn[3] == 1
+        && w.nb()[0] == BLOCK_BYTES
+        && w.nb()[1] == BLOCK_BYTES * wn[0] as usize / QK
+        && x.nb()[0] == 4
+        && x.nb()[1] == 4 * xn[0] as usize
+        && wn[1] % TILE_ROWS as i64 == 0
+}
+
+/// Reorders the blocks of a Q8_0 matrix of `n` rows of `k` in place into
+/// the kernel's layout: rows in tiles of 4, and within a tile block 0 of
+/// each row, then block 1 of each, and so on, so that the kernel reads the
+/// weights in order. Only [`Context::mul_mat_q8_0`] reads a matrix after
+/// this. Returns `false`, leaving `bytes` as they were, when the matrix does
+/// not fit the layout.
+pub fn interleave(bytes: &mut [u8], k: usize, n: usize) -> bool {
+    let nb = k / QK;
+    let row_bytes = nb * BLOCK_BYTES;
+    if !k.is_multiple_of(QK) || !n.is_multiple_of(TILE_ROWS) || bytes.len() != n * row_bytes {
+        return false;
+    }
+    let mut tile = vec![0u8; TILE_ROWS * row_bytes];
+    for rows in bytes.chunks_exact_mut(TILE_ROWS * row_bytes) {
+        for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
+            for (kb, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+                let at = (kb * TILE_ROWS + i) * BLOCK_BYTES;
+                tile[at..at + BLOCK_BYTES].copy_from_slice(block);
+            }
+        }
+        rows.copy_from_slice(&tile);
+    }
+    true
+}
+
+/// The activations of one call, quantized and laid out for the kernel:
+/// columns in pairs, per pair and block 64 bytes (the two columns' 32
+/// bytes) and 16 scales (each column's scale in its 8 lanes).
+#[derive(Default)]
+struct Packed {
+    q: Vec<i8>,
+    d: Vec<f32>,
+}
+
+thread_local! {
+    /// Each of ggml's worker threads packs the activations once per call.
+    static PACKED: RefCell<Packed> = RefCell::default();
+}
+
+/// The custom op: thread `ith` of `nth` computes its share of the rows.
+unsafe extern "C" fn compute(
+    dst: *mut sys::ggml_tensor,
+    ith: std::os::raw::c_int,
+    nth: std::os::raw::c_int,
+    _userdata: *mut std::os::raw::c_void,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: ggml calls us with the node made by `mul_mat_q8_0`, whose
+        // sources satisfy `fits`, and with 0 <= ith < nth.
+        unsafe {
+            let dst = &*dst;
+            let (w, x) = (&*dst.src[0], &*dst.src[1]);
+            let k = x.ne[0] as usize;
+            let (n, b) = (w.ne[1] as usize, x.ne[1] as usize);
+            let x = std::slice::from_raw_parts(x.data as *const f32, k * b);
+            let w = w.data as *const u8;
+            let out = dst.data as *mut f32;
+            // Rows in tiles, split evenly between the threads.
+            let tiles = n.div_ceil(TILE_ROWS);
+            let (ith, nth) = (ith as usize, nth.max(1) as usize);
+            let first = tiles * ith / nth * TILE_ROWS;
+            let last = (tiles * (ith + 1) / nth * TILE_ROWS).min(n);
+            if first >= last {
+                return;
+            }
+            PACKED.with_borrow_mut(|packed| {
+                pack(x, k, b, packed);
+                kernel::rows(w, k, n, b, packed, first, last, out);
+            });
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dst, ith, nth);
+        unreachable!("the Q8_0 kernel is only built for x86-64");
+    }
+}
+
+/// Quantizes every column of `x` (`b` columns of `k`) as ggml's
+/// `quantize_row_q8_0` does, into `packed`.
+#[cfg(target_arch = "x86_64")]
+fn pack(x: &[f32], k: usize, b: usize, packed: &mut Packed) {
+    let nb = k / QK;
+    let pairs = b.div_ceil(2);
+    packed.q.clear();
+    packed.q.resize(pairs * nb * 2 * QK, 0);
+    packed.d.clear();
+    packed.d.resize(pairs * nb * 16, 0.0);
+    for (c, column) in x.chunks_exact(k).enumerate() {
+        let (pair, half) = (c / 2, c % 2);
+        for (kb, block) in column.chunks_exact(QK).enumerate() {
+            let at = pair * nb + kb;
+            let q = &mut packed.q[at * 2 * QK + half * QK..][..QK];
+            let block = block.try_into().expect("32 values");
+            // SAFETY: `available()` holds (checked before any node is built).
+            let d = unsafe { kernel::quantize_block(block, q.try_into().expect("32 bytes")) };
+            packed.d[at * 16 + half * 8..][..8].fill(d);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use std::arch::x86_64::*;
+
+    use super::{Packed, BLOCK_BYTES, PREFETCH, QK, TILE_PAIRS, TILE_ROWS};
+
+    /// One block as `quantize_row_q8_0` quantizes it (the largest |value|
+    /// maps to ±127, rounding half to even, saturating); returns the scale
+    /// as the f16 that ggml stores, widened back to f32.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) fn quantize_block(block: &[f32; QK], q: &mut [i8; QK]) -> f32 {
+        // SAFETY: both arrays hold 32 elements: two 16-lane loads, two
+        // 16-byte stores.
+        unsafe {
+            let v0 = _mm512_loadu_ps(block.as_ptr());
+            let v1 = _mm512_loadu_ps(block.as_ptr().add(16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            let d = amax / 127.0;
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+                _mm_set_ss(d),
+            )));
+            let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            // Conversion rounds half to even (the default rounding mode).
+            let q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id)));
+            let q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id)));
+            _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, q0);
+            _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, q1);
+            d
+        }
+    }
+
+    /// Rows `first..last` of `W x` into `out` (`[n, b]`, column-major).
+    ///
+    /// # Safety
+    /// The CPU has the features of `available()`; `w` points at `n` rows of
+    /// `k / 32` Q8_0 blocks in the layout of `interleave`; `first` and
+    /// `last` are multiples of `TILE_ROWS`; `packed` holds `b` packed columns of `k`;
+    /// `out` has room for `n * b` floats.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    pub(super) unsafe fn rows(
+        w: *const u8,
+        k: usize,
+        n: usize,
+        b: usize,
+        packed: &Packed,
+        first: usize,
+        last: usize,
+        out: *mut f32,
+    ) {
+        let nb = k / QK;
+        let row_bytes = nb * BLOCK_BYTES;
+        let pairs = b.div_ceil(2);
+        let mut r = first;
+        while r < last {
+            let mut p = 0;
+            while p < pairs {
+                let tile = (pairs - p).min(TILE_PAIRS);
+                let at = (w.add(r * row_bytes), nb, packed, p, r, n, b, out);
+                // SAFETY: rows r..r + TILE_ROWS and pairs p..p + tile are in range.
+                unsafe {
+                    match tile {
+                        TILE_PAIRS => tile_of::<TILE_PAIRS>(at),
+                        3 => tile_of::<3>(at),
+                        2 => tile_of::<2>(at),
+                        _ => tile_of::<1>(at),
+                    }
+                }
+                p += tile;
+            }
+            r += TILE_ROWS;
+        }
+    }
+
+    /// Where a tile reads and writes: its rows' interleaved blocks, blocks
+    /// per row, the packed activations, its first column pair and row, the
+    /// output's rows and columns, and the output.
+    type At<'p> = (
+        *const u8,
+        usize,
+        &'p Packed,
+        usize,
+        usize,
+        usize,
+        usize,
+        *mut f32,
+    );
+
+    /// One tile: `TILE_ROWS` rows from `w` times column pairs `p0..p0 + P`.
+    // Indexing reads best for a register tile.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn tile_of<const P: usize>(at: At<'_>) {
+        const R: usize = TILE_ROWS;
+        let (w, nb, packed, p0, r0, n, b, out) = at;
+        // SAFETY (whole body): the caller's ranges; loads are unaligned.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            let mut acc = [[_mm512_setzero_ps(); P]; R];
+            let q = packed.q.as_ptr();
+            let d = packed.d.as_ptr();
+            for kb in 0..nb {
+                let mut abs_w = [zero; R];
+                let mut negative = [0u64; R];
+                let mut scale_w = [_mm512_setzero_ps(); R];
+                for i in 0..R {
+                    let block = w.add((kb * R + i) * BLOCK_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH) as *const i8);
+                    let bits = (block as *const u16).read_unaligned();
+                    let wide = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+                    scale_w[i] = _mm512_set1_ps(_mm_cvtss_f32(wide));
+                    // The block's 32 bytes in both halves (one per column).
+                    let qs = _mm256_loadu_si256(block.add(2) as *const __m256i);
+                    let both = _mm512_broadcast_i64x4(qs);
+                    abs_w[i] = _mm512_abs_epi8(both);
+                    negative[i] = _mm512_movepi8_mask(both);
+                }
+                for j in 0..P {
+                    let at = (p0 + j) * nb + kb;
+                    let x = _mm512_loadu_si512(q.add(at * 2 * QK) as *const __m512i);
+                    let scale_x = _mm512_loadu_ps(d.add(at * 16));
+                    for i in 0..R {
+                        // x with the sign of w, times |w|: the products of
+                        // ggml's mul_sum_i8_pairs_float, summed in 4s.
+                        let signed = _mm512_mask_sub_epi8(x, negative[i], zero, x);
+                        let dot = _mm512_dpbusd_epi32(zero, abs_w[i], signed);
+                        let scale = _mm512_mul_ps(scale_w[i], scale_x);
+                        acc[i][j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[i][j]);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                for (j, &acc) in acc.iter().enumerate() {
+                    let c = 2 * (p0 + j);
+                    let row = r0 + i;
+                    *out.add(c * n + row) = hsum(_mm512_castps512_ps256(acc));
+                    if c + 1 < b {
+                        *out.add((c + 1) * n + row) = hsum(high_half(acc));
+                    }
+                }
+            }
+        }
+    }
+
+    /// ggml's `hsum_float_8`, in its order.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn hsum(x: __m256) -> f32 {
+        let mut res = _mm256_extractf128_ps::<1>(x);
+        res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+        res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        _mm_cvtss_f32(res)
+    }
+
+    /// Lanes 8..16 of `x`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn high_half(x: __m512) -> __m256 {
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)))
+    }
+}
