@@ -1,11 +1,15 @@
 //! Multi-tenant load test: `svfit serve` (in-process, real gRPC over
-//! loopback) versus llama.cpp (through `llama-cpp-2`, in-process) serving
-//! the same traffic on the same model and threads.
+//! loopback) versus llama.cpp's own HTTP server (`llama-server`, started as a
+//! child process) serving the same traffic on the same model and threads.
 //!
-//! llama.cpp runs as its server does: continuous batching, but a batch can
-//! hold only one LoRA set, so each step decodes the running sequences in
-//! one call per distinct adapter (per-tenant LoRAs of rank 8 on q and v,
-//! written by this bench as GGUF LoRA files).
+//! llama-server runs with stock settings: one slot per client, continuous
+//! batching, the per-tenant LoRAs (rank 8 on q and v, written by this bench
+//! as GGUF LoRA files) loaded at start and named per request; it batches
+//! slots together only when their LoRA sets are equal. Each request is a
+//! streaming completion on a fresh connection with `cache_prompt: false`.
+//! `scripts/build-llama-server` builds it (llama.cpp's release build with
+//! its default CPU kernels); pass `--llama-server PATH` or set
+//! `SVFIT_LLAMA_SERVER` to use another build.
 //!
 //! `cargo bench --bench load -- --scenario NAME [options]`
 //!
@@ -28,30 +32,24 @@
 //! instead of closed loop), `--prompt-words N` (default 30), `--gen N`
 //! (tokens per request, default 32), `--threads N`, `--model PATH`,
 //! `--addr HOST:PORT` (drive a running server instead of starting one;
-//! its adapters must exist), `--no-llama`, `--json FILE`,
+//! its adapters must exist), `--no-llama`, `--llama-server PATH`,
+//! `--weights auto|keep|q8_0|f16` (svfit's layout, default auto), `--json FILE`,
 //! `--prefill-budget N` (prompt tokens the engine starts per step, default
 //! 512), `--hostile-pace-ms N` (soak: the hostile client's pause between
 //! requests, default 10).
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
-use llama_cpp_2::token::LlamaToken;
 use svfit::adapter::Adapter;
 use svfit::engine::EngineConfig;
 use svfit::factors::{self, FactorsKey, SingularValues};
 use svfit::ggml::gguf::{GgufFile, GgufWriter};
 use svfit::ggml::{self, Type};
-use svfit::model::tokenizer::llama_backend;
-use svfit::model::LoadOptions;
-use svfit::sampling::{argmax, SplitMix64};
+use svfit::model::{LoadOptions, WeightFormat};
+use svfit::sampling::SplitMix64;
 use svfit::server::pb::inference_client::InferenceClient;
 use svfit::server::pb::{self, generate_request::Input};
 use svfit::store::{AdapterStore, LocalDir, PinLimits};
@@ -81,6 +79,8 @@ struct Options {
     json: Option<PathBuf>,
     prefill_budget: usize,
     hostile_pace: Duration,
+    weights: WeightFormat,
+    llama_server: Option<PathBuf>,
 }
 
 fn parse_args() -> Options {
@@ -99,6 +99,8 @@ fn parse_args() -> Options {
         json: None,
         prefill_budget: 512,
         hostile_pace: Duration::from_millis(10),
+        weights: WeightFormat::Auto,
+        llama_server: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -125,6 +127,8 @@ fn parse_args() -> Options {
             "--json" => o.json = Some(PathBuf::from(value())),
             "--prefill-budget" => o.prefill_budget = number(value()) as usize,
             "--hostile-pace-ms" => o.hostile_pace = Duration::from_secs_f64(number(value()) / 1e3),
+            "--weights" => o.weights = value().parse().unwrap_or_else(|e: String| exit(&e)),
+            "--llama-server" => o.llama_server = Some(PathBuf::from(value())),
             "--bench" => {}
             other => exit(&format!("unknown option {other}")),
         }
@@ -196,6 +200,8 @@ struct Sample {
     ttft: Duration,
     gaps: Vec<Duration>,
     tokens: usize,
+    /// From sending the request to its last token.
+    total: Duration,
 }
 
 /// Collects a request's token arrival times into a [`Sample`].
@@ -234,6 +240,7 @@ impl Timer {
             ttft: self.ttft.unwrap_or_else(|| self.start.elapsed()),
             gaps: self.gaps,
             tokens: self.tokens,
+            total: self.last - self.start,
         }
     }
 }
@@ -248,6 +255,7 @@ struct Report {
     tokens_per_s: f64,
     ttft_ms: [f64; 3],
     itl_ms: [f64; 3],
+    e2e_ms: [f64; 3],
     extra: Vec<(String, f64)>,
 }
 
@@ -262,7 +270,8 @@ impl Report {
         format!(
             "{{\"engine\": \"{}\", \"scenario\": \"{}\", \"clients\": {}, \"requests\": {}, \"seconds\": {:.3}, \
              \"requests_per_s\": {:.3}, \"tokens_per_s\": {:.3}, \"ttft_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}, \
-             \"itl_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}{}{}}}",
+             \"itl_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}, \
+             \"e2e_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}{}{}}}",
             self.engine,
             self.scenario,
             self.clients,
@@ -276,6 +285,9 @@ impl Report {
             self.itl_ms[0],
             self.itl_ms[1],
             self.itl_ms[2],
+            self.e2e_ms[0],
+            self.e2e_ms[1],
+            self.e2e_ms[2],
             if extra.is_empty() { "" } else { ", " },
             extra.join(", ")
         )
@@ -304,6 +316,7 @@ fn report(engine: &str, o: &Options, samples: &[Sample], elapsed: Duration) -> R
         tokens_per_s: tokens as f64 / secs,
         ttft_ms: percentiles(samples.iter().map(|s| s.ttft).collect()),
         itl_ms: percentiles(samples.iter().flat_map(|s| s.gaps.clone()).collect()),
+        e2e_ms: percentiles(samples.iter().map(|s| s.total).collect()),
         extra: Vec::new(),
     }
 }
@@ -609,7 +622,7 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
                 load: LoadOptions {
                     device: "cpu".into(),
                     threads: o.threads,
-                    ..LoadOptions::default()
+                    weights: o.weights,
                 },
                 factors: b.key.clone(),
                 home: b.home.clone(),
@@ -749,7 +762,7 @@ fn cold_load_cost(o: &Options, b: &Base, dir: &Path, n: usize) -> Vec<(String, f
         &LoadOptions {
             device: "cpu".into(),
             threads: o.threads,
-            ..LoadOptions::default()
+            weights: o.weights,
         },
     )
     .unwrap_or_else(fail);
@@ -808,139 +821,118 @@ fn write_lora(model: &GgufFile, path: &Path, seed: u64) {
     w.write(path).unwrap_or_else(fail);
 }
 
-/// One request for the llama.cpp engine: its tokens and where to report.
-struct LlamaJob {
-    tokens: Vec<u32>,
-    adapter: Option<usize>,
-    gen: usize,
-    events: mpsc::UnboundedSender<Instant>,
+/// Where the real llama-server is: `--llama-server PATH`, else
+/// `$SVFIT_LLAMA_SERVER`, else where `scripts/build-llama-server` puts it.
+fn llama_server_binary(o: &Options) -> PathBuf {
+    let path = o
+        .llama_server
+        .clone()
+        .or_else(|| std::env::var_os("SVFIT_LLAMA_SERVER").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            let home =
+                std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+            home.join(".cache/svfit-anchors/build/bin/llama-server")
+        });
+    if !path.exists() {
+        exit(&format!(
+            "no llama-server at {}: build it with scripts/build-llama-server, pass \
+             --llama-server PATH, or run with --no-llama",
+            path.display()
+        ));
+    }
+    path
 }
 
-/// llama.cpp serving as its server does: continuous batching over the
-/// running sequences, one decode call per distinct LoRA each step.
-fn llama_engine(o: &Options, loras: Vec<PathBuf>, rx: std::sync::mpsc::Receiver<LlamaJob>) {
-    let params = LlamaModelParams::default().with_n_gpu_layers(0);
-    let mut model =
-        LlamaModel::load_from_file(llama_backend(), &o.model, &params).unwrap_or_else(fail);
-    let mut adapters: Vec<LlamaLoraAdapter> = loras
-        .iter()
-        .map(|p| model.lora_adapter_init(p).unwrap_or_else(fail))
-        .collect();
-    let n_seq = o.clients.max(1);
-    let ctx_params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new((1024 * n_seq) as u32))
-        .with_n_batch(2048)
-        .with_n_ubatch(512)
-        .with_n_seq_max(n_seq as u32)
-        .with_n_threads(o.threads as i32)
-        .with_n_threads_batch(o.threads as i32)
-        .with_type_k(KvCacheType::F16)
-        .with_type_v(KvCacheType::F16)
-        .with_kv_unified(true);
-    let mut ctx = model
-        .new_context(llama_backend(), ctx_params)
-        .unwrap_or_else(fail);
-    struct Seq {
-        job: LlamaJob,
-        pos: usize,
-        next: Option<u32>,
-        generated: usize,
+/// llama.cpp's own HTTP server, started for one run and killed after it.
+struct LlamaServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    let mut free: Vec<i32> = (0..n_seq as i32).rev().collect();
-    let mut running: Vec<(i32, Seq)> = Vec::new();
-    let mut waiting: std::collections::VecDeque<LlamaJob> = Default::default();
-    let mut current: Option<Option<usize>> = None;
+}
+
+/// Starts llama-server on the model with `loras` loaded (none applied until
+/// a request names one), one slot per client, 1,024 context tokens per
+/// slot, `o.threads` threads, stock settings otherwise; waits for /health.
+async fn start_llama_server(o: &Options, dir: &Path, loras: &[PathBuf]) -> LlamaServer {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(fail)
+        .port();
+    let log = std::fs::File::create(dir.join("llama-server.log")).unwrap_or_else(fail);
+    let mut command = std::process::Command::new(llama_server_binary(o));
+    command
+        .arg("--model")
+        .arg(&o.model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--threads", &o.threads.to_string()])
+        .args(["--threads-batch", &o.threads.to_string()])
+        .args(["--parallel", &o.clients.max(1).to_string()])
+        .args(["--ctx-size", &(1024 * o.clients.max(1)).to_string()])
+        .stdout(log.try_clone().unwrap_or_else(fail))
+        .stderr(log);
+    if !loras.is_empty() {
+        let list: Vec<String> = loras.iter().map(|p| p.display().to_string()).collect();
+        command
+            .arg("--lora")
+            .arg(list.join(","))
+            .arg("--lora-init-without-apply");
+    }
+    let server = LlamaServer {
+        child: command.spawn().unwrap_or_else(fail),
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        if running.is_empty() && waiting.is_empty() {
-            match rx.recv() {
-                Ok(j) => waiting.push_back(j),
-                Err(_) => return,
-            }
+        if let Ok((200, _)) = http(port, "GET", "/health", "").await {
+            return server;
         }
-        while let Ok(j) = rx.try_recv() {
-            waiting.push_back(j);
-        }
-        while !free.is_empty() && !waiting.is_empty() {
-            let job = waiting.pop_front().expect("non-empty");
-            let seq = free.pop().expect("non-empty");
-            running.push((
-                seq,
-                Seq {
-                    job,
-                    pos: 0,
-                    next: None,
-                    generated: 0,
-                },
+        if Instant::now() > deadline {
+            exit(&format!(
+                "llama-server did not become healthy; see {}",
+                dir.join("llama-server.log").display()
             ));
         }
-        // Group the running sequences by adapter: one decode per group.
-        let mut groups: Vec<Option<usize>> = running.iter().map(|(_, s)| s.job.adapter).collect();
-        groups.sort();
-        groups.dedup();
-        for group in groups {
-            if current != Some(group) {
-                match group {
-                    Some(i) => ctx
-                        .lora_adapter_set(&mut adapters[i], 1.0)
-                        .unwrap_or_else(fail),
-                    None => {
-                        if let Some(a) = adapters.first_mut() {
-                            ctx.lora_adapter_remove(a).unwrap_or_else(fail);
-                        }
-                    }
-                }
-                current = Some(group);
-            }
-            let members: Vec<usize> = (0..running.len())
-                .filter(|&i| running[i].1.job.adapter == group)
-                .collect();
-            let mut batch = LlamaBatch::new(2048, 1);
-            let mut rows = Vec::new();
-            for &i in &members {
-                let (seq, s) = &mut running[i];
-                match s.next {
-                    Some(t) => {
-                        batch
-                            .add(LlamaToken(t as i32), s.pos as i32, &[*seq], true)
-                            .unwrap_or_else(fail);
-                        s.pos += 1;
-                    }
-                    None => {
-                        let n = s.job.tokens.len();
-                        for (k, &t) in s.job.tokens.iter().enumerate() {
-                            batch
-                                .add(LlamaToken(t as i32), k as i32, &[*seq], k + 1 == n)
-                                .unwrap_or_else(fail);
-                        }
-                        s.pos = n;
-                    }
-                }
-                rows.push((i, batch.n_tokens() - 1));
-            }
-            ctx.decode(&mut batch).unwrap_or_else(fail);
-            for (i, row) in rows {
-                let s = &mut running[i].1;
-                let token = argmax(ctx.get_logits_ith(row));
-                s.next = Some(token);
-                s.generated += 1;
-                let _ = s.job.events.send(Instant::now());
-            }
-        }
-        let mut k = 0;
-        while k < running.len() {
-            let done = running[k].1.generated >= running[k].1.job.gen;
-            if done {
-                let (seq, _) = running.swap_remove(k);
-                ctx.clear_kv_cache_seq(Some(seq as u32), None, None)
-                    .unwrap_or_else(fail);
-                free.push(seq);
-            } else {
-                k += 1;
-            }
-        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
+/// One HTTP/1.1 exchange on a fresh connection: (status, body).
+async fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    socket
+        .write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    Ok((status, body))
+}
+
+/// The same traffic through llama.cpp's own server: streaming completions,
+/// a fresh connection per request, no prompt cache, the request's LoRA at
+/// scale 1 (llama-server batches slots together only when their LoRA sets
+/// are equal).
 async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
     let gguf = GgufFile::open(&o.model).unwrap_or_else(fail);
     let loras: Vec<PathBuf> = (0..n_adapters)
@@ -951,57 +943,90 @@ async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
         })
         .collect();
     drop(gguf);
-    let tokenizer = Arc::new(svfit::model::Tokenizer::load(&o.model).unwrap_or_else(fail));
-    let (tx, rx) = std::sync::mpsc::channel::<LlamaJob>();
-    let opts = Options {
-        scenario: o.scenario.clone(),
-        model: o.model.clone(),
-        json: None,
-        addr: None,
-        ..*o
-    };
-    let engine = std::thread::spawn(move || llama_engine(&opts, loras, rx));
-    let gen = o.gen as usize;
-    let tx = Arc::new(std::sync::Mutex::new(tx));
-    let send = move |job: Job| {
-        let (tx, tokenizer) = (tx.clone(), tokenizer.clone());
-        async move {
-            let mut timer = Timer::new();
-            let (events, mut rx) = mpsc::unbounded_channel();
-            let adapter = match job.which {
-                Which::Base => None,
-                Which::Adapter(i) | Which::Mix(i, _) => Some(i),
-            };
-            let tokens = tokenizer.encode(&job.prompt, true);
-            tx.lock()
-                .expect("sender")
-                .send(LlamaJob {
-                    tokens,
-                    adapter,
-                    gen,
-                    events,
-                })
-                .unwrap_or_else(fail);
-            while let Some(now) = rx.recv().await {
-                timer.tokens(now, 1);
-            }
-            timer.finish()
-        }
+    let server = start_llama_server(o, dir, &loras).await;
+    let (_, listed) = http(server.port, "GET", "/lora-adapters", "")
+        .await
+        .unwrap_or_else(fail);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap_or_else(fail);
+    if listed.as_array().map_or(0, Vec::len) != n_adapters {
+        exit(&format!(
+            "llama-server lists {listed} as its LoRAs, expected {n_adapters}"
+        ));
+    }
+    let (port, gen) = (server.port, o.gen);
+    let send = move |job: Job| async move {
+        let lora = match job.which {
+            Which::Base => serde_json::json!([]),
+            Which::Adapter(i) | Which::Mix(i, _) => serde_json::json!([{"id": i, "scale": 1.0}]),
+        };
+        let body = serde_json::json!({
+            "prompt": job.prompt,
+            "n_predict": gen,
+            "temperature": 0.0,
+            "stream": true,
+            "cache_prompt": false,
+            "return_tokens": true,
+            "lora": lora,
+        });
+        stream_completion(port, &body.to_string()).await
     };
     let mut traffic = Traffic::new(o, n_adapters);
     let (samples, elapsed) = drive(o, &mut traffic, send).await;
-    drop(engine);
-    report("llama.cpp", o, &samples, elapsed)
+    drop(server);
+    report("llama-server", o, &samples, elapsed)
+}
+
+/// POSTs a streaming completion to llama-server and times its tokens.
+async fn stream_completion(port: u16, body: &str) -> Sample {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut timer = Timer::new();
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(fail);
+    let head = format!(
+        "POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    socket
+        .write_all(format!("{head}{body}").as_bytes())
+        .await
+        .unwrap_or_else(fail);
+    let mut lines = BufReader::new(socket).lines();
+    while let Some(line) = lines.next_line().await.unwrap_or_else(fail) {
+        let Some(event) = line.strip_prefix("data: ") else {
+            if line.starts_with("HTTP/1.1 ") && !line.contains(" 200 ") {
+                exit(&format!("llama-server answered {line}"));
+            }
+            continue;
+        };
+        let event: serde_json::Value = serde_json::from_str(event).unwrap_or_else(fail);
+        let tokens = event["tokens"].as_array().map_or(0, Vec::len);
+        if tokens > 0 {
+            timer.tokens(Instant::now(), tokens);
+        }
+        if event["stop"].as_bool() == Some(true) {
+            break;
+        }
+    }
+    timer.finish()
 }
 
 fn print(reports: &[Report]) {
     println!(
-        "{:<10} {:<6} {:>7} {:>8} {:>9} {:>24} {:>24}",
-        "engine", "scen.", "clients", "req/s", "tok/s", "TTFT ms p50/p95/p99", "ITL ms p50/p95/p99"
+        "{:<13} {:<6} {:>7} {:>8} {:>9} {:>20} {:>18} {:>22}",
+        "engine",
+        "scen.",
+        "clients",
+        "req/s",
+        "tok/s",
+        "TTFT ms p50/p95/p99",
+        "ITL ms p50/p95/p99",
+        "e2e ms p50/p95/p99"
     );
     for r in reports {
         println!(
-            "{:<10} {:<6} {:>7} {:>8.2} {:>9.1} {:>24} {:>24}",
+            "{:<13} {:<6} {:>7} {:>8.2} {:>9.1} {:>20} {:>18} {:>22}",
             r.engine,
             r.scenario,
             r.clients,
@@ -1012,6 +1037,7 @@ fn print(reports: &[Report]) {
                 r.ttft_ms[0], r.ttft_ms[1], r.ttft_ms[2]
             ),
             format!("{:.1}/{:.1}/{:.1}", r.itl_ms[0], r.itl_ms[1], r.itl_ms[2]),
+            format!("{:.0}/{:.0}/{:.0}", r.e2e_ms[0], r.e2e_ms[1], r.e2e_ms[2]),
         );
         for (k, v) in &r.extra {
             println!("    {k}: {v:.3}");
@@ -1053,18 +1079,20 @@ fn main() {
         reports.push(runtime.block_on(run_llama(&o, &dir, n_adapters)));
         let (a, l) = (&reports[0], &reports[1]);
         println!(
-            "svfit / llama.cpp: throughput {:.2}x, TTFT p95 {:.2}x, ITL p95 {:.2}x",
+            "svfit / llama-server: throughput {:.2}x, TTFT p95 {:.2}x, ITL p95 {:.2}x, e2e p95 {:.2}x",
             a.tokens_per_s / l.tokens_per_s,
             a.ttft_ms[1] / l.ttft_ms[1],
-            a.itl_ms[1] / l.itl_ms[1]
+            a.itl_ms[1] / l.itl_ms[1],
+            a.e2e_ms[1] / l.e2e_ms[1]
         );
     }
     println!(
-        "model {}, {} threads, {} clients, {} words + {} generated tokens per request, {}",
+        "model {}, --weights {}, {} threads, {} clients, {} words + {} generated tokens per request, {}",
         o.model
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
+        o.weights,
         o.threads,
         o.clients,
         o.prompt_words,

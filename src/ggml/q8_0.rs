@@ -82,6 +82,37 @@ impl Context {
     }
 }
 
+/// A matrix operand of `W x`: in ggml's layout, or (Q8_0 only) in the
+/// kernel's, after [`interleave`].
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub tensor: Tensor<'a>,
+    pub interleaved: bool,
+}
+
+impl<'a> Matrix<'a> {
+    /// A matrix in ggml's own layout.
+    pub fn plain(tensor: Tensor<'a>) -> Self {
+        Matrix {
+            tensor,
+            interleaved: false,
+        }
+    }
+}
+
+impl Context {
+    /// `w x`: through the batched kernel when `w` is in its layout (the
+    /// input made contiguous if it is not), else ggml's product. The numbers
+    /// are the same either way.
+    pub fn product<'a>(&'a self, w: Matrix<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        if !w.interleaved {
+            return self.mul_mat(w.tensor, x);
+        }
+        let x = if fits(w.tensor, x) { x } else { self.cont(x) };
+        self.mul_mat_q8_0(w.tensor, x)
+    }
+}
+
 /// Whether [`Context::mul_mat_q8_0`] takes these operands: a 2-D Q8_0
 /// matrix and a contiguous 2-D f32 input of the same row length.
 pub fn fits(w: Tensor<'_>, x: Tensor<'_>) -> bool {

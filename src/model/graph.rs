@@ -1,6 +1,7 @@
 //! The llama forward graph, one function per block, read top to bottom:
 //! embed → (attention, feed-forward) × layers → norm → output head.
 
+use crate::ggml::q8_0::Matrix;
 use crate::ggml::{Context, Graph, Tensor, TensorId, Type};
 
 use super::kv_cache::{KvCache, SeqGroup};
@@ -164,9 +165,9 @@ fn rms_norm<'a>(ctx: &'a Context, x: Tensor<'a>, weight: Tensor<'a>, eps: f32) -
 #[derive(Clone, Copy)]
 pub(super) struct Adapted<'a> {
     /// `[rank, m]`
-    pub u: Tensor<'a>,
+    pub u: Matrix<'a>,
     /// `[n, rank]`
-    pub vt: Tensor<'a>,
+    pub vt: Matrix<'a>,
     pub delta: Delta<'a>,
 }
 
@@ -198,12 +199,12 @@ fn linear<'a>(
     let Some(Adapted { u, vt, delta }) = svfit else {
         return y;
     };
-    let t = ctx.mul_mat(vt, x);
+    let t = ctx.product(vt, x);
     let delta = match delta {
         Delta::PerToken { table, slots } => ctx.get_rows(table, slots),
         Delta::Shared(d) => d,
     };
-    ctx.add(y, ctx.mul_mat(u, ctx.mul(t, delta)))
+    ctx.add(y, ctx.product(u, ctx.mul(t, delta)))
 }
 
 /// Grouped-query self-attention with RoPE over the KV cache.

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 
 use crate::factors::{Factor, TargetMatrix, KINDS};
+use crate::ggml::q8_0::{self, Matrix};
 use crate::ggml::{self, Backend, Context, Tensor, TensorId, TensorSet, Type};
 
 use super::{Config, ModelError};
@@ -35,15 +36,18 @@ struct Target {
     d: TensorId,
     rank: usize,
     padded: usize,
+    /// Whether U and Vt are in the batched Q8_0 kernel's layout.
+    u_interleaved: bool,
+    vt_interleaved: bool,
 }
 
 /// The tensors of one target matrix for a graph.
 #[derive(Clone, Copy)]
 pub(super) struct TargetTensors<'a> {
     /// `[padded, m]`
-    pub u: Tensor<'a>,
+    pub u: Matrix<'a>,
     /// `[n, padded]`
-    pub vt: Tensor<'a>,
+    pub vt: Matrix<'a>,
     /// `[padded, n_slots]` f32
     pub d: Tensor<'a>,
 }
@@ -97,6 +101,8 @@ impl Branch {
         }
         let set = TensorSet::allocate(ctx, backend)?;
         set.buffer().clear(0);
+        // On a CPU with the batched Q8_0 kernel, U and Vt go through it.
+        let kernel = backend.is_cpu() && q8_0::available();
 
         let mut targets: Vec<[Option<Target>; KINDS.len()]> =
             (0..config.n_layer).map(|_| Default::default()).collect();
@@ -116,15 +122,24 @@ impl Branch {
                     ModelError::Factors(format!("{p}: cannot store the factors as {ty}"))
                 })
             };
+            let (u_id, vt_id) = (id("U"), id("Vt"));
+            let mut u = encode(factor_type, &u, padded)?;
+            let mut vt = encode(vt_type, &vt, n)?;
+            let u_interleaved =
+                kernel && factor_type == Type::Q8_0 && q8_0::interleave(&mut u, padded, m);
+            let vt_interleaved =
+                kernel && vt_type == Type::Q8_0 && q8_0::interleave(&mut vt, n, padded);
+            set.get(u_id).write(&u)?;
+            set.get(vt_id).write(&vt)?;
             let target = Target {
-                u: id("U"),
-                vt: id("Vt"),
+                u: u_id,
+                vt: vt_id,
                 d: id("D"),
                 rank: r,
                 padded,
+                u_interleaved,
+                vt_interleaved,
             };
-            set.get(target.u).write(&encode(factor_type, &u, padded)?)?;
-            set.get(target.vt).write(&encode(vt_type, &vt, n)?)?;
             let kind = kind_index(t.kind).expect("factor kinds come from KINDS");
             targets[t.layer][kind] = Some(target);
             by_prefix.insert(p, (t.layer, kind));
@@ -207,8 +222,14 @@ impl Branch {
     pub(super) fn target(&self, layer: usize, kind: &str) -> Option<TargetTensors<'_>> {
         let t = self.targets.get(layer)?[kind_index(kind)?].as_ref()?;
         Some(TargetTensors {
-            u: self.set.get(t.u),
-            vt: self.set.get(t.vt),
+            u: Matrix {
+                tensor: self.set.get(t.u),
+                interleaved: t.u_interleaved,
+            },
+            vt: Matrix {
+                tensor: self.set.get(t.vt),
+                interleaved: t.vt_interleaved,
+            },
             d: self.set.get(t.d),
         })
     }

@@ -5,6 +5,7 @@
 //! graph writes their gradients into accumulators that are read back.
 
 use crate::factors::{Factor, TargetMatrix};
+use crate::ggml::q8_0::Matrix;
 use crate::ggml::{Context, Tensor, TensorId, TensorSet, Type};
 
 use super::graph::{self, Adapted, Delta};
@@ -231,8 +232,8 @@ impl Learner {
         let branch = |layer: usize, kind: &str| {
             let p = params.iter().find(|p| p.layer == layer && p.kind == kind)?;
             Some(Adapted {
-                u: set.get(p.u),
-                vt: set.get(p.vt),
+                u: Matrix::plain(set.get(p.u)),
+                vt: Matrix::plain(set.get(p.vt)),
                 delta: Delta::Shared(set.get(p.delta)),
             })
         };

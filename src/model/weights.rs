@@ -7,7 +7,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use crate::ggml::gguf::{GgufFile, GgufWriter, TensorInfo};
-use crate::ggml::{q8_0, Backend, Context, Tensor, TensorId, TensorSet, Type};
+use crate::ggml::q8_0::{self, Matrix};
+use crate::ggml::{Backend, Context, Tensor, TensorId, TensorSet, Type};
 
 use super::{Config, ModelError};
 
@@ -252,19 +253,20 @@ impl Weights {
         self.set.get(id)
     }
 
-    /// `w x` for the weight `w`: through the batched Q8_0 kernel when `w`
-    /// is in its layout, else ggml's own product (the same numbers).
+    /// `w x` for the weight `w`, through the batched Q8_0 kernel when `w`
+    /// is in its layout (the same numbers as ggml's product).
     pub fn product<'a>(&'a self, ctx: &'a Context, w: TensorId, x: Tensor<'a>) -> Tensor<'a> {
-        let kernel = match &self.interleaved_output {
-            Some(copy) if w == self.output => Some(copy.get(INTERLEAVED_OUTPUT)),
-            _ => self.interleaved.contains(&w).then(|| self.get(w)),
+        let matrix = match &self.interleaved_output {
+            Some(copy) if w == self.output => Matrix {
+                tensor: copy.get(INTERLEAVED_OUTPUT),
+                interleaved: true,
+            },
+            _ => Matrix {
+                tensor: self.get(w),
+                interleaved: self.interleaved.contains(&w),
+            },
         };
-        let Some(w) = kernel else {
-            return ctx.mul_mat(self.get(w), x);
-        };
-        // The kernel reads its input as one contiguous block of f32.
-        let x = if q8_0::fits(w, x) { x } else { ctx.cont(x) };
-        ctx.mul_mat_q8_0(w, x)
+        ctx.product(matrix, x)
     }
 }
 
