@@ -14,7 +14,8 @@
 //! `cargo bench --bench load -- --scenario NAME [options]`
 //!
 //! Scenarios: `base` (no adapters), `one` (every request on one adapter),
-//! `many` (64 adapters, all resident), `cold` (1,000 adapters, a host cache
+//! `many` (64 adapters, all resident; svfit also runs the `base` traffic in
+//! the same run, for the cost of adapters), `cold` (1,000 adapters, a host cache
 //! and slot pool smaller than the working set: cold loads from the store;
 //! a cache of 20 adapters and 16 slots; svfit only, plus the measured cost of one
 //! cold load), `mix` (each request
@@ -671,6 +672,19 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
             stop_hostile.clone(),
         ))
     });
+    // Every adapter resident before the clock starts, as llama-server loads
+    // its LoRAs at start (except in `cold`, which measures the loads).
+    if o.scenario != "cold" {
+        for i in 0..n_adapters {
+            let warm = pb::GenerateRequest {
+                adapter: format!("t{i}"),
+                input: Some(Input::Prompt("Hello".into())),
+                max_tokens: 1,
+                ..Default::default()
+            };
+            client.clone().generate(warm).await.unwrap_or_else(fail);
+        }
+    }
     let gen = o.gen;
     let send = move |job: Job| {
         let mut client = client.clone();
@@ -1074,10 +1088,28 @@ fn main() {
             attacked.itl_ms[1] / calm.itl_ms[1]
         );
     }
+    // Adapters against our own base, in the same run.
+    if o.scenario == "many" && o.addr.is_none() {
+        let base = Options {
+            scenario: "base".into(),
+            model: o.model.clone(),
+            json: None,
+            addr: None,
+            llama_server: None,
+            ..o
+        };
+        let ours = runtime.block_on(run_svfit(&base, &b, &dir, 0, false));
+        println!(
+            "svfit 64 adapters / svfit base: throughput {:.2}x, e2e p95 {:.2}x",
+            reports[0].tokens_per_s / ours.tokens_per_s,
+            reports[0].e2e_ms[1] / ours.e2e_ms[1]
+        );
+        reports.push(ours);
+    }
     let comparable = ["base", "one", "many"].contains(&o.scenario.as_str());
     if o.llama && comparable {
         reports.push(runtime.block_on(run_llama(&o, &dir, n_adapters)));
-        let (a, l) = (&reports[0], &reports[1]);
+        let (a, l) = (&reports[0], &reports[reports.len() - 1]);
         println!(
             "svfit / llama-server: throughput {:.2}x, TTFT p95 {:.2}x, ITL p95 {:.2}x, e2e p95 {:.2}x",
             a.tokens_per_s / l.tokens_per_s,

@@ -52,17 +52,43 @@ pub fn available() -> bool {
     }
 }
 
+/// What the kernel does with each result `v` of row `r`, column `c`
+/// before storing it (passed to the op as its user data).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+enum Then {
+    /// `v`
+    Store = 0,
+    /// `v * table[r, slots[c]]`: sources 2 (table) and 3 (slots).
+    ScaleBySlot = 1,
+    /// `y[r, c] + v`: source 2 (y).
+    AddTo = 2,
+}
+
 impl Context {
     /// `w x` for a Q8_0 matrix `w` `[k, n]` and contiguous f32 `x` `[k, b]`:
     /// f32 `[n, b]`, equal bit for bit to [`Context::mul_mat`], through the
     /// batched kernel. The caller checks [`available`] and the shapes and
     /// types ([`fits`]); the graph must run on the CPU backend.
     pub fn mul_mat_q8_0<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        self.kernel_node(w, x, Then::Store, &[])
+    }
+
+    /// The kernel's node: `then` applied to every result, with its extra
+    /// sources (checked by the caller).
+    fn kernel_node<'a>(
+        &'a self,
+        w: Tensor<'a>,
+        x: Tensor<'a>,
+        then: Then,
+        extra: &[Tensor<'a>],
+    ) -> Tensor<'a> {
         debug_assert!(fits(w, x));
-        let mut args = [w.as_ptr(), x.as_ptr()];
-        // SAFETY: both operands are live tensors; `fits` holds (checked by
-        // the caller), so `compute` reads within them and writes the whole
-        // `[n, b]` result. All threads of the backend take part.
+        let mut args = vec![w.as_ptr(), x.as_ptr()];
+        args.extend(extra.iter().map(|t| t.as_ptr()));
+        // SAFETY: the operands are live tensors; `fits` and the checks of
+        // `then`'s sources hold (by the callers), so `compute` reads within
+        // them and writes the whole `[n, b]` result. All threads take part.
         let raw = unsafe {
             sys::ggml_custom_4d(
                 self.as_ptr(),
@@ -72,10 +98,10 @@ impl Context {
                 1,
                 1,
                 args.as_mut_ptr(),
-                2,
+                args.len() as i32,
                 Some(compute),
                 -1,
-                std::ptr::null_mut(),
+                then as usize as *mut std::os::raw::c_void,
             )
         };
         self.wrap(raw)
@@ -111,6 +137,48 @@ impl Context {
         let x = if fits(w.tensor, x) { x } else { self.cont(x) };
         self.mul_mat_q8_0(w.tensor, x)
     }
+
+    /// `(w x) ⊙ table[:, slots]`: each column of the product scaled by the
+    /// column of `table` (f32 `[n, n_slots]`) its slot (i32 `[b]`) names,
+    /// as `mul(product, get_rows(table, slots))` computes it, in one node
+    /// when `w` is in the kernel's layout.
+    pub fn product_scaled<'a>(
+        &'a self,
+        w: Matrix<'a>,
+        x: Tensor<'a>,
+        table: Tensor<'a>,
+        slots: Tensor<'a>,
+    ) -> Tensor<'a> {
+        let fused = w.interleaved
+            && fits(w.tensor, x)
+            && is_f32_matrix(table, w.tensor.ne()[1], table.ne()[1])
+            && slots.ty() == Type::I32
+            && slots.ne() == [x.ne()[1], 1, 1, 1]
+            && slots.nb()[0] == 4;
+        if fused {
+            return self.kernel_node(w.tensor, x, Then::ScaleBySlot, &[table, slots]);
+        }
+        self.mul(self.product(w, x), self.get_rows(table, slots))
+    }
+
+    /// `y + w x`, as `add(y, product)` computes it, in one node when `w` is
+    /// in the kernel's layout.
+    pub fn product_added<'a>(&'a self, w: Matrix<'a>, x: Tensor<'a>, y: Tensor<'a>) -> Tensor<'a> {
+        let fused =
+            w.interleaved && fits(w.tensor, x) && is_f32_matrix(y, w.tensor.ne()[1], x.ne()[1]);
+        if fused {
+            return self.kernel_node(w.tensor, x, Then::AddTo, &[y]);
+        }
+        self.add(y, self.product(w, x))
+    }
+}
+
+/// Whether `t` is a contiguous f32 `[rows, cols]`.
+fn is_f32_matrix(t: Tensor<'_>, rows: i64, cols: i64) -> bool {
+    t.ty() == Type::F32
+        && t.ne() == [rows, cols, 1, 1]
+        && t.nb()[0] == 4
+        && t.nb()[1] == 4 * rows as usize
 }
 
 /// Whether [`Context::mul_mat_q8_0`] takes these operands: a 2-D Q8_0
@@ -176,15 +244,30 @@ unsafe extern "C" fn compute(
     dst: *mut sys::ggml_tensor,
     ith: std::os::raw::c_int,
     nth: std::os::raw::c_int,
-    _userdata: *mut std::os::raw::c_void,
+    userdata: *mut std::os::raw::c_void,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: ggml calls us with the node made by `mul_mat_q8_0`, whose
-        // sources satisfy `fits`, and with 0 <= ith < nth.
+        // SAFETY: ggml calls us with a node made by `kernel_node`, whose
+        // sources satisfy `fits` and the checks of its `Then`, and with
+        // 0 <= ith < nth.
         unsafe {
             let dst = &*dst;
             let (w, x) = (&*dst.src[0], &*dst.src[1]);
+            let then = match userdata as usize {
+                1 => {
+                    let (table, slots) = (&*dst.src[2], &*dst.src[3]);
+                    kernel::Then::ScaleBySlot {
+                        table: table.data as *const f32,
+                        slots: slots.data as *const i32,
+                        n_slots: table.ne[1] as usize,
+                    }
+                }
+                2 => kernel::Then::AddTo {
+                    y: (*dst.src[2]).data as *const f32,
+                },
+                _ => kernel::Then::Store,
+            };
             let k = x.ne[0] as usize;
             let (n, b) = (w.ne[1] as usize, x.ne[1] as usize);
             let x = std::slice::from_raw_parts(x.data as *const f32, k * b);
@@ -200,7 +283,7 @@ unsafe extern "C" fn compute(
             }
             PACKED.with_borrow_mut(|packed| {
                 pack(x, k, b, packed);
-                kernel::rows(w, k, n, b, packed, first, last, out);
+                kernel::rows(w, k, n, b, packed, first, last, out, then);
             });
         }
     }
@@ -272,6 +355,48 @@ mod kernel {
     /// `k / 32` Q8_0 blocks in the layout of `interleave`; `first` and
     /// `last` are multiples of `TILE_ROWS`; `packed` holds `b` packed columns of `k`;
     /// `out` has room for `n * b` floats.
+    /// What happens to each result before it is stored (see `super::Then`).
+    #[derive(Clone, Copy)]
+    pub(super) enum Then {
+        Store,
+        ScaleBySlot {
+            table: *const f32,
+            slots: *const i32,
+            n_slots: usize,
+        },
+        AddTo {
+            y: *const f32,
+        },
+    }
+
+    impl Then {
+        /// The value stored for result `v` at row `r`, column `c` of an
+        /// output with `n` rows.
+        ///
+        /// # Safety
+        /// The pointers hold the sources checked by `kernel_node`.
+        #[inline(always)]
+        unsafe fn apply(self, v: f32, r: usize, c: usize, n: usize) -> f32 {
+            // SAFETY: `slots` has an entry per column, `table` n_slots
+            // columns of n rows, `y` n rows per column; a slot out of range
+            // (never: batches are checked) is clamped, not read past.
+            unsafe {
+                match self {
+                    Then::Store => v,
+                    Then::ScaleBySlot {
+                        table,
+                        slots,
+                        n_slots,
+                    } => {
+                        let slot = (*slots.add(c)).clamp(0, n_slots as i32 - 1) as usize;
+                        v * *table.add(slot * n + r)
+                    }
+                    Then::AddTo { y } => *y.add(c * n + r) + v,
+                }
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     pub(super) unsafe fn rows(
@@ -283,6 +408,7 @@ mod kernel {
         first: usize,
         last: usize,
         out: *mut f32,
+        then: Then,
     ) {
         let nb = k / QK;
         let row_bytes = nb * BLOCK_BYTES;
@@ -292,7 +418,7 @@ mod kernel {
             let mut p = 0;
             while p < pairs {
                 let tile = (pairs - p).min(TILE_PAIRS);
-                let at = (w.add(r * row_bytes), nb, packed, p, r, n, b, out);
+                let at = (w.add(r * row_bytes), nb, packed, p, r, n, b, out, then);
                 // SAFETY: rows r..r + TILE_ROWS and pairs p..p + tile are in range.
                 unsafe {
                     match tile {
@@ -310,7 +436,7 @@ mod kernel {
 
     /// Where a tile reads and writes: its rows' interleaved blocks, blocks
     /// per row, the packed activations, its first column pair and row, the
-    /// output's rows and columns, and the output.
+    /// output's rows and columns, the output, and what to do before storing.
     type At<'p> = (
         *const u8,
         usize,
@@ -320,6 +446,7 @@ mod kernel {
         usize,
         usize,
         *mut f32,
+        Then,
     );
 
     /// One tile: `TILE_ROWS` rows from `w` times column pairs `p0..p0 + P`.
@@ -329,7 +456,7 @@ mod kernel {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     unsafe fn tile_of<const P: usize>(at: At<'_>) {
         const R: usize = TILE_ROWS;
-        let (w, nb, packed, p0, r0, n, b, out) = at;
+        let (w, nb, packed, p0, r0, n, b, out, then) = at;
         // SAFETY (whole body): the caller's ranges; loads are unaligned.
         unsafe {
             let zero = _mm512_setzero_si512();
@@ -370,9 +497,11 @@ mod kernel {
                 for (j, &acc) in acc.iter().enumerate() {
                     let c = 2 * (p0 + j);
                     let row = r0 + i;
-                    *out.add(c * n + row) = hsum(_mm512_castps512_ps256(acc));
+                    let v = hsum(_mm512_castps512_ps256(acc));
+                    *out.add(c * n + row) = then.apply(v, row, c, n);
                     if c + 1 < b {
-                        *out.add((c + 1) * n + row) = hsum(high_half(acc));
+                        let v = hsum(high_half(acc));
+                        *out.add((c + 1) * n + row) = then.apply(v, row, c + 1, n);
                     }
                 }
             }
@@ -395,5 +524,93 @@ mod kernel {
     #[target_feature(enable = "avx512f")]
     fn high_half(x: __m512) -> __m256 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml::{quantize, Backend, Scheduler, TensorSet};
+    use crate::sampling::SplitMix64;
+
+    /// The kernel, alone and with each `Then`, against ggml's own ops, bit
+    /// for bit, for batch widths 1 to 9 (odd ones leave half a pair) on 2
+    /// threads.
+    #[test]
+    fn kernel_equals_ggml_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let (k, n, n_slots) = (96usize, 12usize, 3usize);
+        let mut rng = SplitMix64::new(3);
+        let mut values = |len: usize, scale: f32| -> Vec<f32> {
+            (0..len).map(|_| scale * rng.normal()).collect()
+        };
+        let plain = quantize(Type::Q8_0, &values(k * n, 1.0), k).unwrap();
+        let mut interleaved = plain.clone();
+        assert!(interleave(&mut interleaved, k, n));
+        assert_ne!(plain, interleaved);
+        for b in 1..=9usize {
+            let ctx = Context::new(6, 0).unwrap();
+            ctx.new_tensor(Type::Q8_0, &[k as i64, n as i64])
+                .set_name("w");
+            ctx.new_tensor(Type::Q8_0, &[k as i64, n as i64])
+                .set_name("wi");
+            ctx.new_tensor(Type::F32, &[k as i64, b as i64])
+                .set_name("x");
+            ctx.new_tensor(Type::F32, &[n as i64, n_slots as i64])
+                .set_name("table");
+            ctx.new_tensor(Type::I32, &[b as i64]).set_name("slots");
+            ctx.new_tensor(Type::F32, &[n as i64, b as i64])
+                .set_name("y");
+            let backend = Backend::cpu(2).unwrap();
+            let set = TensorSet::allocate(ctx, &backend).unwrap();
+            let t = |name: &str| set.get(set.find(name).unwrap());
+            t("w").write(&plain).unwrap();
+            t("wi").write(&interleaved).unwrap();
+            // Magnitudes from 1e-3 to 1e3, and one all-zero block.
+            let mut x = values(k * b, 1.0);
+            for (i, v) in x.iter_mut().enumerate() {
+                *v *= 10f32.powi((i / QK % 7) as i32 - 3);
+            }
+            x[..QK].fill(0.0);
+            t("x").write(&x).unwrap();
+            t("table").write(&values(n * n_slots, 1.0)).unwrap();
+            let slots: Vec<i32> = (0..b as i32).map(|c| c % n_slots as i32).collect();
+            t("slots").write(&slots).unwrap();
+            t("y").write(&values(n * b, 1.0)).unwrap();
+
+            let g = Context::new(64, 64).unwrap();
+            let mut graph = g.new_graph(64);
+            let (w, x) = (t("w"), t("x"));
+            let wi = Matrix {
+                tensor: t("wi"),
+                interleaved: true,
+            };
+            let (table, slots, y) = (t("table"), t("slots"), t("y"));
+            let pairs = [
+                (g.mul_mat(w, x), g.product(wi, x)),
+                (
+                    g.mul(g.mul_mat(w, x), g.get_rows(table, slots)),
+                    g.product_scaled(wi, x, table, slots),
+                ),
+                (g.add(y, g.mul_mat(w, x)), g.product_added(wi, x, y)),
+            ];
+            for (a, b) in pairs {
+                graph.expand(a.set_output());
+                graph.expand(b.set_output());
+            }
+            let mut sched = Scheduler::new(vec![backend], 64).unwrap();
+            sched.alloc(&graph).unwrap();
+            sched.compute(&graph).unwrap();
+            for (i, (expected, ours)) in pairs.iter().enumerate() {
+                let (mut e, mut o) = (vec![0f32; n * b], vec![0f32; n * b]);
+                expected.read(&mut e).unwrap();
+                ours.read(&mut o).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&o), bits(&e), "variant {i}, {b} columns");
+            }
+        }
     }
 }

@@ -199,12 +199,11 @@ fn linear<'a>(
     let Some(Adapted { u, vt, delta }) = svfit else {
         return y;
     };
-    let t = ctx.product(vt, x);
-    let delta = match delta {
-        Delta::PerToken { table, slots } => ctx.get_rows(table, slots),
-        Delta::Shared(d) => d,
+    let scaled = match delta {
+        Delta::PerToken { table, slots } => ctx.product_scaled(vt, x, table, slots),
+        Delta::Shared(d) => ctx.mul(ctx.product(vt, x), d),
     };
-    ctx.add(y, ctx.product(u, ctx.mul(t, delta)))
+    ctx.product_added(u, scaled, y)
 }
 
 /// Grouped-query self-attention with RoPE over the KV cache.
