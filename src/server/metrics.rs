@@ -17,12 +17,16 @@ use super::Shared;
 const MAX_CONNECTIONS: usize = 32;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Starts the metrics listener; returns its address.
-pub(super) async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<SocketAddr> {
+/// Starts the metrics listener; returns its address and its task (which
+/// holds the engine until aborted).
+pub(super) async fn serve(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let Ok(permit) = connections.clone().acquire_owned().await else {
                 return;
@@ -50,7 +54,7 @@ pub(super) async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Resu
             });
         }
     });
-    Ok(local)
+    Ok((local, task))
 }
 
 /// Every metric, as text.

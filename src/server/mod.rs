@@ -107,8 +107,19 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
     engine: Engine,
+}
+
+impl Drop for Running {
+    /// The metrics listener holds the engine: without it, the engine
+    /// thread (and its compute threads) end once the last request has.
+    fn drop(&mut self) {
+        if let Some(task) = &self.metrics_task {
+            task.abort();
+        }
+    }
 }
 
 impl Running {
@@ -207,9 +218,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         started: Instant::now(),
     });
 
-    let metrics_addr = match config.metrics_addr {
-        Some(addr) => Some(metrics::serve(addr, shared.clone()).await?),
-        None => None,
+    let (metrics_addr, metrics_task) = match config.metrics_addr {
+        Some(addr) => {
+            let (addr, task) = metrics::serve(addr, shared.clone()).await?;
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -318,6 +332,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         metrics_addr,
         shutdown: Some(shutdown),
         task,
+        metrics_task,
         health: reporter,
         engine: shared.engine.clone(),
     })
