@@ -9,7 +9,7 @@
 //! Also prints the factor memory for `q,v` and `all-linear` (computing and
 //! caching the factors in $SVFIT_HOME when missing).
 //!
-//! `cargo bench --bench adapters -- [--threads N] [--model PATH] [--reps N]`
+//! `cargo bench --bench adapters -- [--threads N] [--model PATH] [--reps N] [--weights LAYOUT]`
 
 mod common;
 
@@ -62,10 +62,11 @@ fn main() {
     let opts = common::parse_args(5);
     let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(fail);
     let tokens = tokenizer.encode(&include_str!("adapters.rs").repeat(2), true);
+    // The layout served by default: the last `--weights` given (auto).
     let load = LoadOptions {
         device: "cpu".into(),
         threads: opts.threads,
-        ..LoadOptions::default()
+        weights: opts.weights.last().copied().unwrap_or_default(),
     };
     let home = svfit::home::home_dir();
 

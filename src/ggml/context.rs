@@ -1,5 +1,7 @@
 //! ggml contexts, tensors, graphs and the operators the model graph uses.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
@@ -10,6 +12,9 @@ use super::{as_bytes, as_bytes_mut, sys, Element, GgmlError, Type};
 /// and graph nodes; tensor data lives in backend buffers.
 pub struct Context {
     raw: NonNull<sys::ggml_context>,
+    /// The batched Q8_0 kernel's packed inputs made in this context, by
+    /// input node (`q8_0`), so that each input is packed once per graph.
+    pub(super) packs: RefCell<HashMap<usize, NonNull<sys::ggml_tensor>>>,
 }
 
 // SAFETY: a ggml context has no thread affinity; it is only used from one
@@ -43,7 +48,7 @@ impl Context {
         // SAFETY: ggml_init allocates its own memory and returns null on failure.
         let raw = unsafe { sys::ggml_init(params) };
         NonNull::new(raw)
-            .map(|raw| Context { raw })
+            .map(Context::from_raw)
             .ok_or_else(|| GgmlError::Alloc {
                 what: format!("a context of {mem_size} bytes"),
             })
@@ -52,13 +57,17 @@ impl Context {
     /// Forgets every tensor and graph of the context, keeping its memory for
     /// the next ones (no handle can outlive this: they borrow `self`).
     pub fn reset(&mut self) {
+        self.packs.get_mut().clear();
         // SAFETY: `&mut self` proves no Tensor or Graph handle is alive.
         unsafe { sys::ggml_reset(self.as_ptr()) }
     }
 
     /// Wraps a context that ggml created (e.g. by `gguf_init_from_file`).
     pub(crate) fn from_raw(raw: NonNull<sys::ggml_context>) -> Self {
-        Context { raw }
+        Context {
+            raw,
+            packs: RefCell::default(),
+        }
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::ggml_context {

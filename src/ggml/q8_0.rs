@@ -17,7 +17,7 @@
 //! file, and a column's result does not depend on the other columns (batch
 //! invariance).
 
-use std::cell::RefCell;
+use std::ptr::NonNull;
 
 use super::context::{Context, Tensor};
 use super::{sys, Type};
@@ -84,7 +84,7 @@ impl Context {
         extra: &[Tensor<'a>],
     ) -> Tensor<'a> {
         debug_assert!(fits(w, x));
-        let mut args = vec![w.as_ptr(), x.as_ptr()];
+        let mut args = vec![w.as_ptr(), self.packed(x).as_ptr()];
         args.extend(extra.iter().map(|t| t.as_ptr()));
         // SAFETY: the operands are live tensors; `fits` and the checks of
         // `then`'s sources hold (by the callers), so `compute` reads within
@@ -105,6 +105,40 @@ impl Context {
             )
         };
         self.wrap(raw)
+    }
+
+    /// `x` quantized and packed for the kernel: one node per input per
+    /// graph, shared by every product of that input (q, k, v and the SVFit
+    /// branch read the same one), packed by all threads.
+    fn packed<'a>(&'a self, x: Tensor<'a>) -> Tensor<'a> {
+        if let Some(&node) = self.packs.borrow().get(&(x.as_ptr() as usize)) {
+            return Tensor::from_raw(node);
+        }
+        let (k, b) = (x.ne()[0] as usize, x.ne()[1] as usize);
+        let mut args = [x.as_ptr()];
+        // SAFETY: `x` is a live contiguous f32 `[k, b]` with k a multiple of
+        // 32 (`fits`); the node holds exactly the pairs `pack` writes.
+        let raw = unsafe {
+            sys::ggml_custom_4d(
+                self.as_ptr(),
+                sys::GGML_TYPE_I8,
+                (k / QK * PACKED_BLOCK) as i64,
+                b.div_ceil(2) as i64,
+                1,
+                1,
+                args.as_mut_ptr(),
+                1,
+                Some(pack),
+                -1,
+                std::ptr::null_mut(),
+            )
+        };
+        let node = self.wrap(raw);
+        self.packs.borrow_mut().insert(
+            x.as_ptr() as usize,
+            NonNull::new(node.as_ptr()).expect("non-null"),
+        );
+        node
     }
 }
 
@@ -225,18 +259,61 @@ pub fn interleave(bytes: &mut [u8], k: usize, n: usize) -> bool {
     true
 }
 
-/// The activations of one call, quantized and laid out for the kernel:
-/// columns in pairs, per pair and block 64 bytes (the two columns' 32
-/// bytes) and 16 scales (each column's scale in its 8 lanes).
-#[derive(Default)]
-struct Packed {
-    q: Vec<i8>,
-    d: Vec<f32>,
-}
+/// Bytes of one block of a column pair in a packed input: the two
+/// columns' 32 quantized values, then 16 scales (each column's in 8 lanes).
+const PACKED_BLOCK: usize = 2 * QK + 16 * 4;
 
-thread_local! {
-    /// Each of ggml's worker threads packs the activations once per call.
-    static PACKED: RefCell<Packed> = RefCell::default();
+/// The pack op: quantizes `x` (`[k, b]` f32) as ggml's `quantize_row_q8_0`
+/// does into the kernel's input layout, columns in pairs (an odd last
+/// column paired with zeros); thread `ith` of `nth` packs its share of the
+/// pairs.
+unsafe extern "C" fn pack(
+    dst: *mut sys::ggml_tensor,
+    ith: std::os::raw::c_int,
+    nth: std::os::raw::c_int,
+    _userdata: *mut std::os::raw::c_void,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: ggml calls us with a node made by `packed`: source 0 is a
+        // contiguous f32 `[k, b]` with k a multiple of 32, and `dst` holds
+        // `ceil(b / 2)` pairs of `k / 32` packed blocks; 0 <= ith < nth.
+        unsafe {
+            let dst = &*dst;
+            let x = &*dst.src[0];
+            let (k, b) = (x.ne[0] as usize, x.ne[1] as usize);
+            let x = std::slice::from_raw_parts(x.data as *const f32, k * b);
+            let nb = k / QK;
+            let pairs = b.div_ceil(2);
+            let out =
+                std::slice::from_raw_parts_mut(dst.data as *mut u8, pairs * nb * PACKED_BLOCK);
+            let (ith, nth) = (ith as usize, nth.max(1) as usize);
+            let zeros = [0f32; QK];
+            for pair in pairs * ith / nth..pairs * (ith + 1) / nth {
+                for half in 0..2 {
+                    let c = 2 * pair + half;
+                    for kb in 0..nb {
+                        let block = match x.get(c * k + kb * QK..c * k + (kb + 1) * QK) {
+                            Some(block) => block.try_into().expect("32 values"),
+                            None => &zeros,
+                        };
+                        let at = &mut out[(pair * nb + kb) * PACKED_BLOCK..][..PACKED_BLOCK];
+                        let (q, d) = at.split_at_mut(2 * QK);
+                        let q = (&mut q[half * QK..][..QK]).try_into().expect("32 bytes");
+                        let scale = kernel::quantize_block(block, q);
+                        for lane in d[half * 32..][..32].chunks_exact_mut(4) {
+                            lane.copy_from_slice(&scale.to_ne_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (dst, ith, nth);
+        unreachable!("the Q8_0 kernel is only built for x86-64");
+    }
 }
 
 /// The custom op: thread `ith` of `nth` computes its share of the rows.
@@ -248,12 +325,13 @@ unsafe extern "C" fn compute(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: ggml calls us with a node made by `kernel_node`, whose
-        // sources satisfy `fits` and the checks of its `Then`, and with
-        // 0 <= ith < nth.
+        // SAFETY: ggml calls us with a node made by `kernel_node`: source 0
+        // an interleaved Q8_0 `[k, n]`, source 1 its input packed by `pack`
+        // (`dst` has one column per input column), the sources of its `Then`
+        // checked; 0 <= ith < nth.
         unsafe {
             let dst = &*dst;
-            let (w, x) = (&*dst.src[0], &*dst.src[1]);
+            let (w, packed) = (&*dst.src[0], &*dst.src[1]);
             let then = match userdata as usize {
                 1 => {
                     let (table, slots) = (&*dst.src[2], &*dst.src[3]);
@@ -268,9 +346,8 @@ unsafe extern "C" fn compute(
                 },
                 _ => kernel::Then::Store,
             };
-            let k = x.ne[0] as usize;
-            let (n, b) = (w.ne[1] as usize, x.ne[1] as usize);
-            let x = std::slice::from_raw_parts(x.data as *const f32, k * b);
+            let k = w.ne[0] as usize;
+            let (n, b) = (w.ne[1] as usize, dst.ne[1] as usize);
             let w = w.data as *const u8;
             let out = dst.data as *mut f32;
             // Rows in tiles, split evenly between the threads.
@@ -281,39 +358,14 @@ unsafe extern "C" fn compute(
             if first >= last {
                 return;
             }
-            PACKED.with_borrow_mut(|packed| {
-                pack(x, k, b, packed);
-                kernel::rows(w, k, n, b, packed, first, last, out, then);
-            });
+            let packed = packed.data as *const u8;
+            kernel::rows(w, k, n, b, packed, first, last, out, then);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (dst, ith, nth);
+        let _ = (dst, ith, nth, userdata);
         unreachable!("the Q8_0 kernel is only built for x86-64");
-    }
-}
-
-/// Quantizes every column of `x` (`b` columns of `k`) as ggml's
-/// `quantize_row_q8_0` does, into `packed`.
-#[cfg(target_arch = "x86_64")]
-fn pack(x: &[f32], k: usize, b: usize, packed: &mut Packed) {
-    let nb = k / QK;
-    let pairs = b.div_ceil(2);
-    packed.q.clear();
-    packed.q.resize(pairs * nb * 2 * QK, 0);
-    packed.d.clear();
-    packed.d.resize(pairs * nb * 16, 0.0);
-    for (c, column) in x.chunks_exact(k).enumerate() {
-        let (pair, half) = (c / 2, c % 2);
-        for (kb, block) in column.chunks_exact(QK).enumerate() {
-            let at = pair * nb + kb;
-            let q = &mut packed.q[at * 2 * QK + half * QK..][..QK];
-            let block = block.try_into().expect("32 values");
-            // SAFETY: `available()` holds (checked before any node is built).
-            let d = unsafe { kernel::quantize_block(block, q.try_into().expect("32 bytes")) };
-            packed.d[at * 16 + half * 8..][..8].fill(d);
-        }
     }
 }
 
@@ -321,13 +373,13 @@ fn pack(x: &[f32], k: usize, b: usize, packed: &mut Packed) {
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{Packed, BLOCK_BYTES, PREFETCH, QK, TILE_PAIRS, TILE_ROWS};
+    use super::{BLOCK_BYTES, PACKED_BLOCK, PREFETCH, QK, TILE_PAIRS, TILE_ROWS};
 
     /// One block as `quantize_row_q8_0` quantizes it (the largest |value|
     /// maps to ±127, rounding half to even, saturating); returns the scale
     /// as the f16 that ggml stores, widened back to f32.
     #[target_feature(enable = "avx512f,f16c")]
-    pub(super) fn quantize_block(block: &[f32; QK], q: &mut [i8; QK]) -> f32 {
+    pub(super) fn quantize_block(block: &[f32; QK], q: &mut [u8; QK]) -> f32 {
         // SAFETY: both arrays hold 32 elements: two 16-lane loads, two
         // 16-byte stores.
         unsafe {
@@ -404,7 +456,7 @@ mod kernel {
         k: usize,
         n: usize,
         b: usize,
-        packed: &Packed,
+        packed: *const u8,
         first: usize,
         last: usize,
         out: *mut f32,
@@ -437,10 +489,10 @@ mod kernel {
     /// Where a tile reads and writes: its rows' interleaved blocks, blocks
     /// per row, the packed activations, its first column pair and row, the
     /// output's rows and columns, the output, and what to do before storing.
-    type At<'p> = (
+    type At = (
         *const u8,
         usize,
-        &'p Packed,
+        *const u8,
         usize,
         usize,
         usize,
@@ -454,15 +506,13 @@ mod kernel {
     #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn tile_of<const P: usize>(at: At<'_>) {
+    unsafe fn tile_of<const P: usize>(at: At) {
         const R: usize = TILE_ROWS;
         let (w, nb, packed, p0, r0, n, b, out, then) = at;
         // SAFETY (whole body): the caller's ranges; loads are unaligned.
         unsafe {
             let zero = _mm512_setzero_si512();
             let mut acc = [[_mm512_setzero_ps(); P]; R];
-            let q = packed.q.as_ptr();
-            let d = packed.d.as_ptr();
             for kb in 0..nb {
                 let mut abs_w = [zero; R];
                 let mut negative = [0u64; R];
@@ -480,9 +530,9 @@ mod kernel {
                     negative[i] = _mm512_movepi8_mask(both);
                 }
                 for j in 0..P {
-                    let at = (p0 + j) * nb + kb;
-                    let x = _mm512_loadu_si512(q.add(at * 2 * QK) as *const __m512i);
-                    let scale_x = _mm512_loadu_ps(d.add(at * 16));
+                    let block = packed.add(((p0 + j) * nb + kb) * PACKED_BLOCK);
+                    let x = _mm512_loadu_si512(block as *const __m512i);
+                    let scale_x = _mm512_loadu_ps(block.add(2 * QK) as *const f32);
                     for i in 0..R {
                         // x with the sign of w, times |w|: the products of
                         // ggml's mul_sum_i8_pairs_float, summed in 4s.
