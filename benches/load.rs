@@ -183,7 +183,12 @@ impl Traffic {
         let which = match self.scenario.as_str() {
             "base" => Which::Base,
             "one" => Which::Adapter(0),
-            "mix" => Which::Mix(pick(self.adapters), pick(self.adapters)),
+            "mix" => {
+                // Two different adapters: a mix names each adapter once.
+                let first = pick(self.adapters);
+                let other = (first + 1 + pick(self.adapters.max(2) - 1)) % self.adapters;
+                Which::Mix(first, other)
+            }
             _ => Which::Adapter(pick(self.adapters)),
         };
         let mut prompt = String::from("Tell a short story about");
