@@ -252,7 +252,7 @@ async fn dropped_stream_frees_its_sequence() {
     let running = server::start(config(dir.path())).await.unwrap();
     let (mut infer, _) = clients(&running).await;
     let mut stream = infer
-        .generate_stream(greedy("", PROMPTS[0], 2000))
+        .generate_stream(greedy("", ENDLESS, 2000))
         .await
         .unwrap()
         .into_inner();
@@ -602,7 +602,7 @@ async fn deadline_cancels_the_request() {
     let dir = TempDir::new("server-deadline");
     let running = server::start(config(dir.path())).await.unwrap();
     let (mut infer, _) = clients(&running).await;
-    let mut request = Request::new(greedy("", PROMPTS[0], 2000));
+    let mut request = Request::new(greedy("", ENDLESS, 2000));
     request.set_timeout(Duration::from_millis(300));
     let status = infer.generate(request).await.unwrap_err();
     assert!(
@@ -645,7 +645,15 @@ async fn a_flooding_tenant_does_not_starve_others() {
             let _ = done.send(format!("alice{i}"));
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Bob comes once alice's flood waits behind her two running requests.
+    let start = Instant::now();
+    while metric(&running, "svfit_queue_depth").await < 12.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "alice's requests never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let (mut client, done) = (infer.clone(), done_tx.clone());
     tokio::spawn(async move {
         client

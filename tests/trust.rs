@@ -1311,7 +1311,7 @@ async fn sigterm_drains_running_requests_then_exits() {
     let mut watch = watch_health(channel.clone()).await;
     let mut infer = InferenceClient::new(channel);
     let mut stream = infer
-        .generate_stream(greedy("", PROMPTS[0], 60))
+        .generate_stream(greedy("", ENDLESS, 60))
         .await
         .unwrap()
         .into_inner();

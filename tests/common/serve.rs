@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use svfit::adapter::Adapter;
 use svfit::engine::EngineConfig;
 use svfit::factors::{self, FactorsKey, SingularValues};
-use svfit::model::LoadOptions;
+use svfit::model::{LoadOptions, WeightFormat};
 use svfit::sampling::SplitMix64;
 use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
@@ -73,10 +73,12 @@ pub fn config(dir: &Path) -> ServeConfig {
     ServeConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
         model: b.model.clone(),
+        // As `svfit serve` (and the `svfit generate` the tests compare
+        // with) loads it by default.
         load: LoadOptions {
             device: "cpu".into(),
             threads: 2,
-            ..LoadOptions::default()
+            weights: WeightFormat::Auto,
         },
         factors: b.key.clone(),
         home: b.home.clone(),
@@ -190,6 +192,10 @@ pub async fn metric(running: &Running, name: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// A raw prompt whose greedy continuation does not end by itself within
+/// 2,000 tokens (it counts), for requests that must outlive something.
+pub const ENDLESS: &str = "1, 2, 3, 4, 5,";
 
 pub const PROMPTS: [&str; 2] = [
     "The three most important things about the ocean are",
