@@ -173,9 +173,10 @@ struct ModelArgs {
     /// Context size in tokens (KV cache cells); capped at the model's training context
     #[arg(long = "ctx", default_value_t = 4096)]
     ctx: usize,
-    /// How the weight matrices are held: auto (on CPU, Q8_0 for 4- and
-    /// 5-bit files: batches run several times faster), keep (as stored,
-    /// bit-exact with llama.cpp on the same file), q8_0 or f16
+    /// How the weight matrices are held: auto (on CPU, Q8_0 for matrices
+    /// stored in fewer than 8 bits: batches run several times faster),
+    /// keep (as stored, bit-exact with llama.cpp on the same file), q8_0
+    /// or f16
     #[arg(long, default_value = "auto")]
     weights: WeightFormat,
 }
