@@ -937,20 +937,29 @@ async fn start_llama_server(o: &Options, dir: &Path, loras: &[PathBuf]) -> Llama
     }
 }
 
+/// Opens a fresh connection to llama-server and sends one HTTP/1.1
+/// request with a JSON body; the answer is read from the returned stream.
+async fn send_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await?;
+    Ok(socket)
+}
+
 /// One HTTP/1.1 exchange on a fresh connection: (status, body).
 async fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    socket
-        .write_all(
-            format!(
-                "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await?;
+    use tokio::io::AsyncReadExt;
+    let mut socket = send_request(port, method, path, body).await?;
     let mut response = String::new();
     socket.read_to_string(&mut response).await?;
     let status = response
@@ -1013,18 +1022,9 @@ async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
 
 /// POSTs a streaming completion to llama-server and times its tokens.
 async fn stream_completion(port: u16, body: &str) -> Sample {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, BufReader};
     let mut timer = Timer::new();
-    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(fail);
-    let head = format!(
-        "POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    socket
-        .write_all(format!("{head}{body}").as_bytes())
+    let socket = send_request(port, "POST", "/completion", body)
         .await
         .unwrap_or_else(fail);
     let mut lines = BufReader::new(socket).lines();

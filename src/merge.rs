@@ -66,8 +66,7 @@ pub fn merge(
     }
     let mut replaced = 0;
     for tensor in gguf.tensors() {
-        let dims = tensor.ne.iter().rposition(|&n| n != 1).unwrap_or(0) + 1;
-        let shape = &tensor.ne[..dims];
+        let shape = tensor.shape();
         let target = tensor.name.strip_suffix(".weight").and_then(|p| {
             let delta = deltas.iter().find(|(q, _)| q == p)?;
             Some((factors.get(p).copied(), &delta.1))

@@ -53,6 +53,15 @@ pub struct TensorInfo {
     pub n_bytes: usize,
 }
 
+impl TensorInfo {
+    /// The dimensions up to the last one above 1 (at least one), as a
+    /// GGUF writer takes them.
+    pub fn shape(&self) -> &[i64] {
+        let dims = self.ne.iter().rposition(|&n| n != 1).unwrap_or(0) + 1;
+        &self.ne[..dims]
+    }
+}
+
 /// An open GGUF file: its metadata, and tensor descriptions that
 /// [`GgufFile::load_tensors`] turns into backend tensors.
 pub struct GgufFile {

@@ -20,7 +20,7 @@
 use std::ptr::NonNull;
 
 use super::context::{Context, Tensor};
-use super::{sys, Type};
+use super::{sys, Backend, Type};
 
 /// Bytes of one Q8_0 block: an f16 scale and 32 signed bytes.
 const BLOCK_BYTES: usize = 34;
@@ -52,6 +52,12 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether matrices on `backend` go through the kernel: a CPU backend on a
+/// CPU that runs it.
+pub fn available_on(backend: &Backend) -> bool {
+    backend.is_cpu() && available()
+}
+
 /// What the kernel does with each result `v` of row `r`, column `c`
 /// before storing it (passed to the op as its user data).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -66,14 +72,6 @@ enum Then {
 }
 
 impl Context {
-    /// `w x` for a Q8_0 matrix `w` `[k, n]` and contiguous f32 `x` `[k, b]`:
-    /// f32 `[n, b]`, equal bit for bit to [`Context::mul_mat`], through the
-    /// batched kernel. The caller checks [`available`] and the shapes and
-    /// types ([`fits`]); the graph must run on the CPU backend.
-    pub fn mul_mat_q8_0<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
-        self.kernel_node(w, x, Then::Store, &[])
-    }
-
     /// The kernel's node: `then` applied to every result, with its extra
     /// sources (checked by the caller).
     fn kernel_node<'a>(
@@ -169,7 +167,7 @@ impl Context {
             return self.mul_mat(w.tensor, x);
         }
         let x = if fits(w.tensor, x) { x } else { self.cont(x) };
-        self.mul_mat_q8_0(w.tensor, x)
+        self.kernel_node(w.tensor, x, Then::Store, &[])
     }
 
     /// `(w x) ⊙ table[:, slots]`: each column of the product scaled by the
@@ -215,29 +213,24 @@ fn is_f32_matrix(t: Tensor<'_>, rows: i64, cols: i64) -> bool {
         && t.nb()[1] == 4 * rows as usize
 }
 
-/// Whether [`Context::mul_mat_q8_0`] takes these operands: a 2-D Q8_0
-/// matrix and a contiguous 2-D f32 input of the same row length.
-pub fn fits(w: Tensor<'_>, x: Tensor<'_>) -> bool {
-    let (wn, xn) = (w.ne(), x.ne());
+/// Whether the kernel takes these operands: a 2-D Q8_0 matrix of whole
+/// row tiles and a contiguous 2-D f32 input of the same row length.
+fn fits(w: Tensor<'_>, x: Tensor<'_>) -> bool {
+    let wn = w.ne();
     w.ty() == Type::Q8_0
-        && x.ty() == Type::F32
-        && wn[0] == xn[0]
         && wn[0] % QK as i64 == 0
+        && wn[1] % TILE_ROWS as i64 == 0
         && wn[2] == 1
         && wn[3] == 1
-        && xn[2] == 1
-        && xn[3] == 1
         && w.nb()[0] == BLOCK_BYTES
         && w.nb()[1] == BLOCK_BYTES * wn[0] as usize / QK
-        && x.nb()[0] == 4
-        && x.nb()[1] == 4 * xn[0] as usize
-        && wn[1] % TILE_ROWS as i64 == 0
+        && is_f32_matrix(x, wn[0], x.ne()[1])
 }
 
 /// Reorders the blocks of a Q8_0 matrix of `n` rows of `k` in place into
 /// the kernel's layout: rows in tiles of 4, and within a tile block 0 of
 /// each row, then block 1 of each, and so on, so that the kernel reads the
-/// weights in order. Only [`Context::mul_mat_q8_0`] reads a matrix after
+/// weights in order. Only the kernel ([`Context::product`]) reads a matrix after
 /// this. Returns `false`, leaving `bytes` as they were, when the matrix does
 /// not fit the layout.
 pub fn interleave(bytes: &mut [u8], k: usize, n: usize) -> bool {
@@ -333,7 +326,7 @@ unsafe extern "C" fn compute(
             let dst = &*dst;
             let (w, packed) = (&*dst.src[0], &*dst.src[1]);
             let then = match userdata as usize {
-                1 => {
+                code if code == Then::ScaleBySlot as usize => {
                     let (table, slots) = (&*dst.src[2], &*dst.src[3]);
                     kernel::Then::ScaleBySlot {
                         table: table.data as *const f32,
@@ -341,7 +334,7 @@ unsafe extern "C" fn compute(
                         n_slots: table.ne[1] as usize,
                     }
                 }
-                2 => kernel::Then::AddTo {
+                code if code == Then::AddTo as usize => kernel::Then::AddTo {
                     y: (*dst.src[2]).data as *const f32,
                 },
                 _ => kernel::Then::Store,
@@ -400,13 +393,6 @@ mod kernel {
         }
     }
 
-    /// Rows `first..last` of `W x` into `out` (`[n, b]`, column-major).
-    ///
-    /// # Safety
-    /// The CPU has the features of `available()`; `w` points at `n` rows of
-    /// `k / 32` Q8_0 blocks in the layout of `interleave`; `first` and
-    /// `last` are multiples of `TILE_ROWS`; `packed` holds `b` packed columns of `k`;
-    /// `out` has room for `n * b` floats.
     /// What happens to each result before it is stored (see `super::Then`).
     #[derive(Clone, Copy)]
     pub(super) enum Then {
@@ -449,6 +435,13 @@ mod kernel {
         }
     }
 
+    /// Rows `first..last` of `W x` into `out` (`[n, b]`, column-major).
+    ///
+    /// # Safety
+    /// The CPU has the features of `available()`; `w` points at `n` rows of
+    /// `k / 32` Q8_0 blocks in the layout of `interleave`; `first` and
+    /// `last` are multiples of `TILE_ROWS`; `packed` holds `b`
+    /// packed columns of `k`; `out` has room for `n * b` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     pub(super) unsafe fn rows(

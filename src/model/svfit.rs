@@ -102,7 +102,7 @@ impl Branch {
         let set = TensorSet::allocate(ctx, backend)?;
         set.buffer().clear(0);
         // On a CPU with the batched Q8_0 kernel, U and Vt go through it.
-        let kernel = backend.is_cpu() && q8_0::available();
+        let kernel = q8_0::available_on(backend);
 
         let mut targets: Vec<[Option<Target>; KINDS.len()]> =
             (0..config.n_layer).map(|_| Default::default()).collect();

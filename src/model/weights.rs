@@ -107,7 +107,6 @@ pub fn write_converted(src: &Path, format: WeightFormat, out: &Path) -> Result<u
     writer.copy_metadata_from(&gguf);
     let mut converted = 0;
     for info in gguf.tensors() {
-        let dims = info.ne.iter().rposition(|&n| n != 1).unwrap_or(0) + 1;
         let ty = format.type_of(info);
         let bytes = gguf.read_tensor_bytes(info)?;
         let bytes = if ty == info.ty {
@@ -116,7 +115,7 @@ pub fn write_converted(src: &Path, format: WeightFormat, out: &Path) -> Result<u
             converted += 1;
             gguf.convert(info, &bytes, ty)?
         };
-        writer.add_tensor(&info.name, ty, &info.ne[..dims], bytes)?;
+        writer.add_tensor(&info.name, ty, info.shape(), bytes)?;
     }
     writer.write(out)?;
     Ok(converted)
@@ -227,7 +226,7 @@ impl Weights {
         let output_norm = id("output_norm.weight")?;
         let output = set.find("output.weight").unwrap_or(token_embd);
         let (mut interleaved, mut interleaved_output) = (HashSet::new(), None);
-        if matches!(holding, Holding::Serve(_)) && backend.is_cpu() && q8_0::available() {
+        if matches!(holding, Holding::Serve(_)) && q8_0::available_on(backend) {
             let matrices = layers.iter().flat_map(LayerWeights::matrices);
             for id in matrices.chain((output != token_embd).then_some(output)) {
                 if interleave(&mut set, id) {
@@ -315,13 +314,8 @@ fn interleaved_copy(
     ctx.new_tensor(t.ty(), &t.ne())
         .set_name("output.interleaved");
     let mut copy = TensorSet::allocate(ctx, backend)?;
-    let bytes = t.read_bytes()?;
-    let (k, n) = (t.ne()[0] as usize, t.ne()[1] as usize);
-    let Some(dst) = copy.host_bytes_mut(INTERLEAVED_OUTPUT) else {
-        return Ok(None);
-    };
-    dst.copy_from_slice(&bytes);
-    Ok(q8_0::interleave(dst, k, n).then_some(copy))
+    copy.get(INTERLEAVED_OUTPUT).write(&t.read_bytes()?)?;
+    Ok(interleave(&mut copy, INTERLEAVED_OUTPUT).then_some(copy))
 }
 
 /// (name, ggml shape, required) of every weight of a llama model.
