@@ -655,6 +655,7 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
                 api_keys: None,
                 tls: None,
                 metrics_addr: Some("127.0.0.1:0".parse().unwrap_or_else(fail)),
+                http_addr: Some("127.0.0.1:0".parse().unwrap_or_else(fail)),
                 allow_remote: false,
             };
             let r = svfit::server::start(config).await.unwrap_or_else(fail);

@@ -25,6 +25,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::adapter::Deltas;
 use crate::generate::{FinishReason, GenerateError, Request, Sequence};
 use crate::model::{Batch, KvCache, Model, ModelError, SeqId, Slot, Tokenizer};
+pub use crate::sampling::TokenLogprob;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -67,6 +68,9 @@ pub struct Job {
     pub events: UnboundedSender<Event>,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
+    /// Report each generated token's log-probability and this many of the
+    /// most likely alternatives (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
 }
 
 /// What a request hears back, in order: text deltas, then `Done` or
@@ -78,6 +82,8 @@ pub enum Event {
         tokens: Vec<u32>,
         /// Time to the first token (on the first event only).
         first: Option<Duration>,
+        /// One per token of `tokens` when the job asked for them.
+        logprobs: Vec<TokenLogprob>,
     },
     Done {
         finish: FinishReason,
@@ -224,6 +230,11 @@ impl Engine {
     /// Refuses new requests from now on; queued and running ones go on.
     pub fn drain(&self) {
         self.draining.store(true, Relaxed);
+    }
+
+    /// Whether new requests are taken: the engine runs and is not draining.
+    pub fn accepting(&self) -> bool {
+        *self.alive.borrow() && !self.draining.load(Relaxed)
     }
 
     /// Requests queued or running.
@@ -730,6 +741,7 @@ impl Worker {
                 text: tail,
                 tokens: Vec::new(),
                 first: None,
+                logprobs: Vec::new(),
             });
         }
         let queue = started.duration_since(job.arrived);
@@ -791,11 +803,19 @@ fn advance(
     stats
         .tokens_generated
         .fetch_add(tokens.len() as u64, Relaxed);
+    let logprobs = match r.job.logprobs {
+        Some(top) => tokens
+            .iter()
+            .map(|&t| crate::sampling::logprob(logits, t, top))
+            .collect(),
+        None => Vec::new(),
+    };
     if !text.is_empty() || !tokens.is_empty() {
         let _ = r.job.events.send(Event::Text {
             text,
             tokens,
             first,
+            logprobs,
         });
     }
     outcome

@@ -30,8 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the model over gRPC to many tenants, each request with its own adapter.
-    Serve(ServeArgs),
+    /// Serve the model over gRPC and the OpenAI HTTP API to many tenants,
+    /// each request with its own adapter.
+    Serve(Box<ServeArgs>),
     /// Generate text from a raw prompt or a chat message, streamed to stdout.
     Generate(GenerateArgs),
     /// Write the logits of every position of a text as a float32 .npy file.
@@ -371,9 +372,15 @@ struct LogitsArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on (loopback only unless --api-keys or --allow-remote)
+    /// Address of the gRPC API (loopback only unless --api-keys or --allow-remote)
     #[arg(long, default_value = "127.0.0.1:50051")]
     addr: std::net::SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (/v1/chat/completions,
+    /// /v1/completions, /v1/models; `model` names an adapter or the base
+    /// model's file name), or `none` to turn it off. Same keys, limits and
+    /// TLS as gRPC
+    #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_http_addr)]
+    http_addr: HttpAddr,
     #[command(flatten)]
     model: ModelArgs,
     /// Target matrices the served adapters are made for
@@ -428,7 +435,7 @@ struct ServeArgs {
     /// than --adapter-slots)
     #[arg(long, default_value_t = 4)]
     pins_per_tenant: usize,
-    /// Open gRPC connections at most (more wait until one closes)
+    /// Open connections at most, per API (more wait until one closes)
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
     /// Requests per second of one tenant on average, over both services
@@ -614,6 +621,19 @@ fn error_text(e: &anyhow::Error) -> String {
     text
 }
 
+/// `--http-addr`: an address, or `none`.
+#[derive(Clone, Copy)]
+struct HttpAddr(Option<std::net::SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s == "none" {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|e| format!("{e} (an address such as 127.0.0.1:8080, or none)"))
+}
+
 fn run_serve(args: &ServeArgs) -> Result<()> {
     use svfit::engine::EngineConfig;
     let model = args.model.path()?;
@@ -663,6 +683,7 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
         api_keys: args.api_keys.clone(),
         tls: args.tls_cert.clone().zip(args.tls_key.clone()),
         metrics_addr: args.metrics_addr,
+        http_addr: args.http_addr.0,
         allow_remote: args.allow_remote,
     };
     init_logs();
@@ -674,6 +695,14 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
             "svfit serving on {} (Ctrl-C stops; SIGTERM drains)",
             running.addr
         );
+        if let Some(http) = running.http_addr {
+            let scheme = if args.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            eprintln!("svfit OpenAI-compatible API on {scheme}://{http}/v1");
+        }
         if let Some(metrics) = running.metrics_addr {
             eprintln!("svfit metrics on http://{metrics}/metrics");
         }

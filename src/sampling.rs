@@ -176,6 +176,53 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The most alternatives [`logprob`] reports (OpenAI's `top_logprobs`
+/// allows as many).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability under the model (the log-softmax
+/// of its raw logits: before penalties, temperature or truncation), and
+/// the most likely tokens at that position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// At most `top` (token, log-probability), most likely first; ties go
+    /// to the lower token id.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-probability of `token` given `logits`, with the `top` most
+/// likely tokens (at most [`MAX_TOP_LOGPROBS`]). The sum runs in f64 from
+/// the largest logit, so the values equal a log-softmax in any precision
+/// to about 1e-6.
+pub fn logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let of = |l: f32| (l as f64 - log_z) as f32;
+    let top = top.min(MAX_TOP_LOGPROBS).min(logits.len());
+    // The `top` largest in one pass: a small sorted list.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if l.is_nan() || best.len() == top && l <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| of(l)),
+        top: best.into_iter().map(|(t, l)| (t, of(l))).collect(),
+    }
+}
+
 /// A small, seedable generator (SplitMix64): the same seed gives the same
 /// tokens on every machine.
 pub struct SplitMix64(u64);
@@ -290,5 +337,18 @@ mod tests {
         };
         assert!(bad.validate().unwrap_err().contains("temperature"));
         assert!(SamplingParams::default().validate().is_ok());
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_largest_first() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let lp = logprob(&logits, 4, 3);
+        assert!((lp.logprob as f64 - (0.5 - z.ln())).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, vec![1, 3, 0]);
+        assert!((lp.top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(logprob(&logits, 0, 0).top, vec![]);
+        assert_eq!(logprob(&logits, 0, 99).top.len(), logits.len());
     }
 }

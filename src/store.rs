@@ -32,6 +32,9 @@ use crate::factors::{FactorsKey, SingularValues};
 
 pub const VERSION_KEY: &str = "svfit.version";
 
+/// Metadata key of the time an upload was stored (Unix seconds).
+pub const CREATED_KEY: &str = "svfit.created";
+
 /// Longest tenant or adapter name.
 pub const MAX_NAME: usize = 128;
 
@@ -315,6 +318,24 @@ fn version_of(adapter: &Adapter) -> Option<u64> {
     adapter.info.get(VERSION_KEY).and_then(|v| v.parse().ok())
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Stored {
+    /// When this version was uploaded (Unix seconds; 0 for a file placed
+    /// in the store by hand).
+    pub fn created(&self) -> u64 {
+        self.adapter
+            .info
+            .get(CREATED_KEY)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
 impl AdapterStore {
     /// A store over `backend` for adapters of the factors `key` (whose
     /// singular values are `singular`), caching at most `budget` bytes of
@@ -493,6 +514,9 @@ impl AdapterStore {
             adapter
                 .info
                 .insert(VERSION_KEY.into(), previous.saturating_add(1).to_string());
+            adapter
+                .info
+                .insert(CREATED_KEY.into(), unix_now().to_string());
             written = adapter
                 .to_bytes()
                 .map_err(|e| StoreError::io(format!("encoding {}", shown(id)), e))?;

@@ -136,38 +136,8 @@ impl pb::adapters_server::Adapters for AdaptersService {
         } else {
             Some(caller.tenant(&r.tenant)?)
         };
-        let page_size = match r.page_size {
-            0 => 100,
-            n => n.min(1000) as usize,
-        };
-        let shared = self.shared.clone();
-        let page_token = r.page_token;
-        let (stored, next_page_token) = blocking(move || {
-            let tenants = match named {
-                Some(t) => vec![t],
-                None => shared.store.tenants()?,
-            };
-            let mut names: Vec<(String, String)> = Vec::new();
-            for t in &tenants {
-                let ids = shared.store.ids(t)?;
-                names.extend(ids.into_iter().map(|id| (t.clone(), id)));
-            }
-            names.retain(|(t, id)| page_token.is_empty() || format!("{t}/{id}") > page_token);
-            names.sort();
-            let more = names.len() > page_size;
-            names.truncate(page_size);
-            let next = match names.last() {
-                Some((t, id)) if more => format!("{t}/{id}"),
-                _ => String::new(),
-            };
-            // An adapter that is invalid or was deleted meanwhile is left out.
-            let stored: Vec<Arc<Stored>> = names
-                .iter()
-                .filter_map(|(t, id)| shared.store.get(t, id).ok())
-                .collect();
-            Ok((stored, next))
-        })
-        .await?;
+        let (stored, next_page_token) =
+            list_page(&self.shared, named, r.page_size as usize, r.page_token).await?;
         Ok(Response::new(pb::ListAdaptersResponse {
             adapters: stored.iter().map(|s| self.info(s)).collect(),
             next_page_token,
@@ -196,4 +166,47 @@ impl pb::adapters_server::Adapters for AdaptersService {
         self.shared.engine.pin(&format!("{tenant}/{id}"), pinned);
         Ok(Response::new(self.info(&stored)))
     }
+}
+
+/// One page of adapters, sorted by `tenant/id`: those of tenant `named`
+/// (`None`: every tenant), after `page_token` (the last `tenant/id` of the
+/// previous page), at most `page_size` (0: 100; at most 1000). Returns them
+/// and the next page's token ("" after the last page).
+pub(super) async fn list_page(
+    shared: &Arc<Shared>,
+    named: Option<String>,
+    page_size: usize,
+    page_token: String,
+) -> Result<(Vec<Arc<Stored>>, String), Status> {
+    let page_size = match page_size {
+        0 => 100,
+        n => n.min(1000),
+    };
+    let shared = shared.clone();
+    blocking(move || {
+        let tenants = match named {
+            Some(t) => vec![t],
+            None => shared.store.tenants()?,
+        };
+        let mut names: Vec<(String, String)> = Vec::new();
+        for t in &tenants {
+            let ids = shared.store.ids(t)?;
+            names.extend(ids.into_iter().map(|id| (t.clone(), id)));
+        }
+        names.retain(|(t, id)| page_token.is_empty() || format!("{t}/{id}") > page_token);
+        names.sort();
+        let more = names.len() > page_size;
+        names.truncate(page_size);
+        let next = match names.last() {
+            Some((t, id)) if more => format!("{t}/{id}"),
+            _ => String::new(),
+        };
+        // An adapter that is invalid or was deleted meanwhile is left out.
+        let stored: Vec<Arc<Stored>> = names
+            .iter()
+            .filter_map(|(t, id)| shared.store.get(t, id).ok())
+            .collect();
+        Ok((stored, next))
+    })
+    .await
 }

@@ -13,104 +13,126 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::validation::{self, AdapterChoice, Prompt, ValidRequest};
-use super::{auth, blocking, failure_status, pb, submit_status, Shared};
+use super::{auth, blocking, failure_status, pb, submit_status, Api, Shared};
 use crate::engine::{AdapterDeltas, Event, Job};
 use crate::generate;
 
 pub(super) struct InferenceService(pub(super) Arc<Shared>);
 
 /// A submitted request: its engine events and what identifies it.
-struct Submitted {
-    events: mpsc::UnboundedReceiver<Event>,
-    request_id: String,
+pub(super) struct Submitted {
+    pub(super) events: mpsc::UnboundedReceiver<Event>,
+    pub(super) request_id: String,
     tenant: String,
-    adapter_version: String,
+    pub(super) adapter_version: String,
+    api: Api,
 }
 
 impl InferenceService {
     async fn submit(&self, req: Request<pb::GenerateRequest>) -> Result<Submitted, Status> {
-        let shared = &self.0;
-        shared.stats.requests.fetch_add(1, Relaxed);
         let caller = auth::caller(&req);
-        let tenant = caller
-            .as_ref()
-            .map(|c| c.tenant.clone())
-            .unwrap_or_default();
-        let result = match caller {
-            Ok(caller) => self.submit_inner(req, caller).await,
-            Err(status) => Err(status),
-        };
-        if let Err(status) = &result {
-            shared.stats.errors.fetch_add(1, Relaxed);
-            tracing::info!(
-                target: "request",
-                tenant,
-                code = ?status.code(),
-                error = status.message(),
-                "refused"
-            );
-        }
-        result
-    }
-
-    async fn submit_inner(
-        &self,
-        req: Request<pb::GenerateRequest>,
-        caller: auth::Caller,
-    ) -> Result<Submitted, Status> {
-        let shared = self.0.clone();
-        let arrived = Instant::now();
         let (metadata, _, body) = req.into_parts();
-        let valid = validation::validate(body, &metadata, &caller, &shared.limits)?;
-        let ValidRequest {
-            adapter,
-            prompt,
-            sampling,
-            max_tokens,
-            stop,
-            deadline,
-        } = valid;
-        let (deltas, adapter_version) = resolve(&shared, adapter).await?;
-        let tokenizer = shared.tokenizer.clone();
-        let prompt = tokio::task::spawn_blocking(move || match prompt {
-            Prompt::Text(text) => Ok(tokenizer.encode(&text, true)),
-            Prompt::Chat(messages) => tokenizer
-                .apply_chat_template(&messages, true)
-                .map(|text| tokenizer.encode(&text, true))
-                .map_err(|e| Status::invalid_argument(format!("chat: {e}"))),
+        submit(&self.0, Api::Grpc, caller, |caller, limits| {
+            validation::validate(body, &metadata, caller, limits)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))??;
-        let (tx, events) = mpsc::unbounded_channel();
-        let request_id = format!(
-            "{:x}-{}",
-            shared.started.elapsed().as_micros(),
-            shared.stats.next_id.fetch_add(1, Relaxed)
-        );
-        shared
-            .engine
-            .submit(Job {
-                request: generate::Request {
-                    prompt,
-                    max_tokens,
-                    stop,
-                    sampling,
-                    adapter: 0,
-                },
-                tenant: caller.tenant.clone(),
-                adapter: deltas,
-                events: tx,
-                deadline,
-                arrived,
-            })
-            .map_err(submit_status)?;
-        Ok(Submitted {
-            events,
-            request_id,
-            tenant: caller.tenant,
-            adapter_version,
-        })
     }
+}
+
+/// Runs a request of either API: `check` turns it into a [`ValidRequest`]
+/// for `caller`; then the adapter comes from the store, the prompt is
+/// tokenized off the async threads, and the job goes to the engine. A
+/// refusal is counted and logged here.
+pub(super) async fn submit(
+    shared: &Arc<Shared>,
+    api: Api,
+    caller: Result<auth::Caller, Status>,
+    check: impl FnOnce(&auth::Caller, &validation::Limits) -> Result<ValidRequest, Status>,
+) -> Result<Submitted, Status> {
+    shared.stats.request(api);
+    let tenant = caller
+        .as_ref()
+        .map(|c| c.tenant.clone())
+        .unwrap_or_default();
+    let result = match caller {
+        Ok(caller) => match check(&caller, &shared.limits) {
+            Ok(valid) => submit_valid(shared, api, caller, valid).await,
+            Err(status) => Err(status),
+        },
+        Err(status) => Err(status),
+    };
+    if let Err(status) = &result {
+        shared.stats.error(api);
+        tracing::info!(
+            target: "request",
+            api = api.as_str(),
+            tenant,
+            code = ?status.code(),
+            error = status.message(),
+            "refused"
+        );
+    }
+    result
+}
+
+async fn submit_valid(
+    shared: &Arc<Shared>,
+    api: Api,
+    caller: auth::Caller,
+    valid: ValidRequest,
+) -> Result<Submitted, Status> {
+    let arrived = Instant::now();
+    let ValidRequest {
+        adapter,
+        prompt,
+        sampling,
+        max_tokens,
+        stop,
+        deadline,
+        logprobs,
+    } = valid;
+    let (deltas, adapter_version) = resolve(shared, adapter).await?;
+    let tokenizer = shared.tokenizer.clone();
+    let prompt = tokio::task::spawn_blocking(move || match prompt {
+        Prompt::Text(text) => Ok(tokenizer.encode(&text, true)),
+        Prompt::Chat(messages) => tokenizer
+            .apply_chat_template(&messages, true)
+            .map(|text| tokenizer.encode(&text, true))
+            .map_err(|e| Status::invalid_argument(format!("chat: {e}"))),
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))??;
+    let (tx, events) = mpsc::unbounded_channel();
+    let request_id = format!(
+        "{:x}-{}",
+        shared.started.elapsed().as_micros(),
+        shared.stats.next_id.fetch_add(1, Relaxed)
+    );
+    shared
+        .engine
+        .submit(Job {
+            request: generate::Request {
+                prompt,
+                max_tokens,
+                stop,
+                sampling,
+                adapter: 0,
+            },
+            tenant: caller.tenant.clone(),
+            adapter: deltas,
+            events: tx,
+            deadline,
+            arrived,
+            logprobs,
+        })
+        .map_err(submit_status)?;
+    Ok(Submitted {
+        events,
+        request_id,
+        tenant: caller.tenant,
+        adapter_version,
+        api,
+    })
 }
 
 /// The deltas the engine runs with and the version string the client sees
@@ -146,7 +168,7 @@ async fn resolve(
 }
 
 /// Usage and timings of the `Done` event.
-fn usage_and_timings(event: &Event) -> Option<(pb::Usage, pb::Timings, &'static str)> {
+pub(super) fn usage_and_timings(event: &Event) -> Option<(pb::Usage, pb::Timings, &'static str)> {
     match event {
         Event::Done {
             finish,
@@ -173,15 +195,16 @@ fn usage_and_timings(event: &Event) -> Option<(pb::Usage, pb::Timings, &'static 
 
 /// What the engine says when it drops a request without a last event: it
 /// stopped.
-fn engine_gone() -> Status {
+pub(super) fn engine_gone() -> Status {
     Status::unavailable("the engine stopped")
 }
 
 impl Submitted {
     /// The request's one log line, when it ends.
-    fn log_done(&self, usage: &pb::Usage, timings: &pb::Timings, finish: &str) {
+    pub(super) fn log_done(&self, usage: &pb::Usage, timings: &pb::Timings, finish: &str) {
         tracing::info!(
             target: "request",
+            api = self.api.as_str(),
             request_id = self.request_id,
             tenant = self.tenant,
             adapter = self.adapter_version,
@@ -195,9 +218,10 @@ impl Submitted {
         );
     }
 
-    fn log_failed(&self, status: &Status) {
+    pub(super) fn log_failed(&self, status: &Status) {
         tracing::info!(
             target: "request",
+            api = self.api.as_str(),
             request_id = self.request_id,
             tenant = self.tenant,
             adapter = self.adapter_version,
@@ -316,12 +340,7 @@ impl pb::inference_server::Inference for InferenceService {
         let config = shared.engine.config();
         let key = shared.store.key();
         Ok(Response::new(pb::ModelInfoResponse {
-            model: shared
-                .config
-                .model
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            model: shared.base_model(),
             sha256: key.base_sha256.clone(),
             targets: key.targets.to_string(),
             rank_policy: key.policy.to_string(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-use super::Shared;
+use super::{Api, Shared};
 
 const MAX_CONNECTIONS: usize = 32;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,21 +61,8 @@ pub(super) async fn serve(
 pub(super) fn render(shared: &Shared) -> String {
     let e = shared.engine.stats();
     let c = shared.store.cache_stats();
-    let s = &shared.stats;
     let steps = e.steps.load(Relaxed);
-    let metrics: [(&str, &str, &str, f64); 20] = [
-        (
-            "svfit_requests_total",
-            "counter",
-            "gRPC inference requests received",
-            s.requests.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_request_errors_total",
-            "counter",
-            "inference requests refused before running",
-            s.errors.load(Relaxed) as f64,
-        ),
+    let metrics: [(&str, &str, &str, f64); 18] = [
         (
             "svfit_requests_finished_total",
             "counter",
@@ -181,6 +168,27 @@ pub(super) fn render(shared: &Shared) -> String {
         ),
     ];
     let mut out = String::new();
+    let per_api = [
+        (
+            "svfit_requests_total",
+            "inference requests received, by API (grpc, http)",
+            false,
+        ),
+        (
+            "svfit_request_errors_total",
+            "inference requests refused before running, by API",
+            true,
+        ),
+    ];
+    for (name, help, errors) in per_api {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for api in Api::ALL {
+            let (requests, refused) = shared.stats.counts(api);
+            let value = if errors { refused } else { requests };
+            let api = api.as_str();
+            out.push_str(&format!("{name}{{api=\"{api}\"}} {value}\n"));
+        }
+    }
     for (name, kind, help, value) in metrics {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"

@@ -11,14 +11,16 @@
 mod adapters;
 pub mod auth;
 pub mod codec;
+mod http;
 mod inference;
 mod listener;
 mod metrics;
+pub mod openai;
 pub mod validation;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,16 +80,55 @@ pub struct ServeConfig {
     pub api_keys: Option<PathBuf>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The OpenAI-compatible HTTP API (`None`: off).
+    pub http_addr: Option<SocketAddr>,
     /// Listen beyond loopback without API keys.
     pub allow_remote: bool,
 }
 
-/// Request counters of the gRPC layer.
+/// The API a request came through (a label of metrics and request logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    Grpc,
+    Http,
+}
+
+impl Api {
+    pub const ALL: [Api; 2] = [Api::Grpc, Api::Http];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Grpc => "grpc",
+            Api::Http => "http",
+        }
+    }
+}
+
+/// Request counters of the API layer, per API.
 #[derive(Default)]
 pub struct ServerStats {
-    pub requests: AtomicU64,
-    pub errors: AtomicU64,
+    requests: [AtomicU64; 2],
+    errors: [AtomicU64; 2],
     pub next_id: AtomicU64,
+}
+
+impl ServerStats {
+    fn request(&self, api: Api) {
+        self.requests[api as usize].fetch_add(1, Relaxed);
+    }
+
+    fn error(&self, api: Api) {
+        self.errors[api as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Inference requests received through `api`, and those refused
+    /// before they ran.
+    pub fn counts(&self, api: Api) -> (u64, u64) {
+        (
+            self.requests[api as usize].load(Relaxed),
+            self.errors[api as usize].load(Relaxed),
+        )
+    }
 }
 
 struct Shared {
@@ -105,8 +146,11 @@ struct Shared {
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The HTTP API; it stops with the gRPC server.
+    http_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
     engine: Engine,
@@ -119,6 +163,9 @@ impl Drop for Running {
         if let Some(task) = &self.metrics_task {
             task.abort();
         }
+        if let Some(task) = &self.http_task {
+            task.abort();
+        }
     }
 }
 
@@ -129,6 +176,17 @@ impl Running {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        self.stop_http().await;
+    }
+
+    /// Waits up to [`DRAIN`] for the HTTP API's open connections (it was
+    /// told to stop with the gRPC server), then cuts them.
+    async fn stop_http(&mut self) {
+        if let Some(task) = &mut self.http_task {
+            if tokio::time::timeout(DRAIN, &mut *task).await.is_err() {
+                task.abort();
+            }
+        }
     }
 
     /// Serves until the server fails or stops; an error when the engine
@@ -159,6 +217,7 @@ impl Running {
         if tokio::time::timeout(DRAIN, &mut self.task).await.is_err() {
             self.task.abort();
         }
+        self.stop_http().await;
         cut
     }
 }
@@ -166,13 +225,36 @@ impl Running {
 /// Loads the model and factors, opens the store and starts listening.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let keys = config.api_keys.as_deref().map(Keys::load).transpose()?;
-    if keys.is_none() && !config.addr.ip().is_loopback() && !config.allow_remote {
-        anyhow::bail!(
-            "refusing to listen on {} without --api-keys: use a loopback address, an API key \
-             file, or --allow-remote",
-            config.addr
-        );
+    for addr in std::iter::once(config.addr).chain(config.http_addr) {
+        if keys.is_none() && !addr.ip().is_loopback() && !config.allow_remote {
+            anyhow::bail!(
+                "refusing to listen on {addr} without --api-keys: use a loopback address, an \
+                 API key file, or --allow-remote"
+            );
+        }
     }
+    let tls_files = config
+        .tls
+        .as_ref()
+        .map(|(cert, key)| {
+            let read =
+                |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+            anyhow::Ok((read(cert)?, read(key)?))
+        })
+        .transpose()?;
+    let http_tls = match (&tls_files, config.http_addr) {
+        (Some((cert, key)), Some(_)) => Some(http::tls_config(cert, key)?),
+        _ => None,
+    };
+    // Bound before the model loads: a taken port fails at once.
+    let http_listener = match config.http_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--http-addr {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let setup = config.clone();
     let (engine, store, tokenizer, ranks) = tokio::task::spawn_blocking(move || {
         let config = setup;
@@ -249,11 +331,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
-    if let Some((cert, key)) = &config.tls {
-        let identity = tonic::transport::Identity::from_pem(
-            std::fs::read(cert).map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?,
-            std::fs::read(key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?,
-        );
+    if let Some((cert, key)) = &tls_files {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
         builder =
             builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
@@ -261,6 +340,25 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         keys: keys.map(Arc::new),
         rate: (config.tenant_rate > 0.0)
             .then(|| Arc::new(TenantRate::new(config.tenant_rate, config.tenant_burst))),
+    };
+    // The HTTP API stops when gRPC does: on request or when the engine died.
+    let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
+    let (http_addr, http_task) = match http_listener {
+        Some(listener) => {
+            let mut stopped = http_stopped.clone();
+            let (addr, task) = http::serve(
+                listener,
+                shared.clone(),
+                authenticate.keys.clone(),
+                authenticate.rate.clone(),
+                http_tls,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )?;
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
     };
     let router = builder
         .add_service(health_service)
@@ -296,6 +394,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
                 let _ = died.send(());
             }
         }
+        let _ = http_stop.send(true);
     };
     let serve = router.serve_with_incoming_shutdown(
         listener::incoming(listener, "grpc", config.max_connections),
@@ -323,6 +422,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     });
     tracing::info!(
         %addr,
+        http = http_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         model = %config.model.display(),
         factors = config.factors.id(),
         "listening"
@@ -330,12 +430,25 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     Ok(Running {
         addr,
         metrics_addr,
+        http_addr,
         shutdown: Some(shutdown),
         task,
+        http_task,
         metrics_task,
         health: reporter,
         engine: shared.engine.clone(),
     })
+}
+
+impl Shared {
+    /// The base model's name in both APIs: its file name.
+    fn base_model(&self) -> String {
+        self.config
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// Health says NOT_SERVING for both svfit services.

@@ -94,6 +94,9 @@ pub struct ValidRequest {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub deadline: Option<Instant>,
+    /// Alternatives per token to report with log-probabilities (`None`:
+    /// none at all); the HTTP API sets it, gRPC has no such field.
+    pub logprobs: Option<usize>,
 }
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
@@ -149,6 +152,7 @@ pub fn validate(
         max_tokens,
         stop: body.stop,
         deadline: deadline(metadata)?,
+        logprobs: None,
     })
 }
 

@@ -105,6 +105,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         api_keys: None,
         tls: None,
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        http_addr: Some("127.0.0.1:0".parse().unwrap()),
         allow_remote: false,
     }
 }
