@@ -1,8 +1,8 @@
 //! Fuzzing on stable Rust, for a bounded time: the parsers and checks that
 //! see untrusted bytes must answer every input with a value or an error,
 //! never a panic or a crash. Targets: the adapter file parser and its
-//! validation, the GGUF reader and model config, request validation, and
-//! the stop-string text stream.
+//! validation, the GGUF reader and model config, request validation, the
+//! OpenAI API's request bodies, and the stop-string text stream.
 //!
 //! Inputs come from proptest strategies: byte targets mutate the seed
 //! files in `tests/fuzz/corpus/<target>/` (flips, interesting values,
@@ -24,6 +24,7 @@ use svfit::factors::{FactorsKey, SingularValues, TargetMatrix};
 use svfit::generate::TextStream;
 use svfit::ggml::gguf::GgufFile;
 use svfit::server::auth::Caller;
+use svfit::server::openai::{self, Endpoint};
 use svfit::server::pb;
 use svfit::server::validation::{self, AdapterChoice, Limits};
 use tonic::metadata::MetadataMap;
@@ -443,6 +444,115 @@ fn request_validation() {
     });
 }
 
+/// A JSON value of OpenAI's request fields (and others), nested a little.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::{json, Value};
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        (-3i64..30).prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|f| json!(f)),
+        text(12).prop_map(Value::String),
+        Just(json!("user")),
+        Just(json!("text")),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::vec((field_name(), inner), 0..4)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+fn field_name() -> impl Strategy<Value = String> {
+    const KNOWN: &[&str] = &[
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "n",
+        "stream",
+        "stream_options",
+        "include_usage",
+        "logprobs",
+        "top_logprobs",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "user",
+        "tools",
+        "response_format",
+        "svfit",
+        "mix",
+        "adapter",
+        "weight",
+        "role",
+        "content",
+        "type",
+        "text",
+        "echo",
+        "suffix",
+        "best_of",
+    ];
+    prop_oneof![
+        4 => proptest::sample::select(KNOWN).prop_map(str::to_string),
+        1 => text(8),
+    ]
+}
+
+#[test]
+fn openai_request_bodies() {
+    let limits = Limits {
+        stop_strings: 4,
+        stop_bytes: 16,
+        mix_parts: 3,
+        prompt_bytes: 48,
+        chat_messages: 2,
+        max_tokens: 4096,
+        max_tokens_default: 64,
+    };
+    let caller = Caller {
+        tenant: "alice".into(),
+        admin: false,
+    };
+    let object = proptest::collection::vec((field_name(), json_value()), 0..10).prop_map(|kv| {
+        serde_json::Value::Object(kv.into_iter().collect())
+            .to_string()
+            .into_bytes()
+    });
+    let bodies = prop_oneof![4 => object, 1 => mutated(corpus("openai"))];
+    fuzz("openai", (bodies, any::<bool>()), |(bytes, chat)| {
+        let endpoint = if chat {
+            Endpoint::Chat
+        } else {
+            Endpoint::Completions
+        };
+        let Ok(parsed) = openai::parse(endpoint, &bytes, "base.gguf") else {
+            return Ok(());
+        };
+        prop_assert!(parsed.body.input.is_some());
+        prop_assert!(parsed
+            .logprobs
+            .is_none_or(|n| n <= svfit::sampling::MAX_TOP_LOGPROBS));
+        prop_assert!(parsed.body.adapter.is_empty() || parsed.body.mix.is_empty());
+        if let Ok(valid) = validation::validate(parsed.body, &MetadataMap::new(), &caller, &limits)
+        {
+            prop_assert!(valid.sampling.validate().is_ok());
+            prop_assert!(valid.stop.len() <= limits.stop_strings);
+        }
+        Ok(())
+    });
+}
+
 #[test]
 fn stop_strings_in_streamed_text() {
     let pieces = proptest::collection::vec(
@@ -502,4 +612,18 @@ fn write_corpus() {
         ..common::TINY
     };
     common::write_tiny_model(&dir.join("tiny-llama.gguf"), &spec);
+
+    let dir = corpus_dir("openai");
+    std::fs::create_dir_all(&dir).unwrap();
+    let seeds = [
+        serde_json::json!({"model": "a1", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 8, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 2}),
+        serde_json::json!({"model": "base.gguf", "prompt": ["Once"], "stop": ["\n", "END"],
+            "svfit": {"mix": [{"adapter": "a", "weight": 0.5}, {"adapter": "b", "weight": 0.5}]},
+            "logprobs": 3, "seed": 7, "top_p": 0.9, "n": 1, "user": "u"}),
+    ];
+    for (i, seed) in seeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("request-{i}.json")), seed.to_string()).unwrap();
+    }
 }

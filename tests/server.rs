@@ -4,6 +4,7 @@
 //! error codes, health and reflection.
 
 mod common;
+mod http;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

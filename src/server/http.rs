@@ -227,17 +227,20 @@ impl IntoResponse for ApiError {
 /// message starts with, in the OpenAI request's terms.
 fn error_body(status: &Status, kind: &str, code: Option<&str>) -> Value {
     let message = status.message();
-    let param = message
-        .split_once(": ")
-        .map(|(field, _)| field)
-        .filter(|f| !f.is_empty() && !f.contains(' ') || *f == "adapter id")
-        .map(|f| match f {
-            "chat" => "messages",
-            "mix" => "svfit.mix",
-            "adapter id" | "adapter" => "model",
-            "sampling" => "sampling",
-            other => other,
-        });
+    let param =
+        if message.starts_with("invalid adapter id") || message.starts_with("invalid tenant") {
+            Some("model")
+        } else {
+            message
+                .split_once(": ")
+                .map(|(field, _)| field)
+                .filter(|f| !f.is_empty() && !f.contains(' '))
+                .map(|f| match f {
+                    "chat" => "messages",
+                    "mix" => "svfit.mix",
+                    other => other,
+                })
+        };
     let param = (status.code() == Code::InvalidArgument)
         .then_some(param)
         .flatten();
