@@ -37,7 +37,10 @@
 //! `--weights auto|keep|q8_0|f16` (svfit's layout, default auto), `--json FILE`,
 //! `--prefill-budget N` (prompt tokens the engine starts per step, default
 //! 512), `--hostile-pace-ms N` (soak: the hostile client's pause between
-//! requests, default 10).
+//! requests, default 10), `--api grpc|http` (`http` also runs the same
+//! traffic through svfit's OpenAI-compatible HTTP API, in the same run
+//! right after gRPC: streaming `/v1/completions`, a fresh connection per
+//! request as for llama-server; default grpc).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +68,7 @@ fn fail<T, E: std::fmt::Display>(e: E) -> T {
     exit(&e.to_string())
 }
 
+#[derive(Clone)]
 struct Options {
     scenario: String,
     clients: usize,
@@ -82,7 +86,19 @@ struct Options {
     hostile_pace: Duration,
     weights: WeightFormat,
     llama_server: Option<PathBuf>,
+    /// Also drive svfit through its HTTP API.
+    http: bool,
 }
+
+/// How the bench talks to svfit.
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Grpc,
+    Http,
+}
+
+/// Rounds of gRPC and HTTP turns with `--api http`.
+const HTTP_ROUNDS: usize = 4;
 
 fn parse_args() -> Options {
     let mut o = Options {
@@ -102,6 +118,7 @@ fn parse_args() -> Options {
         hostile_pace: Duration::from_millis(10),
         weights: WeightFormat::Auto,
         llama_server: None,
+        http: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -130,12 +147,22 @@ fn parse_args() -> Options {
             "--hostile-pace-ms" => o.hostile_pace = Duration::from_secs_f64(number(value()) / 1e3),
             "--weights" => o.weights = value().parse().unwrap_or_else(|e: String| exit(&e)),
             "--llama-server" => o.llama_server = Some(PathBuf::from(value())),
+            "--api" => {
+                o.http = match value().as_str() {
+                    "grpc" => false,
+                    "http" => true,
+                    other => exit(&format!("--api must be grpc or http, not {other}")),
+                }
+            }
             "--bench" => {}
             other => exit(&format!("unknown option {other}")),
         }
     }
     if !["base", "one", "many", "cold", "mix", "soak"].contains(&o.scenario.as_str()) {
         exit("--scenario must be one of base, one, many, cold, mix, soak");
+    }
+    if o.http && o.addr.is_some() {
+        exit("--api http drives an in-process server; drop --addr");
     }
     o
 }
@@ -607,7 +634,13 @@ async fn hostile_client(
     counts
 }
 
-async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile: bool) -> Report {
+async fn run_svfit(
+    o: &Options,
+    b: &Base,
+    dir: &Path,
+    n_adapters: usize,
+    hostile: bool,
+) -> Vec<Report> {
     let adapters = dir.join("adapters");
     let rss_before = rss_mb();
     let (slots, cache) = match o.scenario.as_str() {
@@ -715,14 +748,72 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
         Some(running) => metrics(running.metrics_addr.expect("enabled")).await,
         None => HashMap::new(),
     };
-    let mut traffic = Traffic::new(o, n_adapters);
-    let (samples, elapsed) = drive(o, &mut traffic, send).await;
-    let mut r = report(
-        if hostile { "svfit+hostile" } else { "svfit" },
-        o,
-        &samples,
-        elapsed,
-    );
+    // With --api http, both APIs take turns on this one server: rounds of
+    // gRPC then HTTP (then HTTP then gRPC), the same traffic in each, so
+    // that the machine's drift falls on both alike.
+    let schedule: Vec<Api> = if o.http && !hostile {
+        (0..HTTP_ROUNDS)
+            .flat_map(|r| match r % 2 {
+                0 => [Api::Grpc, Api::Http],
+                _ => [Api::Http, Api::Grpc],
+            })
+            .collect()
+    } else {
+        vec![Api::Grpc]
+    };
+    let segment = Options {
+        seconds: o.seconds * 2.0 / schedule.len().max(2) as f64,
+        ..o.clone()
+    };
+    let http_send = running.as_ref().and_then(|r| r.http_addr).map(|addr| {
+        let base_model = o
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        move |job: Job| {
+            let body = openai_request(&job, gen, &base_model);
+            async move { stream_openai(addr.port(), &body).await }
+        }
+    });
+    let mut runs: [(Vec<Sample>, Duration, Vec<f64>); 2] = Default::default();
+    for api in &schedule {
+        let mut traffic = Traffic::new(o, n_adapters);
+        let (samples, elapsed) = match api {
+            Api::Grpc => drive(&segment, &mut traffic, send.clone()).await,
+            Api::Http => {
+                let send = http_send.clone().expect("an in-process server");
+                drive(&segment, &mut traffic, send).await
+            }
+        };
+        let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+        let run = &mut runs[*api as usize];
+        run.0.extend(samples);
+        run.1 += elapsed;
+        run.2.push(tokens as f64 / elapsed.as_secs_f64());
+    }
+    let engine = if hostile { "svfit+hostile" } else { "svfit" };
+    let mut r = report(engine, o, &runs[0].0, runs[0].1);
+    let mut http = (schedule.len() > 1).then(|| {
+        let mut http = report("svfit-http", o, &runs[1].0, runs[1].1);
+        // HTTP over gRPC throughput, per round (each round runs both).
+        let mut ratios: Vec<f64> = runs[1]
+            .2
+            .iter()
+            .zip(&runs[0].2)
+            .map(|(h, g)| h / g)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        http.extra.push((
+            "http_over_grpc_round_median".into(),
+            ratios[ratios.len() / 2],
+        ));
+        http.extra
+            .push(("http_over_grpc_round_min".into(), ratios[0]));
+        http.extra
+            .push(("http_over_grpc_round_max".into(), ratios[ratios.len() - 1]));
+        http
+    });
     if let Some(attacker) = attacker {
         stop_hostile.store(true, std::sync::atomic::Ordering::Relaxed);
         let counts = attacker.await.unwrap_or_else(fail);
@@ -775,7 +866,9 @@ async fn run_svfit(o: &Options, b: &Base, dir: &Path, n_adapters: usize, hostile
         ]);
         running.stop().await;
     }
-    r
+    let mut reports = vec![r];
+    reports.extend(http.take());
+    reports
 }
 
 /// The added latency of a cold adapter: reading and validating it from the
@@ -1021,6 +1114,67 @@ async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
     report("llama-server", o, &samples, elapsed)
 }
 
+/// The request of `job` for svfit's OpenAI-compatible API: the same
+/// prompt, adapter (or mix) and greedy `gen` tokens as over gRPC.
+fn openai_request(job: &Job, gen: u32, base_model: &str) -> String {
+    let mut body = serde_json::json!({
+        "model": base_model,
+        "prompt": job.prompt,
+        "max_tokens": gen,
+        "temperature": 0.0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    match job.which {
+        Which::Base => {}
+        Which::Adapter(i) => body["model"] = format!("t{i}").into(),
+        Which::Mix(i, j) => {
+            body["svfit"] = serde_json::json!({"mix": [
+                {"adapter": format!("t{i}"), "weight": 0.7},
+                {"adapter": format!("t{j}"), "weight": 0.3},
+            ]})
+        }
+    }
+    body.to_string()
+}
+
+/// POSTs a streaming completion to svfit's HTTP API and times its chunks
+/// (one per engine step that produced text); the token count is the
+/// final usage chunk's.
+async fn stream_openai(port: u16, body: &str) -> Sample {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut timer = Timer::new();
+    let socket = send_request(port, "POST", "/v1/completions", body)
+        .await
+        .unwrap_or_else(fail);
+    let mut lines = BufReader::new(socket).lines();
+    let mut completion_tokens = None;
+    while let Some(line) = lines.next_line().await.unwrap_or_else(fail) {
+        let Some(event) = line.strip_prefix("data: ") else {
+            if line.starts_with("HTTP/1.1 ") && !line.contains(" 200 ") {
+                exit(&format!("svfit's HTTP API answered {line}"));
+            }
+            continue;
+        };
+        if event == "[DONE]" {
+            break;
+        }
+        let event: serde_json::Value = serde_json::from_str(event).unwrap_or_else(fail);
+        if event["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            timer.tokens(Instant::now(), 1);
+        }
+        if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
+            completion_tokens = Some(n as usize);
+        }
+    }
+    let mut sample = timer.finish();
+    sample.tokens = completion_tokens.unwrap_or_else(|| exit("no usage chunk"));
+    sample
+}
+
 /// POSTs a streaming completion to llama-server and times its tokens.
 async fn stream_completion(port: u16, body: &str) -> Sample {
     use tokio::io::{AsyncBufReadExt, BufReader};
@@ -1097,11 +1251,12 @@ fn main() {
     let mut reports = Vec::new();
     let mut ours = runtime.block_on(run_svfit(&o, &b, &dir, n_adapters, false));
     if o.scenario == "cold" && o.addr.is_none() {
-        ours.extra.extend(cold_load_cost(&o, &b, &dir, 200));
+        ours[0].extra.extend(cold_load_cost(&o, &b, &dir, 200));
     }
-    reports.push(ours);
+    let http = (ours.len() > 1).then(|| ours.remove(1));
+    reports.extend(ours);
     if o.scenario == "soak" {
-        reports.push(runtime.block_on(run_svfit(&o, &b, &dir, n_adapters, true)));
+        reports.extend(runtime.block_on(run_svfit(&o, &b, &dir, n_adapters, true)));
         let (calm, attacked) = (&reports[0], &reports[1]);
         println!(
             "with the hostile tenant / without: throughput {:.2}x, TTFT p95 {:.2}x, ITL p95 {:.2}x",
@@ -1109,6 +1264,19 @@ fn main() {
             attacked.ttft_ms[1] / calm.ttft_ms[1],
             attacked.itl_ms[1] / calm.itl_ms[1]
         );
+    }
+    // The same traffic over the HTTP API, in turns with gRPC.
+    if let Some(http) = http {
+        let grpc = &reports[0];
+        println!(
+            "svfit HTTP API / gRPC: throughput {:.3}x (median of {HTTP_ROUNDS} rounds {:.3}x), \
+             TTFT p95 {:.2}x, e2e p95 {:.2}x",
+            http.tokens_per_s / grpc.tokens_per_s,
+            http.extra[0].1,
+            http.ttft_ms[1] / grpc.ttft_ms[1],
+            http.e2e_ms[1] / grpc.e2e_ms[1]
+        );
+        reports.push(http);
     }
     // Adapters against our own base, in the same run.
     if o.scenario == "many" && o.addr.is_none() {
@@ -1118,9 +1286,12 @@ fn main() {
             json: None,
             addr: None,
             llama_server: None,
+            http: false,
             ..o
         };
-        let ours = runtime.block_on(run_svfit(&base, &b, &dir, 0, false));
+        let ours = runtime
+            .block_on(run_svfit(&base, &b, &dir, 0, false))
+            .remove(0);
         // The engine's time per token of its batches, from its counters.
         let per_token = |r: &Report| {
             let get = |k: &str| {
