@@ -561,6 +561,8 @@ fn spawn_server(adapters: &Path, rust_log: &str, shell_prefix: &str) -> Process 
         "127.0.0.1:0",
         "--metrics-addr",
         "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
         "--threads",
         "2",
         // The uploaders of the kill test go faster than a tenant may.

@@ -340,9 +340,21 @@ async fn generate(
     // costs next to nothing. Its refusal is counted by `submit`.
     let caller = state.caller(&headers);
     let bytes = match &caller {
-        Ok(_) => match read_body(body, state.body_limit()).await {
+        Ok(c) => match read_body(body, state.body_limit()).await {
             Ok(bytes) => bytes,
-            Err(response) => return response,
+            Err(response) => {
+                let stats = &state.shared.stats;
+                stats.request(Api::Http);
+                stats.error(Api::Http);
+                tracing::info!(
+                    target: "request",
+                    api = Api::Http.as_str(),
+                    tenant = c.tenant,
+                    status = response.status().as_u16(),
+                    "refused: the body was too large or did not arrive"
+                );
+                return response;
+            }
         },
         Err(_) => Bytes::new(),
     };
