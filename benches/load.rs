@@ -675,6 +675,7 @@ async fn run_svfit(
                     queue_limit: 100_000,
                     tenant_queue_limit: 100_000,
                     prefill_budget: o.prefill_budget,
+                    prefix_cache_bytes: o.prefix_cache_mb << 20,
                 },
                 limits: svfit::server::validation::Limits {
                     max_tokens_default: o.gen as usize,

@@ -24,7 +24,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::adapter::Deltas;
 use crate::generate::{FinishReason, GenerateError, Request, Sequence};
+use crate::model::kv_cache::PAGE;
 use crate::model::{Batch, KvCache, Model, ModelError, SeqId, Slot, Tokenizer};
+use crate::prefix_cache::{block_keys, PrefixCache, PrefixStats};
 pub use crate::sampling::TokenLogprob;
 
 #[derive(Clone, Debug)]
@@ -44,6 +46,8 @@ pub struct EngineConfig {
     pub tenant_queue_limit: usize,
     /// Prompt tokens prefilled per step at most (one chunk always runs).
     pub prefill_budget: usize,
+    /// Host memory for the prefix cache's KV blocks (0: no prefix cache).
+    pub prefix_cache_bytes: usize,
 }
 
 /// An adapter (one version of it, or a mix) as the engine sees it.
@@ -88,6 +92,8 @@ pub enum Event {
     Done {
         finish: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens whose cells came from the prefix cache.
+        cached_tokens: usize,
         completion_tokens: usize,
         queue: Duration,
         time_to_first_token: Duration,
@@ -134,6 +140,15 @@ pub struct Stats {
     pub slot_hits: AtomicU64,
     pub slot_loads: AtomicU64,
     pub slot_evictions: AtomicU64,
+    /// The prefix cache's counters, as of the last change.
+    pub prefix: std::sync::Mutex<PrefixStats>,
+}
+
+impl Stats {
+    /// The prefix cache's counters.
+    pub fn prefix(&self) -> PrefixStats {
+        *self.prefix.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +217,7 @@ impl Engine {
             running: Vec::new(),
             slots: SlotPool::new(n_slots.min(config.adapter_slots)),
             next_seq: 0,
+            prefix: PrefixCache::new(config.prefix_cache_bytes),
             config: config.clone(),
         };
         let (alive_tx, alive) = tokio::sync::watch::channel(true);
@@ -340,6 +356,17 @@ struct Running {
     next: Option<u32>,
     started: Instant,
     first_token: Option<Duration>,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
+    /// Blocks of this sequence known to the prefix cache.
+    remembered: usize,
+}
+
+impl Running {
+    /// The key its cells are cached under: its adapter's ("" is the base).
+    fn adapter_key(&self) -> &str {
+        self.job.adapter.as_ref().map_or("", |a| a.key.as_str())
+    }
 }
 
 struct Worker {
@@ -357,6 +384,7 @@ struct Worker {
     next_seq: SeqId,
     context: usize,
     config: EngineConfig,
+    prefix: PrefixCache,
 }
 
 impl Worker {
@@ -533,6 +561,8 @@ impl Worker {
             return Err(job);
         }
         self.next_seq = self.next_seq.wrapping_add(1);
+        let mut sequence = sequence;
+        let cached = self.reuse_prefix(seq, &job, &mut sequence);
         self.running.push(Running {
             seq,
             job,
@@ -541,8 +571,60 @@ impl Worker {
             next: None,
             started: Instant::now(),
             first_token: None,
+            cached,
+            remembered: cached / PAGE,
         });
         Ok(())
+    }
+
+    /// Copies the longest cached prefix of `job`'s prompt into `seq`'s
+    /// cells (at least one prompt token is left to prefill, for the
+    /// logits); returns the tokens it covers.
+    fn reuse_prefix(&mut self, seq: SeqId, job: &Job, sequence: &mut Sequence) -> usize {
+        if !self.prefix.enabled() {
+            return 0;
+        }
+        let prompt = &job.request.prompt;
+        let adapter = job.adapter.as_ref().map_or("", |a| a.key.as_str());
+        let keys = block_keys(adapter, &prompt[..prompt.len().saturating_sub(1)]);
+        let mut reused = 0;
+        for block in self.prefix.lookup(&keys) {
+            if let Err(e) = self.cache.import(seq, block, PAGE) {
+                tracing::warn!(error = %e, "copying a cached prefix failed; prefilling instead");
+                break;
+            }
+            reused += PAGE;
+        }
+        sequence.skip_prefill(reused);
+        self.publish_prefix();
+        reused
+    }
+
+    /// Adds the whole blocks of `r`'s cells (prompt, and generated tokens
+    /// at the end) to the prefix cache.
+    fn remember(&mut self, i: usize) {
+        if !self.prefix.enabled() {
+            return;
+        }
+        let r = &self.running[i];
+        let n = self.cache.seq_len(r.seq).min(r.sequence.history().len());
+        let keys = block_keys(r.adapter_key(), &r.sequence.history()[..n]);
+        if keys.len() <= r.remembered {
+            return;
+        }
+        let (cache, seq) = (&self.cache, r.seq);
+        let inserted = self
+            .prefix
+            .insert(&keys, r.remembered, |b| cache.export(seq, b * PAGE, PAGE));
+        if let Err(e) = inserted {
+            tracing::warn!(error = %e, "caching a prefix failed");
+        }
+        self.running[i].remembered = keys.len();
+        self.publish_prefix();
+    }
+
+    fn publish_prefix(&self) {
+        *self.stats.prefix.lock().unwrap_or_else(|e| e.into_inner()) = self.prefix.stats();
     }
 
     /// Tells a request it failed, over its `events`.
@@ -642,6 +724,10 @@ impl Worker {
             let Some(logits) = logits.row(row) else {
                 continue; // failed alone: in `ended` already
             };
+            if self.running[i].next.is_none() {
+                // The prompt is all in the cache now.
+                self.remember(i);
+            }
             let r = &mut self.running[i];
             // A bug while handling one sequence stops that sequence only.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -660,6 +746,9 @@ impl Worker {
         // Remove from the back so indices stay valid.
         ended.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
         for (i, outcome) in ended {
+            if outcome.is_ok() {
+                self.remember(i);
+            }
             let r = self.running.swap_remove(i);
             match outcome {
                 Ok(finish) => self.finish(r, finish),
@@ -731,6 +820,7 @@ impl Worker {
             sequence,
             started,
             first_token,
+            cached,
             ..
         } = r;
         let mut tail = String::new();
@@ -748,6 +838,7 @@ impl Worker {
         let _ = job.events.send(Event::Done {
             finish: generation.finish,
             prompt_tokens,
+            cached_tokens: cached,
             completion_tokens: generation.tokens.len(),
             queue,
             time_to_first_token: first_token.unwrap_or_else(|| job.arrived.elapsed()),

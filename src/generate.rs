@@ -166,6 +166,18 @@ impl Sequence {
         Some((start, &self.prompt[start..end]))
     }
 
+    /// Marks the first `n` prompt tokens as prefilled already (their cells
+    /// came from the prefix cache); at least one token stays to prefill,
+    /// for the logits.
+    pub fn skip_prefill(&mut self, n: usize) {
+        self.prefilled = n.min(self.prompt.len().saturating_sub(1));
+    }
+
+    /// The prompt and the tokens generated so far.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
     /// Whether the whole prompt has been handed out.
     pub fn prefill_done(&self) -> bool {
         self.prefilled >= self.prompt.len()

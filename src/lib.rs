@@ -11,6 +11,7 @@ pub mod merge;
 pub mod model;
 pub mod npy;
 pub mod oracle;
+pub mod prefix_cache;
 pub mod sampling;
 pub mod server;
 pub mod store;

@@ -394,6 +394,14 @@ struct ServeArgs {
     /// from AWS_* variables) [default: $SVFIT_HOME/adapters]
     #[arg(long)]
     adapters: Option<String>,
+    /// Host memory for the prefix cache, in MB (0 turns it off): the KV of
+    /// prompts already seen, in blocks of 64 tokens keyed by the adapter
+    /// version and every token before, so a request that starts like an
+    /// earlier one (a shared system prompt, the previous turns of a chat)
+    /// prefills only the rest, with exactly the same result. Least recently
+    /// used blocks are dropped
+    #[arg(long, default_value_t = 1024)]
+    prefix_cache_mb: usize,
     /// Host memory for validated adapters, in MB (least recently used are dropped)
     #[arg(long, default_value_t = 256)]
     adapter_cache_mb: usize,
@@ -665,6 +673,7 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
             queue_limit: args.queue,
             tenant_queue_limit: args.tenant_queue,
             prefill_budget: generate::PREFILL_CHUNK,
+            prefix_cache_bytes: args.prefix_cache_mb << 20,
         },
         limits: Limits {
             prompt_bytes: args.max_prompt_bytes,

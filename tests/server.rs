@@ -5,6 +5,7 @@
 
 mod common;
 mod http;
+mod prefix;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -235,6 +235,73 @@ impl KvCache {
         Ok(())
     }
 
+    /// Bytes that [`KvCache::export`] gives for `len` cells.
+    pub fn bytes_per_cells(&self, len: usize) -> usize {
+        2 * self.k.len() * len * self.n_embd_kv * 2
+    }
+
+    /// The K and V of cells `from .. from + len` of `seq` (every layer), as
+    /// bytes that [`KvCache::import`] takes back.
+    pub fn export(&self, seq: SeqId, from: usize, len: usize) -> Result<Vec<u8>, ModelError> {
+        let r = self.seqs.get(&seq).copied().unwrap_or(Range {
+            start: 0,
+            cap: 0,
+            len: 0,
+        });
+        assert!(
+            from + len <= r.len,
+            "cells {from}..{} of a sequence of {}",
+            from + len,
+            r.len
+        );
+        let f16 = 2;
+        let row = self.n_embd_kv * f16;
+        let line = self.size() * f16;
+        let cell = r.start + from;
+        let mut out = vec![0u8; self.bytes_per_cells(len)];
+        for (layer, (&k, &v)) in out
+            .chunks_exact_mut(2 * len * row)
+            .zip(self.k.iter().zip(&self.v))
+        {
+            let (k_bytes, v_bytes) = layer.split_at_mut(len * row);
+            self.set.get(k).read_at(cell * row, k_bytes)?;
+            let v = self.set.get(v);
+            for (e, seg) in v_bytes.chunks_exact_mut(len * f16).enumerate() {
+                v.read_at(e * line + cell * f16, seg)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends `len` cells holding `bytes` (from [`KvCache::export`]) to
+    /// `seq`'s range, as the tokens at the next positions; the range must
+    /// have room (see [`KvCache::reserve`]).
+    pub fn import(&mut self, seq: SeqId, bytes: &[u8], len: usize) -> Result<(), ModelError> {
+        assert_eq!(bytes.len(), self.bytes_per_cells(len), "exported cells");
+        let r = *self.seqs.get(&seq).expect("reserved");
+        assert!(r.len + len <= r.cap, "no room reserved");
+        let f16 = 2;
+        let row = self.n_embd_kv * f16;
+        let line = self.size() * f16;
+        let cell = r.start + r.len;
+        for (layer, (&k, &v)) in bytes
+            .chunks_exact(2 * len * row)
+            .zip(self.k.iter().zip(&self.v))
+        {
+            let (k_bytes, v_bytes) = layer.split_at(len * row);
+            self.set.get(k).write_at(cell * row, k_bytes)?;
+            let v = self.set.get(v);
+            for (e, seg) in v_bytes.chunks_exact(len * f16).enumerate() {
+                v.write_at(e * line + cell * f16, seg)?;
+            }
+        }
+        for i in 0..len {
+            self.positions[cell + i] = (r.len + i) as i32;
+        }
+        self.seqs.get_mut(&seq).expect("reserved").len += len;
+        Ok(())
+    }
+
     /// Claims one cell per token of `batch` (whose tokens are grouped by
     /// sequence), appending to each sequence's range; returns the cell of
     /// each token and the attention groups. A failure leaves every

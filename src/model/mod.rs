@@ -4,7 +4,7 @@
 mod batch;
 mod config;
 mod graph;
-mod kv_cache;
+pub mod kv_cache;
 mod svfit;
 pub mod tokenizer;
 mod train;

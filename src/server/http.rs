@@ -409,7 +409,7 @@ async fn whole(
     while let Some(event) = submitted.events.recv().await {
         if let Some((usage, timings, finish)) = usage_and_timings(&event) {
             submitted.log_done(&usage, &timings, finish);
-            let usage = openai::usage(usage.prompt_tokens, usage.completion_tokens);
+            let usage = openai::usage(&usage);
             let body = answer.response(&text, logprobs, finish, usage);
             return (StatusCode::OK, json_body(&body)).into_response();
         }
@@ -485,7 +485,7 @@ fn stream(
             };
             if let Some((usage, timings, finish)) = usage_and_timings(&event) {
                 submitted.log_done(&usage, &timings, finish);
-                let usage = openai::usage(usage.prompt_tokens, usage.completion_tokens);
+                let usage = openai::usage(&usage);
                 let mut last = vec![answer.chunk(None, None, Some(finish), usage_slot())];
                 if parsed.include_usage {
                     last.push(answer.usage_chunk(usage));

@@ -173,6 +173,7 @@ pub(super) fn usage_and_timings(event: &Event) -> Option<(pb::Usage, pb::Timings
         Event::Done {
             finish,
             prompt_tokens,
+            cached_tokens,
             completion_tokens,
             queue,
             time_to_first_token,
@@ -181,6 +182,7 @@ pub(super) fn usage_and_timings(event: &Event) -> Option<(pb::Usage, pb::Timings
             pb::Usage {
                 prompt_tokens: *prompt_tokens as u32,
                 completion_tokens: *completion_tokens as u32,
+                cached_tokens: *cached_tokens as u32,
             },
             pb::Timings {
                 queue_ms: queue.as_secs_f64() * 1e3,
@@ -209,6 +211,7 @@ impl Submitted {
             tenant = self.tenant,
             adapter = self.adapter_version,
             prompt_tokens = usage.prompt_tokens,
+            cached_tokens = usage.cached_tokens,
             completion_tokens = usage.completion_tokens,
             finish,
             queue_ms = format!("{:.1}", timings.queue_ms),

@@ -61,8 +61,9 @@ pub(super) async fn serve(
 pub(super) fn render(shared: &Shared) -> String {
     let e = shared.engine.stats();
     let c = shared.store.cache_stats();
+    let p = e.prefix();
     let steps = e.steps.load(Relaxed);
-    let metrics: [(&str, &str, &str, f64); 18] = [
+    let metrics: [(&str, &str, &str, f64); 24] = [
         (
             "svfit_requests_finished_total",
             "counter",
@@ -165,6 +166,42 @@ pub(super) fn render(shared: &Shared) -> String {
             "counter",
             "device slots taken from an unused adapter",
             e.slot_evictions.load(Relaxed) as f64,
+        ),
+        (
+            "svfit_prefix_cache_lookups_total",
+            "counter",
+            "prompts looked up in the prefix cache",
+            p.lookups as f64,
+        ),
+        (
+            "svfit_prefix_cache_hits_total",
+            "counter",
+            "prompts that reused cached KV blocks",
+            p.hits as f64,
+        ),
+        (
+            "svfit_prefix_cached_tokens_total",
+            "counter",
+            "prompt tokens taken from the prefix cache instead of prefilled",
+            p.cached_tokens as f64,
+        ),
+        (
+            "svfit_prefix_cache_evictions_total",
+            "counter",
+            "KV blocks evicted from the prefix cache",
+            p.evicted_blocks as f64,
+        ),
+        (
+            "svfit_prefix_cache_blocks",
+            "gauge",
+            "KV blocks in the prefix cache",
+            p.blocks as f64,
+        ),
+        (
+            "svfit_prefix_cache_bytes",
+            "gauge",
+            "bytes of KV blocks in the prefix cache",
+            p.bytes as f64,
         ),
     ];
     let mut out = String::new();

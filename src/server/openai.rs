@@ -647,11 +647,12 @@ impl Answer<'_> {
 }
 
 /// `usage` of a response.
-pub fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
+pub fn usage(usage: &pb::Usage) -> Value {
     json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens as u64 + completion_tokens as u64,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens as u64 + usage.completion_tokens as u64,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     })
 }
 

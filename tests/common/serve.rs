@@ -92,6 +92,7 @@ pub fn config(dir: &Path) -> ServeConfig {
             queue_limit: 256,
             tenant_queue_limit: 64,
             prefill_budget: 512,
+            prefix_cache_bytes: 256 << 20,
         },
         limits: svfit::server::validation::Limits {
             max_tokens_default: 64,
