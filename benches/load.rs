@@ -25,7 +25,13 @@
 //! strings, huge lists, extreme numbers, other tenants' and unknown
 //! adapters, over-long prompts; reports the hostile requests' codes, any
 //! INTERNAL or UNAVAILABLE among them, and the ordinary traffic's
-//! throughput and latency with the attack relative to without).
+//! throughput and latency with the attack relative to without),
+//! `shared-prefix` (64 tenants, each with its adapter and its own
+//! ~500-token system prompt; each request a chat of that system prompt and
+//! one short question) and `multi-turn` (conversations of 5 turns on a
+//! short system prompt, each turn sent with the answers so far): both run
+//! twice on svfit, with the prefix cache and without (`--prefix-cache-mb`,
+//! default 1024, for the first run).
 //!
 //! Options: `--clients N` (concurrent streaming clients, default 8),
 //! `--seconds S` (per engine, default 40), `--requests N` (stop after N
@@ -88,6 +94,7 @@ struct Options {
     llama_server: Option<PathBuf>,
     /// Also drive svfit through its HTTP API.
     http: bool,
+    prefix_cache_mb: usize,
 }
 
 /// How the bench talks to svfit.
@@ -119,6 +126,7 @@ fn parse_args() -> Options {
         weights: WeightFormat::Auto,
         llama_server: None,
         http: false,
+        prefix_cache_mb: 1024,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -147,6 +155,7 @@ fn parse_args() -> Options {
             "--hostile-pace-ms" => o.hostile_pace = Duration::from_secs_f64(number(value()) / 1e3),
             "--weights" => o.weights = value().parse().unwrap_or_else(|e: String| exit(&e)),
             "--llama-server" => o.llama_server = Some(PathBuf::from(value())),
+            "--prefix-cache-mb" => o.prefix_cache_mb = number(value()) as usize,
             "--api" => {
                 o.http = match value().as_str() {
                     "grpc" => false,
@@ -158,11 +167,27 @@ fn parse_args() -> Options {
             other => exit(&format!("unknown option {other}")),
         }
     }
-    if !["base", "one", "many", "cold", "mix", "soak"].contains(&o.scenario.as_str()) {
-        exit("--scenario must be one of base, one, many, cold, mix, soak");
+    let scenarios = [
+        "base",
+        "one",
+        "many",
+        "cold",
+        "mix",
+        "soak",
+        "shared-prefix",
+        "multi-turn",
+    ];
+    if !scenarios.contains(&o.scenario.as_str()) {
+        exit(&format!(
+            "--scenario must be one of {}",
+            scenarios.join(", ")
+        ));
     }
     if o.http && o.addr.is_some() {
         exit("--api http drives an in-process server; drop --addr");
+    }
+    if o.http && CHAT_SCENARIOS.contains(&o.scenario.as_str()) {
+        exit("--api http runs the completion scenarios, not the chat ones");
     }
     o
 }
@@ -179,7 +204,17 @@ enum Which {
 struct Job {
     which: Which,
     prompt: String,
+    /// A chat instead of the raw prompt: its system prompt and user turns,
+    /// sent one request per turn with the answers so far (`shared-prefix`,
+    /// `multi-turn`).
+    chat: Option<(String, Vec<String>)>,
 }
+
+/// The scenarios whose requests are chats.
+const CHAT_SCENARIOS: [&str; 2] = ["shared-prefix", "multi-turn"];
+
+/// Tenants (adapters) of the chat scenarios.
+const CHAT_TENANTS: usize = 64;
 
 /// The traffic of a scenario: an endless, seeded sequence of requests.
 struct Traffic {
@@ -224,8 +259,57 @@ impl Traffic {
             prompt.push_str(WORDS[pick(WORDS.len())]);
         }
         prompt.push('.');
-        Job { which, prompt }
+        let chat = match self.scenario.as_str() {
+            // A tenant's ~500-token system prompt, and one short question.
+            "shared-prefix" => {
+                let tenant = pick(CHAT_TENANTS);
+                let system = system_prompt(tenant, 420);
+                Some((tenant, system, vec![self.question(6)]))
+            }
+            // A conversation of 5 turns on a short system prompt.
+            "multi-turn" => {
+                let tenant = pick(CHAT_TENANTS);
+                let turns = (0..5).map(|_| self.question(10)).collect();
+                Some((tenant, system_prompt(tenant, 40), turns))
+            }
+            _ => None,
+        };
+        match chat {
+            Some((tenant, system, turns)) => Job {
+                which: Which::Adapter(tenant),
+                prompt: String::new(),
+                chat: Some((system, turns)),
+            },
+            None => Job {
+                which,
+                prompt,
+                chat: None,
+            },
+        }
     }
+
+    /// A user question of `words` random words.
+    fn question(&mut self, words: usize) -> String {
+        let mut q = String::from("Tell me about");
+        for _ in 0..words {
+            q.push(' ');
+            q.push_str(WORDS[(self.rng.next_u64() % WORDS.len() as u64) as usize]);
+        }
+        q.push('.');
+        q
+    }
+}
+
+/// Tenant `tenant`'s system prompt: `words` words, always the same.
+fn system_prompt(tenant: usize, words: usize) -> String {
+    let mut rng = SplitMix64::new(1000 + tenant as u64);
+    let mut text = format!("You are the assistant of customer {tenant}. Facts you know:");
+    for _ in 0..words {
+        text.push(' ');
+        text.push_str(WORDS[(rng.next_u64() % WORDS.len() as u64) as usize]);
+    }
+    text.push('.');
+    text
 }
 
 /// Timings of one finished request.
@@ -359,7 +443,7 @@ fn report(engine: &str, o: &Options, samples: &[Sample], elapsed: Duration) -> R
 async fn drive<F, Fut>(o: &Options, traffic: &mut Traffic, send: F) -> (Vec<Sample>, Duration)
 where
     F: Fn(Job) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Sample> + Send,
+    Fut: std::future::Future<Output = Vec<Sample>> + Send,
 {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(o.seconds);
@@ -405,7 +489,7 @@ where
     drop(tx);
     let mut samples = Vec::new();
     while let Some(s) = rx.recv().await {
-        samples.push(s);
+        samples.extend(s);
     }
     (samples, start.elapsed())
 }
@@ -515,6 +599,27 @@ async fn metrics(addr: std::net::SocketAddr) -> HashMap<String, f64> {
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect()
+}
+
+/// Streams one request over gRPC: its timings and its text.
+async fn stream_grpc(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    request: pb::GenerateRequest,
+) -> (Sample, String) {
+    let mut timer = Timer::new();
+    let mut text = String::new();
+    let mut stream = client
+        .generate_stream(request)
+        .await
+        .unwrap_or_else(fail)
+        .into_inner();
+    while let Some(chunk) = stream.message().await.unwrap_or_else(fail) {
+        if !chunk.token_ids.is_empty() {
+            timer.tokens(Instant::now(), chunk.token_ids.len());
+        }
+        text.push_str(&chunk.text);
+    }
+    (timer.finish(), text)
 }
 
 /// The soak scenario's hostile requests: each must get a clean error (or
@@ -729,18 +834,27 @@ async fn run_svfit(
     let send = move |job: Job| {
         let mut client = client.clone();
         async move {
-            let mut timer = Timer::new();
-            let mut stream = client
-                .generate_stream(request(&job, gen))
-                .await
-                .unwrap_or_else(fail)
-                .into_inner();
-            while let Some(chunk) = stream.message().await.unwrap_or_else(fail) {
-                if !chunk.token_ids.is_empty() {
-                    timer.tokens(Instant::now(), chunk.token_ids.len());
-                }
+            let Some((system, turns)) = job.chat.clone() else {
+                return vec![stream_grpc(&mut client, request(&job, gen)).await.0];
+            };
+            // One request per turn, each with the answers so far.
+            let message = |role: &str, content: String| pb::ChatMessage {
+                role: role.into(),
+                content,
+            };
+            let mut messages = vec![message("system", system)];
+            let mut samples = Vec::new();
+            for turn in turns {
+                messages.push(message("user", turn));
+                let mut r = request(&job, gen);
+                r.input = Some(Input::Chat(pb::Chat {
+                    messages: messages.clone(),
+                }));
+                let (sample, answer) = stream_grpc(&mut client, r).await;
+                samples.push(sample);
+                messages.push(message("assistant", answer));
             }
-            timer.finish()
+            samples
         }
     };
     // Engine counters before the clock starts (the warm-up's steps are not
@@ -774,7 +888,7 @@ async fn run_svfit(
             .unwrap_or_default();
         move |job: Job| {
             let body = openai_request(&job, gen, &base_model);
-            async move { stream_openai(addr.port(), &body).await }
+            async move { vec![stream_openai(addr.port(), &body).await] }
         }
     });
     let mut runs: [(Vec<Sample>, Duration, Vec<f64>); 2] = Default::default();
@@ -861,6 +975,23 @@ async fn run_svfit(
             (
                 "adapter_cache_budget_mb".into(),
                 cache as f64 / (1 << 20) as f64,
+            ),
+            (
+                "prefilled_tokens".into(),
+                during("svfit_prompt_tokens_total"),
+            ),
+            (
+                "prefix_cached_tokens".into(),
+                during("svfit_prefix_cached_tokens_total"),
+            ),
+            (
+                "prefix_cache_hit_rate".into(),
+                during("svfit_prefix_cache_hits_total")
+                    / during("svfit_prefix_cache_lookups_total").max(1.0),
+            ),
+            (
+                "prefix_cache_mb".into(),
+                get("svfit_prefix_cache_bytes") / (1 << 20) as f64,
             ),
             ("rss_added_mb".into(), rss_mb() - rss_before),
             ("peak_rss_mb".into(), peak_rss_mb()),
@@ -1107,7 +1238,7 @@ async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
             "return_tokens": true,
             "lora": lora,
         });
-        stream_completion(port, &body.to_string()).await
+        vec![stream_completion(port, &body.to_string()).await]
     };
     let mut traffic = Traffic::new(o, n_adapters);
     let (samples, elapsed) = drive(o, &mut traffic, send).await;
@@ -1265,6 +1396,31 @@ fn main() {
             attacked.ttft_ms[1] / calm.ttft_ms[1],
             attacked.itl_ms[1] / calm.itl_ms[1]
         );
+    }
+    // The chat scenarios again without the prefix cache, in the same run.
+    if CHAT_SCENARIOS.contains(&o.scenario.as_str()) && o.addr.is_none() {
+        let cold = Options {
+            prefix_cache_mb: 0,
+            model: o.model.clone(),
+            json: None,
+            addr: None,
+            llama_server: None,
+            ..o.clone()
+        };
+        let mut off = runtime
+            .block_on(run_svfit(&cold, &b, &dir, n_adapters, false))
+            .remove(0);
+        off.engine = "svfit-nocache".into();
+        let on = &reports[0];
+        println!(
+            "prefix cache on / off: throughput {:.2}x, TTFT p50 {:.2}x lower, TTFT p95 {:.2}x lower, \
+             e2e p50 {:.2}x lower",
+            on.tokens_per_s / off.tokens_per_s,
+            off.ttft_ms[0] / on.ttft_ms[0],
+            off.ttft_ms[1] / on.ttft_ms[1],
+            off.e2e_ms[0] / on.e2e_ms[0],
+        );
+        reports.push(off);
     }
     // The same traffic over the HTTP API, in turns with gRPC.
     if let Some(http) = http {
