@@ -216,6 +216,9 @@ const CHAT_SCENARIOS: [&str; 2] = ["shared-prefix", "multi-turn"];
 /// Tenants (adapters) of the chat scenarios.
 const CHAT_TENANTS: usize = 64;
 
+/// Words of a tenant's system prompt in `shared-prefix` (about 500 tokens).
+const SHARED_SYSTEM_WORDS: usize = 420;
+
 /// The traffic of a scenario: an endless, seeded sequence of requests.
 struct Traffic {
     adapters: usize,
@@ -263,7 +266,7 @@ impl Traffic {
             // A tenant's ~500-token system prompt, and one short question.
             "shared-prefix" => {
                 let tenant = pick(CHAT_TENANTS);
-                let system = system_prompt(tenant, 420);
+                let system = system_prompt(tenant, SHARED_SYSTEM_WORDS);
                 Some((tenant, system, vec![self.question(6)]))
             }
             // A conversation of 5 turns on a short system prompt.
@@ -818,12 +821,30 @@ async fn run_svfit(
         ))
     });
     // Every adapter resident before the clock starts, as llama-server loads
-    // its LoRAs at start (except in `cold`, which measures the loads).
+    // its LoRAs at start (except in `cold`, which measures the loads). In
+    // `shared-prefix` the warm-up request carries the tenant's system
+    // prompt, as a server that has run for a while has seen it (with the
+    // prefix cache off it warms nothing more).
     if o.scenario != "cold" {
         for i in 0..n_adapters {
+            let input = match o.scenario.as_str() {
+                "shared-prefix" => Input::Chat(pb::Chat {
+                    messages: vec![
+                        pb::ChatMessage {
+                            role: "system".into(),
+                            content: system_prompt(i, SHARED_SYSTEM_WORDS),
+                        },
+                        pb::ChatMessage {
+                            role: "user".into(),
+                            content: "Hello.".into(),
+                        },
+                    ],
+                }),
+                _ => Input::Prompt("Hello".into()),
+            };
             let warm = pb::GenerateRequest {
                 adapter: format!("t{i}"),
-                input: Some(Input::Prompt("Hello".into())),
+                input: Some(input),
                 max_tokens: 1,
                 ..Default::default()
             };

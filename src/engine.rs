@@ -24,9 +24,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::adapter::Deltas;
 use crate::generate::{FinishReason, GenerateError, Request, Sequence};
-use crate::model::kv_cache::PAGE;
 use crate::model::{Batch, KvCache, Model, ModelError, SeqId, Slot, Tokenizer};
-use crate::prefix_cache::{block_keys, PrefixCache, PrefixStats};
+use crate::prefix_cache::{block_keys, PrefixCache, PrefixStats, BLOCK};
 pub use crate::sampling::TokenLogprob;
 
 #[derive(Clone, Debug)]
@@ -572,7 +571,7 @@ impl Worker {
             started: Instant::now(),
             first_token: None,
             cached,
-            remembered: cached / PAGE,
+            remembered: cached / BLOCK,
         });
         Ok(())
     }
@@ -587,13 +586,12 @@ impl Worker {
         let prompt = &job.request.prompt;
         let adapter = job.adapter.as_ref().map_or("", |a| a.key.as_str());
         let keys = block_keys(adapter, &prompt[..prompt.len().saturating_sub(1)]);
-        let mut reused = 0;
-        for block in self.prefix.lookup(&keys) {
-            if let Err(e) = self.cache.import(seq, block, PAGE) {
-                tracing::warn!(error = %e, "copying a cached prefix failed; prefilling instead");
-                break;
-            }
-            reused += PAGE;
+        let blocks = self.prefix.lookup(&keys);
+        let mut reused = blocks.len() * BLOCK;
+        if let Err(e) = self.cache.import(seq, &blocks, BLOCK) {
+            // The range is as it was: prefill all of it.
+            tracing::warn!(error = %e, "copying a cached prefix failed; prefilling instead");
+            reused = 0;
         }
         sequence.skip_prefill(reused);
         self.publish_prefix();
@@ -615,7 +613,7 @@ impl Worker {
         let (cache, seq) = (&self.cache, r.seq);
         let inserted = self
             .prefix
-            .insert(&keys, r.remembered, |b| cache.export(seq, b * PAGE, PAGE));
+            .insert(&keys, r.remembered, |b| cache.export(seq, b * BLOCK, BLOCK));
         if let Err(e) = inserted {
             tracing::warn!(error = %e, "caching a prefix failed");
         }

@@ -2,7 +2,7 @@
 //! request whose prompt starts like an earlier one (a product's system
 //! prompt, the previous turns of a chat) prefills only the rest.
 //!
-//! Cells are kept in blocks of [`PAGE`] tokens, in host memory, under a
+//! Cells are kept in blocks of [`BLOCK`] tokens, in host memory, under a
 //! key that chains everything the cells depend on: the adapter the
 //! sequence ran with (its engine key: tenant, id, version and content
 //! hash, or the mix of such; or the base) and every token from the start of
@@ -14,7 +14,7 @@
 //!
 //! A hit copies the blocks into the new sequence's own cell range, at the
 //! same offsets from the range's page-aligned start as a cold prefill
-//! writes them; with batch invariance (ARCHITECTURE.md) the logits that
+//! writes them (all blocks in one write per layer and row); with batch invariance (ARCHITECTURE.md) the logits that
 //! follow are bit-identical to a cold prefill's.
 //!
 //! The cache holds at most `budget` bytes; the least recently used blocks
@@ -25,7 +25,10 @@
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 
-use crate::model::kv_cache::PAGE;
+/// Tokens per block: small, so that little of a shared prompt is left to
+/// prefill. (Any size keeps the cells at the offsets a cold prefill gives
+/// them: a sequence's range starts on a page, and blocks fill it in order.)
+pub const BLOCK: usize = 16;
 
 /// A block's key: the hash of its adapter and every token up to its end.
 pub type BlockKey = [u8; 32];
@@ -60,7 +63,7 @@ pub fn block_keys(adapter: &str, tokens: &[u32]) -> Vec<BlockKey> {
         .finalize()
         .into();
     tokens
-        .chunks_exact(PAGE)
+        .chunks_exact(BLOCK)
         .map(|block| {
             let mut h = Sha256::new().chain_update(key);
             for t in block {
@@ -101,7 +104,7 @@ impl PrefixCache {
             return Vec::new();
         }
         self.stats.hits += 1;
-        self.stats.cached_tokens += (n * PAGE) as u64;
+        self.stats.cached_tokens += (n * BLOCK) as u64;
         for k in keys[..n].iter().rev() {
             self.blocks.promote(k);
         }
@@ -170,12 +173,12 @@ mod tests {
 
     #[test]
     fn keys_chain_the_adapter_and_every_earlier_token() {
-        let a = block_keys("alice/a@1#x", &tokens(3 * PAGE + 5, 0));
+        let a = block_keys("alice/a@1#x", &tokens(3 * BLOCK + 5, 0));
         assert_eq!(a.len(), 3, "whole blocks only");
-        assert_eq!(a, block_keys("alice/a@1#x", &tokens(3 * PAGE, 0)));
-        assert_ne!(a[0], block_keys("", &tokens(PAGE, 0))[0], "base");
-        assert_ne!(a[0], block_keys("alice/a@2#y", &tokens(PAGE, 0))[0]);
-        let mut changed = tokens(3 * PAGE, 0);
+        assert_eq!(a, block_keys("alice/a@1#x", &tokens(3 * BLOCK, 0)));
+        assert_ne!(a[0], block_keys("", &tokens(BLOCK, 0))[0], "base");
+        assert_ne!(a[0], block_keys("alice/a@2#y", &tokens(BLOCK, 0))[0]);
+        let mut changed = tokens(3 * BLOCK, 0);
         changed[3] += 1;
         let b = block_keys("alice/a@1#x", &changed);
         assert!(
@@ -187,26 +190,26 @@ mod tests {
     #[test]
     fn lookups_take_the_longest_cached_run() {
         let mut cache = PrefixCache::new(1 << 20);
-        let keys = block_keys("", &tokens(4 * PAGE, 0));
+        let keys = block_keys("", &tokens(4 * BLOCK, 0));
         fill(&mut cache, &keys[..2], 10);
         assert_eq!(cache.lookup(&keys).len(), 2);
         assert_eq!(
-            cache.lookup(&block_keys("x", &tokens(4 * PAGE, 0))).len(),
+            cache.lookup(&block_keys("x", &tokens(4 * BLOCK, 0))).len(),
             0
         );
         let s = cache.stats();
         assert_eq!(
             (s.lookups, s.hits, s.cached_tokens),
-            (2, 1, 2 * PAGE as u64)
+            (2, 1, 2 * BLOCK as u64)
         );
     }
 
     #[test]
     fn the_budget_holds_and_chains_lose_their_ends_first() {
         let mut cache = PrefixCache::new(100);
-        let old = block_keys("", &tokens(4 * PAGE, 0));
+        let old = block_keys("", &tokens(4 * BLOCK, 0));
         fill(&mut cache, &old, 20);
-        let new = block_keys("", &tokens(3 * PAGE, 1));
+        let new = block_keys("", &tokens(3 * BLOCK, 1));
         fill(&mut cache, &new, 20);
         let s = cache.stats();
         assert!(s.bytes <= 100, "{s:?}");

@@ -273,32 +273,43 @@ impl KvCache {
         Ok(out)
     }
 
-    /// Appends `len` cells holding `bytes` (from [`KvCache::export`]) to
-    /// `seq`'s range, as the tokens at the next positions; the range must
-    /// have room (see [`KvCache::reserve`]).
-    pub fn import(&mut self, seq: SeqId, bytes: &[u8], len: usize) -> Result<(), ModelError> {
-        assert_eq!(bytes.len(), self.bytes_per_cells(len), "exported cells");
+    /// Appends the cells of `parts` (each from [`KvCache::export`] of
+    /// `len` cells) to `seq`'s range, as the tokens at the next positions;
+    /// the range must have room (see [`KvCache::reserve`]).
+    pub fn import(&mut self, seq: SeqId, parts: &[&[u8]], len: usize) -> Result<(), ModelError> {
+        let per_part = self.bytes_per_cells(len);
+        assert!(parts.iter().all(|p| p.len() == per_part), "exported cells");
         let r = *self.seqs.get(&seq).expect("reserved");
-        assert!(r.len + len <= r.cap, "no room reserved");
+        let total = parts.len() * len;
+        assert!(r.len + total <= r.cap, "no room reserved");
         let f16 = 2;
         let row = self.n_embd_kv * f16;
         let line = self.size() * f16;
         let cell = r.start + r.len;
-        for (layer, (&k, &v)) in bytes
-            .chunks_exact(2 * len * row)
-            .zip(self.k.iter().zip(&self.v))
-        {
-            let (k_bytes, v_bytes) = layer.split_at(len * row);
-            self.set.get(k).write_at(cell * row, k_bytes)?;
+        let layer_bytes = 2 * len * row;
+        let mut k_all = vec![0u8; total * row];
+        let mut v_line = vec![0u8; total * f16];
+        for (layer, (&k, &v)) in self.k.iter().zip(&self.v).enumerate() {
+            // Each part holds, per layer, its K rows then its V by element.
+            let first = layer * layer_bytes;
+            for (dst, part) in k_all.chunks_exact_mut(len * row).zip(parts) {
+                dst.copy_from_slice(&part[first..first + len * row]);
+            }
+            self.set.get(k).write_at(cell * row, &k_all)?;
             let v = self.set.get(v);
-            for (e, seg) in v_bytes.chunks_exact(len * f16).enumerate() {
-                v.write_at(e * line + cell * f16, seg)?;
+            for e in 0..self.n_embd_kv {
+                let seg = len * f16;
+                for (dst, part) in v_line.chunks_exact_mut(seg).zip(parts) {
+                    let at = first + len * row + e * seg;
+                    dst.copy_from_slice(&part[at..at + seg]);
+                }
+                v.write_at(e * line + cell * f16, &v_line)?;
             }
         }
-        for i in 0..len {
+        for i in 0..total {
             self.positions[cell + i] = (r.len + i) as i32;
         }
-        self.seqs.get_mut(&seq).expect("reserved").len += len;
+        self.seqs.get_mut(&seq).expect("reserved").len += total;
         Ok(())
     }
 

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use svfit::factors;
 use svfit::ggml::Type;
-use svfit::model::kv_cache::PAGE;
 use svfit::model::{Batch, LoadOptions, Model, Tokenizer, WeightFormat};
+use svfit::prefix_cache::BLOCK;
 use svfit::server;
 use svfit::server::pb;
 
@@ -55,9 +55,9 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prefill_to_the_bit() {
     let tokenizer = Tokenizer::load(&b.model).unwrap();
     let prompt = tokenizer.encode(&long_prompt(), true);
     let other = tokenizer.encode("The three most important things about the ocean are", true);
-    let blocks = (prompt.len() - 1) / PAGE;
+    let blocks = (prompt.len() - 1) / BLOCK;
     assert!(blocks >= 2, "{} tokens", prompt.len());
-    let cached = blocks * PAGE;
+    let cached = blocks * BLOCK;
     let mut cache = model.new_cache(8192).unwrap();
     let steps = 6;
 
@@ -99,17 +99,16 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prefill_to_the_bit() {
 
     // The cells of the cached blocks, as the prefix cache keeps them.
     let exported = cache.export(0, 0, cached).unwrap();
-    let block_bytes = cache.bytes_per_cells(PAGE);
+    let block_bytes = cache.bytes_per_cells(BLOCK);
     assert_eq!(exported.len(), blocks * block_bytes);
     let blocks_bytes: Vec<Vec<u8>> = (0..blocks)
-        .map(|i| cache.export(0, i * PAGE, PAGE).unwrap())
+        .map(|i| cache.export(0, i * BLOCK, BLOCK).unwrap())
         .collect();
 
+    let parts: Vec<&[u8]> = blocks_bytes.iter().map(Vec::as_slice).collect();
     // Alone.
     cache.reserve(1, reserve).unwrap();
-    for block in &blocks_bytes {
-        cache.import(1, block, PAGE).unwrap();
-    }
+    cache.import(1, &parts, BLOCK).unwrap();
     let hit = run(&mut cache, 1, cached, None);
     assert_eq!(hit.len(), cold_tail.len());
     for (i, (h, c)) in hit.iter().zip(cold_tail).enumerate() {
@@ -117,9 +116,8 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prefill_to_the_bit() {
     }
     // Batched with another sequence's cold prefill.
     cache.reserve(2, reserve).unwrap();
-    for block in &blocks_bytes {
-        cache.import(2, block, PAGE).unwrap();
-    }
+    cache.import(2, &parts[..1], BLOCK).unwrap();
+    cache.import(2, &parts[1..], BLOCK).unwrap();
     let batched = run(&mut cache, 2, cached, Some((3, &other)));
     for (i, (h, c)) in batched.iter().zip(cold_tail).enumerate() {
         assert!(h == c, "row {i} differs from the cold prefill when batched");
@@ -167,7 +165,7 @@ async fn cached_prefixes_never_cross_adapters_versions_mixes_or_tenants() {
     let running = server::start(config).await.unwrap();
     let (mut infer, _) = clients(&running).await;
     let prompt = long_prompt();
-    let whole_blocks = |usage: &pb::Usage| (usage.prompt_tokens as usize - 1) / PAGE * PAGE;
+    let whole_blocks = |usage: &pb::Usage| (usage.prompt_tokens as usize - 1) / BLOCK * BLOCK;
 
     // The oracles: each adapter alone, from the CLI (no cache there).
     let base_answer = cli(None, &prompt, 8);
@@ -219,7 +217,7 @@ async fn cached_prefixes_never_cross_adapters_versions_mixes_or_tenants() {
     assert_eq!(text, cli(Some(&new_path), &prompt, 8));
 
     assert!(metric(&running, "svfit_prefix_cache_hits_total").await >= 4.0);
-    assert!(metric(&running, "svfit_prefix_cached_tokens_total").await >= 4.0 * PAGE as f64);
+    assert!(metric(&running, "svfit_prefix_cached_tokens_total").await >= 4.0 * 64.0);
     running.stop().await;
 }
 
@@ -227,8 +225,8 @@ async fn cached_prefixes_never_cross_adapters_versions_mixes_or_tenants() {
 async fn a_flood_of_distinct_prompts_stays_within_the_prefix_budget() {
     let dir = TempDir::new("prefix-flood");
     let mut config = config(dir.path());
-    // Room for a few blocks of the default model (1.47 MB each).
-    config.engine.prefix_cache_bytes = 6 << 20;
+    // Room for a few blocks of the default model (0.37 MB each).
+    config.engine.prefix_cache_bytes = 2 << 20;
     let running = server::start(config).await.unwrap();
     let (infer, _) = clients(&running).await;
     let mut tasks = Vec::new();
@@ -243,7 +241,7 @@ async fn a_flood_of_distinct_prompts_stays_within_the_prefix_budget() {
         t.await.unwrap();
     }
     let bytes = metric(&running, "svfit_prefix_cache_bytes").await;
-    assert!(bytes > 0.0 && bytes <= (6 << 20) as f64, "{bytes}");
+    assert!(bytes > 0.0 && bytes <= (2 << 20) as f64, "{bytes}");
     assert!(metric(&running, "svfit_prefix_cache_evictions_total").await > 0.0);
     running.stop().await;
 }
