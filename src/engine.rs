@@ -610,10 +610,17 @@ impl Worker {
         if keys.len() <= r.remembered {
             return;
         }
-        let (cache, seq) = (&self.cache, r.seq);
-        let inserted = self
-            .prefix
-            .insert(&keys, r.remembered, |b| cache.export(seq, b * BLOCK, BLOCK));
+        // The new blocks in one read of the cells.
+        let from = r.remembered;
+        let exported = self
+            .cache
+            .export_blocks(r.seq, from * BLOCK, keys.len() - from, BLOCK);
+        let inserted = exported.and_then(|blocks| {
+            let mut blocks: Vec<Option<Vec<u8>>> = blocks.into_iter().map(Some).collect();
+            self.prefix.insert(&keys, from, |b| {
+                Ok::<_, ModelError>(blocks[b - from].take().expect("each block once"))
+            })
+        });
         if let Err(e) = inserted {
             tracing::warn!(error = %e, "caching a prefix failed");
         }

@@ -243,34 +243,57 @@ impl KvCache {
     /// The K and V of cells `from .. from + len` of `seq` (every layer), as
     /// bytes that [`KvCache::import`] takes back.
     pub fn export(&self, seq: SeqId, from: usize, len: usize) -> Result<Vec<u8>, ModelError> {
+        Ok(self.export_blocks(seq, from, 1, len)?.remove(0))
+    }
+
+    /// `n` blocks of `len` cells from cell `from` of `seq` on, each as
+    /// [`KvCache::export`] gives it, read in one pass (one read per layer
+    /// and row).
+    pub fn export_blocks(
+        &self,
+        seq: SeqId,
+        from: usize,
+        n: usize,
+        len: usize,
+    ) -> Result<Vec<Vec<u8>>, ModelError> {
         let r = self.seqs.get(&seq).copied().unwrap_or(Range {
             start: 0,
             cap: 0,
             len: 0,
         });
+        let total = n * len;
         assert!(
-            from + len <= r.len,
+            from + total <= r.len,
             "cells {from}..{} of a sequence of {}",
-            from + len,
+            from + total,
             r.len
         );
         let f16 = 2;
         let row = self.n_embd_kv * f16;
         let line = self.size() * f16;
         let cell = r.start + from;
-        let mut out = vec![0u8; self.bytes_per_cells(len)];
-        for (layer, (&k, &v)) in out
-            .chunks_exact_mut(2 * len * row)
-            .zip(self.k.iter().zip(&self.v))
-        {
-            let (k_bytes, v_bytes) = layer.split_at_mut(len * row);
-            self.set.get(k).read_at(cell * row, k_bytes)?;
+        let layer_bytes = 2 * len * row;
+        let mut blocks = vec![vec![0u8; self.bytes_per_cells(len)]; n];
+        let mut k_all = vec![0u8; total * row];
+        let mut v_line = vec![0u8; total * f16];
+        for (layer, (&k, &v)) in self.k.iter().zip(&self.v).enumerate() {
+            // Each block holds, per layer, its K rows then its V by element.
+            let first = layer * layer_bytes;
+            self.set.get(k).read_at(cell * row, &mut k_all)?;
+            for (src, block) in k_all.chunks_exact(len * row).zip(&mut blocks) {
+                block[first..first + len * row].copy_from_slice(src);
+            }
             let v = self.set.get(v);
-            for (e, seg) in v_bytes.chunks_exact_mut(len * f16).enumerate() {
-                v.read_at(e * line + cell * f16, seg)?;
+            let seg = len * f16;
+            for e in 0..self.n_embd_kv {
+                v.read_at(e * line + cell * f16, &mut v_line)?;
+                for (src, block) in v_line.chunks_exact(seg).zip(&mut blocks) {
+                    let at = first + len * row + e * seg;
+                    block[at..at + seg].copy_from_slice(src);
+                }
             }
         }
-        Ok(out)
+        Ok(blocks)
     }
 
     /// Appends the cells of `parts` (each from [`KvCache::export`] of
