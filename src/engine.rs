@@ -610,19 +610,19 @@ impl Worker {
         if keys.len() <= r.remembered {
             return;
         }
-        // The new blocks in one read of the cells.
+        // The new blocks in one read of the cells, into recycled buffers.
         let from = r.remembered;
-        let exported = self
+        let size = self.cache.bytes_per_cells(BLOCK);
+        let mut blocks: Vec<Vec<u8>> = (from..keys.len())
+            .map(|_| self.prefix.buffer(size))
+            .collect();
+        let mut views: Vec<&mut [u8]> = blocks.iter_mut().map(Vec::as_mut_slice).collect();
+        match self
             .cache
-            .export_blocks(r.seq, from * BLOCK, keys.len() - from, BLOCK);
-        let inserted = exported.and_then(|blocks| {
-            let mut blocks: Vec<Option<Vec<u8>>> = blocks.into_iter().map(Some).collect();
-            self.prefix.insert(&keys, from, |b| {
-                Ok::<_, ModelError>(blocks[b - from].take().expect("each block once"))
-            })
-        });
-        if let Err(e) = inserted {
-            tracing::warn!(error = %e, "caching a prefix failed");
+            .export_blocks(r.seq, from * BLOCK, BLOCK, &mut views)
+        {
+            Ok(()) => self.prefix.insert(&keys, from, blocks),
+            Err(e) => tracing::warn!(error = %e, "caching a prefix failed"),
         }
         self.running[i].remembered = keys.len();
         self.publish_prefix();

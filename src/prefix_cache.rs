@@ -50,8 +50,14 @@ pub struct PrefixStats {
 pub struct PrefixCache {
     budget: usize,
     blocks: LruCache<BlockKey, Vec<u8>>,
+    /// Buffers of evicted blocks, reused for new ones (a full cache then
+    /// allocates nothing).
+    spare: Vec<Vec<u8>>,
     stats: PrefixStats,
 }
+
+/// Spare buffers kept at most.
+const MAX_SPARE: usize = 64;
 
 /// The keys of the whole blocks of `tokens` run with `adapter` (its engine
 /// key, or "" for the base), in order.
@@ -81,6 +87,7 @@ impl PrefixCache {
         PrefixCache {
             budget,
             blocks: LruCache::unbounded(),
+            spare: Vec::new(),
             stats: PrefixStats::default(),
         }
     }
@@ -119,25 +126,23 @@ impl PrefixCache {
         keys.iter().take_while(|k| self.blocks.contains(*k)).count()
     }
 
-    /// Adds the blocks `keys[from..]` with their cells (`cells(i)` gives
-    /// block `i`'s bytes), then evicts down to the budget. A block larger
-    /// than the whole budget is not kept.
-    pub fn insert<E>(
-        &mut self,
-        keys: &[BlockKey],
-        from: usize,
-        mut cells: impl FnMut(usize) -> Result<Vec<u8>, E>,
-    ) -> Result<(), E> {
-        if !self.enabled() {
-            return Ok(());
+    /// A buffer of `bytes` for a block's cells, to be overwritten whole
+    /// (a spare one when there is).
+    pub fn buffer(&mut self, bytes: usize) -> Vec<u8> {
+        match self.spare.pop() {
+            Some(b) if b.len() == bytes => b,
+            _ => vec![0u8; bytes],
         }
-        for (i, key) in keys.iter().enumerate().skip(from) {
-            if self.blocks.contains(key) {
+    }
+
+    /// Adds the blocks `keys[from..]` with their cells (`blocks`, in the
+    /// same order), then evicts down to the budget. Blocks it has already,
+    /// or larger than the whole budget, are not kept.
+    pub fn insert(&mut self, keys: &[BlockKey], from: usize, blocks: Vec<Vec<u8>>) {
+        for (key, bytes) in keys.iter().skip(from).zip(blocks) {
+            if !self.enabled() || self.blocks.contains(key) || bytes.len() > self.budget {
+                self.recycle(bytes);
                 continue;
-            }
-            let bytes = cells(i)?;
-            if bytes.len() > self.budget {
-                return Ok(());
             }
             self.stats.bytes += bytes.len();
             self.stats.inserted_blocks += 1;
@@ -152,8 +157,14 @@ impl PrefixCache {
             };
             self.stats.bytes -= bytes.len();
             self.stats.evicted_blocks += 1;
+            self.recycle(bytes);
         }
-        Ok(())
+    }
+
+    fn recycle(&mut self, bytes: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(bytes);
+        }
     }
 }
 
@@ -166,9 +177,8 @@ mod tests {
     }
 
     fn fill(cache: &mut PrefixCache, keys: &[BlockKey], bytes: usize) {
-        cache
-            .insert::<()>(keys, 0, |i| Ok(vec![i as u8; bytes]))
-            .unwrap();
+        let blocks = (0..keys.len()).map(|i| vec![i as u8; bytes]).collect();
+        cache.insert(keys, 0, blocks);
     }
 
     #[test]

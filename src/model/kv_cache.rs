@@ -243,57 +243,61 @@ impl KvCache {
     /// The K and V of cells `from .. from + len` of `seq` (every layer), as
     /// bytes that [`KvCache::import`] takes back.
     pub fn export(&self, seq: SeqId, from: usize, len: usize) -> Result<Vec<u8>, ModelError> {
-        Ok(self.export_blocks(seq, from, 1, len)?.remove(0))
+        let mut out = vec![0u8; self.bytes_per_cells(len)];
+        self.export_blocks(seq, from, len, &mut [&mut out])?;
+        Ok(out)
     }
 
-    /// `n` blocks of `len` cells from cell `from` of `seq` on, each as
-    /// [`KvCache::export`] gives it, read in one pass (one read per layer
-    /// and row).
+    /// Fills each of `blocks` (of [`KvCache::bytes_per_cells`]`(len)`
+    /// bytes) with the next `len` cells of `seq` from cell `from` on, as
+    /// [`KvCache::export`] gives them, in one pass (one read per layer and
+    /// row).
     pub fn export_blocks(
         &self,
         seq: SeqId,
         from: usize,
-        n: usize,
         len: usize,
-    ) -> Result<Vec<Vec<u8>>, ModelError> {
+        blocks: &mut [&mut [u8]],
+    ) -> Result<(), ModelError> {
         let r = self.seqs.get(&seq).copied().unwrap_or(Range {
             start: 0,
             cap: 0,
             len: 0,
         });
-        let total = n * len;
+        let total = blocks.len() * len;
         assert!(
             from + total <= r.len,
             "cells {from}..{} of a sequence of {}",
             from + total,
             r.len
         );
+        let per_block = self.bytes_per_cells(len);
+        assert!(blocks.iter().all(|b| b.len() == per_block), "block buffers");
         let f16 = 2;
         let row = self.n_embd_kv * f16;
         let line = self.size() * f16;
         let cell = r.start + from;
         let layer_bytes = 2 * len * row;
-        let mut blocks = vec![vec![0u8; self.bytes_per_cells(len)]; n];
         let mut k_all = vec![0u8; total * row];
         let mut v_line = vec![0u8; total * f16];
         for (layer, (&k, &v)) in self.k.iter().zip(&self.v).enumerate() {
             // Each block holds, per layer, its K rows then its V by element.
             let first = layer * layer_bytes;
             self.set.get(k).read_at(cell * row, &mut k_all)?;
-            for (src, block) in k_all.chunks_exact(len * row).zip(&mut blocks) {
+            for (src, block) in k_all.chunks_exact(len * row).zip(blocks.iter_mut()) {
                 block[first..first + len * row].copy_from_slice(src);
             }
             let v = self.set.get(v);
             let seg = len * f16;
             for e in 0..self.n_embd_kv {
                 v.read_at(e * line + cell * f16, &mut v_line)?;
-                for (src, block) in v_line.chunks_exact(seg).zip(&mut blocks) {
+                for (src, block) in v_line.chunks_exact(seg).zip(blocks.iter_mut()) {
                     let at = first + len * row + e * seg;
                     block[at..at + seg].copy_from_slice(src);
                 }
             }
         }
-        Ok(blocks)
+        Ok(())
     }
 
     /// Appends the cells of `parts` (each from [`KvCache::export`] of

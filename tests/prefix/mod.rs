@@ -105,7 +105,10 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prefill_to_the_bit() {
         .map(|i| cache.export(0, i * BLOCK, BLOCK).unwrap())
         .collect();
 
-    assert_eq!(cache.export_blocks(0, 0, blocks, BLOCK).unwrap(), blocks_bytes);
+    let mut all = vec![vec![7u8; block_bytes]; blocks];
+    let mut views: Vec<&mut [u8]> = all.iter_mut().map(Vec::as_mut_slice).collect();
+    cache.export_blocks(0, 0, BLOCK, &mut views).unwrap();
+    assert_eq!(all, blocks_bytes);
     let parts: Vec<&[u8]> = blocks_bytes.iter().map(Vec::as_slice).collect();
     // Alone.
     cache.reserve(1, reserve).unwrap();
