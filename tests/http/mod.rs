@@ -146,7 +146,8 @@ fn cli_logprobs(dir: &Path, adapter: &Path, text: &str) -> (Vec<u32>, Vec<Vec<f6
 }
 
 const PROMPT: &str = PROMPTS[0];
-const FRUIT: &str = "Name a fruit.";
+const FRUIT: &str =
+    "Name a fruit that grows on trees in warm countries, and say why people like it.";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_client_answers_equal_the_cli_and_grpc() {
@@ -286,6 +287,17 @@ async fn openai_client_answers_equal_the_cli_and_grpc() {
         assert_eq!(r[i]["finish"].as_str(), Some(finish.as_str()), "call {i}");
     }
     assert!(r[1]["chunks"].as_u64().unwrap() > 2, "streamed in pieces");
+    // The chat's prompt was seen (over gRPC, with this adapter): its whole
+    // blocks came from the prefix cache, and usage says so.
+    let cached = (grpc_chat_usage.prompt_tokens as u64 - 1) / 16 * 16;
+    assert!(cached > 0);
+    for i in [2, 3] {
+        assert_eq!(
+            r[i]["usage"]["prompt_tokens_details"]["cached_tokens"],
+            json!(cached),
+            "call {i}"
+        );
+    }
     assert_eq!(r[0]["object"], "text_completion");
     assert_eq!(r[2]["object"], "chat.completion");
 
