@@ -50,12 +50,7 @@ fn generation_speed(model: &mut Model, tokens: &[u32], slots: &[Slot]) -> f64 {
 }
 
 fn key(model: &std::path::Path, targets: &str) -> FactorsKey {
-    FactorsKey {
-        base_sha256: svfit::home::sha256_file(model).unwrap_or_else(fail),
-        targets: targets.parse().expect("valid targets"),
-        policy: "energy:0.99".parse().expect("valid policy"),
-        dtype: "f16".parse().expect("valid dtype"),
-    }
+    FactorsKey::for_model(model, targets, "energy:0.99", "f16").unwrap_or_else(fail)
 }
 
 fn main() {

@@ -527,12 +527,7 @@ struct Base {
 
 fn base(o: &Options) -> Base {
     let home = svfit::home::home_dir();
-    let key = FactorsKey {
-        base_sha256: svfit::home::sha256_file(&o.model).unwrap_or_else(fail),
-        targets: "q,v".parse().unwrap_or_else(fail),
-        policy: "energy:0.99".parse().unwrap_or_else(fail),
-        dtype: "f16".parse().unwrap_or_else(fail),
-    };
+    let key = FactorsKey::for_model(&o.model, "q,v", "energy:0.99", "f16").unwrap_or_else(fail);
     let path = factors::ensure(&o.model, &key, &home).unwrap_or_else(fail);
     let singular = factors::read_singular_values(&path, &key).unwrap_or_else(fail);
     Base {

@@ -97,12 +97,8 @@ fn main() {
         ..LoadOptions::default()
     };
     for targets in ["q,v", "all-linear"] {
-        let key = FactorsKey {
-            base_sha256: svfit::home::sha256_file(&opts.model).unwrap_or_else(fail),
-            targets: targets.parse().unwrap_or_else(fail),
-            policy: "energy:0.99".parse().unwrap_or_else(fail),
-            dtype: "f16".parse().unwrap_or_else(fail),
-        };
+        let key =
+            FactorsKey::for_model(&opts.model, targets, "energy:0.99", "f16").unwrap_or_else(fail);
         let path =
             factors::ensure(&opts.model, &key, &svfit::home::home_dir()).unwrap_or_else(fail);
         let factors = factors::read_factors(&path, &key).unwrap_or_else(fail);

@@ -285,6 +285,26 @@ pub struct FactorsKey {
 }
 
 impl FactorsKey {
+    /// The key of `model`'s factors (its sha256, read now) for `targets`
+    /// (`q,v`, `all-linear`, ...), rank `policy` (`energy:0.99`, ...) and
+    /// `dtype` (`f16` or `f32`).
+    pub fn for_model(
+        model: &Path,
+        targets: &str,
+        policy: &str,
+        dtype: &str,
+    ) -> Result<Self, FactorError> {
+        Ok(FactorsKey {
+            targets: targets.parse()?,
+            policy: policy.parse()?,
+            dtype: dtype.parse()?,
+            base_sha256: crate::home::sha256_file(model).map_err(|source| FactorError::Io {
+                path: model.to_path_buf(),
+                source,
+            })?,
+        })
+    }
+
     /// A file-name-safe id, also stored as `svfit.factors_id` in adapters.
     pub fn id(&self) -> String {
         let policy = self.policy.to_string().replace(':', "-");

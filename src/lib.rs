@@ -1,10 +1,16 @@
 //! svfit: serve one frozen base LLM to many tenants, each fine-tuned with an
 //! SVFit adapter (a vector of singular values per target matrix).
+//!
+//! `unsafe` lives in `ggml` alone (the FFI wrappers); everything else is
+//! safe Rust, and the compiler holds it to that.
+
+#![deny(unsafe_code)]
 
 pub mod adapter;
 pub mod engine;
 pub mod factors;
 pub mod generate;
+#[allow(unsafe_code)]
 pub mod ggml;
 pub mod home;
 pub mod merge;

@@ -31,12 +31,7 @@ struct Setup {
 }
 
 fn setup(dir: TempDir, model: PathBuf, targets: &str) -> Setup {
-    let key = FactorsKey {
-        base_sha256: svfit::home::sha256_file(&model).unwrap(),
-        targets: targets.parse().unwrap(),
-        policy: "energy:0.99".parse().unwrap(),
-        dtype: "f16".parse().unwrap(),
-    };
+    let key = FactorsKey::for_model(&model, targets, "energy:0.99", "f16").unwrap();
     let path = factors::ensure(&model, &key, &dir.path().join("home")).unwrap();
     Setup {
         factors: factors::read_factors(&path, &key).unwrap(),

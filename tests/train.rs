@@ -10,12 +10,7 @@ use svfit::factors::{self, Factor, FactorsKey, TargetMatrix};
 use svfit::model::{Learner, LoadOptions, Model, TrainRow};
 
 fn factors_of(model: &Path, home: &Path, targets: &str) -> Vec<(TargetMatrix, Factor)> {
-    let key = FactorsKey {
-        base_sha256: svfit::home::sha256_file(model).unwrap(),
-        targets: targets.parse().unwrap(),
-        policy: "full".parse().unwrap(),
-        dtype: "f32".parse().unwrap(),
-    };
+    let key = FactorsKey::for_model(model, targets, "full", "f32").unwrap();
     let path = factors::ensure(model, &key, home).unwrap();
     factors::read_factors(&path, &key).unwrap()
 }

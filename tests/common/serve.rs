@@ -34,12 +34,7 @@ pub fn base() -> &'static Base {
     BASE.get_or_init(|| {
         let home = std::env::temp_dir().join("svfit-test-server-home");
         let model = super::default_model();
-        let key = FactorsKey {
-            base_sha256: svfit::home::sha256_file(&model).unwrap(),
-            targets: "q,v".parse().unwrap(),
-            policy: "energy:0.99".parse().unwrap(),
-            dtype: "f16".parse().unwrap(),
-        };
+        let key = FactorsKey::for_model(&model, "q,v", "energy:0.99", "f16").unwrap();
         let path = factors::ensure(&model, &key, &home).unwrap();
         let singular = factors::read_singular_values(&path, &key).unwrap();
         Base {

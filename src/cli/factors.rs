@@ -1,0 +1,236 @@
+//! `svfit factorize`, `merge`, `convert` and `adapter ...`.
+
+use super::*;
+
+#[derive(Subcommand)]
+pub(super) enum AdapterCommand {
+    /// Write the identity adapter (sigma = S: the base model unchanged).
+    Init {
+        #[command(flatten)]
+        factors: FactorArgs,
+        /// Output adapter file (.safetensors)
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print an adapter's base, targets, ranks and per-matrix |delta|, after validating it against the model.
+    Inspect {
+        /// Adapter file
+        adapter: PathBuf,
+        /// The base model it must belong to [default: the default model]
+        #[arg(long, env = "SVFIT_MODEL")]
+        model: Option<PathBuf>,
+    },
+    /// Add random deltas: sigma = S * (1 + scale * z), z ~ N(0, 1) (for demos and tests).
+    Perturb {
+        /// Adapter file to start from (its factors define S)
+        adapter: PathBuf,
+        /// Relative size of the deltas (0.05 = about 5% of S)
+        #[arg(long)]
+        scale: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output adapter file
+        #[arg(long)]
+        out: PathBuf,
+        /// The base model [default: the default model]
+        #[arg(long, env = "SVFIT_MODEL")]
+        model: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+pub(super) struct ConvertArgs {
+    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
+    #[arg(long, env = "SVFIT_MODEL")]
+    model: Option<PathBuf>,
+    /// The layout to write: auto (what `svfit serve` uses on CPU), keep, q8_0 or f16
+    #[arg(long, default_value = "auto")]
+    weights: WeightFormat,
+    /// Output GGUF file
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub(super) struct FactorizeArgs {
+    #[command(flatten)]
+    factors: FactorArgs,
+    /// Recompute even when the cache has these factors
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+pub(super) struct MergeArgs {
+    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
+    #[arg(long, env = "SVFIT_MODEL")]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+    /// Output GGUF file
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored type of the merged matrices: f16, f32, or keep (the base's own
+    /// type, re-quantized: with 4-bit bases small deltas are mostly lost)
+    #[arg(long = "type", default_value = "f16")]
+    ty: String,
+}
+
+pub(super) fn run_convert(args: &ConvertArgs) -> Result<()> {
+    let model = home::resolve_model(args.model.as_deref())?;
+    let n = model::write_converted(&model, args.weights, &args.out)
+        .with_context(|| format!("converting {}", model.display()))?;
+    println!(
+        "wrote {} ({n} matrices converted for --weights {})",
+        args.out.display(),
+        args.weights
+    );
+    Ok(())
+}
+
+pub(super) fn run_factorize(args: &FactorizeArgs) -> Result<()> {
+    use svfit::factors;
+    let (path, key) = args.factors.key()?;
+    let out = key.path(&home::home_dir());
+    let ranks: Vec<_> = if out.exists() && !args.force {
+        eprintln!("factors already cached at {}", out.display());
+        factors::read_singular_values(&out, &key)?
+            .into_iter()
+            .map(|(t, s)| (t, s.len()))
+            .collect()
+    } else {
+        let start = std::time::Instant::now();
+        let done = factors::build(&path, &key, |i, total, name, rank, full| {
+            let secs = start.elapsed().as_secs_f64();
+            eprint!("\r[{i:>3}/{total}] {name:<28} rank {rank:>4} of {full:>4}  {secs:>5.1}s");
+        })?;
+        eprintln!();
+        factors::write_factors(&out, &key, &done)?;
+        eprintln!("wrote {}", out.display());
+        done.into_iter().map(|(t, f)| (t, f.rank())).collect()
+    };
+    println!("{:<12} {:>6} {:>8} {:>6}", "matrix", "min", "mean", "max");
+    for (kind, min, mean, max) in factors::rank_summary(&ranks) {
+        println!("{kind:<12} {min:>6} {mean:>8.1} {max:>6}");
+    }
+    let bytes = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "factors: {} matrices, {:.1} MB ({}, {})",
+        ranks.len(),
+        bytes as f64 / 1e6,
+        key.policy,
+        key.dtype
+    );
+    Ok(())
+}
+
+/// An adapter read from `path` and validated against the model's factors
+/// (computed and cached if missing).
+fn load_adapter(path: &Path, model: Option<&Path>) -> Result<Loaded> {
+    let model = home::resolve_model(model)?;
+    let sha = home::sha256_file(&model).with_context(|| format!("reading {}", model.display()))?;
+    Ok(Loaded::open(path, &model, &sha, &home::home_dir())?)
+}
+
+pub(super) fn run_merge(args: &MergeArgs) -> Result<()> {
+    let ty: svfit::merge::MergeType = args.ty.parse()?;
+    let model = home::resolve_model(args.model.as_deref())?;
+    let resolved = args
+        .adapter
+        .resolve(&model)?
+        .context("name the adapter to merge with --adapter FILE or --mix A=W,B=W")?;
+    let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
+    let info = [
+        (
+            "svfit.merged.adapters".to_string(),
+            resolved.description.clone(),
+        ),
+        ("svfit.merged.factors_id".to_string(), resolved.key.id()),
+    ];
+    let start = std::time::Instant::now();
+    let n = svfit::merge::merge(&model, &factors, &resolved.deltas, ty, &info, &args.out)?;
+    eprintln!(
+        "wrote {} ({n} matrices merged as {}, {:.1}s)",
+        args.out.display(),
+        args.ty,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub(super) fn run_adapter(command: &AdapterCommand) -> Result<()> {
+    use svfit::adapter::Adapter;
+    use svfit::factors;
+    match command {
+        AdapterCommand::Init { factors: args, out } => {
+            let (model, key) = args.key()?;
+            let path = factors::ensure(&model, &key, &home::home_dir())?;
+            let singular = factors::read_singular_values(&path, &key)?;
+            Adapter::identity(&key, &singular).write(out)?;
+            let n: usize = singular.iter().map(|(_, s)| s.len()).sum();
+            eprintln!(
+                "wrote {} ({} matrices, {n} singular values)",
+                out.display(),
+                singular.len()
+            );
+        }
+        AdapterCommand::Inspect { adapter, model } => {
+            let Loaded {
+                adapter: a,
+                singular,
+                ..
+            } = load_adapter(adapter, model.as_deref())?;
+            println!("base sha256  {}", a.base_sha256);
+            println!("factors      {}", a.factors_id);
+            println!("targets      {}", a.targets);
+            println!("rank policy  {}", a.rank_policy);
+            let mut info: Vec<_> = a.info.iter().collect();
+            info.sort();
+            for (k, v) in info {
+                println!("{k:<12} {v}");
+            }
+            println!(
+                "{:<24} {:>6} {:>12} {:>12}",
+                "matrix", "rank", "|delta|", "|delta|/|S|"
+            );
+            for ((prefix, delta), (_, s)) in a.deltas(&singular).iter().zip(&singular) {
+                let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                let (d, sn) = (norm(delta), norm(s));
+                println!(
+                    "{prefix:<24} {:>6} {d:>12.5} {:>12.5}",
+                    s.len(),
+                    d / sn.max(f64::MIN_POSITIVE)
+                );
+            }
+        }
+        AdapterCommand::Perturb {
+            adapter,
+            scale,
+            seed,
+            out,
+            model,
+        } => {
+            if !scale.is_finite() || *scale < 0.0 {
+                anyhow::bail!("--scale must be a finite number >= 0, got {scale}");
+            }
+            let Loaded {
+                adapter: mut a,
+                singular,
+                ..
+            } = load_adapter(adapter, model.as_deref())?;
+            let mut rng = svfit::sampling::SplitMix64::new(*seed);
+            for ((_, sigma), (_, s)) in a.sigma.iter_mut().zip(&singular) {
+                for (v, base) in sigma.iter_mut().zip(s) {
+                    *v = base * (1.0 + scale * rng.normal());
+                }
+            }
+            a.info.insert(
+                "svfit.perturbed".into(),
+                format!("scale {scale}, seed {seed}"),
+            );
+            a.write(out)?;
+            eprintln!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}

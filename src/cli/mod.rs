@@ -1,0 +1,282 @@
+//! The `svfit` command line: the clap types of every command and their
+//! shared argument groups live here; each command's work is in its module
+//! (`serve`, `inference`: generate and logits, `factors`: factorize, merge,
+//! convert and adapter, `train`: train and eval).
+
+mod factors;
+mod inference;
+mod serve;
+mod train;
+
+use factors::{AdapterCommand, ConvertArgs, FactorizeArgs, MergeArgs};
+use inference::{GenerateArgs, LogitsArgs};
+use serve::ServeArgs;
+use train::{EvalArgs, TrainArgs};
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use svfit::adapter::{self, Deltas, Loaded};
+use svfit::factors::FactorsKey;
+use svfit::generate::{self, Request};
+use svfit::ggml::Type;
+use svfit::model::tokenizer::Message;
+use svfit::model::{self, Batch, LoadOptions, Model, Slot, Tokenizer, WeightFormat};
+use svfit::sampling::SamplingParams;
+use svfit::server::validation::Limits;
+use svfit::{home, npy};
+
+#[derive(Parser)]
+#[command(
+    name = "svfit",
+    version,
+    about = "Serve one base LLM to many tenants with SVFit singular-value adapters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the model over gRPC and the OpenAI HTTP API to many tenants,
+    /// each request with its own adapter.
+    Serve(Box<ServeArgs>),
+    /// Generate text from a raw prompt or a chat message, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Write the logits of every position of a text as a float32 .npy file.
+    Logits(LogitsArgs),
+    /// Compute (or find cached) the SVD factors of the base model's target matrices.
+    Factorize(FactorizeArgs),
+    /// Write a standalone GGUF with an adapter merged into the base weights
+    /// (W' = W + U diag(sigma - S) Vt), runnable by llama.cpp.
+    Merge(MergeArgs),
+    /// Write the model with its matrices in the types --weights holds them
+    /// in (as on CPU), so llama.cpp runs exactly the weights svfit serves.
+    Convert(ConvertArgs),
+    /// Learn an adapter's singular values from JSONL data by backprop
+    /// (writes the adapter, a checkpoint, metrics.jsonl and a loss plot).
+    Train(Box<TrainArgs>),
+    /// Score prompt/completion JSONL by greedy generation (with or without an
+    /// adapter): exact answers and, for class labels, the label answered.
+    Eval(EvalArgs),
+    /// Create, inspect and perturb SVFit adapter files.
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
+}
+
+/// Which factors: base model, targets, rank policy, dtype.
+#[derive(Args)]
+struct FactorArgs {
+    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
+    #[arg(long, env = "SVFIT_MODEL")]
+    model: Option<PathBuf>,
+    /// Target matrices: all-linear, or a comma list of q, k, v, o, gate, up, down
+    #[arg(long, default_value = "q,v")]
+    targets: String,
+    /// Singular values kept per matrix: energy:T (smallest r whose squared
+    /// singular values reach fraction T of the total), rank:N, or full
+    #[arg(long, default_value = "energy:0.99")]
+    rank: String,
+    /// Element type of U and Vt in the factor file: f16 or f32
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+}
+
+impl FactorArgs {
+    /// The model path and the factors key these arguments name.
+    fn key(&self) -> Result<(PathBuf, svfit::factors::FactorsKey)> {
+        let model = home::resolve_model(self.model.as_deref())?;
+        let key = FactorsKey::for_model(&model, &self.targets, &self.rank, &self.dtype)?;
+        Ok((model, key))
+    }
+}
+
+/// Which model to load and how to run it.
+#[derive(Args)]
+struct ModelArgs {
+    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
+    #[arg(long, env = "SVFIT_MODEL")]
+    model: Option<PathBuf>,
+    /// CPU threads [default: one per core]
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Compute device: "cpu", "auto" (the first GPU, else CPU) or a device name such as "cuda0"
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Context size in tokens (KV cache cells); capped at the model's training context
+    #[arg(long = "ctx", default_value_t = 4096)]
+    ctx: usize,
+    /// How the weight matrices are held: auto (on CPU, Q8_0 for matrices
+    /// stored in fewer than 8 bits: batches run several times faster),
+    /// keep (as stored, bit-exact with llama.cpp on the same file), q8_0
+    /// or f16
+    #[arg(long, default_value = "auto")]
+    weights: WeightFormat,
+}
+
+impl ModelArgs {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.device.clone(),
+            threads: self.threads.unwrap_or_else(model::default_threads),
+            weights: self.weights,
+        }
+    }
+
+    fn path(&self) -> Result<PathBuf> {
+        Ok(home::resolve_model(self.model.as_deref())?)
+    }
+
+    fn load(&self) -> Result<(Model, Tokenizer)> {
+        let path = self.path()?;
+        let model = Model::load(&path, &self.load_options())
+            .with_context(|| format!("loading model {}", path.display()))?;
+        let tokenizer = Tokenizer::load(&path)?;
+        Ok((model, tokenizer))
+    }
+
+    fn n_ctx(&self, model: &Model) -> usize {
+        self.ctx.clamp(1, model.config().n_ctx_train)
+    }
+}
+
+/// Which SVFit adapter (or weighted mix of adapters) to apply.
+#[derive(Args)]
+struct AdapterArgs {
+    /// SVFit adapter file (.safetensors) to apply to the base model
+    #[arg(long, conflicts_with = "mix")]
+    adapter: Option<PathBuf>,
+    /// A weighted mix of adapters of the same factors, as
+    /// A.safetensors=0.7,B.safetensors=0.3: delta = sum of weight x delta
+    #[arg(long)]
+    mix: Option<String>,
+}
+
+/// A validated adapter or mix: its factors and combined deltas.
+struct Resolved {
+    key: FactorsKey,
+    factors: PathBuf,
+    deltas: Deltas,
+    /// What was applied, for messages and metadata.
+    description: String,
+}
+
+impl AdapterArgs {
+    /// `(path, weight)` of each adapter named.
+    fn parts(&self) -> Result<Vec<(PathBuf, f32)>> {
+        if let Some(path) = &self.adapter {
+            return Ok(vec![(path.clone(), 1.0)]);
+        }
+        let Some(mix) = &self.mix else {
+            return Ok(Vec::new());
+        };
+        mix.split(',')
+            .map(|part| {
+                let (path, weight) = part
+                    .rsplit_once('=')
+                    .with_context(|| format!("--mix part '{part}' is not FILE=WEIGHT"))?;
+                let weight: f32 = weight
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|w: &f32| w.is_finite())
+                    .with_context(|| format!("--mix weight '{weight}' is not a finite number"))?;
+                Ok((PathBuf::from(path.trim()), weight))
+            })
+            .collect()
+    }
+
+    /// Reads and validates the adapters against the model at `model`.
+    fn resolve(&self, model: &Path) -> Result<Option<Resolved>> {
+        let parts = self.parts()?;
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let sha =
+            home::sha256_file(model).with_context(|| format!("reading {}", model.display()))?;
+        let home = home::home_dir();
+        let mut loaded: Vec<(PathBuf, Loaded)> = Vec::new();
+        for (path, _) in &parts {
+            let l = Loaded::open(path, model, &sha, &home)?;
+            if let Some((first, f)) = loaded.first() {
+                if f.key != l.key {
+                    return Err(adapter::AdapterError::MixedFactors {
+                        first: first.clone(),
+                        first_id: f.key.id(),
+                        other: path.clone(),
+                        other_id: l.key.id(),
+                    }
+                    .into());
+                }
+            }
+            loaded.push((path.clone(), l));
+        }
+        let deltas: Vec<Deltas> = loaded.iter().map(|(_, l)| l.deltas()).collect();
+        let weighted: Vec<(f32, &Deltas)> = parts.iter().map(|(_, w)| *w).zip(&deltas).collect();
+        let description = parts
+            .iter()
+            .map(|(p, w)| format!("{}={w}", p.display()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let key = loaded.swap_remove(0).1.key;
+        Ok(Some(Resolved {
+            factors: key.path(&home),
+            key,
+            deltas: adapter::mix(&weighted),
+            description,
+        }))
+    }
+
+    /// Applies the adapter (if any) to `model`: its factors in slot tables,
+    /// the deltas in slot 1. Returns the slot to run with.
+    fn apply(&self, model: &mut Model, model_path: &Path) -> Result<Slot> {
+        let Some(resolved) = self.resolve(model_path)? else {
+            return Ok(0);
+        };
+        let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
+        model.attach_factors(&factors, 2, Type::Q8_0)?;
+        model.set_adapter(1, &resolved.deltas)?;
+        Ok(1)
+    }
+}
+
+/// Parses the command line and runs the command; errors are one line.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run_serve(&args),
+        Command::Generate(args) => inference::run_generate(&args),
+        Command::Logits(args) => inference::run_logits(&args),
+        Command::Factorize(args) => factors::run_factorize(&args),
+        Command::Merge(args) => factors::run_merge(&args),
+        Command::Convert(args) => factors::run_convert(&args),
+        Command::Adapter(command) => factors::run_adapter(&command),
+        Command::Train(args) => train::run_train(&args),
+        Command::Eval(args) => train::run_eval(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, each cause once (our errors often
+/// quote their source already).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
+}
