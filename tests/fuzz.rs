@@ -379,9 +379,9 @@ fn header() -> impl Strategy<Value = Option<Vec<u8>>> {
     ])
 }
 
-#[test]
-fn request_validation() {
-    let limits = Limits {
+/// Limits small enough that random requests reach them.
+fn small_limits() -> Limits {
+    Limits {
         stop_strings: 4,
         stop_bytes: 16,
         mix_parts: 3,
@@ -389,7 +389,12 @@ fn request_validation() {
         chat_messages: 2,
         max_tokens: 4096,
         max_tokens_default: 64,
-    };
+    }
+}
+
+#[test]
+fn request_validation() {
+    let limits = small_limits();
     let callers = [
         Caller {
             tenant: "alice".into(),
@@ -511,15 +516,7 @@ fn field_name() -> impl Strategy<Value = String> {
 
 #[test]
 fn openai_request_bodies() {
-    let limits = Limits {
-        stop_strings: 4,
-        stop_bytes: 16,
-        mix_parts: 3,
-        prompt_bytes: 48,
-        chat_messages: 2,
-        max_tokens: 4096,
-        max_tokens_default: 64,
-    };
+    let limits = small_limits();
     let caller = Caller {
         tenant: "alice".into(),
         admin: false,

@@ -472,16 +472,13 @@ fn stream(
         }
         let mut offset = 0;
         loop {
-            let event = tokio::select! {
-                event = submitted.events.recv() => event,
-                // The client left: dropping `events` cancels the sequence.
-                _ = tx.closed() => return,
-            };
-            let Some(event) = event else {
-                let status = engine_gone();
-                submitted.log_failed(&status);
-                let _ = send(error_body(&status, "server_error", None)).await;
-                return;
+            let event = match submitted.next_event(tx.closed()).await {
+                None => return,
+                Some(Ok(event)) => event,
+                Some(Err(status)) => {
+                    let _ = send(error_body(&status, "server_error", None)).await;
+                    return;
+                }
             };
             if let Some((usage, timings, finish)) = usage_and_timings(&event) {
                 submitted.log_done(&usage, &timings, finish);

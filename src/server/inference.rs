@@ -221,6 +221,24 @@ impl Submitted {
         );
     }
 
+    /// The next engine event; `None` once `client_left` resolves first
+    /// (dropping the events then cancels the sequence at the engine's next
+    /// step). An engine that ends without a last event is an error, logged.
+    pub(super) async fn next_event(
+        &mut self,
+        client_left: impl std::future::Future<Output = ()>,
+    ) -> Option<Result<Event, Status>> {
+        let event = tokio::select! {
+            event = self.events.recv() => event,
+            _ = client_left => return None,
+        };
+        Some(event.ok_or_else(|| {
+            let status = engine_gone();
+            self.log_failed(&status);
+            status
+        }))
+    }
+
     pub(super) fn log_failed(&self, status: &Status) {
         tracing::info!(
             target: "request",
@@ -285,17 +303,13 @@ impl pb::inference_server::Inference for InferenceService {
         let (tx, rx) = mpsc::channel::<Result<pb::GenerateChunk, Status>>(16);
         tokio::spawn(async move {
             loop {
-                let event = tokio::select! {
-                    event = submitted.events.recv() => event,
-                    // The client left: dropping `events` cancels the
-                    // sequence at the engine's next step.
-                    _ = tx.closed() => return,
-                };
-                let Some(event) = event else {
-                    let status = engine_gone();
-                    submitted.log_failed(&status);
-                    let _ = tx.send(Err(status)).await;
-                    return;
+                let event = match submitted.next_event(tx.closed()).await {
+                    None => return,
+                    Some(Ok(event)) => event,
+                    Some(Err(status)) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
                 };
                 let mut chunk = pb::GenerateChunk {
                     request_id: submitted.request_id.clone(),
