@@ -40,9 +40,8 @@ pub(super) enum AdapterCommand {
 
 #[derive(Args)]
 pub(super) struct ConvertArgs {
-    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
-    #[arg(long, env = "SVFIT_MODEL")]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    base: ModelFile,
     /// The layout to write: auto (what `svfit serve` uses on CPU), keep, q8_0 or f16
     #[arg(long, default_value = "auto")]
     weights: WeightFormat,
@@ -62,9 +61,8 @@ pub(super) struct FactorizeArgs {
 
 #[derive(Args)]
 pub(super) struct MergeArgs {
-    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
-    #[arg(long, env = "SVFIT_MODEL")]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    base: ModelFile,
     #[command(flatten)]
     adapter: AdapterArgs,
     /// Output GGUF file
@@ -77,7 +75,7 @@ pub(super) struct MergeArgs {
 }
 
 pub(super) fn run_convert(args: &ConvertArgs) -> Result<()> {
-    let model = home::resolve_model(args.model.as_deref())?;
+    let model = args.base.path()?;
     let n = model::write_converted(&model, args.weights, &args.out)
         .with_context(|| format!("converting {}", model.display()))?;
     println!(
@@ -134,7 +132,7 @@ fn load_adapter(path: &Path, model: Option<&Path>) -> Result<Loaded> {
 
 pub(super) fn run_merge(args: &MergeArgs) -> Result<()> {
     let ty: svfit::merge::MergeType = args.ty.parse()?;
-    let model = home::resolve_model(args.model.as_deref())?;
+    let model = args.base.path()?;
     let resolved = args
         .adapter
         .resolve(&model)?

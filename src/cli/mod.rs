@@ -69,19 +69,41 @@ enum Command {
     Adapter(AdapterCommand),
 }
 
-/// Which factors: base model, targets, rank policy, dtype.
+/// The base model's file: the one declaration of `--model` (the adapter
+/// subcommands keep their own, which say what the model is for).
 #[derive(Args)]
-struct FactorArgs {
+struct ModelFile {
     /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
     #[arg(long, env = "SVFIT_MODEL")]
     model: Option<PathBuf>,
-    /// Target matrices: all-linear, or a comma list of q, k, v, o, gate, up, down
+}
+
+impl ModelFile {
+    fn path(&self) -> Result<PathBuf> {
+        Ok(home::resolve_model(self.model.as_deref())?)
+    }
+}
+
+/// Which of the model's factors: target matrices and rank policy.
+#[derive(Args)]
+struct FactorChoice {
+    /// Target matrices of the factors (an adapter is made for one set):
+    /// all-linear, or a comma list of q, k, v, o, gate, up, down
     #[arg(long, default_value = "q,v")]
     targets: String,
     /// Singular values kept per matrix: energy:T (smallest r whose squared
     /// singular values reach fraction T of the total), rank:N, or full
     #[arg(long, default_value = "energy:0.99")]
     rank: String,
+}
+
+/// Which factors: base model, targets, rank policy, dtype.
+#[derive(Args)]
+struct FactorArgs {
+    #[command(flatten)]
+    base: ModelFile,
+    #[command(flatten)]
+    factors: FactorChoice,
     /// Element type of U and Vt in the factor file: f16 or f32
     #[arg(long, default_value = "f16")]
     dtype: String,
@@ -90,8 +112,9 @@ struct FactorArgs {
 impl FactorArgs {
     /// The model path and the factors key these arguments name.
     fn key(&self) -> Result<(PathBuf, svfit::factors::FactorsKey)> {
-        let model = home::resolve_model(self.model.as_deref())?;
-        let key = FactorsKey::for_model(&model, &self.targets, &self.rank, &self.dtype)?;
+        let model = self.base.path()?;
+        let choice = &self.factors;
+        let key = FactorsKey::for_model(&model, &choice.targets, &choice.rank, &self.dtype)?;
         Ok((model, key))
     }
 }
@@ -99,9 +122,8 @@ impl FactorArgs {
 /// Which model to load and how to run it.
 #[derive(Args)]
 struct ModelArgs {
-    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
-    #[arg(long, env = "SVFIT_MODEL")]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    base: ModelFile,
     /// CPU threads [default: one per core]
     #[arg(long)]
     threads: Option<usize>,
@@ -129,7 +151,7 @@ impl ModelArgs {
     }
 
     fn path(&self) -> Result<PathBuf> {
-        Ok(home::resolve_model(self.model.as_deref())?)
+        self.base.path()
     }
 
     fn load(&self) -> Result<(Model, Tokenizer)> {

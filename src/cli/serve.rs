@@ -16,12 +16,8 @@ pub(super) struct ServeArgs {
     http_addr: HttpAddr,
     #[command(flatten)]
     model: ModelArgs,
-    /// Target matrices the served adapters are made for
-    #[arg(long, default_value = "q,v")]
-    targets: String,
-    /// Rank policy of the served factors
-    #[arg(long, default_value = "energy:0.99")]
-    rank: String,
+    #[command(flatten)]
+    factors: FactorChoice,
     /// Adapter store: a directory (DIR/<tenant>/<id>.safetensors), or with the
     /// s3 feature an object store URL such as s3://bucket/prefix (credentials
     /// from AWS_* variables) [default: $SVFIT_HOME/adapters]
@@ -127,7 +123,7 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
 pub(super) fn run_serve(args: &ServeArgs) -> Result<()> {
     use svfit::engine::EngineConfig;
     let model = args.model.path()?;
-    let factors = FactorsKey::for_model(&model, &args.targets, &args.rank, "f16")?;
+    let factors = FactorsKey::for_model(&model, &args.factors.targets, &args.factors.rank, "f16")?;
     let config = svfit::server::ServeConfig {
         addr: args.addr,
         load: args.model.load_options(),

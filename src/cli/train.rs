@@ -22,15 +22,10 @@ pub(super) struct TrainArgs {
     /// Fail on the first unusable line (default: skip and count them)
     #[arg(long)]
     strict: bool,
-    /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]
-    #[arg(long, env = "SVFIT_MODEL")]
-    model: Option<PathBuf>,
-    /// Target matrices: all-linear, or a comma list of q, k, v, o, gate, up, down
-    #[arg(long, default_value = "q,v")]
-    targets: String,
-    /// Singular values kept per matrix (see `svfit factorize --help`)
-    #[arg(long, default_value = "energy:0.99")]
-    rank: String,
+    #[command(flatten)]
+    base: ModelFile,
+    #[command(flatten)]
+    factors: FactorChoice,
     /// Passes over the training data
     #[arg(long, default_value_t = 3)]
     epochs: usize,
@@ -218,7 +213,7 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
     let data = pick(&args.data, saved.as_ref().map(|s| s.data.clone()))?;
     let out = pick(&args.out, saved.as_ref().map(|s| s.out.clone()))?;
     let options = Options {
-        model: home::resolve_model(args.model.as_deref())?,
+        model: args.base.path()?,
         load: LoadOptions {
             device: args.device.clone(),
             threads: args.threads.unwrap_or_else(model::default_threads),
@@ -228,11 +223,11 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
         frozen: args.frozen.parse().map_err(anyhow::Error::msg)?,
         targets: match &saved {
             Some(s) => s.targets.parse()?,
-            None => args.targets.parse()?,
+            None => args.factors.targets.parse()?,
         },
         rank: match &saved {
             Some(s) => s.rank_policy.parse()?,
-            None => args.rank.parse()?,
+            None => args.factors.rank.parse()?,
         },
         eval: args
             .eval
