@@ -361,10 +361,10 @@ struct Running {
     remembered: usize,
 }
 
-impl Running {
+impl Job {
     /// The key its cells are cached under: its adapter's ("" is the base).
     fn adapter_key(&self) -> &str {
-        self.job.adapter.as_ref().map_or("", |a| a.key.as_str())
+        self.adapter.as_ref().map_or("", |a| a.key.as_str())
     }
 }
 
@@ -584,8 +584,7 @@ impl Worker {
             return 0;
         }
         let prompt = &job.request.prompt;
-        let adapter = job.adapter.as_ref().map_or("", |a| a.key.as_str());
-        let keys = block_keys(adapter, &prompt[..prompt.len().saturating_sub(1)]);
+        let keys = block_keys(job.adapter_key(), &prompt[..prompt.len().saturating_sub(1)]);
         let blocks = self.prefix.lookup(&keys);
         let mut reused = blocks.len() * BLOCK;
         if let Err(e) = self.cache.import(seq, &blocks, BLOCK) {
@@ -606,7 +605,7 @@ impl Worker {
         }
         let r = &self.running[i];
         let n = self.cache.seq_len(r.seq).min(r.sequence.history().len());
-        let keys = block_keys(r.adapter_key(), &r.sequence.history()[..n]);
+        let keys = block_keys(r.job.adapter_key(), &r.sequence.history()[..n]);
         if keys.len() <= r.remembered {
             return;
         }

@@ -318,7 +318,8 @@ fn version_of(adapter: &Adapter) -> Option<u64> {
     adapter.info.get(VERSION_KEY).and_then(|v| v.parse().ok())
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch (0 on a clock before it).
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

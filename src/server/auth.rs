@@ -93,12 +93,21 @@ pub struct Authenticate {
     pub rate: Option<Arc<TenantRate>>,
 }
 
-impl Interceptor for Authenticate {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = authenticate(self.keys.as_deref(), request.metadata())?;
+impl Authenticate {
+    /// The caller a request's `metadata` names, held to its tenant's
+    /// request rate (the HTTP API calls this with its headers).
+    pub fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let caller = authenticate(self.keys.as_deref(), metadata)?;
         if let Some(rate) = &self.rate {
             rate.admit(&caller.tenant)?;
         }
+        Ok(caller)
+    }
+}
+
+impl Interceptor for Authenticate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.caller(request.metadata())?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }

@@ -36,11 +36,12 @@ use tokio::sync::mpsc;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use super::auth::{self, Caller, Keys, TenantRate};
+use super::auth::{Authenticate, Caller};
 use super::inference::{self, engine_gone, usage_and_timings, Submitted};
 use super::openai::{self, Answer, Endpoint, Parsed};
 use super::{failure_status, Api, Shared};
 use crate::engine::Event;
+use crate::store::unix_now;
 
 /// How long a client may take to send its request body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,10 +51,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 struct HttpState {
     shared: Arc<Shared>,
-    keys: Option<Arc<Keys>>,
-    rate: Option<Arc<TenantRate>>,
+    auth: Authenticate,
     /// The `model` that selects the base model.
     base_model: String,
+    /// The base model's `created`: when the server started (Unix seconds).
+    started: u64,
 }
 
 /// Starts the HTTP API on `listener`, at most `max_connections` open at
@@ -61,8 +63,7 @@ struct HttpState {
 pub(super) fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
-    keys: Option<Arc<Keys>>,
-    rate: Option<Arc<TenantRate>>,
+    auth: Authenticate,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
@@ -70,9 +71,9 @@ pub(super) fn serve(
     let max_connections = shared.config.max_connections;
     let state = HttpState {
         base_model: shared.base_model(),
+        started: unix_now().saturating_sub(shared.started.elapsed().as_secs()),
         shared,
-        keys,
-        rate,
+        auth,
     };
     let router = Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -289,12 +290,13 @@ impl HttpState {
     /// The caller of a request from `Authorization: Bearer KEY` (or
     /// `x-api-key`), held to its tenant's request rate.
     fn caller(&self, headers: &HeaderMap) -> Result<Caller, Status> {
-        let metadata = MetadataMap::from_headers(headers.clone());
-        let caller = auth::authenticate(self.keys.as_deref(), &metadata)?;
-        if let Some(rate) = &self.rate {
-            rate.admit(&caller.tenant)?;
-        }
-        Ok(caller)
+        self.auth
+            .caller(&MetadataMap::from_headers(headers.clone()))
+    }
+
+    /// The base model's model object.
+    fn base_model_object(&self) -> Value {
+        model_object(&self.base_model, self.started, "svfit", None)
     }
 
     /// The largest body a valid request can have: every byte of the
@@ -322,12 +324,6 @@ fn random_seed() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 async fn generate(
@@ -576,7 +572,7 @@ fn percent_decode(s: &str) -> Option<String> {
 /// What the caller may list: its own tenant, or every tenant for an admin
 /// key of a server with keys.
 fn listed_tenant(state: &HttpState, caller: &Caller) -> Option<String> {
-    let all = caller.admin && state.keys.is_some();
+    let all = caller.admin && state.auth.keys.is_some();
     (!all).then(|| caller.tenant.clone())
 }
 
@@ -607,8 +603,7 @@ async fn models(
     let (stored, next) = super::adapters::list_page(&state.shared, named, limit, token).await?;
     let mut data = Vec::with_capacity(stored.len() + 1);
     if first_page {
-        let started = unix_now() - state.shared.started.elapsed().as_secs();
-        data.push(model_object(&state.base_model, started, "svfit", None));
+        data.push(state.base_model_object());
     }
     for s in &stored {
         let id = adapter_model_id(&caller, &s.tenant, &s.id);
@@ -634,8 +629,7 @@ async fn model(
 ) -> Result<Response, ApiError> {
     let caller = state.caller(&headers)?;
     if id == state.base_model {
-        let started = unix_now() - state.shared.started.elapsed().as_secs();
-        let body = model_object(&id, started, "svfit", None);
+        let body = state.base_model_object();
         return Ok((StatusCode::OK, json_body(&body)).into_response());
     }
     let (tenant, name) = caller.adapter(&id)?;

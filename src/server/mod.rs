@@ -349,8 +349,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             let (addr, task) = http::serve(
                 listener,
                 shared.clone(),
-                authenticate.keys.clone(),
-                authenticate.rate.clone(),
+                authenticate.clone(),
                 http_tls,
                 async move {
                     let _ = stopped.wait_for(|s| *s).await;

@@ -86,6 +86,25 @@ fn integer(param: &str, v: &Value, min: i64, max: i64) -> Result<i64, Status> {
     }
 }
 
+/// The fields of object `v` that are not `null` (a `null` asks nothing).
+fn fields<'a>(
+    param: &str,
+    v: &'a Value,
+) -> Result<impl Iterator<Item = (&'a str, &'a Value)>, Status> {
+    let Value::Object(map) = v else {
+        return Err(expected(param, "an object", v));
+    };
+    Ok(map
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.as_str(), v)))
+}
+
+/// A field this server does not know.
+fn unknown(param: &str) -> Status {
+    invalid(param, "unknown field (not supported by this server)")
+}
+
 fn boolean(param: &str, v: &Value) -> Result<bool, Status> {
     v.as_bool().ok_or_else(|| expected(param, "a boolean", v))
 }
@@ -230,7 +249,7 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8], base_model: &str) -> Result<Parse
             }
             (_, "service_tier") => only_default(key, v, &[json!("auto"), json!("default")])?,
             (_, "svfit") => mix = Some(extension(v)?),
-            _ => return Err(invalid(key, "unknown field (not supported by this server)")),
+            _ => return Err(unknown(key)),
         }
     }
     let model = model.ok_or_else(|| invalid("model", "required"))?;
@@ -280,20 +299,11 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8], base_model: &str) -> Result<Parse
 }
 
 fn stream_options_usage(v: &Value) -> Result<bool, Status> {
-    let Value::Object(options) = v else {
-        return Err(expected("stream_options", "an object", v));
-    };
     let mut usage = false;
-    for (key, v) in options {
-        match key.as_str() {
-            _ if v.is_null() => {}
+    for (key, v) in fields("stream_options", v)? {
+        match key {
             "include_usage" => usage = boolean("stream_options.include_usage", v)?,
-            other => {
-                return Err(invalid(
-                    &format!("stream_options.{other}"),
-                    "unknown field (not supported by this server)",
-                ))
-            }
+            other => return Err(unknown(&format!("stream_options.{other}"))),
         }
     }
     Ok(usage)
@@ -308,15 +318,11 @@ fn messages(v: &Value) -> Result<pb::generate_request::Input, Status> {
     let mut messages = Vec::with_capacity(list.len().min(1024));
     for (i, m) in list.iter().enumerate() {
         let param = format!("messages[{i}]");
-        let Value::Object(m) = m else {
-            return Err(expected(&param, "an object", m));
-        };
         let mut role = None;
         let mut content = String::new();
-        for (key, v) in m {
+        for (key, v) in fields(&param, m)? {
             let field = format!("{param}.{key}");
-            match key.as_str() {
-                _ if v.is_null() => {}
+            match key {
                 "role" => role = Some(string(&field, v)?),
                 "content" => content = message_content(&field, v)?,
                 "tool_calls" => only_default(&field, v, &[json!([])])?,
@@ -324,12 +330,7 @@ fn messages(v: &Value) -> Result<pb::generate_request::Input, Status> {
                 "name" | "tool_call_id" | "function_call" | "audio" => {
                     return Err(unsupported(&field, "this message field"))
                 }
-                _ => {
-                    return Err(invalid(
-                        &field,
-                        "unknown field (not supported by this server)",
-                    ))
-                }
+                _ => return Err(unknown(&field)),
             }
         }
         let role = match role.as_deref() {
@@ -411,13 +412,9 @@ fn stop(v: &Value) -> Result<Vec<String>, Status> {
 
 /// The `svfit` extension object: `{"mix": [{"adapter": ID, "weight": W}, ...]}`.
 fn extension(v: &Value) -> Result<Vec<pb::MixPart>, Status> {
-    let Value::Object(ext) = v else {
-        return Err(expected("svfit", "an object", v));
-    };
     let mut parts = None;
-    for (key, v) in ext {
-        match key.as_str() {
-            _ if v.is_null() => {}
+    for (key, v) in fields("svfit", v)? {
+        match key {
             "mix" => {
                 let Value::Array(list) = v else {
                     return Err(expected("svfit.mix", "an array", v));
@@ -444,12 +441,7 @@ fn extension(v: &Value) -> Result<Vec<pb::MixPart>, Status> {
                 }
                 parts = Some(mix);
             }
-            other => {
-                return Err(invalid(
-                    &format!("svfit.{other}"),
-                    "unknown field (not supported by this server)",
-                ))
-            }
+            other => return Err(unknown(&format!("svfit.{other}"))),
         }
     }
     let parts = parts.ok_or_else(|| invalid("svfit", "expected mix"))?;
