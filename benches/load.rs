@@ -1290,22 +1290,11 @@ fn openai_request(job: &Job, gen: u32, base_model: &str) -> String {
 /// (one per engine step that produced text); the token count is the
 /// final usage chunk's.
 async fn stream_openai(port: u16, body: &str) -> Sample {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let mut timer = Timer::new();
-    let socket = send_request(port, "POST", "/v1/completions", body)
-        .await
-        .unwrap_or_else(fail);
-    let mut lines = BufReader::new(socket).lines();
     let mut completion_tokens = None;
-    while let Some(line) = lines.next_line().await.unwrap_or_else(fail) {
-        let Some(event) = line.strip_prefix("data: ") else {
-            if line.starts_with("HTTP/1.1 ") && !line.contains(" 200 ") {
-                exit(&format!("svfit's HTTP API answered {line}"));
-            }
-            continue;
-        };
+    server_sent_events(port, "/v1/completions", body, "svfit's HTTP API", |event| {
         if event == "[DONE]" {
-            break;
+            return true;
         }
         let event: serde_json::Value = serde_json::from_str(event).unwrap_or_else(fail);
         if event["choices"][0]["text"]
@@ -1317,7 +1306,9 @@ async fn stream_openai(port: u16, body: &str) -> Sample {
         if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
             completion_tokens = Some(n as usize);
         }
-    }
+        false
+    })
+    .await;
     let mut sample = timer.finish();
     sample.tokens = completion_tokens.unwrap_or_else(|| exit("no usage chunk"));
     sample
@@ -1325,29 +1316,45 @@ async fn stream_openai(port: u16, body: &str) -> Sample {
 
 /// POSTs a streaming completion to llama-server and times its tokens.
 async fn stream_completion(port: u16, body: &str) -> Sample {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let mut timer = Timer::new();
-    let socket = send_request(port, "POST", "/completion", body)
+    server_sent_events(port, "/completion", body, "llama-server", |event| {
+        let event: serde_json::Value = serde_json::from_str(event).unwrap_or_else(fail);
+        let tokens = event["tokens"].as_array().map_or(0, Vec::len);
+        if tokens > 0 {
+            timer.tokens(Instant::now(), tokens);
+        }
+        event["stop"].as_bool() == Some(true)
+    })
+    .await;
+    timer.finish()
+}
+
+/// POSTs `body` to `path` on a fresh connection and hands each
+/// server-sent event's data to `on_event` until it returns true or the
+/// stream ends; a status other than 200 from `server` ends the bench.
+async fn server_sent_events(
+    port: u16,
+    path: &str,
+    body: &str,
+    server: &str,
+    mut on_event: impl FnMut(&str) -> bool,
+) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let socket = send_request(port, "POST", path, body)
         .await
         .unwrap_or_else(fail);
     let mut lines = BufReader::new(socket).lines();
     while let Some(line) = lines.next_line().await.unwrap_or_else(fail) {
         let Some(event) = line.strip_prefix("data: ") else {
             if line.starts_with("HTTP/1.1 ") && !line.contains(" 200 ") {
-                exit(&format!("llama-server answered {line}"));
+                exit(&format!("{server} answered {line}"));
             }
             continue;
         };
-        let event: serde_json::Value = serde_json::from_str(event).unwrap_or_else(fail);
-        let tokens = event["tokens"].as_array().map_or(0, Vec::len);
-        if tokens > 0 {
-            timer.tokens(Instant::now(), tokens);
-        }
-        if event["stop"].as_bool() == Some(true) {
-            break;
+        if on_event(event) {
+            return;
         }
     }
-    timer.finish()
 }
 
 fn print(reports: &[Report]) {

@@ -294,10 +294,7 @@ async fn dropped_stream_frees_its_sequence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tenants_cannot_touch_each_others_adapters() {
     let dir = TempDir::new("server-isolation");
-    let mut config = config(dir.path());
-    let keys = dir.path().join("keys.txt");
-    std::fs::write(&keys, "ka alice\nkb bob\nkroot *\n").unwrap();
-    config.api_keys = Some(keys);
+    let config = keyed_config(dir.path());
     let running = server::start(config).await.unwrap();
     let (mut infer, mut admin) = clients(&running).await;
     let (_, bytes) = file_bytes(dir.path(), "secret.safetensors", &adapter(300));

@@ -24,15 +24,6 @@ use svfit::server::{self, Running};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-/// A server with API keys for alice, bob and an admin.
-fn keyed_config(dir: &Path) -> svfit::server::ServeConfig {
-    let mut config = config(dir);
-    let keys = dir.join("keys.txt");
-    std::fs::write(&keys, "ka alice\nkb bob\nkroot *\n").unwrap();
-    config.api_keys = Some(keys);
-    config
-}
-
 /// The test that compares latencies runs alone; the others share the
 /// machine with each other (they run in parallel), never with it.
 static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());

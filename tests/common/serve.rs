@@ -106,6 +106,16 @@ pub fn config(dir: &Path) -> ServeConfig {
     }
 }
 
+/// [`config`] with API keys: `ka` for alice, `kb` for bob, `kroot` for an
+/// admin.
+pub fn keyed_config(dir: &Path) -> ServeConfig {
+    let mut config = config(dir);
+    let keys = dir.join("keys.txt");
+    std::fs::write(&keys, "ka alice\nkb bob\nkroot *\n").unwrap();
+    config.api_keys = Some(keys);
+    config
+}
+
 pub async fn clients(running: &Running) -> (InferenceClient<Channel>, AdaptersClient<Channel>) {
     let url = format!("http://{}", running.addr);
     let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();

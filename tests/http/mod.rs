@@ -152,10 +152,7 @@ const FRUIT: &str =
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_client_answers_equal_the_cli_and_grpc() {
     let dir = TempDir::new("http-openai");
-    let mut config = config(dir.path());
-    let keys = dir.path().join("keys.txt");
-    std::fs::write(&keys, "ka alice\nkb bob\nkroot *\n").unwrap();
-    config.api_keys = Some(keys);
+    let config = keyed_config(dir.path());
     let store = PathBuf::from(&config.adapters);
     let a1 = write(&store, "alice", "a1", &adapter(31));
     write(&store, "bob", "b1", &adapter(32));

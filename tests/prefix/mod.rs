@@ -159,10 +159,7 @@ async fn ask(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cached_prefixes_never_cross_adapters_versions_mixes_or_tenants() {
     let dir = TempDir::new("prefix-isolation");
-    let mut config = config(dir.path());
-    let keys = dir.path().join("keys.txt");
-    std::fs::write(&keys, "ka alice\nkb bob\n").unwrap();
-    config.api_keys = Some(keys);
+    let config = keyed_config(dir.path());
     let store = PathBuf::from(&config.adapters);
     let a = write(&store, "alice", "a", &adapter(51));
     let bob_a = write(&store, "bob", "a", &adapter(52));
