@@ -38,8 +38,9 @@
 //! instead), `--rate R` (open loop: Poisson arrivals at R requests/s
 //! instead of closed loop), `--prompt-words N` (default 30), `--gen N`
 //! (tokens per request, default 32), `--threads N`, `--model PATH`,
-//! `--addr HOST:PORT` (drive a running server instead of starting one;
-//! its adapters must exist), `--no-llama`, `--llama-server PATH`,
+//! `--addr HOST:PORT` (drive a running server instead of starting one,
+//! e.g. nginx in front of replicas, `scripts/cluster`; its adapters must
+//! exist, or `--upload` uploads them first), `--no-llama`, `--llama-server PATH`,
 //! `--weights auto|keep|q8_0|f16` (svfit's layout, default auto), `--json FILE`,
 //! `--prefill-budget N` (prompt tokens the engine starts per step, default
 //! 512), `--hostile-pace-ms N` (soak: the hostile client's pause between
@@ -60,6 +61,7 @@ use svfit::ggml::gguf::{GgufFile, GgufWriter};
 use svfit::ggml::{self, Type};
 use svfit::model::{LoadOptions, WeightFormat};
 use svfit::sampling::SplitMix64;
+use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
 use svfit::server::pb::{self, generate_request::Input};
 use svfit::store::{AdapterStore, LocalDir, PinLimits};
@@ -95,6 +97,8 @@ struct Options {
     /// Also drive svfit through its HTTP API.
     http: bool,
     prefix_cache_mb: usize,
+    /// With `--addr`: upload the scenario's adapters first.
+    upload: bool,
 }
 
 /// How the bench talks to svfit.
@@ -127,6 +131,7 @@ fn parse_args() -> Options {
         llama_server: None,
         http: false,
         prefix_cache_mb: 1024,
+        upload: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -150,6 +155,7 @@ fn parse_args() -> Options {
             "--model" => o.model = PathBuf::from(value()),
             "--addr" => o.addr = Some(value()),
             "--no-llama" => o.llama = false,
+            "--upload" => o.upload = true,
             "--json" => o.json = Some(PathBuf::from(value())),
             "--prefill-budget" => o.prefill_budget = number(value()) as usize,
             "--hostile-pace-ms" => o.hostile_pace = Duration::from_secs_f64(number(value()) / 1e3),
@@ -182,6 +188,9 @@ fn parse_args() -> Options {
             "--scenario must be one of {}",
             scenarios.join(", ")
         ));
+    }
+    if o.upload && o.addr.is_none() {
+        exit("--upload goes with --addr (the in-process server has its adapters)");
     }
     if o.http && o.addr.is_some() {
         exit("--api http drives an in-process server; drop --addr");
@@ -550,6 +559,32 @@ fn write_adapters(b: &Base, dir: &Path, n: usize) {
     }
 }
 
+/// Uploads the scenario's adapters (`t0`, `t1`, ...) to a running server.
+async fn upload_adapters(b: &Base, dir: &Path, channel: tonic::transport::Channel, n: usize) {
+    let files = dir.join("upload");
+    write_adapters(b, &files, n);
+    let mut admin = AdaptersClient::new(channel);
+    for i in 0..n {
+        let id = format!("t{i}");
+        let bytes = std::fs::read(files.join("default").join(format!("{id}.safetensors")))
+            .unwrap_or_else(fail);
+        let mut chunks = vec![pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
+                id: id.clone(),
+                tenant: String::new(),
+            })),
+        }];
+        chunks.extend(bytes.chunks(1 << 16).map(|piece| pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Data(piece.to_vec())),
+        }));
+        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        request
+            .metadata_mut()
+            .insert("x-svfit-adapter", id.parse().unwrap_or_else(fail));
+        admin.upload(request).await.unwrap_or_else(fail);
+    }
+}
+
 fn request(job: &Job, gen: u32) -> pb::GenerateRequest {
     let (adapter, mix) = match job.which {
         Which::Base => (String::new(), Vec::new()),
@@ -599,6 +634,17 @@ async fn metrics(addr: std::net::SocketAddr) -> HashMap<String, f64> {
         .collect()
 }
 
+/// A request with the `x-svfit-adapter` header a load balancer routes on
+/// (deploy/nginx/svfit.conf), as clients of a replicated server send it.
+fn routed(request: pb::GenerateRequest) -> tonic::Request<pb::GenerateRequest> {
+    let header = request.adapter.parse().ok();
+    let mut routed = tonic::Request::new(request);
+    if let Some(value) = header {
+        routed.metadata_mut().insert("x-svfit-adapter", value);
+    }
+    routed
+}
+
 /// Streams one request over gRPC: its timings and its text.
 async fn stream_grpc(
     client: &mut InferenceClient<tonic::transport::Channel>,
@@ -607,7 +653,7 @@ async fn stream_grpc(
     let mut timer = Timer::new();
     let mut text = String::new();
     let mut stream = client
-        .generate_stream(request)
+        .generate_stream(routed(request))
         .await
         .unwrap_or_else(fail)
         .into_inner();
@@ -806,6 +852,9 @@ async fn run_svfit(
         .connect()
         .await
         .unwrap_or_else(fail);
+    if o.upload {
+        upload_adapters(b, dir, channel.clone(), n_adapters).await;
+    }
     let client = InferenceClient::new(channel);
     let stop_hostile = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let attacker = hostile.then(|| {
@@ -843,7 +892,11 @@ async fn run_svfit(
                 max_tokens: 1,
                 ..Default::default()
             };
-            client.clone().generate(warm).await.unwrap_or_else(fail);
+            client
+                .clone()
+                .generate(routed(warm))
+                .await
+                .unwrap_or_else(fail);
         }
     }
     let gen = o.gen;

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use lru::LruCache;
 use sha2::Digest;
@@ -99,6 +99,11 @@ pub struct CacheStats {
     pub misses: u64,
     pub evictions: u64,
     pub loads: u64,
+    /// Freshness checks (one per lookup) and the time they took in all.
+    pub checks: u64,
+    pub check_seconds: f64,
+    /// Lookups answered from the cache because the store was unreachable.
+    pub served_unreachable: u64,
     pub bytes: usize,
     pub entries: usize,
 }
@@ -124,6 +129,8 @@ struct State {
     cache: LruCache<Name, Cached>,
     pinned: HashSet<Name>,
     stats: CacheStats,
+    /// Since when the store has failed freshness checks (`None`: it answers).
+    unreachable_since: Option<Instant>,
 }
 
 /// Identifies one state of a file: size and modification time (or tag).
@@ -358,6 +365,7 @@ impl AdapterStore {
                 cache: LruCache::unbounded(),
                 pinned: HashSet::new(),
                 stats: CacheStats::default(),
+                unreachable_since: None,
             }),
         }
     }
@@ -392,8 +400,26 @@ impl AdapterStore {
         check_name("tenant", tenant)?;
         check_name("adapter id", id)?;
         let not_found = || StoreError::NotFound(id.to_string());
-        let fingerprint = self.backend.stat(tenant, id)?.ok_or_else(not_found)?;
         let name = (tenant.to_string(), id.to_string());
+        let started = Instant::now();
+        let stat = self.backend.stat(tenant, id);
+        {
+            let mut s = self.state();
+            s.stats.checks += 1;
+            s.stats.check_seconds += started.elapsed().as_secs_f64();
+            if stat.is_ok() {
+                if let Some(since) = s.unreachable_since.take() {
+                    tracing::info!(
+                        after_s = since.elapsed().as_secs_f64(),
+                        "adapter store reachable again"
+                    );
+                }
+            }
+        }
+        let fingerprint = match stat {
+            Ok(found) => found.ok_or_else(not_found)?,
+            Err(e) => return self.cached_while_unreachable(&name, e),
+        };
         {
             let mut s = self.state();
             if let Some(c) = s.cache.get(&name) {
@@ -431,6 +457,30 @@ impl AdapterStore {
             );
         }
         Self::evict(&mut s, self.budget);
+        Ok(stored)
+    }
+
+    /// The cached version of `name` when the store cannot be asked: an
+    /// outage of the store does not stop adapters that were in use. It is
+    /// the version every replica served before the outage, since no upload
+    /// or delete can succeed while the store is unreachable (the one
+    /// exception: a write that lands just as this replica loses the store).
+    fn cached_while_unreachable(
+        &self,
+        name: &Name,
+        error: StoreError,
+    ) -> Result<Arc<Stored>, StoreError> {
+        let mut s = self.state();
+        let Some(cached) = s.cache.get(name) else {
+            return Err(error);
+        };
+        let stored = cached.stored.clone();
+        s.stats.served_unreachable += 1;
+        // Logged once per outage, not once per request.
+        if s.unreachable_since.is_none() {
+            s.unreachable_since = Some(Instant::now());
+            tracing::warn!(%error, "adapter store unreachable; serving cached adapters");
+        }
         Ok(stored)
     }
 
@@ -635,6 +685,30 @@ mod object {
     /// many times before the upload fails with `Conflict`.
     const UPDATE_ATTEMPTS: usize = 16;
 
+    /// Bounds on one call to the store. Every request checks its adapter's
+    /// version with one call, so while the store is unreachable a request
+    /// for a cached adapter waits at most this long (with the retries
+    /// below) before it is served from the cache; a refused connection
+    /// fails at once.
+    const CONNECT_TIMEOUT: &str = "2s";
+    const CALL_TIMEOUT: &str = "10s";
+
+    /// Few, quick retries (the client's default is ten over three minutes):
+    /// a request waits on them.
+    #[cfg(feature = "s3")]
+    fn retry() -> object_store::RetryConfig {
+        use std::time::Duration;
+        object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(500),
+                base: 2.0,
+            },
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(5),
+        }
+    }
+
     pub struct Objects {
         store: Box<dyn ObjectStore>,
         prefix: ObjectPath,
@@ -642,15 +716,40 @@ mod object {
     }
 
     impl Objects {
-        /// Opens `url`; options come from `AWS_*` (and other provider)
-        /// environment variables.
+        /// Opens `url`; options come from `AWS_*` environment variables
+        /// (`AWS_TIMEOUT` and `AWS_CONNECT_TIMEOUT` override ours).
         pub fn open(url: &str) -> Result<Self, StoreError> {
+            let fail = |e: object_store::Error| StoreError::io(url, e);
             let parsed = url::Url::parse(url).map_err(|e| StoreError::io(url, e))?;
-            let options = std::env::vars()
-                .filter(|(k, _)| k.starts_with("AWS_"))
-                .map(|(k, v)| (k.to_ascii_lowercase(), v));
-            let (store, prefix) = object_store::parse_url_opts(&parsed, options)
-                .map_err(|e| StoreError::io(url, e))?;
+            let options = [
+                ("connect_timeout".to_string(), CONNECT_TIMEOUT.to_string()),
+                ("timeout".to_string(), CALL_TIMEOUT.to_string()),
+            ]
+            .into_iter()
+            .chain(
+                std::env::vars()
+                    .filter(|(k, _)| k.starts_with("AWS_"))
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v)),
+            );
+            let (store, prefix): (Box<dyn ObjectStore>, ObjectPath) =
+                match object_store::ObjectStoreScheme::parse(&parsed)
+                    .map_err(|e| StoreError::io(url, e))?
+                {
+                    #[cfg(feature = "s3")]
+                    (object_store::ObjectStoreScheme::AmazonS3, prefix) => {
+                        let prefix = ObjectPath::parse(prefix).map_err(|e| fail(e.into()))?;
+                        let mut builder = object_store::aws::AmazonS3Builder::new()
+                            .with_url(url)
+                            .with_retry(retry());
+                        for (key, value) in options {
+                            if let Ok(key) = key.parse() {
+                                builder = builder.with_config(key, value);
+                            }
+                        }
+                        (Box::new(builder.build().map_err(fail)?), prefix)
+                    }
+                    _ => object_store::parse_url_opts(&parsed, options).map_err(fail)?,
+                };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()

@@ -5,6 +5,8 @@
 //! the bad input gets a clean gRPC error and that another tenant's
 //! ordinary request keeps its answer (and its latency) during and after.
 
+#[cfg(feature = "s3")]
+mod cluster;
 mod common;
 
 use std::collections::HashSet;
@@ -583,8 +585,14 @@ fn spawn_server(adapters: &Path, rust_log: &str, shell_prefix: &str) -> Process 
     } else {
         command.env("RUST_LOG", rust_log);
     }
+    command.env("SVFIT_HOME", &b.home);
+    start_process(command)
+}
+
+/// Spawns `command` (an `svfit serve`) and waits until it listens: its
+/// gRPC and metrics addresses come from its log, which goes on to `log`.
+fn start_process(mut command: Command) -> Process {
     let mut child = command
-        .env("SVFIT_HOME", &b.home)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -1319,8 +1327,18 @@ async fn sigterm_drains_running_requests_then_exits() {
         2,
         "NOT_SERVING"
     );
-    let refused = infer.generate(greedy("", PROMPTS[1], 4)).await.unwrap_err();
-    assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+    // New connections are refused at once: a proxy moves on to another
+    // replica, and no request is accepted only to be cut.
+    let start = Instant::now();
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).unwrap();
+    while endpoint.connect().await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "new connections were still accepted while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // The running stream finishes whole.
     let mut finish = String::new();
     let mut tokens = 0;

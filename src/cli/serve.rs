@@ -82,8 +82,9 @@ pub(super) struct ServeArgs {
     /// Requests of one tenant at once above --tenant-rate
     #[arg(long, default_value_t = 200.0)]
     tenant_burst: f64,
-    /// Seconds that requests already queued or running get to finish after
-    /// SIGTERM (health turns NOT_SERVING and new requests are refused at once)
+    /// Seconds that requests already accepted get to finish after SIGTERM
+    /// (at once, health turns NOT_SERVING and both ports close: new
+    /// connections are refused, open ones get GOAWAY)
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
     /// Seconds an adapter upload may take once its turn has come (a few

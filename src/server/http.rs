@@ -129,7 +129,16 @@ impl Connections {
         let mut incoming = super::listener::incoming(listener, "http", limit);
         tokio::spawn(async move {
             use tokio_stream::StreamExt;
-            while let Some(Ok(connection)) = incoming.next().await {
+            loop {
+                // Ends when axum drops the listener (a stop or drain), which
+                // ends the accept loop and closes the port at once.
+                let connection = tokio::select! {
+                    next = incoming.next() => next,
+                    _ = tx.closed() => return,
+                };
+                let Some(Ok(connection)) = connection else {
+                    return;
+                };
                 let Some(config) = &tls else {
                     if tx.send(Box::new(connection)).await.is_err() {
                         return;

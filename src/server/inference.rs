@@ -13,7 +13,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::validation::{self, AdapterChoice, Prompt, ValidRequest};
-use super::{auth, blocking, failure_status, pb, submit_status, Api, Shared};
+use super::{auth, blocking, failure_status, pb, submit_status, Api, InFlight, Shared};
 use crate::engine::{AdapterDeltas, Event, Job};
 use crate::generate;
 
@@ -26,6 +26,8 @@ pub(super) struct Submitted {
     tenant: String,
     pub(super) adapter_version: String,
     api: Api,
+    /// Counted until the answer is complete (drain waits for it).
+    _in_flight: InFlight,
 }
 
 impl InferenceService {
@@ -50,13 +52,14 @@ pub(super) async fn submit(
     check: impl FnOnce(&auth::Caller, &validation::Limits) -> Result<ValidRequest, Status>,
 ) -> Result<Submitted, Status> {
     shared.stats.request(api);
+    let in_flight = InFlight::new(&shared.stats.in_flight);
     let tenant = caller
         .as_ref()
         .map(|c| c.tenant.clone())
         .unwrap_or_default();
     let result = match caller {
         Ok(caller) => match check(&caller, &shared.limits) {
-            Ok(valid) => submit_valid(shared, api, caller, valid).await,
+            Ok(valid) => submit_valid(shared, api, caller, valid, in_flight).await,
             Err(status) => Err(status),
         },
         Err(status) => Err(status),
@@ -80,6 +83,7 @@ async fn submit_valid(
     api: Api,
     caller: auth::Caller,
     valid: ValidRequest,
+    in_flight: InFlight,
 ) -> Result<Submitted, Status> {
     let arrived = Instant::now();
     let ValidRequest {
@@ -132,6 +136,7 @@ async fn submit_valid(
         tenant: caller.tenant,
         adapter_version,
         api,
+        _in_flight: in_flight,
     })
 }
 

@@ -63,7 +63,7 @@ pub(super) fn render(shared: &Shared) -> String {
     let c = shared.store.cache_stats();
     let p = e.prefix();
     let steps = e.steps.load(Relaxed);
-    let metrics: [(&str, &str, &str, f64); 24] = [
+    let metrics: [(&str, &str, &str, f64); 27] = [
         (
             "svfit_requests_finished_total",
             "counter",
@@ -148,6 +148,24 @@ pub(super) fn render(shared: &Shared) -> String {
             "counter",
             "adapter files read and validated",
             c.loads as f64,
+        ),
+        (
+            "svfit_adapter_store_checks_total",
+            "counter",
+            "adapter version checks against the store (one per request)",
+            c.checks as f64,
+        ),
+        (
+            "svfit_adapter_store_check_seconds_total",
+            "counter",
+            "time spent in adapter version checks",
+            c.check_seconds,
+        ),
+        (
+            "svfit_adapter_served_store_unreachable_total",
+            "counter",
+            "requests served a cached adapter while the store was unreachable",
+            c.served_unreachable as f64,
         ),
         (
             "svfit_adapter_cache_bytes",

@@ -20,7 +20,7 @@ pub mod validation;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -110,6 +110,24 @@ pub struct ServerStats {
     requests: [AtomicU64; 2],
     errors: [AtomicU64; 2],
     pub next_id: AtomicU64,
+    /// Requests of both APIs from arrival until their answer is complete.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts one request in flight while it lives.
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl ServerStats {
@@ -154,6 +172,7 @@ pub struct Running {
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
     engine: Engine,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Drop for Running {
@@ -196,23 +215,26 @@ impl Running {
     }
 
     /// Shuts down without dropping a request (SIGTERM in a rolling
-    /// restart): health turns NOT_SERVING at once, so load balancers and
-    /// probes stop sending; new requests get UNAVAILABLE; requests already
-    /// queued or running finish, for at most `deadline`; then the server
-    /// stops. Returns how many requests were cut off at the deadline.
+    /// restart). At once: health turns NOT_SERVING, so probes take the
+    /// replica out; both listeners close, so new connections are refused
+    /// (a proxy tries its next replica); and open HTTP/2 connections get
+    /// GOAWAY (HTTP/1 ones close once idle), so clients and proxies open
+    /// new streams elsewhere. Requests already accepted run to the end,
+    /// for at most `deadline`; the engine refuses anything after that and
+    /// the server stops. Returns how many requests were cut off.
     pub async fn drain(mut self, deadline: std::time::Duration) -> usize {
-        // Refusing first: whoever sees NOT_SERVING is refused too.
-        self.engine.drain();
         not_serving(&self.health).await;
-        let until = Instant::now() + deadline;
-        while self.engine.load() > 0 && Instant::now() < until {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let cut = self.engine.load();
-        tracing::info!(cut_off = cut, "drained");
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        let until = Instant::now() + deadline;
+        let busy = |r: &Self| r.in_flight.load(Relaxed) > 0 || r.engine.load() > 0;
+        while busy(&self) && Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.engine.drain();
+        let cut = self.engine.load();
+        tracing::info!(cut_off = cut, "drained");
         // Streams that never end (a health watch) do not hold the process.
         if tokio::time::timeout(DRAIN, &mut self.task).await.is_err() {
             self.task.abort();
@@ -224,6 +246,11 @@ impl Running {
 
 /// Loads the model and factors, opens the store and starts listening.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
+    // tonic's TLS takes the process's default crypto provider, which rustls
+    // cannot pick by itself once two are compiled in (the `s3` feature's
+    // HTTP client brings aws-lc-rs next to our ring). Ours is ring; an
+    // error only says a default is already set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let keys = config.api_keys.as_deref().map(Keys::load).transpose()?;
     for addr in std::iter::once(config.addr).chain(config.http_addr) {
         if keys.is_none() && !addr.ip().is_loopback() && !config.allow_remote {
@@ -436,6 +463,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         metrics_task,
         health: reporter,
         engine: shared.engine.clone(),
+        in_flight: shared.stats.in_flight.clone(),
     })
 }
 
@@ -474,9 +502,11 @@ fn store_status(e: StoreError) -> Status {
         }
         StoreError::PinQuota { .. } => Status::resource_exhausted(message),
         StoreError::Conflict(_) => Status::aborted(message),
+        // Mostly transient (an object store that is restarting or
+        // unreachable): UNAVAILABLE tells clients to retry.
         StoreError::Io { .. } => {
             tracing::error!(error = message, "adapter store");
-            Status::internal("the adapter store failed; the server log has the cause")
+            Status::unavailable("the adapter store failed or is unreachable; retry later (the server log has the cause)")
         }
     }
 }

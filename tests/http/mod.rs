@@ -459,34 +459,21 @@ async fn plain_http_errors_cancellation_and_drain() {
         1.0
     );
 
-    // Draining: health and new requests say 503; the running one is cut
-    // at the drain's deadline.
+    // Draining: the port closes at once (a proxy moves on to another
+    // replica); the running request is cut at the drain's deadline.
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let response = client.request(stream_request(2000)).await.unwrap();
     let mut body = response.into_body();
     body.frame().await.unwrap().unwrap();
     let drained = tokio::spawn(running.drain(Duration::from_secs(2)));
     let start = Instant::now();
-    loop {
-        let (status, _, _) = http(addr, "GET", "/health", "").await;
-        if status == 503 {
-            break;
-        }
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
         assert!(
             start.elapsed() < Duration::from_secs(2),
-            "health stayed 200"
+            "new connections were still accepted while draining"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let e = openai_error(
-        503,
-        &post(
-            "/v1/completions",
-            json!({"model": base_model(), "prompt": "y"}).to_string(),
-        )
-        .await,
-    );
-    assert_eq!(e["type"], "server_error");
     assert_eq!(drained.await.unwrap(), 1, "the endless request was cut");
 }
 
