@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::adapter::Deltas;
@@ -141,6 +142,30 @@ pub struct Stats {
     pub slot_evictions: AtomicU64,
     /// The prefix cache's counters, as of the last change.
     pub prefix: std::sync::Mutex<PrefixStats>,
+    pub latency: Latencies,
+}
+
+/// Distributions of the engine's latencies, in seconds (Prometheus
+/// histograms, exported as such by the server's metrics).
+pub struct Latencies {
+    /// From a request's arrival to its first generated token.
+    pub time_to_first_token: Histogram,
+    /// Between two generated tokens of one request.
+    pub inter_token: Histogram,
+    /// One step of the engine (a batch decoded).
+    pub step: Histogram,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        // 1 ms to about 33 s (TTFT), 1 ms to about 4 s (tokens, steps).
+        let buckets = |count| Histogram::new(exponential_buckets(1e-3, 2.0, count));
+        Latencies {
+            time_to_first_token: buckets(16),
+            inter_token: buckets(13),
+            step: buckets(13),
+        }
+    }
 }
 
 impl Stats {
@@ -355,6 +380,8 @@ struct Running {
     next: Option<u32>,
     started: Instant,
     first_token: Option<Duration>,
+    /// When its last token was generated.
+    last_token: Option<Instant>,
     /// Prompt tokens taken from the prefix cache.
     cached: usize,
     /// Blocks of this sequence known to the prefix cache.
@@ -570,6 +597,7 @@ impl Worker {
             next: None,
             started: Instant::now(),
             first_token: None,
+            last_token: None,
             cached,
             remembered: cached / BLOCK,
         });
@@ -762,10 +790,12 @@ impl Worker {
                 }
             }
         }
+        let took = start.elapsed();
         self.stats.steps.fetch_add(1, Relaxed);
         self.stats
             .step_micros
-            .fetch_add(start.elapsed().as_micros() as u64, Relaxed);
+            .fetch_add(took.as_micros() as u64, Relaxed);
+        self.stats.latency.step.observe(took.as_secs_f64());
         self.stats
             .batch_tokens
             .fetch_add(batch.len() as u64, Relaxed);
@@ -891,10 +921,23 @@ fn advance(
     let first = if r.first_token.is_none() && !tokens.is_empty() {
         let ttft = r.job.arrived.elapsed();
         r.first_token = Some(ttft);
+        stats
+            .latency
+            .time_to_first_token
+            .observe(ttft.as_secs_f64());
         Some(ttft)
     } else {
         None
     };
+    if !tokens.is_empty() {
+        let now = Instant::now();
+        if let Some(last) = r.last_token.replace(now) {
+            stats
+                .latency
+                .inter_token
+                .observe((now - last).as_secs_f64());
+        }
+    }
     stats
         .tokens_generated
         .fetch_add(tokens.len() as u64, Relaxed);

@@ -394,7 +394,7 @@ mod tests {
 
     #[test]
     fn a_stop_string_completed_by_the_final_flush_is_cut() {
-        // Found by tests/fuzz.rs: an unfinished character becomes U+FFFD.
+        // Found by tests/it/fuzz.rs: an unfinished character becomes U+FFFD.
         let (out, text, _) = run(&[b"ok", &[194]], &["\u{FFFD}"]);
         assert_eq!(text, "ok");
         assert_eq!(out.concat(), "ok");

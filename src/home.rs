@@ -74,7 +74,10 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 /// into place only when `fill` succeeded and the bytes are on disk: readers
 /// never see a partial file, and a crash leaves the old file or the new
 /// one. Each call has its own temporary file, so concurrent writers of one
-/// path never write into each other's file (the last rename wins).
+/// path never write into each other's file (the last rename wins). Not the
+/// `tempfile` crate: the writer's pid in the temporary name is what lets
+/// [`remove_stale_temps`] clean up after a process killed mid-write, and
+/// the directory is fsynced after the rename.
 pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,

@@ -119,17 +119,31 @@ impl FactorArgs {
     }
 }
 
+/// Where a model runs: every command that loads one takes these.
+#[derive(Args)]
+struct Compute {
+    /// Compute device: auto (the first GPU, else the CPU), cpu, cuda or a
+    /// device name such as cuda0
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CPU threads [default: one per core]
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl Compute {
+    fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(model::default_threads)
+    }
+}
+
 /// Which model to load and how to run it.
 #[derive(Args)]
 struct ModelArgs {
     #[command(flatten)]
     base: ModelFile,
-    /// CPU threads [default: one per core]
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Compute device: "cpu", "auto" (the first GPU, else CPU) or a device name such as "cuda0"
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    compute: Compute,
     /// Context size in tokens (KV cache cells); capped at the model's training context
     #[arg(long = "ctx", default_value_t = 4096)]
     ctx: usize,
@@ -144,8 +158,8 @@ struct ModelArgs {
 impl ModelArgs {
     fn load_options(&self) -> LoadOptions {
         LoadOptions {
-            device: self.device.clone(),
-            threads: self.threads.unwrap_or_else(model::default_threads),
+            device: self.compute.device.clone(),
+            threads: self.compute.threads(),
             weights: self.weights,
         }
     }

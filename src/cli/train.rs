@@ -58,12 +58,8 @@ pub(super) struct TrainArgs {
     /// Seed of the data order (and of --eval-split)
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Compute device: auto (the first GPU, else CPU), cpu, cuda or a device name such as cuda0
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// CPU threads [default: one per core]
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    compute: Compute,
     /// Frozen weights during training: auto (f32 when it fits in half the
     /// free memory), f32, or keep (as stored: less memory, slower backward)
     #[arg(long, default_value = "auto")]
@@ -215,8 +211,8 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
     let options = Options {
         model: args.base.path()?,
         load: LoadOptions {
-            device: args.device.clone(),
-            threads: args.threads.unwrap_or_else(model::default_threads),
+            device: args.compute.device.clone(),
+            threads: args.compute.threads(),
             // Training holds its frozen weights as --frozen says.
             weights: WeightFormat::Keep,
         },
@@ -295,37 +291,13 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
 }
 
 pub(super) fn run_eval(args: &EvalArgs) -> Result<()> {
+    use svfit::train::eval::{read_records, Scorer};
     let (mut model, tokenizer) = args.model.load()?;
     let adapter = args.adapter.apply(&mut model, &args.model.path()?)?;
-    let text = std::fs::read_to_string(&args.data)
-        .with_context(|| format!("reading {}", args.data.display()))?;
-    let mut records = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", args.data.display(), i + 1))?;
-        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        let (Some(prompt), Some(completion)) = (field("prompt"), field("completion")) else {
-            anyhow::bail!(
-                "{}:{}: svfit eval needs {{\"prompt\",\"completion\"}} records",
-                args.data.display(),
-                i + 1
-            );
-        };
-        records.push((prompt, completion));
-    }
-    records.truncate(args.limit.unwrap_or(usize::MAX));
-    if records.is_empty() {
-        anyhow::bail!("{}: no records", args.data.display());
-    }
-    let norm = |s: &str| s.trim().trim_end_matches(['.', '!']).trim().to_lowercase();
-    let labels: std::collections::BTreeSet<String> = records.iter().map(|(_, c)| norm(c)).collect();
-    let classes = svfit::train::data::are_class_labels(labels.len(), records.len());
+    let records = read_records(&args.data, args.limit)?;
+    let mut scorer = Scorer::new(records.iter().map(|(_, c)| c.as_str()));
     let n_ctx = args.model.n_ctx(&model);
     let mut cache = model.new_cache(n_ctx)?;
-    let (mut exact, mut labelled) = (0usize, 0usize);
     let started = std::time::Instant::now();
     for (i, (prompt, completion)) in records.iter().enumerate() {
         let chat = tokenizer.apply_chat_template(&[Message::new("user", prompt)], true)?;
@@ -337,44 +309,27 @@ pub(super) fn run_eval(args: &EvalArgs) -> Result<()> {
             adapter,
         };
         let answer = generate::generate(&mut model, &mut cache, &tokenizer, &request, |_| {})?.text;
-        let got = norm(&answer);
-        exact += (got == norm(completion)) as usize;
-        // The first class label the answer names, as a whole word.
-        let named = classes
-            .then(|| {
-                labels
-                    .iter()
-                    .filter_map(|l| first_word_match(&got, l).map(|at| (at, l)))
-                    .min()
-                    .map(|(_, l)| l.clone())
-            })
-            .flatten();
-        labelled += (named.as_deref() == Some(norm(completion).as_str())) as usize;
+        scorer.add(&answer, completion);
         if args.verbose {
             println!("{:>4} want {:<16} got {answer:?}", i + 1, completion);
         }
     }
-    let n = records.len();
+    let n = scorer.examples;
     let pct = |k: usize| 100.0 * k as f64 / n as f64;
     println!("examples        {n}");
-    println!("exact answers   {exact} ({:.1}%)", pct(exact));
-    if classes {
+    println!(
+        "exact answers   {} ({:.1}%)",
+        scorer.exact,
+        pct(scorer.exact)
+    );
+    if scorer.classes {
         println!(
-            "label accuracy  {labelled} ({:.1}%)  [first of {} labels named in the answer]",
-            pct(labelled),
-            labels.len()
+            "label accuracy  {} ({:.1}%)  [first of {} labels named in the answer]",
+            scorer.labelled,
+            pct(scorer.labelled),
+            scorer.labels.len()
         );
     }
     println!("time            {}", clock(started.elapsed().as_secs_f64()));
     Ok(())
-}
-
-/// Byte offset of the first whole-word occurrence of `word` in `text`.
-fn first_word_match(text: &str, word: &str) -> Option<usize> {
-    let is_word = |c: char| c.is_alphanumeric();
-    text.match_indices(word).map(|(at, _)| at).find(|&at| {
-        let before = text[..at].chars().next_back();
-        let after = text[at + word.len()..].chars().next();
-        !before.is_some_and(is_word) && !after.is_some_and(is_word)
-    })
 }

@@ -316,28 +316,49 @@ impl Scheduler {
         }
     }
 
-    /// Allocates the graph's intermediate tensors (and inputs). Inputs are
-    /// written after this and before [`Scheduler::compute`].
-    pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<(), GgmlError> {
+    /// Allocates the graph's intermediate tensors (and inputs); the inputs
+    /// are written next, then [`Allocated::compute`] runs it. The returned
+    /// value borrows both, so only the graph this scheduler allocated can be
+    /// computed, and nothing else is allocated meanwhile.
+    pub fn alloc<'s, 'g, 'c>(
+        &'s mut self,
+        graph: &'g mut Graph<'c>,
+    ) -> Result<Allocated<'s, 'g, 'c>, GgmlError> {
         // SAFETY: scheduler and graph are live.
         let ok = unsafe {
             sys::ggml_backend_sched_reset(self.raw.as_ptr());
             sys::ggml_backend_sched_alloc_graph(self.raw.as_ptr(), graph.as_ptr())
         };
         if ok {
-            Ok(())
+            Ok(Allocated { sched: self, graph })
         } else {
             Err(GgmlError::Alloc {
                 what: format!("compute buffers for a graph of {} nodes", graph.n_nodes()),
             })
         }
     }
+}
 
-    /// Computes an allocated graph and waits for it.
-    pub fn compute(&mut self, graph: &Graph<'_>) -> Result<(), GgmlError> {
-        // SAFETY: the graph was allocated by `alloc` on this scheduler.
-        let status =
-            unsafe { sys::ggml_backend_sched_graph_compute(self.raw.as_ptr(), graph.as_ptr()) };
+/// A graph allocated on a scheduler ([`Scheduler::alloc`]).
+pub struct Allocated<'s, 'g, 'c> {
+    sched: &'s mut Scheduler,
+    graph: &'g mut Graph<'c>,
+}
+
+impl Allocated<'_, '_, '_> {
+    /// Zeroes the gradients of a graph built with them (before each
+    /// backward pass).
+    pub fn reset_gradients(&mut self) {
+        self.graph.reset_gradients();
+    }
+
+    /// Computes the graph and waits for it.
+    pub fn compute(self) -> Result<(), GgmlError> {
+        // SAFETY: the graph was allocated by this scheduler, and neither
+        // has been used since (both are borrowed by `self`).
+        let status = unsafe {
+            sys::ggml_backend_sched_graph_compute(self.sched.raw.as_ptr(), self.graph.as_ptr())
+        };
         if status == sys::GGML_STATUS_SUCCESS {
             Ok(())
         } else {

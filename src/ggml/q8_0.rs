@@ -645,8 +645,7 @@ mod tests {
                 graph.expand(b.set_output());
             }
             let mut sched = Scheduler::new(vec![backend], 64).unwrap();
-            sched.alloc(&graph).unwrap();
-            sched.compute(&graph).unwrap();
+            sched.alloc(&mut graph).unwrap().compute().unwrap();
             for (i, (expected, ours)) in pairs.iter().enumerate() {
                 let (mut e, mut o) = (vec![0f32; n * b], vec![0f32; n * b]);
                 expected.read(&mut e).unwrap();

@@ -341,7 +341,7 @@ impl Model {
             branch,
             &shape,
         );
-        self.sched.alloc(&gf)?;
+        let allocated = self.sched.alloc(&mut gf)?;
 
         let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
         inputs.tokens.write(&tokens)?;
@@ -362,7 +362,7 @@ impl Model {
             let out: Vec<i32> = out_rows.iter().map(|&r| slots[r as usize]).collect();
             t.write(&out)?;
         }
-        self.sched.compute(&gf)?;
+        allocated.compute()?;
 
         let mut data = vec![0f32; shape.n_outputs * self.config.n_vocab];
         logits.read(&mut data)?;

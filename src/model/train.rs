@@ -256,9 +256,9 @@ impl Learner {
             accs.push((loss, set.get(self.loss_grad)));
             gf.build_backward(ctx, &accs);
         }
-        self.model.sched.alloc(&gf)?;
+        let mut allocated = self.model.sched.alloc(&mut gf)?;
         if backward {
-            gf.reset_gradients();
+            allocated.reset_gradients();
         }
         let tokens: Vec<i32> = row.tokens.iter().map(|&t| t as i32).collect();
         inputs.tokens.write(&tokens)?;
@@ -271,7 +271,7 @@ impl Learner {
             labels[i * cfg.n_vocab + next as usize] = 1.0;
         }
         inputs.labels.write(&labels)?;
-        self.model.sched.compute(&gf)?;
+        allocated.compute()?;
 
         let mut value = [0f32];
         loss.read(&mut value)?;

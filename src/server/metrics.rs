@@ -1,14 +1,21 @@
-//! Prometheus metrics in the text exposition format, over plain HTTP on
-//! their own address (`--metrics-addr`): any GET answers with all of them.
+//! Prometheus metrics in the OpenMetrics text format (encoded by the
+//! `prometheus-client` crate), over plain HTTP on their own address
+//! (`--metrics-addr`): any GET answers with all of them. Counters and
+//! gauges are read from the engine's, store's and API's atomics at each
+//! scrape; latencies are histograms the engine fills as it runs.
 //! At most [`MAX_CONNECTIONS`] are served at once (more wait in the
 //! kernel's backlog), and a client that sends no request within
 //! [`READ_TIMEOUT`] is dropped, so scrapers cannot hold the port.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
@@ -43,7 +50,7 @@ pub(super) async fn serve(
                 }
                 let body = render(&shared);
                 let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
                 let reply = async {
@@ -222,32 +229,63 @@ pub(super) fn render(shared: &Shared) -> String {
             p.bytes as f64,
         ),
     ];
-    let mut out = String::new();
+    let mut registry = Registry::default();
     let per_api = [
         (
-            "svfit_requests_total",
+            "svfit_requests",
             "inference requests received, by API (grpc, http)",
             false,
         ),
         (
-            "svfit_request_errors_total",
+            "svfit_request_errors",
             "inference requests refused before running, by API",
             true,
         ),
     ];
     for (name, help, errors) in per_api {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        let family = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
         for api in Api::ALL {
             let (requests, refused) = shared.stats.counts(api);
             let value = if errors { refused } else { requests };
-            let api = api.as_str();
-            out.push_str(&format!("{name}{{api=\"{api}\"}} {value}\n"));
+            family
+                .get_or_create(&vec![("api", api.as_str())])
+                .inc_by(value);
         }
+        registry.register(name, help, family);
     }
     for (name, kind, help, value) in metrics {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
+        // The encoder adds `_total` to counters' names.
+        match name.strip_suffix("_total") {
+            Some(name) if kind == "counter" => {
+                let counter = Counter::<f64, AtomicU64>::default();
+                counter.inc_by(value);
+                registry.register(name, help, counter);
+            }
+            _ => {
+                let gauge = Gauge::<f64, AtomicU64>::default();
+                gauge.set(value);
+                registry.register(name, help, gauge);
+            }
+        }
     }
+    let latency = &e.latency;
+    registry.register(
+        "svfit_time_to_first_token_seconds",
+        "time from a request's arrival to its first generated token",
+        latency.time_to_first_token.clone(),
+    );
+    registry.register(
+        "svfit_inter_token_latency_seconds",
+        "time between two generated tokens of a request",
+        latency.inter_token.clone(),
+    );
+    registry.register(
+        "svfit_step_duration_seconds",
+        "time of one engine step (a batch decoded)",
+        latency.step.clone(),
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
 }

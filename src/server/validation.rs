@@ -2,7 +2,7 @@
 //! and the engine: a `GenerateRequest` and its metadata become a
 //! [`ValidRequest`] or an INVALID_ARGUMENT (PERMISSION_DENIED for another
 //! tenant's adapter) that names the field. Nothing here does I/O, so the
-//! checks are cheap and fuzzed (`tests/fuzz.rs`); what needs the store or
+//! checks are cheap and fuzzed (`tests/it/fuzz.rs`); what needs the store or
 //! the tokenizer comes after, off the async threads.
 
 use std::collections::HashSet;

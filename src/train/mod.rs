@@ -14,6 +14,7 @@
 //! by orders of magnitude; the model sees `delta = S ⊙ p`.
 
 pub mod data;
+pub mod eval;
 pub mod optim;
 pub mod plot;
 pub mod session;

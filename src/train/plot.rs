@@ -1,7 +1,9 @@
 //! Minimal loss-curve plotter that renders line/marker series to an RGB PNG.
 //!
 //! Everything (rasterisation, a 5x7 bitmap font, "nice" tick selection) is built
-//! in, so the only dependency is the `png` crate. Rendering never panics:
+//! in, so the only dependency is the `png` crate. (Not `plotters`: its text
+//! needs system fonts through fontconfig, or a font file we would ship, and
+//! a training run must not fail on a machine without them.) Rendering never panics:
 //! degenerate data (no points, NaN/inf, a single point, constant values) still
 //! yields a valid image with axes and title, and unusable image sizes are
 //! reported as [`io::ErrorKind::InvalidInput`].

@@ -3,7 +3,7 @@
 //! hot swap, eviction, cancellation, isolation, no cross-adapter reuse,
 //! error codes, health and reflection.
 
-mod common;
+use crate::common;
 mod http;
 mod prefix;
 
@@ -66,6 +66,18 @@ async fn concurrent_tenants_get_their_own_adapters() {
         let want = cli(Some(&files[*t as usize]), PROMPTS[*p], MAX_TOKENS);
         assert_eq!(text, &want, "tenant {t}, prompt {p}");
     }
+    // The latency histograms: one first token per request, one gap per
+    // later token, one step time per step.
+    let first_tokens = metric(&running, "svfit_time_to_first_token_seconds_count").await;
+    assert_eq!(first_tokens, 16.0);
+    assert_eq!(
+        metric(&running, "svfit_inter_token_latency_seconds_count").await,
+        metric(&running, "svfit_generated_tokens_total").await - first_tokens
+    );
+    assert_eq!(
+        metric(&running, "svfit_step_duration_seconds_count").await,
+        metric(&running, "svfit_steps_total").await
+    );
     running.stop().await;
 }
 

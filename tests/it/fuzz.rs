@@ -10,9 +10,9 @@
 //! whole requests. Each target runs `SVFIT_FUZZ_SECS` seconds (default
 //! 60, as in CI); `SVFIT_FUZZ_SEED` replays a run (its seed is printed).
 //! A failure prints the shrunk input: add it to the corpus with the fix.
-//! `cargo test --test fuzz -- --ignored write_corpus` rewrites the seeds.
+//! `cargo test --test it fuzz:: -- --ignored write_corpus` rewrites the seeds.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

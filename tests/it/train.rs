@@ -1,7 +1,7 @@
 //! Training (METHOD.md §5): the gradient of every singular value against
 //! central finite differences of the loss, on the tiny model.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

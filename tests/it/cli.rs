@@ -1,7 +1,7 @@
 //! The `svfit` binary as a user runs it: answers, files it writes, and the
 //! one-line errors bad input gets (non-zero exit, no panic).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

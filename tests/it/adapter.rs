@@ -2,7 +2,7 @@
 //! round-trip, and corrupt, truncated, wrong-base, wrong-rank and NaN-holding
 //! adapters are refused with errors that name the cause.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -35,7 +35,8 @@ fn python() -> PathBuf {
 
 /// Runs `calls` through the `openai` package; one result per call.
 fn openai_calls(base_url: &str, ca: Option<&Path>, calls: Vec<Value>) -> Vec<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/http/openai_client.py");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/server/http/openai_client.py");
     let plan = json!({"base_url": base_url, "ca": ca, "calls": calls});
     let mut child = Command::new(python())
         .arg(script)

@@ -2,7 +2,7 @@
 //! shapes and metadata of METHOD.md §2, reconstructs the weights, is reused
 //! from the cache, and bad options are refused.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

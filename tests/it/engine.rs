@@ -2,7 +2,7 @@
 //! and bad tokens are errors that change nothing, sequences free their cells,
 //! and interleaved batches give the same rows as grouped ones.
 
-mod common;
+use crate::common;
 
 use svfit::model::{Batch, LoadOptions, Model, ModelError};
 

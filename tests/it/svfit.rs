@@ -5,7 +5,7 @@
 //! - mixed batch: sequences on three adapters and the base decoded in one
 //!   batch give, per sequence, what each gives alone.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -4,7 +4,7 @@
 //! every `--weights` layout: llama.cpp runs the file `svfit convert` writes
 //! for that layout, holding the very weights we hold.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -243,7 +243,7 @@ fn default_model_matches_llama_cpp() {
 
 /// `--weights auto` (Q4_1 re-quantized to Q8_0 on CPU) moves the logits of
 /// the Q4_1 file no further than llama.cpp moves them on the converted
-/// file (`tests/cli.rs` checks that it answers the France prompt as the file
+/// file (`tests/it/cli.rs` checks that it answers the France prompt as the file
 /// does).
 #[test]
 fn default_model_auto_stays_within_llama_cpps_conversion_distance() {
