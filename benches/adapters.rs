@@ -20,7 +20,7 @@ use svfit::adapter::Adapter;
 use svfit::factors::{self, FactorsKey};
 use svfit::ggml::Type;
 use svfit::model::{Batch, LoadOptions, Model, Slot, Tokenizer};
-use svfit::sampling::{argmax, SplitMix64};
+use svfit::sampling::argmax;
 
 const GEN: usize = 64;
 const GEN_PROMPT: usize = 16;
@@ -90,12 +90,8 @@ fn main() {
     model
         .attach_factors(&factors, N_ADAPTERS + 1, Type::Q8_0)
         .unwrap_or_else(fail);
-    let mut rng = SplitMix64::new(1);
     for slot in 1..=N_ADAPTERS {
-        let mut a = Adapter::identity(&key, &singular);
-        for v in a.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
-            *v *= 1.0 + 0.05 * rng.normal();
-        }
+        let a = Adapter::perturbed(&key, &singular, 0.05, slot as u64);
         model
             .set_adapter(slot as Slot, &a.deltas(&singular))
             .unwrap_or_else(fail);

@@ -67,38 +67,96 @@ use svfit::server::pb::{self, generate_request::Input};
 use svfit::store::{AdapterStore, LocalDir, PinLimits};
 use tokio::sync::mpsc;
 
-fn exit(msg: &str) -> ! {
-    eprintln!("error: {msg}");
-    std::process::exit(2)
-}
+mod common;
 
-fn fail<T, E: std::fmt::Display>(e: E) -> T {
-    exit(&e.to_string())
-}
+use common::{exit, fail};
 
-#[derive(Clone)]
+const SCENARIOS: [&str; 8] = [
+    "base",
+    "one",
+    "many",
+    "cold",
+    "mix",
+    "soak",
+    "shared-prefix",
+    "multi-turn",
+];
+
+/// The options (see the top of this file).
+#[derive(Clone, clap::Parser)]
+#[command(
+    name = "load",
+    about = "svfit's multi-tenant load test (see benches/load.rs)"
+)]
 struct Options {
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS))]
     scenario: String,
+    /// Concurrent streaming clients
+    #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Seconds per engine
+    #[arg(long, default_value_t = 40.0)]
     seconds: f64,
+    /// Stop after this many requests instead
+    #[arg(long)]
     requests: Option<usize>,
+    /// Open loop: Poisson arrivals at this many requests per second
+    #[arg(long)]
     rate: Option<f64>,
+    #[arg(long, default_value_t = 30)]
     prompt_words: usize,
+    /// Tokens generated per request
+    #[arg(long, default_value_t = 32)]
     gen: u32,
+    #[arg(long, default_value_t = svfit::model::default_threads())]
     threads: usize,
+    #[arg(long, default_value_os_t = svfit::home::resolve_model(None).unwrap_or_else(fail))]
     model: PathBuf,
+    /// Drive a running server (or nginx in front of replicas) instead
+    #[arg(long)]
     addr: Option<String>,
+    /// Leave llama-server out
+    #[arg(long = "no-llama", action = clap::ArgAction::SetFalse)]
     llama: bool,
+    #[arg(long)]
     json: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
     prefill_budget: usize,
+    /// The soak scenario's hostile client's pause between requests (ms)
+    #[arg(long = "hostile-pace-ms", default_value = "10", value_parser = millis)]
     hostile_pace: Duration,
+    #[arg(long, default_value = "auto")]
     weights: WeightFormat,
+    #[arg(long)]
     llama_server: Option<PathBuf>,
-    /// Also drive svfit through its HTTP API.
+    /// Also drive svfit through its HTTP API (`--api http`)
+    #[arg(long = "api", value_name = "grpc|http", default_value = "grpc",
+          value_parser = api_is_http, action = clap::ArgAction::Set)]
     http: bool,
+    #[arg(long, default_value_t = 1024)]
     prefix_cache_mb: usize,
-    /// With `--addr`: upload the scenario's adapters first.
+    /// With --addr: upload the scenario's adapters first
+    #[arg(long, requires = "addr")]
     upload: bool,
+    /// Passed by `cargo bench`
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn millis(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_secs_f64(ms / 1e3))
+        .ok_or_else(|| format!("{s} is not a number of milliseconds"))
+}
+
+fn api_is_http(s: &str) -> Result<bool, String> {
+    match s {
+        "grpc" => Ok(false),
+        "http" => Ok(true),
+        other => Err(format!("--api must be grpc or http, not {other}")),
+    }
 }
 
 /// How the bench talks to svfit.
@@ -112,86 +170,7 @@ enum Api {
 const HTTP_ROUNDS: usize = 4;
 
 fn parse_args() -> Options {
-    let mut o = Options {
-        scenario: String::new(),
-        clients: 8,
-        seconds: 40.0,
-        requests: None,
-        rate: None,
-        prompt_words: 30,
-        gen: 32,
-        threads: svfit::model::default_threads(),
-        model: svfit::home::resolve_model(None).unwrap_or_else(fail),
-        addr: None,
-        llama: true,
-        json: None,
-        prefill_budget: 512,
-        hostile_pace: Duration::from_millis(10),
-        weights: WeightFormat::Auto,
-        llama_server: None,
-        http: false,
-        prefix_cache_mb: 1024,
-        upload: false,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .unwrap_or_else(|| exit(&format!("{arg} needs a value")))
-        };
-        let number = |v: String| -> f64 {
-            v.parse()
-                .unwrap_or_else(|_| exit(&format!("bad number {v}")))
-        };
-        match arg.as_str() {
-            "--scenario" => o.scenario = value(),
-            "--clients" => o.clients = number(value()) as usize,
-            "--seconds" => o.seconds = number(value()),
-            "--requests" => o.requests = Some(number(value()) as usize),
-            "--rate" => o.rate = Some(number(value())),
-            "--prompt-words" => o.prompt_words = number(value()) as usize,
-            "--gen" => o.gen = number(value()) as u32,
-            "--threads" => o.threads = number(value()) as usize,
-            "--model" => o.model = PathBuf::from(value()),
-            "--addr" => o.addr = Some(value()),
-            "--no-llama" => o.llama = false,
-            "--upload" => o.upload = true,
-            "--json" => o.json = Some(PathBuf::from(value())),
-            "--prefill-budget" => o.prefill_budget = number(value()) as usize,
-            "--hostile-pace-ms" => o.hostile_pace = Duration::from_secs_f64(number(value()) / 1e3),
-            "--weights" => o.weights = value().parse().unwrap_or_else(|e: String| exit(&e)),
-            "--llama-server" => o.llama_server = Some(PathBuf::from(value())),
-            "--prefix-cache-mb" => o.prefix_cache_mb = number(value()) as usize,
-            "--api" => {
-                o.http = match value().as_str() {
-                    "grpc" => false,
-                    "http" => true,
-                    other => exit(&format!("--api must be grpc or http, not {other}")),
-                }
-            }
-            "--bench" => {}
-            other => exit(&format!("unknown option {other}")),
-        }
-    }
-    let scenarios = [
-        "base",
-        "one",
-        "many",
-        "cold",
-        "mix",
-        "soak",
-        "shared-prefix",
-        "multi-turn",
-    ];
-    if !scenarios.contains(&o.scenario.as_str()) {
-        exit(&format!(
-            "--scenario must be one of {}",
-            scenarios.join(", ")
-        ));
-    }
-    if o.upload && o.addr.is_none() {
-        exit("--upload goes with --addr (the in-process server has its adapters)");
-    }
+    let o = <Options as clap::Parser>::parse();
     if o.http && o.addr.is_some() {
         exit("--api http drives an in-process server; drop --addr");
     }
@@ -549,12 +528,8 @@ fn base(o: &Options) -> Base {
 /// SVFit adapters `t0 .. t{n-1}` of tenant "default", random deltas.
 fn write_adapters(b: &Base, dir: &Path, n: usize) {
     for i in 0..n {
-        let mut a = Adapter::identity(&b.key, &b.singular);
-        let mut rng = SplitMix64::new(i as u64 + 1);
-        for v in a.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
-            *v *= 1.0 + 0.05 * rng.normal();
-        }
-        a.write(&dir.join("default").join(format!("t{i}.safetensors")))
+        Adapter::perturbed(&b.key, &b.singular, 0.05, i as u64 + 1)
+            .write(&dir.join("default").join(format!("t{i}.safetensors")))
             .unwrap_or_else(fail);
     }
 }

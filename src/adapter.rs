@@ -135,6 +135,30 @@ impl Adapter {
         }
     }
 
+    /// The identity with random deltas (see [`Adapter::perturb`]).
+    pub fn perturbed(
+        key: &FactorsKey,
+        singular_values: &[(TargetMatrix, Vec<f32>)],
+        scale: f32,
+        seed: u64,
+    ) -> Self {
+        let mut a = Adapter::identity(key, singular_values);
+        a.perturb(singular_values, scale, seed);
+        a
+    }
+
+    /// Random deltas, for demos, tests and benchmarks: sigma = S (1 + scale
+    /// z), z ~ N(0, 1) drawn from `seed` matrix by matrix (`svfit adapter
+    /// perturb`).
+    pub fn perturb(&mut self, singular_values: &[(TargetMatrix, Vec<f32>)], scale: f32, seed: u64) {
+        let mut rng = crate::sampling::SplitMix64::new(seed);
+        for ((_, sigma), (_, s)) in self.sigma.iter_mut().zip(singular_values) {
+            for (v, base) in sigma.iter_mut().zip(s) {
+                *v = base * (1.0 + scale * rng.normal());
+            }
+        }
+    }
+
     /// Reads and checks the file on its own: safetensors layout, format,
     /// required metadata, f32 vectors, finite values.
     pub fn read(path: &Path) -> Result<Self, AdapterError> {

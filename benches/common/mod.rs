@@ -1,54 +1,37 @@
-//! What the benches share: command-line options.
+//! What the benches share: command-line options and exits. Each bench uses
+//! part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
 use svfit::model::WeightFormat;
 
+/// `--model PATH`, `--threads N`, `--reps N`, `--weights LIST` (default
+/// `keep,auto`).
+#[derive(clap::Parser)]
+#[command(about = "an svfit benchmark (see its file under benches/)")]
 pub struct Options {
+    #[arg(long, default_value_os_t = svfit::home::resolve_model(None).unwrap_or_else(fail))]
     pub model: PathBuf,
+    #[arg(long, default_value_t = svfit::model::default_threads())]
     pub threads: usize,
+    /// Repetitions [default: the bench's own]
+    #[arg(long = "reps")]
+    reps_flag: Option<usize>,
+    #[arg(skip)]
     pub reps: usize,
-    /// Weight layouts to compare (`--weights keep,auto`).
+    /// Weight layouts to compare
+    #[arg(long, value_delimiter = ',', default_value = "keep,auto")]
     pub weights: Vec<WeightFormat>,
+    /// Passed by `cargo bench`
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-/// `--model PATH`, `--threads N`, `--reps N` (default `reps`), `--weights
-/// LIST` (default `keep,auto`).
+/// The options, with `reps` repetitions unless `--reps` says otherwise.
 pub fn parse_args(reps: usize) -> Options {
-    let mut opts = Options {
-        model: svfit::home::resolve_model(None).unwrap_or_else(|e| exit(&e.to_string())),
-        threads: svfit::model::default_threads(),
-        reps,
-        weights: vec![WeightFormat::Keep, WeightFormat::Auto],
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .unwrap_or_else(|| exit(&format!("{arg} needs a value")))
-        };
-        match arg.as_str() {
-            "--model" => opts.model = PathBuf::from(value()),
-            "--threads" => {
-                opts.threads = value()
-                    .parse()
-                    .unwrap_or_else(|_| exit("--threads takes a number"))
-            }
-            "--reps" => {
-                opts.reps = value()
-                    .parse()
-                    .unwrap_or_else(|_| exit("--reps takes a number"))
-            }
-            "--weights" => {
-                opts.weights = value()
-                    .split(',')
-                    .map(|w| w.parse().unwrap_or_else(|e: String| exit(&e)))
-                    .collect()
-            }
-            "--bench" => {}
-            other => exit(&format!("unknown option {other}")),
-        }
-    }
+    let mut opts = <Options as clap::Parser>::parse();
+    opts.reps = opts.reps_flag.unwrap_or(reps);
     opts
 }
 

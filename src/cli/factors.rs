@@ -16,9 +16,9 @@ pub(super) enum AdapterCommand {
     Inspect {
         /// Adapter file
         adapter: PathBuf,
-        /// The base model it must belong to [default: the default model]
-        #[arg(long, env = "SVFIT_MODEL")]
-        model: Option<PathBuf>,
+        /// The base model it must belong to
+        #[command(flatten)]
+        base: ModelFile,
     },
     /// Add random deltas: sigma = S * (1 + scale * z), z ~ N(0, 1) (for demos and tests).
     Perturb {
@@ -32,9 +32,8 @@ pub(super) enum AdapterCommand {
         /// Output adapter file
         #[arg(long)]
         out: PathBuf,
-        /// The base model [default: the default model]
-        #[arg(long, env = "SVFIT_MODEL")]
-        model: Option<PathBuf>,
+        #[command(flatten)]
+        base: ModelFile,
     },
 }
 
@@ -124,10 +123,9 @@ pub(super) fn run_factorize(args: &FactorizeArgs) -> Result<()> {
 
 /// An adapter read from `path` and validated against the model's factors
 /// (computed and cached if missing).
-fn load_adapter(path: &Path, model: Option<&Path>) -> Result<Loaded> {
-    let model = home::resolve_model(model)?;
-    let sha = home::sha256_file(&model).with_context(|| format!("reading {}", model.display()))?;
-    Ok(Loaded::open(path, &model, &sha, &home::home_dir())?)
+fn load_adapter(path: &Path, model: &Path) -> Result<Loaded> {
+    let sha = home::sha256_file(model).with_context(|| format!("reading {}", model.display()))?;
+    Ok(Loaded::open(path, model, &sha, &home::home_dir())?)
 }
 
 pub(super) fn run_merge(args: &MergeArgs) -> Result<()> {
@@ -172,12 +170,12 @@ pub(super) fn run_adapter(command: &AdapterCommand) -> Result<()> {
                 singular.len()
             );
         }
-        AdapterCommand::Inspect { adapter, model } => {
+        AdapterCommand::Inspect { adapter, base } => {
             let Loaded {
                 adapter: a,
                 singular,
                 ..
-            } = load_adapter(adapter, model.as_deref())?;
+            } = load_adapter(adapter, &base.path()?)?;
             println!("base sha256  {}", a.base_sha256);
             println!("factors      {}", a.factors_id);
             println!("targets      {}", a.targets);
@@ -206,7 +204,7 @@ pub(super) fn run_adapter(command: &AdapterCommand) -> Result<()> {
             scale,
             seed,
             out,
-            model,
+            base,
         } => {
             if !scale.is_finite() || *scale < 0.0 {
                 anyhow::bail!("--scale must be a finite number >= 0, got {scale}");
@@ -215,13 +213,8 @@ pub(super) fn run_adapter(command: &AdapterCommand) -> Result<()> {
                 adapter: mut a,
                 singular,
                 ..
-            } = load_adapter(adapter, model.as_deref())?;
-            let mut rng = svfit::sampling::SplitMix64::new(*seed);
-            for ((_, sigma), (_, s)) in a.sigma.iter_mut().zip(&singular) {
-                for (v, base) in sigma.iter_mut().zip(s) {
-                    *v = base * (1.0 + scale * rng.normal());
-                }
-            }
+            } = load_adapter(adapter, &base.path()?)?;
+            a.perturb(&singular, *scale, *seed);
             a.info.insert(
                 "svfit.perturbed".into(),
                 format!("scale {scale}, seed {seed}"),

@@ -69,8 +69,7 @@ enum Command {
     Adapter(AdapterCommand),
 }
 
-/// The base model's file: the one declaration of `--model` (the adapter
-/// subcommands keep their own, which say what the model is for).
+/// The base model's file: the one declaration of `--model`.
 #[derive(Args)]
 struct ModelFile {
     /// GGUF model file [default: the SmolLM2-135M-Instruct model in $SVFIT_HOME/models]

@@ -10,7 +10,6 @@ use svfit::adapter::Adapter;
 use svfit::engine::EngineConfig;
 use svfit::factors::{self, FactorsKey, SingularValues};
 use svfit::model::{LoadOptions, WeightFormat};
-use svfit::sampling::SplitMix64;
 use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
 use svfit::server::pb::{self, generate_request::Input};
@@ -49,12 +48,7 @@ pub fn base() -> &'static Base {
 /// An adapter with sigma = S (1 + scale z).
 pub fn adapter(seed: u64) -> Adapter {
     let b = base();
-    let mut a = Adapter::identity(&b.key, &b.singular);
-    let mut rng = SplitMix64::new(seed);
-    for v in a.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
-        *v *= 1.0 + 0.3 * rng.normal();
-    }
-    a
+    Adapter::perturbed(&b.key, &b.singular, 0.3, seed)
 }
 
 pub fn write(dir: &Path, tenant: &str, id: &str, a: &Adapter) -> PathBuf {
