@@ -1,10 +1,10 @@
 //! Shared test fixtures: a tiny random-weight llama GGUF written by the tests
 //! themselves, the default model's path, and logit comparisons.
-#![allow(dead_code)]
 
 pub mod serve;
 
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use svfit::ggml::gguf::GgufWriter;
 use svfit::ggml::{self, Type};
@@ -270,4 +270,18 @@ pub fn compare(ours: &[&[f32]], reference: &[&[f32]]) -> Agreement {
 
 pub fn rows(logits: &Logits) -> Vec<&[f32]> {
     (0..logits.n_rows()).map(|i| logits.row(i)).collect()
+}
+
+/// The machine. Every test holds it shared while it runs, so tests run in
+/// parallel; the few that measure latency or run a cluster of processes
+/// hold it alone, so nothing else runs beside them. (Waiting writers go
+/// first: a test that wants it alone waits only for those running.)
+static MACHINE: RwLock<()> = RwLock::new(());
+
+pub fn shared() -> RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn alone() -> RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
 }

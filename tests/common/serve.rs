@@ -1,4 +1,4 @@
-//! Fixtures of the server tests (`tests/it/server.rs`, `tests/trust.rs`): the
+//! Fixtures of the server tests (`tests/it/server.rs`, `tests/it/trust.rs`): the
 //! default model's factors in a shared home, random adapters, a server
 //! config, loopback clients, and `svfit generate` as the oracle.
 

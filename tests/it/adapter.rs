@@ -40,6 +40,7 @@ fn refused(out: Output, cause: &str) {
 
 #[test]
 fn init_perturb_inspect_and_every_bad_adapter() {
+    let _machine = crate::common::shared();
     let (dir, model) = common::tiny_model();
     let home = dir.path().join("home");
     let m = model.to_str().unwrap();
@@ -168,6 +169,7 @@ fn npy_f32(path: &str) -> Vec<f32> {
 /// engine load with its tokenizer, and bad adapters or mixes refused.
 #[test]
 fn adapters_on_the_command_line() {
+    let _machine = crate::common::shared();
     let dir = common::TempDir::new("cli-adapters");
     let home = dir.path().join("home");
     let m = common::default_model();

@@ -38,6 +38,7 @@ fn generate_with(model: &Path, extra: &[&str]) -> Output {
 
 #[test]
 fn truncated_gguf_is_refused() {
+    let _machine = crate::common::shared();
     let (dir, tiny) = common::tiny_model();
     let bytes = std::fs::read(&tiny).unwrap();
     let cut = dir.path().join("cut.gguf");
@@ -50,6 +51,7 @@ fn truncated_gguf_is_refused() {
 
 #[test]
 fn non_gguf_file_is_refused() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("notgguf");
     let path = dir.path().join("model.gguf");
     std::fs::write(&path, "this is a text file, not a model\n").unwrap();
@@ -66,6 +68,7 @@ fn non_gguf_file_is_refused() {
 
 #[test]
 fn unsupported_architecture_is_refused() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("arch");
     let path = dir.path().join("gpt2.gguf");
     common::write_tiny_model(
@@ -83,12 +86,14 @@ fn unsupported_architecture_is_refused() {
 
 #[test]
 fn model_without_tokenizer_is_refused_for_text() {
+    let _machine = crate::common::shared();
     let (_dir, tiny) = common::tiny_model();
     assert_fails_with(&generate_with(&tiny, &["--prompt", "hi"]), "no tokenizer");
 }
 
 #[test]
 fn prompt_longer_than_context_is_refused() {
+    let _machine = crate::common::shared();
     let model = common::default_model();
     let long = "word ".repeat(100);
     let out = generate_with(&model, &["--ctx", "32", "--prompt", &long]);
@@ -109,6 +114,7 @@ fn prompt_longer_than_context_is_refused() {
 
 #[test]
 fn greedy_chat_answers_paris() {
+    let _machine = crate::common::shared();
     let model = common::default_model();
     let args = [
         "--chat",
@@ -143,6 +149,7 @@ fn greedy_chat_answers_paris() {
 
 #[test]
 fn logits_file_has_every_position() {
+    let _machine = crate::common::shared();
     let model = common::default_model();
     let dir = TempDir::new("logits");
     let (out, ids) = (dir.path().join("l.npy"), dir.path().join("ids.npy"));

@@ -29,6 +29,7 @@ fn tokens(n: usize, seed: u64) -> Vec<u32> {
 
 #[test]
 fn full_cache_is_an_error_that_changes_nothing() {
+    let _machine = crate::common::shared();
     let (_dir, mut model) = tiny();
     let mut cache = model.new_cache(128).unwrap();
     let mut batch = Batch::new();
@@ -52,6 +53,7 @@ fn full_cache_is_an_error_that_changes_nothing() {
 
 #[test]
 fn invalid_token_is_an_error_that_changes_nothing() {
+    let _machine = crate::common::shared();
     let (_dir, mut model) = tiny();
     let mut cache = model.new_cache(256).unwrap();
     let mut batch = Batch::new();
@@ -70,6 +72,7 @@ fn invalid_token_is_an_error_that_changes_nothing() {
 
 #[test]
 fn interleaved_batch_gives_the_rows_of_a_grouped_one() {
+    let _machine = crate::common::shared();
     let (_dir, mut model) = tiny();
     let (a, b) = (tokens(6, 4), tokens(6, 5));
     let mut interleaved = Batch::new();
@@ -92,6 +95,7 @@ fn interleaved_batch_gives_the_rows_of_a_grouped_one() {
 
 #[test]
 fn many_sequences_in_one_batch_match_each_alone() {
+    let _machine = crate::common::shared();
     let (_dir, mut model) = tiny();
     // More sequences than the graph is first sized for (it grows).
     let seqs: Vec<Vec<u32>> = (0..20).map(|s| tokens(3 + s % 4, 100 + s as u64)).collect();

@@ -24,6 +24,7 @@ fn factorize(
 
 #[test]
 fn factor_file_reconstructs_the_weights_and_is_cached() {
+    let _machine = crate::common::shared();
     let (dir, model) = common::tiny_model();
     let home = dir.path().join("home");
     let out = factorize(
@@ -89,6 +90,7 @@ fn factor_file_reconstructs_the_weights_and_is_cached() {
 
 #[test]
 fn energy_rank_follows_the_policy_on_real_weights() {
+    let _machine = crate::common::shared();
     let (_dir, model) = common::tiny_model();
     let gguf = GgufFile::open(&model).unwrap();
     let (w, m, n) = factors::read_matrix(&gguf, "blk.0.ffn_gate.weight").unwrap();
@@ -105,6 +107,7 @@ fn energy_rank_follows_the_policy_on_real_weights() {
 
 #[test]
 fn bad_options_are_refused() {
+    let _machine = crate::common::shared();
     let (dir, model) = common::tiny_model();
     for (args, cause) in [
         (["--targets", "q,x"], "invalid targets"),

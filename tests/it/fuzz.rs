@@ -241,6 +241,7 @@ fn fuzz_factors() -> (FactorsKey, SingularValues) {
 
 #[test]
 fn adapter_files() {
+    let _machine = crate::common::shared();
     let (key, singular) = fuzz_factors();
     let path = Path::new("fuzzed.safetensors");
     fuzz("adapter", mutated(corpus("adapter")), |bytes| {
@@ -257,6 +258,7 @@ fn adapter_files() {
 
 #[test]
 fn gguf_files() {
+    let _machine = crate::common::shared();
     let dir = common::TempDir::new("fuzz-gguf");
     let path = dir.path().join("fuzzed.gguf");
     fuzz("gguf", mutated(corpus("gguf")), |bytes| {
@@ -394,6 +396,7 @@ fn small_limits() -> Limits {
 
 #[test]
 fn request_validation() {
+    let _machine = crate::common::shared();
     let limits = small_limits();
     let callers = [
         Caller {
@@ -516,6 +519,7 @@ fn field_name() -> impl Strategy<Value = String> {
 
 #[test]
 fn openai_request_bodies() {
+    let _machine = crate::common::shared();
     let limits = small_limits();
     let caller = Caller {
         tenant: "alice".into(),
@@ -552,6 +556,7 @@ fn openai_request_bodies() {
 
 #[test]
 fn stop_strings_in_streamed_text() {
+    let _machine = crate::common::shared();
     let pieces = proptest::collection::vec(
         prop_oneof![
             text(6).prop_map(String::into_bytes),
@@ -583,6 +588,7 @@ fn stop_strings_in_streamed_text() {
 #[test]
 #[ignore]
 fn write_corpus() {
+    let _machine = crate::common::shared();
     let (key, singular) = fuzz_factors();
     let dir = corpus_dir("adapter");
     std::fs::create_dir_all(&dir).unwrap();

@@ -21,6 +21,7 @@ use tonic::{Code, Request};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_tenants_get_their_own_adapters() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-tenants");
     let mut config = config(dir.path());
     let keys = dir.path().join("keys.txt");
@@ -83,6 +84,7 @@ async fn concurrent_tenants_get_their_own_adapters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hot_swap_upload_delete_list_and_restart() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-swap");
     let config = config(dir.path());
     let running = server::start(config.clone()).await.unwrap();
@@ -184,6 +186,7 @@ async fn hot_swap_upload_delete_list_and_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_cache_evicts_and_stays_correct() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-evict");
     let mut config = config(dir.path());
     // Room for two adapters' deltas on the host and two device slots.
@@ -262,6 +265,7 @@ async fn small_cache_evicts_and_stays_correct() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropped_stream_frees_its_sequence() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-cancel");
     let running = server::start(config(dir.path())).await.unwrap();
     let (mut infer, _) = clients(&running).await;
@@ -305,6 +309,7 @@ async fn dropped_stream_frees_its_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tenants_cannot_touch_each_others_adapters() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-isolation");
     let config = keyed_config(dir.path());
     let running = server::start(config).await.unwrap();
@@ -397,6 +402,7 @@ async fn tenants_cannot_touch_each_others_adapters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn same_prompt_never_reuses_another_adapters_state() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-reuse");
     let config = config(dir.path());
     let a = write(Path::new(&config.adapters), "default", "a", &adapter(400));
@@ -436,6 +442,7 @@ async fn same_prompt_never_reuses_another_adapters_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prompt_of_several_prefill_chunks_runs_every_chunk_with_its_adapter() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-long-prompt");
     let config = config(dir.path());
     // A strong adapter, so that the keys and values of the first chunks
@@ -469,6 +476,7 @@ async fn a_prompt_of_several_prefill_chunks_runs_every_chunk_with_its_adapter() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_error_has_its_code() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-errors");
     let mut config = config(dir.path());
     config.engine.context = 64;
@@ -558,6 +566,7 @@ async fn every_error_has_its_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_and_reflection_answer() {
+    let _machine = crate::common::shared();
     use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -610,6 +619,7 @@ async fn health_and_reflection_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deadline_cancels_the_request() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-deadline");
     let running = server::start(config(dir.path())).await.unwrap();
     let (mut infer, _) = clients(&running).await;
@@ -639,6 +649,7 @@ async fn deadline_cancels_the_request() {
 /// over tenants.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flooding_tenant_does_not_starve_others() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-fair");
     let mut config = config(dir.path());
     config.engine.max_sequences = 2;
@@ -686,6 +697,7 @@ async fn a_flooding_tenant_does_not_starve_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_serves_and_plaintext_is_refused() {
+    let _machine = crate::common::shared();
     use tonic::transport::{Certificate, ClientTlsConfig};
     let dir = TempDir::new("server-tls");
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -724,6 +736,7 @@ async fn tls_serves_and_plaintext_is_refused() {
 #[cfg(feature = "object-store")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn object_store_adapters_round_trip() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-objects");
     let mut config = config(dir.path());
     config.adapters =
@@ -807,6 +820,7 @@ fn llama_cpp_greedy(model: &Path, prompt: &str, max_tokens: usize) -> String {
 /// `svfit merge` of it answers the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn trained_adapter_serves_and_merges() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("server-trained");
     let data = dir.path().join("colors.jsonl");
     let lines: Vec<String> = [

@@ -312,16 +312,19 @@ fn default_model(targets: &str) -> Setup {
 
 #[test]
 fn tiny_identity_adapter_is_the_base_model() {
+    let _machine = crate::common::shared();
     check_identity(&tiny("all-linear"), &random_tokens(60, 1));
 }
 
 #[test]
 fn tiny_adapter_path_matches_llama_cpp_on_the_merged_model() {
+    let _machine = crate::common::shared();
     check_exactness(&tiny("all-linear"), &random_tokens(90, 2));
 }
 
 #[test]
 fn tiny_mixed_batch_equals_each_sequence_alone() {
+    let _machine = crate::common::shared();
     let prompts = [30, 5, 70, 12]
         .iter()
         .enumerate()
@@ -332,6 +335,7 @@ fn tiny_mixed_batch_equals_each_sequence_alone() {
 
 #[test]
 fn default_model_adapters() {
+    let _machine = crate::common::shared();
     let s = default_model("q,v");
     let texts = default_texts(&s.model);
     check_identity(&s, &texts[4]);
@@ -343,6 +347,7 @@ fn default_model_adapters() {
 /// refused without changing the model.
 #[test]
 fn wrong_factors_and_slots_are_refused() {
+    let _machine = crate::common::shared();
     let s = tiny("q,v");
     let mut model = load(&s.model);
     let mut wrong = s.factors.clone();

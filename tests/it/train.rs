@@ -41,6 +41,7 @@ fn row(n_vocab: usize, seed: u64) -> TrainRow {
 
 #[test]
 fn gradient_matches_finite_differences() {
+    let _machine = crate::common::shared();
     let (dir, model) = common::tiny_model();
     let mut learner = learner(&model, &dir.path().join("home"), "all-linear");
     let n_vocab = learner.model().config().n_vocab;
@@ -189,6 +190,7 @@ fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
 
 #[test]
 fn resume_continues_exactly() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("train-resume");
     let data = dir.path().join("data.jsonl");
     write_data(&data, 10..22);
@@ -228,6 +230,7 @@ fn resume_continues_exactly() {
 
 #[test]
 fn bad_data_lines_are_reported_or_refused() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("train-bad");
     let data = dir.path().join("data.jsonl");
     let mut text = String::new();
@@ -279,6 +282,7 @@ fn loss_text(tokenizer: &svfit::model::Tokenizer, e: &svfit::train::data::Exampl
 
 #[test]
 fn records_put_the_loss_on_the_answers() {
+    let _machine = crate::common::shared();
     use svfit::model::Tokenizer;
     use svfit::train::data::Dataset;
     let dir = TempDir::new("train-records");
@@ -327,6 +331,7 @@ fn records_put_the_loss_on_the_answers() {
 
 #[test]
 fn ctrl_c_writes_a_checkpoint_that_resumes() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("train-sigint");
     let data = dir.path().join("data.jsonl");
     write_data(&data, 30..54);

@@ -152,6 +152,7 @@ const FRUIT: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_client_answers_equal_the_cli_and_grpc() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("http-openai");
     let config = keyed_config(dir.path());
     let store = PathBuf::from(&config.adapters);
@@ -378,6 +379,7 @@ async fn openai_client_answers_equal_the_cli_and_grpc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plain_http_errors_cancellation_and_drain() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("http-plain");
     let running = server::start(config(dir.path())).await.unwrap();
     let addr = running.http_addr.unwrap();
@@ -491,6 +493,7 @@ fn base_model() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_and_tenant_rates_over_http() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("http-tls");
     let cert =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();

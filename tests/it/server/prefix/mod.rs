@@ -36,6 +36,7 @@ fn argmax(row: &[f32]) -> u32 {
 
 #[test]
 fn a_cached_prefix_gives_the_logits_of_a_cold_prefill_to_the_bit() {
+    let _machine = crate::common::shared();
     let b = base();
     let mut model = Model::load(
         &b.model,
@@ -158,6 +159,7 @@ async fn ask(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cached_prefixes_never_cross_adapters_versions_mixes_or_tenants() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("prefix-isolation");
     let config = keyed_config(dir.path());
     let store = PathBuf::from(&config.adapters);
@@ -224,6 +226,7 @@ async fn cached_prefixes_never_cross_adapters_versions_mixes_or_tenants() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_distinct_prompts_stays_within_the_prefix_budget() {
+    let _machine = crate::common::shared();
     let dir = TempDir::new("prefix-flood");
     let mut config = config(dir.path());
     // Room for a few blocks of the default model (0.37 MB each).

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::common::serve::*;
 use super::common::TempDir;
-use super::{exited, scrape, start_process, Process, MACHINE};
+use super::{exited, scrape, start_process, Process};
 use svfit::server::pb;
 use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
@@ -405,7 +405,7 @@ async fn served(replica: &Replica, id: &str) -> Result<(String, String), Code> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_behind_nginx_share_one_s3_store() {
-    let _machine = MACHINE.write().await;
+    let _machine = crate::common::alone();
     let dir = TempDir::new("cluster");
     let dir = dir.path();
     let s3_port = free_port();

@@ -7,7 +7,6 @@
 
 #[cfg(feature = "s3")]
 mod cluster;
-mod common;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -16,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common;
 use common::serve::*;
 use common::TempDir;
 use svfit::adapter::Adapter;
@@ -25,10 +25,6 @@ use svfit::server::pb::{self, generate_request::Input};
 use svfit::server::{self, Running};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
-
-/// The test that compares latencies runs alone; the others share the
-/// machine with each other (they run in parallel), never with it.
-static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// Pause of the hostile client between two requests.
 const PACE_MS: u64 = 10;
@@ -296,7 +292,7 @@ fn attacks() -> Vec<Attack> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_requests_get_clean_errors_and_neighbours_keep_their_answers() {
-    let _machine = MACHINE.write().await;
+    let _machine = common::alone();
     let dir = TempDir::new("trust-hostile");
     let config = keyed_config(dir.path());
     let adapters = PathBuf::from(&config.adapters);
@@ -432,7 +428,7 @@ fn is_one_upload(adapters: &Path, tenant: &str, id: &str, uploads: &[(Adapter, V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_of_one_id_get_increasing_versions_and_complete_files() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-uploads");
     concurrent_uploads(config(dir.path()), dir.path(), true).await;
 }
@@ -442,7 +438,7 @@ async fn concurrent_uploads_of_one_id_get_increasing_versions_and_complete_files
 #[cfg(feature = "object-store")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_to_an_object_store_get_increasing_versions() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-uploads-objects");
     let mut config = config(dir.path());
     config.adapters = "memory://".into();
@@ -646,7 +642,7 @@ async fn channel(addr: SocketAddr) -> Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_during_concurrent_uploads_leaves_every_adapter_readable() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     use rand_like::Draws;
     let dir = TempDir::new("trust-kill");
     let adapters = dir.path().join("adapters");
@@ -741,7 +737,7 @@ mod rand_like {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-pins");
     let mut config = keyed_config(dir.path());
     // Three slots: two may be pinned, one tenant may pin one.
@@ -860,7 +856,7 @@ async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_panic_in_one_sequence_fails_only_that_request() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     use svfit::engine::fault;
     let dir = TempDir::new("trust-panic");
     let mut config = keyed_config(dir.path());
@@ -920,7 +916,7 @@ async fn a_panic_in_one_sequence_fails_only_that_request() {
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_engine_turns_health_not_serving_and_exits_non_zero() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     use svfit::engine::fault;
     let dir = TempDir::new("trust-dead-engine");
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "");
@@ -1012,7 +1008,7 @@ async fn scrape(addr: SocketAddr) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accept_loops_back_off_and_recover_when_descriptors_run_out() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-fds");
     // Few descriptors: a few hundred idle connections exhaust them.
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "ulimit -n 160");
@@ -1064,7 +1060,7 @@ async fn accept_loops_back_off_and_recover_when_descriptors_run_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_beyond_the_limit_wait_their_turn() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-connections");
     let mut config = config(dir.path());
     config.max_connections = 4;
@@ -1092,7 +1088,7 @@ async fn connections_beyond_the_limit_wait_their_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_tenant_cannot_fill_the_queue() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-queue");
     let mut config = keyed_config(dir.path());
     config.engine.max_sequences = 1;
@@ -1135,7 +1131,7 @@ async fn one_tenant_cannot_fill_the_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_request_ends_with_one_log_line() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-log");
     let mut server = spawn_server(&dir.path().join("adapters"), "", "");
     let mut infer = InferenceClient::new(channel(server.addr).await);
@@ -1171,7 +1167,7 @@ async fn each_request_ends_with_one_log_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_uploads_time_out_and_never_block_others() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-stalled-uploads");
     let mut config = config(dir.path());
     config.upload_timeout = Duration::from_secs(1);
@@ -1224,7 +1220,7 @@ async fn stalled_uploads_time_out_and_never_block_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_over_its_rate_is_refused_before_decoding_and_others_are_not() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-rate");
     let mut config = keyed_config(dir.path());
     config.tenant_rate = 5.0;
@@ -1262,7 +1258,7 @@ async fn a_tenant_over_its_rate_is_refused_before_decoding_and_others_are_not() 
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     use svfit::engine::fault;
     let dir = TempDir::new("trust-decode");
     let config = keyed_config(dir.path());
@@ -1305,7 +1301,7 @@ async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_running_requests_then_exits() {
-    let _machine = MACHINE.read().await;
+    let _machine = common::shared();
     let dir = TempDir::new("trust-drain");
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "");
     let channel = channel(server.addr).await;
