@@ -61,7 +61,8 @@ pub(super) struct TrainArgs {
     #[command(flatten)]
     compute: Compute,
     /// Frozen weights during training: auto (f32 when it fits in half the
-    /// free memory), f32, or keep (as stored: less memory, slower backward)
+    /// free memory), f32, or keep (as stored: less memory, slower backward;
+    /// f32 and f16 models only, ggml has no backward through quantized ones)
     #[arg(long, default_value = "auto")]
     frozen: String,
     /// Continue from a checkpoint (A.ckpt): its data, output and

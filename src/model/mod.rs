@@ -151,21 +151,34 @@ impl Model {
     /// Loads a llama GGUF: validates metadata and every weight's shape, then
     /// places the weights (in their stored types) on the chosen backend.
     pub fn load(path: &Path, options: &LoadOptions) -> Result<Self, ModelError> {
-        Self::load_with(path, options, false)
+        Self::load_with(path, options, None)
     }
 
     /// Loads a model for training: with `f32_weights` the matrices are
     /// dequantized to f32 (backward through quantized weights is ~10× slower
-    /// on CPU, and CUDA's backward takes f32 only).
+    /// on CPU, and CUDA's backward takes f32 only); without, they stay as
+    /// stored and go through ggml's own products, whatever `--weights` says
+    /// (our Q8_0 kernel has no backward).
     pub fn load_for_training(
         path: &Path,
         options: &LoadOptions,
         f32_weights: bool,
     ) -> Result<Self, ModelError> {
-        Self::load_with(path, options, f32_weights)
+        let holding = if f32_weights {
+            Holding::Train
+        } else {
+            Holding::Serve(WeightFormat::Keep)
+        };
+        Self::load_with(path, options, Some(holding))
     }
 
-    fn load_with(path: &Path, options: &LoadOptions, train: bool) -> Result<Self, ModelError> {
+    /// `holding`: how the matrices are held (`None`: as `options.weights`
+    /// says for the device).
+    fn load_with(
+        path: &Path,
+        options: &LoadOptions,
+        holding: Option<Holding>,
+    ) -> Result<Self, ModelError> {
         let mut gguf = GgufFile::open(path)?;
         let config = Config::from_gguf(&gguf)?;
         let mut backends = Vec::new();
@@ -173,11 +186,8 @@ impl Model {
             backends.extend(Backend::device(&options.device)?);
         }
         backends.push(Backend::cpu(options.threads)?);
-        let holding = if train {
-            Holding::Train
-        } else {
-            Holding::Serve(options.weights.resolve(backends[0].is_cpu()))
-        };
+        let holding = holding
+            .unwrap_or_else(|| Holding::Serve(options.weights.resolve(backends[0].is_cpu())));
         let weights = Weights::load(&mut gguf, &config, &backends[0], holding)?;
         // Graph room for this many sequences per batch; grows on demand.
         const GROUPS: usize = 16;

@@ -21,6 +21,7 @@ use super::optim::AdamW;
 use super::{plot, Event, Hyper, Outcome, State, TrainError, Trainer};
 use crate::adapter::Adapter;
 use crate::factors::{self, FactorsKey, RankPolicy, Targets};
+use crate::ggml::Type;
 use crate::model::{Learner, LoadOptions, Model, Tokenizer};
 use crate::tensorfile::{self, Entry};
 
@@ -90,6 +91,9 @@ pub enum SessionError {
     },
     #[error("{path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    /// The frozen weights cannot be held as asked.
+    #[error("{0}")]
+    Frozen(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SessionError + '_ {
@@ -263,12 +267,29 @@ fn choose_frozen(
         .map(|t| t.ne.iter().product::<i64>() as u64 * 4)
         .sum();
     let mb = |b: u64| b as f64 / 1e6;
+    // ggml has no backward through quantized matrices (it aborts the
+    // process): those stay f32 or the run stops here, with the reason.
+    let quantized = gguf
+        .tensors()
+        .iter()
+        .find(|t| t.name.starts_with("blk.") && ![Type::F32, Type::F16].contains(&t.ty))
+        .map(|t| format!("{} is {}", t.name, t.ty));
+    let refuse = |why: String| {
+        Err(SessionError::Frozen(format!(
+            "{why}, and training through quantized weights is not supported: use --frozen f32 \
+             (it needs {:.0} MB)",
+            mb(f32_bytes)
+        )))
+    };
     Ok(match frozen {
         Frozen::F32 => (true, format!("f32 (asked; {:.0} MB)", mb(f32_bytes))),
-        Frozen::Keep => (
-            false,
-            "as stored (asked; backward ~10x slower on CPU)".into(),
-        ),
+        Frozen::Keep => match quantized {
+            Some(which) => return refuse(format!("--frozen keep: {which}")),
+            None => (
+                false,
+                "as stored (asked; backward ~10x slower on CPU)".into(),
+            ),
+        },
         Frozen::Auto if gpu => (
             true,
             format!(
@@ -277,6 +298,13 @@ fn choose_frozen(
             ),
         ),
         Frozen::Auto => match available_memory() {
+            Some(free) if f32_bytes * 2 > free && quantized.is_some() => {
+                return refuse(format!(
+                    "f32 weights need {:.0} MB, more than half of the {:.0} MB free",
+                    mb(f32_bytes),
+                    mb(free)
+                ))
+            }
             Some(free) if f32_bytes * 2 > free => (
                 false,
                 format!(
@@ -385,10 +413,10 @@ pub fn run(
     }
     hyper.validate()?;
 
+    let (f32_weights, why) = choose_frozen(options.frozen, &options.model, &options.load.device)?;
     let factor_path = factors::ensure(&options.model, &key, &options.home)?;
     let factors = factors::read_factors(&factor_path, &key)?;
     let singular = factors::read_singular_values(&factor_path, &key)?;
-    let (f32_weights, why) = choose_frozen(options.frozen, &options.model, &options.load.device)?;
     let model = Model::load_for_training(&options.model, &options.load, f32_weights)?;
     observer.message(&format!(
         "model {} on {}, frozen weights {why}; training {} singular values of {} matrices ({}, {})",

@@ -379,3 +379,33 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() {
     );
     assert!(out.exists());
 }
+
+/// ggml has no backward through quantized matrices (it aborts the whole
+/// process): `--frozen keep` on the default model (Q4_1) is refused with
+/// the way out, before anything slow runs, and nothing is written.
+#[test]
+fn frozen_quantized_weights_are_refused_not_aborted() {
+    let _machine = crate::common::shared();
+    let dir = TempDir::new("train-frozen-keep");
+    let data = dir.path().join("train.jsonl");
+    write_data(&data, 0..16);
+    let out = dir.path().join("a.safetensors");
+    let run = svfit(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--frozen",
+        "keep",
+        "--max-steps",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is q4_1") && stderr.contains("use --frozen f32"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
