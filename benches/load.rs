@@ -525,24 +525,26 @@ fn base(o: &Options) -> Base {
     }
 }
 
+/// The scenario's adapter `t{i}`: random deltas of ~5% of S.
+fn bench_adapter(b: &Base, i: usize) -> Adapter {
+    Adapter::perturbed(&b.key, &b.singular, 0.05, i as u64 + 1)
+}
+
 /// SVFit adapters `t0 .. t{n-1}` of tenant "default", random deltas.
 fn write_adapters(b: &Base, dir: &Path, n: usize) {
     for i in 0..n {
-        Adapter::perturbed(&b.key, &b.singular, 0.05, i as u64 + 1)
+        bench_adapter(b, i)
             .write(&dir.join("default").join(format!("t{i}.safetensors")))
             .unwrap_or_else(fail);
     }
 }
 
 /// Uploads the scenario's adapters (`t0`, `t1`, ...) to a running server.
-async fn upload_adapters(b: &Base, dir: &Path, channel: tonic::transport::Channel, n: usize) {
-    let files = dir.join("upload");
-    write_adapters(b, &files, n);
+async fn upload_adapters(b: &Base, channel: tonic::transport::Channel, n: usize) {
     let mut admin = AdaptersClient::new(channel);
     for i in 0..n {
         let id = format!("t{i}");
-        let bytes = std::fs::read(files.join("default").join(format!("{id}.safetensors")))
-            .unwrap_or_else(fail);
+        let bytes = bench_adapter(b, i).to_bytes().unwrap_or_else(fail);
         let mut chunks = vec![pb::UploadChunk {
             part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
                 id: id.clone(),
@@ -828,7 +830,7 @@ async fn run_svfit(
         .await
         .unwrap_or_else(fail);
     if o.upload {
-        upload_adapters(b, dir, channel.clone(), n_adapters).await;
+        upload_adapters(b, channel.clone(), n_adapters).await;
     }
     let client = InferenceClient::new(channel);
     let stop_hostile = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -403,25 +403,24 @@ impl AdapterStore {
         let name = (tenant.to_string(), id.to_string());
         let started = Instant::now();
         let stat = self.backend.stat(tenant, id);
+        let took = started.elapsed().as_secs_f64();
         {
+            // One lock for the check's counters and the cache lookup.
             let mut s = self.state();
             s.stats.checks += 1;
-            s.stats.check_seconds += started.elapsed().as_secs_f64();
-            if stat.is_ok() {
-                if let Some(since) = s.unreachable_since.take() {
-                    tracing::info!(
-                        after_s = since.elapsed().as_secs_f64(),
-                        "adapter store reachable again"
-                    );
+            s.stats.check_seconds += took;
+            let fingerprint = match stat {
+                Ok(found) => {
+                    if let Some(since) = s.unreachable_since.take() {
+                        tracing::info!(
+                            after_s = since.elapsed().as_secs_f64(),
+                            "adapter store reachable again"
+                        );
+                    }
+                    found.ok_or_else(not_found)?
                 }
-            }
-        }
-        let fingerprint = match stat {
-            Ok(found) => found.ok_or_else(not_found)?,
-            Err(e) => return self.cached_while_unreachable(&name, e),
-        };
-        {
-            let mut s = self.state();
+                Err(e) => return Self::cached_while_unreachable(&mut s, &name, e),
+            };
             if let Some(c) = s.cache.get(&name) {
                 if c.fingerprint == fingerprint {
                     let stored = c.stored.clone();
@@ -466,11 +465,10 @@ impl AdapterStore {
     /// or delete can succeed while the store is unreachable (the one
     /// exception: a write that lands just as this replica loses the store).
     fn cached_while_unreachable(
-        &self,
+        s: &mut State,
         name: &Name,
         error: StoreError,
     ) -> Result<Arc<Stored>, StoreError> {
-        let mut s = self.state();
         let Some(cached) = s.cache.get(name) else {
             return Err(error);
         };

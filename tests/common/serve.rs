@@ -178,8 +178,13 @@ pub async fn stream_text(
 }
 
 pub async fn metric(running: &Running, name: &str) -> f64 {
+    metric_at(running.metrics_addr.expect("metrics enabled"), name).await
+}
+
+/// The value of metric `name` (with its labels, if any) that the metrics
+/// listener at `addr` reports.
+pub async fn metric_at(addr: std::net::SocketAddr, name: &str) -> f64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = running.metrics_addr.expect("metrics enabled");
     let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
     socket
         .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -192,6 +197,39 @@ pub async fn metric(running: &Running, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} missing:\n{body}"))
         .parse()
         .unwrap()
+}
+
+/// A plain HTTP/1.1 request with a JSON body and `headers`: status,
+/// headers and body of the answer.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, hyper::HeaderMap, String) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
 }
 
 /// A raw prompt whose greedy continuation does not end by itself within

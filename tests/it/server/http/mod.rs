@@ -65,30 +65,6 @@ fn call(endpoint: &str, key: &str, params: Value) -> Value {
     json!({"endpoint": endpoint, "key": key, "params": params})
 }
 
-/// A plain HTTP/1.1 request: status, headers and body.
-async fn http(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> (u16, hyper::HeaderMap, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let bytes = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status.as_u16(),
-        parts.headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    )
-}
-
 /// Asserts an OpenAI-shaped error of `status` and returns its object.
 fn openai_error(status: u16, got: &(u16, hyper::HeaderMap, String)) -> Value {
     assert_eq!(got.0, status, "{}", got.2);
@@ -383,8 +359,9 @@ async fn plain_http_errors_cancellation_and_drain() {
     let dir = TempDir::new("http-plain");
     let running = server::start(config(dir.path())).await.unwrap();
     let addr = running.http_addr.unwrap();
-    let post =
-        |path: &'static str, body: String| async move { http(addr, "POST", path, &body).await };
+    let post = |path: &'static str, body: String| async move {
+        http(addr, "POST", path, &[], &body).await
+    };
 
     let e = openai_error(400, &post("/v1/completions", "{".into()).await);
     assert_eq!(e["type"], "invalid_request_error");
@@ -419,11 +396,11 @@ async fn plain_http_errors_cancellation_and_drain() {
         )
         .await,
     );
-    openai_error(404, &http(addr, "GET", "/v2/elsewhere", "").await);
+    openai_error(404, &http(addr, "GET", "/v2/elsewhere", &[], "").await);
     let huge = json!({"model": "x", "prompt": "é".repeat(1 << 20)}).to_string();
     let e = openai_error(413, &post("/v1/completions", huge).await);
     assert_eq!(e["code"], "request_too_large");
-    let (status, _, body) = http(addr, "GET", "/health", "").await;
+    let (status, _, body) = http(addr, "GET", "/health", &[], "").await;
     assert_eq!((status, body.as_str()), (200, "serving\n"));
 
     // A dropped streaming client frees its sequence.

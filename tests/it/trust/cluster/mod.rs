@@ -18,11 +18,10 @@ use std::time::{Duration, Instant};
 
 use super::common::serve::*;
 use super::common::TempDir;
-use super::{exited, scrape, start_process, Process};
+use super::{exited, start_process, Process};
 use svfit::server::pb;
 use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -92,25 +91,6 @@ async fn listening(addr: SocketAddr, what: &str) {
     }
 }
 
-/// One HTTP/1.1 request; the status and body of the answer.
-async fn http(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "{head}\r\nhost: {addr}\r\ncontent-length: {}\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    socket.read_to_string(&mut answer).await.unwrap();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
-
 /// moto's S3 server on `port`, with the bucket created. moto keeps objects
 /// in memory: a restarted one is empty.
 async fn s3(dir: &Path, port: u16, run: usize) -> Daemon {
@@ -126,7 +106,7 @@ async fn s3(dir: &Path, port: u16, run: usize) -> Daemon {
         .unwrap();
     let daemon = Daemon(child);
     listening(local(port), "moto").await;
-    let (status, body) = http(local(port), &format!("PUT /{BUCKET} HTTP/1.1"), "").await;
+    let (status, _, body) = http(local(port), "PUT", &format!("/{BUCKET}"), &[], "").await;
     assert_eq!(status, 200, "creating the bucket: {body}");
     daemon
 }
@@ -180,12 +160,7 @@ impl Replica {
 
     /// A counter of the replica's metrics.
     async fn metric(&mut self, name: &str) -> f64 {
-        let text = scrape(self.process().metrics).await.expect("metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("metric {name} missing"))
-            .parse()
-            .unwrap()
+        metric_at(self.process().metrics, name).await
     }
 }
 
@@ -675,20 +650,16 @@ async fn three_replicas_behind_nginx_share_one_s3_store() {
     ));
 
     // The HTTP API through the same configuration.
-    let body = serde_json::json!({"model": "a1", "prompt": PROMPTS[0], "max_tokens": 2});
-    let (status, answer) = http(
-        local(front_http),
-        "POST /v1/completions HTTP/1.1\r\nx-svfit-adapter: later",
-        &serde_json::json!({"model": "later", "prompt": PROMPTS[0], "max_tokens": 2}).to_string(),
-    )
-    .await;
+    let completion = |adapter: &str| {
+        serde_json::json!({"model": adapter, "prompt": PROMPTS[0], "max_tokens": 2}).to_string()
+    };
+    let completions = |adapter: &'static str, body: String| async move {
+        let header = [("x-svfit-adapter", adapter)];
+        http(local(front_http), "POST", "/v1/completions", &header, &body).await
+    };
+    let (status, _, answer) = completions("later", completion("later")).await;
     assert_eq!(status, 200, "{answer}");
-    let (status, _) = http(
-        local(front_http),
-        "POST /v1/completions HTTP/1.1\r\nx-svfit-adapter: a1",
-        &body.to_string(),
-    )
-    .await;
+    let (status, _, _) = completions("a1", completion("a1")).await;
     assert_eq!(status, 404, "a1 is gone with the old store");
     drop(store);
     // Straight to stderr, past the test harness's capture: CI logs show
