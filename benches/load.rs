@@ -38,6 +38,7 @@
 //! instead), `--rate R` (open loop: Poisson arrivals at R requests/s
 //! instead of closed loop), `--prompt-words N` (default 30), `--gen N`
 //! (tokens per request, default 32), `--threads N`, `--model PATH`,
+//! `--device cpu|cuda|...` (the in-process server's device, default cpu),
 //! `--addr HOST:PORT` (drive a running server instead of starting one,
 //! e.g. nginx in front of replicas, `scripts/cluster`; its adapters must
 //! exist, or `--upload` uploads them first), `--no-llama`, `--llama-server PATH`,
@@ -110,8 +111,11 @@ struct Options {
     gen: u32,
     #[arg(long, default_value_t = svfit::model::default_threads())]
     threads: usize,
-    #[arg(long, default_value_os_t = svfit::home::resolve_model(None).unwrap_or_else(fail))]
+    #[arg(long, default_value_os_t = svfit::home::default_model_path())]
     model: PathBuf,
+    /// The in-process server's compute device (cpu, cuda, ...)
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Drive a running server (or nginx in front of replicas) instead
     #[arg(long)]
     addr: Option<String>,
@@ -170,7 +174,8 @@ enum Api {
 const HTTP_ROUNDS: usize = 4;
 
 fn parse_args() -> Options {
-    let o = <Options as clap::Parser>::parse();
+    let mut o = <Options as clap::Parser>::parse();
+    o.model = svfit::home::resolve_model(Some(&o.model)).unwrap_or_else(fail);
     if o.http && o.addr.is_some() {
         exit("--api http drives an in-process server; drop --addr");
     }
@@ -785,7 +790,7 @@ async fn run_svfit(
                 addr: "127.0.0.1:0".parse().unwrap_or_else(fail),
                 model: o.model.clone(),
                 load: LoadOptions {
-                    device: "cpu".into(),
+                    device: o.device.clone(),
                     threads: o.threads,
                     weights: o.weights,
                 },
@@ -1497,6 +1502,7 @@ fn main() {
             addr: None,
             llama_server: None,
             http: false,
+            device: o.device.clone(),
             ..o
         };
         let ours = runtime

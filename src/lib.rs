@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod adapter;
+pub mod check;
 pub mod engine;
 pub mod factors;
 pub mod generate;

@@ -1,13 +1,16 @@
 //! The `svfit` command line: the clap types of every command and their
 //! shared argument groups live here; each command's work is in its module
 //! (`serve`, `inference`: generate and logits, `factors`: factorize, merge,
-//! convert and adapter, `train`: train and eval).
+//! convert and adapter, `train`: train and eval, `check`: a device against
+//! the CPU).
 
+mod check;
 mod factors;
 mod inference;
 mod serve;
 mod train;
 
+use check::CheckArgs;
 use factors::{AdapterCommand, ConvertArgs, FactorizeArgs, MergeArgs};
 use inference::{GenerateArgs, LogitsArgs};
 use serve::ServeArgs;
@@ -30,10 +33,31 @@ use svfit::sampling::SamplingParams;
 use svfit::server::validation::Limits;
 use svfit::{home, npy};
 
+/// The ggml backends compiled in, for `--version`.
+#[cfg(feature = "cuda")]
+macro_rules! backends {
+    () => {
+        "cpu, cuda"
+    };
+}
+#[cfg(not(feature = "cuda"))]
+macro_rules! backends {
+    () => {
+        "cpu"
+    };
+}
+
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (ggml backends: ",
+    backends!(),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "svfit",
-    version,
+    version = VERSION,
     about = "Serve one base LLM to many tenants with SVFit singular-value adapters"
 )]
 struct Cli {
@@ -67,6 +91,10 @@ enum Command {
     /// Create, inspect and perturb SVFit adapter files.
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Check a compute device against the CPU on one model: logits, an
+    /// adapter against the merged weights, batch invariance, the training
+    /// gradient, training speed, and where every op ran.
+    Check(CheckArgs),
 }
 
 /// The base model's file: the one declaration of `--model`.
@@ -293,6 +321,7 @@ pub fn run() -> ExitCode {
         Command::Adapter(command) => factors::run_adapter(&command),
         Command::Train(args) => train::run_train(&args),
         Command::Eval(args) => train::run_eval(&args),
+        Command::Check(args) => check::run_check(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

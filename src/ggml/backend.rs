@@ -259,6 +259,30 @@ impl TensorSet {
 pub struct Scheduler {
     raw: NonNull<sys::ggml_backend_sched>,
     backends: Vec<Backend>,
+    placement: Placement,
+}
+
+/// Where the nodes of the last graph allocated ran.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Placement {
+    /// Nodes per backend, by backend name.
+    pub nodes: Vec<(String, usize)>,
+    /// The ops of nodes not on the first backend, with their counts
+    /// ("MUL_MAT x2").
+    pub elsewhere: Vec<String>,
+}
+
+impl Placement {
+    /// "1203 on CUDA0, 4 on CPU".
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{n} on {name}"))
+            .collect();
+        parts.join(", ")
+    }
 }
 
 fn new_sched(
@@ -289,7 +313,11 @@ impl Scheduler {
     /// `backends` must end with the CPU backend.
     pub fn new(backends: Vec<Backend>, graph_size: usize) -> Result<Self, GgmlError> {
         let raw = new_sched(&backends, graph_size)?;
-        Ok(Scheduler { raw, backends })
+        Ok(Scheduler {
+            raw,
+            backends,
+            placement: Placement::default(),
+        })
     }
 
     /// Replaces the scheduler with one for graphs of up to `graph_size` nodes.
@@ -330,11 +358,62 @@ impl Scheduler {
             sys::ggml_backend_sched_alloc_graph(self.raw.as_ptr(), graph.as_ptr())
         };
         if ok {
+            self.placement = self.place(graph);
             Ok(Allocated { sched: self, graph })
         } else {
             Err(GgmlError::Alloc {
                 what: format!("compute buffers for a graph of {} nodes", graph.n_nodes()),
             })
+        }
+    }
+}
+
+impl Scheduler {
+    /// Where the last graph allocated runs.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// Reads each node's backend off the scheduler (with one backend,
+    /// everything is on it).
+    fn place(&self, graph: &Graph) -> Placement {
+        let n = graph.n_nodes().max(0) as usize;
+        let mut counts = vec![0usize; self.backends.len() + 1];
+        let mut elsewhere: std::collections::BTreeMap<String, usize> = Default::default();
+        if self.backends.len() == 1 {
+            counts[0] = n;
+        } else {
+            for i in 0..n {
+                // SAFETY: the graph and scheduler are live; i < n_nodes.
+                let (backend, op) = unsafe {
+                    let node = sys::ggml_graph_node(graph.as_ptr(), i as i32);
+                    (
+                        sys::ggml_backend_sched_get_tensor_backend(self.raw.as_ptr(), node),
+                        c_str(sys::ggml_op_desc(node)),
+                    )
+                };
+                let at = self
+                    .backends
+                    .iter()
+                    .position(|b| b.as_ptr() == backend)
+                    .unwrap_or(self.backends.len());
+                counts[at] += 1;
+                if at != 0 {
+                    *elsewhere.entry(op).or_default() += 1;
+                }
+            }
+        }
+        let names = self
+            .backends
+            .iter()
+            .map(Backend::name)
+            .chain(std::iter::once("unassigned".to_string()));
+        Placement {
+            nodes: names.zip(counts).collect(),
+            elsewhere: elsewhere
+                .into_iter()
+                .map(|(op, k)| format!("{op} x{k}"))
+                .collect(),
         }
     }
 }

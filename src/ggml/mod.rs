@@ -12,7 +12,7 @@ pub mod gguf;
 pub mod log;
 pub mod q8_0;
 
-pub use backend::{Allocated, Backend, Buffer, Scheduler, TensorId, TensorSet};
+pub use backend::{Allocated, Backend, Buffer, Placement, Scheduler, TensorId, TensorSet};
 pub use context::{Context, Graph, Tensor};
 
 pub(crate) use llama_cpp_sys_2 as sys;

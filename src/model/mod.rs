@@ -5,6 +5,7 @@ mod batch;
 mod config;
 mod graph;
 pub mod kv_cache;
+pub mod random;
 mod svfit;
 pub mod tokenizer;
 mod train;
@@ -210,6 +211,11 @@ impl Model {
     /// Name of the backend that holds the weights ("CPU", "CUDA0", ...).
     pub fn device_name(&self) -> String {
         self.sched.primary().name()
+    }
+
+    /// Where the nodes of the last graph ran (`svfit check`).
+    pub fn placement(&self) -> crate::ggml::Placement {
+        self.sched.placement().clone()
     }
 
     pub fn set_threads(&self, threads: usize) {

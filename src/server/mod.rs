@@ -246,10 +246,11 @@ impl Running {
 
 /// Loads the model and factors, opens the store and starts listening.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
-    // tonic's TLS takes the process's default crypto provider, which rustls
-    // cannot pick by itself once two are compiled in (the `s3` feature's
-    // HTTP client brings aws-lc-rs next to our ring). Ours is ring; an
-    // error only says a default is already set.
+    // tonic's TLS and the S3 client take the process's default crypto
+    // provider, which rustls picks by itself only while exactly one is
+    // compiled in. Ours is ring (Cargo.toml keeps aws-lc-rs out); installing
+    // it keeps TLS working if a dependency ever brings a second. An error
+    // only says a default is already set.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let keys = config.api_keys.as_deref().map(Keys::load).transpose()?;
     for addr in std::iter::once(config.addr).chain(config.http_addr) {

@@ -132,13 +132,7 @@ fn init_perturb_inspect_and_every_bad_adapter() {
 
     // Wrong base: another model (different weights, same shapes).
     let other = dir.path().join("other.gguf");
-    common::write_tiny_model(
-        &other,
-        &common::TinySpec {
-            seed: 43,
-            ..common::TINY
-        },
-    );
+    common::write_model_seeded(&other, &common::TINY, 43);
     refused(
         svfit(
             &home,

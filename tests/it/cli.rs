@@ -6,7 +6,7 @@ use crate::common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{TempDir, TinySpec, TINY};
+use common::{Shape, TempDir, TINY};
 
 fn svfit(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_svfit"))
@@ -73,7 +73,7 @@ fn unsupported_architecture_is_refused() {
     let path = dir.path().join("gpt2.gguf");
     common::write_tiny_model(
         &path,
-        &TinySpec {
+        &Shape {
             arch: "gpt2",
             ..TINY
         },
@@ -203,4 +203,116 @@ fn read_npy(path: &Path, descr: &str) -> (Vec<usize>, Vec<u8>) {
         .filter_map(|d| d.trim().parse().ok())
         .collect();
     (shape, bytes[10 + len..].to_vec())
+}
+
+/// `svfit check` on the CPU (what `scripts/gpu-check --cpu` runs): every
+/// step runs and passes, the report lands as JSON, the metadata file carries
+/// the tokenizer to a random model, and a device that is not there is a
+/// one-line error.
+#[test]
+fn check_runs_every_step_on_the_cpu() {
+    let _machine = crate::common::shared();
+    let dir = TempDir::new("check");
+    let home = dir.path().join("home");
+    let meta = dir.path().join("metadata.gguf");
+    let model = common::default_model();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_svfit"))
+            .args(args)
+            .env("SVFIT_HOME", &home)
+            .output()
+            .expect("run svfit")
+    };
+    let out = run(&[
+        "check",
+        "--model",
+        model.to_str().unwrap(),
+        "--write-metadata",
+        meta.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::metadata(&meta).unwrap().len() < 4 << 20,
+        "the metadata file holds weights"
+    );
+
+    let json = dir.path().join("report.json");
+    let kept = dir.path().join("tiny.gguf");
+    let out = run(&[
+        "check",
+        "--model",
+        meta.to_str().unwrap(),
+        "--random",
+        "tiny",
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "--train-secs",
+        "0.5",
+        "--keep-model",
+        kept.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let steps: Vec<(&str, &serde_json::Value)> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), &s["pass"]))
+        .collect();
+    let names: Vec<&str> = steps.iter().map(|s| s.0).collect();
+    assert_eq!(
+        names,
+        [
+            "parity",
+            "adapter",
+            "batch",
+            "gradient",
+            "train",
+            "placement"
+        ]
+    );
+    for (name, pass) in &steps {
+        assert_ne!(pass.as_bool(), Some(false), "{name} failed: {stdout}");
+    }
+    // The kept model speaks the default model's tokenizer.
+    let out = run(&[
+        "generate",
+        "--model",
+        kept.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "3",
+        "--threads",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert_fails_with(
+        &run(&[
+            "check",
+            "--model",
+            kept.to_str().unwrap(),
+            "--device",
+            "nosuchdevice",
+        ]),
+        "nosuchdevice",
+    );
 }

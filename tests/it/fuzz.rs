@@ -604,7 +604,7 @@ fn write_corpus() {
 
     let dir = corpus_dir("gguf");
     std::fs::create_dir_all(&dir).unwrap();
-    let spec = common::TinySpec {
+    let spec = common::Shape {
         n_vocab: 32,
         n_embd: 32,
         n_head: 2,

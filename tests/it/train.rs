@@ -58,56 +58,15 @@ fn gradient_matches_finite_differences() {
         loss, check.loss,
         "forward-only and backward graphs disagree on the loss"
     );
-
-    // Sixth-order central differences with a large step: f32 rounding of
-    // the loss (~1e-6) stays far below the signal; truncation is O(h^6).
-    let h = 0.3f32;
-    let g_max = grad.iter().fold(0f32, |m, g| m.max(g.abs())) as f64;
-    let mut deltas = base.clone();
-    let mut worst = (0.0f64, String::new());
-    let mut offset = 0;
-    for (prefix, rank) in learner
-        .matrices()
-        .map(|(p, r)| (p.to_string(), r))
-        .collect::<Vec<_>>()
-    {
-        for i in offset..offset + rank {
-            let mut diff = |k: f32| {
-                let mut at = |d: f32| {
-                    deltas[i] = base[i] + d;
-                    learner.set_deltas(&deltas).unwrap();
-                    learner.evaluate(&row).unwrap().loss as f64
-                };
-                at(k * h) - at(-k * h)
-            };
-            let numeric = (45.0 * diff(1.0) - 9.0 * diff(2.0) + diff(3.0)) / (60.0 * h as f64);
-            deltas[i] = base[i];
-            let analytic = grad[i] as f64;
-            // Relative to the larger of the two, floored at 1% of the largest
-            // gradient: both sides carry f32 error of ~1e-5 absolute.
-            let scale = analytic.abs().max(numeric.abs()).max(1e-2 * g_max);
-            let rel = (analytic - numeric).abs() / scale;
-            if rel > worst.0 {
-                worst = (
-                    rel,
-                    format!(
-                        "{prefix}[{}]: analytic {analytic:.6e}, numeric {numeric:.6e}",
-                        i - offset
-                    ),
-                );
-            }
-        }
-        offset += rank;
-    }
-    eprintln!(
-        "{n} singular values, largest |gradient| {g_max:.3e}; worst relative error {:.2e} at {}",
-        worst.0, worst.1
-    );
+    // Every singular value, against sixth-order central differences.
+    let g = svfit::check::gradient_check(&mut learner, &row, &base, None).unwrap();
+    eprintln!("{n} singular values: {g:?}");
+    assert_eq!(g.checked, n);
     assert!(
-        worst.0 < 1e-2,
+        g.worst < 1e-2,
         "gradient check failed: {:.2e} at {}",
-        worst.0,
-        worst.1
+        g.worst,
+        g.at
     );
 }
 

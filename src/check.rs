@@ -1,0 +1,548 @@
+//! `svfit check`: runs one compute device against the CPU on one model and
+//! reports, step by step, whether it computes what the CPU computes and how
+//! fast it trains. The steps:
+//!
+//! - `parity`: the device's logits of a prompt against the CPU's, both on
+//!   the weights as stored (top-1 ≥ 98%, mean |Δ| < 2% of the logits' std);
+//! - `adapter`: an adapter through the SVFit branch against the same
+//!   adapter merged into the weights (`svfit merge`, F32 targets), both on
+//!   the device and both with f32 target matrices (the parity thresholds,
+//!   or 1.5x the model's own distance to itself when its sigmas are nudged
+//!   by 1e-6, whichever is looser; the adapter must move the logits more
+//!   than twice as far);
+//! - `batch`: a sequence's logits alone against the same sequence in a
+//!   batch with others on other adapters (exact on the CPU; reported, not
+//!   judged, on a GPU, whose kernels may change with the batch);
+//! - `gradient`: the training gradient of up to 32 singular values against
+//!   central finite differences of the loss, on the device (< 1e-2);
+//! - `train`: training tokens/s (forward and backward of packed rows) on the
+//!   device and on the CPU;
+//! - `placement`: on which backend every node of a decode graph and a
+//!   training graph ran: nothing may fall back to the CPU unnoticed.
+//!
+//! The comparisons (`compare`, `gradient_check`) are the tests' too.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::adapter::Adapter;
+use crate::factors::{self, Factor, FactorsKey, TargetMatrix};
+use crate::ggml::Type;
+use crate::merge::{self, MergeType};
+use crate::model::random::Rng;
+use crate::model::{Batch, Learner, LoadOptions, Model, ModelError, Slot, TrainRow, WeightFormat};
+use crate::sampling::argmax;
+
+/// How close two sets of logits rows are.
+#[derive(Clone, Debug, Serialize)]
+pub struct Agreement {
+    pub rows: usize,
+    /// Fraction of rows whose argmax agrees.
+    pub top1: f64,
+    /// Mean |a - b| over all values, divided by the std of the reference.
+    pub mean_abs_rel: f64,
+    /// Max |a - b|, divided by the std of the reference.
+    pub max_abs_rel: f64,
+    /// Standard deviation of the reference logits (near 0 means the
+    /// comparison says nothing).
+    pub std: f64,
+}
+
+impl Agreement {
+    /// The parity thresholds: top-1 ≥ 98%, mean |Δ| < 2% of the std.
+    pub fn close(&self) -> bool {
+        self.top1 >= 0.98 && self.mean_abs_rel < 2e-2 && self.std > 1e-3
+    }
+}
+
+/// Compares `ours` with `reference` row by row; `None` when their shapes
+/// differ.
+pub fn compare(ours: &[&[f32]], reference: &[&[f32]]) -> Option<Agreement> {
+    let same_shape = ours.len() == reference.len()
+        && ours.iter().zip(reference).all(|(a, b)| a.len() == b.len());
+    let n: usize = reference.iter().map(|r| r.len()).sum();
+    if !same_shape || n == 0 {
+        return None;
+    }
+    let values = || reference.iter().flat_map(|r| r.iter()).map(|&x| x as f64);
+    let mean = values().sum::<f64>() / n as f64;
+    let std = (values().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64)
+        .sqrt()
+        .max(1e-12);
+    let (mut agree, mut sum_abs, mut max_abs) = (0, 0.0f64, 0.0f64);
+    for (a, b) in ours.iter().zip(reference) {
+        agree += usize::from(argmax(a) == argmax(b));
+        for (x, y) in a.iter().zip(b.iter()) {
+            let d = (*x as f64 - *y as f64).abs();
+            sum_abs += d;
+            max_abs = max_abs.max(d);
+        }
+    }
+    Some(Agreement {
+        rows: ours.len(),
+        top1: agree as f64 / ours.len() as f64,
+        mean_abs_rel: sum_abs / n as f64 / std,
+        max_abs_rel: max_abs / std,
+        std,
+    })
+}
+
+/// The result of [`gradient_check`].
+#[derive(Clone, Debug, Serialize)]
+pub struct GradientCheck {
+    /// Singular values checked.
+    pub checked: usize,
+    pub largest_gradient: f64,
+    /// The worst relative error, and where.
+    pub worst: f64,
+    pub at: String,
+}
+
+/// The analytic gradient of `row`'s loss at deltas `base` against sixth-order
+/// central differences (step 0.3: f32 rounding of the loss, ~1e-6, stays far
+/// below the signal; truncation is O(h^6)), for the singular values at
+/// `indices` (all when `None`). Errors are relative to the larger of the
+/// two, floored at 1% of the largest gradient: both carry f32 error of
+/// ~1e-5 absolute.
+pub fn gradient_check(
+    learner: &mut Learner,
+    row: &TrainRow,
+    base: &[f32],
+    indices: Option<&[usize]>,
+) -> Result<GradientCheck, ModelError> {
+    learner.set_deltas(base)?;
+    let mut grad = vec![0f32; learner.n_params()];
+    learner.gradient(row, &mut grad)?;
+    let g_max = grad.iter().fold(0f32, |m, g| m.max(g.abs())) as f64;
+    let names: Vec<(String, usize)> = learner
+        .matrices()
+        .flat_map(|(p, r)| (0..r).map(move |i| (p.to_string(), i)))
+        .collect();
+    let all: Vec<usize> = (0..base.len()).collect();
+    let indices = indices.unwrap_or(&all);
+    let h = 0.3f32;
+    let mut deltas = base.to_vec();
+    let mut worst = (0.0f64, String::new());
+    for &i in indices {
+        let mut loss_at = |d: f32| -> Result<f64, ModelError> {
+            deltas[i] = base[i] + d;
+            learner.set_deltas(&deltas)?;
+            Ok(learner.evaluate(row)?.loss as f64)
+        };
+        let mut diff =
+            |k: f32| -> Result<f64, ModelError> { Ok(loss_at(k * h)? - loss_at(-k * h)?) };
+        let numeric = (45.0 * diff(1.0)? - 9.0 * diff(2.0)? + diff(3.0)?) / (60.0 * h as f64);
+        deltas[i] = base[i];
+        let analytic = grad[i] as f64;
+        let scale = analytic.abs().max(numeric.abs()).max(1e-2 * g_max);
+        let rel = (analytic - numeric).abs() / scale;
+        if rel > worst.0 || worst.1.is_empty() {
+            let (prefix, j) = &names[i];
+            worst = (
+                rel,
+                format!("{prefix}[{j}]: analytic {analytic:.6e}, numeric {numeric:.6e}"),
+            );
+        }
+    }
+    learner.set_deltas(base)?;
+    Ok(GradientCheck {
+        checked: indices.len(),
+        largest_gradient: g_max,
+        worst: worst.0,
+        at: worst.1,
+    })
+}
+
+/// What to check.
+pub struct Options {
+    pub model: PathBuf,
+    /// The device under test ("cpu" checks the CPU against itself).
+    pub device: String,
+    pub threads: usize,
+    /// Where the factors are cached.
+    pub home: PathBuf,
+    /// Scratch space (the merged model).
+    pub scratch: PathBuf,
+    /// Tokens of each training row.
+    pub train_ctx: usize,
+    /// Time for each training measurement.
+    pub train_time: Duration,
+}
+
+/// One step's outcome.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub name: &'static str,
+    /// What was measured, in words.
+    pub result: String,
+    /// What it is judged against (empty: reported only).
+    pub target: String,
+    /// `None`: reported, not judged.
+    pub pass: Option<bool>,
+    pub data: serde_json::Value,
+}
+
+/// Every step's outcome.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub device: String,
+    pub params: usize,
+    pub steps: Vec<Step>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.steps.iter().all(|s| s.pass != Some(false))
+    }
+}
+
+const TARGETS: &str = "q,v";
+/// Prompt tokens of the logit comparisons.
+const PROMPT: usize = 48;
+
+fn load(o: &Options, device: &str) -> Result<Model, ModelError> {
+    Model::load(&o.model, &options(o, device))
+}
+
+fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| ((rng.uniform() * n_vocab as f32) as usize).min(n_vocab - 1) as u32)
+        .collect()
+}
+
+/// Logits of every position of each `(tokens, slot)` sequence, all in one
+/// batch.
+fn logits(model: &mut Model, seqs: &[(&[u32], Slot)]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
+    let n: usize = seqs.iter().map(|(t, _)| t.len()).sum();
+    // Room to spare: the cache hands out cells in blocks per sequence.
+    let mut cache = model.new_cache(4 * n + 256)?;
+    let mut batch = Batch::new();
+    for (seq, (tokens, slot)) in seqs.iter().enumerate() {
+        batch.add_sequence(tokens, 0, seq as _, true);
+        batch.set_adapter(seq as _, *slot);
+    }
+    let out = model.decode(&mut cache, &batch)?;
+    let mut row = 0;
+    Ok(seqs
+        .iter()
+        .map(|(tokens, _)| {
+            let rows = (row..row + tokens.len())
+                .map(|i| out.row(i).to_vec())
+                .collect();
+            row += tokens.len();
+            rows
+        })
+        .collect())
+}
+
+fn view(rows: &[Vec<f32>]) -> Vec<&[f32]> {
+    rows.iter().map(Vec::as_slice).collect()
+}
+
+fn agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> Result<Agreement, ModelError> {
+    compare(&view(a), &view(b))
+        .ok_or_else(|| ModelError::Unsupported("logits of different shapes".into()))
+}
+
+fn json(value: impl Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+fn judged(a: &Agreement) -> String {
+    format!(
+        "top-1 {:.1}%, mean |Δ| {:.2e}, max |Δ| {:.2e} of the std",
+        100.0 * a.top1,
+        a.mean_abs_rel,
+        a.max_abs_rel
+    )
+}
+
+/// Runs every step; an error is a step that could not run at all.
+pub fn run(o: &Options, progress: &mut dyn FnMut(&Step)) -> Result<Report, anyhow::Error> {
+    let mut device = load(o, &o.device)?;
+    let config = device.config().clone();
+    let mut report = Report {
+        model: o.model.display().to_string(),
+        device: device.device_name(),
+        params: crate::model::random::Shape::of(&crate::ggml::gguf::GgufFile::open(&o.model)?)
+            .map_or(0, |shape| shape.n_params()),
+        steps: Vec::new(),
+    };
+    let mut push = |report: &mut Report, step: Step| {
+        progress(&step);
+        report.steps.push(step);
+    };
+    let prompt = random_tokens(PROMPT, config.n_vocab, 1);
+
+    // parity
+    let ours = logits(&mut device, &[(&prompt, 0)])?.remove(0);
+    let cpu = logits(&mut load(o, "cpu")?, &[(&prompt, 0)])?.remove(0);
+    let a = agreement(&ours, &cpu)?;
+    push(
+        &mut report,
+        Step {
+            name: "parity",
+            result: judged(&a),
+            target: "top-1 >= 98%, mean < 2e-2".into(),
+            pass: Some(a.close()),
+            data: json(&a),
+        },
+    );
+
+    // adapter versus merged weights, on the device. Both sides run the
+    // target matrices in f32 (the branch on the identity merge): a
+    // quantized product also rounds its activations, which is not what is
+    // compared here.
+    let key = FactorsKey::for_model(&o.model, TARGETS, "energy:0.99", "f16")?;
+    let path = factors::ensure(&o.model, &key, &o.home)?;
+    let factors = factors::read_factors(&path, &key)?;
+    let singular = factors::read_singular_values(&path, &key)?;
+    let adapters = [1, 2].map(|seed| Adapter::perturbed(&key, &singular, 0.1, seed));
+    let merged = |name: &str, adapter: &Adapter| -> Result<PathBuf, anyhow::Error> {
+        let path = o.scratch.join(name);
+        merge::merge(
+            &o.model,
+            &factors,
+            &adapter.deltas(&singular),
+            MergeType::F32,
+            &[],
+            &path,
+        )?;
+        Ok(path)
+    };
+    let base_path = merged("base-f32.gguf", &Adapter::identity(&key, &singular))?;
+    let merged_path = merged("merged.gguf", &adapters[0])?;
+    // The floor: deep models are chaotic enough that a change of ~1e-7 in
+    // the weights moves their logits by percents.
+    let mut nudged = adapters[0].clone();
+    for (_, sigma) in nudged.sigma.iter_mut() {
+        sigma.iter_mut().for_each(|v| *v *= 1.0 + 1e-6);
+    }
+    let nudged_path = merged("nudged.gguf", &nudged)?;
+    drop(device);
+    let mut device = load_path(o, &base_path)?;
+    device.attach_factors(&factors, 3, Type::Q8_0)?;
+    for (slot, a) in adapters.iter().enumerate() {
+        device.set_adapter(slot as Slot + 1, &a.deltas(&singular))?;
+    }
+    let adapted = logits(&mut device, &[(&prompt, 1)])?.remove(0);
+    let unadapted = logits(&mut device, &[(&prompt, 0)])?.remove(0);
+    let merged = logits(&mut load_path(o, &merged_path)?, &[(&prompt, 0)])?.remove(0);
+    let floor = agreement(
+        &logits(&mut load_path(o, &nudged_path)?, &[(&prompt, 0)])?.remove(0),
+        &merged,
+    )?;
+    for path in [&merged_path, &base_path, &nudged_path] {
+        let _ = std::fs::remove_file(path);
+    }
+    let a = agreement(&adapted, &merged)?;
+    let moved = agreement(&adapted, &unadapted)?;
+    let mean_bound = (1.5 * floor.mean_abs_rel).max(2e-2);
+    let top1_bound = floor.top1.min(0.98) - 0.05;
+    push(
+        &mut report,
+        Step {
+            name: "adapter",
+            result: format!(
+                "{}; the model against itself nudged: mean {:.2e}; the adapter moves them {:.2e}",
+                judged(&a),
+                floor.mean_abs_rel,
+                moved.mean_abs_rel
+            ),
+            target: format!(
+                "top-1 >= {:.1}%, mean <= {mean_bound:.2e}, moved > 2x mean",
+                100.0 * top1_bound
+            ),
+            pass: Some(
+                a.top1 >= top1_bound
+                    && a.mean_abs_rel <= mean_bound
+                    && moved.mean_abs_rel > 2.0 * a.mean_abs_rel,
+            ),
+            data: serde_json::json!({ "agreement": a, "floor": floor, "moved": moved }),
+        },
+    );
+
+    // batch invariance: the prompt on adapter 1, alone and beside others
+    let others = [
+        random_tokens(PROMPT / 2, config.n_vocab, 2),
+        random_tokens(PROMPT + 7, config.n_vocab, 3),
+    ];
+    let together = logits(
+        &mut device,
+        &[(&others[0], 0), (&prompt, 1), (&others[1], 2)],
+    )?;
+    let a = agreement(&together[1], &adapted)?;
+    let exact_expected = device.device_name().to_ascii_lowercase().contains("cpu");
+    push(
+        &mut report,
+        Step {
+            name: "batch",
+            result: format!(
+                "batched vs alone: max |Δ| {:.2e} of the std, top-1 {:.1}%",
+                a.max_abs_rel,
+                100.0 * a.top1
+            ),
+            target: if exact_expected {
+                "max <= 1e-4 (the CPU is batch-invariant)".into()
+            } else {
+                String::new()
+            },
+            pass: exact_expected.then_some(a.max_abs_rel <= 1e-4),
+            data: json(&a),
+        },
+    );
+    let placement_decode = device.placement();
+    drop(device);
+
+    // gradient and training speed
+    let train_factors = factors_f32(o)?;
+    let mut learner = Learner::new(
+        Model::load_for_training(&o.model, &options(o, &o.device), true)?,
+        &train_factors,
+    )?;
+    let n = learner.n_params();
+    let mut rng = Rng::new(3);
+    let base: Vec<f32> = rng.normals(n, 0.05);
+    let row = short_row(config.n_vocab);
+    let picked: Vec<usize> = (0..n.min(32)).map(|i| i * n / n.min(32)).collect();
+    let g = gradient_check(&mut learner, &row, &base, Some(&picked))?;
+    push(
+        &mut report,
+        Step {
+            name: "gradient",
+            result: format!(
+                "{} of {n} singular values: worst relative error {:.2e} ({})",
+                g.checked, g.worst, g.at
+            ),
+            target: "< 1e-2".into(),
+            pass: Some(g.worst < 1e-2),
+            data: json(&g),
+        },
+    );
+    let rows = train_rows(config.n_vocab, o.train_ctx.min(config.n_ctx_train));
+    let on_device = tokens_per_second(&mut learner, &rows, o.train_time)?;
+    let placement_train = learner.model().placement();
+    drop(learner);
+    let on_cpu = if exact_expected {
+        on_device
+    } else {
+        let mut cpu = Learner::new(
+            Model::load_for_training(&o.model, &options(o, "cpu"), true)?,
+            &train_factors,
+        )?;
+        tokens_per_second(&mut cpu, &rows, o.train_time)?
+    };
+    push(
+        &mut report,
+        Step {
+            name: "train",
+            result: format!(
+                "{on_device:.0} tok/s on the device, {on_cpu:.0} on the CPU ({:.1}x), rows of {} tokens, q,v",
+                on_device / on_cpu.max(1e-9),
+                rows[0].len()
+            ),
+            target: String::new(),
+            pass: None,
+            data: serde_json::json!({ "device_tokens_per_s": on_device, "cpu_tokens_per_s": on_cpu, "row_tokens": rows[0].len() }),
+        },
+    );
+
+    // placement
+    let fallback: Vec<String> = [("decode", &placement_decode), ("train", &placement_train)]
+        .iter()
+        .filter(|(_, p)| !p.elsewhere.is_empty())
+        .map(|(what, p)| format!("{what}: {}", p.elsewhere.join(", ")))
+        .collect();
+    let device_name = report.device.clone();
+    push(
+        &mut report,
+        Step {
+            name: "placement",
+            result: format!(
+                "decode: {}; train: {}{}",
+                placement_decode.summary(),
+                placement_train.summary(),
+                if fallback.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not on {device_name}: {}", fallback.join("; "))
+                }
+            ),
+            target: "every node on the device".into(),
+            pass: Some(fallback.is_empty()),
+            data: serde_json::json!({ "decode": placement_decode, "train": placement_train }),
+        },
+    );
+    Ok(report)
+}
+
+fn options(o: &Options, device: &str) -> LoadOptions {
+    LoadOptions {
+        device: device.to_string(),
+        threads: o.threads,
+        weights: WeightFormat::Keep,
+    }
+}
+
+fn load_path(o: &Options, path: &Path) -> Result<Model, ModelError> {
+    Model::load(path, &options(o, &o.device))
+}
+
+fn factors_f32(o: &Options) -> Result<Vec<(TargetMatrix, Factor)>, anyhow::Error> {
+    let key = FactorsKey::for_model(&o.model, TARGETS, "energy:0.99", "f32")?;
+    let path = factors::ensure(&o.model, &key, &o.home)?;
+    Ok(factors::read_factors(&path, &key)?)
+}
+
+/// Two packed examples of random tokens, loss on the second half of each.
+fn short_row(n_vocab: usize) -> TrainRow {
+    let mut row = TrainRow::default();
+    for (len, seed) in [(13, 7), (9, 8)] {
+        let tokens = random_tokens(len, n_vocab, seed);
+        let loss: Vec<bool> = (0..len).map(|i| i >= len / 2).collect();
+        row.push(&tokens, &loss);
+    }
+    row
+}
+
+/// Rows of `ctx` tokens, each four packed examples with loss on their
+/// second halves (as the trainer packs prompt/completion pairs).
+fn train_rows(n_vocab: usize, ctx: usize) -> Vec<TrainRow> {
+    (0..4u64)
+        .map(|r| {
+            let mut row = TrainRow::default();
+            for e in 0..4 {
+                let len = ctx / 4;
+                let tokens = random_tokens(len, n_vocab, 100 + 4 * r + e);
+                let loss: Vec<bool> = (0..len).map(|i| i >= len / 2).collect();
+                row.push(&tokens, &loss);
+            }
+            row
+        })
+        .collect()
+}
+
+/// Forward-and-backward tokens per second over `rows`, after one row of
+/// warm-up, for about `time` (at least one row).
+fn tokens_per_second(
+    learner: &mut Learner,
+    rows: &[TrainRow],
+    time: Duration,
+) -> Result<f64, ModelError> {
+    let mut grad = vec![0f32; learner.n_params()];
+    learner.gradient(&rows[0], &mut grad)?;
+    let start = Instant::now();
+    let mut tokens = 0;
+    for row in rows.iter().cycle() {
+        learner.gradient(row, &mut grad)?;
+        tokens += row.len();
+        if start.elapsed() >= time {
+            break;
+        }
+    }
+    Ok(tokens as f64 / start.elapsed().as_secs_f64())
+}
