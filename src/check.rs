@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::adapter::Adapter;
-use crate::factors::{self, Factor, FactorsKey, TargetMatrix};
-use crate::ggml::Type;
+use crate::factors::{self, Factor, FactorsKey, SingularValues, TargetMatrix};
+use crate::ggml::{Placement, Type};
 use crate::merge::{self, MergeType};
 use crate::model::random::Rng;
 use crate::model::{Batch, Learner, LoadOptions, Model, ModelError, Slot, TrainRow, WeightFormat};
@@ -261,10 +261,18 @@ fn judged(a: &Agreement) -> String {
     )
 }
 
+/// The factors every step uses: q,v at the serving default (f16 file,
+/// energy 0.99), as `svfit train` and `svfit serve` use them.
+struct Factors {
+    key: FactorsKey,
+    factors: Vec<(TargetMatrix, Factor)>,
+    singular: SingularValues,
+}
+
 /// Runs every step; an error is a step that could not run at all.
 pub fn run(o: &Options, progress: &mut dyn FnMut(&Step)) -> Result<Report, anyhow::Error> {
     let mut device = load(o, &o.device)?;
-    let config = device.config().clone();
+    let n_vocab = device.config().n_vocab;
     let mut report = Report {
         model: o.model.display().to_string(),
         device: device.device_name(),
@@ -272,212 +280,229 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&Step)) -> Result<Report, anyho
             .map_or(0, |shape| shape.n_params()),
         steps: Vec::new(),
     };
-    let mut push = |report: &mut Report, step: Step| {
+    let mut push = |step: Step| {
         progress(&step);
         report.steps.push(step);
     };
-    let prompt = random_tokens(PROMPT, config.n_vocab, 1);
+    let prompt = random_tokens(PROMPT, n_vocab, 1);
+    push(parity(o, &mut device, &prompt)?);
+    drop(device);
 
-    // parity
-    let ours = logits(&mut device, &[(&prompt, 0)])?.remove(0);
-    let cpu = logits(&mut load(o, "cpu")?, &[(&prompt, 0)])?.remove(0);
-    let a = agreement(&ours, &cpu)?;
-    push(
-        &mut report,
-        Step {
-            name: "parity",
-            result: judged(&a),
-            target: "top-1 >= 98%, mean < 2e-2".into(),
-            pass: Some(a.close()),
-            data: json(&a),
-        },
-    );
-
-    // adapter versus merged weights, on the device. Both sides run the
-    // target matrices in f32 (the branch on the identity merge): a
-    // quantized product also rounds its activations, which is not what is
-    // compared here.
     let key = FactorsKey::for_model(&o.model, TARGETS, "energy:0.99", "f16")?;
     let path = factors::ensure(&o.model, &key, &o.home)?;
-    let factors = factors::read_factors(&path, &key)?;
-    let singular = factors::read_singular_values(&path, &key)?;
-    let adapters = [1, 2].map(|seed| Adapter::perturbed(&key, &singular, 0.1, seed));
+    let f = Factors {
+        factors: factors::read_factors(&path, &key)?,
+        singular: factors::read_singular_values(&path, &key)?,
+        key,
+    };
+    let (adapter, batch, decode) = adapter_and_batch(o, &f, &prompt)?;
+    push(adapter);
+    push(batch);
+
+    let (gradient, train, training) = training(o, &f, n_vocab)?;
+    push(gradient);
+    push(train);
+    push(placement(&[("decode", &decode), ("train", &training)]));
+    Ok(report)
+}
+
+/// The device's logits of `prompt` against the CPU's.
+fn parity(o: &Options, device: &mut Model, prompt: &[u32]) -> Result<Step, anyhow::Error> {
+    let ours = logits(device, &[(prompt, 0)])?.remove(0);
+    let cpu = logits(&mut load(o, "cpu")?, &[(prompt, 0)])?.remove(0);
+    let a = agreement(&ours, &cpu)?;
+    Ok(Step {
+        name: "parity",
+        result: judged(&a),
+        target: "top-1 >= 98%, mean < 2e-2".into(),
+        pass: Some(a.close()),
+        data: json(&a),
+    })
+}
+
+/// An adapter through the branch against the adapter merged, then the same
+/// sequence batched with others against alone; returns the decode graph's
+/// placement too.
+fn adapter_and_batch(
+    o: &Options,
+    f: &Factors,
+    prompt: &[u32],
+) -> Result<(Step, Step, Placement), anyhow::Error> {
+    let adapters = [1, 2].map(|seed| Adapter::perturbed(&f.key, &f.singular, 0.1, seed));
     let merged = |name: &str, adapter: &Adapter| -> Result<PathBuf, anyhow::Error> {
         let path = o.scratch.join(name);
-        merge::merge(
-            &o.model,
-            &factors,
-            &adapter.deltas(&singular),
-            MergeType::F32,
-            &[],
-            &path,
-        )?;
+        let deltas = adapter.deltas(&f.singular);
+        merge::merge(&o.model, &f.factors, &deltas, MergeType::F32, &[], &path)?;
         Ok(path)
     };
-    let base_path = merged("base-f32.gguf", &Adapter::identity(&key, &singular))?;
+    // Both sides run the target matrices in f32 (the branch on the identity
+    // merge): a quantized product also rounds its activations, which is not
+    // what is compared here.
+    let base_path = merged("base-f32.gguf", &Adapter::identity(&f.key, &f.singular))?;
     let merged_path = merged("merged.gguf", &adapters[0])?;
-    // The floor: deep models are chaotic enough that a change of ~1e-7 in
-    // the weights moves their logits by percents.
+    // The floor: deep models are chaotic enough that a change of ~1e-6 in
+    // the singular values moves their logits by percents.
     let mut nudged = adapters[0].clone();
     for (_, sigma) in nudged.sigma.iter_mut() {
         sigma.iter_mut().for_each(|v| *v *= 1.0 + 1e-6);
     }
     let nudged_path = merged("nudged.gguf", &nudged)?;
-    drop(device);
-    let mut device = load_path(o, &base_path)?;
-    device.attach_factors(&factors, 3, Type::Q8_0)?;
-    for (slot, a) in adapters.iter().enumerate() {
-        device.set_adapter(slot as Slot + 1, &a.deltas(&singular))?;
-    }
-    let adapted = logits(&mut device, &[(&prompt, 1)])?.remove(0);
-    let unadapted = logits(&mut device, &[(&prompt, 0)])?.remove(0);
-    let merged = logits(&mut load_path(o, &merged_path)?, &[(&prompt, 0)])?.remove(0);
+    let merged = logits(&mut load_path(o, &merged_path)?, &[(prompt, 0)])?.remove(0);
     let floor = agreement(
-        &logits(&mut load_path(o, &nudged_path)?, &[(&prompt, 0)])?.remove(0),
+        &logits(&mut load_path(o, &nudged_path)?, &[(prompt, 0)])?.remove(0),
         &merged,
     )?;
+    let mut device = load_path(o, &base_path)?;
     for path in [&merged_path, &base_path, &nudged_path] {
         let _ = std::fs::remove_file(path);
     }
+    device.attach_factors(&f.factors, 3, Type::Q8_0)?;
+    for (slot, a) in adapters.iter().enumerate() {
+        device.set_adapter(slot as Slot + 1, &a.deltas(&f.singular))?;
+    }
+    let adapted = logits(&mut device, &[(prompt, 1)])?.remove(0);
+    let unadapted = logits(&mut device, &[(prompt, 0)])?.remove(0);
     let a = agreement(&adapted, &merged)?;
     let moved = agreement(&adapted, &unadapted)?;
     let mean_bound = (1.5 * floor.mean_abs_rel).max(2e-2);
     let top1_bound = floor.top1.min(0.98) - 0.05;
-    push(
-        &mut report,
-        Step {
-            name: "adapter",
-            result: format!(
-                "{}; the model against itself nudged: mean {:.2e}; the adapter moves them {:.2e}",
-                judged(&a),
-                floor.mean_abs_rel,
-                moved.mean_abs_rel
-            ),
-            target: format!(
-                "top-1 >= {:.1}%, mean <= {mean_bound:.2e}, moved > 2x mean",
-                100.0 * top1_bound
-            ),
-            pass: Some(
-                a.top1 >= top1_bound
-                    && a.mean_abs_rel <= mean_bound
-                    && moved.mean_abs_rel > 2.0 * a.mean_abs_rel,
-            ),
-            data: serde_json::json!({ "agreement": a, "floor": floor, "moved": moved }),
-        },
-    );
+    let adapter = Step {
+        name: "adapter",
+        result: format!(
+            "{}; the model against itself nudged: mean {:.2e}; the adapter moves them {:.2e}",
+            judged(&a),
+            floor.mean_abs_rel,
+            moved.mean_abs_rel
+        ),
+        target: format!(
+            "top-1 >= {:.1}%, mean <= {mean_bound:.2e}, moved > 2x mean",
+            100.0 * top1_bound
+        ),
+        pass: Some(
+            a.top1 >= top1_bound
+                && a.mean_abs_rel <= mean_bound
+                && moved.mean_abs_rel > 2.0 * a.mean_abs_rel,
+        ),
+        data: serde_json::json!({ "agreement": a, "floor": floor, "moved": moved }),
+    };
 
-    // batch invariance: the prompt on adapter 1, alone and beside others
+    // The prompt on adapter 1 beside sequences on the base and adapter 2.
+    let n_vocab = device.config().n_vocab;
     let others = [
-        random_tokens(PROMPT / 2, config.n_vocab, 2),
-        random_tokens(PROMPT + 7, config.n_vocab, 3),
+        random_tokens(PROMPT / 2, n_vocab, 2),
+        random_tokens(PROMPT + 7, n_vocab, 3),
     ];
     let together = logits(
         &mut device,
-        &[(&others[0], 0), (&prompt, 1), (&others[1], 2)],
+        &[(&others[0], 0), (prompt, 1), (&others[1], 2)],
     )?;
     let a = agreement(&together[1], &adapted)?;
-    let exact_expected = device.device_name().to_ascii_lowercase().contains("cpu");
-    push(
-        &mut report,
-        Step {
-            name: "batch",
-            result: format!(
-                "batched vs alone: max |Δ| {:.2e} of the std, top-1 {:.1}%",
-                a.max_abs_rel,
-                100.0 * a.top1
-            ),
-            target: if exact_expected {
-                "max <= 1e-4 (the CPU is batch-invariant)".into()
-            } else {
-                String::new()
-            },
-            pass: exact_expected.then_some(a.max_abs_rel <= 1e-4),
-            data: json(&a),
+    let exact_expected = is_cpu(&device);
+    let batch = Step {
+        name: "batch",
+        result: format!(
+            "batched vs alone: max |Δ| {:.2e} of the std, top-1 {:.1}%",
+            a.max_abs_rel,
+            100.0 * a.top1
+        ),
+        target: if exact_expected {
+            "max <= 1e-4 (the CPU is batch-invariant)".into()
+        } else {
+            String::new()
         },
-    );
-    let placement_decode = device.placement();
-    drop(device);
+        pass: exact_expected.then_some(a.max_abs_rel <= 1e-4),
+        data: json(&a),
+    };
+    Ok((adapter, batch, device.placement()))
+}
 
-    // gradient and training speed
-    let train_factors = factors_f32(o)?;
-    let mut learner = Learner::new(
-        Model::load_for_training(&o.model, &options(o, &o.device), true)?,
-        &train_factors,
-    )?;
-    let n = learner.n_params();
-    let mut rng = Rng::new(3);
-    let base: Vec<f32> = rng.normals(n, 0.05);
-    let row = short_row(config.n_vocab);
+fn is_cpu(model: &Model) -> bool {
+    model.device_name().to_ascii_lowercase().contains("cpu")
+}
+
+/// The gradient check and training tokens/s on the device (and on the
+/// CPU); returns the training graph's placement too.
+fn training(
+    o: &Options,
+    f: &Factors,
+    n_vocab: usize,
+) -> Result<(Step, Step, Placement), anyhow::Error> {
+    let learner = |device: &str| -> Result<Learner, ModelError> {
+        let model = Model::load_for_training(&o.model, &options(o, device), true)?;
+        Learner::new(model, &f.factors)
+    };
+    let mut on = learner(&o.device)?;
+    let n = on.n_params();
+    let base: Vec<f32> = Rng::new(3).normals(n, 0.05);
     let picked: Vec<usize> = (0..n.min(32)).map(|i| i * n / n.min(32)).collect();
-    let g = gradient_check(&mut learner, &row, &base, Some(&picked))?;
-    push(
-        &mut report,
-        Step {
-            name: "gradient",
-            result: format!(
-                "{} of {n} singular values: worst relative error {:.2e} ({})",
-                g.checked, g.worst, g.at
-            ),
-            target: "< 1e-2".into(),
-            pass: Some(g.worst < 1e-2),
-            data: json(&g),
-        },
-    );
-    let rows = train_rows(config.n_vocab, o.train_ctx.min(config.n_ctx_train));
-    let on_device = tokens_per_second(&mut learner, &rows, o.train_time)?;
-    let placement_train = learner.model().placement();
-    drop(learner);
-    let on_cpu = if exact_expected {
+    let g = gradient_check(&mut on, &short_row(n_vocab), &base, Some(&picked))?;
+    let gradient = Step {
+        name: "gradient",
+        result: format!(
+            "{} of {n} singular values: worst relative error {:.2e} ({})",
+            g.checked, g.worst, g.at
+        ),
+        target: "< 1e-2".into(),
+        pass: Some(g.worst < 1e-2),
+        data: json(&g),
+    };
+    let n_ctx = on.model().config().n_ctx_train;
+    let rows = train_rows(n_vocab, o.train_ctx.min(n_ctx));
+    let on_device = tokens_per_second(&mut on, &rows, o.train_time)?;
+    let placement = on.model().placement();
+    let on_cpu = if is_cpu(on.model()) {
         on_device
     } else {
-        let mut cpu = Learner::new(
-            Model::load_for_training(&o.model, &options(o, "cpu"), true)?,
-            &train_factors,
-        )?;
-        tokens_per_second(&mut cpu, &rows, o.train_time)?
+        drop(on);
+        tokens_per_second(&mut learner("cpu")?, &rows, o.train_time)?
     };
-    push(
-        &mut report,
-        Step {
-            name: "train",
-            result: format!(
-                "{on_device:.0} tok/s on the device, {on_cpu:.0} on the CPU ({:.1}x), rows of {} tokens, q,v",
-                on_device / on_cpu.max(1e-9),
-                rows[0].len()
-            ),
-            target: String::new(),
-            pass: None,
-            data: serde_json::json!({ "device_tokens_per_s": on_device, "cpu_tokens_per_s": on_cpu, "row_tokens": rows[0].len() }),
-        },
-    );
+    let train = Step {
+        name: "train",
+        result: format!(
+            "{on_device:.0} tok/s on the device, {on_cpu:.0} on the CPU ({:.1}x), rows of {} tokens, q,v",
+            on_device / on_cpu.max(1e-9),
+            rows[0].len()
+        ),
+        target: String::new(),
+        pass: None,
+        data: serde_json::json!({
+            "device_tokens_per_s": on_device,
+            "cpu_tokens_per_s": on_cpu,
+            "row_tokens": rows[0].len(),
+        }),
+    };
+    Ok((gradient, train, placement))
+}
 
-    // placement
-    let fallback: Vec<String> = [("decode", &placement_decode), ("train", &placement_train)]
+/// Every node on the first backend (the device), or which ops were not.
+fn placement(graphs: &[(&str, &Placement)]) -> Step {
+    let fallback: Vec<String> = graphs
         .iter()
         .filter(|(_, p)| !p.elsewhere.is_empty())
         .map(|(what, p)| format!("{what}: {}", p.elsewhere.join(", ")))
         .collect();
-    let device_name = report.device.clone();
-    push(
-        &mut report,
-        Step {
-            name: "placement",
-            result: format!(
-                "decode: {}; train: {}{}",
-                placement_decode.summary(),
-                placement_train.summary(),
-                if fallback.is_empty() {
-                    String::new()
-                } else {
-                    format!("; not on {device_name}: {}", fallback.join("; "))
-                }
-            ),
-            target: "every node on the device".into(),
-            pass: Some(fallback.is_empty()),
-            data: serde_json::json!({ "decode": placement_decode, "train": placement_train }),
+    let summary: Vec<String> = graphs
+        .iter()
+        .map(|(what, p)| format!("{what}: {}", p.summary()))
+        .collect();
+    Step {
+        name: "placement",
+        result: if fallback.is_empty() {
+            summary.join("; ")
+        } else {
+            format!(
+                "{}; off the device: {}",
+                summary.join("; "),
+                fallback.join("; ")
+            )
         },
-    );
-    Ok(report)
+        target: "every node on the device".into(),
+        pass: Some(fallback.is_empty()),
+        data: serde_json::json!(graphs
+            .iter()
+            .map(|(w, p)| (w.to_string(), json(p)))
+            .collect::<serde_json::Map<_, _>>()),
+    }
 }
 
 fn options(o: &Options, device: &str) -> LoadOptions {
@@ -490,12 +515,6 @@ fn options(o: &Options, device: &str) -> LoadOptions {
 
 fn load_path(o: &Options, path: &Path) -> Result<Model, ModelError> {
     Model::load(path, &options(o, &o.device))
-}
-
-fn factors_f32(o: &Options) -> Result<Vec<(TargetMatrix, Factor)>, anyhow::Error> {
-    let key = FactorsKey::for_model(&o.model, TARGETS, "energy:0.99", "f32")?;
-    let path = factors::ensure(&o.model, &key, &o.home)?;
-    Ok(factors::read_factors(&path, &key)?)
 }
 
 /// Two packed examples of random tokens, loss on the second half of each.
