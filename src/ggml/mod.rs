@@ -29,6 +29,13 @@ mod cuda {
     include!(concat!(env!("OUT_DIR"), "/ggml_cuda.rs"));
 }
 
+/// Why a CUDA device is missing.
+#[cfg(feature = "cuda")]
+const NO_CUDA: &str = "the CUDA runtime finds no GPU (is the NVIDIA driver loaded?)";
+#[cfg(not(feature = "cuda"))]
+const NO_CUDA: &str = "this build has no CUDA backend (build with `--features cuda` \
+    where a CUDA toolkit is, e.g. scripts/build-cuda)";
+
 /// CUDA devices ggml can use: 0 in a build without the `cuda` feature.
 pub fn cuda_device_count() -> usize {
     #[cfg(feature = "cuda")]
@@ -117,7 +124,7 @@ pub enum GgmlError {
     Compute(i32),
     #[error("no backend device named '{0}' is available")]
     NoDevice(String),
-    #[error("device '{0}' needs CUDA, and this build has no CUDA device (build with `--features cuda` where a CUDA toolkit and GPU are)")]
+    #[error("device '{0}' needs CUDA: {why}", why = NO_CUDA)]
     NoCuda(String),
 }
 
