@@ -10,9 +10,21 @@
 //! classification data).
 //!
 //! `cargo bench --bench train -- [--threads N] [--model PATH] [--reps N]`
+//!
+//! With `--peft DIR` it instead compares `svfit train` (its defaults, q,v)
+//! with PyTorch + PEFT LoRA (rank 8 on q and v, lr 1e-3; `benches/peft/
+//! lora.py` on the same GGUF, dequantized to fp32 by transformers) on
+//! DIR/train.jsonl, for `--steps N` steps of `--batch B` examples on the
+//! same schedule (cosine, a tenth warm-up) and threads, then scores both on
+//! DIR/eval.jsonl (greedy answers, the first label named). It reports
+//! seconds per step (the first, a warm-up, left out), trained tokens per
+//! second, trainable values and accuracy, in one run. `scripts/peft-env`
+//! makes the Python environment (`--python` to use another).
 
 mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Instant;
 
 use common::fail;
@@ -42,8 +54,36 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
+/// The training bench's options: the shared ones and the PEFT comparison.
+#[derive(clap::Parser)]
+struct TrainOptions {
+    #[command(flatten)]
+    common: common::Options,
+    /// Compare with PyTorch + PEFT LoRA on DIR/train.jsonl and DIR/eval.jsonl
+    #[arg(long, value_name = "DIR")]
+    peft: Option<PathBuf>,
+    /// Optimizer steps of the comparison
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Examples per step in the comparison
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// The Python with torch, transformers, peft and gguf [default: the
+    /// environment scripts/peft-env makes]
+    #[arg(long)]
+    python: Option<PathBuf>,
+}
+
 fn main() {
-    let opts = common::parse_args(3);
+    let o = <TrainOptions as clap::Parser>::parse();
+    let opts = o.common.with_default_reps(3);
+    if let Some(dir) = &o.peft {
+        let python = o
+            .python
+            .clone()
+            .unwrap_or_else(|| svfit::home::home_dir().join("peft-venv/bin/python"));
+        return compare_with_peft(&opts, dir, o.steps, o.batch, &python);
+    }
     let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(fail);
     let text = include_str!("../README.md").repeat(2);
     let tokens = tokenizer.encode(&text, false);
@@ -121,4 +161,164 @@ fn main() {
             );
         }
     }
+}
+
+/// One side of the PEFT comparison.
+struct Side {
+    engine: &'static str,
+    trainable: usize,
+    s_per_step: f64,
+    tokens_per_step: f64,
+    tokens_per_s: f64,
+    accuracy: f64,
+}
+
+/// Runs a command; its stdout, or an exit with its stderr.
+fn output(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(fail);
+    if !out.status.success() {
+        common::exit(&format!(
+            "{cmd:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `svfit train` then `svfit eval`, as a user runs them.
+fn svfit_side(opts: &common::Options, dir: &Path, steps: usize, batch: usize) -> Side {
+    let work = std::env::temp_dir().join(format!("svfit-bench-peft-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap_or_else(fail);
+    let adapter = work.join("a.safetensors");
+    // `svfit COMMAND --model M --device cpu --threads T`, then the rest.
+    let threads = opts.threads.to_string();
+    let svfit = |command: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_svfit"));
+        cmd.arg(command).arg("--model").arg(&opts.model).args([
+            "--device",
+            "cpu",
+            "--threads",
+            &threads,
+        ]);
+        cmd
+    };
+    let (steps, batch) = (steps.to_string(), batch.to_string());
+    output(
+        svfit("train")
+            .args(["--epochs", "1", "--max-steps", &steps, "--batch", &batch])
+            .arg("--data")
+            .arg(dir.join("train.jsonl"))
+            .arg("--out")
+            .arg(&adapter),
+    );
+    let metrics = std::fs::read_to_string(work.join("a.metrics.jsonl")).unwrap_or_else(fail);
+    // Every step but the first (a warm-up): (tokens, seconds).
+    let timed: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["step"].as_u64().is_some_and(|step| step > 1))
+        .filter_map(|v| {
+            let tokens = v["tokens"].as_f64()?;
+            Some((tokens, tokens / v["tokens_per_s"].as_f64()?))
+        })
+        .collect();
+    let tokens: f64 = timed.iter().map(|t| t.0).sum();
+    let seconds: f64 = timed.iter().map(|t| t.1).sum();
+    let eval = output(
+        svfit("eval")
+            .arg("--data")
+            .arg(dir.join("eval.jsonl"))
+            .arg("--adapter")
+            .arg(&adapter),
+    );
+    let accuracy = eval
+        .lines()
+        .find(|l| l.starts_with("label accuracy"))
+        .and_then(|l| l.split(['(', '%']).nth(1))
+        .and_then(|pct| pct.parse::<f64>().ok())
+        .unwrap_or_else(|| common::exit(&format!("no label accuracy in: {eval}")));
+    let adapter_values = svfit::adapter::Adapter::read(&adapter)
+        .unwrap_or_else(fail)
+        .sigma
+        .iter()
+        .map(|(_, s)| s.len())
+        .sum();
+    let _ = std::fs::remove_dir_all(&work);
+    Side {
+        engine: "svfit train",
+        trainable: adapter_values,
+        s_per_step: seconds / timed.len().max(1) as f64,
+        tokens_per_step: tokens / timed.len().max(1) as f64,
+        tokens_per_s: tokens / seconds,
+        accuracy: accuracy / 100.0,
+    }
+}
+
+fn compare_with_peft(
+    opts: &common::Options,
+    dir: &Path,
+    steps: usize,
+    batch: usize,
+    python: &Path,
+) {
+    let ours = svfit_side(opts, dir, steps, batch);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peft/lora.py");
+    let arg = |p: &Path| p.to_string_lossy().into_owned();
+    let out = output(Command::new(python).args([
+        arg(&script).as_str(),
+        "--model",
+        &arg(&opts.model),
+        "--data",
+        &arg(&dir.join("train.jsonl")),
+        "--eval",
+        &arg(&dir.join("eval.jsonl")),
+        "--steps",
+        &steps.to_string(),
+        "--batch",
+        &batch.to_string(),
+        "--threads",
+        &opts.threads.to_string(),
+    ]));
+    let v: serde_json::Value = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| common::exit(&format!("no JSON from {}: {out}", script.display())));
+    let number = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let peft = Side {
+        engine: "PEFT LoRA r=8",
+        trainable: number("trainable") as usize,
+        s_per_step: number("s_per_step"),
+        tokens_per_step: number("tokens_per_step"),
+        tokens_per_s: number("tokens_per_s"),
+        accuracy: number("accuracy"),
+    };
+    println!(
+        "svfit train vs PyTorch {} + PEFT, {}, {} threads, {steps} steps of {batch} examples, {}",
+        v["torch"].as_str().unwrap_or("?"),
+        opts.model_name(),
+        opts.threads,
+        dir.display()
+    );
+    println!(
+        "{:<14} {:>16} {:>8} {:>12} {:>10} {:>9}",
+        "engine", "trainable values", "s/step", "tokens/step", "tokens/s", "accuracy"
+    );
+    for s in [&ours, &peft] {
+        println!(
+            "{:<14} {:>16} {:>8.2} {:>12.0} {:>10.0} {:>8.1}%",
+            s.engine,
+            s.trainable,
+            s.s_per_step,
+            s.tokens_per_step,
+            s.tokens_per_s,
+            100.0 * s.accuracy
+        );
+    }
+    println!(
+        "svfit / PEFT: {:.2}x the time per step, {:.3}x the trainable values, accuracy {:+.1} points",
+        ours.s_per_step / peft.s_per_step,
+        ours.trainable as f64 / peft.trainable as f64,
+        100.0 * (ours.accuracy - peft.accuracy)
+    );
 }

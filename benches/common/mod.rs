@@ -30,12 +30,16 @@ pub struct Options {
 
 /// The options, with `reps` repetitions unless `--reps` says otherwise.
 pub fn parse_args(reps: usize) -> Options {
-    let mut opts = <Options as clap::Parser>::parse();
-    opts.reps = opts.reps_flag.unwrap_or(reps);
-    opts
+    <Options as clap::Parser>::parse().with_default_reps(reps)
 }
 
 impl Options {
+    /// `reps` repetitions unless `--reps` said otherwise.
+    pub fn with_default_reps(mut self, reps: usize) -> Self {
+        self.reps = self.reps_flag.unwrap_or(reps);
+        self
+    }
+
     /// The model's file name, for report headers.
     pub fn model_name(&self) -> String {
         self.model
