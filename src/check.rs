@@ -203,15 +203,8 @@ const TARGETS: &str = "q,v";
 /// Prompt tokens of the logit comparisons.
 const PROMPT: usize = 48;
 
-fn load(o: &Options, device: &str) -> Result<Model, ModelError> {
-    Model::load(&o.model, &options(o, device))
-}
-
 fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| ((rng.uniform() * n_vocab as f32) as usize).min(n_vocab - 1) as u32)
-        .collect()
+    Rng::new(seed).tokens(n, n_vocab)
 }
 
 /// Logits of every position of each `(tokens, slot)` sequence, all in one
@@ -271,7 +264,7 @@ struct Factors {
 
 /// Runs every step; an error is a step that could not run at all.
 pub fn run(o: &Options, progress: &mut dyn FnMut(&Step)) -> Result<Report, anyhow::Error> {
-    let mut device = load(o, &o.device)?;
+    let mut device = load(o, &o.model, &o.device)?;
     let n_vocab = device.config().n_vocab;
     let mut report = Report {
         model: o.model.display().to_string(),
@@ -309,7 +302,7 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&Step)) -> Result<Report, anyho
 /// The device's logits of `prompt` against the CPU's.
 fn parity(o: &Options, device: &mut Model, prompt: &[u32]) -> Result<Step, anyhow::Error> {
     let ours = logits(device, &[(prompt, 0)])?.remove(0);
-    let cpu = logits(&mut load(o, "cpu")?, &[(prompt, 0)])?.remove(0);
+    let cpu = logits(&mut load(o, &o.model, "cpu")?, &[(prompt, 0)])?.remove(0);
     let a = agreement(&ours, &cpu)?;
     Ok(Step {
         name: "parity",
@@ -347,12 +340,13 @@ fn adapter_and_batch(
         sigma.iter_mut().for_each(|v| *v *= 1.0 + 1e-6);
     }
     let nudged_path = merged("nudged.gguf", &nudged)?;
-    let merged = logits(&mut load_path(o, &merged_path)?, &[(prompt, 0)])?.remove(0);
+    let merged = logits(&mut load(o, &merged_path, &o.device)?, &[(prompt, 0)])?.remove(0);
     let floor = agreement(
-        &logits(&mut load_path(o, &nudged_path)?, &[(prompt, 0)])?.remove(0),
+        &logits(&mut load(o, &nudged_path, &o.device)?, &[(prompt, 0)])?.remove(0),
         &merged,
     )?;
-    let mut device = load_path(o, &base_path)?;
+    let mut device = load(o, &base_path, &o.device)?;
+    device.record_placement();
     for path in [&merged_path, &base_path, &nudged_path] {
         let _ = std::fs::remove_file(path);
     }
@@ -413,7 +407,7 @@ fn adapter_and_batch(
         pass: exact_expected.then_some(a.max_abs_rel <= 1e-4),
         data: json(&a),
     };
-    Ok((adapter, batch, device.placement()))
+    Ok((adapter, batch, device.placement().unwrap_or_default()))
 }
 
 fn is_cpu(model: &Model) -> bool {
@@ -428,14 +422,15 @@ fn training(
     n_vocab: usize,
 ) -> Result<(Step, Step, Placement), anyhow::Error> {
     let learner = |device: &str| -> Result<Learner, ModelError> {
-        let model = Model::load_for_training(&o.model, &options(o, device), true)?;
+        let mut model = Model::load_for_training(&o.model, &options(o, device), true)?;
+        model.record_placement();
         Learner::new(model, &f.factors)
     };
     let mut on = learner(&o.device)?;
     let n = on.n_params();
     let base: Vec<f32> = Rng::new(3).normals(n, 0.05);
     let picked: Vec<usize> = (0..n.min(32)).map(|i| i * n / n.min(32)).collect();
-    let g = gradient_check(&mut on, &short_row(n_vocab), &base, Some(&picked))?;
+    let g = gradient_check(&mut on, &short_row(n_vocab, 7), &base, Some(&picked))?;
     let gradient = Step {
         name: "gradient",
         result: format!(
@@ -449,7 +444,7 @@ fn training(
     let n_ctx = on.model().config().n_ctx_train;
     let rows = train_rows(n_vocab, o.train_ctx.min(n_ctx));
     let on_device = tokens_per_second(&mut on, &rows, o.train_time)?;
-    let placement = on.model().placement();
+    let placement = on.model().placement().unwrap_or_default();
     let on_cpu = if is_cpu(on.model()) {
         on_device
     } else {
@@ -513,17 +508,24 @@ fn options(o: &Options, device: &str) -> LoadOptions {
     }
 }
 
-fn load_path(o: &Options, path: &Path) -> Result<Model, ModelError> {
-    Model::load(path, &options(o, &o.device))
+fn load(o: &Options, path: &Path, device: &str) -> Result<Model, ModelError> {
+    Model::load(path, &options(o, device))
 }
 
-/// Two packed examples of random tokens, loss on the second half of each.
-fn short_row(n_vocab: usize) -> TrainRow {
+/// Packs `tokens` into `row` as one example with the loss on its second
+/// half (the answer of a prompt/completion pair).
+fn push_example(row: &mut TrainRow, tokens: &[u32]) {
+    let loss: Vec<bool> = (0..tokens.len()).map(|i| i >= tokens.len() / 2).collect();
+    row.push(tokens, &loss);
+}
+
+/// Two packed examples of 13 and 9 random tokens, loss on the second half
+/// of each: the gradient check's row (the trainer test's too).
+pub fn short_row(n_vocab: usize, seed: u64) -> TrainRow {
+    let mut rng = Rng::new(seed);
     let mut row = TrainRow::default();
-    for (len, seed) in [(13, 7), (9, 8)] {
-        let tokens = random_tokens(len, n_vocab, seed);
-        let loss: Vec<bool> = (0..len).map(|i| i >= len / 2).collect();
-        row.push(&tokens, &loss);
+    for len in [13, 9] {
+        push_example(&mut row, &rng.tokens(len, n_vocab));
     }
     row
 }
@@ -535,10 +537,7 @@ fn train_rows(n_vocab: usize, ctx: usize) -> Vec<TrainRow> {
         .map(|r| {
             let mut row = TrainRow::default();
             for e in 0..4 {
-                let len = ctx / 4;
-                let tokens = random_tokens(len, n_vocab, 100 + 4 * r + e);
-                let loss: Vec<bool> = (0..len).map(|i| i >= len / 2).collect();
-                row.push(&tokens, &loss);
+                push_example(&mut row, &random_tokens(ctx / 4, n_vocab, 100 + 4 * r + e));
             }
             row
         })

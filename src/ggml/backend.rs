@@ -259,7 +259,9 @@ impl TensorSet {
 pub struct Scheduler {
     raw: NonNull<sys::ggml_backend_sched>,
     backends: Vec<Backend>,
-    placement: Placement,
+    /// Where the last graph's nodes landed, once `record_placement` asked
+    /// for it (reading every node's backend is work a serving step skips).
+    placement: Option<Placement>,
 }
 
 /// Where the nodes of the last graph allocated ran.
@@ -316,7 +318,7 @@ impl Scheduler {
         Ok(Scheduler {
             raw,
             backends,
-            placement: Placement::default(),
+            placement: None,
         })
     }
 
@@ -358,7 +360,9 @@ impl Scheduler {
             sys::ggml_backend_sched_alloc_graph(self.raw.as_ptr(), graph.as_ptr())
         };
         if ok {
-            self.placement = self.place(graph);
+            if self.placement.is_some() {
+                self.placement = Some(self.place(graph));
+            }
             Ok(Allocated { sched: self, graph })
         } else {
             Err(GgmlError::Alloc {
@@ -366,12 +370,15 @@ impl Scheduler {
             })
         }
     }
-}
 
-impl Scheduler {
-    /// Where the last graph allocated runs.
-    pub fn placement(&self) -> &Placement {
-        &self.placement
+    /// Records from now on where each graph's nodes run.
+    pub fn record_placement(&mut self) {
+        self.placement.get_or_insert_with(Placement::default);
+    }
+
+    /// Where the last graph allocated runs (`None` unless recorded).
+    pub fn placement(&self) -> Option<&Placement> {
+        self.placement.as_ref()
     }
 
     /// Reads each node's backend off the scheduler (with one backend,
@@ -385,13 +392,10 @@ impl Scheduler {
         } else {
             for i in 0..n {
                 // SAFETY: the graph and scheduler are live; i < n_nodes.
-                let (backend, op) = unsafe {
-                    let node = sys::ggml_graph_node(graph.as_ptr(), i as i32);
-                    (
-                        sys::ggml_backend_sched_get_tensor_backend(self.raw.as_ptr(), node),
-                        c_str(sys::ggml_op_desc(node)),
-                    )
-                };
+                let node = unsafe { sys::ggml_graph_node(graph.as_ptr(), i as i32) };
+                // SAFETY: `node` is a node of the graph just allocated.
+                let backend =
+                    unsafe { sys::ggml_backend_sched_get_tensor_backend(self.raw.as_ptr(), node) };
                 let at = self
                     .backends
                     .iter()
@@ -399,6 +403,8 @@ impl Scheduler {
                     .unwrap_or(self.backends.len());
                 counts[at] += 1;
                 if at != 0 {
+                    // SAFETY: as above; the description is a static string.
+                    let op = c_str(unsafe { sys::ggml_op_desc(node) });
                     *elsewhere.entry(op).or_default() += 1;
                 }
             }

@@ -213,9 +213,15 @@ impl Model {
         self.sched.primary().name()
     }
 
-    /// Where the nodes of the last graph ran (`svfit check`).
-    pub fn placement(&self) -> crate::ggml::Placement {
-        self.sched.placement().clone()
+    /// Records from now on where the nodes of each graph run (`svfit
+    /// check`; off by default, as it reads every node's backend).
+    pub fn record_placement(&mut self) {
+        self.sched.record_placement();
+    }
+
+    /// Where the nodes of the last graph ran, once recorded.
+    pub fn placement(&self) -> Option<crate::ggml::Placement> {
+        self.sched.placement().cloned()
     }
 
     pub fn set_threads(&self, threads: usize) {

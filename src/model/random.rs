@@ -148,6 +148,14 @@ impl Rng {
     pub fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
         (0..n).map(|_| self.normal() * std).collect()
     }
+
+    /// `n` token ids drawn uniformly from a vocabulary of `n_vocab`.
+    pub fn tokens(&mut self, n: usize, n_vocab: usize) -> Vec<u32> {
+        let top = n_vocab.saturating_sub(1);
+        (0..n)
+            .map(|_| ((self.uniform() * n_vocab as f32) as usize).min(top) as u32)
+            .collect()
+    }
 }
 
 /// Writes a random llama model of `shape` to `path`. With `metadata`, every

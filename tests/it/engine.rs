@@ -21,10 +21,7 @@ fn tiny() -> (common::TempDir, Model) {
 }
 
 fn tokens(n: usize, seed: u64) -> Vec<u32> {
-    let mut rng = common::Rng::new(seed);
-    (0..n)
-        .map(|_| (rng.uniform() * common::TINY.n_vocab as f32) as u32)
-        .collect()
+    common::Rng::new(seed).tokens(n, common::TINY.n_vocab)
 }
 
 #[test]

@@ -186,11 +186,7 @@ fn tiny_model_matches_llama_cpp() {
     let mut rng = Rng::new(7);
     let seqs = [45usize, 70, 96]
         .iter()
-        .map(|&n| {
-            (0..n)
-                .map(|_| (rng.uniform() * common::TINY.n_vocab as f32) as u32)
-                .collect()
-        })
+        .map(|&n| rng.tokens(n, common::TINY.n_vocab))
         .collect::<Vec<_>>();
     for weights in FORMATS {
         check_model(&path, seqs.clone(), weights);
@@ -204,11 +200,7 @@ fn growing_sequence_moves_without_changing_logits() {
     let _machine = crate::common::shared();
     let (_dir, path) = common::tiny_model();
     let mut rng = Rng::new(11);
-    let mut tokens = |n: usize| {
-        (0..n)
-            .map(|_| (rng.uniform() * common::TINY.n_vocab as f32) as u32)
-            .collect::<Vec<_>>()
-    };
+    let mut tokens = |n: usize| rng.tokens(n, common::TINY.n_vocab);
     // Both start with one page; the first grows past 64 tokens, then past 128.
     let seqs = vec![(0, tokens(150)), (1, tokens(40))];
     let prefill = [10, 10];

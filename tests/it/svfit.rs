@@ -99,10 +99,7 @@ fn agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> Agreement {
 }
 
 fn random_tokens(n: usize, seed: u64) -> Vec<u32> {
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| (rng.uniform() * common::TINY.n_vocab as f32) as u32)
-        .collect()
+    Rng::new(seed).tokens(n, common::TINY.n_vocab)
 }
 
 fn default_texts(model: &Path) -> Vec<Vec<u32>> {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::Rng;
 use svfit::factors::{self, Factor, FactorsKey, TargetMatrix};
-use svfit::model::{Learner, LoadOptions, Model, TrainRow};
+use svfit::model::{Learner, LoadOptions, Model};
 
 fn factors_of(model: &Path, home: &Path, targets: &str) -> Vec<(TargetMatrix, Factor)> {
     let key = FactorsKey::for_model(model, targets, "full", "f32").unwrap();
@@ -25,27 +25,13 @@ fn learner(model: &Path, home: &Path, targets: &str) -> Learner {
     Learner::new(m, &factors_of(model, home, targets)).unwrap()
 }
 
-/// Two packed examples of random tokens, loss on the second half of each.
-fn row(n_vocab: usize, seed: u64) -> TrainRow {
-    let mut rng = Rng::new(seed);
-    let mut row = TrainRow::default();
-    for len in [13, 9] {
-        let tokens: Vec<u32> = (0..len)
-            .map(|_| (rng.uniform() * n_vocab as f32) as u32 % n_vocab as u32)
-            .collect();
-        let loss: Vec<bool> = (0..len).map(|i| i >= len / 2).collect();
-        row.push(&tokens, &loss);
-    }
-    row
-}
-
 #[test]
 fn gradient_matches_finite_differences() {
     let _machine = crate::common::shared();
     let (dir, model) = common::tiny_model();
     let mut learner = learner(&model, &dir.path().join("home"), "all-linear");
     let n_vocab = learner.model().config().n_vocab;
-    let row = row(n_vocab, 7);
+    let row = svfit::check::short_row(n_vocab, 7);
     let n = learner.n_params();
     // Away from zero so every path through the branch is exercised.
     let mut rng = Rng::new(3);
