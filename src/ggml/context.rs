@@ -403,6 +403,13 @@ impl Context {
         self.wrap(unsafe { sys::ggml_mul_mat(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
     }
 
+    /// `dst[i, j] = Σ_l a[i, l] b[j, l]` (ggml's `OUT_PROD`, which its
+    /// backward pass builds for every product).
+    pub fn out_prod<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_out_prod(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
+    }
+
     pub fn add<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: see `mul_mat`.
         self.wrap(unsafe { sys::ggml_add(self.as_ptr(), a.as_ptr(), b.as_ptr()) })

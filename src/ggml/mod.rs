@@ -8,6 +8,7 @@
 
 mod backend;
 mod context;
+pub mod gemm;
 pub mod gguf;
 pub mod log;
 pub mod q8_0;

@@ -5,6 +5,7 @@
 //! graph writes their gradients into accumulators that are read back.
 
 use crate::factors::{Factor, TargetMatrix};
+use crate::ggml::gemm;
 use crate::ggml::q8_0::Matrix;
 use crate::ggml::{Context, Tensor, TensorId, TensorSet, Type};
 
@@ -255,6 +256,9 @@ impl Learner {
                 .collect();
             accs.push((loss, set.get(self.loss_grad)));
             gf.build_backward(ctx, &accs);
+        }
+        if self.model.sched.primary().is_cpu() && gemm::available() {
+            gf.use_gemm();
         }
         let mut allocated = self.model.sched.alloc(&mut gf)?;
         if backward {
