@@ -19,7 +19,9 @@
 //! DIR/eval.jsonl (greedy answers, the first label named). It reports
 //! seconds per step (the first, a warm-up, left out), trained tokens per
 //! second, trainable values and accuracy, in one run. `scripts/peft-env`
-//! makes the Python environment (`--python` to use another).
+//! makes the Python environment (`--python` to use another). Each
+//! `--variant "OPTIONS"` adds a `svfit train` run with those options (a
+//! sweep of its hyper-parameters against the same PEFT run).
 
 mod common;
 
@@ -72,6 +74,10 @@ struct TrainOptions {
     /// environment scripts/peft-env makes]
     #[arg(long)]
     python: Option<PathBuf>,
+    /// Also train with these `svfit train` options added (repeatable, one
+    /// quoted string each, e.g. "--targets q,k,v --rank full")
+    #[arg(long, value_name = "OPTIONS", allow_hyphen_values = true)]
+    variant: Vec<String>,
 }
 
 fn main() {
@@ -82,7 +88,7 @@ fn main() {
             .python
             .clone()
             .unwrap_or_else(|| svfit::home::home_dir().join("peft-venv/bin/python"));
-        return compare_with_peft(&opts, dir, o.steps, o.batch, &python);
+        return compare_with_peft(&opts, dir, o.steps, o.batch, &python, &o.variant);
     }
     let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(fail);
     let text = include_str!("../README.md").repeat(2);
@@ -165,7 +171,7 @@ fn main() {
 
 /// One side of the PEFT comparison.
 struct Side {
-    engine: &'static str,
+    engine: String,
     trainable: usize,
     s_per_step: f64,
     tokens_per_step: f64,
@@ -186,7 +192,13 @@ fn output(cmd: &mut Command) -> String {
 }
 
 /// `svfit train` then `svfit eval`, as a user runs them.
-fn svfit_side(opts: &common::Options, dir: &Path, steps: usize, batch: usize) -> Side {
+fn svfit_side(
+    opts: &common::Options,
+    dir: &Path,
+    steps: usize,
+    batch: usize,
+    variant: &str,
+) -> Side {
     let work = std::env::temp_dir().join(format!("svfit-bench-peft-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap_or_else(fail);
     let adapter = work.join("a.safetensors");
@@ -209,7 +221,8 @@ fn svfit_side(opts: &common::Options, dir: &Path, steps: usize, batch: usize) ->
             .arg("--data")
             .arg(dir.join("train.jsonl"))
             .arg("--out")
-            .arg(&adapter),
+            .arg(&adapter)
+            .args(variant.split_whitespace()),
     );
     let metrics = std::fs::read_to_string(work.join("a.metrics.jsonl")).unwrap_or_else(fail);
     // Every step but the first (a warm-up): (tokens, seconds).
@@ -245,7 +258,7 @@ fn svfit_side(opts: &common::Options, dir: &Path, steps: usize, batch: usize) ->
         .sum();
     let _ = std::fs::remove_dir_all(&work);
     Side {
-        engine: "svfit train",
+        engine: format!("svfit train {variant}").trim_end().to_string(),
         trainable: adapter_values,
         s_per_step: seconds / timed.len().max(1) as f64,
         tokens_per_step: tokens / timed.len().max(1) as f64,
@@ -260,8 +273,12 @@ fn compare_with_peft(
     steps: usize,
     batch: usize,
     python: &Path,
+    variants: &[String],
 ) {
-    let ours = svfit_side(opts, dir, steps, batch);
+    let ours: Vec<Side> = std::iter::once("")
+        .chain(variants.iter().map(String::as_str))
+        .map(|variant| svfit_side(opts, dir, steps, batch, variant))
+        .collect();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peft/lora.py");
     let arg = |p: &Path| p.to_string_lossy().into_owned();
     let out = output(Command::new(python).args([
@@ -286,7 +303,7 @@ fn compare_with_peft(
         .unwrap_or_else(|| common::exit(&format!("no JSON from {}: {out}", script.display())));
     let number = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let peft = Side {
-        engine: "PEFT LoRA r=8",
+        engine: "PEFT LoRA r=8".into(),
         trainable: number("trainable") as usize,
         s_per_step: number("s_per_step"),
         tokens_per_step: number("tokens_per_step"),
@@ -300,13 +317,14 @@ fn compare_with_peft(
         opts.threads,
         dir.display()
     );
+    let width = ours.iter().map(|s| s.engine.len()).max().unwrap_or(0).max(14);
     println!(
-        "{:<14} {:>16} {:>8} {:>12} {:>10} {:>9}",
+        "{:<width$} {:>16} {:>8} {:>12} {:>10} {:>9}",
         "engine", "trainable values", "s/step", "tokens/step", "tokens/s", "accuracy"
     );
-    for s in [&ours, &peft] {
+    for s in ours.iter().chain([&peft]) {
         println!(
-            "{:<14} {:>16} {:>8.2} {:>12.0} {:>10.0} {:>8.1}%",
+            "{:<width$} {:>16} {:>8.2} {:>12.0} {:>10.0} {:>8.1}%",
             s.engine,
             s.trainable,
             s.s_per_step,
@@ -315,10 +333,13 @@ fn compare_with_peft(
             100.0 * s.accuracy
         );
     }
-    println!(
-        "svfit / PEFT: {:.2}x the time per step, {:.3}x the trainable values, accuracy {:+.1} points",
-        ours.s_per_step / peft.s_per_step,
-        ours.trainable as f64 / peft.trainable as f64,
-        100.0 * (ours.accuracy - peft.accuracy)
-    );
+    for s in &ours {
+        println!(
+            "{} / PEFT: {:.2}x the time per step, {:.3}x the trainable values, accuracy {:+.1} points",
+            s.engine,
+            s.s_per_step / peft.s_per_step,
+            s.trainable as f64 / peft.trainable as f64,
+            100.0 * (s.accuracy - peft.accuracy)
+        );
+    }
 }

