@@ -317,7 +317,12 @@ fn compare_with_peft(
         opts.threads,
         dir.display()
     );
-    let width = ours.iter().map(|s| s.engine.len()).max().unwrap_or(0).max(14);
+    let width = ours
+        .iter()
+        .map(|s| s.engine.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
     println!(
         "{:<width$} {:>16} {:>8} {:>12} {:>10} {:>9}",
         "engine", "trainable values", "s/step", "tokens/step", "tokens/s", "accuracy"
