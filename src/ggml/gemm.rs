@@ -11,7 +11,7 @@
 //! [`Graph::use_gemm`] instead rewrites a built graph: every 2-D f32
 //! `MUL_MAT` and `OUT_PROD` node becomes a custom node that computes the
 //! same product with faer's blocked, packed GEMM. Each ggml thread computes
-//! one band of the output with a sequential GEMM, so the result depends on
+//! one band of the output with a sequential GEMM, so the result may depend on
 //! the thread count but not on timing. The rewrite runs after
 //! `ggml_build_backward_expand`, which cannot differentiate a custom op,
 //! and only for graphs computed on the CPU (a custom op runs on the host).
