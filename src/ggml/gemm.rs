@@ -8,13 +8,14 @@
 //! forward one, but it is a switch for the whole CPU backend and changes how
 //! serving rounds its products (the batch-invariance the engine relies on).
 //!
-//! [`Graph::use_gemm`] instead rewrites a built graph: every 2-D f32
-//! `MUL_MAT` and `OUT_PROD` node becomes a custom node that computes the
-//! same product with faer's blocked, packed GEMM. Each ggml thread computes
-//! one band of the output with a sequential GEMM, so the result may depend on
-//! the thread count but not on timing. The rewrite runs after
-//! `ggml_build_backward_expand`, which cannot differentiate a custom op,
-//! and only for graphs computed on the CPU (a custom op runs on the host).
+//! [`Graph::use_gemm`] instead rewrites a built graph: every f32 `MUL_MAT`
+//! and `OUT_PROD` node (2-D, or batched as attention's are) becomes a
+//! custom node that computes the same product with faer's blocked, packed
+//! GEMM. Each ggml thread computes one band of the output with a sequential
+//! GEMM, so the result may depend on the thread count but not on timing.
+//! The rewrite runs after `ggml_build_backward_expand`, which cannot
+//! differentiate a custom op, and only for graphs computed on the CPU (a
+//! custom op runs on the host).
 //! Only training graphs use it: serving keeps ggml's own products.
 
 use std::os::raw::{c_int, c_void};
@@ -60,8 +61,9 @@ struct CustomParams {
 }
 
 impl Graph<'_> {
-    /// Rewrites every 2-D f32 `MUL_MAT` and `OUT_PROD` node of at least
-    /// [`MIN_MACS`] multiply-adds into the GEMM's custom node. Call it after
+    /// Rewrites every f32 `MUL_MAT` and `OUT_PROD` node of at least
+    /// [`MIN_MACS`] multiply-adds (see `eligible`) into the GEMM's custom
+    /// node. Call it after
     /// the backward graph is built and before the graph is allocated, for a
     /// graph computed on the CPU backend. Returns how many nodes changed.
     pub fn use_gemm(&mut self) -> usize {
