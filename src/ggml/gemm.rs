@@ -63,9 +63,9 @@ struct CustomParams {
 impl Graph<'_> {
     /// Rewrites every f32 `MUL_MAT` and `OUT_PROD` node of at least
     /// [`MIN_MACS`] multiply-adds (see `eligible`) into the GEMM's custom
-    /// node. Call it after
-    /// the backward graph is built and before the graph is allocated, for a
-    /// graph computed on the CPU backend. Returns how many nodes changed.
+    /// node. Call it after the backward graph is built and before the graph
+    /// is allocated, for a graph computed on the CPU backend. Returns how
+    /// many nodes changed.
     pub fn use_gemm(&mut self) -> usize {
         let mut rewritten = 0;
         for i in 0..self.n_nodes() {
@@ -137,16 +137,25 @@ fn eligible(node: &sys::ggml_tensor) -> Option<Op> {
 unsafe fn view<'a>(t: &sys::ggml_tensor, i2: i64, i3: i64, transpose: bool) -> MatRef<'a, f32> {
     let (s0, s1) = (t.nb[0] as isize / 4, t.nb[1] as isize / 4);
     let (n0, n1) = (t.ne[0] as usize, t.ne[1] as usize);
-    let offset = i2 as usize * t.nb[2] + i3 as usize * t.nb[3];
     // SAFETY: the tensor's own shape and strides address its data.
     unsafe {
-        let data = t.data.cast::<u8>().add(offset).cast::<f32>();
+        let data = slice(t, i2, i3);
         if transpose {
             MatRef::from_raw_parts(data, n0, n1, s0, s1)
         } else {
             MatRef::from_raw_parts(data, n1, n0, s1, s0)
         }
     }
+}
+
+/// The first element of slice `(i2, i3)` of an f32 tensor.
+///
+/// # Safety
+/// `t` is a live, allocated f32 tensor and the slice is within it.
+unsafe fn slice(t: &sys::ggml_tensor, i2: i64, i3: i64) -> *mut f32 {
+    let offset = i2 as usize * t.nb[2] + i3 as usize * t.nb[3];
+    // SAFETY: the offset is within the tensor's data (the caller's slice).
+    unsafe { t.data.cast::<u8>().add(offset).cast::<f32>() }
 }
 
 /// The custom node's body: for each batch slice, `out = lhs · rhs` as faer
@@ -179,12 +188,8 @@ unsafe extern "C" fn compute(
                     // lhs[j, l] = b[j, l]; rhs[l, i] = a[i, l].
                     (view(b, i2, i3, true), view(a, a2, a3, false))
                 };
-                let data = dst
-                    .data
-                    .cast::<u8>()
-                    .add(i2 as usize * dst.nb[2] + i3 as usize * dst.nb[3]);
                 let out = MatMut::from_raw_parts_mut(
-                    data.cast::<f32>(),
+                    slice(dst, i2, i3),
                     rows,
                     cols,
                     dst.nb[1] as isize / 4,
