@@ -33,6 +33,9 @@ const PREFETCH: usize = 512;
 
 /// Whether this CPU runs the kernel (AVX-512 F/BW/VL/VNNI and F16C), and
 /// `SVFIT_Q8_0_KERNEL=0` does not turn it off (to compare it with ggml's).
+/// Asked at run time, never by `cfg(target_feature)`: the detection reads
+/// XCR0 too, so a CPU that reports AVX-512 to an OS that does not save its
+/// registers does not run it.
 pub fn available() -> bool {
     if std::env::var_os("SVFIT_Q8_0_KERNEL").is_some_and(|v| v == "0") {
         return false;

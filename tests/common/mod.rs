@@ -3,11 +3,13 @@
 
 pub mod serve;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use svfit::model::random::{self, Types};
 use svfit::model::Logits;
+use svfit::oracle::Reference;
 
 pub use svfit::model::random::{Rng, Shape};
 
@@ -97,4 +99,55 @@ pub fn shared() -> RwLockReadGuard<'static, ()> {
 
 pub fn alone() -> RwLockWriteGuard<'static, ()> {
     MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether llama.cpp's and our products run on this CPU, asked once per
+/// test process of a child process (the test binary running
+/// `cpu::products_in_this_process`): a build whose ggml executes an
+/// instruction this machine refuses dies there, and the error names the
+/// signal, where in-process it would kill every test at once.
+pub fn products_run_here() -> Result<(), String> {
+    static ANSWER: OnceLock<Result<(), String>> = OnceLock::new();
+    ANSWER
+        .get_or_init(|| {
+            let test = "cpu::products_in_this_process";
+            let exe = std::env::current_exe().map_err(|e| format!("the test binary: {e}"))?;
+            let out = std::process::Command::new(exe)
+                .args([test, "--exact", "--ignored", "--test-threads=1"])
+                .output()
+                .map_err(|e| format!("could not start {test}: {e}"))?;
+            let status = out.status;
+            let ran = String::from_utf8_lossy(&out.stdout).contains("1 passed");
+            if status.success() && ran {
+                return Ok(());
+            }
+            let why = match status.signal() {
+                Some(4) => "died of SIGILL: ggml was built with an instruction this CPU \
+                            does not run (README: Which CPU a build runs on)"
+                    .to_string(),
+                Some(signal) => format!("died of signal {signal}"),
+                None if !ran => format!("did not run ({status})"),
+                None => format!("failed ({status})"),
+            };
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let mut tail: Vec<&str> = stderr.lines().rev().take(8).collect();
+            tail.reverse();
+            let last = match tail.is_empty() {
+                true => String::new(),
+                false => format!("; it printed last:\n{}", tail.join("\n")),
+            };
+            Err(format!(
+                "llama.cpp's and svfit's products on this CPU ({test} in a child process) {why}{last}"
+            ))
+        })
+        .clone()
+}
+
+/// llama.cpp (the oracle) on `path`, once [`products_run_here`] says its
+/// products run on this CPU.
+pub fn reference(path: &Path) -> Reference {
+    if let Err(e) = products_run_here() {
+        panic!("{e}");
+    }
+    Reference::load(path).unwrap()
 }

@@ -10,7 +10,6 @@ use std::path::Path;
 
 use common::{compare, Agreement, Rng};
 use svfit::model::{Batch, LoadOptions, Logits, Model, SeqId, Tokenizer, WeightFormat};
-use svfit::oracle::Reference;
 
 const THREADS: usize = 2;
 const N_CTX: usize = 1024;
@@ -85,7 +84,7 @@ fn ours(model: Ours, seqs: &[(SeqId, Vec<u32>)], prefill: &[usize]) -> PerSequen
 }
 
 fn llama_cpp(path: &Path, seqs: &[(SeqId, Vec<u32>)], prefill: &[usize]) -> PerSequence {
-    let reference = Reference::load(path).unwrap();
+    let reference = common::reference(path);
     let n_seq = seqs
         .iter()
         .map(|(id, _)| *id as usize + 1)

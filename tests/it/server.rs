@@ -793,9 +793,8 @@ fn svfit_ok(args: &[&str], paths: &[&Path]) {
 /// Greedy continuation of `prompt` by llama.cpp on the GGUF at `model`.
 fn llama_cpp_greedy(model: &Path, prompt: &str, max_tokens: usize) -> String {
     use svfit::model::{Batch, Tokenizer};
-    use svfit::oracle::Reference;
     let tokenizer = Tokenizer::load(model).unwrap();
-    let reference = Reference::load(model).unwrap();
+    let reference = common::reference(model);
     let mut session = reference.session(512, 1, 2).unwrap();
     let ids = tokenizer.encode(prompt, true);
     let mut batch = Batch::new();

@@ -15,7 +15,6 @@ use svfit::factors::{self, Factor, FactorsKey, SingularValues, TargetMatrix};
 use svfit::ggml::Type;
 use svfit::merge::{self, MergeType};
 use svfit::model::{Batch, LoadOptions, Model, SeqId, Slot, Tokenizer};
-use svfit::oracle::Reference;
 use svfit::sampling::{argmax, SplitMix64};
 
 const THREADS: usize = 2;
@@ -137,7 +136,7 @@ fn check_identity(s: &Setup, tokens: &[u32]) {
 
 /// llama.cpp's logits of `tokens` on the model at `path`.
 fn llama_cpp(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let reference = Reference::load(path).unwrap();
+    let reference = common::reference(path);
     let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
     let mut batch = Batch::new();
     batch.add_sequence(tokens, 0, 0, true);
