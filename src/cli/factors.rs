@@ -73,8 +73,16 @@ pub(super) struct MergeArgs {
     ty: String,
 }
 
+/// Fails unless the engine understands every key and tensor of `model`.
+fn understood(model: &Path) -> Result<()> {
+    let gguf = svfit::ggml::gguf::GgufFile::open(model)?;
+    model::understand(&gguf).with_context(|| format!("{}", model.display()))?;
+    Ok(())
+}
+
 pub(super) fn run_convert(args: &ConvertArgs) -> Result<()> {
     let model = args.base.path()?;
+    understood(&model)?;
     let n = model::write_converted(&model, args.weights, &args.out)
         .with_context(|| format!("converting {}", model.display()))?;
     println!(
@@ -88,6 +96,7 @@ pub(super) fn run_convert(args: &ConvertArgs) -> Result<()> {
 pub(super) fn run_factorize(args: &FactorizeArgs) -> Result<()> {
     use svfit::factors;
     let (path, key) = args.factors.key()?;
+    understood(&path)?;
     let out = key.path(&home::home_dir());
     let ranks: Vec<_> = if out.exists() && !args.force {
         eprintln!("factors already cached at {}", out.display());
@@ -131,6 +140,7 @@ fn load_adapter(path: &Path, model: &Path) -> Result<Loaded> {
 pub(super) fn run_merge(args: &MergeArgs) -> Result<()> {
     let ty: svfit::merge::MergeType = args.ty.parse()?;
     let model = args.base.path()?;
+    understood(&model)?;
     let resolved = args
         .adapter
         .resolve(&model)?

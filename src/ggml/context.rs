@@ -465,22 +465,26 @@ impl Context {
         })
     }
 
-    /// Rotary position embedding (`mode` 0 = normal, as llama) without YaRN.
+    /// Rotary position embedding (`mode` 0 = normal, as llama) without YaRN;
+    /// `freq_factors` (f32, one per pair of dims) divide its frequencies.
     pub fn rope<'a>(
         &'a self,
         a: Tensor<'a>,
         positions: Tensor<'a>,
+        freq_factors: Option<Tensor<'a>>,
         n_dims: i32,
         n_ctx_orig: i32,
         freq_base: f32,
     ) -> Tensor<'a> {
-        // SAFETY: see `mul_mat`. No frequency factors (null is allowed).
+        let factors = freq_factors.map_or(std::ptr::null_mut(), |f| f.as_ptr());
+        // SAFETY: see `mul_mat`; the factors are null (allowed) or a
+        // tensor of this lifetime.
         self.wrap(unsafe {
             sys::ggml_rope_ext(
                 self.as_ptr(),
                 a.as_ptr(),
                 positions.as_ptr(),
-                std::ptr::null_mut(),
+                factors,
                 n_dims,
                 0,
                 n_ctx_orig,

@@ -192,6 +192,22 @@ impl GgufFile {
         }
     }
 
+    /// Every metadata key, in the file's order.
+    pub fn keys(&self) -> Vec<String> {
+        let ctx = self.raw.as_ptr();
+        // SAFETY: live context; ids below gguf_get_n_kv; each key is a
+        // NUL-terminated string the context owns, copied before it returns.
+        unsafe {
+            (0..sys::gguf_get_n_kv(ctx))
+                .map(|id| {
+                    std::ffi::CStr::from_ptr(sys::gguf_get_key(ctx, id))
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect()
+        }
+    }
+
     pub fn has_key(&self, key: &str) -> bool {
         self.key_id(key).is_some()
     }

@@ -1,5 +1,7 @@
 //! Hyper-parameters of a llama-architecture model, read from GGUF metadata in
-//! one place.
+//! one place, which also accounts for every other key of the file: a key
+//! the engine does not read and does not know to be irrelevant fails the
+//! load, naming it (a file we do not fully understand is never served).
 
 use crate::ggml::gguf::GgufFile;
 
@@ -7,6 +9,93 @@ use super::ModelError;
 
 /// The architectures this engine runs.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+
+/// The `{arch}.` keys [`Config::from_gguf`] reads: each is used, or its
+/// value checked to be one the engine computes (else the load fails).
+const READ: &[&str] = &[
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "vocab_size",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.layer_norm_rms_epsilon",
+    "attention.causal",
+    "rope.dimension_count",
+    "rope.freq_base",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "expert_count",
+    "expert_used_count",
+];
+
+/// `{arch}.` keys that change nothing the engine computes, with why.
+const IGNORED: &[(&str, &str)] = &[
+    (
+        "rope.scaling.original_context_length",
+        "only YaRN reads it, and a YaRN file is refused (rope.scaling.type)",
+    ),
+    (
+        "rope.scaling.finetuned",
+        "a note on how the model was trained",
+    ),
+];
+
+/// Namespaces of keys outside `{arch}.`, with what they are to the engine.
+/// `general.type` and `split.count` are checked in [`check_keys`].
+const NAMESPACES: &[(&str, &str)] = &[
+    (
+        "general.",
+        "the file's description (name, license, file type); general.architecture \
+         is read above and general.alignment by the GGUF reader",
+    ),
+    (
+        "tokenizer.",
+        "the vocabulary and chat template, read by llama.cpp's tokenizer (model::tokenizer)",
+    ),
+    (
+        "quantize.",
+        "how the file was quantized (importance matrix); each tensor's type says what it holds",
+    ),
+    (
+        "split.",
+        "parts of a split file; only a file in one part loads",
+    ),
+    ("svfit.", "what `svfit merge` merged into the file"),
+];
+
+fn needs(what: String) -> ModelError {
+    ModelError::NeedsSupport(what)
+}
+
+/// Every metadata key of the file is one the engine reads, or one known
+/// not to change what it computes; any other fails the load, naming it.
+fn check_keys(gguf: &GgufFile, arch: &str) -> Result<(), ModelError> {
+    for key in gguf.keys() {
+        let known = match key.strip_prefix(arch).and_then(|k| k.strip_prefix('.')) {
+            Some(k) => READ.contains(&k) || IGNORED.iter().any(|(name, _)| *name == k),
+            None => NAMESPACES.iter().any(|(prefix, _)| key.starts_with(prefix)),
+        };
+        if !known {
+            return Err(needs(format!("metadata key {key}")));
+        }
+    }
+    if let Some(kind) = gguf.get_str("general.type")? {
+        if kind != "model" {
+            return Err(needs(format!("general.type = {kind} (not a model)")));
+        }
+    }
+    if let Some(n @ 2..) = gguf.get_int("split.count")? {
+        return Err(needs(format!(
+            "split.count = {n} (a model split into files)"
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -45,17 +134,28 @@ impl Config {
         let required = |k: &str| -> Result<usize, ModelError> {
             int(k)?.ok_or_else(|| ModelError::Metadata(format!("{} is missing", key(k))))
         };
-        if let Some(n) = gguf.get_int(&key("expert_count"))? {
-            if n > 0 {
-                return Err(ModelError::Unsupported(format!(
-                    "mixture of experts ({n} experts)"
-                )));
+        for k in ["expert_count", "expert_used_count"] {
+            if let Some(n @ 1..) = gguf.get_int(&key(k))? {
+                return Err(needs(format!("{} = {n} (mixture of experts)", key(k))));
             }
         }
         if let Some(kind) = gguf.get_str(&key("rope.scaling.type"))? {
             if kind != "none" {
-                return Err(ModelError::Unsupported(format!("rope scaling '{kind}'")));
+                return Err(needs(format!("{} = {kind}", key("rope.scaling.type"))));
             }
+        }
+        // llama.cpp scales RoPE's positions by 1/factor whatever the type
+        // (0 means none).
+        for k in ["rope.scaling.factor", "rope.scale_linear"] {
+            match gguf.get_f32(&key(k))? {
+                Some(f) if f != 0.0 && f != 1.0 => {
+                    return Err(needs(format!("{} = {f} (linear RoPE scaling)", key(k))))
+                }
+                _ => {}
+            }
+        }
+        if gguf.get_bool(&key("attention.causal"))? == Some(false) {
+            return Err(needs(format!("{} = false", key("attention.causal"))));
         }
 
         let n_embd = required("embedding_length")?;
@@ -69,15 +169,35 @@ impl Config {
         let head_dim = n_embd / n_head;
         if let Some(rope_dims) = int("rope.dimension_count")? {
             if rope_dims != head_dim {
-                return Err(ModelError::Unsupported(format!(
-                    "partial rotary embedding ({rope_dims} of {head_dim} dims)"
+                return Err(needs(format!(
+                    "{} = {rope_dims} (partial rotary embedding: {rope_dims} of {head_dim} dims)",
+                    key("rope.dimension_count")
                 )));
+            }
+        }
+        for k in ["attention.key_length", "attention.value_length"] {
+            if let Some(n) = int(k)? {
+                if n != head_dim {
+                    return Err(needs(format!(
+                        "{} = {n} (heads of {n}, not embedding length / heads = {head_dim})",
+                        key(k)
+                    )));
+                }
             }
         }
         let n_vocab = gguf
             .tensor("token_embd.weight")
             .map(|t| t.ne[1] as usize)
             .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        if let Some(n) = int("vocab_size")? {
+            if n != n_vocab {
+                return Err(ModelError::Metadata(format!(
+                    "{} = {n}, but token_embd.weight has {n_vocab} rows",
+                    key("vocab_size")
+                )));
+            }
+        }
+        check_keys(gguf, &arch)?;
         Ok(Config {
             n_layer: required("block_count")?,
             n_embd,

@@ -227,6 +227,7 @@ fn attention<'a>(
         ctx.rope(
             t,
             inputs.positions,
+            weights.rope_freqs.map(|id| weights.get(id)),
             cfg.head_dim as i32,
             cfg.n_ctx_train as i32,
             cfg.rope_freq_base,
@@ -439,6 +440,7 @@ fn whole_attention<'a>(
         ctx.rope(
             t,
             inputs.positions,
+            weights.rope_freqs.map(|id| weights.get(id)),
             cfg.head_dim as i32,
             cfg.n_ctx_train as i32,
             cfg.rope_freq_base,

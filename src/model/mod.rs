@@ -27,6 +27,16 @@ use kv_cache::SeqGroup;
 pub use weights::{write_converted, WeightFormat};
 use weights::{Holding, Weights};
 
+/// The config of the model in `gguf`, once every metadata key and every
+/// tensor of the file is accounted for (read, or known not to change what
+/// the engine computes). Loading checks the same; `svfit factorize`,
+/// `merge` and `convert` ask this before they read a matrix.
+pub fn understand(gguf: &GgufFile) -> Result<Config, ModelError> {
+    let config = Config::from_gguf(gguf)?;
+    weights::check_tensors(gguf, &config)?;
+    Ok(config)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]
@@ -39,6 +49,9 @@ pub enum ModelError {
     UnsupportedArchitecture(String),
     #[error("unsupported model feature: {0}")]
     Unsupported(String),
+    /// A key, value or tensor the engine does not compute as llama.cpp would.
+    #[error("{0}: this file needs support that svfit lacks")]
+    NeedsSupport(String),
     #[error("invalid model metadata: {0}")]
     Metadata(String),
     #[error("tensor '{0}' is missing from the model")]

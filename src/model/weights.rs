@@ -158,6 +158,9 @@ pub struct Weights {
     /// `output.weight`, or `token_embd.weight` when the embeddings are tied.
     pub output: TensorId,
     pub layers: Vec<LayerWeights>,
+    /// `rope_freqs.weight`: Llama 3's per-frequency RoPE factors (RoPE's
+    /// frequency `i` divided by factor `i`), shared by every layer.
+    pub rope_freqs: Option<TensorId>,
 }
 
 impl Weights {
@@ -170,24 +173,7 @@ impl Weights {
         backend: &Backend,
         holding: Holding,
     ) -> Result<Self, ModelError> {
-        let expected = expected_shapes(config);
-        for (name, shape, required) in &expected {
-            match gguf.tensor(name) {
-                None if *required => return Err(ModelError::MissingTensor(name.clone())),
-                None => {}
-                Some(info) => {
-                    let mut want = [1i64; 4];
-                    want[..shape.len()].copy_from_slice(shape);
-                    if info.ne != want {
-                        return Err(ModelError::TensorShape {
-                            name: name.clone(),
-                            expected: shape.to_vec(),
-                            actual: info.ne.to_vec(),
-                        });
-                    }
-                }
-            }
-        }
+        check_tensors(gguf, config)?;
         let mut set = match holding {
             Holding::Serve(WeightFormat::Keep) => gguf.load_tensors(backend)?,
             Holding::Serve(format) => gguf.load_tensors_as(backend, |info| format.type_of(info))?,
@@ -225,6 +211,7 @@ impl Weights {
         let token_embd = id("token_embd.weight")?;
         let output_norm = id("output_norm.weight")?;
         let output = set.find("output.weight").unwrap_or(token_embd);
+        let rope_freqs = set.find("rope_freqs.weight");
         let (mut interleaved, mut interleaved_output) = (HashSet::new(), None);
         if matches!(holding, Holding::Serve(_)) && q8_0::available_on(backend) {
             let matrices = layers.iter().flat_map(LayerWeights::matrices);
@@ -241,6 +228,7 @@ impl Weights {
             interleaved,
             interleaved_output,
             output,
+            rope_freqs,
             output_norm,
             token_embd,
             layers,
@@ -318,6 +306,66 @@ fn interleaved_copy(
     Ok(interleave(&mut copy, INTERLEAVED_OUTPUT).then_some(copy))
 }
 
+/// Every tensor of the file is a weight of [`expected_shapes`], in its
+/// shape, and every required one is there: a tensor the engine would not
+/// read (a bias, a q/k norm, an expert) fails the load, naming it.
+pub(super) fn check_tensors(gguf: &GgufFile, config: &Config) -> Result<(), ModelError> {
+    let expected = expected_shapes(config);
+    for (name, shape, required) in &expected {
+        match gguf.tensor(name) {
+            None if *required => return Err(ModelError::MissingTensor(name.clone())),
+            None => {}
+            Some(info) => {
+                let mut want = [1i64; 4];
+                want[..shape.len()].copy_from_slice(shape);
+                if info.ne != want {
+                    return Err(ModelError::TensorShape {
+                        name: name.clone(),
+                        expected: shape.to_vec(),
+                        actual: info.ne.to_vec(),
+                    });
+                }
+            }
+        }
+    }
+    if let Some(info) = gguf.tensor("rope_freqs.weight") {
+        if info.ty != Type::F32 {
+            return Err(ModelError::NeedsSupport(format!(
+                "tensor rope_freqs.weight of type {}",
+                info.ty
+            )));
+        }
+    }
+    let known: HashSet<&str> = expected.iter().map(|(name, _, _)| name.as_str()).collect();
+    match gguf
+        .tensors()
+        .iter()
+        .find(|t| !known.contains(t.name.as_str()))
+    {
+        Some(t) => Err(ModelError::NeedsSupport(format!(
+            "tensor {}{}",
+            t.name,
+            what_tensor(&t.name)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// What a tensor the engine does not read is, where its name says.
+fn what_tensor(name: &str) -> &'static str {
+    let kind = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split_once('.'))
+        .map_or(name, |(_, k)| k);
+    match kind {
+        k if k.ends_with(".bias") => " (a bias)",
+        "attn_q_norm.weight" | "attn_k_norm.weight" => " (an RMSNorm of q or k per head)",
+        k if k.contains("_exps") || k.starts_with("ffn_gate_inp") => " (mixture of experts)",
+        "rope_freqs.weight" => " (RoPE frequency factors per layer)",
+        _ => "",
+    }
+}
+
 /// (name, ggml shape, required) of every weight of a llama model.
 fn expected_shapes(c: &Config) -> Vec<(String, Vec<i64>, bool)> {
     let (embd, ff, vocab) = (c.n_embd as i64, c.n_ff as i64, c.n_vocab as i64);
@@ -327,6 +375,12 @@ fn expected_shapes(c: &Config) -> Vec<(String, Vec<i64>, bool)> {
         ("token_embd.weight".to_string(), vec![embd, vocab], true),
         ("output_norm.weight".to_string(), vec![embd], true),
         ("output.weight".to_string(), vec![embd, vocab], false),
+        // Llama 3's RoPE frequency factors, one per pair of dims.
+        (
+            "rope_freqs.weight".to_string(),
+            vec![c.head_dim as i64 / 2],
+            false,
+        ),
     ];
     for l in 0..c.n_layer {
         let w = |kind: &str, shape: Vec<i64>| (format!("blk.{l}.{kind}.weight"), shape, true);

@@ -28,8 +28,9 @@ use tonic::Status;
 
 use crate::engine::{Engine, EngineConfig, Failure, SubmitError};
 use crate::factors::{self, FactorsKey};
+use crate::ggml::gguf::GgufFile;
 use crate::ggml::Type;
-use crate::model::{LoadOptions, Model, Tokenizer};
+use crate::model::{self, LoadOptions, Model, Tokenizer};
 use crate::store::{AdapterStore, PinLimits, StoreError};
 use adapters::AdaptersService;
 use auth::{Authenticate, Keys, TenantRate};
@@ -286,6 +287,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let setup = config.clone();
     let (engine, store, tokenizer, ranks) = tokio::task::spawn_blocking(move || {
         let config = setup;
+        // A file the engine does not fully understand is refused before
+        // its factors are computed.
+        model::understand(&GgufFile::open(&config.model)?)?;
         let path = factors::ensure(&config.model, &config.factors, &config.home)?;
         let factor_set = factors::read_factors(&path, &config.factors)?;
         let singular = factors::read_singular_values(&path, &config.factors)?;

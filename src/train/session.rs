@@ -334,6 +334,12 @@ pub fn run(
     observer: &mut dyn Observer,
 ) -> Result<Summary, SessionError> {
     let started = Instant::now();
+    // A file the engine does not fully understand is refused before its
+    // factors are computed.
+    let gguf = crate::ggml::gguf::GgufFile::open(&options.model)
+        .map_err(crate::model::ModelError::from)?;
+    crate::model::understand(&gguf)?;
+    drop(gguf);
     let base_sha256 = crate::home::sha256_file(&options.model).map_err(io(&options.model))?;
     let key = FactorsKey {
         base_sha256: base_sha256.clone(),

@@ -7,6 +7,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use svfit::ggml::gguf::{GgufFile, GgufWriter};
+use svfit::ggml::Type;
 use svfit::model::random::{self, Types};
 use svfit::model::Logits;
 use svfit::oracle::Reference;
@@ -25,6 +27,82 @@ pub fn write_tiny_model(path: &Path, shape: &Shape) {
 /// The same with another seed: other weights, same shapes.
 pub fn write_model_seeded(path: &Path, shape: &Shape, seed: u64) {
     random::write(path, shape, &Types::Mixed, None, seed).unwrap();
+}
+
+/// Writes `src` again at `out`: every key, then `edit` (which may set keys
+/// and add tensors), then every tensor `keep` keeps, as stored.
+pub fn rewrite(
+    src: &Path,
+    out: &Path,
+    keep: impl Fn(&str) -> bool,
+    edit: impl FnOnce(&mut GgufWriter),
+) {
+    let gguf = GgufFile::open(src).unwrap();
+    let mut w = GgufWriter::new(gguf.tensors().len() + 8).unwrap();
+    w.copy_metadata_from(&gguf);
+    edit(&mut w);
+    for t in gguf.tensors().iter().filter(|t| keep(&t.name)) {
+        let bytes = gguf.read_tensor_bytes(t).unwrap();
+        w.add_tensor(&t.name, t.ty, t.shape(), bytes).unwrap();
+    }
+    w.write(out).unwrap();
+}
+
+/// Adds the f32 vector `values` as the tensor `name`.
+pub fn add_f32(w: &mut GgufWriter, name: &str, values: &[f32]) {
+    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    w.add_tensor(name, Type::F32, &[values.len() as i64], bytes)
+        .unwrap();
+}
+
+/// Llama 3's RoPE frequency factors as its converter computes
+/// `rope_freqs.weight` (factor 8, low and high frequency factors 1 and 4),
+/// for heads of `head_dim`, RoPE base `base` and an original context of
+/// `n_ctx_orig` tokens.
+pub fn llama3_rope_factors(head_dim: usize, base: f32, n_ctx_orig: f32) -> Vec<f32> {
+    let (factor, low, high) = (8.0f32, 1.0f32, 4.0f32);
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = base.powf(-2.0 * i as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < n_ctx_orig / high {
+                1.0
+            } else if wavelen > n_ctx_orig / low {
+                factor
+            } else {
+                let smooth = (n_ctx_orig / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
+/// The tiny model as a Llama 3.x file: RoPE base 500000 and
+/// `rope_freqs.weight`, its factors for an original context of 64 tokens
+/// (so that the tests' short sequences span all three of the formula's
+/// cases: 1, 2.44 and 8).
+pub fn write_llama3_model(path: &Path) {
+    let plain = path.with_extension("plain.gguf");
+    write_tiny_model(&plain, &TINY);
+    let factors = llama3_rope_factors(TINY.n_embd / TINY.n_head, 500_000.0, 64.0);
+    // An output head of its own: with the head tied to the embeddings a
+    // random model predicts the token it was given, and greedy decoding
+    // repeats one token.
+    let (e, v) = (TINY.n_embd, TINY.n_vocab);
+    let head = Rng::new(3).normals(e * v, 1.0 / (e as f32).sqrt());
+    let head: Vec<u8> = head.iter().flat_map(|x| x.to_le_bytes()).collect();
+    rewrite(
+        &plain,
+        path,
+        |_| true,
+        |w| {
+            w.set_f32("llama.rope.freq_base", 500_000.0).unwrap();
+            add_f32(w, "rope_freqs.weight", &factors);
+            w.add_tensor("output.weight", Type::F32, &[e as i64, v as i64], head)
+                .unwrap();
+        },
+    );
+    std::fs::remove_file(plain).unwrap();
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{Shape, TempDir, TINY};
+use svfit::ggml::gguf::GgufWriter;
 
 fn svfit(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_svfit"))
@@ -81,6 +82,158 @@ fn unsupported_architecture_is_refused() {
     assert_fails_with(
         &generate_with(&path, &["--prompt", "hi"]),
         "unsupported architecture 'gpt2'",
+    );
+}
+
+/// The tiny model with one thing added (`edit`) that the engine does not
+/// compute, at `path`.
+fn tiny_with(path: &Path, edit: impl FnOnce(&mut GgufWriter)) {
+    let plain = path.with_extension("plain.gguf");
+    common::write_tiny_model(&plain, &TINY);
+    common::rewrite(&plain, path, |_| true, edit);
+}
+
+/// Every tensor and key of a llama file that the engine does not compute
+/// as llama.cpp would (biases, q/k norms, RoPE scaling, sliding windows,
+/// soft-capping, heads of another width, experts, unknown keys, an adapter
+/// file) fails `generate`, `factorize`, `merge`, `train` and `serve` with
+/// one line naming it, and nothing is written or served.
+#[test]
+fn files_the_engine_does_not_fully_understand_are_refused() {
+    let _machine = crate::common::shared();
+    let dir = TempDir::new("understand");
+    let head = (TINY.n_embd / TINY.n_head) as u32;
+    let kv = TINY.n_embd / TINY.n_head * TINY.n_head_kv;
+    type Edit = Box<dyn FnOnce(&mut GgufWriter)>;
+    let zeros = |n: usize| vec![0.0f32; n];
+    let tensor = |name: &'static str, n: usize| -> Edit {
+        Box::new(move |w| common::add_f32(w, name, &zeros(n)))
+    };
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "blk.0.attn_q.bias",
+            tensor("blk.0.attn_q.bias", TINY.n_embd),
+        ),
+        ("blk.1.attn_k.bias", tensor("blk.1.attn_k.bias", kv)),
+        ("blk.0.attn_v.bias", tensor("blk.0.attn_v.bias", kv)),
+        (
+            "blk.0.attn_output.bias",
+            tensor("blk.0.attn_output.bias", TINY.n_embd),
+        ),
+        (
+            "blk.0.ffn_down.bias",
+            tensor("blk.0.ffn_down.bias", TINY.n_embd),
+        ),
+        (
+            "blk.0.attn_q_norm.weight",
+            tensor("blk.0.attn_q_norm.weight", head as usize),
+        ),
+        (
+            "blk.0.attn_k_norm.weight",
+            tensor("blk.0.attn_k_norm.weight", head as usize),
+        ),
+        ("rope_freqs.weight", tensor("rope_freqs.weight", 3)),
+        ("output.weight", tensor("output.weight", TINY.n_embd)),
+        (
+            "llama.rope.scaling.type = linear",
+            Box::new(|w| w.set_str("llama.rope.scaling.type", "linear").unwrap()),
+        ),
+        (
+            "llama.rope.scaling.type = yarn",
+            Box::new(|w| w.set_str("llama.rope.scaling.type", "yarn").unwrap()),
+        ),
+        (
+            "llama.rope.scaling.factor = 8",
+            Box::new(|w| w.set_f32("llama.rope.scaling.factor", 8.0).unwrap()),
+        ),
+        (
+            "llama.attention.sliding_window",
+            Box::new(|w| w.set_u32("llama.attention.sliding_window", 32).unwrap()),
+        ),
+        (
+            "llama.attn_logit_softcapping",
+            Box::new(|w| w.set_f32("llama.attn_logit_softcapping", 50.0).unwrap()),
+        ),
+        (
+            "llama.final_logit_softcapping",
+            Box::new(|w| w.set_f32("llama.final_logit_softcapping", 30.0).unwrap()),
+        ),
+        (
+            "llama.attention.key_length = 32",
+            Box::new(move |w| w.set_u32("llama.attention.key_length", 2 * head).unwrap()),
+        ),
+        (
+            "llama.attention.value_length = 32",
+            Box::new(move |w| w.set_u32("llama.attention.value_length", 2 * head).unwrap()),
+        ),
+        (
+            "llama.expert_count = 8",
+            Box::new(|w| w.set_u32("llama.expert_count", 8).unwrap()),
+        ),
+        (
+            "llama.embedding_scale",
+            Box::new(|w| w.set_f32("llama.embedding_scale", 12.0).unwrap()),
+        ),
+        (
+            "general.type = adapter",
+            Box::new(|w| w.set_str("general.type", "adapter").unwrap()),
+        ),
+    ];
+    let home = dir.path().join("home");
+    for (i, (name, edit)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("case{i}.gguf"));
+        tiny_with(&path, edit);
+        let model = path.to_str().unwrap();
+        assert_fails_with(&generate_with(&path, &["--prompt", "hi"]), name);
+        let out = dir.path().join(format!("case{i}.out.gguf"));
+        let out_arg = out.to_str().unwrap();
+        let data = dir.path().join("none.jsonl");
+        let commands: [&[&str]; 5] = [
+            &["factorize", "--model", model],
+            &[
+                "merge",
+                "--model",
+                model,
+                "--adapter",
+                "none.safetensors",
+                "--out",
+                out_arg,
+            ],
+            &["convert", "--model", model, "--out", out_arg],
+            &[
+                "train",
+                "--model",
+                model,
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out_arg,
+            ],
+            &[
+                "serve",
+                "--model",
+                model,
+                "--addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "none",
+            ],
+        ];
+        for args in commands {
+            // A server that did start would run on: `timeout` ends it.
+            let result = Command::new("timeout")
+                .args(["120", env!("CARGO_BIN_EXE_svfit")])
+                .args(args)
+                .env("SVFIT_HOME", &home)
+                .output()
+                .unwrap();
+            assert_fails_with(&result, name);
+            assert!(!out.exists(), "svfit {args:?} wrote {}", out.display());
+        }
+    }
+    assert!(
+        !home.join("factors").exists(),
+        "factors were computed for a refused file"
     );
 }
 

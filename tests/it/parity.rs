@@ -10,6 +10,7 @@ use std::path::Path;
 
 use common::{compare, Agreement, Rng};
 use svfit::model::{Batch, LoadOptions, Logits, Model, SeqId, Tokenizer, WeightFormat};
+use svfit::sampling::argmax;
 
 const THREADS: usize = 2;
 const N_CTX: usize = 1024;
@@ -190,6 +191,75 @@ fn tiny_model_matches_llama_cpp() {
     for weights in FORMATS {
         check_model(&path, seqs.clone(), weights);
     }
+}
+
+/// `n` greedy tokens after `prompt` (sequence 0), from `decode`.
+fn greedy(decode: &mut dyn FnMut(&Batch) -> Logits, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut batch = Batch::new();
+    batch.add_sequence(prompt, 0, 0, false);
+    let mut out = Vec::new();
+    while out.len() < n {
+        let logits = decode(&batch);
+        let token = argmax(logits.row(logits.n_rows() - 1));
+        out.push(token);
+        batch.clear();
+        batch.add(token, prompt.len() + out.len() - 1, 0, true);
+    }
+    out
+}
+
+/// A Llama 3.x file (RoPE base 500000, `rope_freqs.weight`): our logits
+/// under every layout are llama.cpp's, and 32 greedy tokens the same. The
+/// factors matter: llama.cpp answers otherwise without them.
+#[test]
+fn llama3_rope_freqs_match_llama_cpp() {
+    let _machine = crate::common::shared();
+    let dir = common::TempDir::new("llama3");
+    let path = dir.path().join("llama3.gguf");
+    common::write_llama3_model(&path);
+    let mut rng = Rng::new(8);
+    let seqs = [40usize, 64, 90]
+        .iter()
+        .map(|&n| rng.tokens(n, common::TINY.n_vocab))
+        .collect::<Vec<_>>();
+    for weights in FORMATS {
+        check_model(&path, seqs.clone(), weights);
+    }
+
+    let prompt = &seqs[0];
+    let options = LoadOptions {
+        device: "cpu".into(),
+        threads: THREADS,
+        weights: WeightFormat::Keep,
+    };
+    let mut model = Model::load(&path, &options).unwrap();
+    let mut cache = model.new_cache(N_CTX).unwrap();
+    let mine = greedy(&mut |b| model.decode(&mut cache, b).unwrap(), prompt, 32);
+    let reference = common::reference(&path);
+    let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
+    let theirs = greedy(&mut |b| session.decode(b).unwrap(), prompt, 32);
+    eprintln!("32 greedy tokens: {mine:?}");
+    assert_eq!(mine, theirs, "32 greedy tokens, ours then llama.cpp's");
+
+    let plain = dir.path().join("without-factors.gguf");
+    common::rewrite(&path, &plain, |name| name != "rope_freqs.weight", |_| {});
+    let reference = common::reference(&plain);
+    let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
+    let ignored = greedy(&mut |b| session.decode(b).unwrap(), prompt, 32);
+    assert_ne!(
+        ignored, theirs,
+        "llama.cpp's greedy tokens without the factors"
+    );
+    let single = vec![(0, seqs[1].clone())];
+    let moved = agreement(
+        &llama_cpp(&plain, &single, &[40]),
+        &llama_cpp(&path, &single, &[40]),
+    );
+    eprintln!("llama.cpp without the factors vs with: {moved:?}");
+    assert!(
+        moved.mean_abs_rel > 0.1,
+        "the factors barely change llama.cpp's logits: {moved:?}"
+    );
 }
 
 /// A sequence that outgrows its cells while its neighbour holds the next

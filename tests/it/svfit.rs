@@ -318,6 +318,32 @@ fn tiny_adapter_path_matches_llama_cpp_on_the_merged_model() {
     check_exactness(&tiny("all-linear"), &random_tokens(90, 2));
 }
 
+/// A Llama 3.x file (`rope_freqs.weight`, RoPE base 500000): `merge`
+/// keeps the factors as they were, and llama.cpp on the merged file
+/// answers as our adapter path does.
+#[test]
+fn llama3_merge_keeps_rope_freqs_and_matches_the_adapter_path() {
+    let _machine = crate::common::shared();
+    let dir = TempDir::new("llama3-merge");
+    let model = dir.path().join("llama3.gguf");
+    common::write_llama3_model(&model);
+    let s = setup(dir, model, "all-linear");
+    check_exactness(&s, &random_tokens(90, 3));
+    let factors = |path: &Path| {
+        let gguf = svfit::ggml::gguf::GgufFile::open(path).unwrap();
+        let info = gguf
+            .tensor("rope_freqs.weight")
+            .expect("rope_freqs.weight")
+            .clone();
+        (info.ty, gguf.read_tensor_bytes(&info).unwrap())
+    };
+    assert_eq!(
+        factors(&s.dir.path().join("merged.gguf")),
+        factors(&s.model),
+        "the merged file's rope_freqs.weight"
+    );
+}
+
 #[test]
 fn tiny_mixed_batch_equals_each_sequence_alone() {
     let _machine = crate::common::shared();
