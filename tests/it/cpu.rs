@@ -62,27 +62,43 @@ fn amx_instructions(binary: &Path) -> Vec<String> {
     found
 }
 
-/// Where `scripts/build-llama-server` puts llama-server (the load bench's
-/// opponent), if it has been built here.
-fn built_llama_server() -> Option<PathBuf> {
-    let home = std::env::var_os("HOME")?;
-    let path = Path::new(&home).join(".cache/svfit-anchors/build/bin/llama-server");
-    path.exists().then_some(path)
+/// llama-server (the load bench's opponent) and the ggml and llama
+/// libraries beside it, where `scripts/build-llama-server` has built them.
+fn built_llama_server() -> Vec<PathBuf> {
+    let Some(home) = std::env::var_os("HOME") else {
+        return Vec::new();
+    };
+    let bin = Path::new(&home).join(".cache/svfit-anchors/build/bin");
+    if !bin.join("llama-server").exists() {
+        return Vec::new();
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&bin)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| !p.is_symlink())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name == "llama-server" || (name.starts_with("lib") && name.contains(".so"))
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 /// No AMX instruction in svfit (whose ggml the tests' llama.cpp oracle
-/// shares) nor in llama-server where it is built: on a machine that cannot
-/// run them this fails here, on any CPU, before one of them faults.
+/// shares) nor in llama-server and its libraries where they are built: on a
+/// machine that cannot run them this fails here, on any CPU, before one of
+/// them faults.
 #[test]
 fn no_amx_instruction_in_ggml_builds() {
     let _machine = common::shared();
     let mut binaries = vec![PathBuf::from(env!("CARGO_BIN_EXE_svfit"))];
-    match built_llama_server() {
-        Some(server) => binaries.push(server),
-        None => {
-            eprintln!("llama-server is not built here (scripts/build-llama-server): not scanned")
-        }
+    let server = built_llama_server();
+    if server.is_empty() {
+        eprintln!("llama-server is not built here (scripts/build-llama-server): not scanned");
     }
+    binaries.extend(server);
     // The scan itself finds AMX: in an object compiled with it.
     let dir = common::TempDir::new("amx");
     let (source, object) = (dir.path().join("amx.c"), dir.path().join("amx.o"));
