@@ -17,6 +17,7 @@ mod common;
 mod adapter;
 mod cli;
 mod cpu;
+mod demo;
 mod engine;
 mod factorize;
 mod fuzz;
