@@ -80,14 +80,14 @@ pub fn llama3_rope_factors(head_dim: usize, base: f32, n_ctx_orig: f32) -> Vec<f
 /// The tiny model as a Llama 3.x file: RoPE base 500000 and
 /// `rope_freqs.weight`, its factors for an original context of 64 tokens
 /// (so that the tests' short sequences span all three of the formula's
-/// cases: 1, 2.44 and 8).
-pub fn write_llama3_model(path: &Path) {
+/// cases: 1, 2.44 and 8). With `own_head`, an output head of its own: a
+/// random model whose head is tied to the embeddings predicts the token it
+/// was given, so greedy decoding repeats one token; an untied random head
+/// makes greedy answers vary (and top-1 near-ties common).
+pub fn write_llama3_model(path: &Path, own_head: bool) {
     let plain = path.with_extension("plain.gguf");
     write_tiny_model(&plain, &TINY);
     let factors = llama3_rope_factors(TINY.n_embd / TINY.n_head, 500_000.0, 64.0);
-    // An output head of its own: with the head tied to the embeddings a
-    // random model predicts the token it was given, and greedy decoding
-    // repeats one token.
     let (e, v) = (TINY.n_embd, TINY.n_vocab);
     let head = Rng::new(3).normals(e * v, 1.0 / (e as f32).sqrt());
     let head: Vec<u8> = head.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -98,8 +98,10 @@ pub fn write_llama3_model(path: &Path) {
         |w| {
             w.set_f32("llama.rope.freq_base", 500_000.0).unwrap();
             add_f32(w, "rope_freqs.weight", &factors);
-            w.add_tensor("output.weight", Type::F32, &[e as i64, v as i64], head)
-                .unwrap();
+            if own_head {
+                w.add_tensor("output.weight", Type::F32, &[e as i64, v as i64], head)
+                    .unwrap();
+            }
         },
     );
     std::fs::remove_file(plain).unwrap();

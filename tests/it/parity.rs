@@ -216,7 +216,7 @@ fn llama3_rope_freqs_match_llama_cpp() {
     let _machine = crate::common::shared();
     let dir = common::TempDir::new("llama3");
     let path = dir.path().join("llama3.gguf");
-    common::write_llama3_model(&path);
+    common::write_llama3_model(&path, true);
     let mut rng = Rng::new(8);
     let seqs = [40usize, 64, 90]
         .iter()

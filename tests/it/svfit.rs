@@ -326,7 +326,7 @@ fn llama3_merge_keeps_rope_freqs_and_matches_the_adapter_path() {
     let _machine = crate::common::shared();
     let dir = TempDir::new("llama3-merge");
     let model = dir.path().join("llama3.gguf");
-    common::write_llama3_model(&model);
+    common::write_llama3_model(&model, false);
     let s = setup(dir, model, "all-linear");
     check_exactness(&s, &random_tokens(90, 3));
     let factors = |path: &Path| {
