@@ -373,37 +373,30 @@ struct Report {
 }
 
 impl Report {
-    /// The report as a JSON object.
-    fn json(&self) -> String {
-        let extra: Vec<String> = self
-            .extra
-            .iter()
-            .map(|(k, v)| format!("\"{k}\": {v}"))
-            .collect();
-        format!(
-            "{{\"engine\": \"{}\", \"scenario\": \"{}\", \"clients\": {}, \"requests\": {}, \"seconds\": {:.3}, \
-             \"requests_per_s\": {:.3}, \"tokens_per_s\": {:.3}, \"ttft_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}, \
-             \"itl_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}, \
-             \"e2e_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}{}{}}}",
-            self.engine,
-            self.scenario,
-            self.clients,
-            self.requests,
-            self.seconds,
-            self.requests_per_s,
-            self.tokens_per_s,
-            self.ttft_ms[0],
-            self.ttft_ms[1],
-            self.ttft_ms[2],
-            self.itl_ms[0],
-            self.itl_ms[1],
-            self.itl_ms[2],
-            self.e2e_ms[0],
-            self.e2e_ms[1],
-            self.e2e_ms[2],
-            if extra.is_empty() { "" } else { ", " },
-            extra.join(", ")
-        )
+    /// The report as a JSON object: seconds and rates to the millisecond,
+    /// latencies to 10 µs.
+    fn json(&self) -> serde_json::Value {
+        let round = |x: f64, places: i32| {
+            let scale = 10f64.powi(places);
+            (x * scale).round() / scale
+        };
+        let latency = |[p50, p95, p99]: [f64; 3]| serde_json::json!({"p50": round(p50, 2), "p95": round(p95, 2), "p99": round(p99, 2)});
+        let mut report = serde_json::json!({
+            "engine": self.engine,
+            "scenario": self.scenario,
+            "clients": self.clients,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 3),
+            "requests_per_s": round(self.requests_per_s, 3),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "ttft_ms": latency(self.ttft_ms),
+            "itl_ms": latency(self.itl_ms),
+            "e2e_ms": latency(self.e2e_ms),
+        });
+        for (key, value) in &self.extra {
+            report[key] = serde_json::json!(value);
+        }
+        report
     }
 }
 
@@ -1556,8 +1549,9 @@ fn main() {
     );
     print(&reports);
     if let Some(path) = &o.json {
-        let body: Vec<String> = reports.iter().map(Report::json).collect();
-        std::fs::write(path, format!("[{}]\n", body.join(",\n"))).unwrap_or_else(fail);
+        let body: Vec<serde_json::Value> = reports.iter().map(Report::json).collect();
+        let text = serde_json::to_string_pretty(&body).unwrap_or_else(fail);
+        std::fs::write(path, text + "\n").unwrap_or_else(fail);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
