@@ -1207,40 +1207,40 @@ async fn start_llama_server(o: &Options, dir: &Path, loras: &[PathBuf]) -> Llama
     }
 }
 
-/// Opens a fresh connection to llama-server and sends one HTTP/1.1
-/// request with a JSON body; the answer is read from the returned stream.
+/// An HTTP failure of a bench client: connecting, or the exchange.
+type HttpError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens a fresh connection to the server at `port` (as a new client
+/// would) and sends one HTTP/1.1 request with a JSON body; the answer's
+/// body is read from the returned response as it arrives.
 async fn send_request(
     port: u16,
     method: &str,
     path: &str,
     body: &str,
-) -> std::io::Result<tokio::net::TcpStream> {
-    use tokio::io::AsyncWriteExt;
-    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(request.as_bytes()).await?;
-    Ok(socket)
+) -> Result<hyper::Response<hyper::body::Incoming>, HttpError> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let io = hyper_util::rt::TokioIo::new(socket);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "127.0.0.1")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))?;
+    Ok(sender.send_request(request).await?)
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: (status, body).
-async fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::AsyncReadExt;
-    let mut socket = send_request(port, method, path, body).await?;
-    let mut response = String::new();
-    socket.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    Ok((status, body))
+async fn http(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, String), HttpError> {
+    use http_body_util::BodyExt;
+    let response = send_request(port, method, path, body).await?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// The same traffic through llama.cpp's own server: streaming completions,
@@ -1367,20 +1367,31 @@ async fn server_sent_events(
     server: &str,
     mut on_event: impl FnMut(&str) -> bool,
 ) {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let socket = send_request(port, "POST", path, body)
+    use http_body_util::BodyExt;
+    let response = send_request(port, "POST", path, body)
         .await
         .unwrap_or_else(fail);
-    let mut lines = BufReader::new(socket).lines();
-    while let Some(line) = lines.next_line().await.unwrap_or_else(fail) {
-        let Some(event) = line.strip_prefix("data: ") else {
-            if line.starts_with("HTTP/1.1 ") && !line.contains(" 200 ") {
-                exit(&format!("{server} answered {line}"));
-            }
+    if response.status() != hyper::StatusCode::OK {
+        exit(&format!("{server} answered {}", response.status()));
+    }
+    let mut body = response.into_body();
+    // Events are lines; a frame may end inside one.
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.unwrap_or_else(fail).into_data() else {
             continue;
         };
-        if on_event(event) {
-            return;
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\r', '\n']);
+            let Some(event) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if on_event(event) {
+                return;
+            }
         }
     }
 }

@@ -989,15 +989,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 async fn scrape(addr: SocketAddr) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
-        let mut socket = tokio::net::TcpStream::connect(addr).await.ok()?;
-        socket
-            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        socket.read_to_string(&mut body).await.ok()?;
+        let (_, _, body) = try_http(addr, "GET", "/metrics", &[], "").await.ok()?;
         body.contains("svfit_requests_total").then_some(body)
     };
     tokio::time::timeout(Duration::from_secs(2), attempt)
