@@ -19,7 +19,6 @@ pub mod model;
 pub mod npy;
 pub mod oracle;
 pub mod prefix_cache;
-pub mod rng;
 pub mod sampling;
 pub mod server;
 pub mod store;

@@ -13,8 +13,7 @@ use svfit::model::random::{self, Types};
 use svfit::model::Logits;
 use svfit::oracle::Reference;
 
-pub use svfit::model::random::Shape;
-pub use svfit::rng::Rng;
+pub use svfit::model::random::{Rng, Shape};
 
 /// The tiny test model's shape.
 pub const TINY: Shape = Shape::TINY;
