@@ -373,37 +373,30 @@ struct Report {
 }
 
 impl Report {
-    /// The report as a JSON object.
-    fn json(&self) -> String {
-        let extra: Vec<String> = self
-            .extra
-            .iter()
-            .map(|(k, v)| format!("\"{k}\": {v}"))
-            .collect();
-        format!(
-            "{{\"engine\": \"{}\", \"scenario\": \"{}\", \"clients\": {}, \"requests\": {}, \"seconds\": {:.3}, \
-             \"requests_per_s\": {:.3}, \"tokens_per_s\": {:.3}, \"ttft_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}, \
-             \"itl_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}, \
-             \"e2e_ms\": {{\"p50\": {:.2}, \"p95\": {:.2}, \"p99\": {:.2}}}{}{}}}",
-            self.engine,
-            self.scenario,
-            self.clients,
-            self.requests,
-            self.seconds,
-            self.requests_per_s,
-            self.tokens_per_s,
-            self.ttft_ms[0],
-            self.ttft_ms[1],
-            self.ttft_ms[2],
-            self.itl_ms[0],
-            self.itl_ms[1],
-            self.itl_ms[2],
-            self.e2e_ms[0],
-            self.e2e_ms[1],
-            self.e2e_ms[2],
-            if extra.is_empty() { "" } else { ", " },
-            extra.join(", ")
-        )
+    /// The report as a JSON object: seconds and rates to the millisecond,
+    /// latencies to 10 µs.
+    fn json(&self) -> serde_json::Value {
+        let round = |x: f64, places: i32| {
+            let scale = 10f64.powi(places);
+            (x * scale).round() / scale
+        };
+        let latency = |[p50, p95, p99]: [f64; 3]| serde_json::json!({"p50": round(p50, 2), "p95": round(p95, 2), "p99": round(p99, 2)});
+        let mut report = serde_json::json!({
+            "engine": self.engine,
+            "scenario": self.scenario,
+            "clients": self.clients,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 3),
+            "requests_per_s": round(self.requests_per_s, 3),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "ttft_ms": latency(self.ttft_ms),
+            "itl_ms": latency(self.itl_ms),
+            "e2e_ms": latency(self.e2e_ms),
+        });
+        for (key, value) in &self.extra {
+            report[key] = serde_json::json!(value);
+        }
+        report
     }
 }
 
@@ -1214,40 +1207,40 @@ async fn start_llama_server(o: &Options, dir: &Path, loras: &[PathBuf]) -> Llama
     }
 }
 
-/// Opens a fresh connection to llama-server and sends one HTTP/1.1
-/// request with a JSON body; the answer is read from the returned stream.
+/// An HTTP failure of a bench client: connecting, or the exchange.
+type HttpError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens a fresh connection to the server at `port` (as a new client
+/// would) and sends one HTTP/1.1 request with a JSON body; the answer's
+/// body is read from the returned response as it arrives.
 async fn send_request(
     port: u16,
     method: &str,
     path: &str,
     body: &str,
-) -> std::io::Result<tokio::net::TcpStream> {
-    use tokio::io::AsyncWriteExt;
-    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(request.as_bytes()).await?;
-    Ok(socket)
+) -> Result<hyper::Response<hyper::body::Incoming>, HttpError> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let io = hyper_util::rt::TokioIo::new(socket);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "127.0.0.1")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))?;
+    Ok(sender.send_request(request).await?)
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: (status, body).
-async fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::AsyncReadExt;
-    let mut socket = send_request(port, method, path, body).await?;
-    let mut response = String::new();
-    socket.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    Ok((status, body))
+async fn http(port: u16, method: &str, path: &str, body: &str) -> Result<(u16, String), HttpError> {
+    use http_body_util::BodyExt;
+    let response = send_request(port, method, path, body).await?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// The same traffic through llama.cpp's own server: streaming completions,
@@ -1374,20 +1367,31 @@ async fn server_sent_events(
     server: &str,
     mut on_event: impl FnMut(&str) -> bool,
 ) {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let socket = send_request(port, "POST", path, body)
+    use http_body_util::BodyExt;
+    let response = send_request(port, "POST", path, body)
         .await
         .unwrap_or_else(fail);
-    let mut lines = BufReader::new(socket).lines();
-    while let Some(line) = lines.next_line().await.unwrap_or_else(fail) {
-        let Some(event) = line.strip_prefix("data: ") else {
-            if line.starts_with("HTTP/1.1 ") && !line.contains(" 200 ") {
-                exit(&format!("{server} answered {line}"));
-            }
+    if response.status() != hyper::StatusCode::OK {
+        exit(&format!("{server} answered {}", response.status()));
+    }
+    let mut body = response.into_body();
+    // Events are lines; a frame may end inside one.
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.unwrap_or_else(fail).into_data() else {
             continue;
         };
-        if on_event(event) {
-            return;
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\r', '\n']);
+            let Some(event) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if on_event(event) {
+                return;
+            }
         }
     }
 }
@@ -1556,8 +1560,9 @@ fn main() {
     );
     print(&reports);
     if let Some(path) = &o.json {
-        let body: Vec<String> = reports.iter().map(Report::json).collect();
-        std::fs::write(path, format!("[{}]\n", body.join(",\n"))).unwrap_or_else(fail);
+        let body: Vec<serde_json::Value> = reports.iter().map(Report::json).collect();
+        let text = serde_json::to_string_pretty(&body).unwrap_or_else(fail);
+        std::fs::write(path, text + "\n").unwrap_or_else(fail);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

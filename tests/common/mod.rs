@@ -107,32 +107,20 @@ pub fn write_llama3_model(path: &Path, own_head: bool) {
     std::fs::remove_file(plain).unwrap();
 }
 
-/// A fresh directory under the system temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("svfit-test-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory under the system temp dir, named after `tag` (so a
+/// test's leftovers are recognisable), removed on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("svfit-test-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// A tiny model in a fresh temp dir.
 pub fn tiny_model() -> (TempDir, PathBuf) {
-    let dir = TempDir::new("tiny");
+    let dir = temp_dir("tiny");
     let path = dir.path().join("tiny.gguf");
     write_tiny_model(&path, &TINY);
     (dir, path)

@@ -184,14 +184,7 @@ pub async fn metric(running: &Running, name: &str) -> f64 {
 /// The value of metric `name` (with its labels, if any) that the metrics
 /// listener at `addr` reports.
 pub async fn metric_at(addr: std::net::SocketAddr, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    socket.read_to_string(&mut body).await.unwrap();
+    let (_, _, body) = http(addr, "GET", "/metrics", &[], "").await;
     body.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .unwrap_or_else(|| panic!("metric {name} missing:\n{body}"))
@@ -208,6 +201,18 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, hyper::HeaderMap, String) {
+    try_http(addr, method, path, headers, body).await.unwrap()
+}
+
+/// [`http`], for a server that may not answer: the error instead of a
+/// panic.
+pub async fn try_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, hyper::HeaderMap, String), Box<dyn std::error::Error + Send + Sync>> {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -219,17 +224,15 @@ pub async fn http(
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let request = request
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
+    let request = request.body(Full::new(Bytes::from(body.to_string())))?;
+    let response = client.request(request).await?;
     let (parts, body) = response.into_parts();
-    let bytes = body.collect().await.unwrap().to_bytes();
-    (
+    let bytes = body.collect().await?.to_bytes();
+    Ok((
         parts.status.as_u16(),
         parts.headers,
         String::from_utf8_lossy(&bytes).into_owned(),
-    )
+    ))
 }
 
 /// A raw prompt whose greedy continuation does not end by itself within

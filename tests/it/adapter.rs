@@ -164,7 +164,7 @@ fn npy_f32(path: &str) -> Vec<f32> {
 #[test]
 fn adapters_on_the_command_line() {
     let _machine = crate::common::shared();
-    let dir = common::TempDir::new("cli-adapters");
+    let dir = common::temp_dir("cli-adapters");
     let home = dir.path().join("home");
     let m = common::default_model();
     let m = m.to_str().unwrap();

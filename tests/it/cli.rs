@@ -6,7 +6,7 @@ use crate::common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{Shape, TempDir, TINY};
+use common::{temp_dir, Shape, TINY};
 use svfit::ggml::gguf::GgufWriter;
 
 fn svfit(args: &[&str]) -> Output {
@@ -53,7 +53,7 @@ fn truncated_gguf_is_refused() {
 #[test]
 fn non_gguf_file_is_refused() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("notgguf");
+    let dir = temp_dir("notgguf");
     let path = dir.path().join("model.gguf");
     std::fs::write(&path, "this is a text file, not a model\n").unwrap();
     assert_fails_with(
@@ -70,7 +70,7 @@ fn non_gguf_file_is_refused() {
 #[test]
 fn unsupported_architecture_is_refused() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("arch");
+    let dir = temp_dir("arch");
     let path = dir.path().join("gpt2.gguf");
     common::write_tiny_model(
         &path,
@@ -101,7 +101,7 @@ fn tiny_with(path: &Path, edit: impl FnOnce(&mut GgufWriter)) {
 #[test]
 fn files_the_engine_does_not_fully_understand_are_refused() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("understand");
+    let dir = temp_dir("understand");
     let head = (TINY.n_embd / TINY.n_head) as u32;
     let kv = TINY.n_embd / TINY.n_head * TINY.n_head_kv;
     type Edit = Box<dyn FnOnce(&mut GgufWriter)>;
@@ -304,7 +304,7 @@ fn greedy_chat_answers_paris() {
 fn logits_file_has_every_position() {
     let _machine = crate::common::shared();
     let model = common::default_model();
-    let dir = TempDir::new("logits");
+    let dir = temp_dir("logits");
     let (out, ids) = (dir.path().join("l.npy"), dir.path().join("ids.npy"));
     let text = "<|im_start|>user\nHi<|im_end|>\n";
     let run = svfit(&[
@@ -365,7 +365,7 @@ fn read_npy(path: &Path, descr: &str) -> (Vec<usize>, Vec<u8>) {
 #[test]
 fn check_runs_every_step_on_the_cpu() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("check");
+    let dir = temp_dir("check");
     let home = dir.path().join("home");
     let meta = dir.path().join("metadata.gguf");
     let model = common::default_model();

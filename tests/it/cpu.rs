@@ -100,7 +100,7 @@ fn no_amx_instruction_in_ggml_builds() {
     }
     binaries.extend(server);
     // The scan itself finds AMX: in an object compiled with it.
-    let dir = common::TempDir::new("amx");
+    let dir = common::temp_dir("amx");
     let (source, object) = (dir.path().join("amx.c"), dir.path().join("amx.o"));
     std::fs::write(
         &source,

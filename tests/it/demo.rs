@@ -33,7 +33,7 @@ fn demo_script_serves_the_demo_adapter() {
     common::default_model();
     // A home of its own (the demo adapter is written there), sharing the
     // fetched model and Python environment so bootstrap has nothing to do.
-    let home = common::TempDir::new("demo");
+    let home = common::temp_dir("demo");
     let real = svfit::home::home_dir();
     for shared in ["models", "venv"] {
         std::os::unix::fs::symlink(real.join(shared), home.path().join(shared)).unwrap();

@@ -259,7 +259,7 @@ fn adapter_files() {
 #[test]
 fn gguf_files() {
     let _machine = crate::common::shared();
-    let dir = common::TempDir::new("fuzz-gguf");
+    let dir = common::temp_dir("fuzz-gguf");
     let path = dir.path().join("fuzzed.gguf");
     fuzz("gguf", mutated(corpus("gguf")), |bytes| {
         std::fs::write(&path, &bytes).unwrap();

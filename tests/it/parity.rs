@@ -138,8 +138,8 @@ fn assert_batch_invariant(what: &str, a: &Agreement) {
 /// for `path` loaded in `weights` and llama.cpp on the converted file.
 fn check_model(path: &Path, seqs: Vec<Vec<u32>>, weights: WeightFormat) {
     // llama.cpp runs the file as we hold it: as stored for `keep`.
-    let dir = common::TempDir::new("parity");
-    let converted = dir.0.join("converted.gguf");
+    let dir = common::temp_dir("parity");
+    let converted = dir.path().join("converted.gguf");
     let theirs = match weights {
         WeightFormat::Keep => path,
         _ => {
@@ -214,7 +214,7 @@ fn greedy(decode: &mut dyn FnMut(&Batch) -> Logits, prompt: &[u32], n: usize) ->
 #[test]
 fn llama3_rope_freqs_match_llama_cpp() {
     let _machine = crate::common::shared();
-    let dir = common::TempDir::new("llama3");
+    let dir = common::temp_dir("llama3");
     let path = dir.path().join("llama3.gguf");
     common::write_llama3_model(&path, true);
     let mut rng = Rng::new(8);
@@ -323,8 +323,8 @@ fn default_model_auto_stays_within_llama_cpps_conversion_distance() {
                   <|im_start|>assistant\nThe capital of France is Paris. It is";
     let seq = vec![(0, tokenizer.encode(prompt, true))];
     let prefill = [seq[0].1.len() - 8];
-    let dir = common::TempDir::new("auto");
-    let converted = dir.0.join("auto.gguf");
+    let dir = common::temp_dir("auto");
+    let converted = dir.path().join("auto.gguf");
     svfit::model::write_converted(&path, WeightFormat::Auto, &converted).unwrap();
 
     let file = llama_cpp(&path, &seq, &prefill);

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::serve::*;
-use common::TempDir;
+use common::temp_dir;
 use svfit::server;
 use svfit::server::pb;
 use svfit::server::pb::inference_client::InferenceClient;
@@ -22,7 +22,7 @@ use tonic::{Code, Request};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_tenants_get_their_own_adapters() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-tenants");
+    let dir = temp_dir("server-tenants");
     let mut config = config(dir.path());
     let keys = dir.path().join("keys.txt");
     let mut key_lines = String::from("# key tenant\n");
@@ -85,7 +85,7 @@ async fn concurrent_tenants_get_their_own_adapters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hot_swap_upload_delete_list_and_restart() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-swap");
+    let dir = temp_dir("server-swap");
     let config = config(dir.path());
     let running = server::start(config.clone()).await.unwrap();
     let (mut infer, mut admin) = clients(&running).await;
@@ -187,7 +187,7 @@ async fn hot_swap_upload_delete_list_and_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_cache_evicts_and_stays_correct() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-evict");
+    let dir = temp_dir("server-evict");
     let mut config = config(dir.path());
     // Room for two adapters' deltas on the host and two device slots.
     let one = adapter(0)
@@ -266,7 +266,7 @@ async fn small_cache_evicts_and_stays_correct() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropped_stream_frees_its_sequence() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-cancel");
+    let dir = temp_dir("server-cancel");
     let running = server::start(config(dir.path())).await.unwrap();
     let (mut infer, _) = clients(&running).await;
     let mut stream = infer
@@ -310,7 +310,7 @@ async fn dropped_stream_frees_its_sequence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tenants_cannot_touch_each_others_adapters() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-isolation");
+    let dir = temp_dir("server-isolation");
     let config = keyed_config(dir.path());
     let running = server::start(config).await.unwrap();
     let (mut infer, mut admin) = clients(&running).await;
@@ -403,7 +403,7 @@ async fn tenants_cannot_touch_each_others_adapters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn same_prompt_never_reuses_another_adapters_state() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-reuse");
+    let dir = temp_dir("server-reuse");
     let config = config(dir.path());
     let a = write(Path::new(&config.adapters), "default", "a", &adapter(400));
     let b = write(Path::new(&config.adapters), "default", "b", &adapter(401));
@@ -443,7 +443,7 @@ async fn same_prompt_never_reuses_another_adapters_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prompt_of_several_prefill_chunks_runs_every_chunk_with_its_adapter() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-long-prompt");
+    let dir = temp_dir("server-long-prompt");
     let config = config(dir.path());
     // A strong adapter, so that the keys and values of the first chunks
     // matter to the answer.
@@ -477,7 +477,7 @@ async fn a_prompt_of_several_prefill_chunks_runs_every_chunk_with_its_adapter() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_error_has_its_code() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-errors");
+    let dir = temp_dir("server-errors");
     let mut config = config(dir.path());
     config.engine.context = 64;
     config.engine.max_sequences = 1;
@@ -573,7 +573,7 @@ async fn health_and_reflection_answer() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let dir = TempDir::new("server-health");
+    let dir = temp_dir("server-health");
     let running = server::start(config(dir.path())).await.unwrap();
     let channel = Channel::from_shared(format!("http://{}", running.addr))
         .unwrap()
@@ -620,7 +620,7 @@ async fn health_and_reflection_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deadline_cancels_the_request() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-deadline");
+    let dir = temp_dir("server-deadline");
     let running = server::start(config(dir.path())).await.unwrap();
     let (mut infer, _) = clients(&running).await;
     let mut request = Request::new(greedy("", ENDLESS, 2000));
@@ -650,7 +650,7 @@ async fn deadline_cancels_the_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flooding_tenant_does_not_starve_others() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-fair");
+    let dir = temp_dir("server-fair");
     let mut config = config(dir.path());
     config.engine.max_sequences = 2;
     let keys = dir.path().join("keys.txt");
@@ -699,7 +699,7 @@ async fn a_flooding_tenant_does_not_starve_others() {
 async fn tls_serves_and_plaintext_is_refused() {
     let _machine = crate::common::shared();
     use tonic::transport::{Certificate, ClientTlsConfig};
-    let dir = TempDir::new("server-tls");
+    let dir = temp_dir("server-tls");
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
@@ -737,7 +737,7 @@ async fn tls_serves_and_plaintext_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn object_store_adapters_round_trip() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-objects");
+    let dir = temp_dir("server-objects");
     let mut config = config(dir.path());
     config.adapters =
         std::env::var("SVFIT_TEST_OBJECT_URL").unwrap_or_else(|_| "memory:///adapters".into());
@@ -820,7 +820,7 @@ fn llama_cpp_greedy(model: &Path, prompt: &str, max_tokens: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn trained_adapter_serves_and_merges() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("server-trained");
+    let dir = temp_dir("server-trained");
     let data = dir.path().join("colors.jsonl");
     let lines: Vec<String> = [
         "sky", "grass", "snow", "coal", "blood", "sun", "leaf", "milk",

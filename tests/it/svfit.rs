@@ -9,7 +9,7 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use common::{compare, rows, Agreement, Rng, TempDir};
+use common::{compare, rows, temp_dir, Agreement, Rng, TempDir};
 use svfit::adapter::{Adapter, Deltas};
 use svfit::factors::{self, Factor, FactorsKey, SingularValues, TargetMatrix};
 use svfit::ggml::Type;
@@ -303,7 +303,7 @@ fn tiny(targets: &str) -> Setup {
 }
 
 fn default_model(targets: &str) -> Setup {
-    setup(TempDir::new("svfit"), common::default_model(), targets)
+    setup(temp_dir("svfit"), common::default_model(), targets)
 }
 
 #[test]
@@ -324,7 +324,7 @@ fn tiny_adapter_path_matches_llama_cpp_on_the_merged_model() {
 #[test]
 fn llama3_merge_keeps_rope_freqs_and_matches_the_adapter_path() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("llama3-merge");
+    let dir = temp_dir("llama3-merge");
     let model = dir.path().join("llama3.gguf");
     common::write_llama3_model(&model, false);
     let s = setup(dir, model, "all-linear");

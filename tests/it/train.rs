@@ -60,7 +60,7 @@ fn gradient_matches_finite_differences() {
 
 use std::process::{Command, Output};
 
-use common::TempDir;
+use common::temp_dir;
 
 /// A factor cache shared by the tests of this file (q,v factors of the
 /// default model take a few seconds to compute).
@@ -136,7 +136,7 @@ fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
 #[test]
 fn resume_continues_exactly() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("train-resume");
+    let dir = temp_dir("train-resume");
     let data = dir.path().join("data.jsonl");
     write_data(&data, 10..22);
     let data = data.to_str().unwrap();
@@ -176,7 +176,7 @@ fn resume_continues_exactly() {
 #[test]
 fn bad_data_lines_are_reported_or_refused() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("train-bad");
+    let dir = temp_dir("train-bad");
     let data = dir.path().join("data.jsonl");
     let mut text = String::new();
     text.push_str("{\"prompt\": \"Is 3 odd or even?\", \"completion\": \"odd\"}\n");
@@ -230,7 +230,7 @@ fn records_put_the_loss_on_the_answers() {
     let _machine = crate::common::shared();
     use svfit::model::Tokenizer;
     use svfit::train::data::Dataset;
-    let dir = TempDir::new("train-records");
+    let dir = temp_dir("train-records");
     let data = dir.path().join("data.jsonl");
     let records = [
         serde_json::json!({"prompt": "Is 3 odd or even?", "completion": "odd"}),
@@ -277,7 +277,7 @@ fn records_put_the_loss_on_the_answers() {
 #[test]
 fn ctrl_c_writes_a_checkpoint_that_resumes() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("train-sigint");
+    let dir = temp_dir("train-sigint");
     let data = dir.path().join("data.jsonl");
     write_data(&data, 30..54);
     let out = dir.path().join("a.safetensors");
@@ -331,7 +331,7 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() {
 #[test]
 fn frozen_quantized_weights_are_refused_not_aborted() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("train-frozen-keep");
+    let dir = temp_dir("train-frozen-keep");
     let data = dir.path().join("train.jsonl");
     write_data(&data, 0..16);
     let out = dir.path().join("a.safetensors");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::common;
 use common::serve::*;
-use common::TempDir;
+use common::temp_dir;
 use svfit::adapter::Adapter;
 use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
@@ -293,7 +293,7 @@ fn attacks() -> Vec<Attack> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_requests_get_clean_errors_and_neighbours_keep_their_answers() {
     let _machine = common::alone();
-    let dir = TempDir::new("trust-hostile");
+    let dir = temp_dir("trust-hostile");
     let config = keyed_config(dir.path());
     let adapters = PathBuf::from(&config.adapters);
     write(&adapters, "alice", "style", &adapter(1));
@@ -429,7 +429,7 @@ fn is_one_upload(adapters: &Path, tenant: &str, id: &str, uploads: &[(Adapter, V
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_of_one_id_get_increasing_versions_and_complete_files() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-uploads");
+    let dir = temp_dir("trust-uploads");
     concurrent_uploads(config(dir.path()), dir.path(), true).await;
 }
 
@@ -439,7 +439,7 @@ async fn concurrent_uploads_of_one_id_get_increasing_versions_and_complete_files
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_uploads_to_an_object_store_get_increasing_versions() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-uploads-objects");
+    let dir = temp_dir("trust-uploads-objects");
     let mut config = config(dir.path());
     config.adapters = "memory://".into();
     concurrent_uploads(config, dir.path(), false).await;
@@ -644,7 +644,7 @@ async fn channel(addr: SocketAddr) -> Channel {
 async fn kill_9_during_concurrent_uploads_leaves_every_adapter_readable() {
     let _machine = common::shared();
     use rand_like::Draws;
-    let dir = TempDir::new("trust-kill");
+    let dir = temp_dir("trust-kill");
     let adapters = dir.path().join("adapters");
     let files = uploads(dir.path(), 6);
     let ids = ["a", "b"];
@@ -738,7 +738,7 @@ mod rand_like {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-pins");
+    let dir = temp_dir("trust-pins");
     let mut config = keyed_config(dir.path());
     // Three slots: two may be pinned, one tenant may pin one.
     config.engine.adapter_slots = 3;
@@ -858,7 +858,7 @@ async fn pin_upload_delete_cycles_never_hold_slots_and_pins_have_quotas() {
 async fn a_panic_in_one_sequence_fails_only_that_request() {
     let _machine = common::shared();
     use svfit::engine::fault;
-    let dir = TempDir::new("trust-panic");
+    let dir = temp_dir("trust-panic");
     let mut config = keyed_config(dir.path());
     // One slot: a slot leaked by the failed request would block bob.
     config.engine.adapter_slots = 1;
@@ -918,7 +918,7 @@ async fn a_panic_in_one_sequence_fails_only_that_request() {
 async fn a_dead_engine_turns_health_not_serving_and_exits_non_zero() {
     let _machine = common::shared();
     use svfit::engine::fault;
-    let dir = TempDir::new("trust-dead-engine");
+    let dir = temp_dir("trust-dead-engine");
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "");
     let channel = channel(server.addr).await;
     let mut watch = watch_health(channel.clone()).await;
@@ -989,15 +989,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 async fn scrape(addr: SocketAddr) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
-        let mut socket = tokio::net::TcpStream::connect(addr).await.ok()?;
-        socket
-            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        socket.read_to_string(&mut body).await.ok()?;
+        let (_, _, body) = try_http(addr, "GET", "/metrics", &[], "").await.ok()?;
         body.contains("svfit_requests_total").then_some(body)
     };
     tokio::time::timeout(Duration::from_secs(2), attempt)
@@ -1009,7 +1002,7 @@ async fn scrape(addr: SocketAddr) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accept_loops_back_off_and_recover_when_descriptors_run_out() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-fds");
+    let dir = temp_dir("trust-fds");
     // Few descriptors: a few hundred idle connections exhaust them.
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "ulimit -n 160");
     let pid = server.child.id();
@@ -1061,7 +1054,7 @@ async fn accept_loops_back_off_and_recover_when_descriptors_run_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_beyond_the_limit_wait_their_turn() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-connections");
+    let dir = temp_dir("trust-connections");
     let mut config = config(dir.path());
     config.max_connections = 4;
     let running: Running = server::start(config).await.unwrap();
@@ -1089,7 +1082,7 @@ async fn connections_beyond_the_limit_wait_their_turn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_tenant_cannot_fill_the_queue() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-queue");
+    let dir = temp_dir("trust-queue");
     let mut config = keyed_config(dir.path());
     config.engine.max_sequences = 1;
     config.engine.tenant_queue_limit = 2;
@@ -1132,7 +1125,7 @@ async fn one_tenant_cannot_fill_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_request_ends_with_one_log_line() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-log");
+    let dir = temp_dir("trust-log");
     let mut server = spawn_server(&dir.path().join("adapters"), "", "");
     let mut infer = InferenceClient::new(channel(server.addr).await);
     let done = infer
@@ -1168,7 +1161,7 @@ async fn each_request_ends_with_one_log_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_uploads_time_out_and_never_block_others() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-stalled-uploads");
+    let dir = temp_dir("trust-stalled-uploads");
     let mut config = config(dir.path());
     config.upload_timeout = Duration::from_secs(1);
     let running = server::start(config).await.unwrap();
@@ -1221,7 +1214,7 @@ async fn stalled_uploads_time_out_and_never_block_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_over_its_rate_is_refused_before_decoding_and_others_are_not() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-rate");
+    let dir = temp_dir("trust-rate");
     let mut config = keyed_config(dir.path());
     config.tenant_rate = 5.0;
     config.tenant_burst = 10.0;
@@ -1260,7 +1253,7 @@ async fn a_tenant_over_its_rate_is_refused_before_decoding_and_others_are_not() 
 async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
     let _machine = common::shared();
     use svfit::engine::fault;
-    let dir = TempDir::new("trust-decode");
+    let dir = temp_dir("trust-decode");
     let config = keyed_config(dir.path());
     let adapters = PathBuf::from(&config.adapters);
     write(&adapters, "bob", "style", &adapter(2));
@@ -1302,7 +1295,7 @@ async fn a_batch_that_fails_to_decode_fails_only_the_sequence_at_fault() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_running_requests_then_exits() {
     let _machine = common::shared();
-    let dir = TempDir::new("trust-drain");
+    let dir = temp_dir("trust-drain");
     let mut server = spawn_server(&dir.path().join("adapters"), "warn", "");
     let channel = channel(server.addr).await;
     let mut watch = watch_health(channel.clone()).await;

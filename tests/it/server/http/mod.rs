@@ -17,7 +17,7 @@ use svfit::server;
 use svfit::server::pb;
 
 use super::common::serve::*;
-use super::common::TempDir;
+use super::common::temp_dir;
 
 /// The Python with `openai` that `scripts/bootstrap` installs
 /// (`$SVFIT_TEST_PYTHON` overrides it).
@@ -129,7 +129,7 @@ const FRUIT: &str =
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_client_answers_equal_the_cli_and_grpc() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("http-openai");
+    let dir = temp_dir("http-openai");
     let config = keyed_config(dir.path());
     let store = PathBuf::from(&config.adapters);
     let a1 = write(&store, "alice", "a1", &adapter(31));
@@ -356,7 +356,7 @@ async fn openai_client_answers_equal_the_cli_and_grpc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plain_http_errors_cancellation_and_drain() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("http-plain");
+    let dir = temp_dir("http-plain");
     let running = server::start(config(dir.path())).await.unwrap();
     let addr = running.http_addr.unwrap();
     let post = |path: &'static str, body: String| async move {
@@ -471,7 +471,7 @@ fn base_model() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_and_tenant_rates_over_http() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("http-tls");
+    let dir = temp_dir("http-tls");
     let cert =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));

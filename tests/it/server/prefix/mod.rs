@@ -13,7 +13,7 @@ use svfit::server;
 use svfit::server::pb;
 
 use super::common::serve::*;
-use super::common::TempDir;
+use super::common::temp_dir;
 
 /// A prompt of several blocks and a tail (about 200 tokens).
 fn long_prompt() -> String {
@@ -160,7 +160,7 @@ async fn ask(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cached_prefixes_never_cross_adapters_versions_mixes_or_tenants() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("prefix-isolation");
+    let dir = temp_dir("prefix-isolation");
     let config = keyed_config(dir.path());
     let store = PathBuf::from(&config.adapters);
     let a = write(&store, "alice", "a", &adapter(51));
@@ -227,7 +227,7 @@ async fn cached_prefixes_never_cross_adapters_versions_mixes_or_tenants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_distinct_prompts_stays_within_the_prefix_budget() {
     let _machine = crate::common::shared();
-    let dir = TempDir::new("prefix-flood");
+    let dir = temp_dir("prefix-flood");
     let mut config = config(dir.path());
     // Room for a few blocks of the default model (0.37 MB each).
     config.engine.prefix_cache_bytes = 2 << 20;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::common::serve::*;
-use super::common::TempDir;
+use super::common::temp_dir;
 use super::{exited, start_process, Process};
 use svfit::server::pb;
 use svfit::server::pb::adapters_client::AdaptersClient;
@@ -381,7 +381,7 @@ async fn served(replica: &Replica, id: &str) -> Result<(String, String), Code> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_behind_nginx_share_one_s3_store() {
     let _machine = crate::common::alone();
-    let dir = TempDir::new("cluster");
+    let dir = temp_dir("cluster");
     let dir = dir.path();
     let s3_port = free_port();
     let mut store = s3(dir, s3_port, 0).await;
