@@ -15,6 +15,20 @@ pub const FORMAT: &str = "adapter/1";
 /// Per target matrix (`blk.L.kind`), `delta = sigma - S`.
 pub type Deltas = Vec<(String, Vec<f32>)>;
 
+/// An adapter (one version of it, or a mix) as the engine sees it: its
+/// deltas, and the key its device slot and cached cells are found under.
+#[derive(Debug)]
+pub struct AdapterDeltas {
+    /// Unique per adapter version or mix of versions.
+    pub key: String,
+    /// The stored adapter (`tenant/id`) this is a version of; `None` for a
+    /// mix. Pins belong to the owner, not to one version.
+    pub owner: Option<String>,
+    /// The owner's version (0 for a mix).
+    pub version: u64,
+    pub deltas: Deltas,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
     #[error("{path}: {source}")]

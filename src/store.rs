@@ -26,8 +26,7 @@ use std::time::{Instant, SystemTime};
 use lru::LruCache;
 use sha2::Digest;
 
-use crate::adapter::{Adapter, AdapterError, Deltas};
-use crate::engine::AdapterDeltas;
+use crate::adapter::{Adapter, AdapterDeltas, AdapterError, Deltas};
 use crate::factors::{FactorsKey, SingularValues};
 
 pub const VERSION_KEY: &str = "svfit.version";

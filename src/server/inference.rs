@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 
 use super::validation::{self, AdapterChoice, Prompt, ValidRequest};
 use super::{auth, blocking, failure_status, pb, submit_status, Api, InFlight, Shared};
-use crate::engine::{AdapterDeltas, Event, Job};
+use crate::adapter::AdapterDeltas;
+use crate::engine::{Event, Job};
 use crate::generate;
 
 pub(super) struct InferenceService(pub(super) Arc<Shared>);
