@@ -24,7 +24,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tonic::Status;
+use tonic_health::server::HealthReporter;
 
 use crate::engine::{Engine, EngineConfig, Failure, SubmitError};
 use crate::factors::{self, FactorsKey};
@@ -103,16 +106,40 @@ impl Api {
             Api::Http => "http",
         }
     }
+
+    fn label(self) -> ApiLabel {
+        vec![("api", self.as_str())]
+    }
 }
 
-/// Request counters of the API layer, per API.
-#[derive(Default)]
+/// The label set of a per-API metric: `api="grpc"` or `api="http"`.
+type ApiLabel = Vec<(&'static str, &'static str)>;
+
+/// Request counters of the API layer, per API (metric handles, which the
+/// metrics registry shares).
 pub struct ServerStats {
-    requests: [AtomicU64; 2],
-    errors: [AtomicU64; 2],
+    requests: Family<ApiLabel, Counter>,
+    errors: Family<ApiLabel, Counter>,
     pub next_id: AtomicU64,
     /// Requests of both APIs from arrival until their answer is complete.
     in_flight: Arc<AtomicUsize>,
+}
+
+impl Default for ServerStats {
+    /// Every API's counters at 0, so a scrape lists them before any request.
+    fn default() -> Self {
+        let stats = ServerStats {
+            requests: Family::default(),
+            errors: Family::default(),
+            next_id: AtomicU64::default(),
+            in_flight: Arc::default(),
+        };
+        for api in Api::ALL {
+            let _ = stats.requests.get_or_create(&api.label());
+            let _ = stats.errors.get_or_create(&api.label());
+        }
+        stats
+    }
 }
 
 /// Counts one request in flight while it lives.
@@ -133,22 +160,18 @@ impl Drop for InFlight {
 
 impl ServerStats {
     fn request(&self, api: Api) {
-        self.requests[api as usize].fetch_add(1, Relaxed);
+        self.requests.get_or_create(&api.label()).inc();
     }
 
+    /// A request refused before it ran.
     fn error(&self, api: Api) {
-        self.errors[api as usize].fetch_add(1, Relaxed);
-    }
-
-    /// Inference requests received through `api`, and those refused
-    /// before they ran.
-    pub fn counts(&self, api: Api) -> (u64, u64) {
-        (
-            self.requests[api as usize].load(Relaxed),
-            self.errors[api as usize].load(Relaxed),
-        )
+        self.errors.get_or_create(&api.label()).inc();
     }
 }
+
+/// One row of [`factors::rank_summary`]: a target kind and its ranks
+/// (min, mean, max).
+type RankSummary = (&'static str, usize, f64, usize);
 
 struct Shared {
     engine: Engine,
@@ -157,7 +180,7 @@ struct Shared {
     limits: Limits,
     stats: ServerStats,
     config: ServeConfig,
-    ranks: Vec<(&'static str, usize, f64, usize)>,
+    ranks: Vec<RankSummary>,
     started: Instant,
 }
 
@@ -171,7 +194,7 @@ pub struct Running {
     /// The HTTP API; it stops with the gRPC server.
     http_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
-    health: tonic_health::server::HealthReporter,
+    health: HealthReporter,
     engine: Engine,
     in_flight: Arc<AtomicUsize>,
 }
@@ -254,23 +277,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     // only says a default is already set.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let keys = config.api_keys.as_deref().map(Keys::load).transpose()?;
-    for addr in std::iter::once(config.addr).chain(config.http_addr) {
-        if keys.is_none() && !addr.ip().is_loopback() && !config.allow_remote {
-            anyhow::bail!(
-                "refusing to listen on {addr} without --api-keys: use a loopback address, an \
-                 API key file, or --allow-remote"
-            );
-        }
-    }
-    let tls_files = config
-        .tls
-        .as_ref()
-        .map(|(cert, key)| {
-            let read =
-                |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
-            anyhow::Ok((read(cert)?, read(key)?))
-        })
-        .transpose()?;
+    refuse_open_remote(&config, keys.is_some())?;
+    let tls_files = read_tls_files(&config)?;
     let http_tls = match (&tls_files, config.http_addr) {
         (Some((cert, key)), Some(_)) => Some(http::tls_config(cert, key)?),
         _ => None,
@@ -284,54 +292,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         ),
         None => None,
     };
-    let setup = config.clone();
-    let (engine, store, tokenizer, ranks) = tokio::task::spawn_blocking(move || {
-        let config = setup;
-        // A file the engine does not fully understand is refused before
-        // its factors are computed.
-        model::understand(&GgufFile::open(&config.model)?)?;
-        let path = factors::ensure(&config.model, &config.factors, &config.home)?;
-        let factor_set = factors::read_factors(&path, &config.factors)?;
-        let singular = factors::read_singular_values(&path, &config.factors)?;
-        let ranks = factors::rank_summary(
-            &singular
-                .iter()
-                .map(|(t, s)| (t.clone(), s.len()))
-                .collect::<Vec<_>>(),
-        );
-        let mut model = Model::load(&config.model, &config.load)?;
-        model.attach_factors(&factor_set, config.engine.adapter_slots + 1, Type::Q8_0)?;
-        let tokenizer = Arc::new(Tokenizer::load(&config.model)?);
-        let engine = Engine::start(model, tokenizer.clone(), config.engine.clone())?;
-        // One slot always stays unpinned, so unpinned adapters can run.
-        let pins = PinLimits {
-            total: engine.config().adapter_slots.saturating_sub(1),
-            per_tenant: config.pins_per_tenant,
-        };
-        let store = AdapterStore::open(
-            crate::store::backend(&config.adapters)?,
-            config.factors.clone(),
-            singular,
-            config.adapter_cache_bytes,
-            pins,
-        );
-        anyhow::Ok((engine, store, tokenizer, ranks))
-    })
-    .await??;
-
-    let mut limits = config.limits.clone();
-    limits.max_tokens = limits.max_tokens.min(engine.config().context);
-    let shared = Arc::new(Shared {
-        engine,
-        store,
-        tokenizer,
-        limits,
-        stats: ServerStats::default(),
-        config: config.clone(),
-        ranks,
-        started: Instant::now(),
-    });
-
+    let shared = load_services(config.clone()).await?;
     let (metrics_addr, metrics_task) = match config.metrics_addr {
         Some(addr) => {
             let (addr, task) = metrics::serve(addr, shared.clone()).await?;
@@ -339,7 +300,156 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         }
         None => (None, None),
     };
+    let authenticate = Authenticate {
+        keys: keys.map(Arc::new),
+        rate: (config.tenant_rate > 0.0)
+            .then(|| Arc::new(TenantRate::new(config.tenant_rate, config.tenant_burst))),
+    };
+    let (health, router) = grpc_router(&shared, tls_files.as_ref(), authenticate.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(config.addr).await?;
+    let addr = listener.local_addr()?;
+    // The HTTP API stops when gRPC does: on request or when the engine died.
+    let (http_stop, mut http_stopped) = tokio::sync::watch::channel(false);
+    let (http_addr, http_task) = match http_listener {
+        Some(listener) => {
+            let (addr, task) = http::serve(
+                listener,
+                shared.clone(),
+                authenticate.clone(),
+                http_tls,
+                async move {
+                    let _ = http_stopped.wait_for(|s| *s).await;
+                },
+            )?;
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    let task = serve_grpc(router, listener, &shared, health.clone(), stop, http_stop);
+    tracing::info!(
+        %addr,
+        http = http_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        model = %config.model.display(),
+        factors = config.factors.id(),
+        "listening"
+    );
+    Ok(Running {
+        addr,
+        metrics_addr,
+        http_addr,
+        shutdown: Some(shutdown),
+        task,
+        http_task,
+        metrics_task,
+        health,
+        engine: shared.engine.clone(),
+        in_flight: shared.stats.in_flight.clone(),
+    })
+}
 
+/// Without API keys, anyone who reaches the port is served: only loopback
+/// addresses, unless `--allow-remote` says so.
+fn refuse_open_remote(config: &ServeConfig, keyed: bool) -> anyhow::Result<()> {
+    for addr in std::iter::once(config.addr).chain(config.http_addr) {
+        if !keyed && !addr.ip().is_loopback() && !config.allow_remote {
+            anyhow::bail!(
+                "refusing to listen on {addr} without --api-keys: use a loopback address, an \
+                 API key file, or --allow-remote"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The certificate and key of `--tls` (PEM), if any.
+fn read_tls_files(config: &ServeConfig) -> anyhow::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+    config
+        .tls
+        .as_ref()
+        .map(|(cert, key)| anyhow::Ok((read(cert)?, read(key)?)))
+        .transpose()
+}
+
+/// What the services share, loaded off the async threads: the model with
+/// its factors, the engine running it, and the adapter store.
+async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
+    let (engine, store, tokenizer, ranks) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let (model, singular, ranks) = load_model_and_factors(&config)?;
+            let tokenizer = Arc::new(Tokenizer::load(&config.model)?);
+            let engine = Engine::start(model, tokenizer.clone(), config.engine.clone())?;
+            let store = open_store(&config, &engine, singular)?;
+            anyhow::Ok((engine, store, tokenizer, ranks))
+        })
+        .await??
+    };
+    let mut limits = config.limits.clone();
+    limits.max_tokens = limits.max_tokens.min(engine.config().context);
+    Ok(Arc::new(Shared {
+        engine,
+        store,
+        tokenizer,
+        limits,
+        stats: ServerStats::default(),
+        config,
+        ranks,
+        started: Instant::now(),
+    }))
+}
+
+/// The model with its factors attached (computed if missing), the
+/// singular values adapters are checked against, and the rank summary.
+fn load_model_and_factors(
+    config: &ServeConfig,
+) -> anyhow::Result<(Model, factors::SingularValues, Vec<RankSummary>)> {
+    // A file the engine does not fully understand is refused before its
+    // factors are computed.
+    model::understand(&GgufFile::open(&config.model)?)?;
+    let path = factors::ensure(&config.model, &config.factors, &config.home)?;
+    let factor_set = factors::read_factors(&path, &config.factors)?;
+    let singular = factors::read_singular_values(&path, &config.factors)?;
+    let ranks = factors::rank_summary(
+        &singular
+            .iter()
+            .map(|(t, s)| (t.clone(), s.len()))
+            .collect::<Vec<_>>(),
+    );
+    let mut model = Model::load(&config.model, &config.load)?;
+    model.attach_factors(&factor_set, config.engine.adapter_slots + 1, Type::Q8_0)?;
+    Ok((model, singular, ranks))
+}
+
+/// The adapter store of `--adapters`, with pins bounded by the engine's
+/// slots.
+fn open_store(
+    config: &ServeConfig,
+    engine: &Engine,
+    singular: factors::SingularValues,
+) -> anyhow::Result<AdapterStore> {
+    // One slot always stays unpinned, so unpinned adapters can run.
+    let pins = PinLimits {
+        total: engine.config().adapter_slots.saturating_sub(1),
+        per_tenant: config.pins_per_tenant,
+    };
+    Ok(AdapterStore::open(
+        crate::store::backend(&config.adapters)?,
+        config.factors.clone(),
+        singular,
+        config.adapter_cache_bytes,
+        pins,
+    ))
+}
+
+/// The gRPC router: health (both svfit services SERVING), reflection, and
+/// svfit's services behind `authenticate`; keepalive and TLS.
+async fn grpc_router(
+    shared: &Arc<Shared>,
+    tls_files: Option<&(Vec<u8>, Vec<u8>)>,
+    authenticate: Authenticate,
+) -> anyhow::Result<(HealthReporter, tonic::transport::server::Router)> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<InferenceServer<InferenceService>>()
@@ -355,42 +465,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-
-    let listener = tokio::net::TcpListener::bind(config.addr).await?;
-    let addr = listener.local_addr()?;
     // Keepalive pings find dead peers, so their connections (and
     // connection permits) are freed.
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
-    if let Some((cert, key)) = &tls_files {
+    if let Some((cert, key)) = tls_files {
         let identity = tonic::transport::Identity::from_pem(cert, key);
         builder =
             builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
-    let authenticate = Authenticate {
-        keys: keys.map(Arc::new),
-        rate: (config.tenant_rate > 0.0)
-            .then(|| Arc::new(TenantRate::new(config.tenant_rate, config.tenant_burst))),
-    };
-    // The HTTP API stops when gRPC does: on request or when the engine died.
-    let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
-    let (http_addr, http_task) = match http_listener {
-        Some(listener) => {
-            let mut stopped = http_stopped.clone();
-            let (addr, task) = http::serve(
-                listener,
-                shared.clone(),
-                authenticate.clone(),
-                http_tls,
-                async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                },
-            )?;
-            (Some(addr), Some(task))
-        }
-        None => (None, None),
-    };
     let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -407,15 +491,24 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
                 .max_decoding_message_size(adapters::MAX_MESSAGE),
             authenticate,
         ));
+    Ok((health, router))
+}
 
-    // Stop on request, or when the engine thread is gone: then health
-    // says NOT_SERVING first, running requests get DRAIN to finish, and
-    // `wait` reports the failure so that the process exits non-zero and
-    // its supervisor restarts it.
-    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    let (died, engine_died) = tokio::sync::oneshot::channel::<()>();
+/// Serves gRPC on `listener` until `stop`, or until the engine thread is
+/// gone: then health says NOT_SERVING first, running requests get DRAIN
+/// to finish, and the task ends with an error so that the process exits
+/// non-zero and its supervisor restarts it. Either way the HTTP API is
+/// told to stop (`http_stop`).
+fn serve_grpc(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::TcpListener,
+    shared: &Shared,
+    health: HealthReporter,
+    stop: tokio::sync::oneshot::Receiver<()>,
+    http_stop: tokio::sync::watch::Sender<bool>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let (died, mut engine_died) = tokio::sync::oneshot::channel::<()>();
     let engine = shared.engine.clone();
-    let reporter = health.clone();
     let signal = async move {
         tokio::select! {
             _ = stop => {}
@@ -428,12 +521,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         let _ = http_stop.send(true);
     };
     let serve = router.serve_with_incoming_shutdown(
-        listener::incoming(listener, "grpc", config.max_connections),
+        listener::incoming(listener, "grpc", shared.config.max_connections),
         signal,
     );
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         tokio::pin!(serve);
-        let mut engine_died = engine_died;
         let failed = tokio::select! {
             result = &mut serve => {
                 result?;
@@ -450,25 +542,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             anyhow::bail!("the engine stopped");
         }
         Ok(())
-    });
-    tracing::info!(
-        %addr,
-        http = http_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
-        model = %config.model.display(),
-        factors = config.factors.id(),
-        "listening"
-    );
-    Ok(Running {
-        addr,
-        metrics_addr,
-        http_addr,
-        shutdown: Some(shutdown),
-        task,
-        http_task,
-        metrics_task,
-        health: reporter,
-        engine: shared.engine.clone(),
-        in_flight: shared.stats.in_flight.clone(),
     })
 }
 
@@ -484,7 +557,7 @@ impl Shared {
 }
 
 /// Health says NOT_SERVING for both svfit services.
-async fn not_serving(health: &tonic_health::server::HealthReporter) {
+async fn not_serving(health: &HealthReporter) {
     health
         .set_not_serving::<InferenceServer<InferenceService>>()
         .await;

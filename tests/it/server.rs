@@ -5,6 +5,7 @@
 
 use crate::common;
 mod http;
+mod metrics;
 mod prefix;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,555 @@
+//! A chat or completion request body, field by field, into a
+//! [`Parsed`]: each field is honoured, accepted as asking nothing, or
+//! refused by name.
+
+use serde_json::{json, Map, Value};
+use tonic::Status;
+
+use super::values::{
+    boolean, expected, fields, integer, kind, number, only_default, string, unknown, unsupported,
+};
+use super::{invalid, pb, Endpoint, Parsed};
+use crate::sampling::MAX_TOP_LOGPROBS;
+
+/// Parses a request body for `endpoint`. `base_model` is the name that
+/// selects the base model; any other `model` names an adapter.
+pub fn parse(endpoint: Endpoint, bytes: &[u8], base_model: &str) -> Result<Parsed, Status> {
+    let fields = json_object(bytes)?;
+    let mut draft = Draft::new(endpoint);
+    for (key, v) in &fields {
+        if !v.is_null() {
+            draft.read(key, v)?;
+        }
+    }
+    draft.finish(base_model)
+}
+
+/// The body as a JSON object.
+fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, Status> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Status::invalid_argument(format!("the body is not valid JSON: {e}")))?;
+    match value {
+        Value::Object(fields) => Ok(fields),
+        other => Err(Status::invalid_argument(format!(
+            "the body must be a JSON object, got {}",
+            kind(&other)
+        ))),
+    }
+}
+
+/// What the fields read so far ask; the checks between fields wait for
+/// [`Draft::finish`].
+struct Draft<'a> {
+    endpoint: Endpoint,
+    body: pb::GenerateRequest,
+    sampling: pb::Sampling,
+    model: Option<String>,
+    stream: bool,
+    stream_options: Option<&'a Value>,
+    logprobs: Option<usize>,
+    top_logprobs: Option<usize>,
+    max_tokens: Option<u32>,
+    mix: Option<Vec<pb::MixPart>>,
+}
+
+impl<'a> Draft<'a> {
+    fn new(endpoint: Endpoint) -> Self {
+        Draft {
+            endpoint,
+            body: pb::GenerateRequest::default(),
+            sampling: pb::Sampling {
+                // OpenAI's defaults, not `svfit generate`'s: temperature 1
+                // and nothing cut from the distribution.
+                temperature: Some(1.0),
+                top_p: Some(1.0),
+                top_k: Some(0),
+                min_p: Some(0.0),
+                repeat_penalty: Some(1.0),
+                ..Default::default()
+            },
+            model: None,
+            stream: false,
+            stream_options: None,
+            logprobs: None,
+            top_logprobs: None,
+            max_tokens: None,
+            mix: None,
+        }
+    }
+
+    /// Reads field `key` (not `null`) of the body.
+    fn read(&mut self, key: &str, v: &'a Value) -> Result<(), Status> {
+        if self.read_sampling(key, v)? {
+            return Ok(());
+        }
+        match (self.endpoint, key) {
+            (_, "model") => self.model = Some(string(key, v)?),
+            (Endpoint::Chat, "messages") => self.body.input = Some(messages(v)?),
+            (Endpoint::Completions, "prompt") => self.body.input = Some(prompt(v)?),
+            (Endpoint::Chat, "max_completion_tokens") | (_, "max_tokens") => {
+                let n = integer(key, v, 1, u32::MAX as i64)? as u32;
+                if self.max_tokens.is_some_and(|m| m != n) {
+                    return Err(invalid(
+                        key,
+                        "max_tokens and max_completion_tokens differ; set one",
+                    ));
+                }
+                self.max_tokens = Some(n);
+            }
+            (_, "stop") => self.body.stop = stop(v)?,
+            (_, "stream") => self.stream = boolean(key, v)?,
+            (_, "stream_options") => self.stream_options = Some(v),
+            (Endpoint::Chat, "logprobs") => {
+                if boolean(key, v)? {
+                    self.logprobs = Some(self.logprobs.unwrap_or(0));
+                }
+            }
+            (Endpoint::Chat, "top_logprobs") => {
+                self.top_logprobs = Some(integer(key, v, 0, MAX_TOP_LOGPROBS as i64)? as usize)
+            }
+            (Endpoint::Completions, "logprobs") => {
+                self.logprobs = Some(integer(key, v, 0, MAX_TOP_LOGPROBS as i64)? as usize)
+            }
+            (_, "svfit") => self.mix = Some(extension(v)?),
+            _ => harmless(self.endpoint, key, v)?,
+        }
+        Ok(())
+    }
+
+    /// Reads `key` if it is one of the sampling fields; false if not.
+    fn read_sampling(&mut self, key: &str, v: &Value) -> Result<bool, Status> {
+        let sampling = &mut self.sampling;
+        match key {
+            "temperature" => sampling.temperature = Some(number(key, v)?),
+            "top_p" => sampling.top_p = Some(number(key, v)?),
+            "top_k" => {
+                // vLLM's -1 and 0 both mean no limit.
+                let k = integer(key, v, -1, u32::MAX as i64)?;
+                sampling.top_k = Some(k.max(0) as u32);
+            }
+            "min_p" => sampling.min_p = Some(number(key, v)?),
+            "repetition_penalty" => sampling.repeat_penalty = Some(number(key, v)?),
+            "seed" => sampling.seed = Some(integer(key, v, i64::MIN, i64::MAX)? as u64),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The request, once every field is read: what is required, and what
+    /// one field allows of another.
+    fn finish(mut self, base_model: &str) -> Result<Parsed, Status> {
+        let model = self
+            .model
+            .take()
+            .ok_or_else(|| invalid("model", "required"))?;
+        if self.body.input.is_none() {
+            let field = match self.endpoint {
+                Endpoint::Chat => "messages",
+                Endpoint::Completions => "prompt",
+            };
+            return Err(invalid(field, "required"));
+        }
+        let include_usage = self.include_usage()?;
+        let logprobs = self.logprobs()?;
+        match self.mix {
+            Some(_) if model != base_model => {
+                return Err(invalid(
+                    "svfit.mix",
+                    format!("a mix runs on the base model: set model to '{base_model}'"),
+                ))
+            }
+            Some(parts) => self.body.mix = parts,
+            None if model == base_model => {}
+            None => self.body.adapter = model.clone(),
+        }
+        self.body.max_tokens = self.max_tokens.unwrap_or(0);
+        self.body.sampling = Some(self.sampling);
+        Ok(Parsed {
+            model,
+            body: self.body,
+            stream: self.stream,
+            include_usage,
+            logprobs,
+        })
+    }
+
+    /// `stream_options.include_usage`; stream options need a stream.
+    fn include_usage(&self) -> Result<bool, Status> {
+        match self.stream_options {
+            None => Ok(false),
+            Some(_) if !self.stream => Err(invalid(
+                "stream_options",
+                "only allowed when stream is true",
+            )),
+            Some(v) => stream_options_usage(v),
+        }
+    }
+
+    /// Alternatives per token; chat's `top_logprobs` needs `logprobs`.
+    fn logprobs(&self) -> Result<Option<usize>, Status> {
+        match self.top_logprobs {
+            Some(_) if self.logprobs.is_none() => {
+                Err(invalid("top_logprobs", "requires logprobs: true"))
+            }
+            Some(top) => Ok(Some(top)),
+            None => Ok(self.logprobs),
+        }
+    }
+}
+
+/// The fields that change nothing we do: accepted when their value asks
+/// nothing of us (or, for `user` and a few others, any well-typed value),
+/// refused by name otherwise; unknown fields are refused.
+fn harmless(endpoint: Endpoint, key: &str, v: &Value) -> Result<(), Status> {
+    match (endpoint, key) {
+        (_, "n") => only_default(key, v, &[json!(1)]),
+        (Endpoint::Completions, "best_of") => only_default(key, v, &[json!(1)]),
+        (Endpoint::Completions, "echo") => only_default(key, v, &[json!(false)]),
+        (Endpoint::Completions, "suffix") => only_default(key, v, &[json!("")]),
+        (_, "frequency_penalty" | "presence_penalty") => {
+            // OpenAI's penalties subtract from logits; our repetition
+            // penalty divides them (`repetition_penalty`): not the same.
+            if number(key, v)? != 0.0 {
+                return Err(invalid(
+                    key,
+                    "only 0 is supported (OpenAI's additive penalties are not implemented; \
+                     repetition_penalty is the multiplicative one)",
+                ));
+            }
+            Ok(())
+        }
+        (_, "logit_bias") => only_default(key, v, &[json!({})]),
+        (_, "user") => string(key, v).map(drop),
+        (Endpoint::Chat, "tools" | "functions") => only_default(key, v, &[json!([])]),
+        (Endpoint::Chat, "tool_choice" | "function_call") => {
+            only_default(key, v, &[json!("none"), json!("auto")])
+        }
+        // Without tools there are no calls to run in parallel.
+        (Endpoint::Chat, "parallel_tool_calls") => boolean(key, v).map(drop),
+        (Endpoint::Chat, "response_format") => only_default(key, v, &[json!({"type": "text"})]),
+        (Endpoint::Chat, "modalities") => only_default(key, v, &[json!(["text"])]),
+        (Endpoint::Chat, "store") => only_default(key, v, &[json!(false)]),
+        // Tags of stored completions; nothing is stored.
+        (Endpoint::Chat, "metadata") if !v.is_object() => Err(expected(key, "an object", v)),
+        (Endpoint::Chat, "metadata") => Ok(()),
+        (_, "service_tier") => only_default(key, v, &[json!("auto"), json!("default")]),
+        _ => Err(unknown(key)),
+    }
+}
+
+fn stream_options_usage(v: &Value) -> Result<bool, Status> {
+    let mut usage = false;
+    for (key, v) in fields("stream_options", v)? {
+        match key {
+            "include_usage" => usage = boolean("stream_options.include_usage", v)?,
+            other => return Err(unknown(&format!("stream_options.{other}"))),
+        }
+    }
+    Ok(usage)
+}
+
+/// `messages`: roles system, developer (as system), user and assistant;
+/// content a string or text parts.
+fn messages(v: &Value) -> Result<pb::generate_request::Input, Status> {
+    let Value::Array(list) = v else {
+        return Err(expected("messages", "an array", v));
+    };
+    let mut messages = Vec::with_capacity(list.len().min(1024));
+    for (i, m) in list.iter().enumerate() {
+        let param = format!("messages[{i}]");
+        let mut role = None;
+        let mut content = String::new();
+        for (key, v) in fields(&param, m)? {
+            let field = format!("{param}.{key}");
+            match key {
+                "role" => role = Some(string(&field, v)?),
+                "content" => content = message_content(&field, v)?,
+                "tool_calls" => only_default(&field, v, &[json!([])])?,
+                "refusal" => {}
+                "name" | "tool_call_id" | "function_call" | "audio" => {
+                    return Err(unsupported(&field, "this message field"))
+                }
+                _ => return Err(unknown(&field)),
+            }
+        }
+        let role = match role.as_deref() {
+            Some("developer") => "system".to_string(),
+            Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
+            Some(other) => {
+                return Err(invalid(
+                    &format!("{param}.role"),
+                    format!(
+                        "'{}' is not supported (system, developer, user or assistant)",
+                        crate::store::shown(other)
+                    ),
+                ))
+            }
+            None => return Err(invalid(&format!("{param}.role"), "required")),
+        };
+        messages.push(pb::ChatMessage { role, content });
+    }
+    Ok(pb::generate_request::Input::Chat(pb::Chat { messages }))
+}
+
+/// A message's content: a string, or an array of text parts (joined).
+fn message_content(param: &str, v: &Value) -> Result<String, Status> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for (i, part) in parts.iter().enumerate() {
+                let param = format!("{param}[{i}]");
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    (Some("text"), _) => return Err(invalid(&param, "a text part needs text")),
+                    (Some(other), _) => {
+                        return Err(unsupported(
+                            &param,
+                            &format!("content of type '{}'", crate::store::shown(other)),
+                        ))
+                    }
+                    (None, _) => return Err(invalid(&param, "expected a part with a type")),
+                }
+            }
+            Ok(text)
+        }
+        other => Err(expected(param, "a string or an array of parts", other)),
+    }
+}
+
+/// `prompt`: a string, or an array holding one string.
+fn prompt(v: &Value) -> Result<pb::generate_request::Input, Status> {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(s)] => s.clone(),
+            [] => return Err(invalid("prompt", "empty")),
+            [Value::Number(_), ..] => return Err(unsupported("prompt", "a prompt of token ids")),
+            [_] => return Err(expected("prompt", "a string", &items[0])),
+            _ => return Err(unsupported("prompt", "more than one prompt per request")),
+        },
+        other => return Err(expected("prompt", "a string", other)),
+    };
+    Ok(pb::generate_request::Input::Prompt(text))
+}
+
+/// `stop`: a string or an array of strings (the limits are the
+/// validation layer's).
+fn stop(v: &Value) -> Result<Vec<String>, Status> {
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(items) => {
+            // Bounded before copying; the validation layer names the limit.
+            if items.len() > 1024 {
+                return Err(invalid("stop", format!("{} strings", items.len())));
+            }
+            items.iter().map(|s| string("stop", s)).collect()
+        }
+        other => Err(expected("stop", "a string or an array of strings", other)),
+    }
+}
+
+/// The `svfit` extension object: `{"mix": [{"adapter": ID, "weight": W}, ...]}`.
+fn extension(v: &Value) -> Result<Vec<pb::MixPart>, Status> {
+    let mut parts = None;
+    for (key, v) in fields("svfit", v)? {
+        match key {
+            "mix" => {
+                let Value::Array(list) = v else {
+                    return Err(expected("svfit.mix", "an array", v));
+                };
+                if list.len() > 1024 {
+                    return Err(invalid("svfit.mix", format!("{} parts", list.len())));
+                }
+                let mut mix = Vec::with_capacity(list.len());
+                for (i, part) in list.iter().enumerate() {
+                    let param = format!("svfit.mix[{i}]");
+                    let adapter = part
+                        .get("adapter")
+                        .ok_or_else(|| invalid(&param, "needs adapter"))?;
+                    let weight = part
+                        .get("weight")
+                        .ok_or_else(|| invalid(&param, "needs weight"))?;
+                    if part.as_object().is_some_and(|o| o.len() > 2) {
+                        return Err(invalid(&param, "only adapter and weight"));
+                    }
+                    mix.push(pb::MixPart {
+                        adapter: string(&format!("{param}.adapter"), adapter)?,
+                        weight: number(&format!("{param}.weight"), weight)?,
+                    });
+                }
+                parts = Some(mix);
+            }
+            other => return Err(unknown(&format!("svfit.{other}"))),
+        }
+    }
+    let parts = parts.ok_or_else(|| invalid("svfit", "expected mix"))?;
+    if parts.is_empty() {
+        return Err(invalid("svfit.mix", "empty"));
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "base.gguf";
+
+    fn chat(body: Value) -> Result<Parsed, Status> {
+        parse(Endpoint::Chat, body.to_string().as_bytes(), BASE)
+    }
+
+    fn completion(body: Value) -> Result<Parsed, Status> {
+        parse(Endpoint::Completions, body.to_string().as_bytes(), BASE)
+    }
+
+    fn refused_naming(result: Result<Parsed, Status>, param: &str) {
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().starts_with(param),
+            "{param}: {}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn what_common_clients_send_is_accepted() {
+        let p = chat(json!({
+            "model": "alice-support",
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            ],
+            "n": 1, "user": "u1", "stream": false, "frequency_penalty": 0,
+            "presence_penalty": 0.0, "logit_bias": {}, "tools": null,
+            "max_completion_tokens": 7, "temperature": 0, "seed": -3,
+            "stop": "END", "logprobs": true, "top_logprobs": 2,
+        }))
+        .unwrap();
+        assert_eq!(p.body.adapter, "alice-support");
+        assert_eq!(p.body.max_tokens, 7);
+        assert_eq!(p.body.stop, vec!["END"]);
+        assert_eq!(p.logprobs, Some(2));
+        let s = p.body.sampling.unwrap();
+        assert_eq!(s.temperature, Some(0.0));
+        assert_eq!(s.seed, Some(-3i64 as u64));
+        let Some(pb::generate_request::Input::Chat(c)) = p.body.input else {
+            panic!("chat");
+        };
+        assert_eq!(c.messages[0].role, "system");
+        assert_eq!(c.messages[1].content, "Hi");
+
+        let p = completion(json!({"model": BASE, "prompt": ["Once"], "logprobs": 0})).unwrap();
+        assert_eq!(p.body.adapter, "");
+        assert_eq!(p.logprobs, Some(0));
+        assert_eq!(p.body.sampling.unwrap().temperature, Some(1.0));
+    }
+
+    #[test]
+    fn what_asks_for_behaviour_we_lack_is_refused_by_name() {
+        let m = json!([{"role": "user", "content": "x"}]);
+        let cases = [
+            (json!({"model": "a", "messages": m, "n": 2}), "n"),
+            (
+                json!({"model": "a", "messages": m, "frequency_penalty": 0.5}),
+                "frequency_penalty",
+            ),
+            (
+                json!({"model": "a", "messages": m, "logit_bias": {"1": 5}}),
+                "logit_bias",
+            ),
+            (
+                json!({"model": "a", "messages": m, "tools": [{"type": "function"}]}),
+                "tools",
+            ),
+            (
+                json!({"model": "a", "messages": m, "response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (
+                json!({"model": "a", "messages": m, "reasoning_effort": "low"}),
+                "reasoning_effort",
+            ),
+            (
+                json!({"model": "a", "messages": m, "top_logprobs": 2}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "a", "messages": m, "top_logprobs": 21, "logprobs": true}),
+                "top_logprobs",
+            ),
+            (
+                json!({"model": "a", "messages": m, "stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+            (
+                json!({"model": "a", "messages": m, "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "a", "messages": m, "max_tokens": 4, "max_completion_tokens": 5}),
+                "max_",
+            ),
+            (
+                json!({"model": "a", "messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (
+                json!({"model": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "messages[0].content[0]",
+            ),
+            (
+                json!({"model": "a", "messages": m, "svfit": {"mix": [{"adapter": "x", "weight": 1}]}}),
+                "svfit.mix",
+            ),
+            (json!({"messages": m}), "model"),
+            (json!({"model": "a"}), "messages"),
+            (json!({"model": "a", "messages": m, "seed": 1.5}), "seed"),
+            (json!({"model": "a", "messages": "hi"}), "messages"),
+        ];
+        for (body, param) in cases {
+            refused_naming(chat(body), param);
+        }
+        refused_naming(
+            completion(json!({"model": "a", "prompt": [1, 2]})),
+            "prompt",
+        );
+        refused_naming(
+            completion(json!({"model": "a", "prompt": ["a", "b"]})),
+            "prompt",
+        );
+        refused_naming(
+            completion(json!({"model": "a", "prompt": "x", "echo": true})),
+            "echo",
+        );
+        refused_naming(
+            completion(json!({"model": "a", "prompt": "x", "logprobs": true})),
+            "logprobs",
+        );
+        refused_naming(
+            completion(json!({"model": "a", "prompt": "x", "messages": []})),
+            "messages",
+        );
+        let status = parse(Endpoint::Chat, b"[1]", BASE).unwrap_err();
+        assert!(
+            status.message().contains("JSON object"),
+            "{}",
+            status.message()
+        );
+        assert!(parse(Endpoint::Chat, b"{", BASE).is_err());
+    }
+
+    #[test]
+    fn a_mix_runs_on_the_base_model_name() {
+        let p = completion(json!({
+            "model": BASE, "prompt": "x",
+            "svfit": {"mix": [{"adapter": "a", "weight": 0.7}, {"adapter": "b", "weight": 0.3}]},
+        }))
+        .unwrap();
+        assert_eq!(p.body.adapter, "");
+        assert_eq!(p.body.mix.len(), 2);
+        assert_eq!(p.body.mix[1].adapter, "b");
+    }
+}
