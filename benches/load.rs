@@ -1048,8 +1048,15 @@ async fn run_svfit(
 }
 
 /// The added latency of a cold adapter: reading and validating it from the
-/// store, and writing it into a slot (p50/p99 over `n` adapters).
-fn cold_load_cost(o: &Options, b: &Base, dir: &Path, n: usize) -> Vec<(String, f64)> {
+/// store, and writing it into a slot (p50/p99 over `n` adapters). The
+/// store is async: its calls run on `runtime`, from this thread.
+fn cold_load_cost(
+    runtime: &tokio::runtime::Handle,
+    o: &Options,
+    b: &Base,
+    dir: &Path,
+    n: usize,
+) -> Vec<(String, f64)> {
     let store = AdapterStore::open(
         Box::new(LocalDir::open(&dir.join("adapters")).unwrap_or_else(fail)),
         b.key.clone(),
@@ -1077,7 +1084,9 @@ fn cold_load_cost(o: &Options, b: &Base, dir: &Path, n: usize) -> Vec<(String, f
     let (mut read, mut slot) = (Vec::new(), Vec::new());
     for i in 0..n {
         let t = Instant::now();
-        let stored = store.get("default", &format!("t{i}")).unwrap_or_else(fail);
+        let stored = runtime
+            .block_on(store.get("default", &format!("t{i}")))
+            .unwrap_or_else(fail);
         read.push(t.elapsed());
         let t = Instant::now();
         model
@@ -1445,7 +1454,9 @@ fn main() {
     let mut reports = Vec::new();
     let mut ours = runtime.block_on(run_svfit(&o, &b, &dir, n_adapters, false));
     if o.scenario == "cold" && o.addr.is_none() {
-        ours[0].extra.extend(cold_load_cost(&o, &b, &dir, 200));
+        ours[0]
+            .extra
+            .extend(cold_load_cost(runtime.handle(), &o, &b, &dir, 200));
     }
     let http = (ours.len() > 1).then(|| ours.remove(1));
     reports.extend(ours);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{auth, blocking, pb, Shared};
+use super::{auth, pb, store_status, Shared};
 use crate::store::Stored;
 
 /// Largest adapter upload accepted (the default model's are ~70 kB).
@@ -105,8 +105,12 @@ impl pb::adapters_server::Adapters for AdaptersService {
                     limit.as_secs_f64()
                 ))
             })??;
-        let shared = self.shared.clone();
-        let stored = blocking(move || shared.store.put(&tenant, &id, &bytes)).await?;
+        let stored = self
+            .shared
+            .store
+            .put(&tenant, &id, bytes)
+            .await
+            .map_err(store_status)?;
         tracing::info!(
             tenant = stored.tenant,
             adapter = format!("{}@v{}", stored.id, stored.version),
@@ -118,8 +122,12 @@ impl pb::adapters_server::Adapters for AdaptersService {
 
     async fn get(&self, req: Request<pb::AdapterRef>) -> Result<Response<pb::AdapterInfo>, Status> {
         let (tenant, id) = auth::caller(&req)?.named(&req.get_ref().tenant, &req.get_ref().id)?;
-        let shared = self.shared.clone();
-        let stored = blocking(move || shared.store.get(&tenant, &id)).await?;
+        let stored = self
+            .shared
+            .store
+            .get(&tenant, &id)
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(self.info(&stored)))
     }
 
@@ -149,9 +157,11 @@ impl pb::adapters_server::Adapters for AdaptersService {
         req: Request<pb::AdapterRef>,
     ) -> Result<Response<pb::DeleteAdapterResponse>, Status> {
         let (tenant, id) = auth::caller(&req)?.named(&req.get_ref().tenant, &req.get_ref().id)?;
-        let shared = self.shared.clone();
-        let (t, i) = (tenant.clone(), id.clone());
-        blocking(move || shared.store.delete(&t, &i)).await?;
+        self.shared
+            .store
+            .delete(&tenant, &id)
+            .await
+            .map_err(store_status)?;
         self.shared.engine.forget(&format!("{tenant}/{id}"));
         tracing::info!(tenant, adapter = id, "delete");
         Ok(Response::new(pb::DeleteAdapterResponse {}))
@@ -160,9 +170,12 @@ impl pb::adapters_server::Adapters for AdaptersService {
     async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::AdapterInfo>, Status> {
         let (tenant, id) = auth::caller(&req)?.named(&req.get_ref().tenant, &req.get_ref().id)?;
         let pinned = req.get_ref().pinned;
-        let shared = self.shared.clone();
-        let (t, i) = (tenant.clone(), id.clone());
-        let stored = blocking(move || shared.store.pin(&t, &i, pinned)).await?;
+        let stored = self
+            .shared
+            .store
+            .pin(&tenant, &id, pinned)
+            .await
+            .map_err(store_status)?;
         self.shared.engine.pin(&format!("{tenant}/{id}"), pinned);
         Ok(Response::new(self.info(&stored)))
     }
@@ -182,31 +195,28 @@ pub(super) async fn list_page(
         0 => 100,
         n => n.min(1000),
     };
-    let shared = shared.clone();
-    blocking(move || {
-        let tenants = match named {
-            Some(t) => vec![t],
-            None => shared.store.tenants()?,
-        };
-        let mut names: Vec<(String, String)> = Vec::new();
-        for t in &tenants {
-            let ids = shared.store.ids(t)?;
-            names.extend(ids.into_iter().map(|id| (t.clone(), id)));
-        }
-        names.retain(|(t, id)| page_token.is_empty() || format!("{t}/{id}") > page_token);
-        names.sort();
-        let more = names.len() > page_size;
-        names.truncate(page_size);
-        let next = match names.last() {
-            Some((t, id)) if more => format!("{t}/{id}"),
-            _ => String::new(),
-        };
-        // An adapter that is invalid or was deleted meanwhile is left out.
-        let stored: Vec<Arc<Stored>> = names
-            .iter()
-            .filter_map(|(t, id)| shared.store.get(t, id).ok())
-            .collect();
-        Ok((stored, next))
-    })
-    .await
+    let store = &shared.store;
+    let tenants = match named {
+        Some(t) => vec![t],
+        None => store.tenants().await.map_err(store_status)?,
+    };
+    let mut names: Vec<(String, String)> = Vec::new();
+    for t in &tenants {
+        let ids = store.ids(t).await.map_err(store_status)?;
+        names.extend(ids.into_iter().map(|id| (t.clone(), id)));
+    }
+    names.retain(|(t, id)| page_token.is_empty() || format!("{t}/{id}") > page_token);
+    names.sort();
+    let more = names.len() > page_size;
+    names.truncate(page_size);
+    let next = match names.last() {
+        Some((t, id)) if more => format!("{t}/{id}"),
+        _ => String::new(),
+    };
+    // An adapter that is invalid or was deleted meanwhile is left out.
+    let mut stored: Vec<Arc<Stored>> = Vec::with_capacity(names.len());
+    for (t, id) in &names {
+        stored.extend(store.get(t, id).await.ok());
+    }
+    Ok((stored, next))
 }

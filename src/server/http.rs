@@ -642,8 +642,12 @@ async fn model(
         return Ok((StatusCode::OK, json_body(&body)).into_response());
     }
     let (tenant, name) = caller.adapter(&id)?;
-    let shared = state.shared.clone();
-    let stored = super::blocking(move || shared.store.get(&tenant, &name)).await?;
+    let stored = state
+        .shared
+        .store
+        .get(&tenant, &name)
+        .await
+        .map_err(super::store_status)?;
     let body = model_object(
         &adapter_model_id(&caller, &stored.tenant, &stored.id),
         stored.created(),

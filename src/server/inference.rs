@@ -13,7 +13,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::validation::{self, AdapterChoice, Prompt, ValidRequest};
-use super::{auth, blocking, failure_status, pb, submit_status, Api, InFlight, Shared};
+use super::{
+    auth, blocking, failure_status, pb, store_status, submit_status, Api, InFlight, Shared,
+};
 use crate::adapter::AdapterDeltas;
 use crate::engine::{Event, Job};
 use crate::generate;
@@ -151,24 +153,23 @@ async fn resolve(
     match choice {
         AdapterChoice::Base => Ok((None, String::new())),
         AdapterChoice::One(tenant, id) => {
-            let stored = blocking(move || shared.store.get(&tenant, &id)).await?;
+            let stored = shared.store.get(&tenant, &id).await.map_err(store_status)?;
             let version = format!("{}@v{}", stored.id, stored.version);
             Ok((Some(stored.deltas.clone()), version))
         }
         AdapterChoice::Mix(parts) => {
-            blocking(move || {
-                let mut stored = Vec::with_capacity(parts.len());
-                for (tenant, id, weight) in parts {
-                    stored.push((shared.store.get(&tenant, &id)?, weight));
-                }
-                let version = stored
-                    .iter()
-                    .map(|(s, w)| format!("{}@v{}*{w}", s.id, s.version))
-                    .collect::<Vec<_>>()
-                    .join("+");
-                Ok((Some(shared.store.mix(&stored)), version))
-            })
-            .await
+            let mut stored = Vec::with_capacity(parts.len());
+            for (tenant, id, weight) in parts {
+                let part = shared.store.get(&tenant, &id).await;
+                stored.push((part.map_err(store_status)?, weight));
+            }
+            let version = stored
+                .iter()
+                .map(|(s, w)| format!("{}@v{}*{w}", s.id, s.version))
+                .collect::<Vec<_>>()
+                .join("+");
+            let mixed = blocking(move || Ok(shared.store.mix(&stored))).await?;
+            Ok((Some(mixed), version))
         }
     }
 }

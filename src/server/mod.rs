@@ -580,6 +580,7 @@ fn store_status(e: StoreError) -> Status {
         }
         StoreError::PinQuota { .. } => Status::resource_exhausted(message),
         StoreError::Conflict(_) => Status::aborted(message),
+        StoreError::Internal(_) => Status::internal(message),
         // Mostly transient (an object store that is restarting or
         // unreachable): UNAVAILABLE tells clients to retry.
         StoreError::Io { .. } => {
@@ -612,7 +613,7 @@ fn submit_status(e: SubmitError) -> Status {
     }
 }
 
-/// Runs a blocking store call off the async threads.
+/// Runs CPU work of the store (a mix of adapters) off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {

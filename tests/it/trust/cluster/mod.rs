@@ -6,7 +6,8 @@
 //! with -9 under load fails only the requests it was running; a replica
 //! drained with SIGTERM under load fails none; the store restarted mid-run
 //! leaves cached adapters served and refuses uploads cleanly until it is
-//! back. Prints the figures.
+//! back. Prints the figures. `threads` checks that the store's version
+//! checks against moto start no threads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
+
+mod threads;
 
 const BUCKET: &str = "svfit-cluster";
 const REPLICAS: usize = 3;
