@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 
 use crate::common;
 use common::serve::*;
-use common::TempDir;
 use svfit::server;
 
 /// What a scrape answered before the registry was built once (sorted):
@@ -45,7 +44,7 @@ fn shape(body: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_keep_their_names_types_help_and_labels() {
     let _machine = common::shared();
-    let dir = TempDir::new("server-metrics");
+    let dir = common::temp_dir("server-metrics");
     let running = server::start(config(dir.path())).await.unwrap();
     let (mut client, _) = clients(&running).await;
     client.generate(greedy("", PROMPTS[1], 2)).await.unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::{free_port, s3, BUCKET};
 use crate::common::serve::*;
-use crate::common::TempDir;
+
 use svfit::store::object::Objects;
 use svfit::store::{AdapterStore, PinLimits};
 
@@ -97,7 +97,7 @@ fn object_store_version_checks_start_no_threads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run in a child process by object_store_version_checks_start_no_threads"]
 async fn version_checks_in_this_process() {
-    let dir = TempDir::new("cluster-threads");
+    let dir = crate::common::temp_dir("cluster-threads");
     let port = free_port();
     let _moto = s3(dir.path(), port, 0).await;
     let options = [
