@@ -642,12 +642,8 @@ async fn model(
         return Ok((StatusCode::OK, json_body(&body)).into_response());
     }
     let (tenant, name) = caller.adapter(&id)?;
-    let stored = state
-        .shared
-        .store
-        .get(&tenant, &name)
-        .await
-        .map_err(super::store_status)?;
+    let found = state.shared.store.get(&tenant, &name).await;
+    let stored = found.map_err(super::store_status)?;
     let body = model_object(
         &adapter_model_id(&caller, &stored.tenant, &stored.id),
         stored.created(),
