@@ -140,6 +140,7 @@ fn main() {
     let options = LoadOptions {
         device: "cpu".into(),
         threads: opts.threads,
+        q8_0_kernel: opts.q8_0_kernel,
         ..LoadOptions::default()
     };
     for targets in ["q,v", "all-linear"] {
@@ -150,6 +151,7 @@ fn main() {
         let factors = factors::read_factors(&path, &key).unwrap_or_else(fail);
         let model = Model::load_for_training(&opts.model, &options, true).unwrap_or_else(fail);
         let mut learner = Learner::new(model, &factors).unwrap_or_else(fail);
+        learner.set_gemm(opts.train_gemm);
         let mut grad = vec![0f32; learner.n_params()];
         for (what, row) in &rows {
             let forward = time(opts.reps, || {

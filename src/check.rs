@@ -169,6 +169,10 @@ pub struct Options {
     pub train_ctx: usize,
     /// Time for each training measurement.
     pub train_time: Duration,
+    /// `LoadOptions::q8_0_kernel` of every model loaded.
+    pub q8_0_kernel: bool,
+    /// `Learner::set_gemm` of every learner (the CPU's training products).
+    pub train_gemm: bool,
 }
 
 /// One step's outcome.
@@ -424,7 +428,9 @@ fn training(
     let learner = |device: &str| -> Result<Learner, ModelError> {
         let mut model = Model::load_for_training(&o.model, &options(o, device), true)?;
         model.record_placement();
-        Learner::new(model, &f.factors)
+        let mut learner = Learner::new(model, &f.factors)?;
+        learner.set_gemm(o.train_gemm);
+        Ok(learner)
     };
     let mut on = learner(&o.device)?;
     let n = on.n_params();
@@ -505,6 +511,7 @@ fn options(o: &Options, device: &str) -> LoadOptions {
         device: device.to_string(),
         threads: o.threads,
         weights: WeightFormat::Keep,
+        q8_0_kernel: o.q8_0_kernel,
     }
 }
 

@@ -12,6 +12,8 @@ pub(super) struct CheckArgs {
     base: ModelFile,
     #[command(flatten)]
     compute: Compute,
+    #[command(flatten)]
+    train_compute: TrainCompute,
     /// Check a model with random weights and --model's tokenizer instead of
     /// --model itself: tiny (2 layers, 64 wide), like (--model's shapes and
     /// stored types; q4_1 for a --write-metadata file) or 1b (16 layers,
@@ -82,6 +84,8 @@ pub(super) fn run_check(args: &CheckArgs) -> Result<()> {
         scratch: scratch.0.clone(),
         train_ctx: args.train_ctx.max(8),
         train_time: std::time::Duration::from_secs_f64(args.train_secs.clamp(0.0, 3600.0)),
+        q8_0_kernel: args.compute.q8_0_kernel,
+        train_gemm: args.train_compute.gemm,
     };
     println!("checking {} on {}", options.model.display(), options.device);
     let report = check::run(&options, &mut |step| {

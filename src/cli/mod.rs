@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 
 use svfit::adapter::{self, Deltas, Loaded};
 use svfit::factors::FactorsKey;
@@ -156,12 +156,45 @@ struct Compute {
     /// CPU threads [default: one per core]
     #[arg(long)]
     threads: Option<usize>,
+    /// Q8_0 products on a CPU with AVX-512 VNNI through svfit's batched
+    /// kernel (1), or ggml's own product, the same numbers slower (0, to
+    /// compare)
+    #[arg(long = "q8-0-kernel", env = "SVFIT_Q8_0_KERNEL", value_name = "1|0",
+          default_value = "1", value_parser = on_unless_zero, action = ArgAction::Set)]
+    q8_0_kernel: bool,
 }
 
 impl Compute {
     fn threads(&self) -> usize {
         self.threads.unwrap_or_else(model::default_threads)
     }
+
+    /// How to load a model on this device, with its matrices held as
+    /// `weights` says.
+    fn load_options(&self, weights: WeightFormat) -> LoadOptions {
+        LoadOptions {
+            device: self.device.clone(),
+            threads: self.threads(),
+            weights,
+            q8_0_kernel: self.q8_0_kernel,
+        }
+    }
+}
+
+/// How training computes on the CPU: `train` and `check` take it.
+#[derive(Args)]
+struct TrainCompute {
+    /// Training's f32 products on a CPU through faer's GEMM (1: 3-4x the
+    /// tokens/s), or through ggml's own kernels (0, to compare)
+    #[arg(long = "train-gemm", env = "SVFIT_TRAIN_GEMM", value_name = "1|0",
+          default_value = "1", value_parser = on_unless_zero, action = ArgAction::Set)]
+    gemm: bool,
+}
+
+/// A switch given as a number or in the environment: "0" is off, anything
+/// else on (as the environment variables have always read).
+fn on_unless_zero(value: &str) -> Result<bool, std::convert::Infallible> {
+    Ok(value != "0")
 }
 
 /// Which model to load and how to run it.
@@ -184,11 +217,7 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn load_options(&self) -> LoadOptions {
-        LoadOptions {
-            device: self.compute.device.clone(),
-            threads: self.compute.threads(),
-            weights: self.weights,
-        }
+        self.compute.load_options(self.weights)
     }
 
     fn path(&self) -> Result<PathBuf> {

@@ -60,6 +60,8 @@ pub(super) struct TrainArgs {
     seed: u64,
     #[command(flatten)]
     compute: Compute,
+    #[command(flatten)]
+    train_compute: TrainCompute,
     /// Frozen weights during training: auto (f32 when it fits in half the
     /// free memory), f32, or keep (as stored: less memory, slower backward;
     /// f32 and f16 models only, ggml has no backward through quantized ones)
@@ -211,12 +213,9 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
     let out = pick(&args.out, saved.as_ref().map(|s| s.out.clone()))?;
     let options = Options {
         model: args.base.path()?,
-        load: LoadOptions {
-            device: args.compute.device.clone(),
-            threads: args.compute.threads(),
-            // Training holds its frozen weights as --frozen says.
-            weights: WeightFormat::Keep,
-        },
+        // Training holds its frozen weights as --frozen says.
+        load: args.compute.load_options(WeightFormat::Keep),
+        gemm: args.train_compute.gemm,
         frozen: args.frozen.parse().map_err(anyhow::Error::msg)?,
         targets: match &saved {
             Some(s) => s.targets.parse()?,

@@ -34,12 +34,6 @@ const MIN_MACS: i64 = 1 << 16;
 /// register of f32).
 const BAND_ALIGN: usize = 16;
 
-/// Whether training graphs on the CPU use the GEMM: on unless
-/// `SVFIT_TRAIN_GEMM=0` (to compare with ggml's kernels).
-pub fn available() -> bool {
-    std::env::var_os("SVFIT_TRAIN_GEMM").is_none_or(|v| v != "0")
-}
-
 /// Which product a rewritten node computes (its user data).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(usize)]

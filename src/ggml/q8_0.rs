@@ -31,15 +31,12 @@ const TILE_PAIRS: usize = 4;
 /// How far ahead in a weight row to prefetch, in bytes.
 const PREFETCH: usize = 512;
 
-/// Whether this CPU runs the kernel (AVX-512 F/BW/VL/VNNI and F16C), and
-/// `SVFIT_Q8_0_KERNEL=0` does not turn it off (to compare it with ggml's).
+/// Whether this CPU runs the kernel (AVX-512 F/BW/VL/VNNI and F16C).
 /// Asked at run time, never by `cfg(target_feature)`: the detection reads
 /// XCR0 too, so a CPU that reports AVX-512 to an OS that does not save its
-/// registers does not run it.
+/// registers does not run it. Whether it is wanted is the caller's option
+/// (`model::LoadOptions::q8_0_kernel`).
 pub fn available() -> bool {
-    if std::env::var_os("SVFIT_Q8_0_KERNEL").is_some_and(|v| v == "0") {
-        return false;
-    }
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")
@@ -354,8 +351,16 @@ unsafe extern "C" fn compute(
             if first >= last {
                 return;
             }
-            let packed = packed.data as *const u8;
-            kernel::rows(w, k, n, b, packed, first, last, out, then);
+            let product = kernel::Product {
+                w,
+                k,
+                n,
+                b,
+                packed: packed.data as *const u8,
+                out,
+                then,
+            };
+            kernel::rows(product, first, last);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -438,42 +443,43 @@ mod kernel {
         }
     }
 
-    /// Rows `first..last` of `W x` into `out` (`[n, b]`, column-major).
+    /// One product `W x` as the kernel reads and writes it: `w` points at
+    /// `n` rows of `k / 32` Q8_0 blocks in the layout of `interleave`,
+    /// `packed` at `b` packed columns of `k`, `out` at room for the `[n, b]`
+    /// result (column-major), and `then` says what happens to each result
+    /// before it is stored. Passed by value: the tiles read it from registers.
+    #[derive(Clone, Copy)]
+    pub(super) struct Product {
+        pub w: *const u8,
+        pub k: usize,
+        pub n: usize,
+        pub b: usize,
+        pub packed: *const u8,
+        pub out: *mut f32,
+        pub then: Then,
+    }
+
+    /// Rows `first..last` of `product`.
     ///
     /// # Safety
-    /// The CPU has the features of `available()`; `w` points at `n` rows of
-    /// `k / 32` Q8_0 blocks in the layout of `interleave`; `first` and
-    /// `last` are multiples of `TILE_ROWS`; `packed` holds `b`
-    /// packed columns of `k`; `out` has room for `n * b` floats.
-    #[allow(clippy::too_many_arguments)]
+    /// The CPU has the features of `available()`; the pointers of `product`
+    /// hold what its doc says; `first` and `last` are multiples of
+    /// `TILE_ROWS` within its `n` rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    pub(super) unsafe fn rows(
-        w: *const u8,
-        k: usize,
-        n: usize,
-        b: usize,
-        packed: *const u8,
-        first: usize,
-        last: usize,
-        out: *mut f32,
-        then: Then,
-    ) {
-        let nb = k / QK;
-        let row_bytes = nb * BLOCK_BYTES;
-        let pairs = b.div_ceil(2);
+    pub(super) unsafe fn rows(product: Product, first: usize, last: usize) {
+        let pairs = product.b.div_ceil(2);
         let mut r = first;
         while r < last {
             let mut p = 0;
             while p < pairs {
                 let tile = (pairs - p).min(TILE_PAIRS);
-                let at = (w.add(r * row_bytes), nb, packed, p, r, n, b, out, then);
                 // SAFETY: rows r..r + TILE_ROWS and pairs p..p + tile are in range.
                 unsafe {
                     match tile {
-                        TILE_PAIRS => tile_of::<TILE_PAIRS>(at),
-                        3 => tile_of::<3>(at),
-                        2 => tile_of::<2>(at),
-                        _ => tile_of::<1>(at),
+                        TILE_PAIRS => tile_of::<TILE_PAIRS>(product, r, p),
+                        3 => tile_of::<3>(product, r, p),
+                        2 => tile_of::<2>(product, r, p),
+                        _ => tile_of::<1>(product, r, p),
                     }
                 }
                 p += tile;
@@ -482,31 +488,28 @@ mod kernel {
         }
     }
 
-    /// Where a tile reads and writes: its rows' interleaved blocks, blocks
-    /// per row, the packed activations, its first column pair and row, the
-    /// output's rows and columns, the output, and what to do before storing.
-    type At = (
-        *const u8,
-        usize,
-        *const u8,
-        usize,
-        usize,
-        usize,
-        usize,
-        *mut f32,
-        Then,
-    );
-
-    /// One tile: `TILE_ROWS` rows from `w` times column pairs `p0..p0 + P`.
+    /// One tile of `product`: rows `r0..r0 + TILE_ROWS` times column pairs
+    /// `p0..p0 + P`.
     // Indexing reads best for a register tile.
     #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn tile_of<const P: usize>(at: At) {
+    unsafe fn tile_of<const P: usize>(product: Product, r0: usize, p0: usize) {
         const R: usize = TILE_ROWS;
-        let (w, nb, packed, p0, r0, n, b, out, then) = at;
+        let Product {
+            w: matrix,
+            k,
+            n,
+            b,
+            packed,
+            out,
+            then,
+        } = product;
+        let nb = k / QK;
         // SAFETY (whole body): the caller's ranges; loads are unaligned.
         unsafe {
+            // The tile's rows' interleaved blocks.
+            let w = matrix.add(r0 * nb * BLOCK_BYTES);
             let zero = _mm512_setzero_si512();
             let mut acc = [[_mm512_setzero_ps(); P]; R];
             for kb in 0..nb {

@@ -1,5 +1,12 @@
 //! The llama forward graph, one function per block, read top to bottom:
 //! embed → (attention, feed-forward) × layers → norm → output head.
+//!
+//! A [`Builder`] holds what every block reads (the context the graph is
+//! built in, the config and the weights), as llama.cpp's
+//! `llm_graph_context` does; a pass adds what it shares across layers
+//! (`Serving`: the KV cache, the batch's inputs and shape, the SVFit
+//! branch; `Training`: the packed row's inputs and the deltas), so each
+//! block takes its pass plus what varies per call.
 
 use crate::ggml::q8_0::Matrix;
 use crate::ggml::{Context, Graph, Tensor, TensorId, Type};
@@ -45,120 +52,13 @@ pub(super) fn graph_size(cfg: &Config, n_groups: usize) -> usize {
     (96 + 16 * n_groups) * (cfg.n_layer + 2) + 256
 }
 
-/// Builds the forward graph into `gf`, with the SVFit branch of `branch` on
-/// its target matrices when given; returns its inputs and the logits
-/// `[n_vocab, n_outputs]`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn forward<'a>(
-    ctx: &'a Context,
-    gf: &mut Graph<'a>,
-    cfg: &Config,
-    weights: &'a Weights,
-    cache: &'a KvCache,
-    branch: Option<&'a Branch>,
-    shape: &Shape,
-) -> (Inputs<'a>, Tensor<'a>) {
-    let n_tokens = shape.n_tokens as i64;
-    let partial = shape.n_outputs < shape.n_tokens;
-    let inputs = Inputs {
-        tokens: ctx
-            .new_tensor(Type::I32, &[n_tokens])
-            .set_name("inp_tokens")
-            .set_input(),
-        positions: ctx
-            .new_tensor(Type::I32, &[n_tokens])
-            .set_name("inp_pos")
-            .set_input(),
-        kv_cells: ctx
-            .new_tensor(Type::I64, &[n_tokens])
-            .set_name("inp_kv_cells")
-            .set_input(),
-        v_elements: ctx
-            .new_tensor(Type::I64, &[cfg.n_embd_kv() as i64 * n_tokens])
-            .set_name("inp_v_elements")
-            .set_input(),
-        kq_masks: shape
-            .groups
-            .iter()
-            .enumerate()
-            .map(|(i, g)| {
-                ctx.new_tensor(Type::F32, &[g.n_kv as i64, g.n_tokens as i64])
-                    .set_name(&format!("inp_kq_mask_{i}"))
-                    .set_input()
-            })
-            .collect(),
-        out_rows: partial.then(|| {
-            ctx.new_tensor(Type::I32, &[shape.n_outputs as i64])
-                .set_name("inp_out_rows")
-                .set_input()
-        }),
-        slots: branch.map(|_| {
-            ctx.new_tensor(Type::I32, &[n_tokens])
-                .set_name("inp_slots")
-                .set_input()
-        }),
-        out_slots: (branch.is_some() && partial).then(|| {
-            ctx.new_tensor(Type::I32, &[shape.n_outputs as i64])
-                .set_name("inp_out_slots")
-                .set_input()
-        }),
-    };
-    // The SVFit branch of a target matrix, for tokens whose slots are `slots`.
-    let adapted = |il: usize, kind: &str, slots: Option<Tensor<'a>>| {
-        let TargetTensors { u, vt, d } = branch?.target(il, kind)?;
-        Some(Adapted {
-            u,
-            vt,
-            delta: Delta::PerToken {
-                table: d,
-                slots: slots?,
-            },
-        })
-    };
-
-    let mut x = ctx.get_rows(weights.get(weights.token_embd), inputs.tokens);
-    for (il, layer) in weights.layers.iter().enumerate() {
-        let attn_in = rms_norm(ctx, x, weights.get(layer.attn_norm), cfg.rms_norm_eps);
-        let mut attn_out = attention(
-            ctx,
-            gf,
-            cfg,
-            weights,
-            layer,
-            cache,
-            il,
-            attn_in,
-            &inputs,
-            shape,
-            &|kind| adapted(il, kind, inputs.slots),
-        );
-        let mut residual = x;
-        let mut ffn_slots = inputs.slots;
-        if il + 1 == weights.layers.len() {
-            // Only the rows that produce logits go through the last FFN.
-            if let Some(rows) = inputs.out_rows {
-                attn_out = ctx.get_rows(attn_out, rows);
-                residual = ctx.get_rows(residual, rows);
-                ffn_slots = inputs.out_slots;
-            }
-        }
-        let ffn_in = ctx.add(attn_out, residual);
-        let ffn_out = feed_forward(ctx, cfg, weights, layer, ffn_in, &|kind| {
-            adapted(il, kind, ffn_slots)
-        });
-        x = ctx.add(ffn_out, ffn_in);
-    }
-    let x = rms_norm(ctx, x, weights.get(weights.output_norm), cfg.rms_norm_eps);
-    let logits = weights
-        .product(ctx, weights.output, x)
-        .set_name("logits")
-        .set_output();
-    gf.expand(logits);
-    (inputs, logits)
-}
-
-fn rms_norm<'a>(ctx: &'a Context, x: Tensor<'a>, weight: Tensor<'a>, eps: f32) -> Tensor<'a> {
-    ctx.mul(ctx.rms_norm(x, eps), weight)
+/// What every block of a graph reads: the context the graph is built in,
+/// the model's hyper-parameters and its weights.
+#[derive(Clone, Copy)]
+pub(super) struct Builder<'a, 'c> {
+    pub ctx: &'a Context,
+    pub cfg: &'c Config,
+    pub weights: &'a Weights,
 }
 
 /// A target matrix's SVFit factors and the deltas its tokens use.
@@ -186,86 +86,300 @@ pub(super) enum Delta<'a> {
 /// The SVFit branch (if any) of a layer's matrix of a given kind.
 type BranchOf<'b, 'a> = &'b dyn Fn(&str) -> Option<Adapted<'a>>;
 
-/// `y = W x` for a weight of the model, plus `U (D[:, slot] ⊙ Vt x)` when
-/// the matrix is an SVFit target (METHOD.md §4).
-fn linear<'a>(
-    ctx: &'a Context,
-    weights: &'a Weights,
-    w: TensorId,
-    x: Tensor<'a>,
-    svfit: Option<Adapted<'a>>,
-) -> Tensor<'a> {
-    let y = weights.product(ctx, w, x);
-    let Some(Adapted { u, vt, delta }) = svfit else {
-        return y;
-    };
-    let scaled = match delta {
-        Delta::PerToken { table, slots } => ctx.product_scaled(vt, x, table, slots),
-        Delta::Shared(d) => ctx.mul(ctx.product(vt, x), d),
-    };
-    ctx.product_added(u, scaled, y)
-}
+/// The SVFit branch (if any) of the matrix of a kind in a layer.
+pub(super) type LayerBranch<'b, 'a> = &'b dyn Fn(usize, &str) -> Option<Adapted<'a>>;
 
-/// Grouped-query self-attention with RoPE over the KV cache.
-#[allow(clippy::too_many_arguments)]
-fn attention<'a>(
-    ctx: &'a Context,
-    gf: &mut Graph<'a>,
-    cfg: &Config,
-    weights: &'a Weights,
-    layer: &LayerWeights,
-    cache: &'a KvCache,
-    il: usize,
-    x: Tensor<'a>,
-    inputs: &Inputs<'a>,
-    shape: &Shape,
-    svfit: BranchOf<'_, 'a>,
-) -> Tensor<'a> {
-    let (hd, n_tokens) = (cfg.head_dim as i64, shape.n_tokens as i64);
-    let rope = |t: Tensor<'a>, n_heads: usize| {
-        let t = ctx.reshape_3d(t, hd, n_heads as i64, n_tokens);
+impl<'a> Builder<'a, '_> {
+    /// `x` RMS-normalized, times the weight `weight`.
+    fn rms_norm(self, x: Tensor<'a>, weight: TensorId) -> Tensor<'a> {
+        let ctx = self.ctx;
+        ctx.mul(
+            ctx.rms_norm(x, self.cfg.rms_norm_eps),
+            self.weights.get(weight),
+        )
+    }
+
+    /// `y = W x` for a weight of the model, plus `U (D[:, slot] ⊙ Vt x)`
+    /// when the matrix is an SVFit target (METHOD.md §4).
+    fn linear(self, w: TensorId, x: Tensor<'a>, svfit: Option<Adapted<'a>>) -> Tensor<'a> {
+        let ctx = self.ctx;
+        let y = self.weights.product(ctx, w, x);
+        let Some(Adapted { u, vt, delta }) = svfit else {
+            return y;
+        };
+        let scaled = match delta {
+            Delta::PerToken { table, slots } => ctx.product_scaled(vt, x, table, slots),
+            Delta::Shared(d) => ctx.mul(ctx.product(vt, x), d),
+        };
+        ctx.product_added(u, scaled, y)
+    }
+
+    /// RoPE over `t` (`[n_heads * head_dim, n_tokens]`) at `positions`;
+    /// `[head_dim, n_heads, n_tokens]`.
+    fn rope(self, t: Tensor<'a>, positions: Tensor<'a>, n_heads: i64, n_tokens: i64) -> Tensor<'a> {
+        let (ctx, cfg, weights) = (self.ctx, self.cfg, self.weights);
+        let t = ctx.reshape_3d(t, cfg.head_dim as i64, n_heads, n_tokens);
         ctx.rope(
             t,
-            inputs.positions,
+            positions,
             weights.rope_freqs.map(|id| weights.get(id)),
             cfg.head_dim as i32,
             cfg.n_ctx_train as i32,
             cfg.rope_freq_base,
         )
-    };
-    let proj = |w, kind| linear(ctx, weights, w, x, svfit(kind));
-    let q = rope(proj(layer.attn_q, "attn_q"), cfg.n_head);
-    let k = rope(proj(layer.attn_k, "attn_k"), cfg.n_head_kv);
-    let v = proj(layer.attn_v, "attn_v");
+    }
 
-    // Store this batch's K and V in their cells before attention reads them.
-    // Plain attention, not ggml's flash attention: its CPU kernel switches
-    // between f16 and f32 accumulation with the number of queries, so a
-    // sequence's logits would depend on what else is in the batch.
-    let n_embd_kv = cfg.n_embd_kv() as i64;
-    let k_cache = cache.tensors().get(cache.k[il]);
-    let v_cache = cache.tensors().get(cache.v[il]);
-    gf.expand(ctx.set_rows(
-        k_cache,
-        ctx.reshape_2d(k, n_embd_kv, n_tokens),
-        inputs.kv_cells,
-    ));
-    let v_flat = ctx.reshape_2d(v_cache, 1, v_cache.n_elements());
-    gf.expand(ctx.set_rows(
-        v_flat,
-        ctx.reshape_2d(v, 1, n_embd_kv * n_tokens),
-        inputs.v_elements,
-    ));
+    /// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+    fn feed_forward(
+        self,
+        layer: &LayerWeights,
+        x: Tensor<'a>,
+        svfit: BranchOf<'_, 'a>,
+    ) -> Tensor<'a> {
+        let x = self.rms_norm(x, layer.ffn_norm);
+        let gate = self.linear(layer.ffn_gate, x, svfit("ffn_gate"));
+        let up = self.linear(layer.ffn_up, x, svfit("ffn_up"));
+        let swiglu = self.ctx.swiglu_split(gate, up);
+        self.linear(layer.ffn_down, swiglu, svfit("ffn_down"))
+    }
 
-    // Each sequence attends over its own cells only.
-    let heads: Vec<Tensor<'a>> = shape
-        .groups
-        .iter()
-        .zip(&inputs.kq_masks)
-        .map(|(g, &mask)| sequence_attention(ctx, cfg, q, k_cache, v_cache, g, mask))
-        .collect();
-    let out = join_tokens(ctx, &heads);
-    linear(ctx, weights, layer.attn_output, out, svfit("attn_output"))
+    /// The final norm and the output head: logits `[n_vocab, rows of x]`.
+    fn output_head(self, x: Tensor<'a>) -> Tensor<'a> {
+        let x = self.rms_norm(x, self.weights.output_norm);
+        self.weights
+            .product(self.ctx, self.weights.output, x)
+            .set_name("logits")
+            .set_output()
+    }
+
+    /// Builds the forward graph into `gf`, with the SVFit branch of
+    /// `branch` on its target matrices when given; returns its inputs and
+    /// the logits `[n_vocab, n_outputs]`.
+    pub(super) fn forward(
+        self,
+        gf: &mut Graph<'a>,
+        cache: &'a KvCache,
+        branch: Option<&'a Branch>,
+        shape: &Shape,
+    ) -> (Inputs<'a>, Tensor<'a>) {
+        let inputs = self.serving_inputs(shape, branch.is_some());
+        let pass = Serving {
+            builder: self,
+            cache,
+            branch,
+            inputs: &inputs,
+            shape,
+        };
+        let mut x = self
+            .ctx
+            .get_rows(self.weights.get(self.weights.token_embd), inputs.tokens);
+        for (il, layer) in self.weights.layers.iter().enumerate() {
+            x = pass.layer(gf, il, layer, x);
+        }
+        let logits = self.output_head(x);
+        gf.expand(logits);
+        (inputs, logits)
+    }
+
+    /// The input tensors of a serving pass of `shape`, with slot inputs
+    /// when the SVFit branch is on.
+    fn serving_inputs(self, shape: &Shape, with_branch: bool) -> Inputs<'a> {
+        let ctx = self.ctx;
+        let n_tokens = shape.n_tokens as i64;
+        let partial = shape.n_outputs < shape.n_tokens;
+        let input =
+            |ty, dims: &[i64], name: &str| ctx.new_tensor(ty, dims).set_name(name).set_input();
+        Inputs {
+            tokens: input(Type::I32, &[n_tokens], "inp_tokens"),
+            positions: input(Type::I32, &[n_tokens], "inp_pos"),
+            kv_cells: input(Type::I64, &[n_tokens], "inp_kv_cells"),
+            v_elements: input(
+                Type::I64,
+                &[self.cfg.n_embd_kv() as i64 * n_tokens],
+                "inp_v_elements",
+            ),
+            kq_masks: shape
+                .groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    input(
+                        Type::F32,
+                        &[g.n_kv as i64, g.n_tokens as i64],
+                        &format!("inp_kq_mask_{i}"),
+                    )
+                })
+                .collect(),
+            out_rows: partial.then(|| input(Type::I32, &[shape.n_outputs as i64], "inp_out_rows")),
+            slots: with_branch.then(|| input(Type::I32, &[n_tokens], "inp_slots")),
+            out_slots: (with_branch && partial)
+                .then(|| input(Type::I32, &[shape.n_outputs as i64], "inp_out_slots")),
+        }
+    }
+
+    /// The forward graph of training (METHOD.md §5): whole sequences
+    /// without a KV cache, plain attention, split SwiGLU, the SVFit branch
+    /// with a shared delta per target matrix (`svfit`), and the output head
+    /// only at the rows that carry loss. Returns the inputs, the logits
+    /// `[n_vocab, n_targets]` and the mean cross-entropy (a scalar marked
+    /// as the loss).
+    pub(super) fn train_forward(
+        self,
+        gf: &mut Graph<'a>,
+        svfit: LayerBranch<'_, 'a>,
+        n_tokens: usize,
+        n_targets: usize,
+    ) -> (TrainInputs<'a>, Tensor<'a>, Tensor<'a>) {
+        let ctx = self.ctx;
+        let inputs = self.training_inputs(n_tokens, n_targets);
+        let pass = Training {
+            builder: self,
+            inputs: &inputs,
+            n: n_tokens as i64,
+            svfit,
+        };
+        let mut x = ctx.get_rows(self.weights.get(self.weights.token_embd), inputs.tokens);
+        for (il, layer) in self.weights.layers.iter().enumerate() {
+            x = pass.layer(il, layer, x);
+        }
+        let x = ctx.get_rows(x, inputs.loss_rows);
+        let logits = self.output_head(x);
+        let loss = ctx
+            .cross_entropy_loss(logits, inputs.labels)
+            .set_name("loss")
+            .set_output()
+            .set_loss();
+        gf.expand(loss);
+        (inputs, logits, loss)
+    }
+
+    /// The input tensors of a training row of `n_tokens`, `n_targets` of
+    /// which carry loss.
+    fn training_inputs(self, n_tokens: usize, n_targets: usize) -> TrainInputs<'a> {
+        let n = n_tokens as i64;
+        let input =
+            |ty, shape: &[i64], name| self.ctx.new_tensor(ty, shape).set_name(name).set_input();
+        TrainInputs {
+            tokens: input(Type::I32, &[n], "inp_tokens"),
+            positions: input(Type::I32, &[n], "inp_pos"),
+            mask: input(Type::F32, &[n, n], "inp_kq_mask"),
+            loss_rows: input(Type::I32, &[n_targets as i64], "inp_loss_rows"),
+            labels: input(
+                Type::F32,
+                &[self.cfg.n_vocab as i64, n_targets as i64],
+                "inp_labels",
+            ),
+        }
+    }
+}
+
+/// One serving pass: the batch's KV cache, inputs and shape, and the SVFit
+/// branch when some token is not on the base.
+struct Serving<'a, 'p> {
+    builder: Builder<'a, 'p>,
+    cache: &'a KvCache,
+    branch: Option<&'a Branch>,
+    inputs: &'p Inputs<'a>,
+    shape: &'p Shape<'p>,
+}
+
+impl<'a> Serving<'a, '_> {
+    /// The SVFit branch of a target matrix, for tokens whose slots are `slots`.
+    fn adapted(&self, il: usize, kind: &str, slots: Option<Tensor<'a>>) -> Option<Adapted<'a>> {
+        let TargetTensors { u, vt, d } = self.branch?.target(il, kind)?;
+        Some(Adapted {
+            u,
+            vt,
+            delta: Delta::PerToken {
+                table: d,
+                slots: slots?,
+            },
+        })
+    }
+
+    /// Layer `il` over the hidden states `x`.
+    fn layer(
+        &self,
+        gf: &mut Graph<'a>,
+        il: usize,
+        layer: &LayerWeights,
+        x: Tensor<'a>,
+    ) -> Tensor<'a> {
+        let b = self.builder;
+        let attn_in = b.rms_norm(x, layer.attn_norm);
+        let mut attn_out = self.attention(gf, il, layer, attn_in);
+        let mut residual = x;
+        let mut ffn_slots = self.inputs.slots;
+        if il + 1 == b.weights.layers.len() {
+            // Only the rows that produce logits go through the last FFN.
+            if let Some(rows) = self.inputs.out_rows {
+                attn_out = b.ctx.get_rows(attn_out, rows);
+                residual = b.ctx.get_rows(residual, rows);
+                ffn_slots = self.inputs.out_slots;
+            }
+        }
+        let ffn_in = b.ctx.add(attn_out, residual);
+        let ffn_out = b.feed_forward(layer, ffn_in, &|kind| self.adapted(il, kind, ffn_slots));
+        b.ctx.add(ffn_out, ffn_in)
+    }
+
+    /// Grouped-query self-attention with RoPE over the KV cache.
+    fn attention(
+        &self,
+        gf: &mut Graph<'a>,
+        il: usize,
+        layer: &LayerWeights,
+        x: Tensor<'a>,
+    ) -> Tensor<'a> {
+        let (b, inputs) = (self.builder, self.inputs);
+        let (ctx, cfg) = (b.ctx, b.cfg);
+        let n_tokens = self.shape.n_tokens as i64;
+        let svfit = |kind| self.adapted(il, kind, inputs.slots);
+        let proj = |w, kind| b.linear(w, x, svfit(kind));
+        let q = b.rope(
+            proj(layer.attn_q, "attn_q"),
+            inputs.positions,
+            cfg.n_head as i64,
+            n_tokens,
+        );
+        let k = b.rope(
+            proj(layer.attn_k, "attn_k"),
+            inputs.positions,
+            cfg.n_head_kv as i64,
+            n_tokens,
+        );
+        let v = proj(layer.attn_v, "attn_v");
+
+        // Store this batch's K and V in their cells before attention reads them.
+        // Plain attention, not ggml's flash attention: its CPU kernel switches
+        // between f16 and f32 accumulation with the number of queries, so a
+        // sequence's logits would depend on what else is in the batch.
+        let n_embd_kv = cfg.n_embd_kv() as i64;
+        let k_cache = self.cache.tensors().get(self.cache.k[il]);
+        let v_cache = self.cache.tensors().get(self.cache.v[il]);
+        gf.expand(ctx.set_rows(
+            k_cache,
+            ctx.reshape_2d(k, n_embd_kv, n_tokens),
+            inputs.kv_cells,
+        ));
+        let v_flat = ctx.reshape_2d(v_cache, 1, v_cache.n_elements());
+        gf.expand(ctx.set_rows(
+            v_flat,
+            ctx.reshape_2d(v, 1, n_embd_kv * n_tokens),
+            inputs.v_elements,
+        ));
+
+        // Each sequence attends over its own cells only.
+        let heads: Vec<Tensor<'a>> = self
+            .shape
+            .groups
+            .iter()
+            .zip(&inputs.kq_masks)
+            .map(|(g, &mask)| sequence_attention(ctx, cfg, q, k_cache, v_cache, g, mask))
+            .collect();
+        let out = join_tokens(ctx, &heads);
+        b.linear(layer.attn_output, out, svfit("attn_output"))
+    }
 }
 
 /// Attention of one sequence's tokens over its cells; `[n_embd, n_tokens]`.
@@ -328,27 +442,6 @@ fn join_tokens<'a>(ctx: &'a Context, parts: &[Tensor<'a>]) -> Tensor<'a> {
     }
 }
 
-/// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
-fn feed_forward<'a>(
-    ctx: &'a Context,
-    cfg: &Config,
-    weights: &'a Weights,
-    layer: &LayerWeights,
-    x: Tensor<'a>,
-    svfit: BranchOf<'_, 'a>,
-) -> Tensor<'a> {
-    let x = rms_norm(ctx, x, weights.get(layer.ffn_norm), cfg.rms_norm_eps);
-    let gate = linear(ctx, weights, layer.ffn_gate, x, svfit("ffn_gate"));
-    let up = linear(ctx, weights, layer.ffn_up, x, svfit("ffn_up"));
-    linear(
-        ctx,
-        weights,
-        layer.ffn_down,
-        ctx.swiglu_split(gate, up),
-        svfit("ffn_down"),
-    )
-}
-
 /// The inputs of a training graph: packed examples as one token row.
 pub(super) struct TrainInputs<'a> {
     /// Token ids, i32 `[n_tokens]`.
@@ -369,92 +462,46 @@ pub(super) fn train_graph_size(cfg: &Config) -> usize {
     512 * (cfg.n_layer + 2)
 }
 
-/// The forward graph of training (METHOD.md §5): whole sequences without a
-/// KV cache, plain attention, split SwiGLU, the SVFit branch with a shared
-/// delta per target matrix, and the output head only at the rows that carry
-/// loss. Returns the inputs, the logits `[n_vocab, n_targets]` and the mean
-/// cross-entropy (a scalar marked as the loss).
-pub(super) fn train_forward<'a>(
-    ctx: &'a Context,
-    gf: &mut Graph<'a>,
-    cfg: &Config,
-    weights: &'a Weights,
-    svfit: &dyn Fn(usize, &str) -> Option<Adapted<'a>>,
-    n_tokens: usize,
-    n_targets: usize,
-) -> (TrainInputs<'a>, Tensor<'a>, Tensor<'a>) {
-    let n = n_tokens as i64;
-    let input = |ty, shape: &[i64], name| ctx.new_tensor(ty, shape).set_name(name).set_input();
-    let inputs = TrainInputs {
-        tokens: input(Type::I32, &[n], "inp_tokens"),
-        positions: input(Type::I32, &[n], "inp_pos"),
-        mask: input(Type::F32, &[n, n], "inp_kq_mask"),
-        loss_rows: input(Type::I32, &[n_targets as i64], "inp_loss_rows"),
-        labels: input(
-            Type::F32,
-            &[cfg.n_vocab as i64, n_targets as i64],
-            "inp_labels",
-        ),
-    };
-    let mut x = ctx.get_rows(weights.get(weights.token_embd), inputs.tokens);
-    for (il, layer) in weights.layers.iter().enumerate() {
-        let attn_in = rms_norm(ctx, x, weights.get(layer.attn_norm), cfg.rms_norm_eps);
-        let attn_out = whole_attention(ctx, cfg, weights, layer, attn_in, &inputs, n, &|kind| {
-            svfit(il, kind)
-        });
-        let ffn_in = ctx.add(attn_out, x);
-        let ffn_out = feed_forward(ctx, cfg, weights, layer, ffn_in, &|kind| svfit(il, kind));
-        x = ctx.add(ffn_out, ffn_in);
-    }
-    let x = ctx.get_rows(x, inputs.loss_rows);
-    let x = rms_norm(ctx, x, weights.get(weights.output_norm), cfg.rms_norm_eps);
-    let logits = weights
-        .product(ctx, weights.output, x)
-        .set_name("logits")
-        .set_output();
-    let loss = ctx
-        .cross_entropy_loss(logits, inputs.labels)
-        .set_name("loss")
-        .set_output()
-        .set_loss();
-    gf.expand(loss);
-    (inputs, logits, loss)
+/// One training pass: the packed row's inputs, its length and the SVFit
+/// branch of every target matrix (with its shared delta).
+struct Training<'a, 'p> {
+    builder: Builder<'a, 'p>,
+    inputs: &'p TrainInputs<'a>,
+    /// Tokens in the row.
+    n: i64,
+    svfit: LayerBranch<'p, 'a>,
 }
 
-/// Self-attention of a row of packed examples over itself (no cache).
-#[allow(clippy::too_many_arguments)]
-fn whole_attention<'a>(
-    ctx: &'a Context,
-    cfg: &Config,
-    weights: &'a Weights,
-    layer: &LayerWeights,
-    x: Tensor<'a>,
-    inputs: &TrainInputs<'a>,
-    n: i64,
-    svfit: BranchOf<'_, 'a>,
-) -> Tensor<'a> {
-    let (hd, n_head, n_head_kv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
-    let proj = |w, kind| linear(ctx, weights, w, x, svfit(kind));
-    let rope = |t: Tensor<'a>, heads: i64| {
-        let t = ctx.reshape_3d(t, hd, heads, n);
-        ctx.rope(
-            t,
-            inputs.positions,
-            weights.rope_freqs.map(|id| weights.get(id)),
-            cfg.head_dim as i32,
-            cfg.n_ctx_train as i32,
-            cfg.rope_freq_base,
-        )
-    };
-    // [hd, heads, n] → [hd, n, heads]
-    let q = ctx.permute(rope(proj(layer.attn_q, "attn_q"), n_head), [0, 2, 1, 3]);
-    let k = ctx.permute(rope(proj(layer.attn_k, "attn_k"), n_head_kv), [0, 2, 1, 3]);
-    let kq = ctx.soft_max_ext(ctx.mul_mat(k, q), inputs.mask, 1.0 / (hd as f32).sqrt());
-    // v: [n_embd_kv, n] → [n, hd, n_head_kv]
-    let v = ctx.reshape_3d(proj(layer.attn_v, "attn_v"), hd, n_head_kv, n);
-    let v = ctx.cont(ctx.permute(v, [1, 2, 0, 3]));
-    // [hd, n, n_head] → [hd, n_head, n] → [n_embd, n]
-    let out = ctx.permute(ctx.mul_mat(v, kq), [0, 2, 1, 3]);
-    let out = ctx.reshape_2d(ctx.cont(out), hd * n_head, n);
-    linear(ctx, weights, layer.attn_output, out, svfit("attn_output"))
+impl<'a> Training<'a, '_> {
+    /// Layer `il` over the hidden states `x`.
+    fn layer(&self, il: usize, layer: &LayerWeights, x: Tensor<'a>) -> Tensor<'a> {
+        let b = self.builder;
+        let attn_in = b.rms_norm(x, layer.attn_norm);
+        let attn_out = self.attention(il, layer, attn_in);
+        let ffn_in = b.ctx.add(attn_out, x);
+        let ffn_out = b.feed_forward(layer, ffn_in, &|kind| (self.svfit)(il, kind));
+        b.ctx.add(ffn_out, ffn_in)
+    }
+
+    /// Self-attention of a row of packed examples over itself (no cache).
+    fn attention(&self, il: usize, layer: &LayerWeights, x: Tensor<'a>) -> Tensor<'a> {
+        let (b, inputs, n) = (self.builder, self.inputs, self.n);
+        let (ctx, cfg) = (b.ctx, b.cfg);
+        let (hd, n_head, n_head_kv) =
+            (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
+        let svfit = |kind| (self.svfit)(il, kind);
+        let proj = |w, kind| b.linear(w, x, svfit(kind));
+        let rope = |t, heads| b.rope(t, inputs.positions, heads, n);
+        // [hd, heads, n] → [hd, n, heads]
+        let q = ctx.permute(rope(proj(layer.attn_q, "attn_q"), n_head), [0, 2, 1, 3]);
+        let k = ctx.permute(rope(proj(layer.attn_k, "attn_k"), n_head_kv), [0, 2, 1, 3]);
+        let kq = ctx.soft_max_ext(ctx.mul_mat(k, q), inputs.mask, 1.0 / (hd as f32).sqrt());
+        // v: [n_embd_kv, n] → [n, hd, n_head_kv]
+        let v = ctx.reshape_3d(proj(layer.attn_v, "attn_v"), hd, n_head_kv, n);
+        let v = ctx.cont(ctx.permute(v, [1, 2, 0, 3]));
+        // [hd, n, n_head] → [hd, n_head, n] → [n_embd, n]
+        let out = ctx.permute(ctx.mul_mat(v, kq), [0, 2, 1, 3]);
+        let out = ctx.reshape_2d(ctx.cont(out), hd * n_head, n);
+        b.linear(layer.attn_output, out, svfit("attn_output"))
+    }
 }

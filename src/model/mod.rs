@@ -22,7 +22,7 @@ pub use train::{Learner, RowLoss, TrainRow};
 
 use crate::factors::{Factor, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile, GgufWriteError};
-use crate::ggml::{Backend, Context, GgmlError, Scheduler, Type};
+use crate::ggml::{q8_0, Backend, Context, GgmlError, Scheduler, Type};
 use kv_cache::SeqGroup;
 pub use weights::{write_converted, WeightFormat};
 use weights::{Holding, Weights};
@@ -91,6 +91,10 @@ pub struct LoadOptions {
     pub threads: usize,
     /// How the weight matrices are held (`Auto` resolves per backend).
     pub weights: WeightFormat,
+    /// Whether Q8_0 products on a CPU go through the batched kernel
+    /// (`ggml::q8_0`) where the CPU runs it (AVX-512 VNNI); off, ggml's own
+    /// product computes the same numbers (to compare speed). On by default.
+    pub q8_0_kernel: bool,
 }
 
 impl Default for LoadOptions {
@@ -99,6 +103,7 @@ impl Default for LoadOptions {
             device: "cpu".into(),
             threads: default_threads(),
             weights: WeightFormat::Keep,
+            q8_0_kernel: true,
         }
     }
 }
@@ -159,6 +164,9 @@ pub struct Model {
     graph_groups: usize,
     /// The SVFit factors and adapter slots, once attached.
     svfit: Option<Branch>,
+    /// Whether Q8_0 matrices (weights and factors) go through the batched
+    /// kernel: asked by `LoadOptions::q8_0_kernel` and run by the backend.
+    q8_0_kernel: bool,
 }
 
 impl Model {
@@ -202,7 +210,8 @@ impl Model {
         backends.push(Backend::cpu(options.threads)?);
         let holding = holding
             .unwrap_or_else(|| Holding::Serve(options.weights.resolve(backends[0].is_cpu())));
-        let weights = Weights::load(&mut gguf, &config, &backends[0], holding)?;
+        let q8_0_kernel = options.q8_0_kernel && q8_0::available_on(&backends[0]);
+        let weights = Weights::load(&mut gguf, &config, &backends[0], holding, q8_0_kernel)?;
         // Graph room for this many sequences per batch; grows on demand.
         const GROUPS: usize = 16;
         let size = graph::graph_size(&config, GROUPS);
@@ -211,6 +220,7 @@ impl Model {
             graph_ctx: Context::new(2 * size, size)?,
             graph_groups: GROUPS,
             svfit: None,
+            q8_0_kernel,
             config,
             weights,
             sched,
@@ -259,6 +269,7 @@ impl Model {
             n_slots,
             factor_type,
             backend,
+            self.q8_0_kernel,
         )?);
         Ok(())
     }
@@ -367,15 +378,12 @@ impl Model {
         self.graph_ctx.reset();
         let ctx = &self.graph_ctx;
         let mut gf = ctx.new_graph(graph::graph_size(&self.config, groups.len()));
-        let (inputs, logits) = graph::forward(
+        let builder = graph::Builder {
             ctx,
-            &mut gf,
-            &self.config,
-            &self.weights,
-            cache,
-            branch,
-            &shape,
-        );
+            cfg: &self.config,
+            weights: &self.weights,
+        };
+        let (inputs, logits) = builder.forward(&mut gf, cache, branch, &shape);
         let allocated = self.sched.alloc(&mut gf)?;
 
         let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();

@@ -70,13 +70,16 @@ impl Branch {
     /// Places `factors` (checked against the model's shapes) on `backend`
     /// with `n_slots` slots (at least 2: the base and one adapter). U and Vt
     /// are stored as `factor_type` (q8_0, f16 or f32); a Vt whose width is
-    /// not a multiple of 32 stays f16 when q8_0 is asked for.
+    /// not a multiple of 32 stays f16 when q8_0 is asked for. With
+    /// `kernel` (the batched Q8_0 kernel runs on `backend`), q8_0 factors
+    /// go through it.
     pub(super) fn new(
         config: &Config,
         factors: &[(TargetMatrix, Factor)],
         n_slots: usize,
         factor_type: Type,
         backend: &Backend,
+        kernel: bool,
     ) -> Result<Self, ModelError> {
         if ![Type::Q8_0, Type::F16, Type::F32].contains(&factor_type) {
             return Err(ModelError::Factors(format!(
@@ -101,8 +104,6 @@ impl Branch {
         }
         let set = TensorSet::allocate(ctx, backend)?;
         set.buffer().clear(0);
-        // On a CPU with the batched Q8_0 kernel, U and Vt go through it.
-        let kernel = q8_0::available_on(backend);
 
         let mut targets: Vec<[Option<Target>; KINDS.len()]> =
             (0..config.n_layer).map(|_| Default::default()).collect();

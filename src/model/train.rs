@@ -5,7 +5,6 @@
 //! graph writes their gradients into accumulators that are read back.
 
 use crate::factors::{Factor, TargetMatrix};
-use crate::ggml::gemm;
 use crate::ggml::q8_0::Matrix;
 use crate::ggml::{Context, Tensor, TensorId, TensorSet, Type};
 
@@ -95,6 +94,9 @@ pub struct Learner {
     /// The loss gradient accumulator (holds 1.0).
     loss_grad: TensorId,
     ctx: Context,
+    /// Whether graphs on a CPU run their f32 products through faer's GEMM
+    /// (`ggml::gemm`), see [`Learner::set_gemm`].
+    gemm: bool,
 }
 
 impl Learner {
@@ -148,7 +150,15 @@ impl Learner {
             set,
             params,
             loss_grad,
+            gemm: true,
         })
+    }
+
+    /// Whether training graphs on a CPU run their f32 products through
+    /// faer's GEMM (`ggml::gemm`, on by default: 3–4× faster); off, ggml's
+    /// own kernels run them (to compare).
+    pub fn set_gemm(&mut self, on: bool) {
+        self.gemm = on;
     }
 
     pub fn model(&self) -> &Model {
@@ -240,15 +250,13 @@ impl Learner {
         };
         let size = graph::train_graph_size(&cfg);
         let mut gf = ctx.new_graph_with_grads(size);
-        let (inputs, logits, loss) = graph::train_forward(
+        let builder = graph::Builder {
             ctx,
-            &mut gf,
-            &cfg,
-            &self.model.weights,
-            &branch,
-            row.len(),
-            row.targets.len(),
-        );
+            cfg: &cfg,
+            weights: &self.model.weights,
+        };
+        let (inputs, logits, loss) =
+            builder.train_forward(&mut gf, &branch, row.len(), row.targets.len());
         if backward {
             let mut accs: Vec<(Tensor, Tensor)> = params
                 .iter()
@@ -257,7 +265,7 @@ impl Learner {
             accs.push((loss, set.get(self.loss_grad)));
             gf.build_backward(ctx, &accs);
         }
-        if self.model.sched.primary().is_cpu() && gemm::available() {
+        if self.gemm && self.model.sched.primary().is_cpu() {
             gf.use_gemm();
         }
         let mut allocated = self.model.sched.alloc(&mut gf)?;

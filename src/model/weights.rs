@@ -167,11 +167,14 @@ impl Weights {
     /// Checks every tensor's presence and shape, then loads them on `backend`
     /// as `holding` says: for training, every matrix that a backward pass
     /// goes through dequantized to f32 (all but an untied token embedding).
+    /// With `kernel` (the batched Q8_0 kernel runs on `backend`), served
+    /// Q8_0 matrices are put in its layout.
     pub fn load(
         gguf: &mut GgufFile,
         config: &Config,
         backend: &Backend,
         holding: Holding,
+        kernel: bool,
     ) -> Result<Self, ModelError> {
         check_tensors(gguf, config)?;
         let mut set = match holding {
@@ -213,7 +216,7 @@ impl Weights {
         let output = set.find("output.weight").unwrap_or(token_embd);
         let rope_freqs = set.find("rope_freqs.weight");
         let (mut interleaved, mut interleaved_output) = (HashSet::new(), None);
-        if matches!(holding, Holding::Serve(_)) && q8_0::available_on(backend) {
+        if matches!(holding, Holding::Serve(_)) && kernel {
             let matrices = layers.iter().flat_map(LayerWeights::matrices);
             for id in matrices.chain((output != token_embd).then_some(output)) {
                 if interleave(&mut set, id) {

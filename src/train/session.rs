@@ -53,6 +53,9 @@ impl std::str::FromStr for Frozen {
 pub struct Options {
     pub model: PathBuf,
     pub load: LoadOptions,
+    /// Whether the CPU's training products run through faer's GEMM
+    /// (`Learner::set_gemm`; the CLI's `--train-gemm`).
+    pub gemm: bool,
     pub frozen: Frozen,
     pub targets: Targets,
     pub rank: RankPolicy,
@@ -334,95 +337,190 @@ pub fn run(
     observer: &mut dyn Observer,
 ) -> Result<Summary, SessionError> {
     let started = Instant::now();
-    // A file the engine does not fully understand is refused before its
-    // factors are computed.
-    let gguf = crate::ggml::gguf::GgufFile::open(&options.model)
-        .map_err(crate::model::ModelError::from)?;
-    crate::model::understand(&gguf)?;
-    drop(gguf);
-    let base_sha256 = crate::home::sha256_file(&options.model).map_err(io(&options.model))?;
-    let key = FactorsKey {
-        base_sha256: base_sha256.clone(),
-        targets: options.targets.clone(),
-        policy: options.rank,
-        dtype: "f16".parse()?,
-    };
-    if let Some(c) = &resume {
-        if c.info.base_sha256 != base_sha256 || c.info.factors_id != key.id() {
-            return Err(SessionError::Checkpoint {
-                path: options.out.clone(),
-                reason: format!(
-                    "the checkpoint is for factors '{}', this run uses '{}'",
-                    c.info.factors_id,
-                    key.id()
-                ),
-            });
-        }
+    let resumed_at = resume.as_ref().map(|c| c.state.step);
+    let (session, mut trainer, singular) = set_up(options, resume, observer)?;
+    let mut metrics = Metrics::open(&session.files.metrics, resumed_at)?;
+    if resumed_at.is_none() {
+        session.evaluate_base(&mut trainer, &mut metrics, observer)?;
     }
+    let (outcome, latest) = session.train(&mut trainer, &mut metrics, stop, observer)?;
+    let state = trainer.state().clone();
+    session
+        .checkpoint(&state)
+        .write(&session.files.checkpoint)?;
+    plot_metrics(&session.files.metrics, &session.files.plot)?;
+    let adapter = match outcome {
+        Outcome::Finished => Some(session.write_adapter(&singular, &trainer, &state, &latest)?),
+        Outcome::Stopped => None,
+    };
+    Ok(Summary {
+        outcome,
+        steps: state.step,
+        adapter,
+        checkpoint: session.files.checkpoint,
+        metrics: session.files.metrics,
+        plot: session.files.plot,
+        final_loss: latest.loss,
+        eval_loss: latest.eval.map(|e| e.0),
+        eval_accuracy: latest.eval.and_then(|e| e.1),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
 
+/// Everything before the first step: the factors, the data and the
+/// hyper-parameters (a checkpoint's, checked against both), the model in
+/// a trainer. Returns the session, the trainer and the singular values
+/// it shifts.
+fn set_up<'o>(
+    options: &'o Options,
+    resume: Option<Checkpoint>,
+    observer: &mut dyn Observer,
+) -> Result<(Session<'o>, Trainer, factors::SingularValues), SessionError> {
+    let key = factors_key(options)?;
+    if let Some(c) = &resume {
+        check_factors(c, &key, &options.out)?;
+    }
     let tokenizer = Tokenizer::load(&options.model)?;
     // A resumed run keeps its own hyper-parameters.
     let mut hyper = resume
         .as_ref()
         .map_or_else(|| options.hyper.clone(), |c| c.info.hyper.clone());
-    let mut train = Dataset::read(&options.data, &tokenizer, hyper.ctx, options.strict)?;
-    let eval = match &options.eval {
-        Some(path) => Some(Dataset::read(path, &tokenizer, hyper.ctx, options.strict)?),
-        None if options.eval_split > 0.0 && train.examples.len() >= 2 => {
-            Some(train.split_off(options.eval_split, hyper.seed))
-        }
-        None => None,
-    };
-    for d in std::iter::once(&train).chain(eval.as_ref()) {
-        observer.message(&format!(
-            "data {}: {} examples, {} tokens{}{}",
-            d.path.display(),
-            d.examples.len(),
-            d.n_tokens(),
-            if d.skipped.is_empty() {
-                String::new()
-            } else {
-                let (line, why) = &d.skipped[0];
-                format!(
-                    ", {} lines skipped (first: line {line}: {why})",
-                    d.skipped.len()
-                )
-            },
-            if d.truncated > 0 {
-                format!(", {} prompts cut to --ctx {}", d.truncated, hyper.ctx)
-            } else {
-                String::new()
-            },
-        ));
-    }
-    if let Some(e) = &eval {
-        if let Some(labels) = e.labels() {
-            let list: Vec<&str> = labels.iter().map(String::as_str).collect();
-            observer.message(&format!(
-                "eval completions are {} class labels ({}): accuracy is reported",
-                list.len(),
-                list.join(", ")
-            ));
-        }
-    }
+    let (train, eval) = read_data(options, &tokenizer, &hyper)?;
+    describe_data(&train, eval.as_ref(), hyper.ctx, observer);
     if let Some(c) = &resume {
-        if c.info.data_sha256 != train.sha256 {
-            return Err(SessionError::Checkpoint {
-                path: options.data.clone(),
-                reason: "the data changed since the checkpoint (sha256 differs)".into(),
-            });
-        }
+        check_data(c, &train, &options.data)?;
     }
-
     if resume.is_none() && options.default_warmup {
         hyper.warmup = (hyper.total_steps(train.examples.len()) / 10).max(1);
     }
     hyper.validate()?;
 
+    let (trainer, singular) = start_trainer(options, &key, &hyper, resume, observer)?;
+    let total = hyper.total_steps(train.examples.len());
+    observer.message(&schedule_text(&hyper, train.examples.len(), total));
+    let session = Session {
+        files: Files::beside(&options.out),
+        options,
+        key,
+        hyper,
+        train,
+        eval,
+        total,
+    };
+    Ok((session, trainer, singular))
+}
+
+/// The factors this run trains. A file the engine does not fully
+/// understand is refused before its factors are computed.
+fn factors_key(options: &Options) -> Result<FactorsKey, SessionError> {
+    let gguf = crate::ggml::gguf::GgufFile::open(&options.model)
+        .map_err(crate::model::ModelError::from)?;
+    crate::model::understand(&gguf)?;
+    drop(gguf);
+    let base_sha256 = crate::home::sha256_file(&options.model).map_err(io(&options.model))?;
+    Ok(FactorsKey {
+        base_sha256,
+        targets: options.targets.clone(),
+        policy: options.rank,
+        dtype: "f16".parse()?,
+    })
+}
+
+/// A checkpoint continues only the factors it was made for.
+fn check_factors(
+    checkpoint: &Checkpoint,
+    key: &FactorsKey,
+    out: &Path,
+) -> Result<(), SessionError> {
+    let info = &checkpoint.info;
+    if info.base_sha256 != key.base_sha256 || info.factors_id != key.id() {
+        return Err(SessionError::Checkpoint {
+            path: out.to_path_buf(),
+            reason: format!(
+                "the checkpoint is for factors '{}', this run uses '{}'",
+                info.factors_id,
+                key.id()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A checkpoint continues only on the data it was made with.
+fn check_data(checkpoint: &Checkpoint, train: &Dataset, data: &Path) -> Result<(), SessionError> {
+    if checkpoint.info.data_sha256 != train.sha256 {
+        return Err(SessionError::Checkpoint {
+            path: data.to_path_buf(),
+            reason: "the data changed since the checkpoint (sha256 differs)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The training data, and the evaluation data: `--eval`'s file, or a
+/// share of the training data held out.
+fn read_data(
+    options: &Options,
+    tokenizer: &Tokenizer,
+    hyper: &Hyper,
+) -> Result<(Dataset, Option<Dataset>), SessionError> {
+    let mut train = Dataset::read(&options.data, tokenizer, hyper.ctx, options.strict)?;
+    let eval = match &options.eval {
+        Some(path) => Some(Dataset::read(path, tokenizer, hyper.ctx, options.strict)?),
+        None if options.eval_split > 0.0 && train.examples.len() >= 2 => {
+            Some(train.split_off(options.eval_split, hyper.seed))
+        }
+        None => None,
+    };
+    Ok((train, eval))
+}
+
+/// One line per data set (examples, tokens, lines skipped, prompts cut),
+/// and whether accuracy is reported.
+fn describe_data(train: &Dataset, eval: Option<&Dataset>, ctx: usize, observer: &mut dyn Observer) {
+    for d in std::iter::once(train).chain(eval) {
+        let skipped = match d.skipped.first() {
+            None => String::new(),
+            Some((line, why)) => format!(
+                ", {} lines skipped (first: line {line}: {why})",
+                d.skipped.len()
+            ),
+        };
+        let truncated = if d.truncated > 0 {
+            format!(", {} prompts cut to --ctx {ctx}", d.truncated)
+        } else {
+            String::new()
+        };
+        observer.message(&format!(
+            "data {}: {} examples, {} tokens{skipped}{truncated}",
+            d.path.display(),
+            d.examples.len(),
+            d.n_tokens(),
+        ));
+    }
+    if let Some(labels) = eval.and_then(Dataset::labels) {
+        let list: Vec<&str> = labels.iter().map(String::as_str).collect();
+        observer.message(&format!(
+            "eval completions are {} class labels ({}): accuracy is reported",
+            list.len(),
+            list.join(", ")
+        ));
+    }
+}
+
+/// The model with the factors to train, in a trainer (fresh, or at the
+/// checkpoint's state), and the singular values it shifts.
+fn start_trainer(
+    options: &Options,
+    key: &FactorsKey,
+    hyper: &Hyper,
+    resume: Option<Checkpoint>,
+    observer: &mut dyn Observer,
+) -> Result<(Trainer, factors::SingularValues), SessionError> {
     let (f32_weights, why) = choose_frozen(options.frozen, &options.model, &options.load.device)?;
-    let factor_path = factors::ensure(&options.model, &key, &options.home)?;
-    let factors = factors::read_factors(&factor_path, &key)?;
-    let singular = factors::read_singular_values(&factor_path, &key)?;
+    let factor_path = factors::ensure(&options.model, key, &options.home)?;
+    let factors = factors::read_factors(&factor_path, key)?;
+    let singular = factors::read_singular_values(&factor_path, key)?;
     let model = Model::load_for_training(&options.model, &options.load, f32_weights)?;
     observer.message(&format!(
         "model {} on {}, frozen weights {why}; training {} singular values of {} matrices ({}, {})",
@@ -433,114 +531,177 @@ pub fn run(
         key.targets,
         key.policy,
     ));
-    let learner = Learner::new(model, &factors)?;
+    let mut learner = Learner::new(model, &factors)?;
+    learner.set_gemm(options.gemm);
     drop(factors);
     let scale: Vec<f32> = singular
         .iter()
         .flat_map(|(_, s)| s.iter().copied())
         .collect();
-    let resumed_at = resume.as_ref().map(|c| c.state.step);
-    let mut trainer = match resume {
+    let trainer = match resume {
         Some(c) => Trainer::resume(learner, scale, hyper.clone(), c.state)?,
         None => Trainer::new(learner, scale, hyper.clone())?,
     };
-    let total = hyper.total_steps(train.examples.len());
-    observer.message(&format!(
+    Ok((trainer, singular))
+}
+
+/// The plan of a run, in one line.
+fn schedule_text(hyper: &Hyper, n_examples: usize, total: u64) -> String {
+    format!(
         "{total} steps: {} epochs x {} batches of {} examples, lr {} (warm-up {} steps, cosine to x{}), ctx {}",
         hyper.epochs,
-        train.examples.len().div_ceil(hyper.batch),
+        n_examples.div_ceil(hyper.batch),
         hyper.batch,
         hyper.lr,
         hyper.warmup,
         hyper.min_lr_ratio,
         hyper.ctx
-    ));
+    )
+}
 
-    let checkpoint_path = sidecar(&options.out, "ckpt");
-    let metrics_path = sidecar(&options.out, "metrics.jsonl");
-    let plot_path = sidecar(&options.out, "loss.png");
-    let mut metrics = Metrics::open(&metrics_path, resumed_at)?;
-    let eval_sha256 = options
-        .eval
-        .as_ref()
-        .and(eval.as_ref())
-        .map(|e| e.sha256.clone());
-    let info = |state: &State| CheckpointInfo {
-        format: CHECKPOINT_FORMAT.into(),
-        base_sha256: base_sha256.clone(),
-        factors_id: key.id(),
-        targets: key.targets.to_string(),
-        rank_policy: key.policy.to_string(),
-        data: options.data.clone(),
-        data_sha256: train.sha256.clone(),
-        eval: options.eval.clone(),
-        eval_sha256: eval_sha256.clone(),
-        eval_split: options.eval_split,
-        strict: options.strict,
-        out: options.out.clone(),
-        hyper: hyper.clone(),
-        step: state.step,
-        epoch: state.epoch,
-        next_batch: state.next_batch,
-        adam_t: state.adam.t,
-    };
+/// The files written beside the adapter.
+struct Files {
+    checkpoint: PathBuf,
+    metrics: PathBuf,
+    plot: PathBuf,
+}
 
-    // The starting point, on a fresh run.
-    if resumed_at.is_none() {
-        if let Some(e) = &eval {
-            let base = trainer.evaluate(e)?;
-            let record = super::EvalRecord {
-                step: 0,
-                epoch: 0,
-                eval_loss: base.loss,
-                eval_accuracy: base.accuracy,
-                eval_tokens: base.tokens,
-            };
-            observer.event(&Event::Eval(&record), total);
-            metrics.write(&record)?;
+impl Files {
+    fn beside(out: &Path) -> Self {
+        Files {
+            checkpoint: sidecar(out, "ckpt"),
+            metrics: sidecar(out, "metrics.jsonl"),
+            plot: sidecar(out, "loss.png"),
         }
     }
-    let mut last_eval = None;
-    let mut last_loss = None;
-    let mut write_error: Option<SessionError> = None;
-    let stop_at = |step: u64| stop() || options.stop_after.is_some_and(|s| step >= s);
-    let outcome = trainer.run(&train, eval.as_ref(), &stop_at, &mut |event| {
-        observer.event(&event, total);
-        let result = match &event {
-            Event::Step(r) => {
-                last_loss = Some(r.loss);
-                metrics.write(*r)
-            }
-            Event::Eval(r) => {
-                last_eval = Some((r.eval_loss, r.eval_accuracy));
-                metrics.write(*r)
-            }
-            Event::EpochEnd(state) => Checkpoint {
-                info: info(state),
-                state: (*state).clone(),
-            }
-            .write(&checkpoint_path),
-        };
-        result.map_err(|e| {
-            let text = e.to_string();
-            write_error = Some(e);
-            TrainError::Invalid(text)
-        })
-    });
-    if let Some(e) = write_error {
-        return Err(e);
-    }
-    let outcome = outcome?;
-    let state = trainer.state().clone();
-    Checkpoint {
-        info: info(&state),
-        state: state.clone(),
-    }
-    .write(&checkpoint_path)?;
-    plot_metrics(&metrics_path, &plot_path)?;
+}
 
-    let adapter = if outcome == Outcome::Finished {
-        let mut adapter = Adapter::identity(&key, &singular);
+/// The last losses reported.
+#[derive(Default)]
+struct Latest {
+    loss: Option<f64>,
+    /// Loss and accuracy of the last evaluation.
+    eval: Option<(f64, Option<f64>)>,
+}
+
+/// A run once set up: what its checkpoints and adapter record.
+struct Session<'o> {
+    options: &'o Options,
+    files: Files,
+    key: FactorsKey,
+    hyper: Hyper,
+    train: Dataset,
+    eval: Option<Dataset>,
+    /// Optimizer steps the run plans in all.
+    total: u64,
+}
+
+impl Session<'_> {
+    /// The checkpoint of `state`.
+    fn checkpoint(&self, state: &State) -> Checkpoint {
+        let options = self.options;
+        // The eval file's hash only when it is a file of its own.
+        let eval_sha256 = options
+            .eval
+            .as_ref()
+            .and(self.eval.as_ref())
+            .map(|e| e.sha256.clone());
+        let info = CheckpointInfo {
+            format: CHECKPOINT_FORMAT.into(),
+            base_sha256: self.key.base_sha256.clone(),
+            factors_id: self.key.id(),
+            targets: self.key.targets.to_string(),
+            rank_policy: self.key.policy.to_string(),
+            data: options.data.clone(),
+            data_sha256: self.train.sha256.clone(),
+            eval: options.eval.clone(),
+            eval_sha256,
+            eval_split: options.eval_split,
+            strict: options.strict,
+            out: options.out.clone(),
+            hyper: self.hyper.clone(),
+            step: state.step,
+            epoch: state.epoch,
+            next_batch: state.next_batch,
+            adam_t: state.adam.t,
+        };
+        Checkpoint {
+            info,
+            state: state.clone(),
+        }
+    }
+
+    /// The starting point of a fresh run: the base model on the eval data.
+    fn evaluate_base(
+        &self,
+        trainer: &mut Trainer,
+        metrics: &mut Metrics,
+        observer: &mut dyn Observer,
+    ) -> Result<(), SessionError> {
+        let Some(e) = &self.eval else {
+            return Ok(());
+        };
+        let base = trainer.evaluate(e)?;
+        let record = super::EvalRecord {
+            step: 0,
+            epoch: 0,
+            eval_loss: base.loss,
+            eval_accuracy: base.accuracy,
+            eval_tokens: base.tokens,
+        };
+        observer.event(&Event::Eval(&record), self.total);
+        metrics.write(&record)
+    }
+
+    /// Trains until the plan is done or `stop` (or `--stop-after`) says so,
+    /// recording every step and evaluation and a checkpoint at each epoch's
+    /// end. A write that fails stops the run with its error.
+    fn train(
+        &self,
+        trainer: &mut Trainer,
+        metrics: &mut Metrics,
+        stop: &dyn Fn() -> bool,
+        observer: &mut dyn Observer,
+    ) -> Result<(Outcome, Latest), SessionError> {
+        let mut latest = Latest::default();
+        let mut write_error: Option<SessionError> = None;
+        let stop_at = |step: u64| stop() || self.options.stop_after.is_some_and(|s| step >= s);
+        let outcome = trainer.run(&self.train, self.eval.as_ref(), &stop_at, &mut |event| {
+            observer.event(&event, self.total);
+            let result = match &event {
+                Event::Step(r) => {
+                    latest.loss = Some(r.loss);
+                    metrics.write(*r)
+                }
+                Event::Eval(r) => {
+                    latest.eval = Some((r.eval_loss, r.eval_accuracy));
+                    metrics.write(*r)
+                }
+                Event::EpochEnd(state) => self.checkpoint(state).write(&self.files.checkpoint),
+            };
+            result.map_err(|e| {
+                let text = e.to_string();
+                write_error = Some(e);
+                TrainError::Invalid(text)
+            })
+        });
+        if let Some(e) = write_error {
+            return Err(e);
+        }
+        Ok((outcome?, latest))
+    }
+
+    /// Writes the trained adapter (the singular values shifted by the
+    /// trained deltas, with how it was trained) to `--out`.
+    fn write_adapter(
+        &self,
+        singular: &factors::SingularValues,
+        trainer: &Trainer,
+        state: &State,
+        latest: &Latest,
+    ) -> Result<PathBuf, SessionError> {
+        let (options, hyper) = (self.options, &self.hyper);
+        let mut adapter = Adapter::identity(&self.key, singular);
         let mut deltas = trainer.deltas().into_iter();
         for (_, sigma) in &mut adapter.sigma {
             for v in sigma.iter_mut() {
@@ -549,37 +710,23 @@ pub fn run(
         }
         let mut put = |k: &str, v: String| adapter.info.insert(format!("svfit.train.{k}"), v);
         put("data", options.data.display().to_string());
-        put("data_sha256", train.sha256.clone());
-        put("examples", train.examples.len().to_string());
+        put("data_sha256", self.train.sha256.clone());
+        put("examples", self.train.examples.len().to_string());
         put("steps", state.step.to_string());
         put("epochs", hyper.epochs.to_string());
-        put("hyper", serde_json::to_string(&hyper).unwrap_or_default());
-        if let Some(l) = last_loss {
+        put("hyper", serde_json::to_string(hyper).unwrap_or_default());
+        if let Some(l) = latest.loss {
             put("final_loss", format!("{l:.6}"));
         }
-        if let Some((l, a)) = last_eval {
+        if let Some((l, a)) = latest.eval {
             put("eval_loss", format!("{l:.6}"));
             if let Some(a) = a {
                 put("eval_accuracy", format!("{a:.4}"));
             }
         }
         adapter.write(&options.out)?;
-        Some(options.out.clone())
-    } else {
-        None
-    };
-    Ok(Summary {
-        outcome,
-        steps: state.step,
-        adapter,
-        checkpoint: checkpoint_path,
-        metrics: metrics_path,
-        plot: plot_path,
-        final_loss: last_loss,
-        eval_loss: last_eval.map(|e| e.0),
-        eval_accuracy: last_eval.and_then(|e| e.1),
-        seconds: started.elapsed().as_secs_f64(),
-    })
+        Ok(options.out.clone())
+    }
 }
 
 /// `metrics.jsonl`: appended line by line. A resumed run first drops the

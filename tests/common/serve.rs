@@ -68,6 +68,7 @@ pub fn config(dir: &Path) -> ServeConfig {
             device: "cpu".into(),
             threads: 2,
             weights: WeightFormat::Auto,
+            ..LoadOptions::default()
         },
         factors: b.key.clone(),
         home: b.home.clone(),

@@ -155,6 +155,7 @@ fn products_run() {
                 device: "cpu".into(),
                 threads: 2,
                 weights,
+                ..LoadOptions::default()
             };
             let mut model = Model::load(&path, &options).unwrap();
             let mut cache = model.new_cache(64).unwrap();

@@ -77,6 +77,7 @@ fn ours(model: Ours, seqs: &[(SeqId, Vec<u32>)], prefill: &[usize]) -> PerSequen
             device: "cpu".into(),
             threads: THREADS,
             weights,
+            ..LoadOptions::default()
         },
     )
     .unwrap();
@@ -231,6 +232,7 @@ fn llama3_rope_freqs_match_llama_cpp() {
         device: "cpu".into(),
         threads: THREADS,
         weights: WeightFormat::Keep,
+        ..LoadOptions::default()
     };
     let mut model = Model::load(&path, &options).unwrap();
     let mut cache = model.new_cache(N_CTX).unwrap();

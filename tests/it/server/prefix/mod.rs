@@ -44,6 +44,7 @@ fn a_cached_prefix_gives_the_logits_of_a_cold_prefill_to_the_bit() {
             device: "cpu".into(),
             threads: 2,
             weights: WeightFormat::Auto,
+            ..LoadOptions::default()
         },
     )
     .unwrap();
