@@ -13,8 +13,10 @@
 //! singular value, so one learning rate suits matrices whose spectra differ
 //! by orders of magnitude; the model sees `delta = S ⊙ p`.
 
+mod checkpoint;
 pub mod data;
 pub mod eval;
+mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod session;

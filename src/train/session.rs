@@ -9,23 +9,18 @@
 //! - `A.metrics.jsonl`: one JSON object per step and per evaluation;
 //! - `A.loss.png`: the loss curve.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
+use super::checkpoint::CHECKPOINT_FORMAT;
+pub use super::checkpoint::{Checkpoint, CheckpointInfo};
 use super::data::Dataset;
-use super::optim::AdamW;
-use super::{plot, Event, Hyper, Outcome, State, TrainError, Trainer};
+use super::metrics::{plot_metrics, Metrics};
+use super::{Event, Hyper, Outcome, State, TrainError, Trainer};
 use crate::adapter::Adapter;
 use crate::factors::{self, FactorsKey, RankPolicy, Targets};
 use crate::ggml::Type;
 use crate::model::{Learner, LoadOptions, Model, Tokenizer};
-use crate::tensorfile::{self, Entry};
-
-const CHECKPOINT_FORMAT: &str = "svfit-checkpoint/1";
 
 /// How frozen weights are held during training.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +94,7 @@ pub enum SessionError {
     Frozen(String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SessionError + '_ {
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SessionError + '_ {
     move |source| SessionError::Io {
         path: path.to_path_buf(),
         source,
@@ -136,112 +131,6 @@ pub fn sidecar(out: &Path, suffix: &str) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
     out.with_file_name(format!("{stem}.{suffix}"))
-}
-
-/// What a checkpoint stores besides the tensors.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CheckpointInfo {
-    pub format: String,
-    pub base_sha256: String,
-    pub factors_id: String,
-    pub targets: String,
-    pub rank_policy: String,
-    pub data: PathBuf,
-    pub data_sha256: String,
-    pub eval: Option<PathBuf>,
-    pub eval_sha256: Option<String>,
-    pub eval_split: f64,
-    pub strict: bool,
-    pub out: PathBuf,
-    pub hyper: Hyper,
-    pub step: u64,
-    pub epoch: usize,
-    pub next_batch: usize,
-    pub adam_t: u64,
-}
-
-/// A checkpoint: its information and the state.
-pub struct Checkpoint {
-    pub info: CheckpointInfo,
-    pub state: State,
-}
-
-impl Checkpoint {
-    pub fn write(&self, path: &Path) -> Result<(), SessionError> {
-        let n = self.state.shift.len();
-        let entries = [
-            Entry::f32("shift".into(), vec![n], &self.state.shift),
-            Entry::f32("adam.m".into(), vec![n], &self.state.adam.m),
-            Entry::f32("adam.v".into(), vec![n], &self.state.adam.v),
-        ];
-        let json = serde_json::to_string(&self.info).map_err(|e| SessionError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let meta = HashMap::from([("svfit.checkpoint".to_string(), json)]);
-        tensorfile::write(path, &entries, meta).map_err(|e| SessionError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
-    }
-
-    pub fn read(path: &Path) -> Result<Self, SessionError> {
-        let bad = |reason: String| SessionError::Checkpoint {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let bytes = std::fs::read(path).map_err(io(path))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a checkpoint: {e}")))?;
-        let json = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("svfit.checkpoint"))
-            .ok_or_else(|| bad("not a checkpoint: no svfit.checkpoint metadata".into()))?;
-        let info: CheckpointInfo =
-            serde_json::from_str(json).map_err(|e| bad(format!("bad checkpoint metadata: {e}")))?;
-        if info.format != CHECKPOINT_FORMAT {
-            return Err(bad(format!(
-                "checkpoint format '{}', expected '{CHECKPOINT_FORMAT}'",
-                info.format
-            )));
-        }
-        let tensors = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(format!("not a checkpoint: {e}")))?;
-        let vector = |name: &str| -> Result<Vec<f32>, SessionError> {
-            let t = tensors
-                .tensor(name)
-                .map_err(|_| bad(format!("tensor '{name}' is missing")))?;
-            if t.dtype() != safetensors::Dtype::F32 {
-                return Err(bad(format!(
-                    "tensor '{name}' is {:?}, expected F32",
-                    t.dtype()
-                )));
-            }
-            let v = tensorfile::f32s(t.data());
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(bad(format!("tensor '{name}' holds non-finite values")));
-            }
-            Ok(v)
-        };
-        let shift = vector("shift")?;
-        let (m, v) = (vector("adam.m")?, vector("adam.v")?);
-        if m.len() != shift.len() || v.len() != shift.len() {
-            return Err(bad("tensors of different lengths".into()));
-        }
-        let mut adam = AdamW::new(shift.len(), info.hyper.weight_decay);
-        adam.m = m;
-        adam.v = v;
-        adam.t = info.adam_t;
-        let state = State {
-            shift,
-            adam,
-            step: info.step,
-            epoch: info.epoch,
-            next_batch: info.next_batch,
-        };
-        Ok(Checkpoint { info, state })
-    }
 }
 
 /// Bytes of memory available to allocate (Linux `MemAvailable`).
@@ -727,88 +616,4 @@ impl Session<'_> {
         adapter.write(&options.out)?;
         Ok(options.out.clone())
     }
-}
-
-/// `metrics.jsonl`: appended line by line. A resumed run first drops the
-/// lines after its checkpoint's step (written before an interruption).
-struct Metrics {
-    path: PathBuf,
-    file: std::fs::File,
-}
-
-impl Metrics {
-    fn open(path: &Path, resumed_at: Option<u64>) -> Result<Self, SessionError> {
-        let kept = match resumed_at {
-            None => String::new(),
-            Some(step) => std::fs::read_to_string(path)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step")?.as_u64())
-                        .is_some_and(|s| s <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect(),
-        };
-        crate::home::write_atomic(path, |w| w.write_all(kept.as_bytes())).map_err(io(path))?;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(io(path))?;
-        Ok(Metrics {
-            path: path.to_path_buf(),
-            file,
-        })
-    }
-
-    fn write<T: Serialize>(&mut self, record: &T) -> Result<(), SessionError> {
-        let mut line = serde_json::to_string(record).unwrap_or_default();
-        line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(io(&self.path))
-    }
-}
-
-/// The loss curve of `metrics.jsonl` as a PNG.
-fn plot_metrics(metrics: &Path, out: &Path) -> Result<(), SessionError> {
-    let text = std::fs::read_to_string(metrics).map_err(io(metrics))?;
-    let mut train = Vec::new();
-    let mut eval = Vec::new();
-    for v in text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-    {
-        let step = v.get("step").and_then(|s| s.as_f64()).unwrap_or(0.0);
-        if let Some(l) = v.get("loss").and_then(|l| l.as_f64()) {
-            train.push((step, l));
-        }
-        if let Some(l) = v.get("eval_loss").and_then(|l| l.as_f64()) {
-            eval.push((step, l));
-        }
-    }
-    let series = [
-        plot::Series {
-            name: "train loss".into(),
-            color: [31, 119, 180],
-            points: train,
-            markers: false,
-        },
-        plot::Series {
-            name: "eval loss".into(),
-            color: [214, 39, 40],
-            points: eval,
-            markers: true,
-        },
-    ];
-    plot::write_png(
-        out,
-        "svfit train",
-        "step",
-        "loss (nats/token)",
-        &series,
-        800,
-        500,
-    )
-    .map_err(io(out))
 }
