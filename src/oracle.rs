@@ -9,7 +9,6 @@ use std::path::Path;
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
@@ -26,16 +25,21 @@ pub enum OracleError {
     Decode(String),
 }
 
-/// A model loaded by llama.cpp (weights on the CPU).
+/// A model loaded by llama.cpp (weights on the CPU, not repacked).
 pub struct Reference {
     model: LlamaModel,
 }
 
 impl Reference {
+    /// Loads `path` as `llama-server --no-repack` would: every weight in
+    /// the plain CPU buffer, none in ggml's repacked layouts (llama.cpp's
+    /// default for Q4_0, Q4_K and IQ4_NL on x86), whose kernels round a
+    /// token's column differently in a batch of 4 than alone. Our engine
+    /// never repacks, to stay batch-invariant (model::weights).
     pub fn load(path: &Path) -> Result<Self, OracleError> {
-        let params = LlamaModelParams::default().with_n_gpu_layers(0);
-        let model = LlamaModel::load_from_file(llama_backend(), path, &params)
-            .map_err(|_| OracleError::Load(path.display().to_string()))?;
+        llama_backend();
+        let model = crate::ggml::llama::load_model_without_repack(path)
+            .ok_or_else(|| OracleError::Load(path.display().to_string()))?;
         Ok(Reference { model })
     }
 

@@ -21,6 +21,19 @@ pub struct Context {
 // thread at a time because every mutation goes through this owner.
 unsafe impl Send for Context {}
 
+/// RoPE's parameters (no YaRN: its extrapolation factor is 0).
+#[derive(Clone, Copy, Debug)]
+pub struct Rope {
+    /// 0 rotates adjacent pairs of dims (llama), 2 the two halves (NeoX).
+    pub mode: i32,
+    pub n_dims: i32,
+    /// The context length the model was trained with.
+    pub n_ctx_orig: i32,
+    pub freq_base: f32,
+    /// Positions are multiplied by this (1 / a linear scaling factor).
+    pub freq_scale: f32,
+}
+
 impl Context {
     /// A metadata-only context with room for `n_tensors` tensors and one graph
     /// of `graph_size` nodes.
@@ -465,16 +478,14 @@ impl Context {
         })
     }
 
-    /// Rotary position embedding (`mode` 0 = normal, as llama) without YaRN;
+    /// Rotary position embedding without YaRN, as `rope` says;
     /// `freq_factors` (f32, one per pair of dims) divide its frequencies.
     pub fn rope<'a>(
         &'a self,
         a: Tensor<'a>,
         positions: Tensor<'a>,
         freq_factors: Option<Tensor<'a>>,
-        n_dims: i32,
-        n_ctx_orig: i32,
-        freq_base: f32,
+        rope: Rope,
     ) -> Tensor<'a> {
         let factors = freq_factors.map_or(std::ptr::null_mut(), |f| f.as_ptr());
         // SAFETY: see `mul_mat`; the factors are null (allowed) or a
@@ -485,17 +496,29 @@ impl Context {
                 a.as_ptr(),
                 positions.as_ptr(),
                 factors,
-                n_dims,
-                0,
-                n_ctx_orig,
-                freq_base,
-                1.0,
+                rope.n_dims,
+                rope.mode,
+                rope.n_ctx_orig,
+                rope.freq_base,
+                rope.freq_scale,
                 0.0,
                 1.0,
                 32.0,
                 1.0,
             )
         })
+    }
+
+    /// `gelu(gate) * up` (GELU's tanh approximation), the GeGLU activation
+    /// with separate inputs.
+    pub fn geglu_split<'a>(&'a self, gate: Tensor<'a>, up: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_geglu_split(self.as_ptr(), gate.as_ptr(), up.as_ptr()) })
+    }
+
+    pub fn tanh<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_tanh(self.as_ptr(), a.as_ptr()) })
     }
 
     /// `softmax(a * scale + mask)` along rows; `mask` (f32) broadcasts over

@@ -10,11 +10,12 @@ mod backend;
 mod context;
 pub mod gemm;
 pub mod gguf;
+pub mod llama;
 pub mod log;
 pub mod q8_0;
 
 pub use backend::{Allocated, Backend, Buffer, Placement, Scheduler, TensorId, TensorSet};
-pub use context::{Context, Graph, Tensor};
+pub use context::{Context, Graph, Rope, Tensor};
 
 pub(crate) use llama_cpp_sys_2 as sys;
 

@@ -1,14 +1,109 @@
-//! Hyper-parameters of a llama-architecture model, read from GGUF metadata in
-//! one place, which also accounts for every other key of the file: a key
-//! the engine does not read and does not know to be irrelevant fails the
-//! load, naming it (a file we do not fully understand is never served).
+//! Hyper-parameters of a model, read from GGUF metadata in one place, which
+//! also accounts for every other key of the file: a key the engine does not
+//! read and does not know to be irrelevant fails the load, naming it (a file
+//! we do not fully understand is never served).
+//!
+//! The families share one forward pass (model::graph); what sets them apart
+//! is data here: [`Arch`] says which pieces a family's blocks have, and the
+//! config holds the values llama.cpp reads for it (`src/models/*.cpp` of
+//! the llama.cpp that llama-cpp-sys-2 vendors).
 
 use crate::ggml::gguf::GgufFile;
 
 use super::ModelError;
 
-/// The architectures this engine runs.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+/// The architectures this engine runs (`general.architecture`).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+
+/// A model family: the GGUF architecture names llama.cpp's converter writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama 2/3.x, Mistral, SmolLM: the plain pre-norm SwiGLU block.
+    Llama,
+    /// Qwen2 and Qwen2.5: biases on q, k and v; NeoX RoPE.
+    Qwen2,
+    /// Qwen3: an RMSNorm per head on q and k; NeoX RoPE.
+    Qwen3,
+    /// Gemma 3: √d embedding scale, q/k norms, norms after attention and
+    /// after the FFN, GELU-gated FFN, a query scale, sliding-window layers.
+    Gemma3,
+}
+
+impl Arch {
+    pub fn from_name(name: &str) -> Option<Arch> {
+        Some(match name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    /// Whether q and k go through an RMSNorm per head before RoPE.
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// Whether the attention and FFN outputs are normalized before their
+    /// residual additions (`post_attention_norm`, `post_ffw_norm`).
+    pub fn post_norms(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// The FFN's gate activation.
+    pub fn activation(self) -> Activation {
+        match self {
+            Arch::Gemma3 => Activation::Gelu,
+            _ => Activation::Silu,
+        }
+    }
+
+    /// ggml's RoPE mode: 0 rotates adjacent pairs (llama), 2 the two halves
+    /// of each head (NeoX: Qwen, Gemma).
+    pub fn rope_mode(self) -> i32 {
+        match self {
+            Arch::Llama => 0,
+            _ => 2,
+        }
+    }
+
+    /// The layer matrices (kinds) whose `.bias` a file of this family may
+    /// hold: llama.cpp reads q/k/v biases for every family, and llama's
+    /// attention-output and FFN biases.
+    pub fn biases(self) -> &'static [&'static str] {
+        match self {
+            Arch::Llama => &[
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ],
+            _ => &["attn_q", "attn_k", "attn_v"],
+        }
+    }
+}
+
+/// The FFN's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: `silu(gate) * up`.
+    Silu,
+    /// GeGLU with GELU's tanh approximation: `gelu(gate) * up`.
+    Gelu,
+}
 
 /// The `{arch}.` keys [`Config::from_gguf`] reads: each is used, or its
 /// value checked to be one the engine computes (else the load fails).
@@ -31,6 +126,15 @@ const READ: &[&str] = &[
     "rope.scale_linear",
     "expert_count",
     "expert_used_count",
+];
+
+/// The keys only Gemma 3 reads, beyond [`READ`] (in another family's file
+/// llama.cpp ignores them, so a file holding them is refused).
+const GEMMA3_READ: &[&str] = &[
+    "attention.sliding_window",
+    "attention.sliding_window_pattern",
+    "rope.freq_base_swa",
+    "final_logit_softcapping",
 ];
 
 /// `{arch}.` keys that change nothing the engine computes, with why.
@@ -74,10 +178,17 @@ fn needs(what: String) -> ModelError {
 
 /// Every metadata key of the file is one the engine reads, or one known
 /// not to change what it computes; any other fails the load, naming it.
-fn check_keys(gguf: &GgufFile, arch: &str) -> Result<(), ModelError> {
+fn check_keys(gguf: &GgufFile, arch: Arch) -> Result<(), ModelError> {
     for key in gguf.keys() {
-        let known = match key.strip_prefix(arch).and_then(|k| k.strip_prefix('.')) {
-            Some(k) => READ.contains(&k) || IGNORED.iter().any(|(name, _)| *name == k),
+        let own = key
+            .strip_prefix(arch.name())
+            .and_then(|k| k.strip_prefix('.'));
+        let known = match own {
+            Some(k) => {
+                READ.contains(&k)
+                    || (arch == Arch::Gemma3 && GEMMA3_READ.contains(&k))
+                    || IGNORED.iter().any(|(name, _)| *name == k)
+            }
             None => NAMESPACES.iter().any(|(prefix, _)| key.starts_with(prefix)),
         };
         if !known {
@@ -97,125 +208,286 @@ fn check_keys(gguf: &GgufFile, arch: &str) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// Sliding-window attention: which layers attend only to their last
+/// `size` positions, and the RoPE base those layers use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    /// A token at position `p` sees positions `p - size + 1 ..= p`.
+    pub size: usize,
+    /// Per layer, whether it is a sliding-window layer.
+    pub layers: Vec<bool>,
+    pub freq_base: f32,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    pub arch: Arch,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_ff: usize,
     pub n_head: usize,
     pub n_head_kv: usize,
+    /// Width of one head of q, k and v (`attention.key_length`; by default
+    /// `n_embd / n_head`).
     pub head_dim: usize,
     pub n_vocab: usize,
     /// The context length the model was trained with.
     pub n_ctx_train: usize,
     pub rope_freq_base: f32,
+    /// RoPE's position scale (1 / the linear scaling factor) of the layers
+    /// that are not sliding-window ones.
+    pub rope_freq_scale: f32,
     pub rms_norm_eps: f32,
+    /// Gemma: the token embeddings are multiplied by √n_embd.
+    pub embedding_scale: Option<f32>,
+    /// Gemma: q is multiplied by this before attention, whose softmax then
+    /// scales by 1; otherwise the softmax scales by 1/√head_dim.
+    pub query_scale: Option<f32>,
+    pub sliding_window: Option<SlidingWindow>,
+    /// `c · tanh(logits / c)` when set.
+    pub final_logit_softcap: Option<f32>,
 }
 
 impl Config {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ModelError> {
-        let arch = gguf
+        let name = gguf
             .get_str("general.architecture")?
             .ok_or_else(|| ModelError::Metadata("general.architecture is missing".into()))?;
-        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(ModelError::UnsupportedArchitecture(arch));
-        }
-        let key = |k: &str| format!("{arch}.{k}");
-        let int = |k: &str| -> Result<Option<usize>, ModelError> {
-            let full = key(k);
-            match gguf.get_int(&full)? {
-                None => Ok(None),
-                Some(v) if v > 0 => Ok(Some(v as usize)),
-                Some(v) => Err(ModelError::Metadata(format!(
-                    "{full} = {v} must be positive"
-                ))),
-            }
-        };
-        let required = |k: &str| -> Result<usize, ModelError> {
-            int(k)?.ok_or_else(|| ModelError::Metadata(format!("{} is missing", key(k))))
-        };
-        for k in ["expert_count", "expert_used_count"] {
-            if let Some(n @ 1..) = gguf.get_int(&key(k))? {
-                return Err(needs(format!("{} = {n} (mixture of experts)", key(k))));
-            }
-        }
-        if let Some(kind) = gguf.get_str(&key("rope.scaling.type"))? {
-            if kind != "none" {
-                return Err(needs(format!("{} = {kind}", key("rope.scaling.type"))));
-            }
-        }
-        // llama.cpp scales RoPE's positions by 1/factor whatever the type
-        // (0 means none).
-        for k in ["rope.scaling.factor", "rope.scale_linear"] {
-            match gguf.get_f32(&key(k))? {
-                Some(f) if f != 0.0 && f != 1.0 => {
-                    return Err(needs(format!("{} = {f} (linear RoPE scaling)", key(k))))
-                }
-                _ => {}
-            }
-        }
-        if gguf.get_bool(&key("attention.causal"))? == Some(false) {
-            return Err(needs(format!("{} = false", key("attention.causal"))));
-        }
-
-        let n_embd = required("embedding_length")?;
-        let n_head = required("attention.head_count")?;
-        let n_head_kv = int("attention.head_count_kv")?.unwrap_or(n_head);
-        if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+        let arch = Arch::from_name(&name).ok_or(ModelError::UnsupportedArchitecture(name))?;
+        let keys = Keys { gguf, arch };
+        keys.refuse_unsupported()?;
+        let n_embd = keys.required("embedding_length")?;
+        let n_head = keys.required("attention.head_count")?;
+        let n_head_kv = keys.int("attention.head_count_kv")?.unwrap_or(n_head);
+        if n_head % n_head_kv != 0 {
             return Err(ModelError::Metadata(format!(
-                "embedding length {n_embd}, {n_head} heads and {n_head_kv} KV heads do not divide evenly"
+                "{n_head} heads and {n_head_kv} KV heads do not divide evenly"
             )));
         }
-        let head_dim = n_embd / n_head;
-        if let Some(rope_dims) = int("rope.dimension_count")? {
-            if rope_dims != head_dim {
-                return Err(needs(format!(
-                    "{} = {rope_dims} (partial rotary embedding: {rope_dims} of {head_dim} dims)",
-                    key("rope.dimension_count")
-                )));
-            }
-        }
-        for k in ["attention.key_length", "attention.value_length"] {
-            if let Some(n) = int(k)? {
-                if n != head_dim {
-                    return Err(needs(format!(
-                        "{} = {n} (heads of {n}, not embedding length / heads = {head_dim})",
-                        key(k)
-                    )));
-                }
-            }
-        }
-        let n_vocab = gguf
-            .tensor("token_embd.weight")
-            .map(|t| t.ne[1] as usize)
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-        if let Some(n) = int("vocab_size")? {
-            if n != n_vocab {
-                return Err(ModelError::Metadata(format!(
-                    "{} = {n}, but token_embd.weight has {n_vocab} rows",
-                    key("vocab_size")
-                )));
-            }
-        }
-        check_keys(gguf, &arch)?;
+        let head_dim = keys.head_dim(n_embd, n_head)?;
+        let n_vocab = keys.n_vocab()?;
+        let n_layer = keys.required("block_count")?;
+        check_keys(gguf, arch)?;
+        let gemma = arch == Arch::Gemma3;
         Ok(Config {
-            n_layer: required("block_count")?,
+            arch,
+            n_layer,
             n_embd,
-            n_ff: required("feed_forward_length")?,
+            n_ff: keys.required("feed_forward_length")?,
             n_head,
             n_head_kv,
             head_dim,
             n_vocab,
-            n_ctx_train: required("context_length")?,
-            rope_freq_base: gguf.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            rms_norm_eps: gguf
-                .get_f32(&key("attention.layer_norm_rms_epsilon"))?
+            n_ctx_train: keys.required("context_length")?,
+            rope_freq_base: keys.f32("rope.freq_base")?.unwrap_or(10_000.0),
+            rope_freq_scale: keys.rope_freq_scale()?,
+            rms_norm_eps: keys
+                .f32("attention.layer_norm_rms_epsilon")?
                 .unwrap_or(1e-5),
+            embedding_scale: gemma.then(|| (n_embd as f32).sqrt()),
+            // As llama.cpp: 1/√(n_embd / n_head) for the 62-layer Gemma 3
+            // (27B), 1/√head_dim for the others.
+            query_scale: gemma.then(|| {
+                let d = if n_layer == 62 {
+                    n_embd / n_head
+                } else {
+                    head_dim
+                };
+                1.0 / (d as f32).sqrt()
+            }),
+            sliding_window: if gemma {
+                keys.sliding_window(n_layer)?
+            } else {
+                None
+            },
+            final_logit_softcap: if gemma {
+                keys.f32("final_logit_softcapping")?.filter(|&c| c != 0.0)
+            } else {
+                None
+            },
         })
     }
 
     /// Width of the K (and V) rows of one layer: all KV heads together.
     pub fn n_embd_kv(&self) -> usize {
         self.head_dim * self.n_head_kv
+    }
+
+    /// Width of q (and of the attention's output): all heads together.
+    pub fn n_embd_q(&self) -> usize {
+        self.head_dim * self.n_head
+    }
+
+    /// Whether layer `il` attends within a sliding window.
+    pub fn is_swa(&self, il: usize) -> bool {
+        self.sliding_window
+            .as_ref()
+            .is_some_and(|w| w.layers.get(il) == Some(&true))
+    }
+
+    /// RoPE's base and position scale in layer `il`.
+    pub fn rope_of_layer(&self, il: usize) -> (f32, f32) {
+        match &self.sliding_window {
+            Some(w) if self.is_swa(il) => (w.freq_base, 1.0),
+            _ => (self.rope_freq_base, self.rope_freq_scale),
+        }
+    }
+}
+
+/// The `{arch}.` keys of one file.
+struct Keys<'g> {
+    gguf: &'g GgufFile,
+    arch: Arch,
+}
+
+impl Keys<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch.name())
+    }
+
+    fn int(&self, k: &str) -> Result<Option<usize>, ModelError> {
+        let full = self.key(k);
+        match self.gguf.get_int(&full)? {
+            None => Ok(None),
+            Some(v) if v > 0 => Ok(Some(v as usize)),
+            Some(v) => Err(ModelError::Metadata(format!(
+                "{full} = {v} must be positive"
+            ))),
+        }
+    }
+
+    fn required(&self, k: &str) -> Result<usize, ModelError> {
+        self.int(k)?
+            .ok_or_else(|| ModelError::Metadata(format!("{} is missing", self.key(k))))
+    }
+
+    fn f32(&self, k: &str) -> Result<Option<f32>, ModelError> {
+        let full = self.key(k);
+        match self.gguf.get_f32(&full)? {
+            Some(v) if !v.is_finite() => Err(ModelError::Metadata(format!(
+                "{full} = {v} is not a finite number"
+            ))),
+            v => Ok(v),
+        }
+    }
+
+    /// Keys whose values ask for what the engine does not compute.
+    fn refuse_unsupported(&self) -> Result<(), ModelError> {
+        for k in ["expert_count", "expert_used_count"] {
+            if let Some(n @ 1..) = self.gguf.get_int(&self.key(k))? {
+                return Err(needs(format!("{} = {n} (mixture of experts)", self.key(k))));
+            }
+        }
+        if let Some(kind) = self.gguf.get_str(&self.key("rope.scaling.type"))? {
+            if kind != "none" && kind != "linear" {
+                return Err(needs(format!("{} = {kind}", self.key("rope.scaling.type"))));
+            }
+        }
+        if self.gguf.get_bool(&self.key("attention.causal"))? == Some(false) {
+            return Err(needs(format!("{} = false", self.key("attention.causal"))));
+        }
+        Ok(())
+    }
+
+    /// RoPE's position scale: llama.cpp scales positions by 1/factor for a
+    /// linear (or unnamed) scaling type; 0 means none.
+    fn rope_freq_scale(&self) -> Result<f32, ModelError> {
+        let factor = match self.f32("rope.scaling.factor")? {
+            Some(f) => Some(f),
+            None => self.f32("rope.scale_linear")?,
+        };
+        match factor {
+            None => Ok(1.0),
+            Some(0.0) => Ok(1.0),
+            Some(f) if f > 0.0 => Ok(1.0 / f),
+            Some(f) => Err(ModelError::Metadata(format!(
+                "{} = {f} must be positive",
+                self.key("rope.scaling.factor")
+            ))),
+        }
+    }
+
+    /// The width of a head: `attention.key_length` (equal to the value
+    /// length and to RoPE's dimensions), by default `n_embd / n_head`.
+    fn head_dim(&self, n_embd: usize, n_head: usize) -> Result<usize, ModelError> {
+        let head_dim = match self.int("attention.key_length")? {
+            Some(n) => n,
+            None if n_embd.is_multiple_of(n_head) => n_embd / n_head,
+            None => {
+                return Err(ModelError::Metadata(format!(
+                    "embedding length {n_embd} is not a multiple of {n_head} heads"
+                )))
+            }
+        };
+        if let Some(n) = self.int("attention.value_length")? {
+            if n != head_dim {
+                return Err(needs(format!(
+                    "{} = {n} (value heads of {n}, key heads of {head_dim})",
+                    self.key("attention.value_length")
+                )));
+            }
+        }
+        if let Some(rope_dims) = self.int("rope.dimension_count")? {
+            if rope_dims != head_dim {
+                return Err(needs(format!(
+                    "{} = {rope_dims} (partial rotary embedding: {rope_dims} of {head_dim} dims)",
+                    self.key("rope.dimension_count")
+                )));
+            }
+        }
+        Ok(head_dim)
+    }
+
+    /// The vocabulary: the token embedding's rows, which `vocab_size`
+    /// (when set) must equal.
+    fn n_vocab(&self) -> Result<usize, ModelError> {
+        let n_vocab = self
+            .gguf
+            .tensor("token_embd.weight")
+            .map(|t| t.ne[1] as usize)
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        if let Some(n) = self.int("vocab_size")? {
+            if n != n_vocab {
+                return Err(ModelError::Metadata(format!(
+                    "{} = {n}, but token_embd.weight has {n_vocab} rows",
+                    self.key("vocab_size")
+                )));
+            }
+        }
+        Ok(n_vocab)
+    }
+
+    /// Gemma 3's sliding window: `attention.sliding_window` tokens (none
+    /// when absent or 0) in every layer but each sixth (or as
+    /// `attention.sliding_window_pattern` says: every layer `il` with
+    /// `il % n < n - 1`), with RoPE base `rope.freq_base_swa` (10 000).
+    fn sliding_window(&self, n_layer: usize) -> Result<Option<SlidingWindow>, ModelError> {
+        let Some(size) = self.gguf.get_int(&self.key("attention.sliding_window"))? else {
+            return Ok(None);
+        };
+        if size <= 0 {
+            return Ok(None);
+        }
+        let pattern_key = self.key("attention.sliding_window_pattern");
+        let pattern = match self.gguf.get_int(&pattern_key) {
+            Err(_) if matches!(self.gguf.get_arr_len(&pattern_key), Ok(Some(_))) => {
+                return Err(needs(format!("{pattern_key} as a per-layer array")));
+            }
+            pattern => pattern?,
+        };
+        let n = match pattern {
+            None => 6,
+            Some(n) if n >= 0 => n as usize,
+            Some(n) => {
+                return Err(ModelError::Metadata(format!(
+                    "{pattern_key} = {n} must not be negative"
+                )))
+            }
+        };
+        Ok(Some(SlidingWindow {
+            size: size as usize,
+            layers: (0..n_layer).map(|il| n == 0 || il % n < n - 1).collect(),
+            freq_base: self.f32("rope.freq_base_swa")?.unwrap_or(10_000.0),
+        }))
     }
 }

@@ -1,5 +1,9 @@
-//! The llama forward graph, one function per block, read top to bottom:
-//! embed → (attention, feed-forward) × layers → norm → output head.
+//! The forward graph of every family, one function per block, read top to
+//! bottom: embed → (attention, feed-forward) × layers → norm → output head.
+//! A family's pieces (biases, q/k norms, post-norms, GeGLU, the query
+//! scale, sliding windows, soft-capping) are steps each block takes or
+//! skips as the config and the weights say, in llama.cpp's order
+//! (`src/models/{llama,qwen2,qwen3,gemma3}.cpp` of the vendored llama.cpp).
 //!
 //! A [`Builder`] holds what every block reads (the context the graph is
 //! built in, the config and the weights), as llama.cpp's
@@ -9,8 +13,9 @@
 //! block takes its pass plus what varies per call.
 
 use crate::ggml::q8_0::Matrix;
-use crate::ggml::{Context, Graph, Tensor, TensorId, Type};
+use crate::ggml::{Context, Graph, Rope, Tensor, TensorId, Type};
 
+use super::config::Activation;
 use super::kv_cache::{KvCache, SeqGroup};
 use super::svfit::{Branch, TargetTensors};
 use super::weights::{LayerWeights, Weights};
@@ -30,6 +35,8 @@ pub(super) struct Inputs<'a> {
     /// Per sequence group, f32 `[n_kv, n_tokens]`: 0 where a token may
     /// attend a cell, -inf elsewhere.
     pub kq_masks: Vec<Tensor<'a>>,
+    /// The same within the sliding window, when the model has one.
+    pub kq_masks_swa: Option<Vec<Tensor<'a>>>,
     /// Rows whose logits are wanted, i32 `[n_outputs]`; absent when all are.
     pub out_rows: Option<Tensor<'a>>,
     /// With the SVFit branch: each token's adapter slot, i32 `[n_tokens]`,
@@ -99,6 +106,41 @@ impl<'a> Builder<'a, '_> {
         )
     }
 
+    /// The token embeddings of `tokens`, scaled where the family does.
+    fn embed(self, tokens: Tensor<'a>) -> Tensor<'a> {
+        let x = self
+            .ctx
+            .get_rows(self.weights.get(self.weights.token_embd), tokens);
+        match self.cfg.embedding_scale {
+            Some(s) => self.ctx.scale(x, s),
+            None => x,
+        }
+    }
+
+    /// `y = W x (+ b)` for the layer's matrix of `kind` (and its bias where
+    /// the file has one), plus the SVFit branch when it is a target.
+    fn project(
+        self,
+        layer: &LayerWeights,
+        kind: &str,
+        x: Tensor<'a>,
+        svfit: Option<Adapted<'a>>,
+    ) -> Tensor<'a> {
+        let y = self.linear(layer.matrix(kind), x, svfit);
+        match layer.bias(kind) {
+            Some(b) => self.ctx.add(y, self.weights.get(b)),
+            None => y,
+        }
+    }
+
+    /// `x` normalized by the weight `norm` where the layer has one.
+    fn maybe_norm(self, x: Tensor<'a>, norm: Option<TensorId>) -> Tensor<'a> {
+        match norm {
+            Some(w) => self.rms_norm(x, w),
+            None => x,
+        }
+    }
+
     /// `y = W x` for a weight of the model, plus `U (D[:, slot] ⊙ Vt x)`
     /// when the matrix is an SVFit target (METHOD.md §4).
     fn linear(self, w: TensorId, x: Tensor<'a>, svfit: Option<Adapted<'a>>) -> Tensor<'a> {
@@ -114,22 +156,67 @@ impl<'a> Builder<'a, '_> {
         ctx.product_added(u, scaled, y)
     }
 
-    /// RoPE over `t` (`[n_heads * head_dim, n_tokens]`) at `positions`;
-    /// `[head_dim, n_heads, n_tokens]`.
-    fn rope(self, t: Tensor<'a>, positions: Tensor<'a>, n_heads: i64, n_tokens: i64) -> Tensor<'a> {
+    /// q or k of layer `il` (`[n_heads * head_dim, n_tokens]`) as heads
+    /// `[head_dim, n_heads, n_tokens]`, each normalized by `norm` where the
+    /// family does, then rotated by RoPE at `positions`.
+    fn heads(
+        self,
+        il: usize,
+        t: Tensor<'a>,
+        norm: Option<TensorId>,
+        positions: Tensor<'a>,
+    ) -> Tensor<'a> {
         let (ctx, cfg, weights) = (self.ctx, self.cfg, self.weights);
-        let t = ctx.reshape_3d(t, cfg.head_dim as i64, n_heads, n_tokens);
+        let hd = cfg.head_dim as i64;
+        let t = ctx.reshape_3d(t, hd, t.ne()[0] / hd, t.ne()[1]);
+        let t = self.maybe_norm(t, norm);
+        let (freq_base, freq_scale) = cfg.rope_of_layer(il);
+        let rope = Rope {
+            mode: cfg.arch.rope_mode(),
+            n_dims: cfg.head_dim as i32,
+            n_ctx_orig: cfg.n_ctx_train as i32,
+            freq_base,
+            freq_scale,
+        };
         ctx.rope(
             t,
             positions,
             weights.rope_freqs.map(|id| weights.get(id)),
-            cfg.head_dim as i32,
-            cfg.n_ctx_train as i32,
-            cfg.rope_freq_base,
+            rope,
         )
     }
 
-    /// SwiGLU feed-forward: `down(silu(gate x) * up x)`.
+    /// q, k and v of layer `il` over `x`: q and k as RoPE'd heads (q
+    /// scaled where the family does), v `[n_embd_kv, n_tokens]`.
+    fn qkv(
+        self,
+        il: usize,
+        layer: &LayerWeights,
+        x: Tensor<'a>,
+        positions: Tensor<'a>,
+        svfit: BranchOf<'_, 'a>,
+    ) -> [Tensor<'a>; 3] {
+        let proj = |kind| self.project(layer, kind, x, svfit(kind));
+        let q = self.heads(il, proj("attn_q"), layer.attn_q_norm, positions);
+        let k = self.heads(il, proj("attn_k"), layer.attn_k_norm, positions);
+        let q = match self.cfg.query_scale {
+            Some(s) => self.ctx.scale(q, s),
+            None => q,
+        };
+        [q, k, proj("attn_v")]
+    }
+
+    /// The softmax's scale of attention scores: 1 where q was scaled.
+    fn kq_scale(self) -> f32 {
+        match self.cfg.query_scale {
+            Some(_) => 1.0,
+            None => 1.0 / (self.cfg.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// The gated feed-forward block, from its input norm to the residual
+    /// it adds to: `down(act(gate x) * up x)`, normalized after where the
+    /// family does.
     fn feed_forward(
         self,
         layer: &LayerWeights,
@@ -137,19 +224,26 @@ impl<'a> Builder<'a, '_> {
         svfit: BranchOf<'_, 'a>,
     ) -> Tensor<'a> {
         let x = self.rms_norm(x, layer.ffn_norm);
-        let gate = self.linear(layer.ffn_gate, x, svfit("ffn_gate"));
-        let up = self.linear(layer.ffn_up, x, svfit("ffn_up"));
-        let swiglu = self.ctx.swiglu_split(gate, up);
-        self.linear(layer.ffn_down, swiglu, svfit("ffn_down"))
+        let up = self.project(layer, "ffn_up", x, svfit("ffn_up"));
+        let gate = self.project(layer, "ffn_gate", x, svfit("ffn_gate"));
+        let act = match self.cfg.arch.activation() {
+            Activation::Silu => self.ctx.swiglu_split(gate, up),
+            Activation::Gelu => self.ctx.geglu_split(gate, up),
+        };
+        let out = self.project(layer, "ffn_down", act, svfit("ffn_down"));
+        self.maybe_norm(out, layer.post_ffw_norm)
     }
 
-    /// The final norm and the output head: logits `[n_vocab, rows of x]`.
+    /// The final norm and the output head: logits `[n_vocab, rows of x]`,
+    /// soft-capped where the family does.
     fn output_head(self, x: Tensor<'a>) -> Tensor<'a> {
+        let ctx = self.ctx;
         let x = self.rms_norm(x, self.weights.output_norm);
-        self.weights
-            .product(self.ctx, self.weights.output, x)
-            .set_name("logits")
-            .set_output()
+        let mut logits = self.weights.product(ctx, self.weights.output, x);
+        if let Some(cap) = self.cfg.final_logit_softcap {
+            logits = ctx.scale(ctx.tanh(ctx.scale(logits, 1.0 / cap)), cap);
+        }
+        logits.set_name("logits").set_output()
     }
 
     /// Builds the forward graph into `gf`, with the SVFit branch of
@@ -170,9 +264,7 @@ impl<'a> Builder<'a, '_> {
             inputs: &inputs,
             shape,
         };
-        let mut x = self
-            .ctx
-            .get_rows(self.weights.get(self.weights.token_embd), inputs.tokens);
+        let mut x = self.embed(inputs.tokens);
         for (il, layer) in self.weights.layers.iter().enumerate() {
             x = pass.layer(gf, il, layer, x);
         }
@@ -189,6 +281,20 @@ impl<'a> Builder<'a, '_> {
         let partial = shape.n_outputs < shape.n_tokens;
         let input =
             |ty, dims: &[i64], name: &str| ctx.new_tensor(ty, dims).set_name(name).set_input();
+        let masks = |kind: &str| -> Vec<Tensor<'a>> {
+            shape
+                .groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    input(
+                        Type::F32,
+                        &[g.n_kv as i64, g.n_tokens as i64],
+                        &format!("inp_{kind}_{i}"),
+                    )
+                })
+                .collect()
+        };
         Inputs {
             tokens: input(Type::I32, &[n_tokens], "inp_tokens"),
             positions: input(Type::I32, &[n_tokens], "inp_pos"),
@@ -198,18 +304,12 @@ impl<'a> Builder<'a, '_> {
                 &[self.cfg.n_embd_kv() as i64 * n_tokens],
                 "inp_v_elements",
             ),
-            kq_masks: shape
-                .groups
-                .iter()
-                .enumerate()
-                .map(|(i, g)| {
-                    input(
-                        Type::F32,
-                        &[g.n_kv as i64, g.n_tokens as i64],
-                        &format!("inp_kq_mask_{i}"),
-                    )
-                })
-                .collect(),
+            kq_masks: masks("kq_mask"),
+            kq_masks_swa: self
+                .cfg
+                .sliding_window
+                .is_some()
+                .then(|| masks("kq_mask_swa")),
             out_rows: partial.then(|| input(Type::I32, &[shape.n_outputs as i64], "inp_out_rows")),
             slots: with_branch.then(|| input(Type::I32, &[n_tokens], "inp_slots")),
             out_slots: (with_branch && partial)
@@ -238,7 +338,7 @@ impl<'a> Builder<'a, '_> {
             n: n_tokens as i64,
             svfit,
         };
-        let mut x = ctx.get_rows(self.weights.get(self.weights.token_embd), inputs.tokens);
+        let mut x = self.embed(inputs.tokens);
         for (il, layer) in self.weights.layers.iter().enumerate() {
             x = pass.layer(il, layer, x);
         }
@@ -263,6 +363,11 @@ impl<'a> Builder<'a, '_> {
             tokens: input(Type::I32, &[n], "inp_tokens"),
             positions: input(Type::I32, &[n], "inp_pos"),
             mask: input(Type::F32, &[n, n], "inp_kq_mask"),
+            mask_swa: self
+                .cfg
+                .sliding_window
+                .is_some()
+                .then(|| input(Type::F32, &[n, n], "inp_kq_mask_swa")),
             loss_rows: input(Type::I32, &[n_targets as i64], "inp_loss_rows"),
             labels: input(
                 Type::F32,
@@ -318,12 +423,14 @@ impl<'a> Serving<'a, '_> {
                 ffn_slots = self.inputs.out_slots;
             }
         }
+        let attn_out = b.maybe_norm(attn_out, layer.post_attention_norm);
         let ffn_in = b.ctx.add(attn_out, residual);
         let ffn_out = b.feed_forward(layer, ffn_in, &|kind| self.adapted(il, kind, ffn_slots));
         b.ctx.add(ffn_out, ffn_in)
     }
 
-    /// Grouped-query self-attention with RoPE over the KV cache.
+    /// Grouped-query self-attention with RoPE over the KV cache (within
+    /// the sliding window in the layers that have one).
     fn attention(
         &self,
         gf: &mut Graph<'a>,
@@ -334,21 +441,8 @@ impl<'a> Serving<'a, '_> {
         let (b, inputs) = (self.builder, self.inputs);
         let (ctx, cfg) = (b.ctx, b.cfg);
         let n_tokens = self.shape.n_tokens as i64;
-        let svfit = |kind| self.adapted(il, kind, inputs.slots);
-        let proj = |w, kind| b.linear(w, x, svfit(kind));
-        let q = b.rope(
-            proj(layer.attn_q, "attn_q"),
-            inputs.positions,
-            cfg.n_head as i64,
-            n_tokens,
-        );
-        let k = b.rope(
-            proj(layer.attn_k, "attn_k"),
-            inputs.positions,
-            cfg.n_head_kv as i64,
-            n_tokens,
-        );
-        let v = proj(layer.attn_v, "attn_v");
+        let svfit = |kind: &str| self.adapted(il, kind, inputs.slots);
+        let [q, k, v] = b.qkv(il, layer, x, inputs.positions, &svfit);
 
         // Store this batch's K and V in their cells before attention reads them.
         // Plain attention, not ggml's flash attention: its CPU kernel switches
@@ -370,19 +464,28 @@ impl<'a> Serving<'a, '_> {
         ));
 
         // Each sequence attends over its own cells only.
+        let masks = match &inputs.kq_masks_swa {
+            Some(swa) if cfg.is_swa(il) => swa,
+            _ => &inputs.kq_masks,
+        };
+        let scale = b.kq_scale();
         let heads: Vec<Tensor<'a>> = self
             .shape
             .groups
             .iter()
-            .zip(&inputs.kq_masks)
-            .map(|(g, &mask)| sequence_attention(ctx, cfg, q, k_cache, v_cache, g, mask))
+            .zip(masks)
+            .map(|(g, &mask)| {
+                let kq = (mask, scale);
+                sequence_attention(ctx, cfg, q, k_cache, v_cache, g, kq)
+            })
             .collect();
         let out = join_tokens(ctx, &heads);
-        b.linear(layer.attn_output, out, svfit("attn_output"))
+        b.project(layer, "attn_output", out, svfit("attn_output"))
     }
 }
 
-/// Attention of one sequence's tokens over its cells; `[n_embd, n_tokens]`.
+/// Attention of one sequence's tokens over its cells, with the softmax's
+/// mask and scale `kq`; `[n_embd_q, n_tokens]`.
 fn sequence_attention<'a>(
     ctx: &'a Context,
     cfg: &Config,
@@ -390,7 +493,7 @@ fn sequence_attention<'a>(
     k_cache: Tensor<'a>,
     v_cache: Tensor<'a>,
     g: &SeqGroup,
-    mask: Tensor<'a>,
+    (mask, scale): (Tensor<'a>, f32),
 ) -> Tensor<'a> {
     let (hd, n_head, n_head_kv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
     let (n_tokens, n_kv) = (g.n_tokens as i64, g.n_kv as i64);
@@ -415,7 +518,7 @@ fn sequence_attention<'a>(
     );
     let k = ctx.permute(k, [0, 2, 1, 3]);
     let kq = ctx.prec_f32(ctx.mul_mat(k, q));
-    let kq = ctx.soft_max_ext(kq, mask, 1.0 / (cfg.head_dim as f32).sqrt());
+    let kq = ctx.soft_max_ext(kq, mask, scale);
     // v: [n_kv, hd, n_head_kv] from columns start.. of the transposed V cache
     let v_line = v_cache.nb()[1];
     let v = ctx.view_3d(
@@ -451,6 +554,8 @@ pub(super) struct TrainInputs<'a> {
     /// f32 `[n_tokens, n_tokens]`: 0 where a token may attend another (an
     /// earlier token of its own example), -inf elsewhere.
     pub mask: Tensor<'a>,
+    /// The same within the sliding window, when the model has one.
+    pub mask_swa: Option<Tensor<'a>>,
     /// Rows whose next-token prediction is in the loss, i32 `[n_targets]`.
     pub loss_rows: Tensor<'a>,
     /// One-hot next tokens of those rows, f32 `[n_vocab, n_targets]`.
@@ -478,6 +583,7 @@ impl<'a> Training<'a, '_> {
         let b = self.builder;
         let attn_in = b.rms_norm(x, layer.attn_norm);
         let attn_out = self.attention(il, layer, attn_in);
+        let attn_out = b.maybe_norm(attn_out, layer.post_attention_norm);
         let ffn_in = b.ctx.add(attn_out, x);
         let ffn_out = b.feed_forward(layer, ffn_in, &|kind| (self.svfit)(il, kind));
         b.ctx.add(ffn_out, ffn_in)
@@ -489,19 +595,22 @@ impl<'a> Training<'a, '_> {
         let (ctx, cfg) = (b.ctx, b.cfg);
         let (hd, n_head, n_head_kv) =
             (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
-        let svfit = |kind| (self.svfit)(il, kind);
-        let proj = |w, kind| b.linear(w, x, svfit(kind));
-        let rope = |t, heads| b.rope(t, inputs.positions, heads, n);
+        let svfit = |kind: &str| (self.svfit)(il, kind);
+        let [q, k, v] = b.qkv(il, layer, x, inputs.positions, &svfit);
         // [hd, heads, n] → [hd, n, heads]
-        let q = ctx.permute(rope(proj(layer.attn_q, "attn_q"), n_head), [0, 2, 1, 3]);
-        let k = ctx.permute(rope(proj(layer.attn_k, "attn_k"), n_head_kv), [0, 2, 1, 3]);
-        let kq = ctx.soft_max_ext(ctx.mul_mat(k, q), inputs.mask, 1.0 / (hd as f32).sqrt());
+        let q = ctx.permute(q, [0, 2, 1, 3]);
+        let k = ctx.permute(k, [0, 2, 1, 3]);
+        let mask = match inputs.mask_swa {
+            Some(swa) if cfg.is_swa(il) => swa,
+            _ => inputs.mask,
+        };
+        let kq = ctx.soft_max_ext(ctx.mul_mat(k, q), mask, b.kq_scale());
         // v: [n_embd_kv, n] → [n, hd, n_head_kv]
-        let v = ctx.reshape_3d(proj(layer.attn_v, "attn_v"), hd, n_head_kv, n);
+        let v = ctx.reshape_3d(v, hd, n_head_kv, n);
         let v = ctx.cont(ctx.permute(v, [1, 2, 0, 3]));
         // [hd, n, n_head] → [hd, n_head, n] → [n_embd, n]
         let out = ctx.permute(ctx.mul_mat(v, kq), [0, 2, 1, 3]);
         let out = ctx.reshape_2d(ctx.cont(out), hd * n_head, n);
-        b.linear(layer.attn_output, out, svfit("attn_output"))
+        b.project(layer, "attn_output", out, svfit("attn_output"))
     }
 }

@@ -399,8 +399,10 @@ impl KvCache {
     }
 
     /// The causal mask of one group, `[n_tokens][n_kv]`: a token sees the
-    /// cells of its sequence at positions up to its own.
-    pub(super) fn mask(&self, batch: &Batch, g: &SeqGroup) -> Vec<f32> {
+    /// cells of its sequence at positions up to its own, and with a
+    /// `window`, only the last `window` of them (llama.cpp's standard
+    /// sliding window: a cell `window` or more positions back is masked).
+    pub(super) fn mask(&self, batch: &Batch, g: &SeqGroup, window: Option<usize>) -> Vec<f32> {
         let len = self.seq_len(g.seq);
         let cells = &self.positions[g.start..g.start + len];
         let mut mask = vec![f32::NEG_INFINITY; g.n_kv * g.n_tokens];
@@ -408,8 +410,9 @@ impl KvCache {
             .chunks_exact_mut(g.n_kv)
             .zip(&batch.positions[g.first_token..])
         {
+            let first = window.map_or(i64::MIN, |w| pos as i64 - w as i64 + 1);
             for (m, &cell_pos) in row.iter_mut().zip(cells) {
-                if cell_pos <= pos {
+                if cell_pos <= pos && cell_pos as i64 >= first {
                     *m = 0.0;
                 }
             }

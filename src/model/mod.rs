@@ -14,7 +14,7 @@ mod weights;
 use std::path::Path;
 
 pub use batch::{Batch, SeqId};
-pub use config::{Config, SUPPORTED_ARCHITECTURES};
+pub use config::{Arch, Config, SUPPORTED_ARCHITECTURES};
 pub use kv_cache::KvCache;
 pub use svfit::{Branch, Slot};
 pub use tokenizer::Tokenizer;
@@ -189,7 +189,7 @@ impl Model {
         let holding = if f32_weights {
             Holding::Train
         } else {
-            Holding::Serve(WeightFormat::Keep)
+            Holding::Stored
         };
         Self::load_with(path, options, Some(holding))
     }
@@ -392,7 +392,12 @@ impl Model {
         inputs.kv_cells.write(cells)?;
         inputs.v_elements.write(&cache.v_indices(cells))?;
         for (mask, g) in inputs.kq_masks.iter().zip(groups) {
-            mask.write(&cache.mask(batch, g))?;
+            mask.write(&cache.mask(batch, g, None))?;
+        }
+        if let (Some(masks), Some(w)) = (&inputs.kq_masks_swa, &self.config.sliding_window) {
+            for (mask, g) in masks.iter().zip(groups) {
+                mask.write(&cache.mask(batch, g, Some(w.size)))?;
+            }
         }
         if let Some(rows) = inputs.out_rows {
             rows.write(&out_rows)?;

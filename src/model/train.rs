@@ -49,12 +49,14 @@ impl TrainRow {
         }
     }
 
-    /// The attention mask `[n, n]`, row-major by query.
-    fn mask(&self) -> Vec<f32> {
+    /// The attention mask `[n, n]`, row-major by query; with a `window`,
+    /// a token sees only the last `window` positions of its example.
+    fn mask(&self, window: Option<usize>) -> Vec<f32> {
         let n = self.len();
         let mut mask = vec![f32::NEG_INFINITY; n * n];
         for q in 0..n {
-            for k in 0..=q {
+            let first = window.map_or(0, |w| (q + 1).saturating_sub(w));
+            for k in first..=q {
                 if self.segments[k] == self.segments[q] {
                     mask[q * n + k] = 0.0;
                 }
@@ -275,7 +277,10 @@ impl Learner {
         let tokens: Vec<i32> = row.tokens.iter().map(|&t| t as i32).collect();
         inputs.tokens.write(&tokens)?;
         inputs.positions.write(&row.positions)?;
-        inputs.mask.write(&row.mask())?;
+        inputs.mask.write(&row.mask(None))?;
+        if let (Some(mask), Some(w)) = (inputs.mask_swa, &cfg.sliding_window) {
+            mask.write(&row.mask(Some(w.size)))?;
+        }
         let rows: Vec<i32> = row.targets.iter().map(|&(r, _)| r as i32).collect();
         inputs.loss_rows.write(&rows)?;
         let mut labels = vec![0f32; cfg.n_vocab * row.targets.len()];

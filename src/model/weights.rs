@@ -10,6 +10,7 @@ use crate::ggml::gguf::{GgufFile, GgufWriter, TensorInfo};
 use crate::ggml::q8_0::{self, Matrix};
 use crate::ggml::{Backend, Context, Tensor, TensorId, TensorSet, Type};
 
+use super::config::Arch;
 use super::{Config, ModelError};
 
 /// How the model's weight matrices are held in memory (`--weights`).
@@ -128,6 +129,9 @@ pub(super) enum Holding {
     Serve(WeightFormat),
     /// Training: every matrix a backward pass goes through as f32.
     Train,
+    /// Training through the stored types: as in the file, in the backend's
+    /// own buffer (a backward pass reads no repacked or interleaved layout).
+    Stored,
 }
 
 /// One transformer block's weights (ids into the weight set).
@@ -142,6 +146,14 @@ pub struct LayerWeights {
     pub ffn_gate: TensorId,
     pub ffn_up: TensorId,
     pub ffn_down: TensorId,
+    /// `(kind, bias)` of the matrices that have a bias in the file.
+    pub biases: Vec<(&'static str, TensorId)>,
+    /// Qwen3, Gemma: RMSNorm weights of each q and k head.
+    pub attn_q_norm: Option<TensorId>,
+    pub attn_k_norm: Option<TensorId>,
+    /// Gemma: norms of the attention's and the FFN's outputs.
+    pub post_attention_norm: Option<TensorId>,
+    pub post_ffw_norm: Option<TensorId>,
 }
 
 pub struct Weights {
@@ -177,18 +189,23 @@ impl Weights {
         kernel: bool,
     ) -> Result<Self, ModelError> {
         check_tensors(gguf, config)?;
+        // Never in ggml's repacked layouts (llama.cpp's default for Q4_0,
+        // Q4_K and IQ4_NL on x86): their kernels round a column differently
+        // in a batch of 4 than alone, so a sequence's logits would depend on
+        // its batch. The oracle runs llama.cpp without them too (oracle.rs).
         let mut set = match holding {
-            Holding::Serve(WeightFormat::Keep) => gguf.load_tensors(backend)?,
+            Holding::Serve(WeightFormat::Keep) | Holding::Stored => gguf.load_tensors(backend)?,
             Holding::Serve(format) => gguf.load_tensors_as(backend, |info| format.type_of(info))?,
             Holding::Train => {
                 let tied = gguf.tensor("output.weight").is_none();
-                gguf.load_tensors_as(backend, |info| {
+                let type_of = |info: &TensorInfo| {
                     if tied || info.name != "token_embd.weight" {
                         Type::F32
                     } else {
                         info.ty
                     }
-                })?
+                };
+                gguf.load_tensors_as(backend, type_of)?
             }
         };
         let id = |name: &str| {
@@ -198,7 +215,19 @@ impl Weights {
         let layers = (0..config.n_layer)
             .map(|l| {
                 let t = |kind: &str| id(&format!("blk.{l}.{kind}.weight"));
+                let optional = |kind: &str| set.find(&format!("blk.{l}.{kind}.weight"));
+                let biases = config
+                    .arch
+                    .biases()
+                    .iter()
+                    .filter_map(|&kind| Some((kind, set.find(&format!("blk.{l}.{kind}.bias"))?)))
+                    .collect();
                 Ok(LayerWeights {
+                    biases,
+                    attn_q_norm: optional("attn_q_norm"),
+                    attn_k_norm: optional("attn_k_norm"),
+                    post_attention_norm: optional("post_attention_norm"),
+                    post_ffw_norm: optional("post_ffw_norm"),
                     attn_norm: t("attn_norm")?,
                     attn_q: t("attn_q")?,
                     attn_k: t("attn_k")?,
@@ -261,6 +290,28 @@ impl Weights {
 }
 
 impl LayerWeights {
+    /// The matrix of `kind` (`attn_q` … `ffn_down`).
+    pub fn matrix(&self, kind: &str) -> TensorId {
+        match kind {
+            "attn_q" => self.attn_q,
+            "attn_k" => self.attn_k,
+            "attn_v" => self.attn_v,
+            "attn_output" => self.attn_output,
+            "ffn_gate" => self.ffn_gate,
+            "ffn_up" => self.ffn_up,
+            "ffn_down" => self.ffn_down,
+            _ => unreachable!("no matrix of kind {kind}"),
+        }
+    }
+
+    /// The bias of the matrix of `kind`, where the file has one.
+    pub fn bias(&self, kind: &str) -> Option<TensorId> {
+        self.biases
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|&(_, b)| b)
+    }
+
     /// The block's matrices (all but the norms).
     fn matrices(&self) -> [TensorId; 7] {
         [
@@ -328,15 +379,15 @@ pub(super) fn check_tensors(gguf: &GgufFile, config: &Config) -> Result<(), Mode
                         actual: info.ne.to_vec(),
                     });
                 }
+                // Vectors (norms, biases, RoPE factors) are added or
+                // multiplied in f32, as every converter writes them.
+                if shape.len() == 1 && info.ty != Type::F32 {
+                    return Err(ModelError::NeedsSupport(format!(
+                        "tensor {name} of type {}",
+                        info.ty
+                    )));
+                }
             }
-        }
-    }
-    if let Some(info) = gguf.tensor("rope_freqs.weight") {
-        if info.ty != Type::F32 {
-            return Err(ModelError::NeedsSupport(format!(
-                "tensor rope_freqs.weight of type {}",
-                info.ty
-            )));
         }
     }
     let known: HashSet<&str> = expected.iter().map(|(name, _, _)| name.as_str()).collect();
@@ -363,28 +414,27 @@ fn what_tensor(name: &str) -> &'static str {
     match kind {
         k if k.ends_with(".bias") => " (a bias)",
         "attn_q_norm.weight" | "attn_k_norm.weight" => " (an RMSNorm of q or k per head)",
+        "attn_qkv.weight" | "attn_qkv.bias" => " (q, k and v fused in one matrix)",
         k if k.contains("_exps") || k.starts_with("ffn_gate_inp") => " (mixture of experts)",
         "rope_freqs.weight" => " (RoPE frequency factors per layer)",
         _ => "",
     }
 }
 
-/// (name, ggml shape, required) of every weight of a llama model.
+/// (name, ggml shape, required) of every weight of a model of the config's
+/// family (llama.cpp's `load_arch_tensors`).
 fn expected_shapes(c: &Config) -> Vec<(String, Vec<i64>, bool)> {
     let (embd, ff, vocab) = (c.n_embd as i64, c.n_ff as i64, c.n_vocab as i64);
-    let q = (c.n_head * c.head_dim) as i64;
-    let kv = c.n_embd_kv() as i64;
+    let (q, kv, hd) = (c.n_embd_q() as i64, c.n_embd_kv() as i64, c.head_dim as i64);
     let mut out = vec![
         ("token_embd.weight".to_string(), vec![embd, vocab], true),
         ("output_norm.weight".to_string(), vec![embd], true),
         ("output.weight".to_string(), vec![embd, vocab], false),
-        // Llama 3's RoPE frequency factors, one per pair of dims.
-        (
-            "rope_freqs.weight".to_string(),
-            vec![c.head_dim as i64 / 2],
-            false,
-        ),
     ];
+    if c.arch == Arch::Llama {
+        // Llama 3's RoPE frequency factors, one per pair of dims.
+        out.push(("rope_freqs.weight".to_string(), vec![hd / 2], false));
+    }
     for l in 0..c.n_layer {
         let w = |kind: &str, shape: Vec<i64>| (format!("blk.{l}.{kind}.weight"), shape, true);
         out.extend([
@@ -398,6 +448,24 @@ fn expected_shapes(c: &Config) -> Vec<(String, Vec<i64>, bool)> {
             w("ffn_up", vec![embd, ff]),
             w("ffn_down", vec![ff, embd]),
         ]);
+        if c.arch.qk_norm() {
+            out.extend([w("attn_q_norm", vec![hd]), w("attn_k_norm", vec![hd])]);
+        }
+        if c.arch.post_norms() {
+            out.extend([
+                w("post_attention_norm", vec![embd]),
+                w("post_ffw_norm", vec![embd]),
+            ]);
+        }
+        for &kind in c.arch.biases() {
+            let width = match kind {
+                "attn_q" => q,
+                "attn_k" | "attn_v" => kv,
+                "ffn_gate" | "ffn_up" => ff,
+                _ => embd,
+            };
+            out.push((format!("blk.{l}.{kind}.bias"), vec![width], false));
+        }
     }
     out
 }

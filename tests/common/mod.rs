@@ -137,6 +137,18 @@ pub fn default_model() -> PathBuf {
     path
 }
 
+/// Gemma 3 270M (Q4_K_M); CI fetches it with `scripts/bootstrap --model
+/// gemma3-270m` (scripts/test does).
+pub fn gemma_model() -> PathBuf {
+    let path = svfit::home::models_dir().join(svfit::home::GEMMA3_MODEL_FILE);
+    assert!(
+        path.exists(),
+        "Gemma 3 270M is missing at {}: run scripts/bootstrap --model gemma3-270m",
+        path.display()
+    );
+    path
+}
+
 pub use svfit::check::Agreement;
 
 /// The library's comparison, for rows of equal shapes and a reference that

@@ -94,10 +94,12 @@ fn tiny_with(path: &Path, edit: impl FnOnce(&mut GgufWriter)) {
 }
 
 /// Every tensor and key of a llama file that the engine does not compute
-/// as llama.cpp would (biases, q/k norms, RoPE scaling, sliding windows,
-/// soft-capping, heads of another width, experts, unknown keys, an adapter
-/// file) fails `generate`, `factorize`, `merge`, `train` and `serve` with
-/// one line naming it, and nothing is written or served.
+/// as llama.cpp would (another family's q/k or post norms, fused q/k/v,
+/// YaRN, sliding windows and soft-capping, which llama.cpp reads only for
+/// Gemma, value heads of another width, experts, unknown keys, an adapter
+/// file), and every tensor or key it reads with a wrong shape or value,
+/// fails `generate`, `factorize`, `merge`, `train` and `serve` with one
+/// line naming it, and nothing is written or served.
 #[test]
 fn files_the_engine_does_not_fully_understand_are_refused() {
     let _machine = crate::common::shared();
@@ -110,19 +112,22 @@ fn files_the_engine_does_not_fully_understand_are_refused() {
         Box::new(move |w| common::add_f32(w, name, &zeros(n)))
     };
     let cases: Vec<(&str, Edit)> = vec![
+        ("blk.0.attn_q.bias", tensor("blk.0.attn_q.bias", kv)),
         (
-            "blk.0.attn_q.bias",
-            tensor("blk.0.attn_q.bias", TINY.n_embd),
-        ),
-        ("blk.1.attn_k.bias", tensor("blk.1.attn_k.bias", kv)),
-        ("blk.0.attn_v.bias", tensor("blk.0.attn_v.bias", kv)),
-        (
-            "blk.0.attn_output.bias",
-            tensor("blk.0.attn_output.bias", TINY.n_embd),
+            "blk.1.attn_k.bias",
+            tensor("blk.1.attn_k.bias", TINY.n_embd),
         ),
         (
             "blk.0.ffn_down.bias",
-            tensor("blk.0.ffn_down.bias", TINY.n_embd),
+            tensor("blk.0.ffn_down.bias", TINY.n_ff),
+        ),
+        (
+            "blk.0.post_attention_norm.weight",
+            tensor("blk.0.post_attention_norm.weight", TINY.n_embd),
+        ),
+        (
+            "blk.0.attn_qkv.weight",
+            tensor("blk.0.attn_qkv.weight", TINY.n_embd),
         ),
         (
             "blk.0.attn_q_norm.weight",
@@ -135,16 +140,12 @@ fn files_the_engine_does_not_fully_understand_are_refused() {
         ("rope_freqs.weight", tensor("rope_freqs.weight", 3)),
         ("output.weight", tensor("output.weight", TINY.n_embd)),
         (
-            "llama.rope.scaling.type = linear",
-            Box::new(|w| w.set_str("llama.rope.scaling.type", "linear").unwrap()),
-        ),
-        (
             "llama.rope.scaling.type = yarn",
             Box::new(|w| w.set_str("llama.rope.scaling.type", "yarn").unwrap()),
         ),
         (
-            "llama.rope.scaling.factor = 8",
-            Box::new(|w| w.set_f32("llama.rope.scaling.factor", 8.0).unwrap()),
+            "llama.rope.scaling.factor = -2",
+            Box::new(|w| w.set_f32("llama.rope.scaling.factor", -2.0).unwrap()),
         ),
         (
             "llama.attention.sliding_window",
@@ -159,7 +160,8 @@ fn files_the_engine_does_not_fully_understand_are_refused() {
             Box::new(|w| w.set_f32("llama.final_logit_softcapping", 30.0).unwrap()),
         ),
         (
-            "llama.attention.key_length = 32",
+            // Heads of 32, but RoPE over 16 of their dims.
+            "llama.rope.dimension_count = 16",
             Box::new(move |w| w.set_u32("llama.attention.key_length", 2 * head).unwrap()),
         ),
         (
