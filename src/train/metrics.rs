@@ -50,7 +50,7 @@ impl Metrics {
     }
 }
 
-/// The loss curve of `metrics.jsonl` as a PNG.
+/// The loss curve of `metrics.jsonl` as an SVG.
 pub(super) fn plot_metrics(metrics: &Path, out: &Path) -> Result<(), SessionError> {
     let text = std::fs::read_to_string(metrics).map_err(io(metrics))?;
     let mut train = Vec::new();
@@ -81,7 +81,7 @@ pub(super) fn plot_metrics(metrics: &Path, out: &Path) -> Result<(), SessionErro
             markers: true,
         },
     ];
-    plot::write_png(
+    plot::write_svg(
         out,
         "svfit train",
         "step",
