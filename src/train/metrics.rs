@@ -81,14 +81,13 @@ pub(super) fn plot_metrics(metrics: &Path, out: &Path) -> Result<(), SessionErro
             markers: true,
         },
     ];
-    plot::write_svg(
-        out,
-        "svfit train",
-        "step",
-        "loss (nats/token)",
-        &series,
-        800,
-        500,
-    )
-    .map_err(io(out))
+    let plot = plot::Plot {
+        title: "svfit train",
+        x_label: "step",
+        y_label: "loss (nats/token)",
+        series: &series,
+        width: 800,
+        height: 500,
+    };
+    plot.write(out).map_err(io(out))
 }

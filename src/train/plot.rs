@@ -35,53 +35,51 @@ const AXIS: &str = "#282828";
 const TEXT: &str = "#141414";
 const BORDER: &str = "#969696";
 
-/// Renders the plot (see [`render_svg`]) and writes it to `path` atomically
-/// (through [`crate::home::write_atomic`]).
-///
-/// # Errors
-/// Errors of [`render_svg`] (nothing is written then), and any I/O error from
-/// writing or renaming.
-pub fn write_svg(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-    width: u32,
-    height: u32,
-) -> io::Result<()> {
-    let svg = render_svg(title, x_label, y_label, series, width, height)?;
-    crate::home::write_atomic(path, |w| w.write_all(svg.as_bytes()))
+/// What a plot shows and its size in pixels.
+pub struct Plot<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub series: &'a [Series],
+    pub width: u32,
+    pub height: u32,
 }
 
-/// Renders a `width`x`height` SVG with the series, axes, grid, tick labels,
-/// title, axis labels and a legend.
-///
-/// # Errors
-/// [`io::ErrorKind::InvalidInput`] unless both dimensions are in `64..=8192`.
-pub fn render_svg(
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-    width: u32,
-    height: u32,
-) -> io::Result<String> {
-    for (what, d) in [("width", width), ("height", height)] {
-        if !(MIN_DIM..=MAX_DIM).contains(&d) {
-            let msg = format!("plot {what} {d} is not in {MIN_DIM}..={MAX_DIM}");
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
-        }
+impl Plot<'_> {
+    /// Renders the plot (see [`Plot::render`]) and writes it to `path`
+    /// atomically (through [`crate::home::write_atomic`]).
+    ///
+    /// # Errors
+    /// Errors of [`Plot::render`] (nothing is written then), and any I/O
+    /// error from writing or renaming.
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        let svg = self.render()?;
+        crate::home::write_atomic(path, |w| w.write_all(svg.as_bytes()))
     }
-    let lay = layout(series, width, height);
-    let mut svg = Svg(String::new());
-    svg.open(&lay, width, height);
-    svg.axes(&lay);
-    svg.series(&lay, series);
-    svg.labels(&lay, [title, x_label, y_label]);
-    svg.legend(&lay, series);
-    svg.0.push_str("</svg>\n");
-    Ok(svg.0)
+
+    /// The SVG: the series, axes, grid, tick labels, title, axis labels
+    /// and a legend.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::InvalidInput`] unless both dimensions are in `64..=8192`.
+    pub fn render(&self) -> io::Result<String> {
+        let (width, height) = (self.width, self.height);
+        for (what, d) in [("width", width), ("height", height)] {
+            if !(MIN_DIM..=MAX_DIM).contains(&d) {
+                let msg = format!("plot {what} {d} is not in {MIN_DIM}..={MAX_DIM}");
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+            }
+        }
+        let lay = layout(self.series, width, height);
+        let mut svg = Svg(String::new());
+        svg.open(&lay, width, height);
+        svg.axes(&lay);
+        svg.series(&lay, self.series);
+        svg.labels(&lay, [self.title, self.x_label, self.y_label]);
+        svg.legend(&lay, self.series);
+        svg.0.push_str("</svg>\n");
+        Ok(svg.0)
+    }
 }
 
 /// Rectangle `(x0, y0)..(x1, y1)` in pixels.
@@ -506,6 +504,23 @@ mod tests {
         (tags, points)
     }
 
+    /// [`Plot::render`] of these.
+    fn render_svg(
+        [title, x_label, y_label]: [&str; 3],
+        series: &[Series],
+        (width, height): (u32, u32),
+    ) -> io::Result<String> {
+        let plot = Plot {
+            title,
+            x_label,
+            y_label,
+            series,
+            width,
+            height,
+        };
+        plot.render()
+    }
+
     fn series(name: &str, color: [u8; 3], points: &[(f64, f64)], markers: bool) -> Series {
         let (name, points) = (name.to_string(), points.to_vec());
         Series {
@@ -525,7 +540,7 @@ mod tests {
             series("eval loss", [30, 30, 200], &eval, true),
             series("Unused: (none) 5%_/+", [20, 160, 20], &[], false),
         ];
-        let svg = render_svg("Loss", "step", "loss", &all, 800, 500).expect("render");
+        let svg = render_svg(["Loss", "step", "loss"], &all, (800, 500)).expect("render");
         let names = elements(&svg);
         assert_eq!(names[0], "svg");
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\""));
@@ -565,20 +580,20 @@ mod tests {
         for (i, points) in cases.into_iter().enumerate() {
             let s = [series("s", [200, 0, 0], points, i % 2 == 1)];
             for (w, h) in [(64, 64), (300, 90), (800, 500)] {
-                let svg = render_svg("t\u{e9}st ~", "x", "y", &s, w, h).expect("render");
+                let svg = render_svg(["t\u{e9}st ~", "x", "y"], &s, (w, h)).expect("render");
                 elements(&svg);
                 assert!(!svg.contains("NaN") && !svg.contains("inf"), "case {i}");
                 assert_eq!(drawn(&svg, "s").1 > 0, i > 1, "case {i}");
             }
         }
-        elements(&render_svg("no series", "x", "y", &[], 800, 500).expect("render"));
+        elements(&render_svg(["no series", "x", "y"], &[], (800, 500)).expect("render"));
     }
 
     #[test]
     fn labels_are_escaped() {
         let hostile = "<a href='x'>&\"b\"\u{1}</a>";
         let s = [series(hostile, [1, 2, 3], &[(1.0, 2.0)], true)];
-        let svg = render_svg(hostile, hostile, hostile, &s, 800, 500).expect("render");
+        let svg = render_svg([hostile; 3], &s, (800, 500)).expect("render");
         elements(&svg);
         let escaped = "&lt;a href=&apos;x&apos;&gt;&amp;&quot;b&quot; &lt;/a&gt;";
         assert_eq!(svg.matches(escaped).count(), 5, "{svg}");
@@ -588,7 +603,7 @@ mod tests {
     #[test]
     fn invalid_sizes_error() {
         for (w, h) in [(0, 0), (63, 500), (800, 63), (800, 0), (MAX_DIM + 1, 100)] {
-            let err = render_svg("t", "x", "y", &[], w, h).expect_err("size must be rejected");
+            let err = render_svg(["t", "x", "y"], &[], (w, h)).expect_err("size must be rejected");
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         }
     }
@@ -613,12 +628,20 @@ mod tests {
     }
 
     #[test]
-    fn write_svg_replaces_file_atomically() {
+    fn write_replaces_file_atomically() {
         let dir = tempfile::tempdir().expect("temp dir");
         let dir = dir.path();
         let (path, s) = (dir.join("loss.svg"), [series("a", [9, 9, 9], &[], true)]);
+        let plot = |height| Plot {
+            title: "t",
+            x_label: "x",
+            y_label: "y",
+            series: &s,
+            width: 120,
+            height,
+        };
         for height in [80, 90] {
-            write_svg(&path, "t", "x", "y", &s, 120, height).expect("write");
+            plot(height).write(&path).expect("write");
             let svg = fs::read_to_string(&path).expect("read");
             assert!(svg.contains(&format!(" height=\"{height}\"")), "{svg}");
         }
@@ -631,7 +654,7 @@ mod tests {
             vec![std::ffi::OsString::from("loss.svg")],
             "no temporary file left"
         );
-        assert!(write_svg(&dir.join("x.svg"), "t", "x", "y", &s, 10, 10).is_err());
+        assert!(plot(10).write(&dir.join("x.svg")).is_err());
         assert!(!dir.join("x.svg").exists());
     }
 }
