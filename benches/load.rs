@@ -21,9 +21,10 @@
 //! cold load), `mix` (each request
 //! a weighted mix of two of 64 adapters; svfit only), `soak` (the `many`
 //! traffic twice on svfit: alone, then with a hostile tenant beside it that
-//! sends one malformed or abusive request after another: non-ASCII stop
-//! strings, huge lists, extreme numbers, other tenants' and unknown
-//! adapters, over-long prompts; reports the hostile requests' codes, any
+//! sends one malformed or abusive request after another, the catalogue the
+//! trust tests send (`tests/common/hostile.rs`: non-ASCII stop strings,
+//! huge lists, extreme numbers, other tenants' and unknown adapters,
+//! over-long prompts, odd metadata); reports the hostile requests' codes, any
 //! INTERNAL or UNAVAILABLE among them, and the ordinary traffic's
 //! throughput and latency with the attack relative to without),
 //! `shared-prefix` (64 tenants, each with its adapter and its own
@@ -69,6 +70,12 @@ use svfit::store::{AdapterStore, LocalDir, PinLimits};
 use tokio::sync::mpsc;
 
 mod common;
+#[path = "../tests/common/hostile.rs"]
+#[allow(
+    dead_code,
+    reason = "the soak counts answers; the wanted codes are the tests'"
+)]
+mod hostile;
 
 use common::{exit, fail};
 
@@ -645,82 +652,15 @@ async fn stream_grpc(
     (timer.finish(), text)
 }
 
-/// The soak scenario's hostile requests: each must get a clean error (or
-/// work), never INTERNAL or UNAVAILABLE.
-fn hostile_requests() -> Vec<pb::GenerateRequest> {
-    let short = |adapter: &str| pb::GenerateRequest {
-        adapter: adapter.into(),
-        input: Some(Input::Prompt("Hello".into())),
-        max_tokens: 4,
-        ..Default::default()
-    };
-    let mix = |n: usize, weight: f32| pb::GenerateRequest {
-        mix: (0..n)
-            .map(|i| pb::MixPart {
-                adapter: format!("t{}", i % 64),
-                weight,
-            })
-            .collect(),
-        ..short("")
-    };
-    vec![
-        pb::GenerateRequest {
-            stop: vec!["é".into(), "日本".into(), "🦀".into()],
-            ..short("t1")
-        },
-        pb::GenerateRequest {
-            stop: (0..5000)
-                .map(|i| format!("{i}{}", "x".repeat(200)))
-                .collect(),
-            ..short("")
-        },
-        pb::GenerateRequest {
-            stop: (0..100).map(|i| i.to_string()).collect(),
-            ..short("")
-        },
-        mix(30_000, 0.5),
-        mix(100, 0.5),
-        mix(2, 1e30),
-        mix(2, f32::NAN),
-        pb::GenerateRequest {
-            mix: vec![
-                pb::MixPart {
-                    adapter: "t1".into(),
-                    weight: 0.5,
-                },
-                pb::MixPart {
-                    adapter: "default/t1".into(),
-                    weight: 0.5,
-                },
-            ],
-            ..short("")
-        },
-        short(&"é".repeat(10_000)),
-        short("nobody/t1"),
-        short("missing"),
-        pb::GenerateRequest {
-            input: Some(Input::Prompt("word ".repeat(200_000))),
-            ..short("")
-        },
-        pb::GenerateRequest {
-            input: Some(Input::Prompt("word ".repeat(12_000))),
-            ..short("")
-        },
-        pb::GenerateRequest {
-            max_tokens: u32::MAX,
-            ..short("")
-        },
-        pb::GenerateRequest {
-            sampling: Some(pb::Sampling {
-                temperature: Some(1e30),
-                top_k: Some(u32::MAX),
-                top_p: Some(f32::NAN),
-                ..Default::default()
-            }),
-            ..short("")
-        },
-    ]
-}
+/// The adapters the soak scenario's hostile requests name (the catalogue
+/// of `tests/common/hostile.rs`): the bench's tenant is `default`, its
+/// adapters `t0`, `t1`, ...
+const HOSTILE: hostile::Names = hostile::Names {
+    own: "t1",
+    own_qualified: "default/t1",
+    other_tenants: "nobody/t1",
+    unknown: "missing",
+};
 
 /// Counts of the hostile client's answers.
 #[derive(Default)]
@@ -739,10 +679,10 @@ async fn hostile_client(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Hostile {
     let mut counts = Hostile::default();
-    let requests = hostile_requests();
+    let attacks = hostile::attacks(&HOSTILE);
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        for request in &requests {
-            let mut r = tonic::Request::new(request.clone());
+        for attack in &attacks {
+            let mut r = attack.request(None);
             if counts.sent % 7 == 3 {
                 r.metadata_mut()
                     .insert("grpc-timeout", "123456789012S".parse().unwrap_or_else(fail));
@@ -751,7 +691,7 @@ async fn hostile_client(
             match client.generate(r).await {
                 Ok(_) => counts.ok += 1,
                 Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::Unavailable) => {
-                    eprintln!("hostile request broke the server: {s:?}");
+                    eprintln!("hostile request '{}' broke the server: {s:?}", attack.name);
                     counts.broken += 1;
                 }
                 Err(_) => counts.refused += 1,

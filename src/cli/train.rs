@@ -10,7 +10,7 @@ pub(super) struct TrainArgs {
     #[arg(long, required_unless_present = "resume")]
     data: Option<PathBuf>,
     /// Output adapter (.safetensors); A.ckpt, A.metrics.jsonl and
-    /// A.loss.png are written beside it
+    /// A.loss.svg are written beside it
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
     /// Held-out data (JSONL) evaluated after every epoch

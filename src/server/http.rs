@@ -7,7 +7,7 @@
 //!   (`openai.rs`) and passes the same validation and submission
 //!   (`inference::submit`).
 //! - `GET /v1/models`, `GET /v1/models/{id}`: the base and the caller's
-//!   adapters (`?limit=N&after=ID` pages through them).
+//!   adapters (`?limit=N&after=ID` pages through them; `http/models.rs`).
 //! - `GET /health`: 200 while serving, 503 once draining or stopped.
 //!
 //! Errors have OpenAI's shape, `{"error": {"message", "type", "param",
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,6 +40,8 @@ use super::auth::{Authenticate, Caller};
 use super::inference::{self, engine_gone, usage_and_timings, Submitted};
 use super::openai::{self, Answer, Endpoint, Parsed};
 use super::{failure_status, Api, Shared};
+
+mod models;
 use crate::engine::Event;
 use crate::store::unix_now;
 
@@ -78,8 +80,8 @@ pub(super) fn serve(
     let router = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
-        .route("/v1/models", get(models))
-        .route("/v1/models/{*id}", get(model))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{*id}", get(models::one))
         .route("/health", get(health))
         .fallback(not_found)
         .with_state(state);
@@ -305,7 +307,7 @@ impl HttpState {
 
     /// The base model's model object.
     fn base_model_object(&self) -> Value {
-        model_object(&self.base_model, self.started, "svfit", None)
+        models::model_object(&self.base_model, self.started, "svfit", None)
     }
 
     /// The largest body a valid request can have: every byte of the
@@ -533,126 +535,6 @@ fn stream(
         .into_response()
 }
 
-/// A model object: the base, or an adapter with its version.
-fn model_object(id: &str, created: u64, owned_by: &str, version: Option<u64>) -> Value {
-    let mut m = json!({"id": id, "object": "model", "created": created, "owned_by": owned_by});
-    if let Some(v) = version {
-        m["version"] = json!(v);
-    }
-    m
-}
-
-/// `?limit=N&after=ID`, percent-decoded.
-fn page_query(query: Option<&str>) -> Result<(usize, String), Status> {
-    let (mut limit, mut after) = (0, String::new());
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode(value)
-            .ok_or_else(|| openai::invalid(key, "not percent-encoded UTF-8"))?;
-        match key {
-            "limit" => {
-                limit = value
-                    .parse()
-                    .map_err(|_| openai::invalid("limit", "expected a whole number"))?
-            }
-            "after" => after = value,
-            _ => {}
-        }
-    }
-    Ok((limit, after))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'%' => {
-                let hex = [bytes.next()?, bytes.next()?];
-                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// What the caller may list: its own tenant, or every tenant for an admin
-/// key of a server with keys.
-fn listed_tenant(state: &HttpState, caller: &Caller) -> Option<String> {
-    let all = caller.admin && state.auth.keys.is_some();
-    (!all).then(|| caller.tenant.clone())
-}
-
-/// An adapter's `model` id as its caller names it.
-fn adapter_model_id(caller: &Caller, tenant: &str, id: &str) -> String {
-    if tenant == caller.tenant {
-        id.to_string()
-    } else {
-        format!("{tenant}/{id}")
-    }
-}
-
-async fn models(
-    State(state): State<HttpState>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let caller = state.caller(&headers)?;
-    let (limit, after) = page_query(query.as_deref())?;
-    let named = listed_tenant(&state, &caller);
-    // `after` is a model id as this caller sees it; pages go by tenant/id.
-    let token = match after.split_once('/') {
-        _ if after.is_empty() => String::new(),
-        Some(_) => after.clone(),
-        None => format!("{}/{after}", caller.tenant),
-    };
-    let first_page = after.is_empty();
-    let (stored, next) = super::adapters::list_page(&state.shared, named, limit, token).await?;
-    let mut data = Vec::with_capacity(stored.len() + 1);
-    if first_page {
-        data.push(state.base_model_object());
-    }
-    for s in &stored {
-        let id = adapter_model_id(&caller, &s.tenant, &s.id);
-        data.push(model_object(&id, s.created(), &s.tenant, Some(s.version)));
-    }
-    let last_id = data
-        .last()
-        .and_then(|m| m["id"].as_str())
-        .map(str::to_string);
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "has_more": !next.is_empty(),
-        "last_id": last_id,
-    });
-    Ok((StatusCode::OK, json_body(&body)).into_response())
-}
-
-async fn model(
-    State(state): State<HttpState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let caller = state.caller(&headers)?;
-    if id == state.base_model {
-        let body = state.base_model_object();
-        return Ok((StatusCode::OK, json_body(&body)).into_response());
-    }
-    let (tenant, name) = caller.adapter(&id)?;
-    let found = state.shared.store.get(&tenant, &name).await;
-    let stored = found.map_err(super::store_status)?;
-    let body = model_object(
-        &adapter_model_id(&caller, &stored.tenant, &stored.id),
-        stored.created(),
-        &stored.tenant,
-        Some(stored.version),
-    );
-    Ok((StatusCode::OK, json_body(&body)).into_response())
-}
-
 async fn health(State(state): State<HttpState>) -> Response {
     if state.shared.engine.accepting() {
         (StatusCode::OK, "serving\n").into_response()
@@ -670,18 +552,6 @@ async fn not_found() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn page_queries_decode_and_refuse_garbage() {
-        assert_eq!(
-            page_query(Some("limit=5&after=bob%2Fa")).unwrap(),
-            (5, "bob/a".to_string())
-        );
-        assert_eq!(page_query(None).unwrap(), (0, String::new()));
-        assert!(page_query(Some("limit=x")).is_err());
-        assert!(page_query(Some("after=%ff")).is_err());
-        assert!(page_query(Some("after=%4")).is_err());
-    }
 
     #[test]
     fn errors_name_the_openai_param() {

@@ -208,15 +208,26 @@ pub(super) fn engine_gone() -> Status {
     Status::unavailable("the engine stopped")
 }
 
+/// A `request` log line of the submitted request `$s`: its API, id, tenant
+/// and adapter version, then the fields and message given.
+macro_rules! request_line {
+    ($s:expr, $($rest:tt)+) => {
+        tracing::info!(
+            target: "request",
+            api = $s.api.as_str(),
+            request_id = $s.request_id,
+            tenant = $s.tenant,
+            adapter = $s.adapter_version,
+            $($rest)+
+        )
+    };
+}
+
 impl Submitted {
     /// The request's one log line, when it ends.
     pub(super) fn log_done(&self, usage: &pb::Usage, timings: &pb::Timings, finish: &str) {
-        tracing::info!(
-            target: "request",
-            api = self.api.as_str(),
-            request_id = self.request_id,
-            tenant = self.tenant,
-            adapter = self.adapter_version,
+        request_line!(
+            self,
             prompt_tokens = usage.prompt_tokens,
             cached_tokens = usage.cached_tokens,
             completion_tokens = usage.completion_tokens,
@@ -246,13 +257,10 @@ impl Submitted {
         }))
     }
 
+    /// The request's one log line, when it fails after its submission.
     pub(super) fn log_failed(&self, status: &Status) {
-        tracing::info!(
-            target: "request",
-            api = self.api.as_str(),
-            request_id = self.request_id,
-            tenant = self.tenant,
-            adapter = self.adapter_version,
+        request_line!(
+            self,
             code = ?status.code(),
             error = status.message(),
             "failed"

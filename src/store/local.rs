@@ -12,7 +12,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::{off_async, Backend, BoxFuture, Contents, Fingerprint, NextFile, StoreError};
+use super::{off_async, Backend, Call, Contents, Fingerprint, NextFile, StoreError};
 
 /// Adapter files in a local directory.
 pub struct LocalDir(PathBuf);
@@ -116,22 +116,14 @@ fn read_file(path: &Path) -> Result<Option<Contents>, StoreError> {
 }
 
 impl Backend for LocalDir {
-    fn stat<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Fingerprint>, StoreError>> {
+    fn stat<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, Option<Fingerprint>> {
         let path = self.path(tenant, id);
         Box::pin(off_async(move || {
             Ok(absent_is_none(std::fs::metadata(&path), &path)?.map(|m| local_fingerprint(&m)))
         }))
     }
 
-    fn read<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Contents>, StoreError>> {
+    fn read<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, Option<Contents>> {
         let path = self.path(tenant, id);
         Box::pin(off_async(move || read_file(&path)))
     }
@@ -141,7 +133,7 @@ impl Backend for LocalDir {
         tenant: &'a str,
         id: &'a str,
         next: &'a mut NextFile<'_>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> Call<'a, ()> {
         let dir = self.0.join(tenant);
         let path = self.path(tenant, id);
         Box::pin(async move {
@@ -164,11 +156,7 @@ impl Backend for LocalDir {
         })
     }
 
-    fn delete<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn delete<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, bool> {
         let dir = self.0.join(tenant);
         let path = self.path(tenant, id);
         Box::pin(off_async(move || {
@@ -177,12 +165,12 @@ impl Backend for LocalDir {
         }))
     }
 
-    fn tenants(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+    fn tenants(&self) -> Call<'_, Vec<String>> {
         let root = self.0.clone();
         Box::pin(off_async(move || tenant_names(&root)))
     }
 
-    fn ids<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+    fn ids<'a>(&'a self, tenant: &'a str) -> Call<'a, Vec<String>> {
         let dir = self.0.join(tenant);
         Box::pin(off_async(move || id_names(&dir)))
     }

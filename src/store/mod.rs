@@ -159,25 +159,18 @@ pub type Contents = (Vec<u8>, Fingerprint);
 /// Computes the file to write from the current one (`None`: no file yet).
 pub type NextFile<'a> = dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, StoreError> + Send + 'a;
 
-/// What a [`Backend`] call returns: boxed, so that the store holds its
-/// backend as `dyn Backend` (chosen at startup from `--adapters`).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// What a [`Backend`] call returns, `T` or the error: a boxed future, so
+/// that the store holds its backend as `dyn Backend` (chosen at startup
+/// from `--adapters`).
+pub type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// Storage of adapter files by (tenant, id). Calls are awaited on the
 /// caller's runtime; none blocks the thread that polls it.
 pub trait Backend: Send + Sync {
     /// The file's fingerprint, `None` when it does not exist.
-    fn stat<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Fingerprint>, StoreError>>;
+    fn stat<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, Option<Fingerprint>>;
     /// The file and the fingerprint of exactly those bytes.
-    fn read<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Contents>, StoreError>>;
+    fn read<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, Option<Contents>>;
     /// Replaces the file with `next(current)`, atomically and only if no
     /// other writer replaced it in between (`next` may be called again
     /// with the newer file).
@@ -186,15 +179,11 @@ pub trait Backend: Send + Sync {
         tenant: &'a str,
         id: &'a str,
         next: &'a mut NextFile<'_>,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    ) -> Call<'a, ()>;
     /// Whether there was a file to delete.
-    fn delete<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn tenants(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
-    fn ids<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>>;
+    fn delete<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, bool>;
+    fn tenants(&self) -> Call<'_, Vec<String>>;
+    fn ids<'a>(&'a self, tenant: &'a str) -> Call<'a, Vec<String>>;
 }
 
 /// Runs `f` on the runtime's blocking pool: file I/O and the CPU work of

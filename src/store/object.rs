@@ -10,7 +10,7 @@
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
-use super::{Backend, BoxFuture, Contents, Fingerprint, NextFile, StoreError};
+use super::{Backend, Call, Contents, Fingerprint, NextFile, StoreError};
 
 /// Conditional writes that lose to another writer are retried this many
 /// times before the upload fails with `Conflict`.
@@ -199,19 +199,11 @@ fn fingerprint(meta: &object_store::ObjectMeta) -> Fingerprint {
 }
 
 impl Backend for Objects {
-    fn stat<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Fingerprint>, StoreError>> {
+    fn stat<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, Option<Fingerprint>> {
         Box::pin(async move { self.stat_object(&self.path(tenant, id)).await })
     }
 
-    fn read<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Contents>, StoreError>> {
+    fn read<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, Option<Contents>> {
         Box::pin(async move {
             Ok(self
                 .read_versioned(&self.path(tenant, id))
@@ -225,7 +217,7 @@ impl Backend for Objects {
         tenant: &'a str,
         id: &'a str,
         next: &'a mut NextFile<'_>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    ) -> Call<'a, ()> {
         Box::pin(async move {
             if self.update_object(&self.path(tenant, id), next).await? {
                 Ok(())
@@ -235,11 +227,7 @@ impl Backend for Objects {
         })
     }
 
-    fn delete<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn delete<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, bool> {
         Box::pin(async move {
             let path = self.path(tenant, id);
             if self.stat_object(&path).await?.is_none() {
@@ -253,11 +241,11 @@ impl Backend for Objects {
         })
     }
 
-    fn tenants(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+    fn tenants(&self) -> Call<'_, Vec<String>> {
         Box::pin(self.names(self.prefix.clone(), true))
     }
 
-    fn ids<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+    fn ids<'a>(&'a self, tenant: &'a str) -> Call<'a, Vec<String>> {
         Box::pin(async move {
             let dir = self.prefix.clone().join(tenant);
             Ok(self

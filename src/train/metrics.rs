@@ -50,7 +50,7 @@ impl Metrics {
     }
 }
 
-/// The loss curve of `metrics.jsonl` as a PNG.
+/// The loss curve of `metrics.jsonl` as an SVG.
 pub(super) fn plot_metrics(metrics: &Path, out: &Path) -> Result<(), SessionError> {
     let text = std::fs::read_to_string(metrics).map_err(io(metrics))?;
     let mut train = Vec::new();
@@ -81,14 +81,13 @@ pub(super) fn plot_metrics(metrics: &Path, out: &Path) -> Result<(), SessionErro
             markers: true,
         },
     ];
-    plot::write_png(
-        out,
-        "svfit train",
-        "step",
-        "loss (nats/token)",
-        &series,
-        800,
-        500,
-    )
-    .map_err(io(out))
+    let plot = plot::Plot {
+        title: "svfit train",
+        x_label: "step",
+        y_label: "loss (nats/token)",
+        series: &series,
+        width: 800,
+        height: 500,
+    };
+    plot.write(out).map_err(io(out))
 }

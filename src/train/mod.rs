@@ -7,7 +7,7 @@
 //!   (what a checkpoint restores);
 //! - [`session`]: a whole `svfit train` run: files in, adapter, checkpoints,
 //!   `metrics.jsonl` and the loss plot out;
-//! - [`plot`]: the loss-curve PNG.
+//! - [`plot`]: the loss-curve SVG.
 //!
 //! The optimizer works on the relative shift `p = (sigma - S) / S` of each
 //! singular value, so one learning rate suits matrices whose spectra differ

@@ -1,14 +1,14 @@
-//! Minimal loss-curve plotter that renders line/marker series to an RGB PNG.
+//! The loss-curve plot as SVG: line or marker series, axes with "nice"
+//! ticks, a grid, a title, axis labels and a legend.
 //!
-//! Everything (rasterisation, a 5x7 bitmap font, "nice" tick selection) is built
-//! in, so the only dependency is the `png` crate. (Not `plotters`: its text
-//! needs system fonts through fontconfig, or a font file we would ship, and
-//! a training run must not fail on a machine without them.) Rendering never panics:
-//! degenerate data (no points, NaN/inf, a single point, constant values) still
-//! yields a valid image with axes and title, and unusable image sizes are
-//! reported as [`io::ErrorKind::InvalidInput`].
+//! SVG is plain text, so no dependency and no font is needed: the viewer
+//! draws the text. Rendering never panics: degenerate data (no points,
+//! NaN/inf, a single point, constant values) still yields a valid image
+//! with axes and title, every label is escaped, and unusable image sizes
+//! are reported as [`io::ErrorKind::InvalidInput`].
 
-use std::io::{self, Write};
+use std::fmt::{self, Write as _};
+use std::io::{self, Write as _};
 use std::path::Path;
 
 /// One line of the plot.
@@ -28,145 +28,63 @@ pub struct Series {
 
 /// Smallest accepted width/height in pixels.
 const MIN_DIM: u32 = 64;
-/// Largest accepted width/height in pixels (keeps the pixel buffer bounded).
+/// Largest accepted width/height in pixels.
 const MAX_DIM: u32 = 8192;
-const GRID: [u8; 3] = [226, 226, 226];
-const AXIS: [u8; 3] = [40, 40, 40];
-const TEXT: [u8; 3] = [20, 20, 20];
-const BORDER: [u8; 3] = [150, 150, 150];
-const WHITE: [u8; 3] = [255, 255, 255];
+const GRID: &str = "#e2e2e2";
+const AXIS: &str = "#282828";
+const TEXT: &str = "#141414";
+const BORDER: &str = "#969696";
 
-/// Renders the plot (see [`render_png`]) and writes it to `path` atomically
-/// (through [`crate::home::write_atomic`]).
-///
-/// # Errors
-/// Errors of [`render_png`] (nothing is written then), and any I/O error from
-/// writing or renaming.
-pub fn write_png(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-    width: u32,
-    height: u32,
-) -> io::Result<()> {
-    let bytes = render_png(title, x_label, y_label, series, width, height)?;
-    crate::home::write_atomic(path, |w| w.write_all(&bytes))
+/// What a plot shows and its size in pixels.
+pub struct Plot<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub series: &'a [Series],
+    pub width: u32,
+    pub height: u32,
 }
 
-/// Renders a `width`x`height` RGB PNG with the series, axes, grid, tick labels,
-/// title, axis labels and a legend, and returns the encoded bytes.
-///
-/// # Errors
-/// [`io::ErrorKind::InvalidInput`] unless both dimensions are in `64..=8192`;
-/// PNG encoding errors (not expected for an in-memory buffer) are passed on.
-pub fn render_png(
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-    width: u32,
-    height: u32,
-) -> io::Result<Vec<u8>> {
-    for (what, d) in [("width", width), ("height", height)] {
-        if !(MIN_DIM..=MAX_DIM).contains(&d) {
-            let msg = format!("plot {what} {d} is not in {MIN_DIM}..={MAX_DIM}");
-            return Err(invalid(msg));
-        }
+impl Plot<'_> {
+    /// Renders the plot (see [`Plot::render`]) and writes it to `path`
+    /// atomically (through [`crate::home::write_atomic`]).
+    ///
+    /// # Errors
+    /// Errors of [`Plot::render`] (nothing is written then), and any I/O
+    /// error from writing or renaming.
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        let svg = self.render()?;
+        crate::home::write_atomic(path, |w| w.write_all(svg.as_bytes()))
     }
-    let canvas = render([title, x_label, y_label], series, width, height);
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, width, height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header()?;
-    writer.write_image_data(&canvas.px)?;
-    writer.finish()?;
-    Ok(out)
+
+    /// The SVG: the series, axes, grid, tick labels, title, axis labels
+    /// and a legend.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::InvalidInput`] unless both dimensions are in `64..=8192`.
+    pub fn render(&self) -> io::Result<String> {
+        let (width, height) = (self.width, self.height);
+        for (what, d) in [("width", width), ("height", height)] {
+            if !(MIN_DIM..=MAX_DIM).contains(&d) {
+                let msg = format!("plot {what} {d} is not in {MIN_DIM}..={MAX_DIM}");
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+            }
+        }
+        let lay = layout(self.series, width, height);
+        let mut svg = Svg(String::new());
+        svg.open(&lay, width, height);
+        svg.axes(&lay);
+        svg.series(&lay, self.series);
+        svg.labels(&lay, [self.title, self.x_label, self.y_label]);
+        svg.legend(&lay, self.series);
+        svg.0.push_str("</svg>\n");
+        Ok(svg.0)
+    }
 }
 
-/// An [`io::ErrorKind::InvalidInput`] error with message `msg`.
-fn invalid(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, msg)
-}
-
-/// Inclusive pixel rectangle `(x0, y0)..=(x1, y1)`.
+/// Rectangle `(x0, y0)..(x1, y1)` in pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Rect(i64, i64, i64, i64);
-
-/// An RGB8 pixel buffer; every write is clipped to `clip` and the image bounds.
-struct Canvas {
-    w: i64,
-    h: i64,
-    px: Vec<u8>,
-    clip: Rect,
-}
-
-impl Canvas {
-    fn new(w: u32, h: u32) -> Self {
-        let (w, h) = (i64::from(w), i64::from(h));
-        let px = vec![255; usize::try_from(w * h * 3).unwrap_or(0)];
-        let clip = Rect(0, 0, w - 1, h - 1);
-        Canvas { w, h, px, clip }
-    }
-
-    /// Fills the `w`x`h` rectangle whose top-left corner is `(x, y)`.
-    fn fill(&mut self, x: i64, y: i64, w: i64, h: i64, c: [u8; 3]) {
-        let Rect(cx0, cy0, cx1, cy1) = self.clip;
-        let (x0, x1) = (x.max(cx0).max(0), (x + w - 1).min(cx1).min(self.w - 1));
-        let (y0, y1) = (y.max(cy0).max(0), (y + h - 1).min(cy1).min(self.h - 1));
-        for yy in y0..=y1 {
-            for xx in x0..=x1 {
-                let i = usize::try_from((yy * self.w + xx) * 3).unwrap_or(usize::MAX);
-                if let Some(p) = self.px.get_mut(i..i.saturating_add(3)) {
-                    p.copy_from_slice(&c);
-                }
-            }
-        }
-    }
-
-    /// Straight line from `(x0, y0)` to `(x1, y1)` (DDA with rounding), drawn with a
-    /// `thick`x`thick` square brush.
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), thick: i64, c: [u8; 3]) {
-        let n = (x1 - x0).abs().max((y1 - y0).abs()).max(1);
-        let lerp = |a: i64, b: i64, i: i64| a + ((b - a) * i * 2 + n).div_euclid(2 * n);
-        let off = (thick - 1) / 2;
-        for i in 0..=n {
-            let (x, y) = (lerp(x0, x1, i), lerp(y0, y1, i));
-            self.fill(x - off, y - off, thick, thick, c);
-        }
-    }
-
-    /// Draws `text` at scale `s` with its top-left corner at `(x, y)`; if
-    /// `vertical`, the text is rotated 90° counter-clockwise and `(x, y)` is its
-    /// bottom-left corner.
-    fn text(&mut self, (x, y): (i64, i64), text: &str, s: i64, vertical: bool) {
-        for (i, ch) in (0i64..).zip(text.chars()) {
-            let base = i * 6;
-            if (vertical && y - base * s < 0) || (!vertical && x + base * s >= self.w) {
-                break;
-            }
-            let bits = glyph(ch);
-            for (gy, gx) in (0..7).flat_map(|r| (0..5).map(move |c| (r, c))) {
-                if (bits >> (8 * (6 - gy) + 4 - gx)) & 1 == 1 {
-                    let (px, py) = if vertical {
-                        (x + gy * s, y - (base + gx + 1) * s + 1)
-                    } else {
-                        (x + (base + gx) * s, y + gy * s)
-                    };
-                    self.fill(px, py, s, s, TEXT);
-                }
-            }
-        }
-    }
-}
-
-/// Width in pixels of `text` drawn at scale `s` (6 px advance per glyph).
-fn text_width(text: &str, s: i64) -> i64 {
-    let n = i64::try_from(text.chars().count()).unwrap_or(i64::MAX / 64);
-    (n.min(1 << 40) * 6 * s - s).max(0)
-}
+struct Rect(f64, f64, f64, f64);
 
 /// Data range and labelled ticks of one axis.
 struct Axis {
@@ -187,11 +105,12 @@ impl Axis {
         Axis { lo, hi, ticks }
     }
 
-    /// Maps `v` linearly from `lo..hi` onto pixels `p0..p1` (halved to avoid overflow).
-    fn map(&self, v: f64, p0: i64, p1: i64) -> Option<i64> {
+    /// Maps `v` linearly from `lo..hi` onto pixels `p0..p1` (halved to avoid
+    /// overflow); `None` if that is not a finite number.
+    fn map(&self, v: f64, p0: f64, p1: f64) -> Option<f64> {
         let t = (v * 0.5 - self.lo * 0.5) / (self.hi * 0.5 - self.lo * 0.5);
-        let f = p0 as f64 + t * (p1 - p0) as f64;
-        f.is_finite().then(|| f.round().clamp(-1e6, 1e6) as i64)
+        let f = p0 + t * (p1 - p0);
+        f.is_finite().then(|| f.clamp(-1e6, 1e6))
     }
 }
 
@@ -261,40 +180,62 @@ fn fmt_tick(v: f64, step: f64, sci: bool) -> String {
     }
 }
 
-/// Geometry of the plot: glyph scale, plot area, legend box and both axes.
+/// Geometry of the plot: font size, plot area, legend box and both axes.
 struct Layout {
-    s: i64,
+    /// Font size in pixels; the other sizes follow it.
+    font: f64,
     plot: Rect,
     legend: Option<Rect>,
     x: Axis,
     y: Axis,
 }
 
-/// Computes the glyph scale, axis ranges/ticks, plot area and legend box.
+impl Layout {
+    /// Padding between elements.
+    fn pad(&self) -> f64 {
+        spacing(self.font)
+    }
+
+    /// Length of a tick mark.
+    fn tick(&self) -> f64 {
+        spacing(self.font)
+    }
+}
+
+/// The padding and tick length for font size `font`.
+fn spacing(font: f64) -> f64 {
+    (font * 0.4).round()
+}
+
+/// Estimated width in pixels of `text` at font size `font` (0.6 em a
+/// character, generous for a sans-serif face).
+fn text_width(text: &str, font: f64) -> f64 {
+    text.chars().count().min(1 << 20) as f64 * 0.6 * font
+}
+
+/// Computes the font size, axis ranges/ticks, plot area and legend box.
 fn layout(series: &[Series], width: u32, height: u32) -> Layout {
-    let (w, h) = (i64::from(width), i64::from(height));
-    let s = if w >= 480 && h >= 300 { 2 } else { 1 };
-    let (pad, tick, gh) = (4 * s, 3 * s, 7 * s);
+    let (w, h) = (f64::from(width), f64::from(height));
+    let font: f64 = if w >= 480.0 && h >= 300.0 { 14.0 } else { 9.0 };
+    let (pad, tick) = (spacing(font), spacing(font));
     let pts = || series.iter().flat_map(|se| se.points.iter());
     let finite = || pts().filter(|(x, y)| x.is_finite() && y.is_finite());
-    let x_target = (w as f64 / 140.0).clamp(2.0, 8.0);
-    let x = Axis::new(finite().map(|p| p.0), x_target, true);
-    let y_target = (h as f64 / 90.0).clamp(2.0, 8.0);
-    let y = Axis::new(finite().map(|p| p.1), y_target, false);
-    let y_label_w = y.ticks.iter().map(|t| text_width(&t.1, s)).max();
-    let y_label_w = y_label_w.unwrap_or(0);
-    let (left, top) = (4 * pad + gh + y_label_w + tick + s, 3 * pad + gh);
-    let (right, bottom) = (2 * pad + 18 * s, s + tick + 3 * pad + 2 * gh);
-    let (x1, y1) = ((w - 1 - right).max(left + 1), (h - 1 - bottom).max(top + 1));
+    let x = Axis::new(finite().map(|p| p.0), (w / 140.0).clamp(2.0, 8.0), true);
+    let y = Axis::new(finite().map(|p| p.1), (h / 90.0).clamp(2.0, 8.0), false);
+    let y_label_w = y.ticks.iter().map(|t| text_width(&t.1, font));
+    let y_label_w = y_label_w.fold(0.0, f64::max);
+    let (left, top) = (3.0 * pad + font + y_label_w + tick, 3.0 * pad + font);
+    let (right, bottom) = (3.0 * pad, tick + 3.0 * pad + 2.0 * font);
+    let (x1, y1) = ((w - right).max(left + 1.0), (h - bottom).max(top + 1.0));
     let legend = (!series.is_empty()).then(|| {
-        let name_w = series.iter().map(|se| text_width(&se.name, s)).max();
-        let n = i64::try_from(series.len()).unwrap_or(1000).min(1000);
-        let lx0 = x1 - 4 * pad - gh - name_w.unwrap_or(0) + 1;
-        Rect(lx0, top + pad, x1 - pad, top + 2 * pad + n * (gh + pad) - 1)
+        let name_w = series.iter().map(|se| text_width(&se.name, font));
+        let n = series.len().min(1000) as f64;
+        let lx0 = x1 - 4.0 * pad - font - name_w.fold(0.0, f64::max);
+        Rect(lx0, top + pad, x1 - pad, top + 2.0 * pad + n * (font + pad))
     });
     let plot = Rect(left, top, x1, y1);
     Layout {
-        s,
+        font,
         plot,
         legend,
         x,
@@ -302,109 +243,206 @@ fn layout(series: &[Series], width: u32, height: u32) -> Layout {
     }
 }
 
-/// Rasterises the whole plot; `labels` are the title, x label and y label.
-fn render(labels: [&str; 3], series: &[Series], width: u32, height: u32) -> Canvas {
-    let [title, x_label, y_label] = labels;
-    let lay = layout(series, width, height);
-    let (s, plot, x, y) = (lay.s, lay.plot, &lay.x, &lay.y);
-    let Rect(x0, y0, x1, y1) = plot;
-    let (pad, tick, gh) = (4 * s, 3 * s, 7 * s);
-    let mut c = Canvas::new(width, height);
+/// `color` as `#rrggbb`.
+struct Color([u8; 3]);
 
-    // Grid lines, tick marks and tick labels at the tick positions, then the axes.
-    for (v, label) in &x.ticks {
-        let Some(px) = x.map(*v, x0, x1) else {
-            continue;
-        };
-        c.fill(px, y0, 1, y1 - y0, GRID);
-        c.fill(px, y1 + s, 1, tick, AXIS);
-        let lx = px - text_width(label, s) / 2;
-        c.text((lx, y1 + s + tick + pad), label, s, false);
+impl fmt::Display for Color {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [r, g, b] = self.0;
+        write!(f, "#{r:02x}{g:02x}{b:02x}")
     }
-    for (v, label) in &y.ticks {
-        let Some(py) = y.map(*v, y1, y0) else {
-            continue;
-        };
-        c.fill(x0 + 1, py, x1 - x0, 1, GRID);
-        c.fill(x0 - s - tick + 1, py, tick, 1, AXIS);
-        let lx = x0 - s - tick - pad - text_width(label, s) + 1;
-        c.text((lx, py - gh / 2), label, s, false);
-    }
-    c.fill(x0 - s + 1, y0, s, y1 - y0 + 1, AXIS);
-    c.fill(x0 - s + 1, y1, x1 - x0 + s, s, AXIS);
-
-    // Data, clipped to the inside of the axes.
-    c.clip = Rect(x0 + 1, y0, x1, y1 - 1);
-    for se in series {
-        let mut pts = Vec::with_capacity(se.points.len());
-        for &(a, b) in &se.points {
-            if let (Some(px), Some(py)) = (x.map(a, x0, x1), y.map(b, y1, y0)) {
-                pts.push((px, py));
-            }
-        }
-        if se.markers {
-            let m = 3 * s + 1;
-            for &(px, py) in &pts {
-                c.fill(px - m / 2, py - m / 2, m, m, se.color);
-            }
-        } else if let [only] = pts[..] {
-            c.line(only, only, s + 1, se.color);
-        } else {
-            for (a, b) in pts.iter().zip(pts.iter().skip(1)) {
-                c.line(*a, *b, s, se.color);
-            }
-        }
-    }
-    c.clip = Rect(0, 0, c.w - 1, c.h - 1);
-
-    // Title and axis labels (the y label reads bottom to top).
-    c.text(((c.w - text_width(title, s)) / 2, 2 * pad), title, s, false);
-    let xl = (x0 + x1 - text_width(x_label, s)) / 2;
-    c.text((xl, y1 + s + tick + 2 * pad + gh), x_label, s, false);
-    let yl = (y0 + y1 + text_width(y_label, s)) / 2;
-    c.text((2 * pad, yl), y_label, s, true);
-
-    // Legend box in the upper-right corner of the plot area.
-    if let Some(Rect(lx0, ly0, lx1, ly1)) = lay.legend {
-        c.fill(lx0, ly0, lx1 - lx0 + 1, ly1 - ly0 + 1, BORDER);
-        c.fill(lx0 + 1, ly0 + 1, lx1 - lx0 - 1, ly1 - ly0 - 1, WHITE);
-        for (i, se) in (0i64..).zip(series).take(1000) {
-            let ey = ly0 + pad + i * (gh + pad);
-            c.fill(lx0 + pad, ey, gh, gh, se.color);
-            c.text((lx0 + 2 * pad + gh, ey), &se.name, s, false);
-        }
-    }
-    c
 }
 
-/// Characters covered by the built-in font, in the order of [`GLYPHS`].
-const CHARSET: &str = "0123456789.-+()/:_%abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,=";
+/// `text` escaped for XML text and attribute values; control characters
+/// (which XML 1.0 does not allow) become spaces.
+struct Escaped<'a>(&'a str);
 
-/// 5x7 glyph bitmaps: byte 6 (most significant) is the top row, byte 0 the bottom
-/// row; within a row, bit 4 is the leftmost column. Same order as [`CHARSET`].
-#[rustfmt::skip]
-const GLYPHS: [u64; 73] = [
-    0x0E11131519110E, 0x040C040404040E, 0x0E11010204081F, 0x1F02040201110E, 0x02060A121F0202,
-    0x1F101E0101110E, 0x0608101E11110E, 0x1F010204080808, 0x0E11110E11110E, 0x0E11110F01020C,
-    0x00000000000C0C, 0x0000001F000000, 0x0004041F040400, 0x02040808080402, 0x08040202020408,
-    0x00010204081000, 0x000C0C000C0C00, 0x0000000000001F, 0x18190204081303, 0x00000E010F110F,
-    0x1010161911111E, 0x00000E1010110E, 0x01010D1311110F, 0x00000E111F100E, 0x0609081C080808,
-    0x000F11110F010E, 0x10101619111111, 0x04000C0404040E, 0x0200060202120C, 0x10101214181412,
-    0x0C04040404040E, 0x00001A15151111, 0x00001619111111, 0x00000E1111110E, 0x00001E111E1010,
-    0x00000D130F0101, 0x00001619101010, 0x00000E100E011E, 0x08081C08080906, 0x0000111111130D,
-    0x00001111110A04, 0x0000111115150A, 0x0000110A040A11, 0x000011110F010E, 0x00001F0204081F,
-    0x0E1111111F1111, 0x1E11111E11111E, 0x0E11101010110E, 0x1C12111111121C, 0x1F10101E10101F,
-    0x1F10101E101010, 0x0E11101711110F, 0x1111111F111111, 0x0E04040404040E, 0x0702020202120C,
-    0x11121418141211, 0x1010101010101F, 0x111B1515111111, 0x11111915131111, 0x0E11111111110E,
-    0x1E11111E101010, 0x0E11111115120D, 0x1E11111E141211, 0x0F10100E01011E, 0x1F040404040404,
-    0x1111111111110E, 0x11111111110A04, 0x1111111515150A, 0x11110A040A1111, 0x1111110A040404,
-    0x1F01020408101F, 0x000000000C0408, 0x00001F001F0000,
-];
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '&' => f.write_str("&amp;")?,
+                '<' => f.write_str("&lt;")?,
+                '>' => f.write_str("&gt;")?,
+                '"' => f.write_str("&quot;")?,
+                '\'' => f.write_str("&apos;")?,
+                c if c.is_control() => f.write_char(' ')?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
 
-/// Bitmap of `ch` (see [`GLYPHS`]); unknown characters, including space, are blank.
-fn glyph(ch: char) -> u64 {
-    let index = CHARSET.chars().position(|g| g == ch);
-    index.and_then(|i| GLYPHS.get(i).copied()).unwrap_or(0)
+/// The document being written. Writing to a `String` cannot fail, so the
+/// results of `write!` are dropped.
+struct Svg(String);
+
+impl Svg {
+    /// Appends formatted text.
+    fn put(&mut self, args: fmt::Arguments<'_>) {
+        let _ = self.0.write_fmt(args);
+    }
+
+    /// The `<svg>` element, a white background and the plot area's clip path.
+    fn open(&mut self, lay: &Layout, width: u32, height: u32) {
+        let Rect(x0, y0, x1, y1) = lay.plot;
+        self.put(format_args!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+             viewBox=\"0 0 {width} {height}\" font-family=\"sans-serif\" font-size=\"{}\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n\
+             <defs><clipPath id=\"plot-area\"><rect x=\"{x0:.1}\" y=\"{y0:.1}\" \
+             width=\"{:.1}\" height=\"{:.1}\"/></clipPath></defs>\n",
+            lay.font,
+            x1 - x0,
+            y1 - y0,
+        ));
+    }
+
+    /// Grid lines, tick marks and tick labels at the tick positions, then
+    /// the axes.
+    fn axes(&mut self, lay: &Layout) {
+        let Rect(x0, y0, x1, y1) = lay.plot;
+        let (pad, tick, font) = (lay.pad(), lay.tick(), lay.font);
+        let xs = lay.x.ticks.iter();
+        let xs: Vec<_> = xs
+            .filter_map(|(v, l)| Some((lay.x.map(*v, x0, x1)?, l)))
+            .collect();
+        let ys = lay.y.ticks.iter();
+        let ys: Vec<_> = ys
+            .filter_map(|(v, l)| Some((lay.y.map(*v, y1, y0)?, l)))
+            .collect();
+        self.put(format_args!("<g class=\"grid\" stroke=\"{GRID}\">\n"));
+        for (px, _) in &xs {
+            self.line((*px, y0), (*px, y1));
+        }
+        for (py, _) in &ys {
+            self.line((x0, *py), (x1, *py));
+        }
+        self.put(format_args!("</g>\n<g class=\"axes\" stroke=\"{AXIS}\">\n"));
+        for (px, _) in &xs {
+            self.line((*px, y1), (*px, y1 + tick));
+        }
+        for (py, _) in &ys {
+            self.line((x0 - tick, *py), (x0, *py));
+        }
+        self.line((x0, y0), (x0, y1));
+        self.line((x0, y1), (x1, y1));
+        self.put(format_args!("</g>\n<g class=\"ticks\" fill=\"{TEXT}\">\n"));
+        for (px, label) in &xs {
+            let at = (*px, y1 + tick + pad + font);
+            self.text(at, "middle", label, "");
+        }
+        for (py, label) in &ys {
+            let at = (x0 - tick - pad, py + font * 0.35);
+            self.text(at, "end", label, "");
+        }
+        self.0.push_str("</g>\n");
+    }
+
+    /// Each series, clipped to the plot area: a polyline (a dot when it has
+    /// one point) or a square marker per point.
+    fn series(&mut self, lay: &Layout, series: &[Series]) {
+        let Rect(x0, y0, x1, y1) = lay.plot;
+        self.0.push_str("<g clip-path=\"url(#plot-area)\">\n");
+        for se in series {
+            let color = Color(se.color);
+            let pts = se.points.iter();
+            let pts =
+                pts.filter_map(|&(a, b)| Some((lay.x.map(a, x0, x1)?, lay.y.map(b, y1, y0)?)));
+            let pts: Vec<_> = pts.collect();
+            let name = Escaped(&se.name);
+            self.put(format_args!(
+                "<g class=\"series\" data-name=\"{name}\" fill=\"{color}\">\n"
+            ));
+            let stroke = lay.font / 7.0;
+            if se.markers {
+                let m = stroke * 3.5;
+                for (px, py) in &pts {
+                    self.put(format_args!(
+                        "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{m:.1}\" height=\"{m:.1}\"/>\n",
+                        px - m / 2.0,
+                        py - m / 2.0
+                    ));
+                }
+            } else if let [(px, py)] = pts[..] {
+                let r = stroke;
+                self.put(format_args!(
+                    "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"{r:.1}\"/>\n"
+                ));
+            } else if !pts.is_empty() {
+                self.put(format_args!(
+                    "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"{stroke:.1}\" \
+                     stroke-linejoin=\"round\" points=\""
+                ));
+                for (i, (px, py)) in pts.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { " " };
+                    self.put(format_args!("{sep}{px:.1},{py:.1}"));
+                }
+                self.0.push_str("\"/>\n");
+            }
+            self.0.push_str("</g>\n");
+        }
+        self.0.push_str("</g>\n");
+    }
+
+    /// The title and both axis labels (the y label reads bottom to top).
+    fn labels(&mut self, lay: &Layout, [title, x_label, y_label]: [&str; 3]) {
+        let Rect(x0, y0, x1, y1) = lay.plot;
+        let (pad, font) = (lay.pad(), lay.font);
+        self.put(format_args!("<g class=\"labels\" fill=\"{TEXT}\">\n"));
+        let width = x1 + 3.0 * pad;
+        self.text((width / 2.0, 2.0 * pad + font), "middle", title, "");
+        let at = ((x0 + x1) / 2.0, y1 + lay.tick() + 2.0 * pad + 2.0 * font);
+        self.text(at, "middle", x_label, "");
+        let (x, y) = (2.0 * pad + font * 0.8, (y0 + y1) / 2.0);
+        let turn = format!(" transform=\"rotate(-90 {x:.1} {y:.1})\"");
+        self.text((x, y), "middle", y_label, &turn);
+        self.0.push_str("</g>\n");
+    }
+
+    /// The legend box in the upper-right corner of the plot area: a swatch
+    /// and the name of each series.
+    fn legend(&mut self, lay: &Layout, series: &[Series]) {
+        let Some(Rect(lx0, ly0, lx1, ly1)) = lay.legend else {
+            return;
+        };
+        let (pad, font) = (lay.pad(), lay.font);
+        self.put(format_args!(
+            "<g class=\"legend\" fill=\"{TEXT}\">\n<rect x=\"{lx0:.1}\" y=\"{ly0:.1}\" width=\"{:.1}\" \
+             height=\"{:.1}\" fill=\"#ffffff\" stroke=\"{BORDER}\"/>\n",
+            lx1 - lx0,
+            ly1 - ly0
+        ));
+        for (i, se) in series.iter().enumerate().take(1000) {
+            let ey = ly0 + pad + i as f64 * (font + pad);
+            self.put(format_args!(
+                "<rect x=\"{:.1}\" y=\"{ey:.1}\" width=\"{font:.1}\" height=\"{font:.1}\" \
+                 fill=\"{}\"/>\n",
+                lx0 + pad,
+                Color(se.color)
+            ));
+            let at = (lx0 + 2.0 * pad + font, ey + font * 0.85);
+            self.text(at, "start", &se.name, "");
+        }
+        self.0.push_str("</g>\n");
+    }
+
+    /// A line from `a` to `b` in the enclosing group's stroke.
+    fn line(&mut self, (xa, ya): (f64, f64), (xb, yb): (f64, f64)) {
+        self.put(format_args!(
+            "<line x1=\"{xa:.1}\" y1=\"{ya:.1}\" x2=\"{xb:.1}\" y2=\"{yb:.1}\"/>\n"
+        ));
+    }
+
+    /// `text` escaped, anchored at `(x, y)` (its baseline) by `anchor`
+    /// (`start`, `middle` or `end`), with `extra` attributes.
+    fn text(&mut self, (x, y): (f64, f64), anchor: &str, text: &str, extra: &str) {
+        self.put(format_args!(
+            "<text x=\"{x:.1}\" y=\"{y:.1}\" text-anchor=\"{anchor}\"{extra}>{}</text>\n",
+            Escaped(text)
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -412,23 +450,75 @@ mod tests {
     use super::*;
     use std::fs;
 
-    fn decode(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
-        let decoder = png::Decoder::new(io::Cursor::new(bytes));
-        let mut reader = decoder.read_info().expect("png header");
-        let mut buf = vec![0; reader.output_buffer_size().expect("buffer size")];
-        let info = reader.next_frame(&mut buf).expect("png frame");
-        assert_eq!(info.color_type, png::ColorType::Rgb);
-        buf.truncate(info.buffer_size());
-        (info.width, info.height, buf)
+    /// The element names of `svg` in document order, after checking that it
+    /// is well-formed XML: one root element, tags that nest and match,
+    /// quoted attribute values, no raw `<` in text and only the five
+    /// predefined entities.
+    fn elements(svg: &str) -> Vec<String> {
+        let (mut open, mut names, mut rest) = (Vec::new(), Vec::new(), svg);
+        while let Some(start) = rest.find('<') {
+            check_entities(&rest[..start]);
+            let end = rest[start..].find('>').expect("tag ends") + start;
+            let tag = &rest[start + 1..end];
+            assert!(!tag.contains('<'), "tag {tag}");
+            assert_eq!(tag.matches('"').count() % 2, 0, "quotes in {tag}");
+            check_entities(tag);
+            if let Some(name) = tag.strip_prefix('/') {
+                assert_eq!(open.pop().as_deref(), Some(name), "closing {name}");
+            } else {
+                assert!(!open.is_empty() || names.is_empty(), "one root");
+                let name = tag.split([' ', '/', '\n']).next().unwrap_or_default();
+                names.push(name.to_string());
+                if !tag.ends_with('/') {
+                    open.push(name.to_string());
+                }
+            }
+            rest = &rest[end + 1..];
+        }
+        assert!(open.is_empty(), "unclosed {open:?}");
+        assert!(rest.trim().is_empty(), "text after the root: {rest}");
+        names
     }
 
-    /// Whether the 800 px wide `img` has a pixel of `color` inside `r` but outside `not`.
-    fn has_color(img: &[u8], r: Rect, not: Option<Rect>, color: [u8; 3]) -> bool {
-        let inside = |r: Rect, x, y| (r.0..=r.2).contains(&x) && (r.1..=r.3).contains(&y);
-        img.chunks_exact(3).zip(0i64..).any(|(px, i)| {
-            let (x, y) = (i % 800, i / 800);
-            px == color && inside(r, x, y) && !not.is_some_and(|n| inside(n, x, y))
-        })
+    /// Every `&` in `text` starts one of XML's predefined entities.
+    fn check_entities(text: &str) {
+        for (i, _) in text.match_indices('&') {
+            let entity = ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"];
+            let ok = entity.iter().any(|e| text[i..].starts_with(e));
+            assert!(ok, "bare & in {text}");
+        }
+    }
+
+    /// The drawn data of the series named `name`: the group's elements
+    /// (`rect`, `circle`, `polyline`) and how many points they hold.
+    fn drawn(svg: &str, name: &str) -> (Vec<String>, usize) {
+        let start = format!("<g class=\"series\" data-name=\"{name}\"");
+        let group = svg.split(&start).nth(1).expect("series group");
+        let group = &group[..group.find("</g>").expect("group ends")];
+        let inner = &group[group.find('>').expect("tag ends") + 1..];
+        let tags: Vec<_> = elements(&format!("<g>{inner}</g>"))[1..].to_vec();
+        let points = match inner.split("points=\"").nth(1) {
+            Some(p) => p[..p.find('"').unwrap_or(0)].split(' ').count(),
+            None => tags.len(),
+        };
+        (tags, points)
+    }
+
+    /// [`Plot::render`] of these.
+    fn render_svg(
+        [title, x_label, y_label]: [&str; 3],
+        series: &[Series],
+        (width, height): (u32, u32),
+    ) -> io::Result<String> {
+        let plot = Plot {
+            title,
+            x_label,
+            y_label,
+            series,
+            width,
+            height,
+        };
+        plot.render()
     }
 
     fn series(name: &str, color: [u8; 3], points: &[(f64, f64)], markers: bool) -> Series {
@@ -450,19 +540,30 @@ mod tests {
             series("eval loss", [30, 30, 200], &eval, true),
             series("Unused: (none) 5%_/+", [20, 160, 20], &[], false),
         ];
-        let bytes = render_png("Loss", "step", "loss", &all, 800, 500).expect("render");
-        let (w, h, img) = decode(&bytes);
-        assert_eq!((w, h), (800, 500));
-        let lay = layout(&all, w, h);
+        let svg = render_svg(["Loss", "step", "loss"], &all, (800, 500)).expect("render");
+        let names = elements(&svg);
+        assert_eq!(names[0], "svg");
+        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\""));
+        assert_eq!(drawn(&svg, "train loss"), (vec!["polyline".into()], 199));
+        assert_eq!(drawn(&svg, "eval loss"), (vec!["rect".to_string(); 3], 3));
+        assert_eq!(drawn(&svg, "Unused: (none) 5%_/+"), (vec![], 0));
+        for (label, swatch) in [("train loss", "#c81e1e"), ("eval loss", "#1e1ec8")] {
+            assert!(svg.contains(&format!(">{label}</text>")), "{label}");
+            assert!(svg.contains(&format!("fill=\"{swatch}\"/>")), "{label}");
+        }
+        for text in [">Loss<", ">step<", ">loss<", ">100<", "rotate(-90"] {
+            assert!(svg.contains(text), "{text}");
+        }
+        let lay = layout(&all, 800, 500);
         let (key, plot) = (lay.legend.expect("legend"), lay.plot);
         assert!(key.2 <= plot.2 && key.1 >= plot.1, "legend in plot");
-        for (i, se) in all.iter().enumerate() {
-            let in_plot = has_color(&img, plot, Some(key), se.color);
-            assert_eq!(in_plot, i < 2, "data of {}", se.name);
-            assert!(has_color(&img, key, None, se.color), "{}", se.name);
-        }
-        assert!(has_color(&img, plot, None, GRID), "grid");
-        assert!(has_color(&img, key, None, TEXT), "legend text");
+        let grid = svg.split("<g class=\"grid\"").nth(1).expect("grid");
+        assert!(
+            grid[..grid.find("</g>").expect("end")]
+                .matches("<line")
+                .count()
+                >= 6
+        );
     }
 
     #[test]
@@ -478,22 +579,31 @@ mod tests {
         ];
         for (i, points) in cases.into_iter().enumerate() {
             let s = [series("s", [200, 0, 0], points, i % 2 == 1)];
-            for (w, h) in [(64, 64), (300, 90)] {
-                let bytes = render_png("t\u{e9}st ~", "x", "y", &s, w, h).expect("render");
-                assert_eq!(decode(&bytes).0, w, "case {i}");
+            for (w, h) in [(64, 64), (300, 90), (800, 500)] {
+                let svg = render_svg(["t\u{e9}st ~", "x", "y"], &s, (w, h)).expect("render");
+                elements(&svg);
+                assert!(!svg.contains("NaN") && !svg.contains("inf"), "case {i}");
+                assert_eq!(drawn(&svg, "s").1 > 0, i > 1, "case {i}");
             }
-            let (_, _, img) = decode(&render_png("t", "", "", &s, 800, 500).expect("render"));
-            let lay = layout(&s, 800, 500);
-            let drawn = has_color(&img, lay.plot, lay.legend, [200, 0, 0]);
-            assert_eq!(drawn, i > 1, "case {i}");
         }
-        assert!(render_png("no series", "x", "y", &[], 800, 500).is_ok());
+        elements(&render_svg(["no series", "x", "y"], &[], (800, 500)).expect("render"));
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        let hostile = "<a href='x'>&\"b\"\u{1}</a>";
+        let s = [series(hostile, [1, 2, 3], &[(1.0, 2.0)], true)];
+        let svg = render_svg([hostile; 3], &s, (800, 500)).expect("render");
+        elements(&svg);
+        let escaped = "&lt;a href=&apos;x&apos;&gt;&amp;&quot;b&quot; &lt;/a&gt;";
+        assert_eq!(svg.matches(escaped).count(), 5, "{svg}");
+        assert!(!svg.contains('\u{1}'));
     }
 
     #[test]
     fn invalid_sizes_error() {
         for (w, h) in [(0, 0), (63, 500), (800, 63), (800, 0), (MAX_DIM + 1, 100)] {
-            let err = render_png("t", "x", "y", &[], w, h).expect_err("size must be rejected");
+            let err = render_svg(["t", "x", "y"], &[], (w, h)).expect_err("size must be rejected");
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         }
     }
@@ -518,25 +628,33 @@ mod tests {
     }
 
     #[test]
-    fn write_png_replaces_file_atomically() {
-        let dir = std::env::temp_dir().join(format!("svfit_plot_{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("mkdir");
-        let (path, s) = (dir.join("loss.png"), [series("a", [9, 9, 9], &[], true)]);
+    fn write_replaces_file_atomically() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = dir.path();
+        let (path, s) = (dir.join("loss.svg"), [series("a", [9, 9, 9], &[], true)]);
+        let plot = |height| Plot {
+            title: "t",
+            x_label: "x",
+            y_label: "y",
+            series: &s,
+            width: 120,
+            height,
+        };
         for height in [80, 90] {
-            write_png(&path, "t", "x", "y", &s, 120, height).expect("write");
-            assert_eq!(decode(&fs::read(&path).expect("read")).1, height);
+            plot(height).write(&path).expect("write");
+            let svg = fs::read_to_string(&path).expect("read");
+            assert!(svg.contains(&format!(" height=\"{height}\"")), "{svg}");
         }
-        let names: Vec<_> = fs::read_dir(&dir)
+        let names: Vec<_> = fs::read_dir(dir)
             .expect("list")
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(
             names,
-            vec![std::ffi::OsString::from("loss.png")],
+            vec![std::ffi::OsString::from("loss.svg")],
             "no temporary file left"
         );
-        assert!(write_png(&dir.join("x.png"), "t", "x", "y", &s, 10, 10).is_err());
-        assert!(!dir.join("x.png").exists());
-        fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(plot(10).write(&dir.join("x.svg")).is_err());
+        assert!(!dir.join("x.svg").exists());
     }
 }

@@ -7,7 +7,7 @@
 //!   after the last whole epoch (or the stop), which `--resume` continues
 //!   exactly;
 //! - `A.metrics.jsonl`: one JSON object per step and per evaluation;
-//! - `A.loss.png`: the loss curve.
+//! - `A.loss.svg`: the loss curve.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -460,7 +460,7 @@ impl Files {
         Files {
             checkpoint: sidecar(out, "ckpt"),
             metrics: sidecar(out, "metrics.jsonl"),
-            plot: sidecar(out, "loss.png"),
+            plot: sidecar(out, "loss.svg"),
         }
     }
 }

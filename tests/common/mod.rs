@@ -1,6 +1,7 @@
 //! Shared test fixtures: a tiny random-weight llama GGUF written by the tests
 //! themselves, the default model's path, and logit comparisons.
 
+pub mod hostile;
 pub mod serve;
 
 use std::os::unix::process::ExitStatusExt;

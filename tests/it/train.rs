@@ -170,7 +170,38 @@ fn resume_continues_exactly() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(worst < 1e-4, "adapters differ by {worst}");
-    assert!(dir.path().join("whole.loss.png").exists());
+    check_plot(&dir.path().join("whole.loss.svg"), a.len());
+    check_plot(&dir.path().join("parts.loss.svg"), b.len());
+}
+
+/// The loss plot is an SVG document whose elements open and close in
+/// pairs, with the train loss curve of `steps` points and no eval loss
+/// drawn (the run has no held-out data), both named in the legend.
+fn check_plot(path: &Path, steps: usize) {
+    let svg = std::fs::read_to_string(path).unwrap();
+    assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(svg.ends_with("</svg>\n"), "{svg}");
+    for element in ["svg", "g", "text", "defs", "clipPath"] {
+        let opened = svg.matches(&format!("<{element}>")).count()
+            + svg.matches(&format!("<{element} ")).count();
+        let closed = svg.matches(&format!("</{element}>")).count();
+        assert_eq!(opened, closed, "<{element}> in {svg}");
+    }
+    let curve = svg
+        .split("data-name=\"train loss\"")
+        .nth(1)
+        .and_then(|g| g.split("points=\"").nth(1))
+        .and_then(|p| p.split('"').next())
+        .expect("a train loss polyline");
+    assert_eq!(curve.split(' ').count(), steps, "{curve}");
+    let eval = svg.split("data-name=\"eval loss\"").nth(1).expect("eval");
+    assert!(
+        !eval[..eval.find("</g>").unwrap()].contains("<rect"),
+        "{eval}"
+    );
+    for name in ["train loss", "eval loss", "step", "svfit train"] {
+        assert!(svg.contains(&format!(">{name}</text>")), "{name}");
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::common;
 use common::serve::*;
-use common::temp_dir;
+use common::{hostile, temp_dir};
 use svfit::adapter::Adapter;
 use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
@@ -68,226 +68,24 @@ async fn raw_generate(channel: Channel, prompt: Vec<u8>) -> Result<(), tonic::St
     grpc.unary(request, path, codec).await.map(|_| ())
 }
 
-/// One hostile request of alice's and the code it must get (`Code::Ok`:
-/// it must work).
-struct Attack {
-    name: &'static str,
-    request: Request<pb::GenerateRequest>,
-    want: Code,
-}
-
 fn alice(body: pb::GenerateRequest) -> Request<pb::GenerateRequest> {
     with_key(body, "ka")
 }
 
-fn attacks() -> Vec<Attack> {
-    let short = |adapter: &str| greedy(adapter, "Hello", 4);
-    let mut out = Vec::new();
-    let mut add = |name, request, want| {
-        out.push(Attack {
-            name,
-            request,
-            want,
-        })
-    };
-    add(
-        "non-ASCII stop strings",
-        alice(pb::GenerateRequest {
-            stop: vec!["é".into(), "日本".into(), "🦀".into(), "\u{0}".into()],
-            ..short("")
-        }),
-        Code::Ok,
-    );
-    // Larger than any valid request: refused before it is decoded.
-    add(
-        "thousands of long stop strings",
-        alice(pb::GenerateRequest {
-            stop: (0..5000)
-                .map(|i| format!("{i}{}", "x".repeat(200)))
-                .collect(),
-            ..short("")
-        }),
-        Code::OutOfRange,
-    );
-    add(
-        "too many stop strings",
-        alice(pb::GenerateRequest {
-            stop: (0..100).map(|i| i.to_string()).collect(),
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    add(
-        "a long stop string",
-        alice(pb::GenerateRequest {
-            stop: vec!["é".repeat(100)],
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    add(
-        "a 30,000-part mix",
-        alice(pb::GenerateRequest {
-            mix: (0..30_000)
-                .map(|i| pb::MixPart {
-                    adapter: format!("a{i}"),
-                    weight: 0.5,
-                })
-                .collect(),
-            ..short("")
-        }),
-        Code::OutOfRange,
-    );
-    add(
-        "a 100-part mix",
-        alice(pb::GenerateRequest {
-            mix: (0..100)
-                .map(|i| pb::MixPart {
-                    adapter: format!("a{i}"),
-                    weight: 0.5,
-                })
-                .collect(),
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    add(
-        "one adapter twice in a mix",
-        alice(pb::GenerateRequest {
-            mix: vec![
-                pb::MixPart {
-                    adapter: "style".into(),
-                    weight: 0.5,
-                },
-                pb::MixPart {
-                    adapter: "alice/style".into(),
-                    weight: 0.5,
-                },
-            ],
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    for weight in [1e30, f32::NAN, f32::NEG_INFINITY] {
-        add(
-            "an extreme mix weight",
-            alice(pb::GenerateRequest {
-                mix: vec![pb::MixPart {
-                    adapter: "style".into(),
-                    weight,
-                }],
-                ..short("")
-            }),
-            Code::InvalidArgument,
-        );
-    }
-    add(
-        "a 10,000-character adapter id",
-        alice(short(&"é".repeat(10_000))),
-        Code::InvalidArgument,
-    );
-    add(
-        "another tenant's adapter",
-        alice(short("bob/style")),
-        Code::PermissionDenied,
-    );
-    add(
-        "an unknown adapter",
-        alice(short("nothing")),
-        Code::NotFound,
-    );
-    add(
-        "a 1 MB prompt",
-        alice(pb::GenerateRequest {
-            input: Some(Input::Prompt("word ".repeat(200_000))),
-            ..short("")
-        }),
-        Code::OutOfRange,
-    );
-    add(
-        "a 100 kB prompt",
-        alice(pb::GenerateRequest {
-            input: Some(Input::Prompt("word ".repeat(20_000))),
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    add(
-        "a prompt longer than the context",
-        alice(pb::GenerateRequest {
-            input: Some(Input::Prompt("word ".repeat(12_000))),
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    add(
-        "max_tokens of 4 billion",
-        alice(pb::GenerateRequest {
-            max_tokens: u32::MAX,
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    add(
-        "an empty chat",
-        alice(pb::GenerateRequest {
-            input: Some(Input::Chat(pb::Chat { messages: vec![] })),
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    add(
-        "extreme but valid sampling",
-        alice(pb::GenerateRequest {
-            sampling: Some(pb::Sampling {
-                temperature: Some(1e30),
-                top_k: Some(u32::MAX),
-                repeat_penalty: Some(1e30),
-                repeat_last_n: Some(u32::MAX),
-                seed: Some(u64::MAX),
-                ..Default::default()
-            }),
-            ..short("")
-        }),
-        Code::Ok,
-    );
-    add(
-        "a tiny temperature",
-        alice(pb::GenerateRequest {
-            sampling: Some(pb::Sampling {
-                temperature: Some(f32::MIN_POSITIVE),
-                ..Default::default()
-            }),
-            ..short("")
-        }),
-        Code::Ok,
-    );
-    add(
-        "a NaN top_p",
-        alice(pb::GenerateRequest {
-            sampling: Some(pb::Sampling {
-                top_p: Some(f32::NAN),
-                ..Default::default()
-            }),
-            ..short("")
-        }),
-        Code::InvalidArgument,
-    );
-    let mut far = alice(short(""));
-    far.metadata_mut()
-        .insert("grpc-timeout", "99999999H".parse().unwrap());
-    add("a 99999999-hour deadline", far, Code::Ok);
-    let mut huge = alice(short(""));
-    huge.metadata_mut()
-        .insert("grpc-timeout", "123456789012S".parse().unwrap());
-    add("a 12-digit grpc-timeout", huge, Code::InvalidArgument);
-    let mut header = alice(short(""));
-    header.metadata_mut().insert(
-        "x-svfit-adapter",
-        tonic::metadata::MetadataValue::try_from(&b"caf\xc3\xa9"[..]).unwrap(),
-    );
-    add("a non-ASCII adapter header", header, Code::InvalidArgument);
-    out
+/// The adapters alice's hostile requests name (`tests/common/hostile.rs`).
+const ALICES: hostile::Names = hostile::Names {
+    own: "style",
+    own_qualified: "alice/style",
+    other_tenants: "bob/style",
+    unknown: "nothing",
+};
+
+/// The hostile catalogue as alice's requests.
+fn attacks() -> impl Iterator<Item = (hostile::Attack, Request<pb::GenerateRequest>)> {
+    hostile::attacks(&ALICES).into_iter().map(|attack| {
+        let request = attack.request(Some("ka"));
+        (attack, request)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -316,8 +114,8 @@ async fn hostile_requests_get_clean_errors_and_neighbours_keep_their_answers() {
 
     // Every attack, once each, checked; then again in a loop while bob
     // asks, and bob afterwards.
-    for attack in attacks() {
-        let got = match infer.generate(attack.request).await {
+    for (attack, request) in attacks() {
+        let got = match infer.generate(request).await {
             Ok(_) => Code::Ok,
             Err(status) => {
                 assert!(
@@ -347,8 +145,8 @@ async fn hostile_requests_get_clean_errors_and_neighbours_keep_their_answers() {
         let mut infer = infer.clone();
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for attack in attacks() {
-                    let _ = infer.generate(attack.request).await;
+                for (_, request) in attacks() {
+                    let _ = infer.generate(request).await;
                     // One client, one request after another: on two cores
                     // a client that never pauses takes a core from the
                     // engine whatever it sends (a flood is rate limiting's
