@@ -516,6 +516,33 @@ impl Context {
         self.wrap(unsafe { sys::ggml_geglu_split(self.as_ptr(), gate.as_ptr(), up.as_ptr()) })
     }
 
+    /// `a * s + b`, elementwise.
+    pub fn scale_bias<'a>(&'a self, a: Tensor<'a>, s: f32, b: f32) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_scale_bias(self.as_ptr(), a.as_ptr(), s, b) })
+    }
+
+    pub fn sub<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_sub(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
+    }
+
+    pub fn sqr<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_sqr(self.as_ptr(), a.as_ptr()) })
+    }
+
+    pub fn exp<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_exp(self.as_ptr(), a.as_ptr()) })
+    }
+
+    /// `log(1 + exp(a))`.
+    pub fn softplus<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe { sys::ggml_softplus(self.as_ptr(), a.as_ptr()) })
+    }
+
     pub fn tanh<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: see `mul_mat`.
         self.wrap(unsafe { sys::ggml_tanh(self.as_ptr(), a.as_ptr()) })

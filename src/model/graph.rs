@@ -66,6 +66,9 @@ pub(super) struct Builder<'a, 'c> {
     pub ctx: &'a Context,
     pub cfg: &'c Config,
     pub weights: &'a Weights,
+    /// Training: every op must have a backward in ggml, so GELU and tanh
+    /// (which have none) are composed from ops that do.
+    pub differentiable: bool,
 }
 
 /// A target matrix's SVFit factors and the deltas its tokens use.
@@ -200,15 +203,18 @@ impl<'a> Builder<'a, '_> {
         let q = self.heads(il, proj("attn_q"), layer.attn_q_norm, positions);
         let k = self.heads(il, proj("attn_k"), layer.attn_k_norm, positions);
         let q = match self.cfg.query_scale {
-            Some(s) => self.ctx.scale(q, s),
-            None => q,
+            Some(s) if !self.differentiable => self.ctx.scale(q, s),
+            _ => q,
         };
         [q, k, proj("attn_v")]
     }
 
     /// The softmax's scale of attention scores: 1 where q was scaled.
+    /// Training scales the scores instead (the same up to rounding): the
+    /// gradient reaching q is a permuted view, which ggml cannot scale.
     fn kq_scale(self) -> f32 {
         match self.cfg.query_scale {
+            Some(s) if self.differentiable => s,
             Some(_) => 1.0,
             None => 1.0 / (self.cfg.head_dim as f32).sqrt(),
         }
@@ -228,6 +234,7 @@ impl<'a> Builder<'a, '_> {
         let gate = self.project(layer, "ffn_gate", x, svfit("ffn_gate"));
         let act = match self.cfg.arch.activation() {
             Activation::Silu => self.ctx.swiglu_split(gate, up),
+            Activation::Gelu if self.differentiable => self.ctx.mul(self.gelu(gate), up),
             Activation::Gelu => self.ctx.geglu_split(gate, up),
         };
         let out = self.project(layer, "ffn_down", act, svfit("ffn_down"));
@@ -241,9 +248,32 @@ impl<'a> Builder<'a, '_> {
         let x = self.rms_norm(x, self.weights.output_norm);
         let mut logits = self.weights.product(ctx, self.weights.output, x);
         if let Some(cap) = self.cfg.final_logit_softcap {
-            logits = ctx.scale(ctx.tanh(ctx.scale(logits, 1.0 / cap)), cap);
+            logits = if self.differentiable {
+                // c·tanh(y/c) = 2c·σ(2y/c) − c
+                ctx.scale_bias(self.sigmoid(ctx.scale(logits, 2.0 / cap)), 2.0 * cap, -cap)
+            } else {
+                ctx.scale(ctx.tanh(ctx.scale(logits, 1.0 / cap)), cap)
+            };
         }
         logits.set_name("logits").set_output()
+    }
+
+    /// `σ(z) = exp(z − softplus(z))`, from ops with a backward (and finite
+    /// for every z: softplus(z) is z past 20).
+    fn sigmoid(self, z: Tensor<'a>) -> Tensor<'a> {
+        let ctx = self.ctx;
+        ctx.exp(ctx.sub(z, ctx.softplus(z)))
+    }
+
+    /// GELU's tanh approximation, `x·σ(2√(2/π)·(x + 0.044715x³))`, from ops
+    /// with a backward: ggml's own GELU (a table on CPU) has none. It
+    /// differs from that table by rounding only.
+    fn gelu(self, x: Tensor<'a>) -> Tensor<'a> {
+        let ctx = self.ctx;
+        let cube = ctx.mul(x, ctx.sqr(x));
+        let inner = ctx.add(x, ctx.scale(cube, 0.044_715));
+        let z = ctx.scale(inner, 2.0 * (2.0 / std::f32::consts::PI).sqrt());
+        ctx.mul(x, self.sigmoid(z))
     }
 
     /// Builds the forward graph into `gf`, with the SVFit branch of

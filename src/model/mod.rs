@@ -382,6 +382,7 @@ impl Model {
             ctx,
             cfg: &self.config,
             weights: &self.weights,
+            differentiable: false,
         };
         let (inputs, logits) = builder.forward(&mut gf, cache, branch, &shape);
         let allocated = self.sched.alloc(&mut gf)?;

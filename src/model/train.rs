@@ -256,6 +256,7 @@ impl Learner {
             ctx,
             cfg: &cfg,
             weights: &self.model.weights,
+            differentiable: true,
         };
         let (inputs, logits, loss) =
             builder.train_forward(&mut gf, &branch, row.len(), row.targets.len());

@@ -14,7 +14,7 @@ use svfit::adapter::{Adapter, Deltas};
 use svfit::factors::{self, Factor, FactorsKey, SingularValues, TargetMatrix};
 use svfit::ggml::Type;
 use svfit::merge::{self, MergeType};
-use svfit::model::{Batch, LoadOptions, Model, SeqId, Slot, Tokenizer};
+use svfit::model::{random, Arch, Batch, LoadOptions, Model, SeqId, Slot, Tokenizer};
 use svfit::sampling::{argmax, SplitMix64};
 
 const THREADS: usize = 2;
@@ -170,8 +170,9 @@ fn adapter_vs_merged(s: &Setup, base: &Path, tokens: &[u32]) -> (Agreement, Agre
 }
 
 /// The tiny model (random weights in f32, f16, q8_0 and q4_1) meets the
-/// thresholds directly.
-fn check_exactness(s: &Setup, tokens: &[u32]) {
+/// thresholds directly, and the adapter moves the logits `moves` times as
+/// far as the adapter path is from the merged model.
+fn check_exactness(s: &Setup, tokens: &[u32], moves: f64) {
     let (a, moved) = adapter_vs_merged(s, &s.model, tokens);
     assert!(a.top1 >= 0.98, "top-1 agrees at {:.1}%", 100.0 * a.top1);
     assert!(
@@ -180,7 +181,7 @@ fn check_exactness(s: &Setup, tokens: &[u32]) {
         a.mean_abs_rel
     );
     assert!(
-        moved.mean_abs_rel > 5.0 * a.mean_abs_rel,
+        moved.mean_abs_rel > moves * a.mean_abs_rel,
         "the adapter barely moves the logits"
     );
 }
@@ -315,7 +316,7 @@ fn tiny_identity_adapter_is_the_base_model() {
 #[test]
 fn tiny_adapter_path_matches_llama_cpp_on_the_merged_model() {
     let _machine = crate::common::shared();
-    check_exactness(&tiny("all-linear"), &random_tokens(90, 2));
+    check_exactness(&tiny("all-linear"), &random_tokens(90, 2), 5.0);
 }
 
 /// A Llama 3.x file (`rope_freqs.weight`, RoPE base 500000): `merge`
@@ -328,7 +329,7 @@ fn llama3_merge_keeps_rope_freqs_and_matches_the_adapter_path() {
     let model = dir.path().join("llama3.gguf");
     common::write_llama3_model(&model, false);
     let s = setup(dir, model, "all-linear");
-    check_exactness(&s, &random_tokens(90, 3));
+    check_exactness(&s, &random_tokens(90, 3), 5.0);
     let factors = |path: &Path| {
         let gguf = svfit::ggml::gguf::GgufFile::open(path).unwrap();
         let info = gguf
@@ -390,4 +391,31 @@ fn wrong_factors_and_slots_are_refused() {
     let mut cache = model.new_cache(64).unwrap();
     let err = model.decode(&mut cache, &batch).unwrap_err();
     assert!(err.to_string().contains("slot 5"), "{err}");
+}
+
+/// Every other family (qwen2's biases, qwen3's q/k norms, gemma3's
+/// post-norms, GeGLU, sliding windows and soft-capped logits): the identity
+/// adapter is the base model, the adapter path matches llama.cpp on the
+/// merged file within today's bounds, and a mixed batch equals each
+/// sequence alone. Gemma's post-norms and soft-cap damp what an adapter of
+/// the same size does to the logits (seen: 4.2× the path's distance from
+/// the merged model, against 7× for Qwen): there it must move them 3×.
+#[test]
+fn every_family_adapter_matches_its_merged_model() {
+    let _machine = crate::common::shared();
+    for (arch, moves) in [(Arch::Qwen2, 5.0), (Arch::Qwen3, 5.0), (Arch::Gemma3, 3.0)] {
+        eprintln!("== {}", arch.name());
+        let dir = temp_dir("family-merge");
+        let model = dir.path().join(format!("{}.gguf", arch.name()));
+        common::write_tiny_model(&model, &random::Shape::tiny(arch));
+        let s = setup(dir, model, "all-linear");
+        check_identity(&s, &random_tokens(60, 1));
+        check_exactness(&s, &random_tokens(90, 2), moves);
+        let prompts = [30, 5, 70, 12]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| random_tokens(n, 10 + i as u64))
+            .collect();
+        check_mixed_batch(&s, prompts);
+    }
 }
