@@ -20,8 +20,6 @@ pub enum TokenizerError {
     NoVocab(String),
     #[error(transparent)]
     Gguf(#[from] crate::ggml::gguf::GgufError),
-    #[error("the model has no chat template")]
-    NoTemplate,
     #[error("chat template failed: {0}")]
     Template(String),
     #[error("message holds a NUL byte")]
@@ -55,6 +53,9 @@ impl Message {
 
 pub struct Tokenizer {
     vocab_model: LlamaModel,
+    /// The chat format of a file without a template (a base model): its
+    /// family's, as llama.cpp names its built-in templates.
+    fallback_template: &'static str,
 }
 
 impl Tokenizer {
@@ -62,6 +63,10 @@ impl Tokenizer {
         // Validate the file ourselves first: llama.cpp aborts on some bad
         // input, and tokenizing with a vocabulary-less model asserts.
         let gguf = crate::ggml::gguf::GgufFile::open(path)?;
+        let fallback_template = match gguf.get_str("general.architecture")?.as_deref() {
+            Some("gemma3") => "gemma",
+            _ => "chatml",
+        };
         match gguf.get_str("tokenizer.ggml.model")?.as_deref() {
             None | Some("no_vocab") | Some("none") => {
                 return Err(TokenizerError::NoVocab(path.display().to_string()))
@@ -78,7 +83,10 @@ impl Tokenizer {
                 reason: crate::ggml::log::take_last_error(),
             }
         })?;
-        Ok(Tokenizer { vocab_model })
+        Ok(Tokenizer {
+            vocab_model,
+            fallback_template,
+        })
     }
 
     /// Tokenizes `text` as given: special tokens are parsed, and BOS is added
@@ -115,16 +123,21 @@ impl Tokenizer {
     }
 
     /// Renders `messages` with the model's chat template; `add_assistant`
-    /// opens the assistant's turn.
+    /// opens the assistant's turn. A file without a template (a base model)
+    /// gets its family's turns: Gemma's (`<start_of_turn>user` …
+    /// `<end_of_turn>`, special tokens of every Gemma vocabulary) for
+    /// gemma3, ChatML (llama-server's default) for the others.
     pub fn apply_chat_template(
         &self,
         messages: &[Message],
         add_assistant: bool,
     ) -> Result<String, TokenizerError> {
-        let template: LlamaChatTemplate = self
-            .vocab_model
-            .chat_template(None)
-            .map_err(|_| TokenizerError::NoTemplate)?;
+        let template = match self.vocab_model.chat_template(None) {
+            Ok(template) => template,
+            Err(_) => {
+                LlamaChatTemplate::new(self.fallback_template).map_err(|_| TokenizerError::Nul)?
+            }
+        };
         let chat = messages
             .iter()
             .map(|m| {

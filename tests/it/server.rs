@@ -4,6 +4,7 @@
 //! error codes, health and reflection.
 
 use crate::common;
+mod gemma;
 mod http;
 mod metrics;
 mod prefix;
