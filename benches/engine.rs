@@ -92,7 +92,7 @@ fn main() {
     let tokens = tokenizer.encode(&text, true);
     assert!(tokens.len() >= PROMPT, "bench text too short");
 
-    let reference = Reference::load(&opts.model).unwrap_or_else(fail);
+    let reference = Reference::load_default(&opts.model).unwrap_or_else(fail);
     let mut engines: Vec<(String, Box<dyn Engine>)> = Vec::new();
     for &weights in &opts.weights {
         let load = LoadOptions {

@@ -111,7 +111,7 @@ fn main() {
     let n = (EXAMPLE * PER_ROW) as f64;
 
     // llama.cpp: the same 4 examples as 4 sequences in one batch.
-    let reference = Reference::load(&opts.model).unwrap_or_else(fail);
+    let reference = Reference::load_default(&opts.model).unwrap_or_else(fail);
     let mut session = reference
         .session(EXAMPLE * PER_ROW, PER_ROW, opts.threads)
         .unwrap_or_else(fail);

@@ -9,6 +9,7 @@ use std::path::Path;
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
@@ -40,6 +41,15 @@ impl Reference {
         llama_backend();
         let model = crate::ggml::llama::load_model_without_repack(path)
             .ok_or_else(|| OracleError::Load(path.display().to_string()))?;
+        Ok(Reference { model })
+    }
+
+    /// Loads `path` with llama.cpp's defaults, repacked weights included:
+    /// the opponent of the benchmarks (llama-server as people run it).
+    pub fn load_default(path: &Path) -> Result<Self, OracleError> {
+        let params = LlamaModelParams::default().with_n_gpu_layers(0);
+        let model = LlamaModel::load_from_file(llama_backend(), path, &params)
+            .map_err(|_| OracleError::Load(path.display().to_string()))?;
         Ok(Reference { model })
     }
 
