@@ -465,6 +465,14 @@ impl GgufWriter {
         c_string(key).ok_or_else(|| GgufWriteError::Key(key.to_string()))
     }
 
+    /// Removes `key` (nothing when the file has no such key).
+    pub fn remove_key(&mut self, key: &str) -> Result<(), GgufWriteError> {
+        let k = Self::key(key)?;
+        // SAFETY: valid C string; gguf frees the key's copy.
+        unsafe { sys::gguf_remove_key(self.raw.as_ptr(), k.as_ptr()) };
+        Ok(())
+    }
+
     pub fn set_str(&mut self, key: &str, value: &str) -> Result<(), GgufWriteError> {
         let k = Self::key(key)?;
         let v = Self::key(value)?;

@@ -471,3 +471,60 @@ fn check_runs_every_step_on_the_cpu() {
         "nosuchdevice",
     );
 }
+
+/// `svfit check --random tiny --arch X --write-model M` for every family:
+/// a random model of the family's tensors and keys with the default
+/// model's tokenizer, which `generate` runs; an unknown family is a
+/// one-line error naming the supported list. (The check's steps on such a
+/// model: `check_runs_every_step_on_the_cpu`, on llama.)
+#[test]
+fn check_writes_a_random_model_of_every_family() {
+    let _machine = crate::common::shared();
+    let dir = temp_dir("check-arch");
+    let model = common::default_model();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_svfit"))
+            .args(args)
+            .env("SVFIT_HOME", dir.path())
+            .output()
+            .expect("run svfit")
+    };
+    let write = |arch: &str, out: &Path| {
+        run(&[
+            "check",
+            "--model",
+            model.to_str().unwrap(),
+            "--random",
+            "tiny",
+            "--arch",
+            arch,
+            "--write-model",
+            out.to_str().unwrap(),
+        ])
+    };
+    for &arch in svfit::model::SUPPORTED_ARCHITECTURES {
+        let path = dir.path().join(format!("{arch}.gguf"));
+        let out = write(arch, &path);
+        assert!(
+            out.status.success(),
+            "--arch {arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let gguf = svfit::ggml::gguf::GgufFile::open(&path).unwrap();
+        let config = svfit::model::understand(&gguf).unwrap();
+        assert_eq!(config.arch.name(), arch);
+        assert_eq!(config.n_vocab, 49152, "the default model's vocabulary");
+        let out = generate_with(&path, &["--prompt", "Hello", "--max-tokens", "3"]);
+        assert!(
+            out.status.success(),
+            "generate on {arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = dir.path().join("gpt2.gguf");
+    assert_fails_with(
+        &write("gpt2", &path),
+        "unsupported architecture (supported: llama, qwen2, qwen3, gemma3)",
+    );
+    assert!(!path.exists());
+}
