@@ -495,6 +495,37 @@ impl GgufWriter {
         Ok(())
     }
 
+    pub fn set_i64(&mut self, key: &str, value: i64) -> Result<(), GgufWriteError> {
+        let k = Self::key(key)?;
+        // SAFETY: valid C string.
+        unsafe { sys::gguf_set_val_i64(self.raw.as_ptr(), k.as_ptr(), value) };
+        Ok(())
+    }
+
+    pub fn set_u64(&mut self, key: &str, value: u64) -> Result<(), GgufWriteError> {
+        let k = Self::key(key)?;
+        // SAFETY: valid C string.
+        unsafe { sys::gguf_set_val_u64(self.raw.as_ptr(), k.as_ptr(), value) };
+        Ok(())
+    }
+
+    /// An array of booleans (as llama.cpp writes per-layer flags).
+    pub fn set_bool_array(&mut self, key: &str, values: &[bool]) -> Result<(), GgufWriteError> {
+        let k = Self::key(key)?;
+        // SAFETY: valid C string; `values` holds `values.len()` one-byte
+        // bools, which gguf copies.
+        unsafe {
+            sys::gguf_set_arr_data(
+                self.raw.as_ptr(),
+                k.as_ptr(),
+                sys::GGUF_TYPE_BOOL,
+                values.as_ptr().cast(),
+                values.len(),
+            )
+        };
+        Ok(())
+    }
+
     pub fn set_bool(&mut self, key: &str, value: bool) -> Result<(), GgufWriteError> {
         let k = Self::key(key)?;
         // SAFETY: valid C string.

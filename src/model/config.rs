@@ -279,7 +279,7 @@ impl Config {
             head_dim,
             n_vocab,
             n_ctx_train: keys.required("context_length")?,
-            rope_freq_base: keys.f32("rope.freq_base")?.unwrap_or(10_000.0),
+            rope_freq_base: keys.freq_base("rope.freq_base")?.unwrap_or(10_000.0),
             rope_freq_scale: keys.rope_freq_scale()?,
             rms_norm_eps: keys
                 .f32("attention.layer_norm_rms_epsilon")?
@@ -345,14 +345,33 @@ impl Keys<'_> {
         format!("{}.{k}", self.arch.name())
     }
 
+    /// A positive count, at most u32::MAX as llama.cpp reads them (so
+    /// that products of two, such as heads × head width, cannot overflow).
     fn int(&self, k: &str) -> Result<Option<usize>, ModelError> {
         let full = self.key(k);
         match self.gguf.get_int(&full)? {
             None => Ok(None),
+            Some(v) if v > u32::MAX as i64 => {
+                Err(ModelError::Metadata(format!("{full} = {v} is too large")))
+            }
             Some(v) if v > 0 => Ok(Some(v as usize)),
             Some(v) => Err(ModelError::Metadata(format!(
                 "{full} = {v} must be positive"
             ))),
+        }
+    }
+
+    /// A count that may be 0, at most u32::MAX.
+    fn count(&self, k: &str) -> Result<Option<usize>, ModelError> {
+        let full = self.key(k);
+        match self.gguf.get_int(&full)? {
+            Some(v) if v < 0 => Err(ModelError::Metadata(format!(
+                "{full} = {v} must not be negative"
+            ))),
+            Some(v) if v > u32::MAX as i64 => {
+                Err(ModelError::Metadata(format!("{full} = {v} is too large")))
+            }
+            v => Ok(v.map(|v| v as usize)),
         }
     }
 
@@ -366,6 +385,17 @@ impl Keys<'_> {
         match self.gguf.get_f32(&full)? {
             Some(v) if !v.is_finite() => Err(ModelError::Metadata(format!(
                 "{full} = {v} is not a finite number"
+            ))),
+            v => Ok(v),
+        }
+    }
+
+    /// A RoPE base: positive (RoPE raises it to negative powers).
+    fn freq_base(&self, k: &str) -> Result<Option<f32>, ModelError> {
+        match self.f32(k)? {
+            Some(v) if v <= 0.0 => Err(ModelError::Metadata(format!(
+                "{} = {v} must be positive",
+                self.key(k)
             ))),
             v => Ok(v),
         }
@@ -392,17 +422,19 @@ impl Keys<'_> {
     /// RoPE's position scale: llama.cpp scales positions by 1/factor for a
     /// linear (or unnamed) scaling type; 0 means none.
     fn rope_freq_scale(&self) -> Result<f32, ModelError> {
-        let factor = match self.f32("rope.scaling.factor")? {
-            Some(f) => Some(f),
-            None => self.f32("rope.scale_linear")?,
-        };
+        let mut key = "rope.scaling.factor";
+        let mut factor = self.f32(key)?;
+        if factor.is_none() {
+            key = "rope.scale_linear";
+            factor = self.f32(key)?;
+        }
         match factor {
             None => Ok(1.0),
             Some(0.0) => Ok(1.0),
             Some(f) if f > 0.0 => Ok(1.0 / f),
             Some(f) => Err(ModelError::Metadata(format!(
                 "{} = {f} must be positive",
-                self.key("rope.scaling.factor")
+                self.key(key)
             ))),
         }
     }
@@ -462,32 +494,19 @@ impl Keys<'_> {
     /// `attention.sliding_window_pattern` says: every layer `il` with
     /// `il % n < n - 1`), with RoPE base `rope.freq_base_swa` (10 000).
     fn sliding_window(&self, n_layer: usize) -> Result<Option<SlidingWindow>, ModelError> {
-        let Some(size) = self.gguf.get_int(&self.key("attention.sliding_window"))? else {
-            return Ok(None);
+        let size = match self.count("attention.sliding_window")? {
+            None | Some(0) => return Ok(None),
+            Some(size) => size,
         };
-        if size <= 0 {
-            return Ok(None);
-        }
         let pattern_key = self.key("attention.sliding_window_pattern");
-        let pattern = match self.gguf.get_int(&pattern_key) {
-            Err(_) if matches!(self.gguf.get_arr_len(&pattern_key), Ok(Some(_))) => {
-                return Err(needs(format!("{pattern_key} as a per-layer array")));
-            }
-            pattern => pattern?,
-        };
-        let n = match pattern {
-            None => 6,
-            Some(n) if n >= 0 => n as usize,
-            Some(n) => {
-                return Err(ModelError::Metadata(format!(
-                    "{pattern_key} = {n} must not be negative"
-                )))
-            }
-        };
+        if matches!(self.gguf.get_arr_len(&pattern_key), Ok(Some(_))) {
+            return Err(needs(format!("{pattern_key} as a per-layer array")));
+        }
+        let n = self.count("attention.sliding_window_pattern")?.unwrap_or(6);
         Ok(Some(SlidingWindow {
-            size: size as usize,
+            size,
             layers: (0..n_layer).map(|il| n == 0 || il % n < n - 1).collect(),
-            freq_base: self.f32("rope.freq_base_swa")?.unwrap_or(10_000.0),
+            freq_base: self.freq_base("rope.freq_base_swa")?.unwrap_or(10_000.0),
         }))
     }
 }
