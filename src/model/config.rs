@@ -266,7 +266,7 @@ impl Config {
         }
         let head_dim = keys.head_dim(n_embd, n_head)?;
         let n_vocab = keys.n_vocab()?;
-        let n_layer = keys.required("block_count")?;
+        let n_layer = keys.n_layer()?;
         check_keys(gguf, arch)?;
         let gemma = arch == Arch::Gemma3;
         Ok(Config {
@@ -281,9 +281,7 @@ impl Config {
             n_ctx_train: keys.required("context_length")?,
             rope_freq_base: keys.freq_base("rope.freq_base")?.unwrap_or(10_000.0),
             rope_freq_scale: keys.rope_freq_scale()?,
-            rms_norm_eps: keys
-                .f32("attention.layer_norm_rms_epsilon")?
-                .unwrap_or(1e-5),
+            rms_norm_eps: keys.rms_norm_eps()?,
             embedding_scale: gemma.then(|| (n_embd as f32).sqrt()),
             // As llama.cpp: 1/√(n_embd / n_head) for the 62-layer Gemma 3
             // (27B), 1/√head_dim for the others.
@@ -401,6 +399,19 @@ impl Keys<'_> {
         }
     }
 
+    /// RMSNorm's epsilon (1e-5 by default): not negative, which ggml
+    /// asserts (a crash).
+    fn rms_norm_eps(&self) -> Result<f32, ModelError> {
+        let k = "attention.layer_norm_rms_epsilon";
+        match self.f32(k)? {
+            Some(eps) if eps < 0.0 => Err(ModelError::Metadata(format!(
+                "{} = {eps} must not be negative",
+                self.key(k)
+            ))),
+            eps => Ok(eps.unwrap_or(1e-5)),
+        }
+    }
+
     /// Keys whose values ask for what the engine does not compute.
     fn refuse_unsupported(&self) -> Result<(), ModelError> {
         for k in ["expert_count", "expert_used_count"] {
@@ -468,6 +479,21 @@ impl Keys<'_> {
             }
         }
         Ok(head_dim)
+    }
+
+    /// The number of layers, no more than the file has tensors (each
+    /// layer has several): what is sized by it is allocated before the
+    /// tensors are checked.
+    fn n_layer(&self) -> Result<usize, ModelError> {
+        let n_layer = self.required("block_count")?;
+        let n_tensors = self.gguf.tensors().len();
+        if n_layer > n_tensors {
+            return Err(ModelError::Metadata(format!(
+                "{} = {n_layer}, more layers than the file's {n_tensors} tensors hold",
+                self.key("block_count")
+            )));
+        }
+        Ok(n_layer)
     }
 
     /// The vocabulary: the token embedding's rows, which `vocab_size`

@@ -292,8 +292,9 @@ impl Broken {
 /// mis-shaped or stored in a type the engine does not add in (a norm in
 /// f16), or whose keys contradict each other or hold values no model has
 /// (key and value heads of different widths, a per-layer window pattern,
-/// a negative RoPE factor or window, a RoPE base of 0, a soft-cap as text,
-/// a head wider than any file can hold): `generate`, `factorize` and
+/// a negative RoPE factor, window or RMSNorm epsilon, a RoPE base of 0, a
+/// soft-cap as text, a head wider than any file can hold, more layers than
+/// the file has tensors): `generate`, `factorize` and
 /// `merge` each fail with one line naming the tensor or key, and nothing
 /// is written.
 #[test]
@@ -339,6 +340,13 @@ fn broken_files_of_every_family_are_refused() {
         }),
         Broken::new(gemma3, "gemma3.attention.key_length", |w| {
             w.set_u64("gemma3.attention.key_length", 1 << 62).unwrap()
+        }),
+        Broken::new(qwen3, "qwen3.block_count", |w| {
+            w.set_u32("qwen3.block_count", u32::MAX).unwrap()
+        }),
+        Broken::new(qwen2, "qwen2.attention.layer_norm_rms_epsilon", |w| {
+            w.set_f32("qwen2.attention.layer_norm_rms_epsilon", -1e-6)
+                .unwrap()
         }),
     ];
     let home = dir.path().join("home");
