@@ -23,3 +23,9 @@ SVFIT_DEFAULT_MODEL_SHA256="$(tr -d '[:space:]' < "$SVFIT_SCRIPTS/default-model.
 svfit_default_model() {
     printf '%s\n' "$(svfit_home)/models/$SVFIT_DEFAULT_MODEL_FILE"
 }
+
+# Gemma 3 270M (base model, Q4_K_M), fetched on request
+# (`scripts/bootstrap --model gemma3-270m`); its sha256 lives in
+# gemma3-270m.sha256, which src/home.rs reads too.
+SVFIT_GEMMA3_MODEL_FILE=gemma-3-270m-q4_k_m.gguf
+SVFIT_GEMMA3_MODEL_SHA256="$(tr -d '[:space:]' < "$SVFIT_SCRIPTS/gemma3-270m.sha256")"

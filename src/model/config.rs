@@ -266,7 +266,7 @@ impl Config {
         }
         let head_dim = keys.head_dim(n_embd, n_head)?;
         let n_vocab = keys.n_vocab()?;
-        let n_layer = keys.required("block_count")?;
+        let n_layer = keys.n_layer()?;
         check_keys(gguf, arch)?;
         let gemma = arch == Arch::Gemma3;
         Ok(Config {
@@ -279,11 +279,9 @@ impl Config {
             head_dim,
             n_vocab,
             n_ctx_train: keys.required("context_length")?,
-            rope_freq_base: keys.f32("rope.freq_base")?.unwrap_or(10_000.0),
+            rope_freq_base: keys.freq_base("rope.freq_base")?.unwrap_or(10_000.0),
             rope_freq_scale: keys.rope_freq_scale()?,
-            rms_norm_eps: keys
-                .f32("attention.layer_norm_rms_epsilon")?
-                .unwrap_or(1e-5),
+            rms_norm_eps: keys.rms_norm_eps()?,
             embedding_scale: gemma.then(|| (n_embd as f32).sqrt()),
             // As llama.cpp: 1/√(n_embd / n_head) for the 62-layer Gemma 3
             // (27B), 1/√head_dim for the others.
@@ -345,14 +343,33 @@ impl Keys<'_> {
         format!("{}.{k}", self.arch.name())
     }
 
+    /// A positive count, at most u32::MAX as llama.cpp reads them (so
+    /// that products of two, such as heads × head width, cannot overflow).
     fn int(&self, k: &str) -> Result<Option<usize>, ModelError> {
         let full = self.key(k);
         match self.gguf.get_int(&full)? {
             None => Ok(None),
+            Some(v) if v > u32::MAX as i64 => {
+                Err(ModelError::Metadata(format!("{full} = {v} is too large")))
+            }
             Some(v) if v > 0 => Ok(Some(v as usize)),
             Some(v) => Err(ModelError::Metadata(format!(
                 "{full} = {v} must be positive"
             ))),
+        }
+    }
+
+    /// A count that may be 0, at most u32::MAX.
+    fn count(&self, k: &str) -> Result<Option<usize>, ModelError> {
+        let full = self.key(k);
+        match self.gguf.get_int(&full)? {
+            Some(v) if v < 0 => Err(ModelError::Metadata(format!(
+                "{full} = {v} must not be negative"
+            ))),
+            Some(v) if v > u32::MAX as i64 => {
+                Err(ModelError::Metadata(format!("{full} = {v} is too large")))
+            }
+            v => Ok(v.map(|v| v as usize)),
         }
     }
 
@@ -368,6 +385,30 @@ impl Keys<'_> {
                 "{full} = {v} is not a finite number"
             ))),
             v => Ok(v),
+        }
+    }
+
+    /// A RoPE base: positive (RoPE raises it to negative powers).
+    fn freq_base(&self, k: &str) -> Result<Option<f32>, ModelError> {
+        match self.f32(k)? {
+            Some(v) if v <= 0.0 => Err(ModelError::Metadata(format!(
+                "{} = {v} must be positive",
+                self.key(k)
+            ))),
+            v => Ok(v),
+        }
+    }
+
+    /// RMSNorm's epsilon (1e-5 by default): not negative, which ggml
+    /// asserts (a crash).
+    fn rms_norm_eps(&self) -> Result<f32, ModelError> {
+        let k = "attention.layer_norm_rms_epsilon";
+        match self.f32(k)? {
+            Some(eps) if eps < 0.0 => Err(ModelError::Metadata(format!(
+                "{} = {eps} must not be negative",
+                self.key(k)
+            ))),
+            eps => Ok(eps.unwrap_or(1e-5)),
         }
     }
 
@@ -392,17 +433,19 @@ impl Keys<'_> {
     /// RoPE's position scale: llama.cpp scales positions by 1/factor for a
     /// linear (or unnamed) scaling type; 0 means none.
     fn rope_freq_scale(&self) -> Result<f32, ModelError> {
-        let factor = match self.f32("rope.scaling.factor")? {
-            Some(f) => Some(f),
-            None => self.f32("rope.scale_linear")?,
-        };
+        let mut key = "rope.scaling.factor";
+        let mut factor = self.f32(key)?;
+        if factor.is_none() {
+            key = "rope.scale_linear";
+            factor = self.f32(key)?;
+        }
         match factor {
             None => Ok(1.0),
             Some(0.0) => Ok(1.0),
             Some(f) if f > 0.0 => Ok(1.0 / f),
             Some(f) => Err(ModelError::Metadata(format!(
                 "{} = {f} must be positive",
-                self.key("rope.scaling.factor")
+                self.key(key)
             ))),
         }
     }
@@ -438,6 +481,21 @@ impl Keys<'_> {
         Ok(head_dim)
     }
 
+    /// The number of layers, no more than the file has tensors (each
+    /// layer has several): what is sized by it is allocated before the
+    /// tensors are checked.
+    fn n_layer(&self) -> Result<usize, ModelError> {
+        let n_layer = self.required("block_count")?;
+        let n_tensors = self.gguf.tensors().len();
+        if n_layer > n_tensors {
+            return Err(ModelError::Metadata(format!(
+                "{} = {n_layer}, more layers than the file's {n_tensors} tensors hold",
+                self.key("block_count")
+            )));
+        }
+        Ok(n_layer)
+    }
+
     /// The vocabulary: the token embedding's rows, which `vocab_size`
     /// (when set) must equal.
     fn n_vocab(&self) -> Result<usize, ModelError> {
@@ -462,32 +520,19 @@ impl Keys<'_> {
     /// `attention.sliding_window_pattern` says: every layer `il` with
     /// `il % n < n - 1`), with RoPE base `rope.freq_base_swa` (10 000).
     fn sliding_window(&self, n_layer: usize) -> Result<Option<SlidingWindow>, ModelError> {
-        let Some(size) = self.gguf.get_int(&self.key("attention.sliding_window"))? else {
-            return Ok(None);
+        let size = match self.count("attention.sliding_window")? {
+            None | Some(0) => return Ok(None),
+            Some(size) => size,
         };
-        if size <= 0 {
-            return Ok(None);
-        }
         let pattern_key = self.key("attention.sliding_window_pattern");
-        let pattern = match self.gguf.get_int(&pattern_key) {
-            Err(_) if matches!(self.gguf.get_arr_len(&pattern_key), Ok(Some(_))) => {
-                return Err(needs(format!("{pattern_key} as a per-layer array")));
-            }
-            pattern => pattern?,
-        };
-        let n = match pattern {
-            None => 6,
-            Some(n) if n >= 0 => n as usize,
-            Some(n) => {
-                return Err(ModelError::Metadata(format!(
-                    "{pattern_key} = {n} must not be negative"
-                )))
-            }
-        };
+        if matches!(self.gguf.get_arr_len(&pattern_key), Ok(Some(_))) {
+            return Err(needs(format!("{pattern_key} as a per-layer array")));
+        }
+        let n = self.count("attention.sliding_window_pattern")?.unwrap_or(6);
         Ok(Some(SlidingWindow {
-            size: size as usize,
+            size,
             layers: (0..n_layer).map(|il| n == 0 || il % n < n - 1).collect(),
-            freq_base: self.f32("rope.freq_base_swa")?.unwrap_or(10_000.0),
+            freq_base: self.freq_base("rope.freq_base_swa")?.unwrap_or(10_000.0),
         }))
     }
 }

@@ -194,7 +194,8 @@ impl Rng {
 
 /// Writes a random model of `shape` to `path`. With `metadata`, every key
 /// of that file is copied first (its tokenizer above all, whose size must
-/// be `shape.n_vocab`), then the shape's keys are set over them; without,
+/// be `shape.n_vocab`) but those of another family's hyper-parameters,
+/// then the shape's keys are set over them; without,
 /// the model has no tokenizer ("no_vocab": token ids only).
 pub fn write(
     path: &Path,
@@ -215,6 +216,7 @@ pub fn write(
                 )));
             }
             w.copy_metadata_from(src);
+            drop_other_family(&mut w, src, shape.arch)?;
         }
         None => w.set_str("tokenizer.ggml.model", "no_vocab")?,
     }
@@ -259,6 +261,19 @@ pub fn write(
         }
     }
     w.write(path)?;
+    Ok(())
+}
+
+/// Removes the keys of `src`'s own family (`{arch}.`) where that is not
+/// `arch`: a llama file's hyper-parameters are no part of a gemma3 model.
+fn drop_other_family(w: &mut GgufWriter, src: &GgufFile, arch: &str) -> Result<(), ModelError> {
+    let Some(other) = src.get_str("general.architecture")?.filter(|a| a != arch) else {
+        return Ok(());
+    };
+    let prefix = format!("{other}.");
+    for key in src.keys().iter().filter(|k| k.starts_with(&prefix)) {
+        w.remove_key(key)?;
+    }
     Ok(())
 }
 

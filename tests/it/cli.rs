@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 
 use common::{temp_dir, Shape, TINY};
 use svfit::ggml::gguf::GgufWriter;
+use svfit::ggml::Type;
+use svfit::model::Arch;
 
 fn svfit(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_svfit"))
@@ -230,6 +232,148 @@ fn files_the_engine_does_not_fully_understand_are_refused() {
                 .output()
                 .unwrap();
             assert_fails_with(&result, name);
+            assert!(!out.exists(), "svfit {args:?} wrote {}", out.display());
+        }
+    }
+    assert!(
+        !home.join("factors").exists(),
+        "factors were computed for a refused file"
+    );
+}
+
+/// How a family's tiny model is broken: a tensor dropped, then `edit`
+/// (keys set, tensors added in their place).
+struct Broken {
+    arch: Arch,
+    /// What the one error line must name.
+    names: &'static str,
+    drop: Option<&'static str>,
+    edit: Box<dyn FnOnce(&mut GgufWriter)>,
+}
+
+impl Broken {
+    fn new(arch: Arch, names: &'static str, edit: impl FnOnce(&mut GgufWriter) + 'static) -> Self {
+        Broken {
+            arch,
+            names,
+            drop: None,
+            edit: Box::new(edit),
+        }
+    }
+
+    /// `names` left out of the file.
+    fn missing(arch: Arch, names: &'static str) -> Self {
+        Broken {
+            drop: Some(names),
+            ..Broken::new(arch, names, |_| {})
+        }
+    }
+
+    /// The vector `names` replaced by one of `len` values of type `ty`.
+    fn vector(arch: Arch, names: &'static str, ty: Type, len: usize) -> Self {
+        let mut broken = Broken::missing(arch, names);
+        broken.edit = Box::new(move |w| {
+            let bytes = vec![0u8; ty.row_size(len as i64).unwrap()];
+            w.add_tensor(names, ty, &[len as i64], bytes).unwrap();
+        });
+        broken
+    }
+
+    fn write(self, path: &Path) -> &'static str {
+        let plain = path.with_extension("plain.gguf");
+        common::write_tiny_model(&plain, &Shape::tiny(self.arch));
+        let drop = self.drop;
+        common::rewrite(&plain, path, |name| drop != Some(name), self.edit);
+        self.names
+    }
+}
+
+/// Files of qwen2, qwen3 and gemma3 whose own tensors are missing,
+/// mis-shaped or stored in a type the engine does not add in (a norm in
+/// f16), or whose keys contradict each other or hold values no model has
+/// (key and value heads of different widths, a per-layer window pattern,
+/// a negative RoPE factor, window or RMSNorm epsilon, a RoPE base of 0, a
+/// soft-cap as text, a head wider than any file can hold, more layers than
+/// the file has tensors): `generate`, `factorize` and
+/// `merge` each fail with one line naming the tensor or key, and nothing
+/// is written.
+#[test]
+fn broken_files_of_every_family_are_refused() {
+    let _machine = crate::common::shared();
+    let dir = temp_dir("families");
+    let (qwen2, qwen3, gemma3) = (Arch::Qwen2, Arch::Qwen3, Arch::Gemma3);
+    let (e, head) = (TINY.n_embd, TINY.n_embd / TINY.n_head);
+    let cases = [
+        Broken::vector(qwen2, "blk.0.attn_q.bias", Type::F32, head),
+        Broken::vector(qwen2, "blk.1.attn_v.bias", Type::F16, 2 * head),
+        Broken::new(qwen2, "qwen2.vocab_size", |w| {
+            w.set_u32("qwen2.vocab_size", 100).unwrap()
+        }),
+        Broken::missing(qwen3, "blk.0.attn_q_norm.weight"),
+        Broken::vector(qwen3, "blk.1.attn_k_norm.weight", Type::F32, e),
+        Broken::vector(qwen3, "blk.0.attn_q_norm.weight", Type::F16, head),
+        Broken::new(qwen3, "qwen3.rope.dimension_count", |w| {
+            w.set_u32("qwen3.rope.dimension_count", 8).unwrap()
+        }),
+        Broken::missing(gemma3, "blk.0.attn_q_norm.weight"),
+        Broken::missing(gemma3, "blk.1.post_ffw_norm.weight"),
+        Broken::vector(gemma3, "blk.0.attn_k_norm.weight", Type::F32, head),
+        Broken::vector(gemma3, "blk.1.post_attention_norm.weight", Type::F16, e),
+        Broken::new(gemma3, "gemma3.attention.value_length", |w| {
+            w.set_u32("gemma3.attention.value_length", 16).unwrap()
+        }),
+        Broken::new(gemma3, "gemma3.attention.sliding_window_pattern", |w| {
+            w.set_bool_array("gemma3.attention.sliding_window_pattern", &[true, false])
+                .unwrap()
+        }),
+        Broken::new(gemma3, "gemma3.rope.scaling.factor", |w| {
+            w.set_f32("gemma3.rope.scaling.factor", -2.0).unwrap()
+        }),
+        Broken::new(gemma3, "gemma3.rope.freq_base_swa", |w| {
+            w.set_f32("gemma3.rope.freq_base_swa", 0.0).unwrap()
+        }),
+        Broken::new(gemma3, "gemma3.attention.sliding_window", |w| {
+            w.set_i64("gemma3.attention.sliding_window", -16).unwrap()
+        }),
+        Broken::new(gemma3, "gemma3.final_logit_softcapping", |w| {
+            w.set_str("gemma3.final_logit_softcapping", "30").unwrap()
+        }),
+        Broken::new(gemma3, "gemma3.attention.key_length", |w| {
+            w.set_u64("gemma3.attention.key_length", 1 << 62).unwrap()
+        }),
+        Broken::new(qwen3, "qwen3.block_count", |w| {
+            w.set_u32("qwen3.block_count", u32::MAX).unwrap()
+        }),
+        Broken::new(qwen2, "qwen2.attention.layer_norm_rms_epsilon", |w| {
+            w.set_f32("qwen2.attention.layer_norm_rms_epsilon", -1e-6)
+                .unwrap()
+        }),
+    ];
+    let home = dir.path().join("home");
+    for (i, case) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("case{i}.gguf"));
+        let names = case.write(&path);
+        let (model, out) = (path.to_str().unwrap(), dir.path().join("out.gguf"));
+        let commands: [&[&str]; 3] = [
+            &["generate", "--model", model, "--prompt", "hi"],
+            &["factorize", "--model", model],
+            &[
+                "merge",
+                "--model",
+                model,
+                "--adapter",
+                "none.safetensors",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        ];
+        for args in commands {
+            let result = Command::new(env!("CARGO_BIN_EXE_svfit"))
+                .args(args)
+                .env("SVFIT_HOME", &home)
+                .output()
+                .unwrap();
+            assert_fails_with(&result, names);
             assert!(!out.exists(), "svfit {args:?} wrote {}", out.display());
         }
     }
@@ -470,4 +614,61 @@ fn check_runs_every_step_on_the_cpu() {
         ]),
         "nosuchdevice",
     );
+}
+
+/// `svfit check --random tiny --arch X --write-model M` for every family:
+/// a random model of the family's tensors and keys with the default
+/// model's tokenizer, which `generate` runs; an unknown family is a
+/// one-line error naming the supported list. (The check's steps on such a
+/// model: `check_runs_every_step_on_the_cpu`, on llama.)
+#[test]
+fn check_writes_a_random_model_of_every_family() {
+    let _machine = crate::common::shared();
+    let dir = temp_dir("check-arch");
+    let model = common::default_model();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_svfit"))
+            .args(args)
+            .env("SVFIT_HOME", dir.path())
+            .output()
+            .expect("run svfit")
+    };
+    let write = |arch: &str, out: &Path| {
+        run(&[
+            "check",
+            "--model",
+            model.to_str().unwrap(),
+            "--random",
+            "tiny",
+            "--arch",
+            arch,
+            "--write-model",
+            out.to_str().unwrap(),
+        ])
+    };
+    for &arch in svfit::model::SUPPORTED_ARCHITECTURES {
+        let path = dir.path().join(format!("{arch}.gguf"));
+        let out = write(arch, &path);
+        assert!(
+            out.status.success(),
+            "--arch {arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let gguf = svfit::ggml::gguf::GgufFile::open(&path).unwrap();
+        let config = svfit::model::understand(&gguf).unwrap();
+        assert_eq!(config.arch.name(), arch);
+        assert_eq!(config.n_vocab, 49152, "the default model's vocabulary");
+        let out = generate_with(&path, &["--prompt", "Hello", "--max-tokens", "3"]);
+        assert!(
+            out.status.success(),
+            "generate on {arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = dir.path().join("gpt2.gguf");
+    assert_fails_with(
+        &write("gpt2", &path),
+        "unsupported architecture (supported: llama, qwen2, qwen3, gemma3)",
+    );
+    assert!(!path.exists());
 }

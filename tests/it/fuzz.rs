@@ -1,8 +1,10 @@
 //! Fuzzing on stable Rust, for a bounded time: the parsers and checks that
 //! see untrusted bytes must answer every input with a value or an error,
 //! never a panic or a crash. Targets: the adapter file parser and its
-//! validation, the GGUF reader and model config, request validation, the
-//! OpenAI API's request bodies, and the stop-string text stream.
+//! validation, the GGUF reader and model config (the tiny model of each
+//! family, its bytes mutated, or its keys set to values of any type, then
+//! loaded and run when understood), request validation, the OpenAI API's
+//! request bodies, and the stop-string text stream.
 //!
 //! Inputs come from proptest strategies: byte targets mutate the seed
 //! files in `tests/fuzz/corpus/<target>/` (flips, interesting values,
@@ -22,7 +24,8 @@ use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRu
 use svfit::adapter::Adapter;
 use svfit::factors::{FactorsKey, SingularValues, TargetMatrix};
 use svfit::generate::TextStream;
-use svfit::ggml::gguf::GgufFile;
+use svfit::ggml::gguf::{GgufFile, GgufWriter};
+use svfit::model::{Arch, Batch, LoadOptions};
 use svfit::server::auth::Caller;
 use svfit::server::openai::{self, Endpoint};
 use svfit::server::pb;
@@ -264,13 +267,134 @@ fn gguf_files() {
     fuzz("gguf", mutated(corpus("gguf")), |bytes| {
         std::fs::write(&path, &bytes).unwrap();
         if let Ok(gguf) = GgufFile::open(&path) {
-            let _ = svfit::model::Config::from_gguf(&gguf);
+            let _ = svfit::model::understand(&gguf);
             for info in gguf.tensors() {
                 if let Ok(data) = gguf.read_tensor_bytes(info) {
                     prop_assert_eq!(data.len(), info.n_bytes);
                 }
             }
         }
+        Ok(())
+    });
+}
+
+/// A metadata value of any GGUF type the writer has, or none (the key
+/// removed): the interesting counts, negatives, values past u32 and
+/// floats that are not numbers.
+#[derive(Clone, Debug)]
+enum Value {
+    U32(u32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+    Str(String),
+    Bool(bool),
+    Bools(Vec<bool>),
+    Absent,
+}
+
+fn value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        prop_oneof![
+            Just(0u32),
+            Just(1),
+            Just(2),
+            Just(6),
+            Just(16),
+            Just(32),
+            Just(u32::MAX),
+            any::<u32>()
+        ]
+        .prop_map(Value::U32),
+        prop_oneof![Just(-1i64), Just(i64::MIN), Just(1 << 40), any::<i64>()].prop_map(Value::I64),
+        prop_oneof![Just(u64::MAX), Just(1 << 62), Just(1 << 32)].prop_map(Value::U64),
+        float().prop_map(Value::F32),
+        text(8).prop_map(Value::Str),
+        any::<bool>().prop_map(Value::Bool),
+        proptest::collection::vec(any::<bool>(), 0..4).prop_map(Value::Bools),
+        Just(Value::Absent),
+    ]
+}
+
+/// The `{arch}.` keys the engine reads, Gemma 3's own among them.
+const FAMILY_KEYS: &[&str] = &[
+    "attention.sliding_window",
+    "attention.sliding_window_pattern",
+    "rope.freq_base_swa",
+    "final_logit_softcapping",
+    "attention.key_length",
+    "attention.value_length",
+    "rope.dimension_count",
+    "rope.freq_base",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.layer_norm_rms_epsilon",
+    "embedding_length",
+    "feed_forward_length",
+    "block_count",
+    "context_length",
+    "vocab_size",
+];
+
+/// Sets `{arch}.key` to `value` (removes it for `Absent`).
+fn set(w: &mut GgufWriter, key: &str, value: &Value) {
+    let _ = match value {
+        Value::U32(v) => w.set_u32(key, *v),
+        Value::I64(v) => w.set_i64(key, *v),
+        Value::U64(v) => w.set_u64(key, *v),
+        Value::F32(v) => w.set_f32(key, *v),
+        Value::Str(v) => w.set_str(key, v),
+        Value::Bool(v) => w.set_bool(key, *v),
+        Value::Bools(v) => w.set_bool_array(key, v),
+        Value::Absent => w.remove_key(key),
+    };
+}
+
+/// The tiny models of every family with up to 6 of their keys set to
+/// values of any type: each file is refused with an error, or understood,
+/// loaded and run on a few tokens; never a panic or a crash.
+#[test]
+fn family_metadata() {
+    let _machine = crate::common::shared();
+    let dir = common::temp_dir("fuzz-family");
+    let path = dir.path().join("fuzzed.gguf");
+    let seeds: Vec<PathBuf> = ["gemma3", "llama", "qwen2", "qwen3"]
+        .iter()
+        .map(|arch| corpus_dir("gguf").join(format!("tiny-{arch}.gguf")))
+        .collect();
+    let edits = proptest::collection::vec((proptest::sample::select(FAMILY_KEYS), value()), 1..6);
+    let strategy = (proptest::sample::select(seeds), edits);
+    let one_thread = LoadOptions {
+        threads: 1,
+        ..LoadOptions::default()
+    };
+    fuzz("family metadata", strategy, |(seed, edits)| {
+        let src = GgufFile::open(&seed).unwrap();
+        let arch = src.get_str("general.architecture").unwrap().unwrap();
+        let mut w = GgufWriter::new(src.tensors().len()).unwrap();
+        w.copy_metadata_from(&src);
+        for (key, value) in &edits {
+            set(&mut w, &format!("{arch}.{key}"), value);
+        }
+        for t in src.tensors() {
+            let bytes = src.read_tensor_bytes(t).unwrap();
+            w.add_tensor(&t.name, t.ty, t.shape(), bytes).unwrap();
+        }
+        w.write(&path).unwrap();
+        let gguf = GgufFile::open(&path).unwrap();
+        if svfit::model::understand(&gguf).is_err() {
+            return Ok(());
+        }
+        let mut model = svfit::model::Model::load(&path, &one_thread)
+            .map_err(|e| TestCaseError::fail(format!("understood, but not loaded: {e}")))?;
+        let mut cache = model.new_cache(8).unwrap();
+        let mut batch = Batch::new();
+        batch.add_sequence(&[1, 2, 3], 0, 0, true);
+        // An error is an answer too; a panic or a crash is not.
+        let _ = model.decode(&mut cache, &batch);
         Ok(())
     });
 }
@@ -615,6 +739,16 @@ fn write_corpus() {
         ..common::TINY
     };
     common::write_tiny_model(&dir.join("tiny-llama.gguf"), &spec);
+    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Gemma3] {
+        let shape = common::Shape {
+            arch: arch.name(),
+            // Gemma's heads wider than n_embd / n_head, as its files have.
+            head_dim: (arch == Arch::Gemma3).then_some(32),
+            ..spec.clone()
+        };
+        let path = dir.join(format!("tiny-{}.gguf", arch.name()));
+        common::write_tiny_model(&path, &shape);
+    }
 
     let dir = corpus_dir("openai");
     std::fs::create_dir_all(&dir).unwrap();
