@@ -392,12 +392,15 @@ impl Model {
         inputs.positions.write(&batch.positions)?;
         inputs.kv_cells.write(cells)?;
         inputs.v_elements.write(&cache.v_indices(cells))?;
-        for (mask, g) in inputs.kq_masks.iter().zip(groups) {
-            mask.write(&cache.mask(batch, g, None))?;
-        }
-        if let (Some(masks), Some(w)) = (&inputs.kq_masks_swa, &self.config.sliding_window) {
-            for (mask, g) in masks.iter().zip(groups) {
-                mask.write(&cache.mask(batch, g, Some(w.size)))?;
+        // A model whose layers all have (or none has) a sliding window
+        // reads one set of masks; the other stays unallocated.
+        let window = self.config.sliding_window.as_ref().map(|w| w.size);
+        let masks = inputs.kq_masks.iter().map(|m| (m, None));
+        let swa = inputs.kq_masks_swa.iter().flatten().map(|m| (m, window));
+        for (i, (mask, window)) in masks.chain(swa).enumerate() {
+            if mask.is_allocated() {
+                let g = &groups[i % groups.len()];
+                mask.write(&cache.mask(batch, g, window))?;
             }
         }
         if let Some(rows) = inputs.out_rows {

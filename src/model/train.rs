@@ -278,9 +278,14 @@ impl Learner {
         let tokens: Vec<i32> = row.tokens.iter().map(|&t| t as i32).collect();
         inputs.tokens.write(&tokens)?;
         inputs.positions.write(&row.positions)?;
-        inputs.mask.write(&row.mask(None))?;
+        // Only the masks some layer reads are allocated.
+        if inputs.mask.is_allocated() {
+            inputs.mask.write(&row.mask(None))?;
+        }
         if let (Some(mask), Some(w)) = (inputs.mask_swa, &cfg.sliding_window) {
-            mask.write(&row.mask(Some(w.size)))?;
+            if mask.is_allocated() {
+                mask.write(&row.mask(Some(w.size)))?;
+            }
         }
         let rows: Vec<i32> = row.targets.iter().map(|&(r, _)| r as i32).collect();
         inputs.loss_rows.write(&rows)?;
