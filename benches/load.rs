@@ -1052,7 +1052,12 @@ fn cold_load_cost(
 /// A rank-8 LoRA on q and v as a GGUF adapter llama.cpp loads.
 fn write_lora(model: &GgufFile, path: &Path, seed: u64) {
     let mut w = GgufWriter::new(256).unwrap_or_else(fail);
-    w.set_str("general.architecture", "llama")
+    // llama.cpp refuses a LoRA of another architecture than the model's.
+    let arch = model
+        .get_str("general.architecture")
+        .unwrap_or_else(fail)
+        .unwrap_or_else(|| exit("the model has no general.architecture"));
+    w.set_str("general.architecture", &arch)
         .unwrap_or_else(fail);
     w.set_str("general.type", "adapter").unwrap_or_else(fail);
     w.set_str("adapter.type", "lora").unwrap_or_else(fail);
