@@ -293,6 +293,24 @@ impl<'a> Tensor<'a> {
         Ok(())
     }
 
+    /// The whole of an f32 tensor, without first zeroing a buffer (logits
+    /// of a large vocabulary are megabytes per step).
+    pub fn read_f32_vec(self) -> Result<Vec<f32>, GgmlError> {
+        let n = self.n_elements() as usize;
+        let bytes = n * std::mem::size_of::<f32>();
+        // A tensor of another type holds another number of bytes: refused.
+        self.check_transfer(bytes)?;
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        // SAFETY: the tensor is allocated and holds exactly `n` f32 values,
+        // which ggml copies into the vector's capacity before its length is
+        // set over them.
+        unsafe {
+            sys::ggml_backend_tensor_get(self.as_ptr(), out.as_mut_ptr().cast(), 0, bytes);
+            out.set_len(n);
+        }
+        Ok(out)
+    }
+
     fn check_range(self, offset: usize, len: usize) -> Result<(), GgmlError> {
         self.check_transfer(self.n_bytes())?;
         if offset

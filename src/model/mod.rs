@@ -416,8 +416,7 @@ impl Model {
         }
         allocated.compute()?;
 
-        let mut data = vec![0f32; shape.n_outputs * self.config.n_vocab];
-        logits.read(&mut data)?;
+        let mut data = logits.read_f32_vec()?;
         data.truncate(n_wanted * self.config.n_vocab);
         Ok(Logits {
             n_vocab: self.config.n_vocab,
