@@ -458,3 +458,36 @@ fn gemma3_270m_matches_llama_cpp() {
     eprintln!("16 greedy tokens: {:?}", tokenizer.decode(&mine));
     assert_eq!(mine, theirs, "16 greedy tokens, ours then llama.cpp's");
 }
+
+/// Linear RoPE scaling (`rope.scaling.type = linear`, factor 4: positions
+/// scaled by 1/4, as llama.cpp does): our logits are llama.cpp's bit for
+/// bit, and the scaling matters (llama.cpp answers otherwise without it).
+#[test]
+fn linear_rope_scaling_matches_llama_cpp() {
+    let _machine = crate::common::shared();
+    let dir = common::temp_dir("linear-rope");
+    let plain = dir.path().join("plain.gguf");
+    common::write_tiny_model(&plain, &common::TINY);
+    let scaled = dir.path().join("scaled.gguf");
+    common::rewrite(
+        &plain,
+        &scaled,
+        |_| true,
+        |w| {
+            w.set_str("llama.rope.scaling.type", "linear").unwrap();
+            w.set_f32("llama.rope.scaling.factor", 4.0).unwrap();
+        },
+    );
+    let tokens = Rng::new(12).tokens(80, common::TINY.n_vocab);
+    let seq = vec![(0, tokens)];
+    let mine = ours(Ours(&scaled, WeightFormat::Keep), &seq, &[60]);
+    let exact = agreement(&mine, &llama_cpp(&scaled, &seq, &[60]));
+    eprintln!("linear RoPE x4 vs llama.cpp: {exact:?}");
+    assert_eq!(exact.max_abs_rel, 0.0, "not bit-exact: {exact:?}");
+    let moved = agreement(&llama_cpp(&plain, &seq, &[60]), &mine);
+    eprintln!("without the scaling vs with: {moved:?}");
+    assert!(
+        moved.mean_abs_rel > 0.05,
+        "the scaling barely matters: {moved:?}"
+    );
+}
