@@ -223,22 +223,28 @@ fn files_the_engine_does_not_fully_understand_are_refused() {
                 "none",
             ],
         ];
-        for args in commands {
-            // A server that did start would run on: `timeout` ends it.
-            let result = Command::new("timeout")
-                .args(["120", env!("CARGO_BIN_EXE_svfit")])
-                .args(args)
-                .env("SVFIT_HOME", &home)
-                .output()
-                .unwrap();
-            assert_fails_with(&result, name);
-            assert!(!out.exists(), "svfit {args:?} wrote {}", out.display());
-        }
+        assert_all_refuse(&commands, &home, name, &out);
     }
     assert!(
         !home.join("factors").exists(),
         "factors were computed for a refused file"
     );
+}
+
+/// Every one of `commands` fails with one line naming `cause` and writes
+/// nothing at `out`. A server that did start would run on: `timeout` ends
+/// it.
+fn assert_all_refuse(commands: &[&[&str]], home: &Path, cause: &str, out: &Path) {
+    for args in commands {
+        let result = Command::new("timeout")
+            .args(["120", env!("CARGO_BIN_EXE_svfit")])
+            .args(*args)
+            .env("SVFIT_HOME", home)
+            .output()
+            .unwrap();
+        assert_fails_with(&result, cause);
+        assert!(!out.exists(), "svfit {args:?} wrote {}", out.display());
+    }
 }
 
 /// How a family's tiny model is broken: a tensor dropped, then `edit`
@@ -367,15 +373,7 @@ fn broken_files_of_every_family_are_refused() {
                 out.to_str().unwrap(),
             ],
         ];
-        for args in commands {
-            let result = Command::new(env!("CARGO_BIN_EXE_svfit"))
-                .args(args)
-                .env("SVFIT_HOME", &home)
-                .output()
-                .unwrap();
-            assert_fails_with(&result, names);
-            assert!(!out.exists(), "svfit {args:?} wrote {}", out.display());
-        }
+        assert_all_refuse(&commands, &home, names, &out);
     }
     assert!(
         !home.join("factors").exists(),

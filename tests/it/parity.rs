@@ -211,6 +211,24 @@ fn greedy(decode: &mut dyn FnMut(&Batch) -> Logits, prompt: &[u32], n: usize) ->
     out
 }
 
+/// `n` greedy tokens after `prompt` from our engine (`keep`) and from
+/// llama.cpp, on `path`.
+fn greedy_both(path: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<u32>) {
+    let options = LoadOptions {
+        device: "cpu".into(),
+        threads: THREADS,
+        weights: WeightFormat::Keep,
+        ..LoadOptions::default()
+    };
+    let mut model = Model::load(path, &options).unwrap();
+    let mut cache = model.new_cache(N_CTX).unwrap();
+    let mine = greedy(&mut |b| model.decode(&mut cache, b).unwrap(), prompt, n);
+    let reference = common::reference(path);
+    let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
+    let theirs = greedy(&mut |b| session.decode(b).unwrap(), prompt, n);
+    (mine, theirs)
+}
+
 /// A Llama 3.x file (RoPE base 500000, `rope_freqs.weight`): our logits
 /// under every layout are llama.cpp's, and 32 greedy tokens the same. The
 /// factors matter: llama.cpp answers otherwise without them.
@@ -230,18 +248,7 @@ fn llama3_rope_freqs_match_llama_cpp() {
     }
 
     let prompt = &seqs[0];
-    let options = LoadOptions {
-        device: "cpu".into(),
-        threads: THREADS,
-        weights: WeightFormat::Keep,
-        ..LoadOptions::default()
-    };
-    let mut model = Model::load(&path, &options).unwrap();
-    let mut cache = model.new_cache(N_CTX).unwrap();
-    let mine = greedy(&mut |b| model.decode(&mut cache, b).unwrap(), prompt, 32);
-    let reference = common::reference(&path);
-    let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
-    let theirs = greedy(&mut |b| session.decode(b).unwrap(), prompt, 32);
+    let (mine, theirs) = greedy_both(&path, prompt, 32);
     eprintln!("32 greedy tokens: {mine:?}");
     assert_eq!(mine, theirs, "32 greedy tokens, ours then llama.cpp's");
 
@@ -378,18 +385,7 @@ fn every_family_matches_llama_cpp() {
         for weights in FORMATS {
             check_model(&path, seqs.clone(), weights);
         }
-        let options = LoadOptions {
-            device: "cpu".into(),
-            threads: THREADS,
-            weights: WeightFormat::Keep,
-            ..LoadOptions::default()
-        };
-        let mut model = Model::load(&path, &options).unwrap();
-        let mut cache = model.new_cache(N_CTX).unwrap();
-        let mine = greedy(&mut |b| model.decode(&mut cache, b).unwrap(), &seqs[0], 32);
-        let reference = common::reference(&path);
-        let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
-        let theirs = greedy(&mut |b| session.decode(b).unwrap(), &seqs[0], 32);
+        let (mine, theirs) = greedy_both(&path, &seqs[0], 32);
         assert_eq!(
             mine,
             theirs,
@@ -443,18 +439,7 @@ fn gemma3_270m_matches_llama_cpp() {
     check_model(&path, seqs, WeightFormat::Keep);
 
     let prompt = tokenizer.encode("The capital of France is", true);
-    let options = LoadOptions {
-        device: "cpu".into(),
-        threads: THREADS,
-        weights: WeightFormat::Keep,
-        ..LoadOptions::default()
-    };
-    let mut model = Model::load(&path, &options).unwrap();
-    let mut cache = model.new_cache(N_CTX).unwrap();
-    let mine = greedy(&mut |b| model.decode(&mut cache, b).unwrap(), &prompt, 16);
-    let reference = common::reference(&path);
-    let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
-    let theirs = greedy(&mut |b| session.decode(b).unwrap(), &prompt, 16);
+    let (mine, theirs) = greedy_both(&path, &prompt, 16);
     eprintln!("16 greedy tokens: {:?}", tokenizer.decode(&mine));
     assert_eq!(mine, theirs, "16 greedy tokens, ours then llama.cpp's");
 }
