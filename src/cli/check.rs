@@ -19,14 +19,18 @@ pub(super) struct CheckArgs {
     /// --model itself: tiny (2 layers, 64 wide), like (--model's shapes and
     /// stored types; q4_1 for a --write-metadata file) or 1b (a real
     /// model's widths and depth, mostly q4_1: for --arch llama Llama 3.2
-    /// 1B's at 16 layers, qwen2 Qwen2.5 0.5B's, qwen3 Qwen3 0.6B's, gemma3
-    /// Gemma 3 1B's)
+    /// 1B's at 16 layers, qwen2 Qwen2.5 0.5B's, qwen3 Qwen3 0.6B's, gemma2
+    /// Gemma 2 2B's, gemma3 Gemma 3 1B's)
     #[arg(long, value_name = "tiny|like|1b", value_parser = ["tiny", "like", "1b"])]
     random: Option<String>,
     /// The family of the --random model, whose tensors and metadata keys
     /// it gets as llama.cpp's converter writes them [default: llama for
     /// tiny and 1b, --model's for like]
-    #[arg(long, requires = "random", value_name = "llama|qwen2|qwen3|gemma3")]
+    #[arg(
+        long,
+        requires = "random",
+        value_name = "llama|qwen2|qwen3|gemma2|gemma3"
+    )]
     arch: Option<String>,
     /// Keep the random model at this path (to serve it afterwards)
     #[arg(long, requires = "random")]
@@ -160,6 +164,8 @@ fn real_shape(arch: Arch) -> Shape {
         Arch::Qwen2 => shape(64, 896, 14, 2, 4864, 24),
         // Qwen3 0.6B: heads wider than n_embd / n_head.
         Arch::Qwen3 => shape(128, 1024, 16, 8, 3072, 28),
+        // Gemma 2 2B: heads of 256.
+        Arch::Gemma2 => shape(256, 2304, 8, 4, 9216, 26),
         // Gemma 3 1B: one KV head of 256.
         Arch::Gemma3 => shape(256, 1152, 4, 1, 6912, 26),
     }

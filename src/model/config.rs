@@ -13,7 +13,7 @@ use crate::ggml::gguf::GgufFile;
 use super::ModelError;
 
 /// The architectures this engine runs (`general.architecture`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3"];
 
 /// A model family: the GGUF architecture names llama.cpp's converter writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,8 +24,12 @@ pub enum Arch {
     Qwen2,
     /// Qwen3: an RMSNorm per head on q and k; NeoX RoPE.
     Qwen3,
-    /// Gemma 3: √d embedding scale, q/k norms, norms after attention and
-    /// after the FFN, GELU-gated FFN, a query scale, sliding-window layers.
+    /// Gemma 2: √d embedding scale, norms after attention and after the
+    /// FFN, GELU-gated FFN, a query scale, every other layer within a
+    /// sliding window, soft-capped attention scores and logits.
+    Gemma2,
+    /// Gemma 3: as Gemma 2 with q/k norms, five sliding-window layers in
+    /// six with their own RoPE base, and no soft-capping by default.
     Gemma3,
 }
 
@@ -35,6 +39,7 @@ impl Arch {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
             _ => return None,
         })
@@ -45,6 +50,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -57,13 +63,18 @@ impl Arch {
     /// Whether the attention and FFN outputs are normalized before their
     /// residual additions (`post_attention_norm`, `post_ffw_norm`).
     pub fn post_norms(self) -> bool {
-        self == Arch::Gemma3
+        self.is_gemma()
+    }
+
+    /// Gemma 2 or 3.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
 
     /// The FFN's gate activation.
     pub fn activation(self) -> Activation {
         match self {
-            Arch::Gemma3 => Activation::Gelu,
+            Arch::Gemma2 | Arch::Gemma3 => Activation::Gelu,
             _ => Activation::Silu,
         }
     }
@@ -128,14 +139,17 @@ const READ: &[&str] = &[
     "expert_used_count",
 ];
 
-/// The keys only Gemma 3 reads, beyond [`READ`] (in another family's file
+/// The keys only Gemma reads, beyond [`READ`] (in another family's file
 /// llama.cpp ignores them, so a file holding them is refused).
-const GEMMA3_READ: &[&str] = &[
+const GEMMA_READ: &[&str] = &[
     "attention.sliding_window",
     "attention.sliding_window_pattern",
     "rope.freq_base_swa",
     "final_logit_softcapping",
 ];
+
+/// The key only Gemma 2 reads, beyond [`GEMMA_READ`].
+const GEMMA2_READ: &[&str] = &["attn_logit_softcapping"];
 
 /// `{arch}.` keys that change nothing the engine computes, with why.
 const IGNORED: &[(&str, &str)] = &[
@@ -186,7 +200,8 @@ fn check_keys(gguf: &GgufFile, arch: Arch) -> Result<(), ModelError> {
         let known = match own {
             Some(k) => {
                 READ.contains(&k)
-                    || (arch == Arch::Gemma3 && GEMMA3_READ.contains(&k))
+                    || (arch.is_gemma() && GEMMA_READ.contains(&k))
+                    || (arch == Arch::Gemma2 && GEMMA2_READ.contains(&k))
                     || IGNORED.iter().any(|(name, _)| *name == k)
             }
             None => NAMESPACES.iter().any(|(prefix, _)| key.starts_with(prefix)),
@@ -209,7 +224,7 @@ fn check_keys(gguf: &GgufFile, arch: Arch) -> Result<(), ModelError> {
 }
 
 /// Sliding-window attention: which layers attend only to their last
-/// `size` positions, and the RoPE base those layers use.
+/// `size` positions, and the RoPE base and position scale those layers use.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlidingWindow {
     /// A token at position `p` sees positions `p - size + 1 ..= p`.
@@ -217,6 +232,7 @@ pub struct SlidingWindow {
     /// Per layer, whether it is a sliding-window layer.
     pub layers: Vec<bool>,
     pub freq_base: f32,
+    pub freq_scale: f32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -246,6 +262,9 @@ pub struct Config {
     pub sliding_window: Option<SlidingWindow>,
     /// `c · tanh(logits / c)` when set.
     pub final_logit_softcap: Option<f32>,
+    /// Gemma 2: attention scores soft-capped the same way before the
+    /// softmax.
+    pub attn_logit_softcap: Option<f32>,
 }
 
 impl Config {
@@ -268,7 +287,27 @@ impl Config {
         let n_vocab = keys.n_vocab()?;
         let n_layer = keys.n_layer()?;
         check_keys(gguf, arch)?;
-        let gemma = arch == Arch::Gemma3;
+        let gemma = arch.is_gemma();
+        let rope_freq_base = keys.freq_base("rope.freq_base")?.unwrap_or(10_000.0);
+        let rope_freq_scale = keys.rope_freq_scale()?;
+        // As llama.cpp: 1/√(n_embd / n_head) for the 27B Gemmas (46 layers
+        // in Gemma 2, 62 in Gemma 3), 1/√head_dim for the others.
+        let big = match arch {
+            Arch::Gemma2 => n_layer == 46,
+            _ => n_layer == 62,
+        };
+        // A cap of 0 means none in Gemma 3; Gemma 2 always caps (llama.cpp
+        // would divide by 0), so there it is refused.
+        let softcap = |key: &str, default: Option<f32>| -> Result<Option<f32>, ModelError> {
+            match keys.f32(key)?.or(default) {
+                Some(0.0) if arch == Arch::Gemma2 => Err(ModelError::Metadata(format!(
+                    "{} = 0: Gemma 2 always divides by this cap",
+                    keys.key(key)
+                ))),
+                cap => Ok(cap.filter(|&c| c != 0.0)),
+            }
+        };
+        let gemma2 = arch == Arch::Gemma2;
         Ok(Config {
             arch,
             n_layer,
@@ -279,27 +318,30 @@ impl Config {
             head_dim,
             n_vocab,
             n_ctx_train: keys.required("context_length")?,
-            rope_freq_base: keys.freq_base("rope.freq_base")?.unwrap_or(10_000.0),
-            rope_freq_scale: keys.rope_freq_scale()?,
+            rope_freq_base,
+            rope_freq_scale,
             rms_norm_eps: keys.rms_norm_eps()?,
             embedding_scale: gemma.then(|| (n_embd as f32).sqrt()),
-            // As llama.cpp: 1/√(n_embd / n_head) for the 62-layer Gemma 3
-            // (27B), 1/√head_dim for the others.
             query_scale: gemma.then(|| {
-                let d = if n_layer == 62 {
-                    n_embd / n_head
-                } else {
-                    head_dim
-                };
+                let d = if big { n_embd / n_head } else { head_dim };
                 1.0 / (d as f32).sqrt()
             }),
-            sliding_window: if gemma {
-                keys.sliding_window(n_layer)?
-            } else {
-                None
+            sliding_window: match arch {
+                // Gemma 2: 4096 tokens in every other layer by default, with
+                // the model's own RoPE base and scale.
+                Arch::Gemma2 => {
+                    keys.sliding_window(n_layer, Some(4096), 2, (rope_freq_base, rope_freq_scale))?
+                }
+                Arch::Gemma3 => keys.sliding_window(n_layer, None, 6, (10_000.0, 1.0))?,
+                _ => None,
             },
-            final_logit_softcap: if gemma {
-                keys.f32("final_logit_softcapping")?.filter(|&c| c != 0.0)
+            final_logit_softcap: match arch {
+                Arch::Gemma2 => softcap("final_logit_softcapping", Some(30.0))?,
+                Arch::Gemma3 => softcap("final_logit_softcapping", None)?,
+                _ => None,
+            },
+            attn_logit_softcap: if gemma2 {
+                softcap("attn_logit_softcapping", Some(50.0))?
             } else {
                 None
             },
@@ -326,7 +368,7 @@ impl Config {
     /// RoPE's base and position scale in layer `il`.
     pub fn rope_of_layer(&self, il: usize) -> (f32, f32) {
         match &self.sliding_window {
-            Some(w) if self.is_swa(il) => (w.freq_base, 1.0),
+            Some(w) if self.is_swa(il) => (w.freq_base, w.freq_scale),
             _ => (self.rope_freq_base, self.rope_freq_scale),
         }
     }
@@ -515,24 +557,43 @@ impl Keys<'_> {
         Ok(n_vocab)
     }
 
-    /// Gemma 3's sliding window: `attention.sliding_window` tokens (none
-    /// when absent or 0) in every layer but each sixth (or as
-    /// `attention.sliding_window_pattern` says: every layer `il` with
-    /// `il % n < n - 1`), with RoPE base `rope.freq_base_swa` (10 000).
-    fn sliding_window(&self, n_layer: usize) -> Result<Option<SlidingWindow>, ModelError> {
-        let size = match self.count("attention.sliding_window")? {
-            None | Some(0) => return Ok(None),
-            Some(size) => size,
+    /// Gemma's sliding window: `attention.sliding_window` tokens (Gemma 3:
+    /// none when absent or 0; Gemma 2: `default_size` when absent, and 0 is
+    /// refused, as it would mask every token) in every layer `il` with
+    /// `il % n < n - 1` (`n` = `attention.sliding_window_pattern`, else
+    /// `default_pattern`), with RoPE base `rope.freq_base_swa` (else the
+    /// default's) and the default's position scale.
+    fn sliding_window(
+        &self,
+        n_layer: usize,
+        default_size: Option<usize>,
+        default_pattern: usize,
+        (default_base, freq_scale): (f32, f32),
+    ) -> Result<Option<SlidingWindow>, ModelError> {
+        let size = match (self.count("attention.sliding_window")?, default_size) {
+            (Some(0), Some(_)) => {
+                return Err(ModelError::Metadata(format!(
+                    "{} = 0 would mask every token",
+                    self.key("attention.sliding_window")
+                )))
+            }
+            (None, None) | (Some(0), None) => return Ok(None),
+            (Some(size), _) | (None, Some(size)) => size,
         };
         let pattern_key = self.key("attention.sliding_window_pattern");
         if matches!(self.gguf.get_arr_len(&pattern_key), Ok(Some(_))) {
             return Err(needs(format!("{pattern_key} as a per-layer array")));
         }
-        let n = self.count("attention.sliding_window_pattern")?.unwrap_or(6);
+        let n = self
+            .count("attention.sliding_window_pattern")?
+            .unwrap_or(default_pattern);
         Ok(Some(SlidingWindow {
             size,
             layers: (0..n_layer).map(|il| n == 0 || il % n < n - 1).collect(),
-            freq_base: self.freq_base("rope.freq_base_swa")?.unwrap_or(10_000.0),
+            freq_base: self
+                .freq_base("rope.freq_base_swa")?
+                .unwrap_or(default_base),
+            freq_scale,
         }))
     }
 }

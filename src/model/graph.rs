@@ -248,14 +248,29 @@ impl<'a> Builder<'a, '_> {
         let x = self.rms_norm(x, self.weights.output_norm);
         let mut logits = self.weights.product(ctx, self.weights.output, x);
         if let Some(cap) = self.cfg.final_logit_softcap {
-            logits = if self.differentiable {
-                // c·tanh(y/c) = 2c·σ(2y/c) − c
-                ctx.scale_bias(self.sigmoid(ctx.scale(logits, 2.0 / cap)), 2.0 * cap, -cap)
-            } else {
-                ctx.scale(ctx.tanh(ctx.scale(logits, 1.0 / cap)), cap)
-            };
+            logits = self.softcap(logits, cap);
         }
         logits.set_name("logits").set_output()
+    }
+
+    /// `c·tanh(y/c)`, as llama.cpp computes it; in training (tanh has no
+    /// backward in ggml) as `2c·σ(2y/c) − c`.
+    fn softcap(self, y: Tensor<'a>, cap: f32) -> Tensor<'a> {
+        let ctx = self.ctx;
+        if self.differentiable {
+            ctx.scale_bias(self.sigmoid(ctx.scale(y, 2.0 / cap)), 2.0 * cap, -cap)
+        } else {
+            ctx.scale(ctx.tanh(ctx.scale(y, 1.0 / cap)), cap)
+        }
+    }
+
+    /// The attention scores `k·q`, soft-capped where the family does.
+    fn scores(self, k: Tensor<'a>, q: Tensor<'a>) -> Tensor<'a> {
+        let kq = self.ctx.prec_f32(self.ctx.mul_mat(k, q));
+        match self.cfg.attn_logit_softcap {
+            Some(cap) => self.softcap(kq, cap),
+            None => kq,
+        }
     }
 
     /// `σ(z) = exp(z − softplus(z))`, from ops with a backward (and finite
@@ -506,7 +521,7 @@ impl<'a> Serving<'a, '_> {
             .zip(masks)
             .map(|(g, &mask)| {
                 let kq = (mask, scale);
-                sequence_attention(ctx, cfg, q, k_cache, v_cache, g, kq)
+                sequence_attention(b, q, k_cache, v_cache, g, kq)
             })
             .collect();
         let out = join_tokens(ctx, &heads);
@@ -517,14 +532,14 @@ impl<'a> Serving<'a, '_> {
 /// Attention of one sequence's tokens over its cells, with the softmax's
 /// mask and scale `kq`; `[n_embd_q, n_tokens]`.
 fn sequence_attention<'a>(
-    ctx: &'a Context,
-    cfg: &Config,
+    b: Builder<'a, '_>,
     q: Tensor<'a>,
     k_cache: Tensor<'a>,
     v_cache: Tensor<'a>,
     g: &SeqGroup,
     (mask, scale): (Tensor<'a>, f32),
 ) -> Tensor<'a> {
+    let (ctx, cfg) = (b.ctx, b.cfg);
     let (hd, n_head, n_head_kv) = (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
     let (n_tokens, n_kv) = (g.n_tokens as i64, g.n_kv as i64);
     let f16 = Type::F16.row_size(1).expect("f16");
@@ -547,8 +562,7 @@ fn sequence_attention<'a>(
         g.start * k_row,
     );
     let k = ctx.permute(k, [0, 2, 1, 3]);
-    let kq = ctx.prec_f32(ctx.mul_mat(k, q));
-    let kq = ctx.soft_max_ext(kq, mask, scale);
+    let kq = ctx.soft_max_ext(b.scores(k, q), mask, scale);
     // v: [n_kv, hd, n_head_kv] from columns start.. of the transposed V cache
     let v_line = v_cache.nb()[1];
     let v = ctx.view_3d(
@@ -634,7 +648,7 @@ impl<'a> Training<'a, '_> {
             Some(swa) if cfg.is_swa(il) => swa,
             _ => inputs.mask,
         };
-        let kq = ctx.soft_max_ext(ctx.mul_mat(k, q), mask, b.kq_scale());
+        let kq = ctx.soft_max_ext(b.scores(k, q), mask, b.kq_scale());
         // v: [n_embd_kv, n] → [n, hd, n_head_kv]
         let v = ctx.reshape_3d(v, hd, n_head_kv, n);
         let v = ctx.cont(ctx.permute(v, [1, 2, 0, 3]));

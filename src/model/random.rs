@@ -60,10 +60,15 @@ impl Shape {
     };
 
     /// The tests' tiny model of a family: [`Shape::TINY`] with heads wider
-    /// than `n_embd / n_head` and one KV head for Gemma 3, as its files
-    /// have.
+    /// than `n_embd / n_head` for Gemma, and one KV head for Gemma 3, as
+    /// their files have.
     pub fn tiny(arch: Arch) -> Shape {
         match arch {
+            Arch::Gemma2 => Shape {
+                arch: arch.name(),
+                head_dim: Some(32),
+                ..Shape::TINY
+            },
             Arch::Gemma3 => Shape {
                 arch: arch.name(),
                 head_dim: Some(32),
@@ -298,7 +303,7 @@ fn write_keys(w: &mut GgufWriter, shape: &Shape, family: Arch) -> Result<(), Mod
     for (key, value) in u32_keys {
         w.set_u32(&format!("{arch}.{key}"), value as u32)?;
     }
-    if shape.head_dim.is_some() || family == Arch::Qwen3 || family == Arch::Gemma3 {
+    if shape.head_dim.is_some() || family == Arch::Qwen3 || family.is_gemma() {
         w.set_u32(
             &format!("{arch}.attention.key_length"),
             shape.head_dim() as u32,
@@ -309,6 +314,7 @@ fn write_keys(w: &mut GgufWriter, shape: &Shape, family: Arch) -> Result<(), Mod
         )?;
     }
     let (freq_base, eps) = match family {
+        Arch::Gemma2 => (10_000.0, 1e-6),
         Arch::Gemma3 => (1_000_000.0, 1e-6),
         Arch::Qwen2 | Arch::Qwen3 => (1_000_000.0, 1e-6),
         Arch::Llama => (10_000.0, 1e-5),
@@ -320,6 +326,12 @@ fn write_keys(w: &mut GgufWriter, shape: &Shape, family: Arch) -> Result<(), Mod
         w.set_u32(&format!("{arch}.attention.sliding_window_pattern"), 2)?;
         w.set_f32(&format!("{arch}.rope.freq_base_swa"), 20_000.0)?;
         w.set_f32(&format!("{arch}.final_logit_softcapping"), 30.0)?;
+    }
+    if family == Arch::Gemma2 {
+        // Every other layer slides (the default pattern); the final cap is
+        // the default 30, the scores' cap set low enough to bite.
+        w.set_u32(&format!("{arch}.attention.sliding_window"), 16)?;
+        w.set_f32(&format!("{arch}.attn_logit_softcapping"), 5.0)?;
     }
     Ok(())
 }

@@ -64,7 +64,7 @@ impl Tokenizer {
         // input, and tokenizing with a vocabulary-less model asserts.
         let gguf = crate::ggml::gguf::GgufFile::open(path)?;
         let fallback_template = match gguf.get_str("general.architecture")?.as_deref() {
-            Some("gemma3") => "gemma",
+            Some("gemma2" | "gemma3") => "gemma",
             _ => "chatml",
         };
         match gguf.get_str("tokenizer.ggml.model")?.as_deref() {

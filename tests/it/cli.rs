@@ -666,7 +666,7 @@ fn check_writes_a_random_model_of_every_family() {
     let path = dir.path().join("gpt2.gguf");
     assert_fails_with(
         &write("gpt2", &path),
-        "unsupported architecture (supported: llama, qwen2, qwen3, gemma3)",
+        "unsupported architecture (supported: llama, qwen2, qwen3, gemma2, gemma3)",
     );
     assert!(!path.exists());
 }

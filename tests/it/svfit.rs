@@ -403,7 +403,12 @@ fn wrong_factors_and_slots_are_refused() {
 #[test]
 fn every_family_adapter_matches_its_merged_model() {
     let _machine = crate::common::shared();
-    for (arch, moves) in [(Arch::Qwen2, 5.0), (Arch::Qwen3, 5.0), (Arch::Gemma3, 3.0)] {
+    for (arch, moves) in [
+        (Arch::Qwen2, 5.0),
+        (Arch::Qwen3, 5.0),
+        (Arch::Gemma2, 3.0),
+        (Arch::Gemma3, 3.0),
+    ] {
         eprintln!("== {}", arch.name());
         let dir = temp_dir("family-merge");
         let model = dir.path().join(format!("{}.gguf", arch.name()));

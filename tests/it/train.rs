@@ -48,6 +48,7 @@ fn gradient_matches_finite_differences_in_every_family() {
     for (arch, bound) in [
         (Arch::Qwen2, 1e-2),
         (Arch::Qwen3, 1e-2),
+        (Arch::Gemma2, 3e-2),
         (Arch::Gemma3, 3e-2),
     ] {
         let model = dir.path().join(format!("{}.gguf", arch.name()));
