@@ -63,8 +63,9 @@ impl Tokenizer {
         // Validate the file ourselves first: llama.cpp aborts on some bad
         // input, and tokenizing with a vocabulary-less model asserts.
         let gguf = crate::ggml::gguf::GgufFile::open(path)?;
-        let fallback_template = match gguf.get_str("general.architecture")?.as_deref() {
-            Some("gemma2" | "gemma3") => "gemma",
+        let arch = gguf.get_str("general.architecture")?;
+        let fallback_template = match arch.as_deref().and_then(super::Arch::from_name) {
+            Some(a) if a.is_gemma() => "gemma",
             _ => "chatml",
         };
         match gguf.get_str("tokenizer.ggml.model")?.as_deref() {
