@@ -62,7 +62,7 @@ use svfit::factors::{self, FactorsKey, SingularValues};
 use svfit::ggml::gguf::{GgufFile, GgufWriter};
 use svfit::ggml::{self, Type};
 use svfit::model::{LoadOptions, WeightFormat};
-use svfit::sampling::SplitMix64;
+use svfit::rng::Rng;
 use svfit::server::pb::adapters_client::AdaptersClient;
 use svfit::server::pb::inference_client::InferenceClient;
 use svfit::server::pb::{self, generate_request::Input};
@@ -228,7 +228,7 @@ struct Traffic {
     adapters: usize,
     scenario: String,
     words: usize,
-    rng: SplitMix64,
+    rng: Rng,
 }
 
 const WORDS: &[&str] = &[
@@ -243,7 +243,7 @@ impl Traffic {
             adapters: adapters.max(1),
             scenario: o.scenario.clone(),
             words: o.prompt_words,
-            rng: SplitMix64::new(1),
+            rng: Rng::new(1),
         }
     }
 
@@ -309,7 +309,7 @@ impl Traffic {
 
 /// Tenant `tenant`'s system prompt: `words` words, always the same.
 fn system_prompt(tenant: usize, words: usize) -> String {
-    let mut rng = SplitMix64::new(1000 + tenant as u64);
+    let mut rng = Rng::new(1000 + tenant as u64);
     let mut text = format!("You are the assistant of customer {tenant}. Facts you know:");
     for _ in 0..words {
         text.push(' ');
@@ -472,7 +472,7 @@ where
             }
         }
         Some(rate) => {
-            let mut rng = SplitMix64::new(7);
+            let mut rng = Rng::new(7);
             let mut at = start;
             while issued < jobs.len() && at < deadline {
                 let u = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
@@ -1062,7 +1062,7 @@ fn write_lora(model: &GgufFile, path: &Path, seed: u64) {
     w.set_str("general.type", "adapter").unwrap_or_else(fail);
     w.set_str("adapter.type", "lora").unwrap_or_else(fail);
     w.set_f32("adapter.lora.alpha", 8.0).unwrap_or_else(fail);
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = Rng::new(seed);
     let rank = 8usize;
     for info in model.tensors() {
         let is_target =

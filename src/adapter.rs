@@ -165,7 +165,7 @@ impl Adapter {
     /// z), z ~ N(0, 1) drawn from `seed` matrix by matrix (`svfit adapter
     /// perturb`).
     pub fn perturb(&mut self, singular_values: &[(TargetMatrix, Vec<f32>)], scale: f32, seed: u64) {
-        let mut rng = crate::sampling::SplitMix64::new(seed);
+        let mut rng = crate::rng::Rng::new(seed);
         for ((_, sigma), (_, s)) in self.sigma.iter_mut().zip(singular_values) {
             for (v, base) in sigma.iter_mut().zip(s) {
                 *v = base * (1.0 + scale * rng.normal());

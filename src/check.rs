@@ -31,8 +31,8 @@ use crate::adapter::Adapter;
 use crate::factors::{self, Factor, FactorsKey, SingularValues, TargetMatrix};
 use crate::ggml::{Placement, Type};
 use crate::merge::{self, MergeType};
-use crate::model::random::Rng;
 use crate::model::{Batch, Learner, LoadOptions, Model, ModelError, Slot, TrainRow, WeightFormat};
+use crate::rng::Rng;
 use crate::sampling::argmax;
 
 /// How close two sets of logits rows are.

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod adapter;
+#[cfg(feature = "check")]
 pub mod check;
 pub mod engine;
 pub mod factors;
@@ -17,8 +18,10 @@ pub mod home;
 pub mod merge;
 pub mod model;
 pub mod npy;
+#[cfg(feature = "check")]
 pub mod oracle;
 pub mod prefix_cache;
+pub mod rng;
 pub mod sampling;
 pub mod server;
 pub mod store;

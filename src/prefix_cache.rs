@@ -122,6 +122,7 @@ impl PrefixCache {
     }
 
     /// How many of `keys`, from the first, are cached already.
+    #[cfg(test)]
     pub fn cached(&self, keys: &[BlockKey]) -> usize {
         keys.iter().take_while(|k| self.blocks.contains(*k)).count()
     }

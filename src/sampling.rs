@@ -1,6 +1,8 @@
 //! Token sampling: repetition penalty, then top-k, top-p and min-p filtering,
 //! then temperature and a seeded draw. Temperature 0 is greedy (argmax).
 
+use crate::rng::Rng;
+
 /// Sampling settings of one request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -68,17 +70,13 @@ impl SamplingParams {
 /// A seeded sampler for one sequence.
 pub struct Sampler {
     params: SamplingParams,
-    rng: SplitMix64,
+    rng: Rng,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = SplitMix64(params.seed);
+        let rng = Rng::new(params.seed);
         Sampler { params, rng }
-    }
-
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
     }
 
     /// Picks the next token from `logits`, given the tokens so far.
@@ -152,7 +150,7 @@ impl Sampler {
         }
         let kept = &probs[..keep];
         let total: f32 = kept.iter().sum();
-        let mut r = self.rng.next_f32() * total;
+        let mut r = self.rng.uniform() * total;
         for (i, q) in kept.iter().enumerate() {
             if r < *q {
                 return candidates[i].0;
@@ -220,36 +218,6 @@ pub fn logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
             .get(token as usize)
             .map_or(f32::NEG_INFINITY, |&l| of(l)),
         top: best.into_iter().map(|(t, l)| (t, of(l))).collect(),
-    }
-}
-
-/// A small, seedable generator (SplitMix64): the same seed gives the same
-/// tokens on every machine.
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    /// A standard normal draw (Box-Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u = (self.next_f32() + 1.0 / (1u64 << 25) as f32).min(1.0);
-        let v = self.next_f32();
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 }
 

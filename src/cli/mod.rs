@@ -4,12 +4,14 @@
 //! convert and adapter, `train`: train and eval, `check`: a device against
 //! the CPU).
 
+#[cfg(feature = "check")]
 mod check;
 mod factors;
 mod inference;
 mod serve;
 mod train;
 
+#[cfg(feature = "check")]
 use check::CheckArgs;
 use factors::{AdapterCommand, ConvertArgs, FactorizeArgs, MergeArgs};
 use inference::{GenerateArgs, LogitsArgs};
@@ -94,6 +96,7 @@ enum Command {
     /// Check a compute device against the CPU on one model: logits, an
     /// adapter against the merged weights, batch invariance, the training
     /// gradient, training speed, and where every op ran.
+    #[cfg(feature = "check")]
     Check(CheckArgs),
 }
 
@@ -350,6 +353,7 @@ pub fn run() -> ExitCode {
         Command::Adapter(command) => factors::run_adapter(&command),
         Command::Train(args) => train::run_train(&args),
         Command::Eval(args) => train::run_eval(&args),
+        #[cfg(feature = "check")]
         Command::Check(args) => check::run_check(&args),
     };
     match result {

@@ -268,10 +268,16 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
     if progress.tty {
         eprintln!();
     }
-    let loss = summary
+    let mut loss = summary
         .final_loss
         .map(|l| format!(", last loss {l:.4}"))
         .unwrap_or_default();
+    if let Some(l) = summary.eval_loss {
+        loss += &format!(", held-out loss {l:.4}");
+    }
+    if let Some(a) = summary.eval_accuracy {
+        loss += &format!(" (accuracy {:.1}%)", 100.0 * a);
+    }
     match (summary.outcome, &summary.adapter) {
         (Outcome::Finished, Some(adapter)) => eprintln!(
             "wrote {} ({} steps in {}{loss}); metrics {}, plot {}",

@@ -106,8 +106,6 @@ pub enum Event {
     Text {
         text: String,
         tokens: Vec<u32>,
-        /// Time to the first token (on the first event only).
-        first: Option<Duration>,
         /// One per token of `tokens` when the job asked for them.
         logprobs: Vec<TokenLogprob>,
     },

@@ -504,7 +504,6 @@ impl Worker {
             let _ = job.events.send(Event::Text {
                 text: tail,
                 tokens: Vec::new(),
-                first: None,
                 logprobs: Vec::new(),
             });
         }
@@ -558,17 +557,14 @@ fn advance(
         .sequence
         .advance(logits, tokenizer, &mut |t| text.push_str(t));
     let tokens = r.sequence.generated()[before..].to_vec();
-    let first = if r.first_token.is_none() && !tokens.is_empty() {
+    if r.first_token.is_none() && !tokens.is_empty() {
         let ttft = r.job.arrived.elapsed();
         r.first_token = Some(ttft);
         stats
             .latency
             .time_to_first_token
             .observe(ttft.as_secs_f64());
-        Some(ttft)
-    } else {
-        None
-    };
+    }
     if !tokens.is_empty() {
         let now = Instant::now();
         if let Some(last) = r.last_token.replace(now) {
@@ -592,7 +588,6 @@ fn advance(
         let _ = r.job.events.send(Event::Text {
             text,
             tokens,
-            first,
             logprobs,
         });
     }

@@ -186,9 +186,9 @@ pub struct TensorSet {
     tensors: Vec<NonNull<sys::ggml_tensor>>,
     by_name: HashMap<String, TensorId>,
     buffer: Buffer,
-    // Dropped after the buffer, which is fine: freeing a buffer does not touch
-    // the tensors' metadata.
-    ctx: Context,
+    // Holds the tensors' metadata; dropped after the buffer, which is fine:
+    // freeing a buffer does not touch it.
+    _ctx: Context,
 }
 
 // SAFETY: the set owns its context and buffer; raw tensor pointers point into
@@ -224,7 +224,7 @@ impl TensorSet {
             tensors,
             by_name,
             buffer,
-            ctx,
+            _ctx: ctx,
         })
     }
 
@@ -243,10 +243,6 @@ impl TensorSet {
 
     pub fn find(&self, name: &str) -> Option<TensorId> {
         self.by_name.get(name).copied()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = Tensor<'_>> + '_ {
-        self.ctx.tensors()
     }
 
     pub fn buffer(&self) -> &Buffer {
@@ -334,16 +330,6 @@ impl Scheduler {
     /// The backend that holds weights and caches (the first one).
     pub fn primary(&self) -> &Backend {
         &self.backends[0]
-    }
-
-    pub fn backends(&self) -> &[Backend] {
-        &self.backends
-    }
-
-    pub fn set_threads(&self, threads: usize) {
-        for b in &self.backends {
-            b.set_threads(threads);
-        }
     }
 
     /// Allocates the graph's intermediate tensors (and inputs); the inputs

@@ -594,11 +594,6 @@ impl Context {
         self.wrap(unsafe { sys::ggml_concat(self.as_ptr(), a.as_ptr(), b.as_ptr(), dim) })
     }
 
-    pub fn reshape_1d<'a>(&'a self, a: Tensor<'a>, ne0: i64) -> Tensor<'a> {
-        // SAFETY: see `mul_mat`.
-        self.wrap(unsafe { sys::ggml_reshape_1d(self.as_ptr(), a.as_ptr(), ne0) })
-    }
-
     pub fn reshape_3d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64, ne2: i64) -> Tensor<'a> {
         // SAFETY: see `mul_mat`.
         self.wrap(unsafe { sys::ggml_reshape_3d(self.as_ptr(), a.as_ptr(), ne0, ne1, ne2) })
@@ -645,10 +640,5 @@ impl Context {
     pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: see `mul_mat`.
         self.wrap(unsafe { sys::ggml_cont(self.as_ptr(), a.as_ptr()) })
-    }
-
-    pub fn cast<'a>(&'a self, a: Tensor<'a>, ty: Type) -> Tensor<'a> {
-        // SAFETY: see `mul_mat`.
-        self.wrap(unsafe { sys::ggml_cast(self.as_ptr(), a.as_ptr(), ty.0) })
     }
 }

@@ -224,7 +224,7 @@ fn band(len: usize, ith: usize, nth: usize, align: usize) -> (usize, usize) {
 mod tests {
     use super::band;
     use crate::ggml::{Backend, Context, Scheduler, TensorSet, Type};
-    use crate::sampling::SplitMix64;
+    use crate::rng::Rng;
 
     /// Every product shape training builds (2-D, batched with grouped-query
     /// broadcast, `OUT_PROD` of a transposed view), through ggml's kernels
@@ -239,7 +239,7 @@ mod tests {
             ("out_prod of a transpose", [m, k, 1, 1], [k, n, 1, 1]),
             ("out_prod batched", [m, k, 3, 1], [k, n, 9, 1]),
         ];
-        let mut rng = SplitMix64::new(5);
+        let mut rng = Rng::new(5);
         for (name, a_shape, b_shape) in shapes {
             let ctx = Context::new(2, 0).unwrap();
             ctx.new_tensor(Type::F32, &a_shape).set_name("a");

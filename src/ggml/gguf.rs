@@ -28,8 +28,6 @@ pub enum GgufError {
         end: u64,
         size: u64,
     },
-    #[error("{path}: metadata '{key}' is missing")]
-    MissingKey { path: PathBuf, key: String },
     #[error("{path}: metadata '{key}' has type {actual}, expected {expected}")]
     KeyType {
         path: PathBuf,
@@ -155,10 +153,6 @@ impl GgufFile {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
@@ -206,10 +200,6 @@ impl GgufFile {
                 })
                 .collect()
         }
-    }
-
-    pub fn has_key(&self, key: &str) -> bool {
-        self.key_id(key).is_some()
     }
 
     /// A string value, `Ok(None)` when the key is absent.
@@ -289,18 +279,6 @@ impl GgufFile {
         }
         // SAFETY: the key holds an array.
         Ok(Some(unsafe { sys::gguf_get_arr_n(self.raw.as_ptr(), id) }))
-    }
-
-    /// The key as a required value: turns `Ok(None)` into a MissingKey error.
-    pub fn require<T>(
-        &self,
-        key: &str,
-        value: Result<Option<T>, GgufError>,
-    ) -> Result<T, GgufError> {
-        value?.ok_or_else(|| GgufError::MissingKey {
-            path: self.path.clone(),
-            key: key.to_string(),
-        })
     }
 
     /// Reads one tensor's raw bytes (in its stored type) from the file.

@@ -10,6 +10,7 @@ mod backend;
 mod context;
 pub mod gemm;
 pub mod gguf;
+#[cfg(feature = "check")]
 pub mod llama;
 pub mod log;
 pub mod q8_0;
@@ -62,7 +63,6 @@ impl Type {
     pub const I32: Type = Type(sys::GGML_TYPE_I32);
     pub const I64: Type = Type(sys::GGML_TYPE_I64);
     pub const Q8_0: Type = Type(sys::GGML_TYPE_Q8_0);
-    pub const Q4_0: Type = Type(sys::GGML_TYPE_Q4_0);
     pub const Q4_1: Type = Type(sys::GGML_TYPE_Q4_1);
 
     /// The type's name as ggml prints it ("f32", "q4_1", ...).

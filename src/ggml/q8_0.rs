@@ -580,7 +580,7 @@ mod kernel {
 mod tests {
     use super::*;
     use crate::ggml::{quantize, Backend, Scheduler, TensorSet};
-    use crate::sampling::SplitMix64;
+    use crate::rng::Rng;
 
     /// The kernel, alone and with each `Then`, against ggml's own ops, bit
     /// for bit, for batch widths 1 to 9 (odd ones leave half a pair) on 2
@@ -592,7 +592,7 @@ mod tests {
             return;
         }
         let (k, n, n_slots) = (96usize, 12usize, 3usize);
-        let mut rng = SplitMix64::new(3);
+        let mut rng = Rng::new(3);
         let mut values = |len: usize, scale: f32| -> Vec<f32> {
             (0..len).map(|_| scale * rng.normal()).collect()
         };

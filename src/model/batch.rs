@@ -79,10 +79,6 @@ impl Batch {
         self.tokens.is_empty()
     }
 
-    pub fn n_outputs(&self) -> usize {
-        self.outputs.iter().filter(|&&o| o).count()
-    }
-
     /// When tokens of one sequence are not contiguous, the order (indices
     /// into this batch) that groups them, sequences in order of first
     /// appearance and each sequence's tokens in batch order.

@@ -5,6 +5,7 @@ mod batch;
 mod config;
 mod graph;
 pub mod kv_cache;
+#[cfg(feature = "check")]
 pub mod random;
 mod svfit;
 pub mod tokenizer;
@@ -121,6 +122,7 @@ pub struct Logits {
 }
 
 impl Logits {
+    #[cfg(feature = "check")]
     pub(crate) fn new(n_vocab: usize, data: Vec<f32>) -> Self {
         Logits { n_vocab, data }
     }
@@ -245,10 +247,6 @@ impl Model {
     /// Where the nodes of the last graph ran, once recorded.
     pub fn placement(&self) -> Option<crate::ggml::Placement> {
         self.sched.placement().cloned()
-    }
-
-    pub fn set_threads(&self, threads: usize) {
-        self.sched.set_threads(threads);
     }
 
     /// Places SVD factors of this model's target matrices on its backend,
@@ -440,9 +438,4 @@ fn batch_output_rows(batch: &Batch, order: &[usize]) -> Vec<usize> {
         .filter(|&i| batch.outputs[i])
         .map(|i| row_of[i])
         .collect()
-}
-
-/// Loads `path` with default options (CPU, all cores).
-pub fn load(path: &Path) -> Result<Model, ModelError> {
-    Model::load(path, &LoadOptions::default())
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::ggml::gguf::{GgufFile, GgufWriter};
 use crate::ggml::{self, Type};
+use crate::rng::Rng;
 
 use super::config::Arch;
 use super::ModelError;
@@ -158,42 +159,6 @@ impl Types<'_> {
                 _ => Type::Q4_1,
             },
         }
-    }
-}
-
-/// A deterministic normal generator (xorshift64 and Box-Muller).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407))
-    }
-
-    /// Uniform in (0, 1).
-    pub fn uniform(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 + 0.5) / (1u64 << 24) as f32
-    }
-
-    pub fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
-    }
-
-    pub fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
-        (0..n).map(|_| self.normal() * std).collect()
-    }
-
-    /// `n` token ids drawn uniformly from a vocabulary of `n_vocab`.
-    pub fn tokens(&mut self, n: usize, n_vocab: usize) -> Vec<u32> {
-        let top = n_vocab.saturating_sub(1);
-        (0..n)
-            .map(|_| ((self.uniform() * n_vocab as f32) as usize).min(top) as u32)
-            .collect()
     }
 }
 

@@ -59,7 +59,6 @@ pub struct Branch {
     targets: Vec<[Option<Target>; KINDS.len()]>,
     by_prefix: HashMap<String, (usize, usize)>,
     n_slots: usize,
-    factor_type: Type,
 }
 
 fn kind_index(kind: &str) -> Option<usize> {
@@ -150,7 +149,6 @@ impl Branch {
             targets,
             by_prefix,
             n_slots,
-            factor_type,
         })
     }
 
@@ -161,10 +159,6 @@ impl Branch {
     /// Bytes the factors and slot tables take on the backend.
     pub fn bytes(&self) -> usize {
         self.set.buffer().size()
-    }
-
-    pub fn factor_type(&self) -> Type {
-        self.factor_type
     }
 
     /// Writes an adapter's deltas (`sigma - S` per `blk.L.kind`) into `slot`;

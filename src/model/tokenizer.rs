@@ -119,10 +119,6 @@ impl Tokenizer {
         self.vocab_model.vocab().is_eog(LlamaToken(token as i32))
     }
 
-    pub fn n_vocab(&self) -> usize {
-        self.vocab_model.vocab().n_tokens().max(0) as usize
-    }
-
     /// Renders `messages` with the model's chat template; `add_assistant`
     /// opens the assistant's turn. A file without a template (a base model)
     /// gets its family's turns: Gemma's (`<start_of_turn>user` …

@@ -128,12 +128,7 @@ impl Backend for LocalDir {
         Box::pin(off_async(move || read_file(&path)))
     }
 
-    fn update<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-        next: &'a mut NextFile<'_>,
-    ) -> Call<'a, ()> {
+    fn update<'a>(&'a self, tenant: &'a str, id: &'a str, next: &'a mut NextFile) -> Call<'a, ()> {
         let dir = self.0.join(tenant);
         let path = self.path(tenant, id);
         Box::pin(async move {

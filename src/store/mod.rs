@@ -122,7 +122,6 @@ pub struct CacheStats {
     /// Lookups answered from the cache because the store was unreachable.
     pub served_unreachable: u64,
     pub bytes: usize,
-    pub entries: usize,
 }
 
 /// How many adapters may be pinned: in all (the device slots less one, so
@@ -174,12 +173,7 @@ pub trait Backend: Send + Sync {
     /// Replaces the file with `next(current)`, atomically and only if no
     /// other writer replaced it in between (`next` may be called again
     /// with the newer file).
-    fn update<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-        next: &'a mut NextFile<'_>,
-    ) -> Call<'a, ()>;
+    fn update<'a>(&'a self, tenant: &'a str, id: &'a str, next: &'a mut NextFile) -> Call<'a, ()>;
     /// Whether there was a file to delete.
     fn delete<'a>(&'a self, tenant: &'a str, id: &'a str) -> Call<'a, bool>;
     fn tenants(&self) -> Call<'_, Vec<String>>;
@@ -305,10 +299,6 @@ impl AdapterStore {
         &self.checker.key
     }
 
-    pub fn singular(&self) -> &SingularValues {
-        &self.checker.singular
-    }
-
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A std Mutex: it is held for map operations only, never across I/O
         // or an await. A panic while holding it cannot leave the cache
@@ -320,7 +310,6 @@ impl AdapterStore {
         let s = self.state();
         CacheStats {
             bytes: s.cache.iter().map(|(_, c)| c.bytes).sum(),
-            entries: s.cache.len(),
             ..s.stats
         }
     }
@@ -542,10 +531,6 @@ impl AdapterStore {
             Self::evict(&mut s, self.budget);
         }
         Ok(stored)
-    }
-
-    pub fn pinned_count(&self) -> usize {
-        self.state().pinned.len()
     }
 
     pub fn is_pinned(&self, tenant: &str, id: &str) -> bool {

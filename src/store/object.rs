@@ -212,12 +212,7 @@ impl Backend for Objects {
         })
     }
 
-    fn update<'a>(
-        &'a self,
-        tenant: &'a str,
-        id: &'a str,
-        next: &'a mut NextFile<'_>,
-    ) -> Call<'a, ()> {
+    fn update<'a>(&'a self, tenant: &'a str, id: &'a str, next: &'a mut NextFile) -> Call<'a, ()> {
         Box::pin(async move {
             if self.update_object(&self.path(tenant, id), next).await? {
                 Ok(())

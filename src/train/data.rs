@@ -378,9 +378,9 @@ pub fn pack<'e>(examples: impl IntoIterator<Item = &'e Example>, ctx: usize) -> 
     rows
 }
 
-/// A deterministic Fisher–Yates shuffle (SplitMix64 from `seed`).
+/// A deterministic Fisher–Yates shuffle (`Rng` from `seed`).
 pub fn shuffle<T>(items: &mut [T], seed: u64) {
-    let mut rng = crate::sampling::SplitMix64::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     for i in (1..items.len()).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         items.swap(i, j);

@@ -234,14 +234,6 @@ impl Trainer {
         &self.state
     }
 
-    pub fn hyper(&self) -> &Hyper {
-        &self.hyper
-    }
-
-    pub fn learner(&self) -> &Learner {
-        &self.learner
-    }
-
     /// `sigma - S` of every trained value, in parameter order.
     pub fn deltas(&self) -> Vec<f32> {
         self.state

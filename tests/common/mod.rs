@@ -14,7 +14,8 @@ use svfit::model::random::{self, Types};
 use svfit::model::Logits;
 use svfit::oracle::Reference;
 
-pub use svfit::model::random::{Rng, Shape};
+pub use svfit::model::random::Shape;
+pub use svfit::rng::Rng;
 
 /// The tiny test model's shape.
 pub const TINY: Shape = Shape::TINY;

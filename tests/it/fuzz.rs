@@ -10,7 +10,7 @@
 //! files in `tests/fuzz/corpus/<target>/` (flips, interesting values,
 //! insertions, deletions, truncations, splices); structured targets draw
 //! whole requests. Each target runs `SVFIT_FUZZ_SECS` seconds (default
-//! 20, as in CI, where six targets share the suite's time; longer runs:
+//! 10, as in CI, where six targets share the suite's time; longer runs:
 //! `SVFIT_FUZZ_SECS=600`); `SVFIT_FUZZ_SEED` replays a run (its seed is
 //! printed).
 //! A failure prints the shrunk input: add it to the corpus with the fix.
@@ -63,7 +63,7 @@ fn fuzz<S: Strategy>(
         std::env::var("SVFIT_FUZZ_SECS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(20),
+            .unwrap_or(10),
     );
     let seed: u64 = std::env::var("SVFIT_FUZZ_SEED")
         .ok()

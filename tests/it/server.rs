@@ -450,7 +450,7 @@ async fn a_prompt_of_several_prefill_chunks_runs_every_chunk_with_its_adapter() 
     // A strong adapter, so that the keys and values of the first chunks
     // matter to the answer.
     let mut strong = adapter(410);
-    let mut rng = svfit::sampling::SplitMix64::new(411);
+    let mut rng = svfit::rng::Rng::new(411);
     for v in strong.sigma.iter_mut().flat_map(|(_, s)| s.iter_mut()) {
         *v *= 1.0 + rng.normal();
     }

@@ -15,7 +15,7 @@ use svfit::factors::{self, Factor, FactorsKey, SingularValues, TargetMatrix};
 use svfit::ggml::Type;
 use svfit::merge::{self, MergeType};
 use svfit::model::{random, Arch, Batch, LoadOptions, Model, SeqId, Slot, Tokenizer};
-use svfit::sampling::{argmax, SplitMix64};
+use svfit::sampling::argmax;
 
 const THREADS: usize = 2;
 const N_CTX: usize = 512;
@@ -45,7 +45,7 @@ impl Setup {
     /// An adapter with sigma = S (1 + scale z), z ~ N(0, 1).
     fn adapter(&self, scale: f32, seed: u64) -> Adapter {
         let mut a = Adapter::identity(&self.key, &self.singular);
-        let mut rng = SplitMix64::new(seed);
+        let mut rng = Rng::new(seed);
         for (_, sigma) in &mut a.sigma {
             for v in sigma.iter_mut() {
                 *v *= 1.0 + scale * rng.normal();
