@@ -150,8 +150,54 @@ impl<'a> Builder<'a, '_> {
     /// `y = W x` for a weight of the model, plus `U (D[:, slot] ⊙ Vt x)`
     /// when the matrix is an SVFit target (METHOD.md §4).
     fn linear(self, w: TensorId, x: Tensor<'a>, svfit: Option<Adapted<'a>>) -> Tensor<'a> {
+        let y = self.weights.product(self.ctx, w, x);
+        self.adapt(y, x, svfit)
+    }
+
+    /// The layer's fused matrix `tensor` (with its bias) over `x`, cut into
+    /// the matrices of `kinds` (`[rows, n_tokens]` each, in order, rows as
+    /// [`Config::matrix_slice`] says), each plus its SVFit branch where it
+    /// is a target: llama.cpp's views of one product, and a target per
+    /// logical matrix.
+    fn project_fused<const N: usize>(
+        self,
+        layer: &LayerWeights,
+        tensor: &str,
+        x: Tensor<'a>,
+        kinds: [&str; N],
+        svfit: BranchOf<'_, 'a>,
+    ) -> [Tensor<'a>; N] {
+        let y = self.project(layer, tensor, x, None);
+        let (row, n_tokens) = (y.nb()[1], y.ne()[1]);
+        let f32 = Type::F32.row_size(1).expect("f32");
+        kinds.map(|kind| {
+            let rows = match self.cfg.matrix_slice(kind) {
+                Some(slice) if slice.tensor == tensor => slice.rows,
+                _ => unreachable!("{kind} is not a part of {tensor}"),
+            };
+            let len = (rows.end - rows.start) as i64;
+            let part = self.ctx.view_3d(
+                y,
+                [len, n_tokens, 1],
+                row,
+                row * n_tokens as usize,
+                rows.start * f32,
+            );
+            let part = self.adapt(part, x, svfit(kind));
+            // ggml's backward zeroes the source of a view with `scale`, which
+            // reads whole rows only: a training graph views no view.
+            if self.differentiable && !part.is_contiguous() {
+                self.ctx.cont(part)
+            } else {
+                part
+            }
+        })
+    }
+
+    /// `y` (a product over `x`) plus the SVFit branch `U (D[:, slot] ⊙ Vt
+    /// x)` where there is one.
+    fn adapt(self, y: Tensor<'a>, x: Tensor<'a>, svfit: Option<Adapted<'a>>) -> Tensor<'a> {
         let ctx = self.ctx;
-        let y = self.weights.product(ctx, w, x);
         let Some(Adapted { u, vt, delta }) = svfit else {
             return y;
         };
@@ -174,7 +220,13 @@ impl<'a> Builder<'a, '_> {
     ) -> Tensor<'a> {
         let (ctx, cfg, weights) = (self.ctx, self.cfg, self.weights);
         let hd = cfg.head_dim as i64;
-        let t = ctx.reshape_3d(t, hd, t.ne()[0] / hd, t.ne()[1]);
+        let shape = [hd, t.ne()[0] / hd, t.ne()[1]];
+        let t = if t.is_contiguous() {
+            ctx.reshape_3d(t, shape[0], shape[1], shape[2])
+        } else {
+            // A part of a fused product: heads in place, as llama.cpp's view.
+            ctx.view_3d(t, shape, t.nb()[0] * hd as usize, t.nb()[1], 0)
+        };
         let t = self.maybe_norm(t, norm);
         let (freq_base, freq_scale) = cfg.rope_of_layer(il);
         let rope = Rope {
@@ -202,14 +254,25 @@ impl<'a> Builder<'a, '_> {
         positions: Tensor<'a>,
         svfit: BranchOf<'_, 'a>,
     ) -> [Tensor<'a>; 3] {
-        let proj = |kind| self.project(layer, kind, x, svfit(kind));
-        let q = self.heads(il, proj("attn_q"), layer.attn_q_norm, positions);
-        let k = self.heads(il, proj("attn_k"), layer.attn_k_norm, positions);
+        let [q, k, v] = if self.cfg.arch.fused_qkv() {
+            let kinds = ["attn_q", "attn_k", "attn_v"];
+            self.project_fused(layer, "attn_qkv", x, kinds, svfit)
+        } else {
+            ["attn_q", "attn_k", "attn_v"].map(|kind| self.project(layer, kind, x, svfit(kind)))
+        };
+        let q = self.heads(il, q, layer.attn_q_norm, positions);
+        let k = self.heads(il, k, layer.attn_k_norm, positions);
         let q = match self.cfg.query_scale {
             Some(s) if !self.differentiable => self.ctx.scale(q, s),
             _ => q,
         };
-        [q, k, proj("attn_v")]
+        // The caches and training read v's rows whole.
+        let v = if v.is_contiguous() {
+            v
+        } else {
+            self.ctx.cont(v)
+        };
+        [q, k, v]
     }
 
     /// The softmax's scale of attention scores: 1 where q was scaled.
@@ -233,8 +296,13 @@ impl<'a> Builder<'a, '_> {
         svfit: BranchOf<'_, 'a>,
     ) -> Tensor<'a> {
         let x = self.rms_norm(x, layer.ffn_norm);
-        let up = self.project(layer, "ffn_up", x, svfit("ffn_up"));
-        let gate = self.project(layer, "ffn_gate", x, svfit("ffn_gate"));
+        let [gate, up] = if self.cfg.arch.fused_gate_up() {
+            // The gate is the first half (ggml's swiglu of one input).
+            self.project_fused(layer, "ffn_up", x, ["ffn_gate", "ffn_up"], svfit)
+        } else {
+            let up = self.project(layer, "ffn_up", x, svfit("ffn_up"));
+            [self.project(layer, "ffn_gate", x, svfit("ffn_gate")), up]
+        };
         let act = match self.cfg.arch.activation() {
             Activation::Silu => self.ctx.swiglu_split(gate, up),
             Activation::Gelu if self.differentiable => self.ctx.mul(self.gelu(gate), up),
