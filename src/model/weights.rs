@@ -220,8 +220,8 @@ impl Weights {
                     .filter_map(|&kind| Some((kind, set.find(&format!("blk.{l}.{kind}.bias"))?)))
                     .collect();
                 let matrices = matrix_tensors(config.arch)
-                    .iter()
-                    .map(|&kind| Ok((kind, t(kind)?)))
+                    .into_iter()
+                    .map(|kind| Ok((kind, t(kind)?)))
                     .collect::<Result<_, ModelError>>()?;
                 Ok(LayerWeights {
                     biases,
@@ -310,28 +310,18 @@ impl LayerWeights {
 
 /// The matrix tensors (kinds) of a block of the family: llama's seven, or
 /// Phi-3's four with q/k/v fused in `attn_qkv` and gate/up in `ffn_up`.
-pub fn matrix_tensors(arch: Arch) -> &'static [&'static str] {
-    match (arch.fused_qkv(), arch.fused_gate_up()) {
-        (true, true) => &["attn_qkv", "attn_output", "ffn_up", "ffn_down"],
-        (true, false) => &["attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"],
-        (false, true) => &[
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_up",
-            "ffn_down",
-        ],
-        (false, false) => &[
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ],
-    }
+pub fn matrix_tensors(arch: Arch) -> Vec<&'static str> {
+    let attention: &[&str] = if arch.fused_qkv() {
+        &["attn_qkv"]
+    } else {
+        &["attn_q", "attn_k", "attn_v"]
+    };
+    let ffn: &[&str] = if arch.fused_gate_up() {
+        &["ffn_up"]
+    } else {
+        &["ffn_gate", "ffn_up"]
+    };
+    [attention, &["attn_output"], ffn, &["ffn_down"]].concat()
 }
 
 /// Where a layer's matrix of one kind (`attn_q` … `ffn_down`, the kinds
@@ -495,7 +485,7 @@ fn expected_shapes(c: &Config) -> Vec<(String, Vec<i64>, bool)> {
     for l in 0..c.n_layer {
         let w = |kind: &str, shape: Vec<i64>| (format!("blk.{l}.{kind}.weight"), shape, true);
         out.extend([w("attn_norm", vec![embd]), w("ffn_norm", vec![embd])]);
-        for &kind in matrix_tensors(c.arch) {
+        for kind in matrix_tensors(c.arch) {
             let rows = match kind {
                 "attn_qkv" => q + 2 * kv,
                 "attn_q" => q,
