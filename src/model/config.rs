@@ -32,9 +32,10 @@ pub enum Arch {
     /// Gemma 3: as Gemma 2 with q/k norms, five sliding-window layers in
     /// six with their own RoPE base, and no soft-capping by default.
     Gemma3,
-    /// Phi-3 and Phi-3.5 mini: llama's block with q, k and v fused in one
+    /// Phi-3 (mini, medium): llama's block with q, k and v fused in one
     /// matrix (`attn_qkv`), gate and up in one (`ffn_up`, gate first), q
-    /// scaled by 1/√head_dim before attention; NeoX RoPE.
+    /// scaled by 1/√head_dim before attention; NeoX RoPE. The LongRoPE
+    /// files (Phi-3 128k, Phi-3.5) are refused.
     Phi3,
 }
 
