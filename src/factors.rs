@@ -5,11 +5,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::ggml::gguf::{GgufError, GgufFile};
 use crate::ggml::{self, Type};
+use crate::model::{Config, MatrixSlice, ModelError};
 
 /// Matrix kinds that can be targets: short name and GGUF tensor kind.
 pub const KINDS: [(&str, &str); 7] = [
@@ -36,6 +38,14 @@ pub enum FactorError {
     Dequantize { name: String, ty: Type },
     #[error("tensor '{0}' is missing from the model")]
     MissingTensor(String),
+    #[error("tensor '{name}' has {m} rows, a target is its rows {rows:?}")]
+    Rows {
+        name: String,
+        m: usize,
+        rows: Range<usize>,
+    },
+    #[error(transparent)]
+    Model(#[from] ModelError),
     #[error("the SVD of '{0}' did not converge")]
     Svd(String),
     #[error("{path}: {source}")]
@@ -224,7 +234,10 @@ impl Factor {
 /// The singular values `S` of every target matrix, in the factors' order.
 pub type SingularValues = Vec<(TargetMatrix, Vec<f32>)>;
 
-/// One target matrix of the model: its GGUF name and factor-file prefix.
+/// One target matrix of the model: a layer and a kind (`attn_q` …), its
+/// factor-file prefix. Where the family fuses matrices, it is rows of a
+/// tensor ([`Config::matrix_slice`]: q of Phi-3's `attn_qkv`), factored on
+/// its own.
 #[derive(Clone, Debug)]
 pub struct TargetMatrix {
     pub layer: usize,
@@ -236,25 +249,33 @@ impl TargetMatrix {
     pub fn prefix(&self) -> String {
         format!("blk.{}.{}", self.layer, self.kind)
     }
+
+    /// Where the matrix is stored in a model of `config`: its tensor and
+    /// rows.
+    pub fn slice(&self, config: &Config) -> Result<MatrixSlice, FactorError> {
+        config
+            .matrix_slice(self.kind)
+            .ok_or_else(|| FactorError::MissingTensor(format!("{}.weight", self.prefix())))
+    }
 }
 
-/// Every target matrix of `gguf` for `targets`, in layer order.
+/// Every target matrix of `gguf` for `targets`, in layer order, with where
+/// it is stored (the model's config says, per family).
 pub fn target_matrices(
     gguf: &GgufFile,
     targets: &Targets,
-) -> Result<Vec<TargetMatrix>, FactorError> {
-    let n_layer = (0..)
-        .take_while(|l| gguf.tensor(&format!("blk.{l}.attn_norm.weight")).is_some())
-        .count();
+) -> Result<Vec<(TargetMatrix, MatrixSlice)>, FactorError> {
+    let config = Config::from_gguf(gguf)?;
     let mut out = Vec::new();
-    for layer in 0..n_layer {
+    for layer in 0..config.n_layer {
         for &kind in targets.kinds() {
             let t = TargetMatrix { layer, kind };
-            let name = format!("{}.weight", t.prefix());
+            let slice = t.slice(&config)?;
+            let name = slice.tensor_name(layer);
             if gguf.tensor(&name).is_none() {
                 return Err(FactorError::MissingTensor(name));
             }
-            out.push(t);
+            out.push((t, slice));
         }
     }
     Ok(out)
@@ -263,16 +284,39 @@ pub fn target_matrices(
 /// Dequantizes one weight of the GGUF as a row-major `[m, n]` matrix
 /// (m = out features = ggml ne[1], n = in features = ne[0]).
 pub fn read_matrix(gguf: &GgufFile, name: &str) -> Result<(Vec<f32>, usize, usize), FactorError> {
+    let m = gguf.tensor(name).map_or(0, |info| info.ne[1] as usize);
+    read_rows(gguf, name, 0..m)
+}
+
+/// Dequantizes rows `rows` of one weight of the GGUF (a matrix that a
+/// family fuses with others): row-major `[rows.len(), n]`.
+pub fn read_rows(
+    gguf: &GgufFile,
+    name: &str,
+    rows: Range<usize>,
+) -> Result<(Vec<f32>, usize, usize), FactorError> {
     let info = gguf
         .tensor(name)
         .ok_or_else(|| FactorError::MissingTensor(name.to_string()))?;
     let (n, m) = (info.ne[0] as usize, info.ne[1] as usize);
-    let bytes = gguf.read_tensor_bytes(info)?;
-    let data = ggml::dequantize(info.ty, &bytes, m * n).ok_or_else(|| FactorError::Dequantize {
+    let dequantize = || FactorError::Dequantize {
         name: name.to_string(),
         ty: info.ty,
-    })?;
-    Ok((data, m, n))
+    };
+    if rows.start > rows.end || rows.end > m || info.ne[2] * info.ne[3] != 1 {
+        return Err(FactorError::Rows {
+            name: name.to_string(),
+            m,
+            rows,
+        });
+    }
+    let row = info.ty.row_size(n as i64).ok_or_else(dequantize)?;
+    let bytes = gguf.read_tensor_bytes(info)?;
+    let part = bytes
+        .get(rows.start * row..rows.end * row)
+        .ok_or_else(dequantize)?;
+    let data = ggml::dequantize(info.ty, part, rows.len() * n).ok_or_else(dequantize)?;
+    Ok((data, rows.len(), n))
 }
 
 /// Identifies a factor set: base, targets, rank policy, dtype.
@@ -407,9 +451,9 @@ pub fn build(
     let matrices = target_matrices(&gguf, &key.targets)?;
     let total = matrices.len();
     let mut out = Vec::with_capacity(total);
-    for (i, t) in matrices.into_iter().enumerate() {
+    for (i, (t, slice)) in matrices.into_iter().enumerate() {
         let name = format!("{}.weight", t.prefix());
-        let (w, m, n) = read_matrix(&gguf, &name)?;
+        let (w, m, n) = read_rows(&gguf, &slice.tensor_name(t.layer), slice.rows)?;
         let f = Factor::of_matrix(&w, m, n, key.policy)
             .ok_or_else(|| FactorError::Svd(name.clone()))?;
         progress(i + 1, total, &name, f.rank(), m.min(n));

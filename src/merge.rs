@@ -4,6 +4,7 @@
 //! run an adapter — and so llama.cpp can check our adapter path.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -11,6 +12,7 @@ use crate::adapter::Deltas;
 use crate::factors::{self, Factor, FactorError, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile, GgufWriteError, GgufWriter};
 use crate::ggml::{self, Type};
+use crate::model::Config;
 
 /// The stored type of the merged target matrices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,8 +49,12 @@ pub enum MergeError {
     Matrix { name: String, reason: String },
 }
 
+/// The part of a merged tensor one target is: its rows, factors and deltas.
+type Part<'f> = (Range<usize>, &'f Factor, &'f [f32]);
+
 /// Writes the merged model to `out`; `info` becomes extra metadata keys.
-/// Returns the number of matrices replaced.
+/// Returns the number of matrices replaced. A target that is rows of a
+/// fused tensor (Phi-3's q of `attn_qkv`) is merged into those rows.
 pub fn merge(
     model: &Path,
     factors: &[(TargetMatrix, Factor)],
@@ -58,7 +64,7 @@ pub fn merge(
     out: &Path,
 ) -> Result<usize, MergeError> {
     let gguf = GgufFile::open(model)?;
-    let factors: HashMap<String, &Factor> = factors.iter().map(|(t, f)| (t.prefix(), f)).collect();
+    let parts = parts_by_tensor(&gguf, factors, deltas)?;
     let mut writer = GgufWriter::new(gguf.tensors().len())?;
     writer.copy_metadata_from(&gguf);
     for (key, value) in info {
@@ -67,11 +73,7 @@ pub fn merge(
     let mut replaced = 0;
     for tensor in gguf.tensors() {
         let shape = tensor.shape();
-        let target = tensor.name.strip_suffix(".weight").and_then(|p| {
-            let delta = deltas.iter().find(|(q, _)| q == p)?;
-            Some((factors.get(p).copied(), &delta.1))
-        });
-        let Some((factor, delta)) = target else {
+        let Some(parts) = parts.get(tensor.name.as_str()) else {
             writer.add_tensor(
                 &tensor.name,
                 tensor.ty,
@@ -84,18 +86,21 @@ pub fn merge(
             name: tensor.name.clone(),
             reason,
         };
-        let factor = factor.ok_or_else(|| bad("no factors for this matrix".into()))?;
         let (mut w, m, n) = factors::read_matrix(&gguf, &tensor.name)?;
-        if (factor.m, factor.n, factor.rank()) != (m, n, delta.len()) {
-            return Err(bad(format!(
-                "factors [{}, {}] of rank {} for a [{m}, {n}] matrix with {} deltas",
-                factor.m,
-                factor.n,
-                factor.rank(),
-                delta.len()
-            )));
+        for (rows, factor, delta) in parts {
+            if (factor.m, factor.n, factor.rank()) != (rows.len(), n, delta.len()) || rows.end > m {
+                return Err(bad(format!(
+                    "factors [{}, {}] of rank {} for rows {rows:?} of a [{m}, {n}] matrix with \
+                     {} deltas",
+                    factor.m,
+                    factor.n,
+                    factor.rank(),
+                    delta.len()
+                )));
+            }
+            add_low_rank(&mut w[rows.start * n..rows.end * n], factor, delta);
+            replaced += 1;
         }
-        add_low_rank(&mut w, factor, delta);
         let out_type = match ty {
             MergeType::F16 => Type::F16,
             MergeType::F32 => Type::F32,
@@ -104,20 +109,40 @@ pub fn merge(
         let bytes = ggml::quantize(out_type, &w, n)
             .ok_or_else(|| bad(format!("cannot store it as {out_type}")))?;
         writer.add_tensor(&tensor.name, out_type, shape, bytes)?;
-        replaced += 1;
-    }
-    if replaced != deltas.len() {
-        let missing = deltas
-            .iter()
-            .find(|(p, _)| gguf.tensor(&format!("{p}.weight")).is_none())
-            .map_or_else(String::new, |(p, _)| p.clone());
-        return Err(MergeError::Matrix {
-            name: format!("{missing}.weight"),
-            reason: "the adapter names a matrix the model does not have".into(),
-        });
     }
     writer.write(out)?;
     Ok(replaced)
+}
+
+/// Each adapted tensor's parts, by tensor name: every delta's target with
+/// its factors, where the model stores it (the config says, per family).
+fn parts_by_tensor<'f>(
+    gguf: &GgufFile,
+    factors: &'f [(TargetMatrix, Factor)],
+    deltas: &'f Deltas,
+) -> Result<HashMap<String, Vec<Part<'f>>>, MergeError> {
+    let config = Config::from_gguf(gguf).map_err(FactorError::from)?;
+    let mut parts: HashMap<String, Vec<Part<'f>>> = HashMap::new();
+    for (prefix, delta) in deltas {
+        let bad = |reason: &str| MergeError::Matrix {
+            name: format!("{prefix}.weight"),
+            reason: reason.into(),
+        };
+        let (t, factor) = factors
+            .iter()
+            .find(|(t, _)| t.prefix() == *prefix)
+            .ok_or_else(|| bad("no factors for this matrix"))?;
+        let slice = t.slice(&config)?;
+        let name = slice.tensor_name(t.layer);
+        if t.layer >= config.n_layer || gguf.tensor(&name).is_none() {
+            return Err(bad("the adapter names a matrix the model does not have"));
+        }
+        parts
+            .entry(name)
+            .or_default()
+            .push((slice.rows, factor, delta));
+    }
+    Ok(parts)
 }
 
 /// `w += U diag(delta) Vt` for the row-major `[m, n]` matrix `w`.

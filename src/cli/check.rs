@@ -20,7 +20,7 @@ pub(super) struct CheckArgs {
     /// stored types; q4_1 for a --write-metadata file) or 1b (a real
     /// model's widths and depth, mostly q4_1: for --arch llama Llama 3.2
     /// 1B's at 16 layers, qwen2 Qwen2.5 0.5B's, qwen3 Qwen3 0.6B's, gemma2
-    /// Gemma 2 2B's, gemma3 Gemma 3 1B's)
+    /// Gemma 2 2B's, gemma3 Gemma 3 1B's, phi3 Phi-3 mini's at 8 layers)
     #[arg(long, value_name = "tiny|like|1b", value_parser = ["tiny", "like", "1b"])]
     random: Option<String>,
     /// The family of the --random model, whose tensors and metadata keys
@@ -29,7 +29,7 @@ pub(super) struct CheckArgs {
     #[arg(
         long,
         requires = "random",
-        value_name = "llama|qwen2|qwen3|gemma2|gemma3"
+        value_name = "llama|qwen2|qwen3|gemma2|gemma3|phi3"
     )]
     arch: Option<String>,
     /// Keep the random model at this path (to serve it afterwards)
@@ -168,6 +168,8 @@ fn real_shape(arch: Arch) -> Shape {
         Arch::Gemma2 => shape(256, 2304, 8, 4, 9216, 26),
         // Gemma 3 1B: one KV head of 256.
         Arch::Gemma3 => shape(256, 1152, 4, 1, 6912, 26),
+        // Phi-3 mini's widths (3.8B), 8 of its 32 layers: about 1B.
+        Arch::Phi3 => shape(96, 3072, 32, 32, 8192, 8),
     }
 }
 

@@ -197,6 +197,13 @@ impl<'a> Tensor<'a> {
         self.get().nb
     }
 
+    /// Whether the elements lie in order without gaps (not a view of a
+    /// part of wider rows).
+    pub fn is_contiguous(self) -> bool {
+        // SAFETY: reads the shape of a live tensor.
+        unsafe { sys::ggml_is_contiguous(self.as_ptr()) }
+    }
+
     pub fn n_elements(self) -> i64 {
         self.ne().iter().product()
     }

@@ -13,7 +13,8 @@ use crate::ggml::gguf::GgufFile;
 use super::ModelError;
 
 /// The architectures this engine runs (`general.architecture`).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
 
 /// A model family: the GGUF architecture names llama.cpp's converter writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +32,11 @@ pub enum Arch {
     /// Gemma 3: as Gemma 2 with q/k norms, five sliding-window layers in
     /// six with their own RoPE base, and no soft-capping by default.
     Gemma3,
+    /// Phi-3 (mini, medium): llama's block with q, k and v fused in one
+    /// matrix (`attn_qkv`), gate and up in one (`ffn_up`, gate first), q
+    /// scaled by 1/√head_dim before attention; NeoX RoPE. The LongRoPE
+    /// files (Phi-3 128k, Phi-3.5) are refused.
+    Phi3,
 }
 
 impl Arch {
@@ -41,6 +47,7 @@ impl Arch {
             "qwen3" => Arch::Qwen3,
             "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
             _ => return None,
         })
     }
@@ -52,7 +59,21 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
+    }
+
+    /// Whether q, k and v are row ranges of one matrix `attn_qkv` (and
+    /// their biases of one `attn_qkv.bias`).
+    pub fn fused_qkv(self) -> bool {
+        self == Arch::Phi3
+    }
+
+    /// Whether the FFN's gate and up are the two halves of one matrix
+    /// `ffn_up` of `2 n_ff` rows, the gate first (ggml's `swiglu` of one
+    /// input).
+    pub fn fused_gate_up(self) -> bool {
+        self == Arch::Phi3
     }
 
     /// Whether q and k go through an RMSNorm per head before RoPE.
@@ -88,11 +109,13 @@ impl Arch {
         }
     }
 
-    /// The layer matrices (kinds) whose `.bias` a file of this family may
-    /// hold: llama.cpp reads q/k/v biases for every family, and llama's
-    /// attention-output and FFN biases.
+    /// The layer tensors (kinds) whose `.bias` a file of this family may
+    /// hold: llama.cpp reads q/k/v biases for every family (one fused
+    /// `attn_qkv.bias` for Phi-3), and llama's attention-output and FFN
+    /// biases.
     pub fn biases(self) -> &'static [&'static str] {
         match self {
+            Arch::Phi3 => &["attn_qkv"],
             Arch::Llama => &[
                 "attn_q",
                 "attn_k",
@@ -151,11 +174,18 @@ const GEMMA_READ: &[&str] = &[
 /// The key only Gemma 2 reads, beyond [`GEMMA_READ`].
 const GEMMA2_READ: &[&str] = &["attn_logit_softcapping"];
 
+/// The key only Phi-3 reads, beyond [`READ`]: llama.cpp reads Phi-3's
+/// sliding window (a count, else the load fails) and then turns it off
+/// (`src/models/phi3.cpp`: "Phi SWA is currently disabled"), so every
+/// layer attends to the whole context, here too.
+const PHI3_READ: &[&str] = &["attention.sliding_window"];
+
 /// `{arch}.` keys that change nothing the engine computes, with why.
 const IGNORED: &[(&str, &str)] = &[
     (
         "rope.scaling.original_context_length",
-        "only YaRN reads it, and a YaRN file is refused (rope.scaling.type)",
+        "only YaRN and Phi-3's LongRoPE factors read it, and both are refused \
+         (rope.scaling.type, rope_factors_long.weight)",
     ),
     (
         "rope.scaling.finetuned",
@@ -202,6 +232,7 @@ fn check_keys(gguf: &GgufFile, arch: Arch) -> Result<(), ModelError> {
                 READ.contains(&k)
                     || (arch.is_gemma() && GEMMA_READ.contains(&k))
                     || (arch == Arch::Gemma2 && GEMMA2_READ.contains(&k))
+                    || (arch == Arch::Phi3 && PHI3_READ.contains(&k))
                     || IGNORED.iter().any(|(name, _)| *name == k)
             }
             None => NAMESPACES.iter().any(|(prefix, _)| key.starts_with(prefix)),
@@ -286,6 +317,9 @@ impl Config {
         let head_dim = keys.head_dim(n_embd, n_head)?;
         let n_vocab = keys.n_vocab()?;
         let n_layer = keys.n_layer()?;
+        if arch == Arch::Phi3 {
+            keys.phi3(n_embd, n_head * head_dim)?;
+        }
         check_keys(gguf, arch)?;
         let gemma = arch.is_gemma();
         let rope_freq_base = keys.freq_base("rope.freq_base")?.unwrap_or(10_000.0);
@@ -322,8 +356,12 @@ impl Config {
             rope_freq_scale,
             rms_norm_eps: keys.rms_norm_eps()?,
             embedding_scale: gemma.then(|| (n_embd as f32).sqrt()),
-            query_scale: gemma.then(|| {
-                let d = if big { n_embd / n_head } else { head_dim };
+            query_scale: (gemma || arch == Arch::Phi3).then(|| {
+                let d = if gemma && big {
+                    n_embd / n_head
+                } else {
+                    head_dim
+                };
                 1.0 / (d as f32).sqrt()
             }),
             sliding_window: match arch {
@@ -452,6 +490,30 @@ impl Keys<'_> {
             ))),
             eps => Ok(eps.unwrap_or(1e-5)),
         }
+    }
+
+    /// What Phi-3 needs beyond the shared keys: q as wide as the
+    /// embedding (llama.cpp's `attn_qkv` and `attn_output` are sized by
+    /// `n_embd`), a sliding window that is a count (read, then unused), and
+    /// no LongRoPE factors (Phi-3 128k, Phi-3.5: not implemented, refused
+    /// by name before the keys that come with them).
+    fn phi3(&self, n_embd: usize, n_embd_q: usize) -> Result<(), ModelError> {
+        for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+            if self.gguf.tensor(name).is_some() {
+                return Err(needs(format!(
+                    "tensor {name} (Phi-3 LongRoPE frequency factors, for contexts past the \
+                     original one)"
+                )));
+            }
+        }
+        if n_embd_q != n_embd {
+            return Err(ModelError::Metadata(format!(
+                "{}: q is {n_embd_q} wide, Phi-3's attention needs {n_embd} (embedding_length)",
+                self.key("attention.key_length")
+            )));
+        }
+        self.count("attention.sliding_window")?;
+        Ok(())
     }
 
     /// Keys whose values ask for what the engine does not compute.

@@ -21,6 +21,9 @@ use super::svfit::{Branch, TargetTensors};
 use super::weights::{LayerWeights, Weights};
 use super::Config;
 
+mod training;
+pub(super) use training::train_graph_size;
+
 /// The graph's inputs, filled per batch after allocation.
 pub(super) struct Inputs<'a> {
     /// Token ids, i32 `[n_tokens]`.
@@ -147,8 +150,54 @@ impl<'a> Builder<'a, '_> {
     /// `y = W x` for a weight of the model, plus `U (D[:, slot] ⊙ Vt x)`
     /// when the matrix is an SVFit target (METHOD.md §4).
     fn linear(self, w: TensorId, x: Tensor<'a>, svfit: Option<Adapted<'a>>) -> Tensor<'a> {
+        let y = self.weights.product(self.ctx, w, x);
+        self.adapt(y, x, svfit)
+    }
+
+    /// The layer's fused matrix `tensor` (with its bias) over `x`, cut into
+    /// the matrices of `kinds` (`[rows, n_tokens]` each, in order, rows as
+    /// [`Config::matrix_slice`] says), each plus its SVFit branch where it
+    /// is a target: llama.cpp's views of one product, and a target per
+    /// logical matrix.
+    fn project_fused<const N: usize>(
+        self,
+        layer: &LayerWeights,
+        tensor: &str,
+        x: Tensor<'a>,
+        kinds: [&str; N],
+        svfit: BranchOf<'_, 'a>,
+    ) -> [Tensor<'a>; N] {
+        let y = self.project(layer, tensor, x, None);
+        let (row, n_tokens) = (y.nb()[1], y.ne()[1]);
+        let f32 = Type::F32.row_size(1).expect("f32");
+        kinds.map(|kind| {
+            let rows = match self.cfg.matrix_slice(kind) {
+                Some(slice) if slice.tensor == tensor => slice.rows,
+                _ => unreachable!("{kind} is not a part of {tensor}"),
+            };
+            let len = (rows.end - rows.start) as i64;
+            let part = self.ctx.view_3d(
+                y,
+                [len, n_tokens, 1],
+                row,
+                row * n_tokens as usize,
+                rows.start * f32,
+            );
+            let part = self.adapt(part, x, svfit(kind));
+            // ggml's backward zeroes the source of a view with `scale`, which
+            // reads whole rows only: a training graph views no view.
+            if self.differentiable && !part.is_contiguous() {
+                self.ctx.cont(part)
+            } else {
+                part
+            }
+        })
+    }
+
+    /// `y` (a product over `x`) plus the SVFit branch `U (D[:, slot] ⊙ Vt
+    /// x)` where there is one.
+    fn adapt(self, y: Tensor<'a>, x: Tensor<'a>, svfit: Option<Adapted<'a>>) -> Tensor<'a> {
         let ctx = self.ctx;
-        let y = self.weights.product(ctx, w, x);
         let Some(Adapted { u, vt, delta }) = svfit else {
             return y;
         };
@@ -171,7 +220,13 @@ impl<'a> Builder<'a, '_> {
     ) -> Tensor<'a> {
         let (ctx, cfg, weights) = (self.ctx, self.cfg, self.weights);
         let hd = cfg.head_dim as i64;
-        let t = ctx.reshape_3d(t, hd, t.ne()[0] / hd, t.ne()[1]);
+        let shape = [hd, t.ne()[0] / hd, t.ne()[1]];
+        let t = if t.is_contiguous() {
+            ctx.reshape_3d(t, shape[0], shape[1], shape[2])
+        } else {
+            // A part of a fused product: heads in place, as llama.cpp's view.
+            ctx.view_3d(t, shape, t.nb()[0] * hd as usize, t.nb()[1], 0)
+        };
         let t = self.maybe_norm(t, norm);
         let (freq_base, freq_scale) = cfg.rope_of_layer(il);
         let rope = Rope {
@@ -199,14 +254,25 @@ impl<'a> Builder<'a, '_> {
         positions: Tensor<'a>,
         svfit: BranchOf<'_, 'a>,
     ) -> [Tensor<'a>; 3] {
-        let proj = |kind| self.project(layer, kind, x, svfit(kind));
-        let q = self.heads(il, proj("attn_q"), layer.attn_q_norm, positions);
-        let k = self.heads(il, proj("attn_k"), layer.attn_k_norm, positions);
+        let [q, k, v] = if self.cfg.arch.fused_qkv() {
+            let kinds = ["attn_q", "attn_k", "attn_v"];
+            self.project_fused(layer, "attn_qkv", x, kinds, svfit)
+        } else {
+            ["attn_q", "attn_k", "attn_v"].map(|kind| self.project(layer, kind, x, svfit(kind)))
+        };
+        let q = self.heads(il, q, layer.attn_q_norm, positions);
+        let k = self.heads(il, k, layer.attn_k_norm, positions);
         let q = match self.cfg.query_scale {
             Some(s) if !self.differentiable => self.ctx.scale(q, s),
             _ => q,
         };
-        [q, k, proj("attn_v")]
+        // The caches and training read v's rows whole.
+        let v = if v.is_contiguous() {
+            v
+        } else {
+            self.ctx.cont(v)
+        };
+        [q, k, v]
     }
 
     /// The softmax's scale of attention scores: 1 where q was scaled.
@@ -230,8 +296,13 @@ impl<'a> Builder<'a, '_> {
         svfit: BranchOf<'_, 'a>,
     ) -> Tensor<'a> {
         let x = self.rms_norm(x, layer.ffn_norm);
-        let up = self.project(layer, "ffn_up", x, svfit("ffn_up"));
-        let gate = self.project(layer, "ffn_gate", x, svfit("ffn_gate"));
+        let [gate, up] = if self.cfg.arch.fused_gate_up() {
+            // The gate is the first half (ggml's swiglu of one input).
+            self.project_fused(layer, "ffn_up", x, ["ffn_gate", "ffn_up"], svfit)
+        } else {
+            let up = self.project(layer, "ffn_up", x, svfit("ffn_up"));
+            [self.project(layer, "ffn_gate", x, svfit("ffn_gate")), up]
+        };
         let act = match self.cfg.arch.activation() {
             Activation::Silu => self.ctx.swiglu_split(gate, up),
             Activation::Gelu if self.differentiable => self.ctx.mul(self.gelu(gate), up),
@@ -359,66 +430,6 @@ impl<'a> Builder<'a, '_> {
             slots: with_branch.then(|| input(Type::I32, &[n_tokens], "inp_slots")),
             out_slots: (with_branch && partial)
                 .then(|| input(Type::I32, &[shape.n_outputs as i64], "inp_out_slots")),
-        }
-    }
-
-    /// The forward graph of training (METHOD.md §5): whole sequences
-    /// without a KV cache, plain attention, split SwiGLU, the SVFit branch
-    /// with a shared delta per target matrix (`svfit`), and the output head
-    /// only at the rows that carry loss. Returns the inputs, the logits
-    /// `[n_vocab, n_targets]` and the mean cross-entropy (a scalar marked
-    /// as the loss).
-    pub(super) fn train_forward(
-        self,
-        gf: &mut Graph<'a>,
-        svfit: LayerBranch<'_, 'a>,
-        n_tokens: usize,
-        n_targets: usize,
-    ) -> (TrainInputs<'a>, Tensor<'a>, Tensor<'a>) {
-        let ctx = self.ctx;
-        let inputs = self.training_inputs(n_tokens, n_targets);
-        let pass = Training {
-            builder: self,
-            inputs: &inputs,
-            n: n_tokens as i64,
-            svfit,
-        };
-        let mut x = self.embed(inputs.tokens);
-        for (il, layer) in self.weights.layers.iter().enumerate() {
-            x = pass.layer(il, layer, x);
-        }
-        let x = ctx.get_rows(x, inputs.loss_rows);
-        let logits = self.output_head(x);
-        let loss = ctx
-            .cross_entropy_loss(logits, inputs.labels)
-            .set_name("loss")
-            .set_output()
-            .set_loss();
-        gf.expand(loss);
-        (inputs, logits, loss)
-    }
-
-    /// The input tensors of a training row of `n_tokens`, `n_targets` of
-    /// which carry loss.
-    fn training_inputs(self, n_tokens: usize, n_targets: usize) -> TrainInputs<'a> {
-        let n = n_tokens as i64;
-        let input =
-            |ty, shape: &[i64], name| self.ctx.new_tensor(ty, shape).set_name(name).set_input();
-        TrainInputs {
-            tokens: input(Type::I32, &[n], "inp_tokens"),
-            positions: input(Type::I32, &[n], "inp_pos"),
-            mask: input(Type::F32, &[n, n], "inp_kq_mask"),
-            mask_swa: self
-                .cfg
-                .sliding_window
-                .is_some()
-                .then(|| input(Type::F32, &[n, n], "inp_kq_mask_swa")),
-            loss_rows: input(Type::I32, &[n_targets as i64], "inp_loss_rows"),
-            labels: input(
-                Type::F32,
-                &[self.cfg.n_vocab as i64, n_targets as i64],
-                "inp_labels",
-            ),
         }
     }
 }
@@ -586,75 +597,5 @@ fn join_tokens<'a>(ctx: &'a Context, parts: &[Tensor<'a>]) -> Tensor<'a> {
             let (left, right) = parts.split_at(parts.len() / 2);
             ctx.concat(join_tokens(ctx, left), join_tokens(ctx, right), 1)
         }
-    }
-}
-
-/// The inputs of a training graph: packed examples as one token row.
-pub(super) struct TrainInputs<'a> {
-    /// Token ids, i32 `[n_tokens]`.
-    pub tokens: Tensor<'a>,
-    /// Positions (restarting at each packed example), i32 `[n_tokens]`.
-    pub positions: Tensor<'a>,
-    /// f32 `[n_tokens, n_tokens]`: 0 where a token may attend another (an
-    /// earlier token of its own example), -inf elsewhere.
-    pub mask: Tensor<'a>,
-    /// The same within the sliding window, when the model has one.
-    pub mask_swa: Option<Tensor<'a>>,
-    /// Rows whose next-token prediction is in the loss, i32 `[n_targets]`.
-    pub loss_rows: Tensor<'a>,
-    /// One-hot next tokens of those rows, f32 `[n_vocab, n_targets]`.
-    pub labels: Tensor<'a>,
-}
-
-/// Graph nodes a training graph (forward and backward) needs at most.
-pub(super) fn train_graph_size(cfg: &Config) -> usize {
-    512 * (cfg.n_layer + 2)
-}
-
-/// One training pass: the packed row's inputs, its length and the SVFit
-/// branch of every target matrix (with its shared delta).
-struct Training<'a, 'p> {
-    builder: Builder<'a, 'p>,
-    inputs: &'p TrainInputs<'a>,
-    /// Tokens in the row.
-    n: i64,
-    svfit: LayerBranch<'p, 'a>,
-}
-
-impl<'a> Training<'a, '_> {
-    /// Layer `il` over the hidden states `x`.
-    fn layer(&self, il: usize, layer: &LayerWeights, x: Tensor<'a>) -> Tensor<'a> {
-        let b = self.builder;
-        let attn_in = b.rms_norm(x, layer.attn_norm);
-        let attn_out = self.attention(il, layer, attn_in);
-        let attn_out = b.maybe_norm(attn_out, layer.post_attention_norm);
-        let ffn_in = b.ctx.add(attn_out, x);
-        let ffn_out = b.feed_forward(layer, ffn_in, &|kind| (self.svfit)(il, kind));
-        b.ctx.add(ffn_out, ffn_in)
-    }
-
-    /// Self-attention of a row of packed examples over itself (no cache).
-    fn attention(&self, il: usize, layer: &LayerWeights, x: Tensor<'a>) -> Tensor<'a> {
-        let (b, inputs, n) = (self.builder, self.inputs, self.n);
-        let (ctx, cfg) = (b.ctx, b.cfg);
-        let (hd, n_head, n_head_kv) =
-            (cfg.head_dim as i64, cfg.n_head as i64, cfg.n_head_kv as i64);
-        let svfit = |kind: &str| (self.svfit)(il, kind);
-        let [q, k, v] = b.qkv(il, layer, x, inputs.positions, &svfit);
-        // [hd, heads, n] → [hd, n, heads]
-        let q = ctx.permute(q, [0, 2, 1, 3]);
-        let k = ctx.permute(k, [0, 2, 1, 3]);
-        let mask = match inputs.mask_swa {
-            Some(swa) if cfg.is_swa(il) => swa,
-            _ => inputs.mask,
-        };
-        let kq = ctx.soft_max_ext(b.scores(k, q), mask, b.kq_scale());
-        // v: [n_embd_kv, n] → [n, hd, n_head_kv]
-        let v = ctx.reshape_3d(v, hd, n_head_kv, n);
-        let v = ctx.cont(ctx.permute(v, [1, 2, 0, 3]));
-        // [hd, n, n_head] → [hd, n_head, n] → [n_embd, n]
-        let out = ctx.permute(ctx.mul_mat(v, kq), [0, 2, 1, 3]);
-        let out = ctx.reshape_2d(ctx.cont(out), hd * n_head, n);
-        b.project(layer, "attn_output", out, svfit("attn_output"))
     }
 }

@@ -25,7 +25,7 @@ use crate::factors::{Factor, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile, GgufWriteError};
 use crate::ggml::{q8_0, Backend, Context, GgmlError, Scheduler, Type};
 use kv_cache::SeqGroup;
-pub use weights::{write_converted, WeightFormat};
+pub use weights::{write_converted, MatrixSlice, WeightFormat};
 use weights::{Holding, Weights};
 
 /// The config of the model in `gguf`, once every metadata key and every

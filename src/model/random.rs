@@ -148,7 +148,9 @@ impl Types<'_> {
             Types::Like(gguf) => gguf.tensor(name).map_or(Type::F32, |t| t.ty),
             _ if kind.contains("norm") || kind.ends_with(".bias") => Type::F32,
             Types::Mixed => match kind {
-                "token_embd.weight" | "attn_v.weight" | "ffn_down.weight" => Type::Q8_0,
+                "token_embd.weight" | "attn_v.weight" | "attn_qkv.weight" | "ffn_down.weight" => {
+                    Type::Q8_0
+                }
                 "attn_q.weight" | "attn_k.weight" => Type::F16,
                 "attn_output.weight" => Type::Q4_1,
                 _ => Type::F32,
@@ -208,13 +210,21 @@ pub fn write(
     for l in 0..shape.n_layer {
         let name = |k: &str| format!("blk.{l}.{k}.weight");
         tensors.add(&name("attn_norm"), e, 1, 0.0)?;
-        tensors.add(&name("attn_q"), e, q, fan_in(e))?;
-        tensors.add(&name("attn_k"), e, kv, fan_in(e))?;
-        tensors.add(&name("attn_v"), e, kv, fan_in(e))?;
+        if family.fused_qkv() {
+            tensors.add(&name("attn_qkv"), e, q + 2 * kv, fan_in(e))?;
+        } else {
+            tensors.add(&name("attn_q"), e, q, fan_in(e))?;
+            tensors.add(&name("attn_k"), e, kv, fan_in(e))?;
+            tensors.add(&name("attn_v"), e, kv, fan_in(e))?;
+        }
         tensors.add(&name("attn_output"), q, e, fan_in(q))?;
         tensors.add(&name("ffn_norm"), e, 1, 0.0)?;
-        tensors.add(&name("ffn_gate"), e, f, fan_in(e))?;
-        tensors.add(&name("ffn_up"), e, f, fan_in(e))?;
+        if family.fused_gate_up() {
+            tensors.add(&name("ffn_up"), e, 2 * f, fan_in(e))?;
+        } else {
+            tensors.add(&name("ffn_gate"), e, f, fan_in(e))?;
+            tensors.add(&name("ffn_up"), e, f, fan_in(e))?;
+        }
         tensors.add(&name("ffn_down"), f, e, fan_in(f))?;
         if family == Arch::Qwen2 {
             for (kind, n) in [("attn_q", q), ("attn_k", kv), ("attn_v", kv)] {
@@ -248,7 +258,8 @@ fn drop_other_family(w: &mut GgufWriter, src: &GgufFile, arch: &str) -> Result<(
 }
 
 /// The metadata of a random model of `shape`: llama.cpp's keys for the
-/// family. Gemma 3's tiny model gets a sliding window of 16 in every other
+/// family. Phi-3's gets a sliding window (which llama.cpp turns off);
+/// Gemma 3's tiny model gets a sliding window of 16 in every other
 /// layer, its own RoPE base there and soft-capped logits, so that each of
 /// those keys is read.
 fn write_keys(w: &mut GgufWriter, shape: &Shape, family: Arch) -> Result<(), ModelError> {
@@ -282,7 +293,7 @@ fn write_keys(w: &mut GgufWriter, shape: &Shape, family: Arch) -> Result<(), Mod
         Arch::Gemma2 => (10_000.0, 1e-6),
         Arch::Gemma3 => (1_000_000.0, 1e-6),
         Arch::Qwen2 | Arch::Qwen3 => (1_000_000.0, 1e-6),
-        Arch::Llama => (10_000.0, 1e-5),
+        Arch::Llama | Arch::Phi3 => (10_000.0, 1e-5),
     };
     w.set_f32(&format!("{arch}.rope.freq_base"), freq_base)?;
     w.set_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), eps)?;
@@ -291,6 +302,15 @@ fn write_keys(w: &mut GgufWriter, shape: &Shape, family: Arch) -> Result<(), Mod
         w.set_u32(&format!("{arch}.attention.sliding_window_pattern"), 2)?;
         w.set_f32(&format!("{arch}.rope.freq_base_swa"), 20_000.0)?;
         w.set_f32(&format!("{arch}.final_logit_softcapping"), 30.0)?;
+    }
+    if family == Arch::Phi3 {
+        // As Phi-3 mini's converter writes them: a window that llama.cpp
+        // reads and turns off, and the context it was trained with.
+        w.set_u32(&format!("{arch}.attention.sliding_window"), 16)?;
+        w.set_u32(
+            &format!("{arch}.rope.scaling.original_context_length"),
+            shape.n_ctx as u32,
+        )?;
     }
     if family == Arch::Gemma2 {
         // Every other layer slides (the default pattern); the final cap is

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -138,14 +139,10 @@ pub(super) enum Holding {
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
     pub attn_norm: TensorId,
-    pub attn_q: TensorId,
-    pub attn_k: TensorId,
-    pub attn_v: TensorId,
-    pub attn_output: TensorId,
     pub ffn_norm: TensorId,
-    pub ffn_gate: TensorId,
-    pub ffn_up: TensorId,
-    pub ffn_down: TensorId,
+    /// `(kind, matrix)` of every matrix tensor of the block, as the family
+    /// stores them ([`matrix_tensors`]: `attn_q`, … or fused `attn_qkv`).
+    matrices: Vec<(&'static str, TensorId)>,
     /// `(kind, bias)` of the matrices that have a bias in the file.
     pub biases: Vec<(&'static str, TensorId)>,
     /// Qwen3, Gemma: RMSNorm weights of each q and k head.
@@ -222,21 +219,19 @@ impl Weights {
                     .iter()
                     .filter_map(|&kind| Some((kind, set.find(&format!("blk.{l}.{kind}.bias"))?)))
                     .collect();
+                let matrices = matrix_tensors(config.arch)
+                    .into_iter()
+                    .map(|kind| Ok((kind, t(kind)?)))
+                    .collect::<Result<_, ModelError>>()?;
                 Ok(LayerWeights {
                     biases,
+                    matrices,
                     attn_q_norm: optional("attn_q_norm"),
                     attn_k_norm: optional("attn_k_norm"),
                     post_attention_norm: optional("post_attention_norm"),
                     post_ffw_norm: optional("post_ffw_norm"),
                     attn_norm: t("attn_norm")?,
-                    attn_q: t("attn_q")?,
-                    attn_k: t("attn_k")?,
-                    attn_v: t("attn_v")?,
-                    attn_output: t("attn_output")?,
                     ffn_norm: t("ffn_norm")?,
-                    ffn_gate: t("ffn_gate")?,
-                    ffn_up: t("ffn_up")?,
-                    ffn_down: t("ffn_down")?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -290,17 +285,12 @@ impl Weights {
 }
 
 impl LayerWeights {
-    /// The matrix of `kind` (`attn_q` … `ffn_down`).
+    /// The matrix tensor of `kind` (one of the family's
+    /// [`matrix_tensors`]: `attn_q` … `ffn_down`, or a fused one).
     pub fn matrix(&self, kind: &str) -> TensorId {
-        match kind {
-            "attn_q" => self.attn_q,
-            "attn_k" => self.attn_k,
-            "attn_v" => self.attn_v,
-            "attn_output" => self.attn_output,
-            "ffn_gate" => self.ffn_gate,
-            "ffn_up" => self.ffn_up,
-            "ffn_down" => self.ffn_down,
-            _ => unreachable!("no matrix of kind {kind}"),
+        match self.matrices.iter().find(|(k, _)| *k == kind) {
+            Some(&(_, id)) => id,
+            None => unreachable!("the graph asks for its family's matrices only, not {kind}"),
         }
     }
 
@@ -313,16 +303,69 @@ impl LayerWeights {
     }
 
     /// The block's matrices (all but the norms).
-    fn matrices(&self) -> [TensorId; 7] {
-        [
-            self.attn_q,
-            self.attn_k,
-            self.attn_v,
-            self.attn_output,
-            self.ffn_gate,
-            self.ffn_up,
-            self.ffn_down,
-        ]
+    fn matrices(&self) -> impl Iterator<Item = TensorId> + '_ {
+        self.matrices.iter().map(|&(_, id)| id)
+    }
+}
+
+/// The matrix tensors (kinds) of a block of the family: llama's seven, or
+/// Phi-3's four with q/k/v fused in `attn_qkv` and gate/up in `ffn_up`.
+pub fn matrix_tensors(arch: Arch) -> Vec<&'static str> {
+    let attention: &[&str] = if arch.fused_qkv() {
+        &["attn_qkv"]
+    } else {
+        &["attn_q", "attn_k", "attn_v"]
+    };
+    let ffn: &[&str] = if arch.fused_gate_up() {
+        &["ffn_up"]
+    } else {
+        &["ffn_gate", "ffn_up"]
+    };
+    [attention, &["attn_output"], ffn, &["ffn_down"]].concat()
+}
+
+/// Where a layer's matrix of one kind (`attn_q` … `ffn_down`, the kinds
+/// targets name) is stored: in the tensor of kind `tensor`, rows `rows`
+/// (ggml's ne\[1\]; the whole tensor unless the family fuses it with
+/// others).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MatrixSlice {
+    pub tensor: &'static str,
+    pub rows: Range<usize>,
+}
+
+impl MatrixSlice {
+    /// The GGUF name of the tensor in layer `layer`.
+    pub fn tensor_name(&self, layer: usize) -> String {
+        format!("blk.{layer}.{}.weight", self.tensor)
+    }
+}
+
+impl Config {
+    /// Where the matrix of `kind` lives in this model's files: q, k and v
+    /// are the rows of `attn_qkv` in that order where the family fuses
+    /// them, gate and up the two halves of `ffn_up`. `None` for a kind
+    /// that is no matrix.
+    pub fn matrix_slice(&self, kind: &str) -> Option<MatrixSlice> {
+        let (embd, ff) = (self.n_embd, self.n_ff);
+        let (q, kv) = (self.n_embd_q(), self.n_embd_kv());
+        let (qkv, gate_up) = (self.arch.fused_qkv(), self.arch.fused_gate_up());
+        let (tensor, rows) = match kind {
+            "attn_q" if qkv => ("attn_qkv", 0..q),
+            "attn_k" if qkv => ("attn_qkv", q..q + kv),
+            "attn_v" if qkv => ("attn_qkv", q + kv..q + 2 * kv),
+            "ffn_gate" if gate_up => ("ffn_up", 0..ff),
+            "ffn_up" if gate_up => ("ffn_up", ff..2 * ff),
+            "attn_q" => ("attn_q", 0..q),
+            "attn_k" => ("attn_k", 0..kv),
+            "attn_v" => ("attn_v", 0..kv),
+            "attn_output" => ("attn_output", 0..embd),
+            "ffn_gate" => ("ffn_gate", 0..ff),
+            "ffn_up" => ("ffn_up", 0..ff),
+            "ffn_down" => ("ffn_down", 0..embd),
+            _ => return None,
+        };
+        Some(MatrixSlice { tensor, rows })
     }
 }
 
@@ -417,6 +460,10 @@ fn what_tensor(name: &str) -> &'static str {
         "attn_qkv.weight" | "attn_qkv.bias" => " (q, k and v fused in one matrix)",
         k if k.contains("_exps") || k.starts_with("ffn_gate_inp") => " (mixture of experts)",
         "rope_freqs.weight" => " (RoPE frequency factors per layer)",
+        "ffn_gate.weight" => " (a separate gate: this family's is the first half of ffn_up)",
+        "attn_q.weight" | "attn_k.weight" | "attn_v.weight" => {
+            " (q, k or v apart: this family's are fused in attn_qkv)"
+        }
         _ => "",
     }
 }
@@ -437,17 +484,23 @@ fn expected_shapes(c: &Config) -> Vec<(String, Vec<i64>, bool)> {
     }
     for l in 0..c.n_layer {
         let w = |kind: &str, shape: Vec<i64>| (format!("blk.{l}.{kind}.weight"), shape, true);
-        out.extend([
-            w("attn_norm", vec![embd]),
-            w("attn_q", vec![embd, q]),
-            w("attn_k", vec![embd, kv]),
-            w("attn_v", vec![embd, kv]),
-            w("attn_output", vec![q, embd]),
-            w("ffn_norm", vec![embd]),
-            w("ffn_gate", vec![embd, ff]),
-            w("ffn_up", vec![embd, ff]),
-            w("ffn_down", vec![ff, embd]),
-        ]);
+        out.extend([w("attn_norm", vec![embd]), w("ffn_norm", vec![embd])]);
+        for kind in matrix_tensors(c.arch) {
+            let rows = match kind {
+                "attn_qkv" => q + 2 * kv,
+                "attn_q" => q,
+                "attn_k" | "attn_v" => kv,
+                "ffn_up" if c.arch.fused_gate_up() => 2 * ff,
+                "ffn_gate" | "ffn_up" => ff,
+                _ => embd,
+            };
+            let cols = match kind {
+                "attn_output" => q,
+                "ffn_down" => ff,
+                _ => embd,
+            };
+            out.push(w(kind, vec![cols, rows]));
+        }
         if c.arch.qk_norm() {
             out.extend([w("attn_q_norm", vec![hd]), w("attn_k_norm", vec![hd])]);
         }
@@ -459,6 +512,7 @@ fn expected_shapes(c: &Config) -> Vec<(String, Vec<i64>, bool)> {
         }
         for &kind in c.arch.biases() {
             let width = match kind {
+                "attn_qkv" => q + 2 * kv,
                 "attn_q" => q,
                 "attn_k" | "attn_v" => kv,
                 "ffn_gate" | "ffn_up" => ff,

@@ -285,6 +285,17 @@ impl Broken {
         broken
     }
 
+    /// The matrix `names` replaced by an f32 one of ggml shape `ne`.
+    fn matrix(arch: Arch, names: &'static str, ne: [usize; 2]) -> Self {
+        let mut broken = Broken::missing(arch, names);
+        broken.edit = Box::new(move |w| {
+            let bytes = vec![0u8; 4 * ne[0] * ne[1]];
+            let shape = [ne[0] as i64, ne[1] as i64];
+            w.add_tensor(names, Type::F32, &shape, bytes).unwrap();
+        });
+        broken
+    }
+
     fn write(self, path: &Path) -> &'static str {
         let plain = path.with_extension("plain.gguf");
         common::write_tiny_model(&plain, &Shape::tiny(self.arch));
@@ -294,20 +305,22 @@ impl Broken {
     }
 }
 
-/// Files of qwen2, qwen3 and gemma3 whose own tensors are missing,
+/// Files of qwen2, qwen3, gemma3 and phi3 whose own tensors are missing,
 /// mis-shaped or stored in a type the engine does not add in (a norm in
 /// f16), or whose keys contradict each other or hold values no model has
 /// (key and value heads of different widths, a per-layer window pattern,
 /// a negative RoPE factor, window or RMSNorm epsilon, a RoPE base of 0, a
 /// soft-cap as text, a head wider than any file can hold, more layers than
-/// the file has tensors): `generate`, `factorize` and
+/// the file has tensors; for phi3 a missing or mis-shaped fused q/k/v or
+/// gate/up, a separate gate, LongRoPE factors, q narrower than the
+/// embedding, a sliding window as text): `generate`, `factorize` and
 /// `merge` each fail with one line naming the tensor or key, and nothing
 /// is written.
 #[test]
 fn broken_files_of_every_family_are_refused() {
     let _machine = crate::common::shared();
     let dir = temp_dir("families");
-    let (qwen2, qwen3, gemma3) = (Arch::Qwen2, Arch::Qwen3, Arch::Gemma3);
+    let (qwen2, qwen3, gemma3, phi3) = (Arch::Qwen2, Arch::Qwen3, Arch::Gemma3, Arch::Phi3);
     let (e, head) = (TINY.n_embd, TINY.n_embd / TINY.n_head);
     let cases = [
         Broken::vector(qwen2, "blk.0.attn_q.bias", Type::F32, head),
@@ -353,6 +366,28 @@ fn broken_files_of_every_family_are_refused() {
         Broken::new(qwen2, "qwen2.attention.layer_norm_rms_epsilon", |w| {
             w.set_f32("qwen2.attention.layer_norm_rms_epsilon", -1e-6)
                 .unwrap()
+        }),
+        Broken::missing(phi3, "blk.0.attn_qkv.weight"),
+        // q, k and v of equal widths (no GQA), and llama's ffn_up (no gate).
+        Broken::matrix(phi3, "blk.1.attn_qkv.weight", [e, 3 * e]),
+        Broken::matrix(phi3, "blk.0.ffn_up.weight", [e, TINY.n_ff]),
+        Broken::vector(phi3, "blk.1.attn_qkv.bias", Type::F32, e),
+        Broken::new(phi3, "blk.0.ffn_gate.weight", move |w| {
+            let bytes = vec![0u8; 4 * e * TINY.n_ff];
+            let shape = [e as i64, TINY.n_ff as i64];
+            w.add_tensor("blk.0.ffn_gate.weight", Type::F32, &shape, bytes)
+                .unwrap()
+        }),
+        Broken::new(phi3, "rope_factors_long.weight", move |w| {
+            common::add_f32(w, "rope_factors_long.weight", &vec![1.0; head / 2])
+        }),
+        // Heads of 8 (RoPE's too): q 32 wide, Phi-3's attention 64.
+        Broken::new(phi3, "phi3.attention.key_length", |w| {
+            w.set_u32("phi3.attention.key_length", 8).unwrap();
+            w.set_u32("phi3.rope.dimension_count", 8).unwrap()
+        }),
+        Broken::new(phi3, "phi3.attention.sliding_window", |w| {
+            w.set_str("phi3.attention.sliding_window", "2047").unwrap()
         }),
     ];
     let home = dir.path().join("home");
@@ -666,7 +701,7 @@ fn check_writes_a_random_model_of_every_family() {
     let path = dir.path().join("gpt2.gguf");
     assert_fails_with(
         &write("gpt2", &path),
-        "unsupported architecture (supported: llama, qwen2, qwen3, gemma2, gemma3)",
+        "unsupported architecture (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)",
     );
     assert!(!path.exists());
 }

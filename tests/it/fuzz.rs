@@ -331,6 +331,7 @@ const FAMILY_KEYS: &[&str] = &[
     "rope.scaling.type",
     "rope.scaling.factor",
     "rope.scale_linear",
+    "rope.scaling.original_context_length",
     "attention.head_count",
     "attention.head_count_kv",
     "attention.layer_norm_rms_epsilon",
@@ -363,7 +364,7 @@ fn family_metadata() {
     let _machine = crate::common::shared();
     let dir = common::temp_dir("fuzz-family");
     let path = dir.path().join("fuzzed.gguf");
-    let seeds: Vec<PathBuf> = ["gemma3", "llama", "qwen2", "qwen3"]
+    let seeds: Vec<PathBuf> = ["gemma3", "llama", "phi3", "qwen2", "qwen3"]
         .iter()
         .map(|arch| corpus_dir("gguf").join(format!("tiny-{arch}.gguf")))
         .collect();
@@ -741,7 +742,7 @@ fn write_corpus() {
         ..common::TINY
     };
     common::write_tiny_model(&dir.join("tiny-llama.gguf"), &spec);
-    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Gemma3] {
+    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Gemma3, Arch::Phi3] {
         let shape = common::Shape {
             arch: arch.name(),
             // Gemma's heads wider than n_embd / n_head, as its files have.

@@ -357,7 +357,7 @@ fn default_model_auto_stays_within_llama_cpps_conversion_distance() {
     assert!(mine.top1 >= theirs.top1, "auto changes more greedy tokens");
 }
 
-/// Every family the engine runs (llama, qwen2, qwen3, gemma2, gemma3), as a tiny
+/// Every family the engine runs (llama, qwen2, qwen3, gemma2, gemma3, phi3), as a tiny
 /// random model with llama.cpp's tensors and keys for it: under `keep` our
 /// logits are llama.cpp's bit for bit, alone and batched, and 32 greedy
 /// tokens the same; under every layout within the parity bounds; batched
@@ -372,6 +372,7 @@ fn every_family_matches_llama_cpp() {
         Arch::Qwen3,
         Arch::Gemma2,
         Arch::Gemma3,
+        Arch::Phi3,
     ] {
         let path = dir.path().join(format!("{}.gguf", arch.name()));
         common::write_tiny_model(&path, &random::Shape::tiny(arch));

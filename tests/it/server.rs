@@ -7,6 +7,7 @@ use crate::common;
 mod gemma;
 mod http;
 mod metrics;
+mod phi3;
 mod prefix;
 
 use std::path::{Path, PathBuf};

@@ -29,11 +29,18 @@ fn learner(model: &Path, home: &Path, targets: &str) -> Learner {
 fn gradient_matches_finite_differences() {
     let _machine = crate::common::shared();
     let (dir, model) = common::tiny_model();
-    check_gradient(&model, &dir.path().join("home"), 1e-2, Probes::All);
+    check_gradient(
+        &model,
+        &dir.path().join("home"),
+        "all-linear",
+        1e-2,
+        Probes::All,
+    );
 }
 
 /// The same on a tiny model of every other family (q/k/v biases, q/k
-/// norms, post-norms, GeGLU, sliding windows, soft-capped logits).
+/// norms, post-norms, GeGLU, sliding windows, soft-capped logits, Phi-3's
+/// targets as parts of fused matrices).
 ///
 /// Gemma's bound is 3e-2: its gradients are ten times smaller (largest
 /// 0.16 against 1.0–1.6), so more of them sit near the check's floor (1% of
@@ -50,11 +57,19 @@ fn gradient_matches_finite_differences_in_every_family() {
         (Arch::Qwen3, 1e-2),
         (Arch::Gemma2, 3e-2),
         (Arch::Gemma3, 3e-2),
+        (Arch::Phi3, 1e-2),
     ] {
         let model = dir.path().join(format!("{}.gguf", arch.name()));
         common::write_tiny_model(&model, &random::Shape::tiny(arch));
         eprintln!("== {}", arch.name());
-        check_gradient(&model, &dir.path().join("home"), bound, Probes::EachMatrix);
+        let home = dir.path().join("home");
+        check_gradient(&model, &home, "all-linear", bound, Probes::EachMatrix);
+        if arch == Arch::Phi3 {
+            // The default targets: parts of attn_qkv adapted, the rest of
+            // it and the gate/up halves plain views of their products,
+            // which the gradient reaching q and v crosses too.
+            check_gradient(&model, &home, "q,v", bound, Probes::EachMatrix);
+        }
     }
 }
 
@@ -67,8 +82,8 @@ enum Probes {
     EachMatrix,
 }
 
-fn check_gradient(model: &Path, home: &Path, bound: f64, probes: Probes) {
-    let mut learner = learner(model, home, "all-linear");
+fn check_gradient(model: &Path, home: &Path, targets: &str, bound: f64, probes: Probes) {
+    let mut learner = learner(model, home, targets);
     let n_vocab = learner.model().config().n_vocab;
     let row = svfit::check::short_row(n_vocab, 7);
     let n = learner.n_params();
