@@ -381,8 +381,8 @@ impl<'a> Builder<'a, '_> {
             shape,
         };
         let mut x = self.embed(inputs.tokens);
-        for (il, layer) in self.weights.layers.iter().enumerate() {
-            x = pass.layer(gf, il, layer, x);
+        for il in 0..self.weights.layers.len() {
+            x = pass.layer(gf, il, x);
         }
         let logits = self.output_head(x);
         gf.expand(logits);
@@ -459,16 +459,11 @@ impl<'a> Serving<'a, '_> {
     }
 
     /// Layer `il` over the hidden states `x`.
-    fn layer(
-        &self,
-        gf: &mut Graph<'a>,
-        il: usize,
-        layer: &LayerWeights,
-        x: Tensor<'a>,
-    ) -> Tensor<'a> {
+    fn layer(&self, gf: &mut Graph<'a>, il: usize, x: Tensor<'a>) -> Tensor<'a> {
         let b = self.builder;
+        let layer = &b.weights.layers[il];
         let attn_in = b.rms_norm(x, layer.attn_norm);
-        let mut attn_out = self.attention(gf, il, layer, attn_in);
+        let mut attn_out = self.attention(gf, il, attn_in);
         let mut residual = x;
         let mut ffn_slots = self.inputs.slots;
         if il + 1 == b.weights.layers.len() {
@@ -487,14 +482,9 @@ impl<'a> Serving<'a, '_> {
 
     /// Grouped-query self-attention with RoPE over the KV cache (within
     /// the sliding window in the layers that have one).
-    fn attention(
-        &self,
-        gf: &mut Graph<'a>,
-        il: usize,
-        layer: &LayerWeights,
-        x: Tensor<'a>,
-    ) -> Tensor<'a> {
+    fn attention(&self, gf: &mut Graph<'a>, il: usize, x: Tensor<'a>) -> Tensor<'a> {
         let (b, inputs) = (self.builder, self.inputs);
+        let layer = &b.weights.layers[il];
         let (ctx, cfg) = (b.ctx, b.cfg);
         let n_tokens = self.shape.n_tokens as i64;
         let svfit = |kind: &str| self.adapted(il, kind, inputs.slots);
