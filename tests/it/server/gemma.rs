@@ -14,11 +14,10 @@ use svfit::server;
 use super::common::serve::*;
 use super::common::{self, temp_dir};
 
-const N_ADAPTERS: u64 = 64;
-const TOKENS: u32 = 6;
-const PROMPT: &str = "The capital of France is";
+pub(super) const TOKENS: u32 = 6;
+pub(super) const PROMPT: &str = "The capital of France is";
 
-/// `svfit generate` on Gemma with `adapter`, greedy: the oracle.
+/// `svfit generate` with `adapter`, greedy: the oracle.
 fn generate(home: &Path, model: &Path, adapter: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_svfit"))
         .args(["generate", "--threads", "2", "--temperature", "0"])
@@ -36,38 +35,59 @@ fn generate(home: &Path, model: &Path, adapter: &Path) -> String {
     text.strip_suffix('\n').unwrap_or(&text).to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gemma_serves_64_adapters_in_shared_batches() {
-    let _machine = crate::common::shared();
-    let dir = temp_dir("server-gemma");
-    let model = common::gemma_model();
-    let home = dir.path().join("home");
-    let key = FactorsKey::for_model(&model, "q,v", "energy:0.99", "f16").unwrap();
+/// One family's server with many adapters decoded in shared batches.
+pub(super) struct SharedBatches<'a> {
+    pub model: &'a Path,
+    pub targets: &'a str,
+    pub n_adapters: u64,
+    /// The adapters' ids are `{prefix}{i}`, their seeds `seed + i`.
+    pub prefix: &'a str,
+    pub seed: u64,
+    /// Tokens per decode step the batches must reach.
+    pub tokens_per_step: f64,
+    /// Fewer distinct answers than this fail.
+    pub distinct: usize,
+    /// Adapters checked batched = alone = `svfit generate`.
+    pub probes: [u64; 3],
+}
+
+/// Serves `s.n_adapters` adapters, asks them all at once over gRPC and
+/// checks the batches were shared, the answers differ, and the probes'
+/// answers equal the same request alone and the CLI. Returns the server
+/// and the answers.
+pub(super) async fn serve_in_shared_batches(
+    dir: &Path,
+    s: &SharedBatches<'_>,
+) -> (server::Running, Vec<String>) {
+    let (model, n) = (s.model.to_path_buf(), s.n_adapters);
+    let home = dir.join("home");
+    let key = FactorsKey::for_model(&model, s.targets, "energy:0.99", "f16").unwrap();
     let singular =
         factors::read_singular_values(&factors::ensure(&model, &key, &home).unwrap(), &key)
             .unwrap();
-    let mut config = config(dir.path());
+    let mut config = config(dir);
     config.model = model.clone();
     config.factors = key.clone();
     config.home = home.clone();
-    config.engine.max_sequences = N_ADAPTERS as usize;
-    config.engine.adapter_slots = N_ADAPTERS as usize;
-    config.engine.kv_cells = 64 * 64;
+    config.engine.max_sequences = n as usize;
+    config.engine.adapter_slots = n as usize;
+    config.engine.kv_cells = n as usize * 64;
     config.engine.context = 64;
-    let files: Vec<PathBuf> = (0..N_ADAPTERS)
+    let id = |i: u64| format!("{}{i}", s.prefix);
+    let files: Vec<PathBuf> = (0..n)
         .map(|i| {
-            let a = Adapter::perturbed(&key, &singular, 0.3, 100 + i);
-            write(Path::new(&config.adapters), "default", &format!("g{i}"), &a)
+            let a = Adapter::perturbed(&key, &singular, 0.3, s.seed + i);
+            write(Path::new(&config.adapters), "default", &id(i), &a)
         })
         .collect();
     let running = server::start(config).await.unwrap();
     let (client, _) = clients(&running).await;
 
-    // All 64 at once over gRPC, each on its own adapter.
-    let tasks: Vec<_> = (0..N_ADAPTERS)
+    // All at once over gRPC, each on its own adapter.
+    let tasks: Vec<_> = (0..n)
         .map(|i| {
             let mut client = client.clone();
-            let request = greedy(&format!("g{i}"), PROMPT, TOKENS);
+            let request = greedy(&id(i), PROMPT, TOKENS);
             tokio::spawn(async move { client.generate(request).await.unwrap().into_inner().text })
         })
         .collect();
@@ -82,31 +102,52 @@ async fn gemma_serves_64_adapters_in_shared_batches() {
         tokens / steps
     );
     assert!(
-        tokens / steps >= 8.0,
-        "64 requests were not decoded in shared batches: {tokens} tokens in {steps} steps"
+        tokens / steps >= s.tokens_per_step,
+        "{n} requests were not decoded in shared batches: {tokens} tokens in {steps} steps"
     );
     let distinct: std::collections::HashSet<&String> = together.iter().collect();
     assert!(
-        distinct.len() > 4,
+        distinct.len() > s.distinct,
         "adapters give different answers: {distinct:?}"
     );
 
     // Each equals the same request alone, and the CLI for some of them.
     let mut client = client.clone();
-    for i in [0, 17, 63] {
+    for i in s.probes {
         let alone = client
-            .generate(greedy(&format!("g{i}"), PROMPT, TOKENS))
+            .generate(greedy(&id(i), PROMPT, TOKENS))
             .await
             .unwrap()
             .into_inner()
             .text;
         assert_eq!(
-            together[i as usize], alone,
-            "adapter g{i}: batched vs alone"
+            together[i as usize],
+            alone,
+            "adapter {}: batched vs alone",
+            id(i)
         );
         let cli = generate(&home, &model, &files[i as usize]);
-        assert_eq!(alone, cli, "adapter g{i}: server vs svfit generate");
+        assert_eq!(alone, cli, "adapter {}: server vs svfit generate", id(i));
     }
+    (running, together)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemma_serves_64_adapters_in_shared_batches() {
+    let _machine = crate::common::shared();
+    let dir = temp_dir("server-gemma");
+    let model = common::gemma_model();
+    let shared = SharedBatches {
+        model: &model,
+        targets: "q,v",
+        n_adapters: 64,
+        prefix: "g",
+        seed: 100,
+        tokens_per_step: 8.0,
+        distinct: 4,
+        probes: [0, 17, 63],
+    };
+    let (running, together) = serve_in_shared_batches(dir.path(), &shared).await;
 
     // The OpenAI API: the same answer as a completion, and a chat answer
     // in Gemma's own turns (the file has no template).
