@@ -62,7 +62,7 @@ fn main() {
         device: "cpu".into(),
         threads: opts.threads,
         weights: opts.weights.last().copied().unwrap_or_default(),
-        q8_0_kernel: opts.q8_0_kernel,
+        batch_kernels: opts.batch_kernels,
     };
     let home = svfit::home::home_dir();
 

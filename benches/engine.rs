@@ -99,7 +99,7 @@ fn main() {
             device: "cpu".into(),
             threads: opts.threads,
             weights,
-            q8_0_kernel: opts.q8_0_kernel,
+            batch_kernels: opts.batch_kernels,
         };
         let model = Model::load(&opts.model, &load).unwrap_or_else(fail);
         let cache = model.new_cache(2048).unwrap_or_else(fail);

@@ -138,10 +138,10 @@ struct Options {
     hostile_pace: Duration,
     #[arg(long, default_value = "auto")]
     weights: WeightFormat,
-    /// The batched Q8_0 kernel where the CPU runs it (0: ggml's product)
-    #[arg(long = "q8-0-kernel", env = "SVFIT_Q8_0_KERNEL", value_name = "1|0",
+    /// The batched kernels where the CPU runs them (0: ggml's products)
+    #[arg(long = "batch-kernels", env = "SVFIT_BATCH_KERNELS", value_name = "1|0",
           default_value = "1", value_parser = common::on_unless_zero, action = clap::ArgAction::Set)]
-    q8_0_kernel: bool,
+    batch_kernels: bool,
     #[arg(long)]
     llama_server: Option<PathBuf>,
     /// Also drive svfit through its HTTP API (`--api http`)
@@ -730,7 +730,7 @@ async fn run_svfit(
                     device: o.device.clone(),
                     threads: o.threads,
                     weights: o.weights,
-                    q8_0_kernel: o.q8_0_kernel,
+                    batch_kernels: o.batch_kernels,
                 },
                 factors: b.key.clone(),
                 home: b.home.clone(),
@@ -1020,7 +1020,7 @@ fn cold_load_cost(
             device: "cpu".into(),
             threads: o.threads,
             weights: o.weights,
-            q8_0_kernel: o.q8_0_kernel,
+            batch_kernels: o.batch_kernels,
         },
     )
     .unwrap_or_else(fail);

@@ -140,7 +140,7 @@ fn main() {
     let options = LoadOptions {
         device: "cpu".into(),
         threads: opts.threads,
-        q8_0_kernel: opts.q8_0_kernel,
+        batch_kernels: opts.batch_kernels,
         ..LoadOptions::default()
     };
     for targets in ["q,v", "all-linear"] {

@@ -169,8 +169,8 @@ pub struct Options {
     pub train_ctx: usize,
     /// Time for each training measurement.
     pub train_time: Duration,
-    /// `LoadOptions::q8_0_kernel` of every model loaded.
-    pub q8_0_kernel: bool,
+    /// `LoadOptions::batch_kernels` of every model loaded.
+    pub batch_kernels: bool,
     /// `Learner::set_gemm` of every learner (the CPU's training products).
     pub train_gemm: bool,
 }
@@ -511,7 +511,7 @@ fn options(o: &Options, device: &str) -> LoadOptions {
         device: device.to_string(),
         threads: o.threads,
         weights: WeightFormat::Keep,
-        q8_0_kernel: o.q8_0_kernel,
+        batch_kernels: o.batch_kernels,
     }
 }
 

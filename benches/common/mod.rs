@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use svfit::model::WeightFormat;
 
 /// `--model PATH`, `--threads N`, `--reps N`, `--weights LIST` (default
-/// `keep,auto`), and the CPU kernels' switches `--q8-0-kernel 1|0`
-/// (`SVFIT_Q8_0_KERNEL`) and `--train-gemm 1|0` (`SVFIT_TRAIN_GEMM`).
+/// `keep,auto`), and the CPU kernels' switches `--batch-kernels 1|0`
+/// (`SVFIT_BATCH_KERNELS`) and `--train-gemm 1|0` (`SVFIT_TRAIN_GEMM`).
 #[derive(clap::Parser)]
 #[command(about = "an svfit benchmark (see its file under benches/)")]
 pub struct Options {
@@ -24,10 +24,10 @@ pub struct Options {
     /// Weight layouts to compare
     #[arg(long, value_delimiter = ',', default_value = "keep,auto")]
     pub weights: Vec<WeightFormat>,
-    /// The batched Q8_0 kernel where the CPU runs it (0: ggml's product)
-    #[arg(long = "q8-0-kernel", env = "SVFIT_Q8_0_KERNEL", value_name = "1|0",
+    /// The batched kernels where the CPU runs them (0: ggml's products)
+    #[arg(long = "batch-kernels", env = "SVFIT_BATCH_KERNELS", value_name = "1|0",
           default_value = "1", value_parser = on_unless_zero, action = clap::ArgAction::Set)]
-    pub q8_0_kernel: bool,
+    pub batch_kernels: bool,
     /// Training products through faer's GEMM on the CPU (0: ggml's kernels)
     #[arg(long = "train-gemm", env = "SVFIT_TRAIN_GEMM", value_name = "1|0",
           default_value = "1", value_parser = on_unless_zero, action = clap::ArgAction::Set)]

@@ -104,7 +104,7 @@ pub(super) fn run_check(args: &CheckArgs) -> Result<()> {
         scratch: scratch.0.clone(),
         train_ctx: args.train_ctx.max(8),
         train_time: std::time::Duration::from_secs_f64(args.train_secs.clamp(0.0, 3600.0)),
-        q8_0_kernel: args.compute.q8_0_kernel,
+        batch_kernels: args.compute.batch_kernels,
         train_gemm: args.train_compute.gemm,
     };
     println!("checking {} on {}", options.model.display(), options.device);

@@ -41,7 +41,7 @@ pub(super) enum AdapterCommand {
 pub(super) struct ConvertArgs {
     #[command(flatten)]
     base: ModelFile,
-    /// The layout to write: auto (what `svfit serve` uses on CPU), keep, q8_0 or f16
+    /// The types to write: auto and keep (as stored), q8_0 or f16
     #[arg(long, default_value = "auto")]
     weights: WeightFormat,
     /// Output GGUF file

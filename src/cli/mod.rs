@@ -159,12 +159,12 @@ struct Compute {
     /// CPU threads [default: one per core]
     #[arg(long)]
     threads: Option<usize>,
-    /// Q8_0 products on a CPU with AVX-512 VNNI through svfit's batched
-    /// kernel (1), or ggml's own product, the same numbers slower (0, to
-    /// compare)
-    #[arg(long = "q8-0-kernel", env = "SVFIT_Q8_0_KERNEL", value_name = "1|0",
+    /// Quantized products (Q8_0, Q4_0, Q5_0, Q4_1, Q4_K, Q6_K) on a CPU
+    /// with AVX-512 VNNI through svfit's batched kernels (1), or ggml's own
+    /// products, the same numbers slower in batches (0, to compare)
+    #[arg(long = "batch-kernels", env = "SVFIT_BATCH_KERNELS", value_name = "1|0",
           default_value = "1", value_parser = on_unless_zero, action = ArgAction::Set)]
-    q8_0_kernel: bool,
+    batch_kernels: bool,
 }
 
 impl Compute {
@@ -179,7 +179,7 @@ impl Compute {
             device: self.device.clone(),
             threads: self.threads(),
             weights,
-            q8_0_kernel: self.q8_0_kernel,
+            batch_kernels: self.batch_kernels,
         }
     }
 }
@@ -210,10 +210,11 @@ struct ModelArgs {
     /// Context size in tokens (KV cache cells); capped at the model's training context
     #[arg(long = "ctx", default_value_t = 4096)]
     ctx: usize,
-    /// How the weight matrices are held: auto (on CPU, Q8_0 for matrices
-    /// stored in fewer than 8 bits: batches run several times faster),
-    /// keep (as stored, bit-exact with llama.cpp on the same file), q8_0
-    /// or f16
+    /// How the weight matrices are held: auto or keep (as stored, the
+    /// same numbers as llama.cpp on the file; on CPU in the batched
+    /// kernels' layout where one reads the type), or re-quantized, which
+    /// changes the model's numbers: q8_0 (lossy for types above 8 bits)
+    /// or f16 (lossy for f32 and bf16)
     #[arg(long, default_value = "auto")]
     weights: WeightFormat,
 }

@@ -13,12 +13,34 @@ pub struct Backend {
     raw: NonNull<sys::ggml_backend>,
 }
 
+/// Turns off ggml's tiled K-quant product (`GGML_CPU_TILED_MM=0`), once
+/// per process, before any product runs: it takes over products of 8 or
+/// more columns and rounds them differently from fewer, so a sequence's
+/// numbers would depend on its batch. ggml then computes every K-quant
+/// product one column at a time, as the batched kernels (`kernel`) do. Set
+/// for this process only (llama.cpp's oracle here follows it; a separate
+/// `llama-server` does not). A value the user set is left as it is.
+pub(crate) fn batch_invariant_products() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        const KEY: &str = "GGML_CPU_TILED_MM";
+        if std::env::var_os(KEY).is_none() {
+            // SAFETY: called before this process creates a ggml backend or
+            // model, so no ggml thread reads the environment yet; Rust's
+            // own readers take std's environment lock, and glibc never
+            // frees an environment array a concurrent `getenv` may hold.
+            unsafe { std::env::set_var(KEY, "0") };
+        }
+    });
+}
+
 // SAFETY: backends are used from one thread at a time (their owner's).
 unsafe impl Send for Backend {}
 
 impl Backend {
     /// The CPU backend with `threads` worker threads.
     pub fn cpu(threads: usize) -> Result<Self, GgmlError> {
+        batch_invariant_products();
         // SAFETY: returns null on failure.
         let raw = unsafe { sys::ggml_backend_cpu_init() };
         let backend = Self::wrap(raw, "the CPU backend")?;

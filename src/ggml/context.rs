@@ -12,9 +12,10 @@ use super::{as_bytes, as_bytes_mut, sys, Element, GgmlError, Type};
 /// and graph nodes; tensor data lives in backend buffers.
 pub struct Context {
     raw: NonNull<sys::ggml_context>,
-    /// The batched Q8_0 kernel's packed inputs made in this context, by
-    /// input node (`q8_0`), so that each input is packed once per graph.
-    pub(super) packs: RefCell<HashMap<usize, NonNull<sys::ggml_tensor>>>,
+    /// The batched kernels' packed inputs made in this context, by input
+    /// node and quantization (`kernel`), so that each input is packed once
+    /// per graph.
+    pub(super) packs: RefCell<HashMap<(usize, usize), NonNull<sys::ggml_tensor>>>,
 }
 
 // SAFETY: a ggml context has no thread affinity; it is only used from one

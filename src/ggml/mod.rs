@@ -10,11 +10,12 @@ mod backend;
 mod context;
 pub mod gemm;
 pub mod gguf;
+pub mod kernel;
 #[cfg(feature = "check")]
 pub mod llama;
 pub mod log;
-pub mod q8_0;
 
+pub(crate) use backend::batch_invariant_products;
 pub use backend::{Allocated, Backend, Buffer, Placement, Scheduler, TensorId, TensorSet};
 pub use context::{Context, Graph, Rope, Tensor};
 
@@ -63,7 +64,11 @@ impl Type {
     pub const I32: Type = Type(sys::GGML_TYPE_I32);
     pub const I64: Type = Type(sys::GGML_TYPE_I64);
     pub const Q8_0: Type = Type(sys::GGML_TYPE_Q8_0);
+    pub const Q4_0: Type = Type(sys::GGML_TYPE_Q4_0);
     pub const Q4_1: Type = Type(sys::GGML_TYPE_Q4_1);
+    pub const Q5_0: Type = Type(sys::GGML_TYPE_Q5_0);
+    pub const Q4_K: Type = Type(sys::GGML_TYPE_Q4_K);
+    pub const Q6_K: Type = Type(sys::GGML_TYPE_Q6_K);
 
     /// The type's name as ggml prints it ("f32", "q4_1", ...).
     pub fn name(self) -> &'static str {

@@ -12,7 +12,7 @@
 //! branch; `Training`: the packed row's inputs and the deltas), so each
 //! block takes its pass plus what varies per call.
 
-use crate::ggml::q8_0::Matrix;
+use crate::ggml::kernel::Matrix;
 use crate::ggml::{Context, Graph, Rope, Tensor, TensorId, Type};
 
 use super::config::Activation;

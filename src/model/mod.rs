@@ -23,7 +23,7 @@ pub use train::{Learner, RowLoss, TrainRow};
 
 use crate::factors::{Factor, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile, GgufWriteError};
-use crate::ggml::{q8_0, Backend, Context, GgmlError, Scheduler, Type};
+use crate::ggml::{kernel, Backend, Context, GgmlError, Scheduler, Type};
 use kv_cache::SeqGroup;
 pub use weights::{write_converted, MatrixSlice, WeightFormat};
 use weights::{Holding, Weights};
@@ -90,12 +90,13 @@ pub struct LoadOptions {
     /// as "cuda0".
     pub device: String,
     pub threads: usize,
-    /// How the weight matrices are held (`Auto` resolves per backend).
+    /// How the weight matrices are held.
     pub weights: WeightFormat,
-    /// Whether Q8_0 products on a CPU go through the batched kernel
-    /// (`ggml::q8_0`) where the CPU runs it (AVX-512 VNNI); off, ggml's own
-    /// product computes the same numbers (to compare speed). On by default.
-    pub q8_0_kernel: bool,
+    /// Whether products with Q8_0, Q4_0, Q5_0, Q4_1, Q4_K and Q6_K matrices
+    /// on a CPU go through the batched kernels (`ggml::kernel`) where the
+    /// CPU runs them (AVX-512 VNNI); off, ggml's own products compute the
+    /// same numbers (to compare speed). On by default.
+    pub batch_kernels: bool,
 }
 
 impl Default for LoadOptions {
@@ -104,7 +105,7 @@ impl Default for LoadOptions {
             device: "cpu".into(),
             threads: default_threads(),
             weights: WeightFormat::Keep,
-            q8_0_kernel: true,
+            batch_kernels: true,
         }
     }
 }
@@ -166,9 +167,9 @@ pub struct Model {
     graph_groups: usize,
     /// The SVFit factors and adapter slots, once attached.
     svfit: Option<Branch>,
-    /// Whether Q8_0 matrices (weights and factors) go through the batched
-    /// kernel: asked by `LoadOptions::q8_0_kernel` and run by the backend.
-    q8_0_kernel: bool,
+    /// Whether matrices (weights and factors) go through the batched
+    /// kernels: asked by `LoadOptions::batch_kernels` and run by the backend.
+    batch_kernels: bool,
 }
 
 impl Model {
@@ -210,10 +211,9 @@ impl Model {
             backends.extend(Backend::device(&options.device)?);
         }
         backends.push(Backend::cpu(options.threads)?);
-        let holding = holding
-            .unwrap_or_else(|| Holding::Serve(options.weights.resolve(backends[0].is_cpu())));
-        let q8_0_kernel = options.q8_0_kernel && q8_0::available_on(&backends[0]);
-        let weights = Weights::load(&mut gguf, &config, &backends[0], holding, q8_0_kernel)?;
+        let holding = holding.unwrap_or_else(|| Holding::Serve(options.weights.resolve()));
+        let batch_kernels = options.batch_kernels && kernel::available_on(&backends[0]);
+        let weights = Weights::load(&mut gguf, &config, &backends[0], holding, batch_kernels)?;
         // Graph room for this many sequences per batch; grows on demand.
         const GROUPS: usize = 16;
         let size = graph::graph_size(&config, GROUPS);
@@ -222,7 +222,7 @@ impl Model {
             graph_ctx: Context::new(2 * size, size)?,
             graph_groups: GROUPS,
             svfit: None,
-            q8_0_kernel,
+            batch_kernels,
             config,
             weights,
             sched,
@@ -267,7 +267,7 @@ impl Model {
             n_slots,
             factor_type,
             backend,
-            self.q8_0_kernel,
+            self.batch_kernels,
         )?);
         Ok(())
     }

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use crate::factors::{Factor, TargetMatrix, KINDS};
-use crate::ggml::q8_0::{self, Matrix};
+use crate::ggml::kernel::{self, Matrix};
 use crate::ggml::{self, Backend, Context, Tensor, TensorId, TensorSet, Type};
 
 use super::{Config, ModelError};
@@ -125,10 +125,8 @@ impl Branch {
             let (u_id, vt_id) = (id("U"), id("Vt"));
             let mut u = encode(factor_type, &u, padded)?;
             let mut vt = encode(vt_type, &vt, n)?;
-            let u_interleaved =
-                kernel && factor_type == Type::Q8_0 && q8_0::interleave(&mut u, padded, m);
-            let vt_interleaved =
-                kernel && vt_type == Type::Q8_0 && q8_0::interleave(&mut vt, n, padded);
+            let u_interleaved = kernel && kernel::interleave(factor_type, &mut u, padded, m);
+            let vt_interleaved = kernel && kernel::interleave(vt_type, &mut vt, n, padded);
             set.get(u_id).write(&u)?;
             set.get(vt_id).write(&vt)?;
             let target = Target {

@@ -31,6 +31,7 @@ pub fn llama_backend() -> &'static LlamaBackend {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
     BACKEND.get_or_init(|| {
         crate::ggml::log::install();
+        crate::ggml::batch_invariant_products();
         LlamaBackend::init().expect("the llama.cpp backend is initialised only here")
     })
 }

@@ -5,7 +5,7 @@
 //! graph writes their gradients into accumulators that are read back.
 
 use crate::factors::{Factor, TargetMatrix};
-use crate::ggml::q8_0::Matrix;
+use crate::ggml::kernel::Matrix;
 use crate::ggml::{Context, Tensor, TensorId, TensorSet, Type};
 
 use super::graph::{self, Adapted, Delta};

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use crate::ggml::gguf::{GgufFile, GgufWriter, TensorInfo};
-use crate::ggml::q8_0::{self, Matrix};
+use crate::ggml::kernel::{self, Matrix};
 use crate::ggml::{Backend, Context, Tensor, TensorId, TensorSet, Type};
 
 use super::config::Arch;
@@ -16,59 +16,50 @@ use super::{Config, ModelError};
 
 /// How the model's weight matrices are held in memory (`--weights`).
 ///
-/// ggml's CPU kernels for 4- and 5-bit types cost as much per column at a
-/// batch of 8 as at 1; Q8_0 matrices go through our batched kernel
-/// (`ggml::q8_0`), whose cost per column falls steeply with the batch. So on
-/// a CPU, re-quantizing a Q4_1 file to Q8_0 at load makes batches several
-/// times faster. The added error is at most half a Q8_0 step (1/254 of a
-/// block's largest value), far below Q4_1's own.
+/// ggml's CPU kernels cost as much per column at a batch of 8 as at 1; our
+/// batched kernels (`ggml::kernel`: Q8_0, Q4_0, Q5_0, Q4_1, Q4_K, Q6_K)
+/// read the stored blocks once per 8 columns and compute the same numbers
+/// as ggml. So the default serves the file exactly, fast in batches; only
+/// `q8_0` and `f16` change the numbers, and only when asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// The fastest layout measured for the backend: on CPU, Q8_0 for the
-    /// matrices stored in fewer than 8 bits per weight, the others as
-    /// stored; on other backends, as stored.
+    /// As stored, in the fastest layout for the backend (on CPU, the
+    /// batched kernels' where one reads the type): the same as `Keep`.
     #[default]
     Auto,
     /// As stored in the file (bit-exact with llama.cpp on the same file).
     Keep,
-    /// Every matrix as Q8_0.
+    /// Every matrix re-quantized to Q8_0.
     Q8_0,
     /// Every matrix as F16.
     F16,
 }
 
 impl WeightFormat {
-    /// The layout to load with on a backend (`Auto` off the CPU: `Keep`).
-    pub fn resolve(self, cpu: bool) -> WeightFormat {
+    /// The format to load with: `Auto` is `Keep` (the layout follows from
+    /// the backend at load).
+    pub fn resolve(self) -> WeightFormat {
         match self {
-            WeightFormat::Auto if !cpu => WeightFormat::Keep,
+            WeightFormat::Auto => WeightFormat::Keep,
             chosen => chosen,
         }
     }
 
-    /// The type a tensor is held in (for `Auto`, as on CPU). Only 2-D
-    /// matrices change; norms and other vectors stay as stored.
+    /// The type a tensor is held in. Only 2-D matrices change; norms and
+    /// other vectors stay as stored.
     fn type_of(self, info: &TensorInfo) -> Type {
         let matrix = info.ne[1] > 1 && info.ne[2] == 1 && info.ne[3] == 1;
         let target = match self {
             _ if !matrix => return info.ty,
-            WeightFormat::Keep => return info.ty,
+            WeightFormat::Auto | WeightFormat::Keep => return info.ty,
             WeightFormat::Q8_0 => Type::Q8_0,
             WeightFormat::F16 => Type::F16,
-            WeightFormat::Auto if bits_per_weight(info.ty) < 8.0 => Type::Q8_0,
-            WeightFormat::Auto => return info.ty,
         };
         match target.row_size(info.ne[0]) {
             Some(_) => target,
             None => info.ty,
         }
     }
-}
-
-/// Bits per weight of a type (256 elements fill whole blocks of every type).
-fn bits_per_weight(ty: Type) -> f64 {
-    ty.row_size(256)
-        .map_or(f64::INFINITY, |bytes| bytes as f64 * 8.0 / 256.0)
 }
 
 impl FromStr for WeightFormat {
@@ -98,12 +89,12 @@ impl fmt::Display for WeightFormat {
 }
 
 /// Writes the GGUF at `src` to `out` with its matrices in the types that
-/// `format` (resolved as on CPU) holds them in at load, everything else
+/// `format` holds them in at load, everything else
 /// (metadata, tokenizer, other tensors) as it was: llama.cpp then runs the
 /// very weights `svfit serve --weights FORMAT` runs. Returns the number of
 /// matrices converted.
 pub fn write_converted(src: &Path, format: WeightFormat, out: &Path) -> Result<usize, ModelError> {
-    let format = format.resolve(true);
+    let format = format.resolve();
     let gguf = GgufFile::open(src)?;
     let mut writer = GgufWriter::new(gguf.tensors().len())?;
     writer.copy_metadata_from(&gguf);
@@ -369,16 +360,14 @@ impl Config {
     }
 }
 
-/// Puts the Q8_0 matrix `id` of a host set into the batched kernel's
-/// layout; `false` (unchanged) for other types and shapes.
+/// Puts the matrix `id` of a host set into the batched kernels' layout;
+/// `false` (unchanged) for types no kernel reads and shapes that do not
+/// fit.
 fn interleave(set: &mut TensorSet, id: TensorId) -> bool {
     let t = set.get(id);
-    let (k, n) = (t.ne()[0] as usize, t.ne()[1] as usize);
-    if t.ty() != Type::Q8_0 {
-        return false;
-    }
+    let (ty, k, n) = (t.ty(), t.ne()[0] as usize, t.ne()[1] as usize);
     set.host_bytes_mut(id)
-        .is_some_and(|bytes| q8_0::interleave(bytes, k, n))
+        .is_some_and(|bytes| kernel::interleave(ty, bytes, k, n))
 }
 
 /// The one tensor of the set `interleaved_copy` makes.
@@ -393,6 +382,8 @@ fn interleaved_copy(
 ) -> Result<Option<TensorSet>, ModelError> {
     let t = set.get(id);
     if t.ty() != Type::Q8_0 {
+        // Only the Q8_0 head is copied (the models in use tie a Q8_0
+        // embedding): a copy of a smaller type would not pay its memory.
         return Ok(None);
     }
     let ctx = Context::new(1, 0)?;

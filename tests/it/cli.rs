@@ -470,7 +470,7 @@ fn greedy_chat_answers_paris() {
         answer,
         "greedy is deterministic"
     );
-    // The default --weights (auto: Q8_0 on CPU) answers as the file does.
+    // The default --weights (auto) is keep: the file as stored.
     let keep = generate_with(&model, &[&args[..], &["--weights", "keep"]].concat());
     assert_eq!(
         String::from_utf8_lossy(&keep.stdout),

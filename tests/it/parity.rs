@@ -316,17 +316,26 @@ fn default_model_matches_llama_cpp() {
         seqs.iter().all(|s| s.len() >= 20),
         "prompts tokenize to real sequences"
     );
+    // The default layout serves the file as it is: through the batched
+    // Q4_1 kernel, llama.cpp's logits bit for bit.
+    let single = vec![(0, seqs[2].clone())];
+    let prefill = [seqs[2].len() - 8];
+    let exact = agreement(
+        &ours(Ours(&path, WeightFormat::Auto), &single, &prefill),
+        &llama_cpp(&path, &single, &prefill),
+    );
+    eprintln!("default layout vs llama.cpp: {exact:?}");
+    assert_eq!(exact.max_abs_rel, 0.0, "not bit-exact: {exact:?}");
     for weights in FORMATS {
         check_model(&path, seqs.clone(), weights);
     }
 }
 
-/// `--weights auto` (Q4_1 re-quantized to Q8_0 on CPU) moves the logits of
-/// the Q4_1 file no further than llama.cpp moves them on the converted
-/// file (`tests/it/cli.rs` checks that it answers the France prompt as the file
-/// does).
+/// `--weights q8_0` (Q4_1 re-quantized to Q8_0, the lossy layout one may
+/// ask for) moves the logits of the Q4_1 file no further than llama.cpp
+/// moves them on the converted file.
 #[test]
-fn default_model_auto_stays_within_llama_cpps_conversion_distance() {
+fn default_model_q8_0_stays_within_llama_cpps_conversion_distance() {
     let _machine = crate::common::shared();
     let path = common::default_model();
     let tokenizer = Tokenizer::load(&path).unwrap();
@@ -334,17 +343,17 @@ fn default_model_auto_stays_within_llama_cpps_conversion_distance() {
                   <|im_start|>assistant\nThe capital of France is Paris. It is";
     let seq = vec![(0, tokenizer.encode(prompt, true))];
     let prefill = [seq[0].1.len() - 8];
-    let dir = common::temp_dir("auto");
-    let converted = dir.path().join("auto.gguf");
-    svfit::model::write_converted(&path, WeightFormat::Auto, &converted).unwrap();
+    let dir = common::temp_dir("q8_0");
+    let converted = dir.path().join("q8_0.gguf");
+    svfit::model::write_converted(&path, WeightFormat::Q8_0, &converted).unwrap();
 
     let file = llama_cpp(&path, &seq, &prefill);
     let theirs = compare(&flat(&llama_cpp(&converted, &seq, &prefill)), &flat(&file));
     let mine = compare(
-        &flat(&ours(Ours(&path, WeightFormat::Auto), &seq, &prefill)),
+        &flat(&ours(Ours(&path, WeightFormat::Q8_0), &seq, &prefill)),
         &flat(&file),
     );
-    eprintln!("llama.cpp converted vs file: {theirs:?}\nours auto vs file: {mine:?}");
+    eprintln!("llama.cpp converted vs file: {theirs:?}\nours q8_0 vs file: {mine:?}");
     assert!(
         theirs.max_abs_rel > 0.0,
         "the conversion changes the weights"
@@ -352,9 +361,9 @@ fn default_model_auto_stays_within_llama_cpps_conversion_distance() {
     assert!(
         mine.mean_abs_rel <= theirs.mean_abs_rel * 1.001
             && mine.max_abs_rel <= theirs.max_abs_rel * 1.001,
-        "auto moves the logits further than llama.cpp's conversion: {mine:?} vs {theirs:?}"
+        "q8_0 moves the logits further than llama.cpp's conversion: {mine:?} vs {theirs:?}"
     );
-    assert!(mine.top1 >= theirs.top1, "auto changes more greedy tokens");
+    assert!(mine.top1 >= theirs.top1, "q8_0 changes more greedy tokens");
 }
 
 /// Every family the engine runs (llama, qwen2, qwen3, gemma2, gemma3, phi3), as a tiny
@@ -404,7 +413,8 @@ fn every_family_matches_llama_cpp() {
 
 /// The real Gemma 3 270M (Q4_K_M: Q4_K, Q5_0, Q6_K and Q8_0 matrices, a
 /// 262k vocabulary, sliding-window layers): on a 200-token text our logits
-/// under `keep` are llama.cpp's bit for bit, batched as alone, and greedy
+/// under the default layout (each type through its batched kernel) are
+/// llama.cpp's bit for bit, batched as alone, and greedy
 /// decoding continues
 /// "The capital of France is" with llama.cpp's 16 tokens.
 #[test]
@@ -430,14 +440,13 @@ fn gemma3_270m_matches_llama_cpp() {
     let tokens = tokenizer.encode(text, true);
     assert!(tokens.len() >= 200, "{} tokens", tokens.len());
     let seq = vec![(0, tokens[..200].to_vec())];
-    let mine = ours(Ours(&path, WeightFormat::Keep), &seq, &[150]);
+    let mine = ours(Ours(&path, WeightFormat::Auto), &seq, &[150]);
     let theirs = llama_cpp(&path, &seq, &[150]);
     let a = agreement(&mine, &theirs);
-    eprintln!("Gemma 3 270M, keep, 200 tokens vs llama.cpp: {a:?}");
+    eprintln!("Gemma 3 270M, default layout, 200 tokens vs llama.cpp: {a:?}");
     assert_eq!(a.rows, 200);
     assert_eq!(a.max_abs_rel, 0.0, "not bit-exact: {a:?}");
-    // Three sequences batched (prefill and decode mixed) = each alone,
-    // through ggml's repacked Q4_K kernels too.
+    // Three sequences batched (prefill and decode mixed) = each alone.
     let seqs = vec![
         tokens[..40].to_vec(),
         tokens[40..104].to_vec(),

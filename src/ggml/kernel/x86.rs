@@ -1,0 +1,743 @@
+//! The kernels' x86-64 code: the inputs quantized as ggml quantizes them,
+//! and the tiles of every weight [`Format`](super::Format), each block's
+//! arithmetic that of ggml's AVX2 `ggml_vec_dot_*` for its type.
+
+use std::arch::x86_64::*;
+use std::marker::PhantomData;
+
+use super::{Format, Input, TILE_PAIRS, TILE_ROWS};
+
+const R: usize = TILE_ROWS;
+/// How far ahead in a weight row to prefetch, in bytes.
+const PREFETCH: usize = 512;
+
+/// Packs columns `[c, c + 1]` (a missing one as zeros) into `out` as ggml's
+/// `quantize_row_q8_0` and `quantize_row_q8_1` quantize them, block by
+/// block of 32: both columns' 32 values, then each column's scale in 8
+/// lanes, then each column's Q8_1 sum (`s`, the f16 of `d · Σ q`).
+pub(super) fn pack_q8(columns: [Option<&[f32]>; 2], out: &mut [u8]) {
+    let (qk, bytes) = Input::Q8.block();
+    let zeros = [0f32; 32];
+    for (kb, at) in out.chunks_exact_mut(bytes).enumerate() {
+        for (half, column) in columns.iter().enumerate() {
+            let block = match column {
+                Some(values) => values[kb * qk..][..qk].try_into().expect("32 values"),
+                None => &zeros,
+            };
+            let q = (&mut at[half * qk..][..qk]).try_into().expect("32 bytes");
+            // SAFETY: callers run only where `available()` holds.
+            let (d, s) = unsafe { quantize_q8(block, q) };
+            for lane in at[2 * qk + half * 32..][..32].chunks_exact_mut(4) {
+                lane.copy_from_slice(&d.to_ne_bytes());
+            }
+            at[4 * qk + half * 4..][..4].copy_from_slice(&s.to_ne_bytes());
+        }
+    }
+}
+
+/// One block as `quantize_row_q8_1` quantizes it (the largest |value| maps
+/// to ±127, rounding half to even, saturating; Q8_0 the same without the
+/// sum); returns the scale and the sum as the f16s ggml stores, widened.
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn quantize_q8(block: &[f32; 32], q: &mut [u8; 32]) -> (f32, f32) {
+    // SAFETY: both arrays hold 32 elements: two 16-lane loads, two 16-byte
+    // stores.
+    unsafe {
+        let v0 = _mm512_loadu_ps(block.as_ptr());
+        let v1 = _mm512_loadu_ps(block.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        // Conversion rounds half to even (the default rounding mode).
+        let i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+        let i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(i0));
+        _mm_storeu_si128(
+            q.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtsepi32_epi8(i1),
+        );
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        (f16_round(d), f16_round(d * sum as f32))
+    }
+}
+
+/// `v` rounded to the nearest f16 (ties to even), as f32.
+#[target_feature(enable = "f16c")]
+fn f16_round(v: f32) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+        _mm_set_ss(v),
+    )))
+}
+
+/// An f16 read from `p`, widened.
+///
+/// # Safety
+/// `p` points at 2 readable bytes.
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller's.
+    let bits = unsafe { (p as *const u16).read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Packs columns `[c, c + 1]` (a missing one as zeros) into `out` as
+/// ggml's `quantize_row_q8_K_ref` quantizes them, block by block of 256:
+/// the 8 runs of 32 values of both columns in turn, each column's scale in
+/// 8 lanes, each column's 16 sums of 16 (`bsums`), each column's 8 sums of
+/// 32, each column's scale in 4 lanes.
+pub(super) fn pack_q8k(columns: [Option<&[f32]>; 2], out: &mut [u8]) {
+    let (qk, bytes) = Input::Q8K.block();
+    let zeros = [0f32; 256];
+    for (kb, at) in out.chunks_exact_mut(bytes).enumerate() {
+        for (half, column) in columns.iter().enumerate() {
+            let block = match column {
+                Some(values) => &values[kb * qk..][..qk],
+                None => &zeros[..],
+            };
+            let (d, q) = quantize_q8k(block);
+            for (g, run) in q.chunks_exact(32).enumerate() {
+                for (to, &v) in at[g * 64 + half * 32..][..32].iter_mut().zip(run) {
+                    *to = v as u8;
+                }
+            }
+            let bsums: Vec<i16> = q
+                .chunks_exact(16)
+                .map(|s| s.iter().map(|&v| v as i16).sum())
+                .collect();
+            let (scales, rest) = at[2 * qk..].split_at_mut(64);
+            let (sums16, rest) = rest.split_at_mut(64);
+            let (sums32, scales4) = rest.split_at_mut(32);
+            for lane in scales[half * 32..][..32].chunks_exact_mut(4) {
+                lane.copy_from_slice(&d.to_ne_bytes());
+            }
+            for (to, s) in sums16[half * 32..][..32].chunks_exact_mut(2).zip(&bsums) {
+                to.copy_from_slice(&s.to_ne_bytes());
+            }
+            for (to, s) in sums32[half * 16..][..16]
+                .chunks_exact_mut(2)
+                .zip(bsums.chunks_exact(2))
+            {
+                to.copy_from_slice(&s[0].wrapping_add(s[1]).to_ne_bytes());
+            }
+            for lane in scales4[half * 16..][..16].chunks_exact_mut(4) {
+                lane.copy_from_slice(&d.to_ne_bytes());
+            }
+        }
+    }
+}
+
+/// One block of 256 as `quantize_row_q8_K_ref` quantizes it: the value of
+/// largest magnitude (the first of equals) maps to -127, rounding half to
+/// even; an all-zero block has scale 0.
+fn quantize_q8k(block: &[f32]) -> (f32, [i8; 256]) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in block {
+        if v.abs() > amax {
+            (amax, max) = (v.abs(), v);
+        }
+    }
+    let mut q = [0i8; 256];
+    if amax == 0.0 {
+        return (0.0, q);
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in q.iter_mut().zip(block) {
+        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+    }
+    (1.0 / iscale, q)
+}
+
+/// What happens to each result before it is stored (see `super::Then`).
+#[derive(Clone, Copy)]
+pub(super) enum Then {
+    Store,
+    ScaleBySlot {
+        table: *const f32,
+        slots: *const i32,
+        n_slots: usize,
+    },
+    AddTo {
+        y: *const f32,
+    },
+}
+
+impl Then {
+    /// The value stored for result `v` at row `r`, column `c` of an
+    /// output with `n` rows.
+    ///
+    /// # Safety
+    /// The pointers hold the sources checked by `kernel_node`.
+    #[inline(always)]
+    unsafe fn apply(self, v: f32, r: usize, c: usize, n: usize) -> f32 {
+        // SAFETY: `slots` has an entry per column, `table` n_slots columns
+        // of n rows, `y` n rows per column; a slot out of range (never:
+        // batches are checked) is clamped, not read past.
+        unsafe {
+            match self {
+                Then::Store => v,
+                Then::ScaleBySlot {
+                    table,
+                    slots,
+                    n_slots,
+                } => {
+                    let slot = (*slots.add(c)).clamp(0, n_slots as i32 - 1) as usize;
+                    v * *table.add(slot * n + r)
+                }
+                Then::AddTo { y } => *y.add(c * n + r) + v,
+            }
+        }
+    }
+}
+
+/// One product `W x` as the kernels read and write it: `w` points at `n`
+/// rows of `k` weights in the layout of `interleave`, `packed` at `b`
+/// columns of `k` packed for the weights' type, `out` at room for the
+/// `[n, b]` result (column-major), and `then` says what happens to each
+/// result before it is stored. Passed by value: the tiles read it from
+/// registers.
+#[derive(Clone, Copy)]
+pub(super) struct Product {
+    pub w: *const u8,
+    pub k: usize,
+    pub n: usize,
+    pub b: usize,
+    pub packed: *const u8,
+    pub out: *mut f32,
+    pub then: Then,
+}
+
+/// Rows `first..last` of `product`, whose weights are of `format`.
+///
+/// # Safety
+/// The CPU has the features of `available()`; the pointers of `product`
+/// hold what its doc says; `first` and `last` are multiples of `TILE_ROWS`
+/// within its `n` rows.
+pub(super) unsafe fn rows(format: Format, product: Product, first: usize, last: usize) {
+    // SAFETY: the caller's.
+    unsafe {
+        match format {
+            Format::Q8_0 => rows_of::<Signed<Q8_0>>(product, first, last),
+            Format::Q4_0 => rows_of::<Signed<Q4_0>>(product, first, last),
+            Format::Q5_0 => rows_of::<Signed<Q5_0>>(product, first, last),
+            Format::Q4_1 => rows_of::<Q4_1>(product, first, last),
+            Format::Q4_K => rows_of::<Q4K>(product, first, last),
+            Format::Q6_K => rows_of::<Q6K>(product, first, last),
+        }
+    }
+}
+
+/// [`rows`] for the blocks `B`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+unsafe fn rows_of<B: Block>(product: Product, first: usize, last: usize) {
+    let pairs = product.b.div_ceil(2);
+    let mut r = first;
+    while r < last {
+        let mut p = 0;
+        while p < pairs {
+            let tile = (pairs - p).min(TILE_PAIRS);
+            // SAFETY: rows r..r + TILE_ROWS and pairs p..p + tile are in range.
+            unsafe {
+                match tile {
+                    TILE_PAIRS => tile_of::<B, TILE_PAIRS>(product, r, p),
+                    3 => tile_of::<B, 3>(product, r, p),
+                    2 => tile_of::<B, 2>(product, r, p),
+                    _ => tile_of::<B, 1>(product, r, p),
+                }
+            }
+            p += tile;
+        }
+        r += TILE_ROWS;
+    }
+}
+
+/// One tile of `product`: rows `r0..r0 + TILE_ROWS` times column pairs
+/// `p0..p0 + P`, block by block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+unsafe fn tile_of<B: Block, const P: usize>(product: Product, r0: usize, p0: usize) {
+    let Product {
+        w: matrix,
+        k,
+        n,
+        b,
+        packed,
+        out,
+        then,
+    } = product;
+    let nb = k / B::QK;
+    // SAFETY (whole body): the caller's ranges; loads are unaligned.
+    unsafe {
+        // The tile's rows' interleaved blocks.
+        let w = matrix.add(r0 * nb * B::BYTES);
+        let mut acc = [[B::zero(); P]; R];
+        for kb in 0..nb {
+            let rows: [*const u8; R] = std::array::from_fn(|i| w.add((kb * R + i) * B::BYTES));
+            for row in rows {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH) as *const i8);
+            }
+            let pairs: [*const u8; P] =
+                std::array::from_fn(|j| packed.add(((p0 + j) * nb + kb) * B::PACKED));
+            B::step(rows, pairs, &mut acc);
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, &acc) in acc.iter().enumerate() {
+                let (c, row) = (2 * (p0 + j), r0 + i);
+                let [v0, v1] = B::finish(acc);
+                *out.add(c * n + row) = then.apply(v0, row, c, n);
+                if c + 1 < b {
+                    *out.add((c + 1) * n + row) = then.apply(v1, row, c + 1, n);
+                }
+            }
+        }
+    }
+}
+
+/// A weight block type as the tiles read it: its size, its packed input's
+/// and the arithmetic of one block of a tile.
+trait Block {
+    /// Weights and bytes of one block.
+    const QK: usize;
+    const BYTES: usize;
+    /// Bytes of one block of a packed column pair.
+    const PACKED: usize;
+    /// What a (row, column pair) accumulates over the blocks.
+    type Acc: Copy;
+
+    /// # Safety
+    /// The CPU has the kernels' features.
+    unsafe fn zero() -> Self::Acc;
+
+    /// Adds one block of the `R` rows times the `P` column pairs.
+    ///
+    /// # Safety
+    /// The CPU has the kernels' features; `w[i]` points at a block of
+    /// row `i`, `x[j]` at the same block of pair `j`.
+    unsafe fn step<const P: usize>(
+        w: [*const u8; R],
+        x: [*const u8; P],
+        acc: &mut [[Self::Acc; P]; R],
+    );
+
+    /// The two columns' results.
+    ///
+    /// # Safety
+    /// The CPU has the kernels' features.
+    unsafe fn finish(acc: Self::Acc) -> [f32; 2];
+}
+
+/// The 32 nibbles of 16 bytes at `p` as 32 bytes: low nibbles first, as
+/// ggml's `bytes_from_nibbles_32`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: the caller's: 16 readable bytes.
+    let low = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(low), low);
+    _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+}
+
+/// The two columns' results of an accumulator of 8 lanes per column, each
+/// summed as ggml's `hsum_float_8`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsums(acc: __m512) -> [f32; 2] {
+    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+    [hsum(_mm512_castps512_ps256(acc)), hsum(high)]
+}
+
+/// ggml's `hsum_float_8`, in its order.
+#[inline]
+#[target_feature(enable = "avx")]
+fn hsum(x: __m256) -> f32 {
+    let mut res = _mm256_extractf128_ps::<1>(x);
+    res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+    res = _mm_add_ss(res, _mm_movehdup_ps(res));
+    _mm_cvtss_f32(res)
+}
+
+/// A block of 32 signed weights and an f16 scale, read by [`Signed`].
+trait Unpack {
+    const BYTES: usize;
+    /// The block's 32 weights as signed bytes, and its scale.
+    ///
+    /// # Safety
+    /// The CPU has the kernels' features; `p` points at a block.
+    unsafe fn unpack(p: *const u8) -> (__m256i, f32);
+}
+
+/// Q8_0: the scale, then 32 signed bytes.
+struct Q8_0;
+/// Q4_0: the scale, then 32 nibbles, each 8 above its weight.
+struct Q4_0;
+/// Q5_0: the scale, 32 high bits, then 32 nibbles; each weight's 5 bits
+/// are 16 above it.
+struct Q5_0;
+
+impl Unpack for Q8_0 {
+    const BYTES: usize = 34;
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn unpack(p: *const u8) -> (__m256i, f32) {
+        // SAFETY: the caller's.
+        unsafe { (_mm256_loadu_si256(p.add(2) as *const __m256i), f16_at(p)) }
+    }
+}
+
+impl Unpack for Q4_0 {
+    const BYTES: usize = 18;
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn unpack(p: *const u8) -> (__m256i, f32) {
+        // SAFETY: the caller's.
+        unsafe {
+            let q = _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8));
+            (q, f16_at(p))
+        }
+    }
+}
+
+impl Unpack for Q5_0 {
+    const BYTES: usize = 22;
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn unpack(p: *const u8) -> (__m256i, f32) {
+        // SAFETY: the caller's.
+        unsafe {
+            let high = (p.add(2) as *const u32).read_unaligned();
+            // 0xF0 (-16 with the nibble) where the high bit is clear.
+            let minus = _mm256_andnot_si256(_mm256_movm_epi8(high), _mm256_set1_epi8(0xF0u8 as i8));
+            (_mm256_or_si256(nibbles(p.add(6)), minus), f16_at(p))
+        }
+    }
+}
+
+/// Blocks of 32 signed weights times Q8_0 inputs, as ggml's
+/// `ggml_vec_dot_q8_0_q8_0`, `_q4_0_q8_0` and `_q5_0_q8_0`: per block the
+/// exact integer dot product of each group of 4 in its lane, converted,
+/// fused multiply-add with the product of the two scales.
+struct Signed<U>(PhantomData<U>);
+
+impl<U: Unpack> Block for Signed<U> {
+    const QK: usize = 32;
+    const BYTES: usize = U::BYTES;
+    const PACKED: usize = Input::Q8.block().1;
+    type Acc = __m512;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+
+    // Indexing reads best for a register tile.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn step<const P: usize>(
+        w: [*const u8; R],
+        x: [*const u8; P],
+        acc: &mut [[__m512; P]; R],
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            let mut abs_w = [zero; R];
+            let mut negative = [0u64; R];
+            let mut scale_w = [_mm512_setzero_ps(); R];
+            for i in 0..R {
+                let (q, d) = U::unpack(w[i]);
+                // The block's 32 bytes in both halves (one per column).
+                let both = _mm512_broadcast_i64x4(q);
+                abs_w[i] = _mm512_abs_epi8(both);
+                negative[i] = _mm512_movepi8_mask(both);
+                scale_w[i] = _mm512_set1_ps(d);
+            }
+            for j in 0..P {
+                let xq = _mm512_loadu_si512(x[j] as *const __m512i);
+                let scale_x = _mm512_loadu_ps(x[j].add(64) as *const f32);
+                for i in 0..R {
+                    // x with the sign of w, times |w|: the products of
+                    // ggml's mul_sum_i8_pairs_float, summed in 4s.
+                    let signed = _mm512_mask_sub_epi8(xq, negative[i], zero, xq);
+                    let dot = _mm512_dpbusd_epi32(zero, abs_w[i], signed);
+                    let scale = _mm512_mul_ps(scale_w[i], scale_x);
+                    acc[i][j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[i][j]);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish(acc: __m512) -> [f32; 2] {
+        hsums(acc)
+    }
+}
+
+/// Q4_1 times Q8_1, as ggml's `ggml_vec_dot_q4_1_q8_1`: the scale and the
+/// minimum, then 32 nibbles; per block the exact integer dot product in 8
+/// lanes, fused multiply-add with the product of the scales, and the
+/// minimum times the input's sum added to a running sum apart.
+struct Q4_1;
+
+impl Block for Q4_1 {
+    const QK: usize = 32;
+    const BYTES: usize = 20;
+    const PACKED: usize = Input::Q8.block().1;
+    /// The dot products' 8 lanes per column, and each column's sum of
+    /// minimum × input sum (lanes 0 and 1).
+    type Acc = (__m512, __m128);
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> Self::Acc {
+        (_mm512_setzero_ps(), _mm_setzero_ps())
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn step<const P: usize>(
+        w: [*const u8; R],
+        x: [*const u8; P],
+        acc: &mut [[Self::Acc; P]; R],
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            let mut q = [zero; R];
+            let mut scale_w = [_mm512_setzero_ps(); R];
+            let mut min_w = [_mm_setzero_ps(); R];
+            for i in 0..R {
+                q[i] = _mm512_broadcast_i64x4(nibbles(w[i].add(4)));
+                scale_w[i] = _mm512_set1_ps(f16_at(w[i]));
+                min_w[i] = _mm_set1_ps(f16_at(w[i].add(2)));
+            }
+            for j in 0..P {
+                let xq = _mm512_loadu_si512(x[j] as *const __m512i);
+                let scale_x = _mm512_loadu_ps(x[j].add(64) as *const f32);
+                let sums = _mm_castpd_ps(_mm_load_sd(x[j].add(128) as *const f64));
+                for i in 0..R {
+                    let dot = _mm512_dpbusd_epi32(zero, q[i], xq);
+                    let scale = _mm512_mul_ps(scale_w[i], scale_x);
+                    let (dots, mins) = &mut acc[i][j];
+                    *dots = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *dots);
+                    // ggml's `summs += m * s`, contracted to one rounding.
+                    *mins = _mm_fmadd_ps(min_w[i], sums, *mins);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish((dots, mins): Self::Acc) -> [f32; 2] {
+        let [a, b] = hsums(dots);
+        let mut m = [0f32; 4];
+        // SAFETY: 4 lanes into 4 floats.
+        unsafe { _mm_storeu_ps(m.as_mut_ptr(), mins) };
+        [a + m[0], b + m[1]]
+    }
+}
+
+/// Q4_K times Q8_K, as ggml's `ggml_vec_dot_q4_K_q8_K`: per block of 256
+/// (scale, minimum, 8 × 6-bit scales and minimums, 256 nibbles) the exact
+/// integer sum of each sub-block's dot products times its scale in 8 lanes,
+/// fused multiply-add with the product of the scales; the minimums times
+/// the input's sums of 32 in 4 lanes apart.
+struct Q4K;
+
+impl Block for Q4K {
+    const QK: usize = 256;
+    const BYTES: usize = 144;
+    const PACKED: usize = Input::Q8K.block().1;
+    /// 8 lanes per column, and the minimums' 4 lanes per column.
+    type Acc = (__m512, __m256);
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> Self::Acc {
+        (_mm512_setzero_ps(), _mm256_setzero_ps())
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn step<const P: usize>(
+        w: [*const u8; R],
+        x: [*const u8; P],
+        acc: &mut [[Self::Acc; P]; R],
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            let mut scales = [[0i16; 8]; R];
+            let mut mins = [_mm256_setzero_si256(); R];
+            for i in 0..R {
+                let s = std::slice::from_raw_parts(w[i].add(4), 12);
+                let mut m = [0i16; 8];
+                for g in 0..8 {
+                    let (scale, min) = if g < 4 {
+                        (s[g] & 63, s[g + 4] & 63)
+                    } else {
+                        (
+                            (s[g + 4] & 0xF) | ((s[g - 4] >> 6) << 4),
+                            (s[g + 4] >> 4) | ((s[g] >> 6) << 4),
+                        )
+                    };
+                    (scales[i][g], m[g]) = (scale as i16, min as i16);
+                }
+                mins[i] =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(m.as_ptr() as *const __m128i));
+            }
+            let zero = _mm512_setzero_si512();
+            let low = _mm256_set1_epi8(0xF);
+            let mut sums = [[zero; P]; R];
+            for g in 0..8 {
+                let xq: [__m512i; P] =
+                    std::array::from_fn(|j| _mm512_loadu_si512(x[j].add(g * 64) as *const __m512i));
+                for i in 0..R {
+                    let bits = _mm256_loadu_si256(w[i].add(16 + g / 2 * 32) as *const __m256i);
+                    let q = if g % 2 == 0 {
+                        bits
+                    } else {
+                        _mm256_srli_epi16::<4>(bits)
+                    };
+                    let q = _mm512_broadcast_i64x4(_mm256_and_si256(q, low));
+                    let scale = _mm512_set1_epi16(scales[i][g]);
+                    for j in 0..P {
+                        let pairs = _mm512_maddubs_epi16(q, xq[j]);
+                        sums[i][j] = _mm512_add_epi32(sums[i][j], _mm512_madd_epi16(pairs, scale));
+                    }
+                }
+            }
+            for j in 0..P {
+                let scale_x = _mm512_loadu_ps(x[j].add(512) as *const f32);
+                let sums32 = _mm256_loadu_si256(x[j].add(640) as *const __m256i);
+                let scale4_x = _mm256_loadu_ps(x[j].add(672) as *const f32);
+                let minus_scale4_x = _mm256_xor_ps(scale4_x, _mm256_set1_ps(-0.0));
+                for i in 0..R {
+                    let (dots, mins_acc) = &mut acc[i][j];
+                    let d = _mm512_mul_ps(scale_x, _mm512_set1_ps(f16_at(w[i])));
+                    *dots = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sums[i][j]), *dots);
+                    let dmin = _mm256_mul_ps(minus_scale4_x, _mm256_set1_ps(f16_at(w[i].add(2))));
+                    let prod = _mm256_madd_epi16(mins[i], sums32);
+                    *mins_acc = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(prod), *mins_acc);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish((dots, mins): Self::Acc) -> [f32; 2] {
+        let [a, b] = hsums(dots);
+        let sum4 = |m: __m128| {
+            let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+            _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)))
+        };
+        [
+            a + sum4(_mm256_castps256_ps128(mins)),
+            b + sum4(_mm256_extractf128_ps::<1>(mins)),
+        ]
+    }
+}
+
+/// Q6_K times Q8_K, as ggml's `ggml_vec_dot_q6_K_q8_K`: per block of 256
+/// (low nibbles, high 2-bit pairs, 16 signed scales, the scale) the exact
+/// integer sum of each sub-block's dot products times its scale in 8 lanes,
+/// less 32 × the scaled input sums, converted, fused multiply-add with the
+/// product of the scales.
+struct Q6K;
+
+impl Block for Q6K {
+    const QK: usize = 256;
+    const BYTES: usize = 210;
+    const PACKED: usize = Input::Q8K.block().1;
+    type Acc = __m512;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn step<const P: usize>(
+        w: [*const u8; R],
+        x: [*const u8; P],
+        acc: &mut [[__m512; P]; R],
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            let mut scales = [[0i16; 16]; R];
+            let mut scales16 = [_mm512_setzero_si512(); R];
+            for i in 0..R {
+                let s = _mm_loadu_si128(w[i].add(192) as *const __m128i);
+                let s = _mm256_cvtepi8_epi16(s);
+                _mm256_storeu_si256(scales[i].as_mut_ptr() as *mut __m256i, s);
+                scales16[i] = _mm512_broadcast_i64x4(s);
+            }
+            let zero = _mm512_setzero_si512();
+            let low = _mm256_set1_epi8(0xF);
+            let mut sums = [[zero; P]; R];
+            for g in 0..8 {
+                let (half, t) = (g / 4, g % 4);
+                let xq: [__m512i; P] =
+                    std::array::from_fn(|j| _mm512_loadu_si512(x[j].add(g * 64) as *const __m512i));
+                for i in 0..R {
+                    let ql = _mm256_loadu_si256(w[i].add(half * 64 + t % 2 * 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(w[i].add(128 + half * 32) as *const __m256i);
+                    let (ql, qh) = match t {
+                        0 => (
+                            ql,
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(qh, _mm256_set1_epi8(3))),
+                        ),
+                        1 => (
+                            ql,
+                            _mm256_slli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(12))),
+                        ),
+                        2 => (
+                            _mm256_srli_epi16::<4>(ql),
+                            _mm256_and_si256(qh, _mm256_set1_epi8(48)),
+                        ),
+                        _ => (
+                            _mm256_srli_epi16::<4>(ql),
+                            _mm256_srli_epi16::<2>(_mm256_and_si256(qh, _mm256_set1_epi8(-64))),
+                        ),
+                    };
+                    let q = _mm256_or_si256(_mm256_and_si256(ql, low), qh);
+                    let q = _mm512_broadcast_i64x4(q);
+                    let s = _mm256_set_m128i(
+                        _mm_set1_epi16(scales[i][2 * g + 1]),
+                        _mm_set1_epi16(scales[i][2 * g]),
+                    );
+                    let s = _mm512_broadcast_i64x4(s);
+                    for j in 0..P {
+                        let pairs = _mm512_maddubs_epi16(q, xq[j]);
+                        sums[i][j] = _mm512_add_epi32(sums[i][j], _mm512_madd_epi16(pairs, s));
+                    }
+                }
+            }
+            for j in 0..P {
+                let scale_x = _mm512_loadu_ps(x[j].add(512) as *const f32);
+                let sums16 = _mm512_loadu_si512(x[j].add(576) as *const __m512i);
+                for i in 0..R {
+                    let less = _mm512_slli_epi32::<5>(_mm512_madd_epi16(sums16, scales16[i]));
+                    let sum = _mm512_sub_epi32(sums[i][j], less);
+                    let d = _mm512_mul_ps(scale_x, _mm512_set1_ps(f16_at(w[i].add(208))));
+                    acc[i][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[i][j]);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish(acc: __m512) -> [f32; 2] {
+        hsums(acc)
+    }
+}
