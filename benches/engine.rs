@@ -7,7 +7,8 @@
 //!
 //! `cargo bench --bench engine -- [--threads N] [--model PATH] [--reps N] [--weights keep,auto]`
 //!
-//! Each `--weights` layout is one svfit column; llama.cpp runs the file as stored.
+//! Each `--weights` layout is one svfit column; llama.cpp runs the file as
+//! stored, with its default kernels (`GGML_CPU_TILED_MM` on unless set).
 
 mod common;
 
@@ -86,6 +87,12 @@ fn generation_speed(engine: &mut dyn Engine, tokens: &[u32], n_seq: usize) -> f6
 }
 
 fn main() {
+    // llama.cpp as it runs by default: with ggml's tiled K-quant product,
+    // which svfit turns off in its own processes for batch invariance
+    // (products of the types our kernels read go through them either way).
+    if std::env::var_os("GGML_CPU_TILED_MM").is_none() {
+        std::env::set_var("GGML_CPU_TILED_MM", "1");
+    }
     let opts = common::parse_args(7);
     let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(fail);
     let text = include_str!("engine.rs").repeat(4);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use svfit::model::WeightFormat;
 
 /// `--model PATH`, `--threads N`, `--reps N`, `--weights LIST` (default
-/// `keep,auto`), and the CPU kernels' switches `--batch-kernels 1|0`
+/// `auto`, the file as stored; `auto,q8_0` also runs the lossy layout), and the CPU kernels' switches `--batch-kernels 1|0`
 /// (`SVFIT_BATCH_KERNELS`) and `--train-gemm 1|0` (`SVFIT_TRAIN_GEMM`).
 #[derive(clap::Parser)]
 #[command(about = "an svfit benchmark (see its file under benches/)")]
@@ -22,7 +22,7 @@ pub struct Options {
     #[arg(skip)]
     pub reps: usize,
     /// Weight layouts to compare
-    #[arg(long, value_delimiter = ',', default_value = "keep,auto")]
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub weights: Vec<WeightFormat>,
     /// The batched kernels where the CPU runs them (0: ggml's products)
     #[arg(long = "batch-kernels", env = "SVFIT_BATCH_KERNELS", value_name = "1|0",

@@ -4,6 +4,7 @@ use super::*;
 
 use svfit::check;
 use svfit::ggml::gguf::{GgufFile, GgufWriter};
+use svfit::ggml::Type;
 use svfit::model::random::{self, Shape, Types};
 use svfit::model::{Arch, SUPPORTED_ARCHITECTURES};
 
@@ -23,6 +24,11 @@ pub(super) struct CheckArgs {
     /// Gemma 2 2B's, gemma3 Gemma 3 1B's, phi3 Phi-3 mini's at 8 layers)
     #[arg(long, value_name = "tiny|like|1b", value_parser = ["tiny", "like", "1b"])]
     random: Option<String>,
+    /// The type of every block matrix of a tiny or 1b --random model
+    /// (q4_0, q4_1, q5_0, q8_0, q4_k, q6_k or f16; embeddings q8_0)
+    /// [default: a mix for tiny, mostly q4_1 for 1b]
+    #[arg(long, requires = "random", value_parser = matrix_type)]
+    random_type: Option<Type>,
     /// The family of the --random model, whose tensors and metadata keys
     /// it gets as llama.cpp's converter writes them [default: llama for
     /// tiny and 1b, --model's for like]
@@ -80,7 +86,7 @@ pub(super) fn run_check(args: &CheckArgs) -> Result<()> {
         return Ok(());
     }
     if let (Some(kind), Some(out)) = (&args.random, &args.write_model) {
-        return write_random(&source, kind, arch, out);
+        return write_random(&source, kind, arch, args.random_type, out);
     }
     let scratch = Scratch(std::env::temp_dir().join(format!("svfit-check-{}", std::process::id())));
     std::fs::create_dir_all(&scratch.0)
@@ -92,7 +98,7 @@ pub(super) fn run_check(args: &CheckArgs) -> Result<()> {
                 .keep_model
                 .clone()
                 .unwrap_or_else(|| scratch.0.join(format!("random-{kind}.gguf")));
-            write_random(&source, kind, arch, &path)?;
+            write_random(&source, kind, arch, args.random_type, &path)?;
             path
         }
     };
@@ -173,9 +179,35 @@ fn real_shape(arch: Arch) -> Shape {
     }
 }
 
+/// A `--random-type`.
+fn matrix_type(name: &str) -> Result<Type, String> {
+    let types = [
+        Type::Q4_0,
+        Type::Q4_1,
+        Type::Q5_0,
+        Type::Q8_0,
+        Type::Q4_K,
+        Type::Q6_K,
+        Type::F16,
+    ];
+    types
+        .into_iter()
+        .find(|ty| ty.name().eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            format!("unknown type '{name}' (use q4_0, q4_1, q5_0, q8_0, q4_k, q6_k or f16)")
+        })
+}
+
 /// Writes a random model of the named shape and family (`None`: llama,
-/// or for `like` the family of `source`) with `source`'s tokenizer.
-fn write_random(source: &Path, kind: &str, arch: Option<Arch>, out: &Path) -> Result<()> {
+/// or for `like` the family of `source`) with `source`'s tokenizer, its
+/// block matrices of type `ty` where given.
+fn write_random(
+    source: &Path,
+    kind: &str,
+    arch: Option<Arch>,
+    ty: Option<Type>,
+    out: &Path,
+) -> Result<()> {
     let gguf = GgufFile::open(source)?;
     let n_vocab = gguf
         .get_arr_len("tokenizer.ggml.tokens")?
@@ -183,10 +215,12 @@ fn write_random(source: &Path, kind: &str, arch: Option<Arch>, out: &Path) -> Re
     let (shape, types) = match kind {
         "tiny" => (Shape::tiny(arch.unwrap_or(Arch::Llama)), Types::Mixed),
         "1b" => (real_shape(arch.unwrap_or(Arch::Llama)), Types::Quantized),
+        _ if ty.is_some() => anyhow::bail!("--random-type is for --random tiny and 1b"),
         // The stored types, or a quantized model's for a metadata file.
         _ if gguf.tensors().is_empty() => (Shape::of(&gguf)?, Types::Quantized),
         _ => (Shape::of(&gguf)?, Types::Like(&gguf)),
     };
+    let types = ty.map_or(types, Types::All);
     let shape = Shape {
         n_vocab,
         arch: arch.map_or(shape.arch, Arch::name),

@@ -136,6 +136,8 @@ pub enum Types<'a> {
     /// A quantized model as people serve it: q4_1 matrices, q8_0
     /// embeddings, f16 attention output.
     Quantized,
+    /// Every matrix of the blocks in one type, q8_0 embeddings.
+    All(Type),
 }
 
 impl Types<'_> {
@@ -160,6 +162,8 @@ impl Types<'_> {
                 "attn_output.weight" => Type::F16,
                 _ => Type::Q4_1,
             },
+            Types::All(_) if kind == "token_embd.weight" => Type::Q8_0,
+            &Types::All(ty) => ty,
         }
     }
 }

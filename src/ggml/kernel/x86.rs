@@ -416,7 +416,10 @@ impl Unpack for Q5_0 {
 /// Blocks of 32 signed weights times Q8_0 inputs, as ggml's
 /// `ggml_vec_dot_q8_0_q8_0`, `_q4_0_q8_0` and `_q5_0_q8_0`: per block the
 /// exact integer dot product of each group of 4 in its lane, converted,
-/// fused multiply-add with the product of the two scales.
+/// fused multiply-add with the product of the two scales. The integer
+/// product is one VNNI instruction per row and column pair: the inputs
+/// shifted into unsigned bytes (x + 128: Q8_0 inputs are never -128) times
+/// the signed weights, summed onto -128 × the weights' sum of the lane.
 struct Signed<U>(PhantomData<U>);
 
 impl<U: Unpack> Block for Signed<U> {
@@ -443,25 +446,25 @@ impl<U: Unpack> Block for Signed<U> {
         // SAFETY: the caller's.
         unsafe {
             let zero = _mm512_setzero_si512();
-            let mut abs_w = [zero; R];
-            let mut negative = [0u64; R];
+            let offset = _mm512_set1_epi8(-128);
+            let mut q = [zero; R];
+            let mut minus_offset = [zero; R];
             let mut scale_w = [_mm512_setzero_ps(); R];
             for i in 0..R {
-                let (q, d) = U::unpack(w[i]);
+                let (bytes, d) = U::unpack(w[i]);
                 // The block's 32 bytes in both halves (one per column).
-                let both = _mm512_broadcast_i64x4(q);
-                abs_w[i] = _mm512_abs_epi8(both);
-                negative[i] = _mm512_movepi8_mask(both);
+                q[i] = _mm512_broadcast_i64x4(bytes);
+                minus_offset[i] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, q[i]));
                 scale_w[i] = _mm512_set1_ps(d);
             }
             for j in 0..P {
                 let xq = _mm512_loadu_si512(x[j] as *const __m512i);
+                let shifted = _mm512_xor_si512(xq, offset);
                 let scale_x = _mm512_loadu_ps(x[j].add(64) as *const f32);
                 for i in 0..R {
-                    // x with the sign of w, times |w|: the products of
-                    // ggml's mul_sum_i8_pairs_float, summed in 4s.
-                    let signed = _mm512_mask_sub_epi8(xq, negative[i], zero, xq);
-                    let dot = _mm512_dpbusd_epi32(zero, abs_w[i], signed);
+                    // Σ (x + 128) w - 128 Σ w: the exact sums of 4
+                    // products of ggml's mul_sum_i8_pairs_float.
+                    let dot = _mm512_dpbusd_epi32(minus_offset[i], shifted, q[i]);
                     let scale = _mm512_mul_ps(scale_w[i], scale_x);
                     acc[i][j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[i][j]);
                 }
