@@ -16,6 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -101,206 +102,28 @@ fn registry(shared: Arc<Shared>) -> Registry {
         stats.errors.clone(),
     );
     let latency = &shared.engine.stats().latency;
-    registry.register(
-        "svfit_time_to_first_token_seconds",
-        "time from a request's arrival to its first generated token",
-        latency.time_to_first_token.clone(),
-    );
-    registry.register(
-        "svfit_inter_token_latency_seconds",
-        "time between two generated tokens of a request",
-        latency.inter_token.clone(),
-    );
-    registry.register(
-        "svfit_step_duration_seconds",
-        "time of one engine step (a batch decoded)",
-        latency.step.clone(),
-    );
+    for (name, help, histogram) in [
+        (
+            "svfit_time_to_first_token_seconds",
+            "time from a request's arrival to its first generated token",
+            &latency.time_to_first_token,
+        ),
+        (
+            "svfit_inter_token_latency_seconds",
+            "time between two generated tokens of a request",
+            &latency.inter_token,
+        ),
+        (
+            "svfit_step_duration_seconds",
+            "time of one engine step (a batch decoded)",
+            &latency.step,
+        ),
+    ] {
+        registry.register(name, help, histogram.clone());
+    }
     registry.register_collector(Box::new(EngineAndStore(shared)));
     registry
 }
-
-/// Whether a reading only goes up.
-#[derive(Clone, Copy)]
-enum Kind {
-    Counter,
-    Gauge,
-}
-
-/// The values of one scrape: engine, store and prefix cache as of now.
-struct Sources<'a> {
-    engine: &'a engine::Stats,
-    cache: CacheStats,
-    prefix: PrefixStats,
-}
-
-/// One metric read from [`Sources`]: its exposed name, kind, help and value.
-type Reading = (&'static str, Kind, &'static str, fn(&Sources) -> f64);
-
-const READINGS: [Reading; 27] = {
-    use Kind::{Counter, Gauge};
-    [
-        (
-            "svfit_requests_finished_total",
-            Counter,
-            "requests that completed",
-            |s| s.engine.requests_finished.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_requests_cancelled_total",
-            Counter,
-            "requests cancelled (client gone or deadline)",
-            |s| s.engine.requests_cancelled.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_requests_failed_total",
-            Counter,
-            "requests failed in the engine",
-            |s| s.engine.requests_failed.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_generated_tokens_total",
-            Counter,
-            "tokens generated",
-            |s| s.engine.tokens_generated.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_prompt_tokens_total",
-            Counter,
-            "prompt tokens prefilled",
-            |s| s.engine.prompt_tokens.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_queue_depth",
-            Gauge,
-            "requests waiting for admission",
-            |s| s.engine.queued.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_active_sequences",
-            Gauge,
-            "sequences being decoded",
-            |s| s.engine.active.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_batch_sequences",
-            Gauge,
-            "sequences in the last decode step",
-            |s| s.engine.last_batch_sequences.load(Relaxed) as f64,
-        ),
-        ("svfit_steps_total", Counter, "decode steps", |s| {
-            s.engine.steps.load(Relaxed) as f64
-        }),
-        (
-            "svfit_step_seconds_total",
-            Counter,
-            "time spent in decode steps",
-            |s| s.engine.step_micros.load(Relaxed) as f64 / 1e6,
-        ),
-        (
-            "svfit_batch_tokens_total",
-            Counter,
-            "tokens decoded over all steps",
-            |s| s.engine.batch_tokens.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_adapter_cache_hits_total",
-            Counter,
-            "host adapter cache hits",
-            |s| s.cache.hits as f64,
-        ),
-        (
-            "svfit_adapter_cache_misses_total",
-            Counter,
-            "host adapter cache misses",
-            |s| s.cache.misses as f64,
-        ),
-        (
-            "svfit_adapter_cache_evictions_total",
-            Counter,
-            "host adapter cache evictions",
-            |s| s.cache.evictions as f64,
-        ),
-        (
-            "svfit_adapter_loads_total",
-            Counter,
-            "adapter files read and validated",
-            |s| s.cache.loads as f64,
-        ),
-        (
-            "svfit_adapter_store_checks_total",
-            Counter,
-            "adapter version checks against the store (one per request)",
-            |s| s.cache.checks as f64,
-        ),
-        (
-            "svfit_adapter_store_check_seconds_total",
-            Counter,
-            "time spent in adapter version checks",
-            |s| s.cache.check_seconds,
-        ),
-        (
-            "svfit_adapter_served_store_unreachable_total",
-            Counter,
-            "requests served a cached adapter while the store was unreachable",
-            |s| s.cache.served_unreachable as f64,
-        ),
-        (
-            "svfit_adapter_cache_bytes",
-            Gauge,
-            "bytes of deltas in the host cache",
-            |s| s.cache.bytes as f64,
-        ),
-        (
-            "svfit_adapter_slot_loads_total",
-            Counter,
-            "adapters written into device slots",
-            |s| s.engine.slot_loads.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_adapter_slot_evictions_total",
-            Counter,
-            "device slots taken from an unused adapter",
-            |s| s.engine.slot_evictions.load(Relaxed) as f64,
-        ),
-        (
-            "svfit_prefix_cache_lookups_total",
-            Counter,
-            "prompts looked up in the prefix cache",
-            |s| s.prefix.lookups as f64,
-        ),
-        (
-            "svfit_prefix_cache_hits_total",
-            Counter,
-            "prompts that reused cached KV blocks",
-            |s| s.prefix.hits as f64,
-        ),
-        (
-            "svfit_prefix_cached_tokens_total",
-            Counter,
-            "prompt tokens taken from the prefix cache instead of prefilled",
-            |s| s.prefix.cached_tokens as f64,
-        ),
-        (
-            "svfit_prefix_cache_evictions_total",
-            Counter,
-            "KV blocks evicted from the prefix cache",
-            |s| s.prefix.evicted_blocks as f64,
-        ),
-        (
-            "svfit_prefix_cache_blocks",
-            Gauge,
-            "KV blocks in the prefix cache",
-            |s| s.prefix.blocks as f64,
-        ),
-        (
-            "svfit_prefix_cache_bytes",
-            Gauge,
-            "bytes of KV blocks in the prefix cache",
-            |s| s.prefix.bytes as f64,
-        ),
-    ]
-};
 
 /// The counters and gauges whose values live in the engine's and the
 /// store's atomics, read at each scrape.
@@ -315,39 +138,93 @@ impl std::fmt::Debug for EngineAndStore {
 impl Collector for EngineAndStore {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let engine = self.0.engine.stats();
-        let sources = Sources {
-            engine,
-            cache: self.0.store.cache_stats(),
-            prefix: engine.prefix(),
-        };
-        for (name, kind, help, read) in READINGS {
-            let value = read(&sources);
+        let cache = self.0.store.cache_stats();
+        for (name, help, value) in readings(engine, &cache, &engine.prefix()) {
             // As `Registry::register` writes help (a collector's is taken
             // as given).
             let help = &format!("{help}.");
-            match (kind, name.strip_suffix("_total")) {
-                // The encoder adds `_total` to counters' names.
-                (Kind::Counter, Some(name)) => {
-                    let counter = ConstCounter::new(value);
-                    counter.encode(encoder.encode_descriptor(
-                        name,
-                        help,
-                        None,
-                        counter.metric_type(),
-                    )?)?;
-                }
-                _ => {
-                    let gauge = ConstGauge::new(value);
-                    gauge.encode(encoder.encode_descriptor(
-                        name,
-                        help,
-                        None,
-                        gauge.metric_type(),
-                    )?)?;
-                }
-            }
+            // The encoder adds `_total` to counters' names.
+            let (name, metric): (_, &dyn EncodeMetric) = match name.strip_suffix("_total") {
+                Some(name) => (name, &ConstCounter::new(value)),
+                None => (name, &ConstGauge::new(value)),
+            };
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }
         Ok(())
+    }
+}
+
+/// A metric read at each scrape: its exposed name, help and value. A name
+/// that ends in `_total` is a counter's, any other a gauge's.
+type Reading = (&'static str, &'static str, f64);
+
+/// The counters and gauges of the engine `e`, the store's cache `c` and the
+/// prefix cache `p` as of now, in the order exposed, a metric a line.
+#[rustfmt::skip]
+fn readings(e: &engine::Stats, c: &CacheStats, p: &PrefixStats) -> [Reading; 27] {
+    [
+        ("svfit_requests_finished_total", "requests that completed", e.requests_finished.value()),
+        ("svfit_requests_cancelled_total", "requests cancelled (client gone or deadline)", e.requests_cancelled.value()),
+        ("svfit_requests_failed_total", "requests failed in the engine", e.requests_failed.value()),
+        ("svfit_generated_tokens_total", "tokens generated", e.tokens_generated.value()),
+        ("svfit_prompt_tokens_total", "prompt tokens prefilled", e.prompt_tokens.value()),
+        ("svfit_queue_depth", "requests waiting for admission", e.queued.value()),
+        ("svfit_active_sequences", "sequences being decoded", e.active.value()),
+        ("svfit_batch_sequences", "sequences in the last decode step", e.last_batch_sequences.value()),
+        ("svfit_steps_total", "decode steps", e.steps.value()),
+        ("svfit_step_seconds_total", "time spent in decode steps", e.step_micros.value() / 1e6),
+        ("svfit_batch_tokens_total", "tokens decoded over all steps", e.batch_tokens.value()),
+        ("svfit_adapter_cache_hits_total", "host adapter cache hits", c.hits.value()),
+        ("svfit_adapter_cache_misses_total", "host adapter cache misses", c.misses.value()),
+        ("svfit_adapter_cache_evictions_total", "host adapter cache evictions", c.evictions.value()),
+        ("svfit_adapter_loads_total", "adapter files read and validated", c.loads.value()),
+        ("svfit_adapter_store_checks_total", "adapter version checks against the store (one per request)", c.checks.value()),
+        ("svfit_adapter_store_check_seconds_total", "time spent in adapter version checks", c.check_seconds.value()),
+        ("svfit_adapter_served_store_unreachable_total", "requests served a cached adapter while the store was unreachable", c.served_unreachable.value()),
+        ("svfit_adapter_cache_bytes", "bytes of deltas in the host cache", c.bytes.value()),
+        ("svfit_adapter_slot_loads_total", "adapters written into device slots", e.slot_loads.value()),
+        ("svfit_adapter_slot_evictions_total", "device slots taken from an unused adapter", e.slot_evictions.value()),
+        ("svfit_prefix_cache_lookups_total", "prompts looked up in the prefix cache", p.lookups.value()),
+        ("svfit_prefix_cache_hits_total", "prompts that reused cached KV blocks", p.hits.value()),
+        ("svfit_prefix_cached_tokens_total", "prompt tokens taken from the prefix cache instead of prefilled", p.cached_tokens.value()),
+        ("svfit_prefix_cache_evictions_total", "KV blocks evicted from the prefix cache", p.evicted_blocks.value()),
+        ("svfit_prefix_cache_blocks", "KV blocks in the prefix cache", p.blocks.value()),
+        ("svfit_prefix_cache_bytes", "bytes of KV blocks in the prefix cache", p.bytes.value()),
+    ]
+}
+
+/// A counter or a gauge of the engine or the store, as a metric's value.
+trait Value {
+    fn value(&self) -> f64;
+}
+
+impl Value for AtomicU64 {
+    fn value(&self) -> f64 {
+        self.load(Relaxed) as f64
+    }
+}
+
+impl Value for AtomicUsize {
+    fn value(&self) -> f64 {
+        self.load(Relaxed) as f64
+    }
+}
+
+impl Value for u64 {
+    fn value(&self) -> f64 {
+        *self as f64
+    }
+}
+
+impl Value for usize {
+    fn value(&self) -> f64 {
+        *self as f64
+    }
+}
+
+impl Value for f64 {
+    fn value(&self) -> f64 {
+        *self
     }
 }
 
@@ -398,11 +275,23 @@ impl<T> Deadlines<T> {
         self.deadline.as_mut().poll(cx).is_ready()
     }
 
-    /// The answer's clock starts at its first byte.
-    fn answer(&mut self) {
+    /// `poll` of the connection for the answer, failed once the answer's
+    /// deadline has passed; the answer's clock starts at its first byte.
+    fn poll_answer<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>>
+    where
+        T: Unpin,
+    {
         if !self.answering {
             self.answering = true;
             self.deadline.as_mut().reset(Instant::now() + READ_TIMEOUT);
+        }
+        match poll(Pin::new(&mut self.io), cx) {
+            Poll::Pending if self.expired(cx) => timed_out(),
+            done => done,
         }
     }
 }
@@ -432,29 +321,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Deadlines<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        this.answer();
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Pending if this.expired(cx) => timed_out(),
-            written => written,
-        }
+        self.get_mut()
+            .poll_answer(cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.answer();
-        match Pin::new(&mut this.io).poll_flush(cx) {
-            Poll::Pending if this.expired(cx) => timed_out(),
-            flushed => flushed,
-        }
+        self.get_mut().poll_answer(cx, T::poll_flush)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.answer();
-        match Pin::new(&mut this.io).poll_shutdown(cx) {
-            Poll::Pending if this.expired(cx) => timed_out(),
-            shut => shut,
-        }
+        self.get_mut().poll_answer(cx, T::poll_shutdown)
     }
 }
