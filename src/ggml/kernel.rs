@@ -149,7 +149,14 @@ impl Context {
         then: Then,
         extra: &[Tensor<'a>],
     ) -> Tensor<'a> {
-        debug_assert!(fits(w, x));
+        debug_assert!(
+            Matrix {
+                tensor: w,
+                batched: true
+            }
+            .kernel_takes(x.ne()[1])
+                && fits(w, x)
+        );
         let input = Format::of(w.ty()).expect("fits").input();
         let mut args = vec![w.as_ptr(), self.packed(x, input).as_ptr()];
         args.extend(extra.iter().map(|t| t.as_ptr()));
@@ -212,30 +219,52 @@ impl Context {
     }
 }
 
-/// A matrix operand of `W x`: in ggml's layout, or in the kernels', after
-/// [`interleave`].
+/// A matrix operand of `W x`, as ggml stores it, and whether the batched
+/// kernels may compute its products (on a CPU backend that runs them).
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     pub tensor: Tensor<'a>,
-    pub interleaved: bool,
+    pub batched: bool,
 }
 
 impl<'a> Matrix<'a> {
-    /// A matrix in ggml's own layout.
+    /// A matrix whose products ggml computes.
     pub fn plain(tensor: Tensor<'a>) -> Self {
         Matrix {
             tensor,
-            interleaved: false,
+            batched: false,
         }
+    }
+
+    /// Whether a kernel computes its products with `columns` columns: one
+    /// reads its type and shape, and there are 2 columns or more. A single
+    /// column goes to ggml's own kernel, faster alone than ours, which
+    /// computes columns in pairs (1B-shaped Q4_K, one sequence: 37.1 tok/s
+    /// against 26.3).
+    fn kernel_takes(self, columns: i64) -> bool {
+        let w = self.tensor;
+        let Some(format) = Format::of(w.ty()) else {
+            return false;
+        };
+        let (qk, bytes) = format.block();
+        let wn = w.ne();
+        self.batched
+            && columns > 1
+            && wn[0] % qk as i64 == 0
+            && wn[1] % TILE_ROWS as i64 == 0
+            && wn[2] == 1
+            && wn[3] == 1
+            && w.nb()[0] == bytes
+            && w.nb()[1] == bytes * wn[0] as usize / qk
     }
 }
 
 impl Context {
-    /// `w x`: through the batched kernel when `w` is in its layout (the
-    /// input made contiguous if it is not), else ggml's product. The numbers
-    /// are the same either way.
+    /// `w x`: through a batched kernel where one takes `w` (the input made
+    /// contiguous if it is not), else ggml's product. The numbers are the
+    /// same either way.
     pub fn product<'a>(&'a self, w: Matrix<'a>, x: Tensor<'a>) -> Tensor<'a> {
-        if !w.interleaved {
+        if !w.kernel_takes(x.ne()[1]) {
             return self.mul_mat(w.tensor, x);
         }
         let x = if fits(w.tensor, x) { x } else { self.cont(x) };
@@ -245,7 +274,7 @@ impl Context {
     /// `(w x) ⊙ table[:, slots]`: each column of the product scaled by the
     /// column of `table` (f32 `[n, n_slots]`) its slot (i32 `[b]`) names,
     /// as `mul(product, get_rows(table, slots))` computes it, in one node
-    /// when `w` is in the kernel's layout.
+    /// when a kernel takes `w`.
     pub fn product_scaled<'a>(
         &'a self,
         w: Matrix<'a>,
@@ -253,7 +282,7 @@ impl Context {
         table: Tensor<'a>,
         slots: Tensor<'a>,
     ) -> Tensor<'a> {
-        let fused = w.interleaved
+        let fused = w.kernel_takes(x.ne()[1])
             && fits(w.tensor, x)
             && is_f32_matrix(table, w.tensor.ne()[1], table.ne()[1])
             && slots.ty() == Type::I32
@@ -265,11 +294,12 @@ impl Context {
         self.mul(self.product(w, x), self.get_rows(table, slots))
     }
 
-    /// `y + w x`, as `add(y, product)` computes it, in one node when `w` is
-    /// in the kernel's layout.
+    /// `y + w x`, as `add(y, product)` computes it, in one node when a
+    /// kernel takes `w`.
     pub fn product_added<'a>(&'a self, w: Matrix<'a>, x: Tensor<'a>, y: Tensor<'a>) -> Tensor<'a> {
-        let fused =
-            w.interleaved && fits(w.tensor, x) && is_f32_matrix(y, w.tensor.ne()[1], x.ne()[1]);
+        let fused = w.kernel_takes(x.ne()[1])
+            && fits(w.tensor, x)
+            && is_f32_matrix(y, w.tensor.ne()[1], x.ne()[1]);
         if fused {
             return self.kernel_node(w.tensor, x, Then::AddTo, &[y]);
         }
@@ -285,50 +315,10 @@ fn is_f32_matrix(t: Tensor<'_>, rows: i64, cols: i64) -> bool {
         && t.nb()[1] == 4 * rows as usize
 }
 
-/// Whether the kernels take these operands: a 2-D matrix of a [`Format`]
-/// with whole row tiles and a contiguous 2-D f32 input of the same row
-/// length.
+/// Whether the input `x` of a product with `w` (which a kernel takes) is
+/// a contiguous 2-D f32 of `w`'s row length.
 fn fits(w: Tensor<'_>, x: Tensor<'_>) -> bool {
-    let Some(format) = Format::of(w.ty()) else {
-        return false;
-    };
-    let (qk, bytes) = format.block();
-    let wn = w.ne();
-    wn[0] % qk as i64 == 0
-        && wn[1] % TILE_ROWS as i64 == 0
-        && wn[2] == 1
-        && wn[3] == 1
-        && w.nb()[0] == bytes
-        && w.nb()[1] == bytes * wn[0] as usize / qk
-        && is_f32_matrix(x, wn[0], x.ne()[1])
-}
-
-/// Reorders the blocks of a matrix of type `ty` with `n` rows of `k` in
-/// place into the kernels' layout: rows in tiles of 4, and within a tile
-/// block 0 of each row, then block 1 of each, and so on, so that the kernel
-/// reads the weights in order. Only the kernels ([`Context::product`]) read
-/// a matrix after this. Returns `false`, leaving `bytes` as they were, for
-/// a type no kernel reads or a matrix that does not fit the layout.
-pub fn interleave(ty: Type, bytes: &mut [u8], k: usize, n: usize) -> bool {
-    let Some(format) = Format::of(ty) else {
-        return false;
-    };
-    let (qk, block_bytes) = format.block();
-    let row_bytes = k / qk * block_bytes;
-    if !k.is_multiple_of(qk) || !n.is_multiple_of(TILE_ROWS) || bytes.len() != n * row_bytes {
-        return false;
-    }
-    let mut tile = vec![0u8; TILE_ROWS * row_bytes];
-    for rows in bytes.chunks_exact_mut(TILE_ROWS * row_bytes) {
-        for (i, row) in rows.chunks_exact(row_bytes).enumerate() {
-            for (kb, block) in row.chunks_exact(block_bytes).enumerate() {
-                let at = (kb * TILE_ROWS + i) * block_bytes;
-                tile[at..at + block_bytes].copy_from_slice(block);
-            }
-        }
-        rows.copy_from_slice(&tile);
-    }
-    true
+    is_f32_matrix(x, w.ne()[0], x.ne()[1])
 }
 
 /// The pack op: quantizes `x` (`[k, b]` f32) as ggml does for the `Input`
@@ -389,7 +379,7 @@ unsafe extern "C" fn compute(
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: ggml calls us with a node made by `kernel_node`: source 0
-        // an interleaved `[k, n]` of a `Format`, source 1 its input packed
+        // a `[k, n]` of a `Format`, source 1 its input packed
         // by `pack` (`dst` has one column per input column), the sources of
         // its `Then` checked; 0 <= ith < nth.
         unsafe {

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use crate::factors::{Factor, TargetMatrix, KINDS};
-use crate::ggml::kernel::{self, Matrix};
+use crate::ggml::kernel::Matrix;
 use crate::ggml::{self, Backend, Context, Tensor, TensorId, TensorSet, Type};
 
 use super::{Config, ModelError};
@@ -36,9 +36,6 @@ struct Target {
     d: TensorId,
     rank: usize,
     padded: usize,
-    /// Whether U and Vt are in the batched Q8_0 kernel's layout.
-    u_interleaved: bool,
-    vt_interleaved: bool,
 }
 
 /// The tensors of one target matrix for a graph.
@@ -59,6 +56,8 @@ pub struct Branch {
     targets: Vec<[Option<Target>; KINDS.len()]>,
     by_prefix: HashMap<String, (usize, usize)>,
     n_slots: usize,
+    /// Whether the batched kernels compute the factors' products.
+    batched: bool,
 }
 
 fn kind_index(kind: &str) -> Option<usize> {
@@ -70,15 +69,15 @@ impl Branch {
     /// with `n_slots` slots (at least 2: the base and one adapter). U and Vt
     /// are stored as `factor_type` (q8_0, f16 or f32); a Vt whose width is
     /// not a multiple of 32 stays f16 when q8_0 is asked for. With
-    /// `kernel` (the batched Q8_0 kernel runs on `backend`), q8_0 factors
-    /// go through it.
+    /// `batched` (the batched kernels run on `backend`), q8_0 factors go
+    /// through them.
     pub(super) fn new(
         config: &Config,
         factors: &[(TargetMatrix, Factor)],
         n_slots: usize,
         factor_type: Type,
         backend: &Backend,
-        kernel: bool,
+        batched: bool,
     ) -> Result<Self, ModelError> {
         if ![Type::Q8_0, Type::F16, Type::F32].contains(&factor_type) {
             return Err(ModelError::Factors(format!(
@@ -123,20 +122,14 @@ impl Branch {
                 })
             };
             let (u_id, vt_id) = (id("U"), id("Vt"));
-            let mut u = encode(factor_type, &u, padded)?;
-            let mut vt = encode(vt_type, &vt, n)?;
-            let u_interleaved = kernel && kernel::interleave(factor_type, &mut u, padded, m);
-            let vt_interleaved = kernel && kernel::interleave(vt_type, &mut vt, n, padded);
-            set.get(u_id).write(&u)?;
-            set.get(vt_id).write(&vt)?;
+            set.get(u_id).write(&encode(factor_type, &u, padded)?)?;
+            set.get(vt_id).write(&encode(vt_type, &vt, n)?)?;
             let target = Target {
                 u: u_id,
                 vt: vt_id,
                 d: id("D"),
                 rank: r,
                 padded,
-                u_interleaved,
-                vt_interleaved,
             };
             let kind = kind_index(t.kind).expect("factor kinds come from KINDS");
             targets[t.layer][kind] = Some(target);
@@ -147,6 +140,7 @@ impl Branch {
             targets,
             by_prefix,
             n_slots,
+            batched,
         })
     }
 
@@ -217,11 +211,11 @@ impl Branch {
         Some(TargetTensors {
             u: Matrix {
                 tensor: self.set.get(t.u),
-                interleaved: t.u_interleaved,
+                batched: self.batched,
             },
             vt: Matrix {
                 tensor: self.set.get(t.vt),
-                interleaved: t.vt_interleaved,
+                batched: self.batched,
             },
             d: self.set.get(t.d),
         })

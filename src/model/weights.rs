@@ -8,7 +8,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use crate::ggml::gguf::{GgufFile, GgufWriter, TensorInfo};
-use crate::ggml::kernel::{self, Matrix};
+use crate::ggml::kernel::Matrix;
 use crate::ggml::{Backend, Context, Tensor, TensorId, TensorSet, Type};
 
 use super::config::Arch;
@@ -146,13 +146,10 @@ pub struct LayerWeights {
 
 pub struct Weights {
     set: TensorSet,
-    /// Matrices in the layout of the batched Q8_0 CPU kernel (`ggml::q8_0`:
-    /// the same numbers as ggml's product, faster in batches); only that
-    /// kernel may read them.
-    interleaved: HashSet<TensorId>,
-    /// The output head in that layout, when it is the token embedding
-    /// (which row lookups read in the plain layout).
-    interleaved_output: Option<TensorSet>,
+    /// Whether the batched CPU kernels (`ggml::kernel`: the same numbers
+    /// as ggml's products, faster in batches) compute the products of the
+    /// matrices of the types they read.
+    batched: bool,
     pub token_embd: TensorId,
     pub output_norm: TensorId,
     /// `output.weight`, or `token_embd.weight` when the embeddings are tied.
@@ -167,21 +164,21 @@ impl Weights {
     /// Checks every tensor's presence and shape, then loads them on `backend`
     /// as `holding` says: for training, every matrix that a backward pass
     /// goes through dequantized to f32 (all but an untied token embedding).
-    /// With `kernel` (the batched Q8_0 kernel runs on `backend`), served
-    /// Q8_0 matrices are put in its layout.
+    /// With `batched` (the batched kernels run on `backend`), the products
+    /// of served matrices go through them.
     pub fn load(
         gguf: &mut GgufFile,
         config: &Config,
         backend: &Backend,
         holding: Holding,
-        kernel: bool,
+        batched: bool,
     ) -> Result<Self, ModelError> {
         check_tensors(gguf, config)?;
         // Never in ggml's repacked layouts (llama.cpp's default for Q4_0,
         // Q4_K and IQ4_NL on x86): their kernels round a column differently
         // in a batch of 4 than alone, so a sequence's logits would depend on
         // its batch. The oracle runs llama.cpp without them too (oracle.rs).
-        let mut set = match holding {
+        let set = match holding {
             Holding::Serve(WeightFormat::Keep) | Holding::Stored => gguf.load_tensors(backend)?,
             Holding::Serve(format) => gguf.load_tensors_as(backend, |info| format.type_of(info))?,
             Holding::Train => {
@@ -230,21 +227,8 @@ impl Weights {
         let output_norm = id("output_norm.weight")?;
         let output = set.find("output.weight").unwrap_or(token_embd);
         let rope_freqs = set.find("rope_freqs.weight");
-        let (mut interleaved, mut interleaved_output) = (HashSet::new(), None);
-        if matches!(holding, Holding::Serve(_)) && kernel {
-            let matrices = layers.iter().flat_map(LayerWeights::matrices);
-            for id in matrices.chain((output != token_embd).then_some(output)) {
-                if interleave(&mut set, id) {
-                    interleaved.insert(id);
-                }
-            }
-            if output == token_embd {
-                interleaved_output = interleaved_copy(&set, output, backend)?;
-            }
-        }
         Ok(Weights {
-            interleaved,
-            interleaved_output,
+            batched: batched && matches!(holding, Holding::Serve(_)),
             output,
             rope_freqs,
             output_norm,
@@ -258,18 +242,12 @@ impl Weights {
         self.set.get(id)
     }
 
-    /// `w x` for the weight `w`, through the batched Q8_0 kernel when `w`
-    /// is in its layout (the same numbers as ggml's product).
+    /// `w x` for the weight `w`, through a batched kernel where one takes
+    /// it (the same numbers as ggml's product).
     pub fn product<'a>(&'a self, ctx: &'a Context, w: TensorId, x: Tensor<'a>) -> Tensor<'a> {
-        let matrix = match &self.interleaved_output {
-            Some(copy) if w == self.output => Matrix {
-                tensor: copy.get(INTERLEAVED_OUTPUT),
-                interleaved: true,
-            },
-            _ => Matrix {
-                tensor: self.get(w),
-                interleaved: self.interleaved.contains(&w),
-            },
+        let matrix = Matrix {
+            tensor: self.get(w),
+            batched: self.batched,
         };
         ctx.product(matrix, x)
     }
@@ -291,11 +269,6 @@ impl LayerWeights {
             .iter()
             .find(|(k, _)| *k == kind)
             .map(|&(_, b)| b)
-    }
-
-    /// The block's matrices (all but the norms).
-    fn matrices(&self) -> impl Iterator<Item = TensorId> + '_ {
-        self.matrices.iter().map(|&(_, id)| id)
     }
 }
 
@@ -358,40 +331,6 @@ impl Config {
         };
         Some(MatrixSlice { tensor, rows })
     }
-}
-
-/// Puts the matrix `id` of a host set into the batched kernels' layout;
-/// `false` (unchanged) for types no kernel reads and shapes that do not
-/// fit.
-fn interleave(set: &mut TensorSet, id: TensorId) -> bool {
-    let t = set.get(id);
-    let (ty, k, n) = (t.ty(), t.ne()[0] as usize, t.ne()[1] as usize);
-    set.host_bytes_mut(id)
-        .is_some_and(|bytes| kernel::interleave(ty, bytes, k, n))
-}
-
-/// The one tensor of the set `interleaved_copy` makes.
-const INTERLEAVED_OUTPUT: TensorId = TensorId::FIRST;
-
-/// A copy of the Q8_0 matrix `id` in the batched kernel's layout, in a set
-/// of its own; `None` when it does not fit the layout.
-fn interleaved_copy(
-    set: &TensorSet,
-    id: TensorId,
-    backend: &Backend,
-) -> Result<Option<TensorSet>, ModelError> {
-    let t = set.get(id);
-    if t.ty() != Type::Q8_0 {
-        // Only the Q8_0 head is copied (the models in use tie a Q8_0
-        // embedding): a copy of a smaller type would not pay its memory.
-        return Ok(None);
-    }
-    let ctx = Context::new(1, 0)?;
-    ctx.new_tensor(t.ty(), &t.ne())
-        .set_name("output.interleaved");
-    let mut copy = TensorSet::allocate(ctx, backend)?;
-    copy.get(INTERLEAVED_OUTPUT).write(&t.read_bytes()?)?;
-    Ok(interleave(&mut copy, INTERLEAVED_OUTPUT).then_some(copy))
 }
 
 /// Every tensor of the file is a weight of [`expected_shapes`], in its

@@ -191,7 +191,7 @@ impl Then {
 }
 
 /// One product `W x` as the kernels read and write it: `w` points at `n`
-/// rows of `k` weights in the layout of `interleave`, `packed` at `b`
+/// rows of `k` weights as ggml stores them, `packed` at `b`
 /// columns of `k` packed for the weights' type, `out` at room for the
 /// `[n, b]` result (column-major), and `then` says what happens to each
 /// result before it is stored. Passed by value: the tiles read it from
@@ -268,11 +268,11 @@ unsafe fn tile_of<B: Block, const P: usize>(product: Product, r0: usize, p0: usi
     let nb = k / B::QK;
     // SAFETY (whole body): the caller's ranges; loads are unaligned.
     unsafe {
-        // The tile's rows' interleaved blocks.
+        // The tile's rows, read side by side block by block.
         let w = matrix.add(r0 * nb * B::BYTES);
         let mut acc = [[B::zero(); P]; R];
         for kb in 0..nb {
-            let rows: [*const u8; R] = std::array::from_fn(|i| w.add((kb * R + i) * B::BYTES));
+            let rows: [*const u8; R] = std::array::from_fn(|i| w.add((i * nb + kb) * B::BYTES));
             for row in rows {
                 _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH) as *const i8);
             }
@@ -575,24 +575,27 @@ impl Block for Q4K {
     ) {
         // SAFETY: the caller's.
         unsafe {
-            let mut scales = [[0i16; 8]; R];
+            // Each row's 8 scales, then 8 minimums, as bytes (ggml's
+            // unpacking of the 12 bytes of 6-bit values).
+            let mut scales = [[0u8; 16]; R];
             let mut mins = [_mm256_setzero_si256(); R];
+            let (mut d_w, mut dmin_w) = ([0f32; R], [0f32; R]);
             for i in 0..R {
-                let s = std::slice::from_raw_parts(w[i].add(4), 12);
-                let mut m = [0i16; 8];
-                for g in 0..8 {
-                    let (scale, min) = if g < 4 {
-                        (s[g] & 63, s[g + 4] & 63)
-                    } else {
-                        (
-                            (s[g + 4] & 0xF) | ((s[g - 4] >> 6) << 4),
-                            (s[g + 4] >> 4) | ((s[g] >> 6) << 4),
-                        )
-                    };
-                    (scales[i][g], m[g]) = (scale as i16, min as i16);
-                }
+                let mut u = [0u32; 4];
+                std::ptr::copy_nonoverlapping(w[i].add(4), u.as_mut_ptr() as *mut u8, 12);
+                const M1: u32 = 0x3f3f3f3f;
+                const M2: u32 = 0x0f0f0f0f;
+                const M3: u32 = 0x03030303;
+                u[3] = ((u[2] >> 4) & M2) | (((u[1] >> 6) & M3) << 4);
+                let low = u[1] & M1;
+                u[1] = (u[2] & M2) | (((u[0] >> 6) & M3) << 4);
+                u[2] = low;
+                u[0] &= M1;
+                let bytes = _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32);
+                _mm_storeu_si128(scales[i].as_mut_ptr() as *mut __m128i, bytes);
                 mins[i] =
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(m.as_ptr() as *const __m128i));
+                    _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_srli_si128::<8>(bytes)));
+                (d_w[i], dmin_w[i]) = (f16_at(w[i]), f16_at(w[i].add(2)));
             }
             let zero = _mm512_setzero_si512();
             let low = _mm256_set1_epi8(0xF);
@@ -608,10 +611,10 @@ impl Block for Q4K {
                         _mm256_srli_epi16::<4>(bits)
                     };
                     let q = _mm512_broadcast_i64x4(_mm256_and_si256(q, low));
-                    let scale = _mm512_set1_epi16(scales[i][g]);
+                    let scale = _mm512_set1_epi16(scales[i][g] as i16);
                     for j in 0..P {
                         let pairs = _mm512_maddubs_epi16(q, xq[j]);
-                        sums[i][j] = _mm512_add_epi32(sums[i][j], _mm512_madd_epi16(pairs, scale));
+                        sums[i][j] = _mm512_dpwssd_epi32(sums[i][j], pairs, scale);
                     }
                 }
             }
@@ -622,9 +625,9 @@ impl Block for Q4K {
                 let minus_scale4_x = _mm256_xor_ps(scale4_x, _mm256_set1_ps(-0.0));
                 for i in 0..R {
                     let (dots, mins_acc) = &mut acc[i][j];
-                    let d = _mm512_mul_ps(scale_x, _mm512_set1_ps(f16_at(w[i])));
+                    let d = _mm512_mul_ps(scale_x, _mm512_set1_ps(d_w[i]));
                     *dots = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sums[i][j]), *dots);
-                    let dmin = _mm256_mul_ps(minus_scale4_x, _mm256_set1_ps(f16_at(w[i].add(2))));
+                    let dmin = _mm256_mul_ps(minus_scale4_x, _mm256_set1_ps(dmin_w[i]));
                     let prod = _mm256_madd_epi16(mins[i], sums32);
                     *mins_acc = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(prod), *mins_acc);
                 }
@@ -676,19 +679,26 @@ impl Block for Q6K {
     ) {
         // SAFETY: the caller's.
         unsafe {
-            let mut scales = [[0i16; 16]; R];
             let mut scales16 = [_mm512_setzero_si512(); R];
+            let d_w: [f32; R] = std::array::from_fn(|i| f16_at(w[i].add(208)));
             for i in 0..R {
                 let s = _mm_loadu_si128(w[i].add(192) as *const __m128i);
-                let s = _mm256_cvtepi8_epi16(s);
-                _mm256_storeu_si256(scales[i].as_mut_ptr() as *mut __m256i, s);
-                scales16[i] = _mm512_broadcast_i64x4(s);
+                scales16[i] = _mm512_broadcast_i64x4(_mm256_cvtepi8_epi16(s));
             }
             let zero = _mm512_setzero_si512();
             let low = _mm256_set1_epi8(0xF);
+            // Lanes 0-7 and 16-23 pick scale 0, lanes 8-15 and 24-31 scale 1.
+            let halves = _mm512_srli_epi16::<3>(_mm512_and_si512(
+                _mm512_set_epi16(
+                    31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12,
+                    11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+                ),
+                _mm512_set1_epi16(8),
+            ));
             let mut sums = [[zero; P]; R];
             for g in 0..8 {
                 let (half, t) = (g / 4, g % 4);
+                let pick = _mm512_add_epi16(halves, _mm512_set1_epi16(2 * g as i16));
                 let xq: [__m512i; P] =
                     std::array::from_fn(|j| _mm512_loadu_si512(x[j].add(g * 64) as *const __m512i));
                 for i in 0..R {
@@ -714,14 +724,12 @@ impl Block for Q6K {
                     };
                     let q = _mm256_or_si256(_mm256_and_si256(ql, low), qh);
                     let q = _mm512_broadcast_i64x4(q);
-                    let s = _mm256_set_m128i(
-                        _mm_set1_epi16(scales[i][2 * g + 1]),
-                        _mm_set1_epi16(scales[i][2 * g]),
-                    );
-                    let s = _mm512_broadcast_i64x4(s);
+                    // Scale 2g for the first 16 weights of the run, 2g + 1
+                    // for the last 16, in each column's half.
+                    let s = _mm512_permutexvar_epi16(pick, scales16[i]);
                     for j in 0..P {
                         let pairs = _mm512_maddubs_epi16(q, xq[j]);
-                        sums[i][j] = _mm512_add_epi32(sums[i][j], _mm512_madd_epi16(pairs, s));
+                        sums[i][j] = _mm512_dpwssd_epi32(sums[i][j], pairs, s);
                     }
                 }
             }
@@ -731,7 +739,7 @@ impl Block for Q6K {
                 for i in 0..R {
                     let less = _mm512_slli_epi32::<5>(_mm512_madd_epi16(sums16, scales16[i]));
                     let sum = _mm512_sub_epi32(sums[i][j], less);
-                    let d = _mm512_mul_ps(scale_x, _mm512_set1_ps(f16_at(w[i].add(208))));
+                    let d = _mm512_mul_ps(scale_x, _mm512_set1_ps(d_w[i]));
                     acc[i][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[i][j]);
                 }
             }
