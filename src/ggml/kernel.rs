@@ -27,6 +27,8 @@ use super::context::{Context, Tensor};
 use super::{sys, Backend, Type};
 
 #[cfg(target_arch = "x86_64")]
+mod quantize;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 /// Rows and column pairs of one tile.
@@ -59,7 +61,7 @@ impl Format {
     }
 
     /// Weights and bytes of one block.
-    fn block(self) -> (usize, usize) {
+    const fn block(self) -> (usize, usize) {
         match self {
             Format::Q8_0 => (32, 34),
             Format::Q4_0 => (32, 18),
@@ -71,7 +73,7 @@ impl Format {
     }
 
     /// How the input is quantized for it.
-    fn input(self) -> Input {
+    const fn input(self) -> Input {
         match self {
             Format::Q4_K | Format::Q6_K => Input::Q8K,
             _ => Input::Q8,
@@ -173,7 +175,7 @@ impl Context {
                 1,
                 args.as_mut_ptr(),
                 args.len() as i32,
-                Some(compute),
+                Some(op),
                 -1,
                 then as usize as *mut std::os::raw::c_void,
             )
@@ -206,9 +208,9 @@ impl Context {
                 1,
                 args.as_mut_ptr(),
                 1,
-                Some(pack),
+                Some(op),
                 -1,
-                input as usize as *mut std::os::raw::c_void,
+                (PACK + input as usize) as *mut std::os::raw::c_void,
             )
         };
         let node = self.wrap(raw);
@@ -321,11 +323,13 @@ fn fits(w: Tensor<'_>, x: Tensor<'_>) -> bool {
     is_f32_matrix(x, w.ne()[0], x.ne()[1])
 }
 
-/// The pack op: quantizes `x` (`[k, b]` f32) as ggml does for the `Input`
-/// its user data names, into the kernels' input layout, columns in pairs
-/// (an odd last column paired with zeros); thread `ith` of `nth` packs its
-/// share of the pairs.
-unsafe extern "C" fn pack(
+/// A pack node's user data: `PACK` + its `Input`; a product's is its
+/// `Then`.
+const PACK: usize = 8;
+
+/// The op of every kernel node (see [`PACK`]); thread `ith` of `nth` does
+/// its share.
+unsafe extern "C" fn op(
     dst: *mut sys::ggml_tensor,
     ith: std::os::raw::c_int,
     nth: std::os::raw::c_int,
@@ -333,32 +337,13 @@ unsafe extern "C" fn pack(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: ggml calls us with a node made by `packed`: source 0 is a
-        // contiguous f32 `[k, b]` with k a multiple of the input's block,
-        // and `dst` holds `ceil(b / 2)` pairs of its packed blocks;
-        // 0 <= ith < nth.
+        let (ith, nth) = (ith as usize, nth.max(1) as usize);
+        // SAFETY: ggml calls us with a node made by `packed` (user data
+        // PACK and up) or by `kernel_node`, and 0 <= ith < nth.
         unsafe {
-            let dst = &*dst;
-            let x = &*dst.src[0];
-            let (k, b) = (x.ne[0] as usize, x.ne[1] as usize);
-            let x = std::slice::from_raw_parts(x.data as *const f32, k * b);
-            let input = if userdata as usize == Input::Q8K as usize {
-                Input::Q8K
-            } else {
-                Input::Q8
-            };
-            let (qk, bytes) = input.block();
-            let pairs = b.div_ceil(2);
-            let out = std::slice::from_raw_parts_mut(dst.data as *mut u8, pairs * k / qk * bytes);
-            let (ith, nth) = (ith as usize, nth.max(1) as usize);
-            let column = |c: usize| x.get(c * k..(c + 1) * k);
-            for pair in pairs * ith / nth..pairs * (ith + 1) / nth {
-                let out = &mut out[pair * k / qk * bytes..][..k / qk * bytes];
-                let columns = [column(2 * pair), column(2 * pair + 1)];
-                match input {
-                    Input::Q8 => x86::pack_q8(columns, out),
-                    Input::Q8K => x86::pack_q8k(columns, out),
-                }
+            match userdata as usize {
+                code if code >= PACK => pack(&*dst, ith, nth, code - PACK),
+                code => product(&*dst, ith, nth, code),
             }
         }
     }
@@ -369,65 +354,86 @@ unsafe extern "C" fn pack(
     }
 }
 
-/// The custom op: thread `ith` of `nth` computes its share of the rows.
-unsafe extern "C" fn compute(
-    dst: *mut sys::ggml_tensor,
-    ith: std::os::raw::c_int,
-    nth: std::os::raw::c_int,
-    userdata: *mut std::os::raw::c_void,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: ggml calls us with a node made by `kernel_node`: source 0
-        // a `[k, n]` of a `Format`, source 1 its input packed
-        // by `pack` (`dst` has one column per input column), the sources of
-        // its `Then` checked; 0 <= ith < nth.
-        unsafe {
-            let dst = &*dst;
-            let (w, packed) = (&*dst.src[0], &*dst.src[1]);
-            let then = match userdata as usize {
-                code if code == Then::ScaleBySlot as usize => {
-                    let (table, slots) = (&*dst.src[2], &*dst.src[3]);
-                    x86::Then::ScaleBySlot {
-                        table: table.data as *const f32,
-                        slots: slots.data as *const i32,
-                        n_slots: table.ne[1] as usize,
-                    }
-                }
-                code if code == Then::AddTo as usize => x86::Then::AddTo {
-                    y: (*dst.src[2]).data as *const f32,
-                },
-                _ => x86::Then::Store,
-            };
-            let format = Format::of(Type(w.type_)).expect("made by kernel_node");
-            let k = w.ne[0] as usize;
-            let (n, b) = (w.ne[1] as usize, dst.ne[1] as usize);
-            let w = w.data as *const u8;
-            let out = dst.data as *mut f32;
-            // Rows in tiles, split evenly between the threads.
-            let tiles = n.div_ceil(TILE_ROWS);
-            let (ith, nth) = (ith as usize, nth.max(1) as usize);
-            let first = tiles * ith / nth * TILE_ROWS;
-            let last = (tiles * (ith + 1) / nth * TILE_ROWS).min(n);
-            if first >= last {
-                return;
+/// Quantizes `x` (`[k, b]` f32) as ggml does for the `Input` coded
+/// `input`, into the kernels' input layout, columns in pairs (an odd last
+/// column paired with zeros): thread `ith` of `nth` packs its share.
+///
+/// # Safety
+/// `dst` was made by `packed`: source 0 is a contiguous f32 `[k, b]` with
+/// k a multiple of the input's block, and `dst` holds `ceil(b / 2)` pairs
+/// of its packed blocks.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack(dst: &sys::ggml_tensor, ith: usize, nth: usize, input: usize) {
+    // SAFETY: the caller's.
+    unsafe {
+        let x = &*dst.src[0];
+        let (k, b) = (x.ne[0] as usize, x.ne[1] as usize);
+        let x = std::slice::from_raw_parts(x.data as *const f32, k * b);
+        let input = if input == Input::Q8K as usize {
+            Input::Q8K
+        } else {
+            Input::Q8
+        };
+        let (qk, bytes) = input.block();
+        let pairs = b.div_ceil(2);
+        let out = std::slice::from_raw_parts_mut(dst.data as *mut u8, pairs * k / qk * bytes);
+        let column = |c: usize| x.get(c * k..(c + 1) * k);
+        for pair in pairs * ith / nth..pairs * (ith + 1) / nth {
+            let out = &mut out[pair * k / qk * bytes..][..k / qk * bytes];
+            let columns = [column(2 * pair), column(2 * pair + 1)];
+            match input {
+                Input::Q8 => quantize::pack_q8(columns, out),
+                Input::Q8K => quantize::pack_q8k(columns, out),
             }
-            let product = x86::Product {
-                w,
-                k,
-                n,
-                b,
-                packed: packed.data as *const u8,
-                out,
-                then,
-            };
-            x86::rows(format, product, first, last);
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (dst, ith, nth, userdata);
-        unreachable!("the batched kernels are only built for x86-64");
+}
+
+/// Computes the rows of the product `dst` that fall to thread `ith` of
+/// `nth`, then applies the `Then` coded `then`.
+///
+/// # Safety
+/// `dst` was made by `kernel_node`: source 0 a `[k, n]` of a `Format`,
+/// source 1 its input packed by `pack` (`dst` has one column per input
+/// column), the sources of its `Then` checked.
+#[cfg(target_arch = "x86_64")]
+unsafe fn product(dst: &sys::ggml_tensor, ith: usize, nth: usize, then: usize) {
+    // SAFETY: the caller's.
+    unsafe {
+        let (w, packed) = (&*dst.src[0], &*dst.src[1]);
+        let then = match then {
+            code if code == Then::ScaleBySlot as usize => {
+                let (table, slots) = (&*dst.src[2], &*dst.src[3]);
+                x86::Then::ScaleBySlot {
+                    table: table.data as *const f32,
+                    slots: slots.data as *const i32,
+                    n_slots: table.ne[1] as usize,
+                }
+            }
+            code if code == Then::AddTo as usize => x86::Then::AddTo {
+                y: (*dst.src[2]).data as *const f32,
+            },
+            _ => x86::Then::Store,
+        };
+        let format = Format::of(Type(w.type_)).expect("made by kernel_node");
+        let (k, n, b) = (w.ne[0] as usize, w.ne[1] as usize, dst.ne[1] as usize);
+        // Rows in tiles, split evenly between the threads.
+        let tiles = n.div_ceil(TILE_ROWS);
+        let first = tiles * ith / nth * TILE_ROWS;
+        let last = (tiles * (ith + 1) / nth * TILE_ROWS).min(n);
+        if first >= last {
+            return;
+        }
+        let product = x86::Product {
+            w: w.data as *const u8,
+            k,
+            n,
+            b,
+            packed: packed.data as *const u8,
+            out: dst.data as *mut f32,
+            then,
+        };
+        x86::rows(format, product, first, last);
     }
 }
 

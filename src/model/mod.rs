@@ -183,7 +183,7 @@ impl Model {
     /// dequantized to f32 (backward through quantized weights is ~10× slower
     /// on CPU, and CUDA's backward takes f32 only); without, they stay as
     /// stored and go through ggml's own products, whatever `--weights` says
-    /// (our Q8_0 kernel has no backward).
+    /// (our batched kernels have no backward).
     pub fn load_for_training(
         path: &Path,
         options: &LoadOptions,

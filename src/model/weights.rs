@@ -117,12 +117,12 @@ pub fn write_converted(src: &Path, format: WeightFormat, out: &Path) -> Result<u
 /// How [`Weights::load`] holds the tensors.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Holding {
-    /// Serving, in a layout (already resolved for the backend).
+    /// Serving, as `WeightFormat` says (resolved).
     Serve(WeightFormat),
     /// Training: every matrix a backward pass goes through as f32.
     Train,
     /// Training through the stored types: as in the file, in the backend's
-    /// own buffer (a backward pass reads no repacked or interleaved layout).
+    /// own buffer (a backward pass reads no repacked layout and no custom op).
     Stored,
 }
 

@@ -1,73 +1,22 @@
-//! The kernels' x86-64 code: the inputs quantized as ggml quantizes them,
-//! and the tiles of every weight [`Format`](super::Format), each block's
-//! arithmetic that of ggml's AVX2 `ggml_vec_dot_*` for its type.
+//! The kernels' tiles on x86-64, for every weight
+//! [`Format`](super::Format): each block's arithmetic that of ggml's AVX2
+//! `ggml_vec_dot_*` for its type.
+
+// Indexing reads best for register tiles.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::{Format, Input, TILE_PAIRS, TILE_ROWS};
+use super::{Format, TILE_PAIRS, TILE_ROWS};
 
 const R: usize = TILE_ROWS;
+/// A block of each row of a tile.
+type Rows = [*const u8; R];
+/// A value per row and column pair of a tile.
+type Tile<A, const P: usize> = [[A; P]; R];
 /// How far ahead in a weight row to prefetch, in bytes.
 const PREFETCH: usize = 512;
-
-/// Packs columns `[c, c + 1]` (a missing one as zeros) into `out` as ggml's
-/// `quantize_row_q8_0` and `quantize_row_q8_1` quantize them, block by
-/// block of 32: both columns' 32 values, then each column's scale in 8
-/// lanes, then each column's Q8_1 sum (`s`, the f16 of `d · Σ q`).
-pub(super) fn pack_q8(columns: [Option<&[f32]>; 2], out: &mut [u8]) {
-    let (qk, bytes) = Input::Q8.block();
-    let zeros = [0f32; 32];
-    for (kb, at) in out.chunks_exact_mut(bytes).enumerate() {
-        for (half, column) in columns.iter().enumerate() {
-            let block = match column {
-                Some(values) => values[kb * qk..][..qk].try_into().expect("32 values"),
-                None => &zeros,
-            };
-            let q = (&mut at[half * qk..][..qk]).try_into().expect("32 bytes");
-            // SAFETY: callers run only where `available()` holds.
-            let (d, s) = unsafe { quantize_q8(block, q) };
-            for lane in at[2 * qk + half * 32..][..32].chunks_exact_mut(4) {
-                lane.copy_from_slice(&d.to_ne_bytes());
-            }
-            at[4 * qk + half * 4..][..4].copy_from_slice(&s.to_ne_bytes());
-        }
-    }
-}
-
-/// One block as `quantize_row_q8_1` quantizes it (the largest |value| maps
-/// to ±127, rounding half to even, saturating; Q8_0 the same without the
-/// sum); returns the scale and the sum as the f16s ggml stores, widened.
-#[target_feature(enable = "avx512f,f16c")]
-unsafe fn quantize_q8(block: &[f32; 32], q: &mut [u8; 32]) -> (f32, f32) {
-    // SAFETY: both arrays hold 32 elements: two 16-lane loads, two 16-byte
-    // stores.
-    unsafe {
-        let v0 = _mm512_loadu_ps(block.as_ptr());
-        let v1 = _mm512_loadu_ps(block.as_ptr().add(16));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        let d = amax / 127.0;
-        let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-        // Conversion rounds half to even (the default rounding mode).
-        let i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
-        let i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-        _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(i0));
-        _mm_storeu_si128(
-            q.as_mut_ptr().add(16) as *mut __m128i,
-            _mm512_cvtsepi32_epi8(i1),
-        );
-        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-        (f16_round(d), f16_round(d * sum as f32))
-    }
-}
-
-/// `v` rounded to the nearest f16 (ties to even), as f32.
-#[target_feature(enable = "f16c")]
-fn f16_round(v: f32) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
-        _mm_set_ss(v),
-    )))
-}
 
 /// An f16 read from `p`, widened.
 ///
@@ -79,73 +28,6 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller's.
     let bits = unsafe { (p as *const u16).read_unaligned() };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-/// Packs columns `[c, c + 1]` (a missing one as zeros) into `out` as
-/// ggml's `quantize_row_q8_K_ref` quantizes them, block by block of 256:
-/// the 8 runs of 32 values of both columns in turn, each column's scale in
-/// 8 lanes, each column's 16 sums of 16 (`bsums`), each column's 8 sums of
-/// 32, each column's scale in 4 lanes.
-pub(super) fn pack_q8k(columns: [Option<&[f32]>; 2], out: &mut [u8]) {
-    let (qk, bytes) = Input::Q8K.block();
-    let zeros = [0f32; 256];
-    for (kb, at) in out.chunks_exact_mut(bytes).enumerate() {
-        for (half, column) in columns.iter().enumerate() {
-            let block = match column {
-                Some(values) => &values[kb * qk..][..qk],
-                None => &zeros[..],
-            };
-            let (d, q) = quantize_q8k(block);
-            for (g, run) in q.chunks_exact(32).enumerate() {
-                for (to, &v) in at[g * 64 + half * 32..][..32].iter_mut().zip(run) {
-                    *to = v as u8;
-                }
-            }
-            let bsums: Vec<i16> = q
-                .chunks_exact(16)
-                .map(|s| s.iter().map(|&v| v as i16).sum())
-                .collect();
-            let (scales, rest) = at[2 * qk..].split_at_mut(64);
-            let (sums16, rest) = rest.split_at_mut(64);
-            let (sums32, scales4) = rest.split_at_mut(32);
-            for lane in scales[half * 32..][..32].chunks_exact_mut(4) {
-                lane.copy_from_slice(&d.to_ne_bytes());
-            }
-            for (to, s) in sums16[half * 32..][..32].chunks_exact_mut(2).zip(&bsums) {
-                to.copy_from_slice(&s.to_ne_bytes());
-            }
-            for (to, s) in sums32[half * 16..][..16]
-                .chunks_exact_mut(2)
-                .zip(bsums.chunks_exact(2))
-            {
-                to.copy_from_slice(&s[0].wrapping_add(s[1]).to_ne_bytes());
-            }
-            for lane in scales4[half * 16..][..16].chunks_exact_mut(4) {
-                lane.copy_from_slice(&d.to_ne_bytes());
-            }
-        }
-    }
-}
-
-/// One block of 256 as `quantize_row_q8_K_ref` quantizes it: the value of
-/// largest magnitude (the first of equals) maps to -127, rounding half to
-/// even; an all-zero block has scale 0.
-fn quantize_q8k(block: &[f32]) -> (f32, [i8; 256]) {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in block {
-        if v.abs() > amax {
-            (amax, max) = (v.abs(), v);
-        }
-    }
-    let mut q = [0i8; 256];
-    if amax == 0.0 {
-        return (0.0, q);
-    }
-    let iscale = -127.0 / max;
-    for (q, &v) in q.iter_mut().zip(block) {
-        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-    }
-    (1.0 / iscale, q)
 }
 
 /// What happens to each result before it is stored (see `super::Then`).
@@ -270,7 +152,8 @@ unsafe fn tile_of<B: Block, const P: usize>(product: Product, r0: usize, p0: usi
     unsafe {
         // The tile's rows, read side by side block by block.
         let w = matrix.add(r0 * nb * B::BYTES);
-        let mut acc = [[B::zero(); P]; R];
+        // SAFETY: `Acc` is SIMD registers, for which no bits are invalid.
+        let mut acc = [[std::mem::zeroed::<B::Acc>(); P]; R];
         for kb in 0..nb {
             let rows: [*const u8; R] = std::array::from_fn(|i| w.add((i * nb + kb) * B::BYTES));
             for row in rows {
@@ -296,28 +179,23 @@ unsafe fn tile_of<B: Block, const P: usize>(product: Product, r0: usize, p0: usi
 /// A weight block type as the tiles read it: its size, its packed input's
 /// and the arithmetic of one block of a tile.
 trait Block {
+    /// The weight type.
+    const FORMAT: Format;
     /// Weights and bytes of one block.
-    const QK: usize;
-    const BYTES: usize;
+    const QK: usize = Self::FORMAT.block().0;
+    const BYTES: usize = Self::FORMAT.block().1;
     /// Bytes of one block of a packed column pair.
-    const PACKED: usize;
-    /// What a (row, column pair) accumulates over the blocks.
+    const PACKED: usize = Self::FORMAT.input().block().1;
+    /// What a (row, column pair) accumulates over the blocks: SIMD
+    /// registers, zero when all bits are.
     type Acc: Copy;
-
-    /// # Safety
-    /// The CPU has the kernels' features.
-    unsafe fn zero() -> Self::Acc;
 
     /// Adds one block of the `R` rows times the `P` column pairs.
     ///
     /// # Safety
     /// The CPU has the kernels' features; `w[i]` points at a block of
     /// row `i`, `x[j]` at the same block of pair `j`.
-    unsafe fn step<const P: usize>(
-        w: [*const u8; R],
-        x: [*const u8; P],
-        acc: &mut [[Self::Acc; P]; R],
-    );
+    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<Self::Acc, P>);
 
     /// The two columns' results.
     ///
@@ -359,7 +237,7 @@ fn hsum(x: __m256) -> f32 {
 
 /// A block of 32 signed weights and an f16 scale, read by [`Signed`].
 trait Unpack {
-    const BYTES: usize;
+    const FORMAT: Format;
     /// The block's 32 weights as signed bytes, and its scale.
     ///
     /// # Safety
@@ -376,7 +254,7 @@ struct Q4_0;
 struct Q5_0;
 
 impl Unpack for Q8_0 {
-    const BYTES: usize = 34;
+    const FORMAT: Format = Format::Q8_0;
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     unsafe fn unpack(p: *const u8) -> (__m256i, f32) {
@@ -386,7 +264,7 @@ impl Unpack for Q8_0 {
 }
 
 impl Unpack for Q4_0 {
-    const BYTES: usize = 18;
+    const FORMAT: Format = Format::Q4_0;
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     unsafe fn unpack(p: *const u8) -> (__m256i, f32) {
@@ -399,7 +277,7 @@ impl Unpack for Q4_0 {
 }
 
 impl Unpack for Q5_0 {
-    const BYTES: usize = 22;
+    const FORMAT: Format = Format::Q5_0;
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     unsafe fn unpack(p: *const u8) -> (__m256i, f32) {
@@ -423,26 +301,12 @@ impl Unpack for Q5_0 {
 struct Signed<U>(PhantomData<U>);
 
 impl<U: Unpack> Block for Signed<U> {
-    const QK: usize = 32;
-    const BYTES: usize = U::BYTES;
-    const PACKED: usize = Input::Q8.block().1;
+    const FORMAT: Format = U::FORMAT;
     type Acc = __m512;
 
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn zero() -> __m512 {
-        _mm512_setzero_ps()
-    }
-
-    // Indexing reads best for a register tile.
-    #[allow(clippy::needless_range_loop)]
-    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn step<const P: usize>(
-        w: [*const u8; R],
-        x: [*const u8; P],
-        acc: &mut [[__m512; P]; R],
-    ) {
+    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<__m512, P>) {
         // SAFETY: the caller's.
         unsafe {
             let zero = _mm512_setzero_si512();
@@ -486,27 +350,14 @@ impl<U: Unpack> Block for Signed<U> {
 struct Q4_1;
 
 impl Block for Q4_1 {
-    const QK: usize = 32;
-    const BYTES: usize = 20;
-    const PACKED: usize = Input::Q8.block().1;
+    const FORMAT: Format = Format::Q4_1;
     /// The dot products' 8 lanes per column, and each column's sum of
     /// minimum × input sum (lanes 0 and 1).
     type Acc = (__m512, __m128);
 
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn zero() -> Self::Acc {
-        (_mm512_setzero_ps(), _mm_setzero_ps())
-    }
-
-    #[allow(clippy::needless_range_loop)]
-    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn step<const P: usize>(
-        w: [*const u8; R],
-        x: [*const u8; P],
-        acc: &mut [[Self::Acc; P]; R],
-    ) {
+    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<Self::Acc, P>) {
         // SAFETY: the caller's.
         unsafe {
             let zero = _mm512_setzero_si512();
@@ -553,26 +404,13 @@ impl Block for Q4_1 {
 struct Q4K;
 
 impl Block for Q4K {
-    const QK: usize = 256;
-    const BYTES: usize = 144;
-    const PACKED: usize = Input::Q8K.block().1;
+    const FORMAT: Format = Format::Q4_K;
     /// 8 lanes per column, and the minimums' 4 lanes per column.
     type Acc = (__m512, __m256);
 
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn zero() -> Self::Acc {
-        (_mm512_setzero_ps(), _mm256_setzero_ps())
-    }
-
-    #[allow(clippy::needless_range_loop)]
-    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn step<const P: usize>(
-        w: [*const u8; R],
-        x: [*const u8; P],
-        acc: &mut [[Self::Acc; P]; R],
-    ) {
+    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<Self::Acc, P>) {
         // SAFETY: the caller's.
         unsafe {
             // Each row's 8 scales, then 8 minimums, as bytes (ggml's
@@ -658,25 +496,12 @@ impl Block for Q4K {
 struct Q6K;
 
 impl Block for Q6K {
-    const QK: usize = 256;
-    const BYTES: usize = 210;
-    const PACKED: usize = Input::Q8K.block().1;
+    const FORMAT: Format = Format::Q6_K;
     type Acc = __m512;
 
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn zero() -> __m512 {
-        _mm512_setzero_ps()
-    }
-
-    #[allow(clippy::needless_range_loop)]
-    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn step<const P: usize>(
-        w: [*const u8; R],
-        x: [*const u8; P],
-        acc: &mut [[__m512; P]; R],
-    ) {
+    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<__m512, P>) {
         // SAFETY: the caller's.
         unsafe {
             let mut scales16 = [_mm512_setzero_si512(); R];
