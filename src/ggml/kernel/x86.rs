@@ -13,8 +13,17 @@ use super::{Format, TILE_PAIRS, TILE_ROWS};
 const R: usize = TILE_ROWS;
 /// A block of each row of a tile.
 type Rows = [*const u8; R];
+/// A block of each column pair of a tile.
+type Pairs<const P: usize> = [*const u8; P];
 /// A value per row and column pair of a tile.
 type Tile<A, const P: usize> = [[A; P]; R];
+
+/// What a tile accumulates: per row and column pair, and per column pair
+/// for all rows at once.
+struct Accs<B: Block + ?Sized, const P: usize> {
+    tile: Tile<B::Acc, P>,
+    pairs: [B::Extra; P],
+}
 /// How far ahead in a weight row to prefetch, in bytes.
 const PREFETCH: usize = 512;
 
@@ -152,21 +161,21 @@ unsafe fn tile_of<B: Block, const P: usize>(product: Product, r0: usize, p0: usi
     unsafe {
         // The tile's rows, read side by side block by block.
         let w = matrix.add(r0 * nb * B::BYTES);
-        // SAFETY: `Acc` is SIMD registers, for which no bits are invalid.
-        let mut acc = [[std::mem::zeroed::<B::Acc>(); P]; R];
+        // SAFETY: `Accs` is SIMD registers, for which no bits are invalid.
+        let mut acc = std::mem::zeroed::<Accs<B, P>>();
         for kb in 0..nb {
             let rows: [*const u8; R] = std::array::from_fn(|i| w.add((i * nb + kb) * B::BYTES));
             for row in rows {
                 _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH) as *const i8);
             }
-            let pairs: [*const u8; P] =
+            let pairs: Pairs<P> =
                 std::array::from_fn(|j| packed.add(((p0 + j) * nb + kb) * B::PACKED));
             B::step(rows, pairs, &mut acc);
         }
-        for (i, acc) in acc.iter().enumerate() {
-            for (j, &acc) in acc.iter().enumerate() {
+        for (i, tile) in acc.tile.iter().enumerate() {
+            for (j, &one) in tile.iter().enumerate() {
                 let (c, row) = (2 * (p0 + j), r0 + i);
-                let [v0, v1] = B::finish(acc);
+                let [v0, v1] = B::finish(one, &acc.pairs[j], i);
                 *out.add(c * n + row) = then.apply(v0, row, c, n);
                 if c + 1 < b {
                     *out.add((c + 1) * n + row) = then.apply(v1, row, c + 1, n);
@@ -186,22 +195,24 @@ trait Block {
     const BYTES: usize = Self::FORMAT.block().1;
     /// Bytes of one block of a packed column pair.
     const PACKED: usize = Self::FORMAT.input().block().1;
-    /// What a (row, column pair) accumulates over the blocks: SIMD
-    /// registers, zero when all bits are.
+    /// What a (row, column pair) accumulates over the blocks, and what a
+    /// column pair accumulates for all the tile's rows at once (`()` for
+    /// nothing): SIMD registers, zero when all bits are.
     type Acc: Copy;
+    type Extra: Copy;
 
     /// Adds one block of the `R` rows times the `P` column pairs.
     ///
     /// # Safety
     /// The CPU has the kernels' features; `w[i]` points at a block of
     /// row `i`, `x[j]` at the same block of pair `j`.
-    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<Self::Acc, P>);
+    unsafe fn step<const P: usize>(w: Rows, x: Pairs<P>, acc: &mut Accs<Self, P>);
 
-    /// The two columns' results.
+    /// The two columns' results of row `row`.
     ///
     /// # Safety
     /// The CPU has the kernels' features.
-    unsafe fn finish(acc: Self::Acc) -> [f32; 2];
+    unsafe fn finish(acc: Self::Acc, extra: &Self::Extra, row: usize) -> [f32; 2];
 }
 
 /// The 32 nibbles of 16 bytes at `p` as 32 bytes: low nibbles first, as
@@ -213,6 +224,22 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     let low = unsafe { _mm_loadu_si128(p as *const __m128i) };
     let both = _mm256_set_m128i(_mm_srli_epi16::<4>(low), low);
     _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+}
+
+/// Adds to each column pair's sums the products of the unsigned weights
+/// `q` and the pair's inputs `x`, summed in 2s (ggml's `maddubs`), times
+/// `scale` and summed in 2s again (its `madd`): exact in 32 bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn add_scaled<const P: usize>(
+    sums: &mut [__m512i; P],
+    q: __m512i,
+    x: &[__m512i; P],
+    scale: __m512i,
+) {
+    for (sum, &x) in sums.iter_mut().zip(x) {
+        *sum = _mm512_dpwssd_epi32(*sum, _mm512_maddubs_epi16(q, x), scale);
+    }
 }
 
 /// The two columns' results of an accumulator of 8 lanes per column, each
@@ -302,11 +329,13 @@ struct Signed<U>(PhantomData<U>);
 
 impl<U: Unpack> Block for Signed<U> {
     const FORMAT: Format = U::FORMAT;
+    /// Per row and column pair, 8 lanes per column; nothing per pair.
     type Acc = __m512;
+    type Extra = ();
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<__m512, P>) {
+    unsafe fn step<const P: usize>(w: Rows, x: Pairs<P>, acc: &mut Accs<Self, P>) {
         // SAFETY: the caller's.
         unsafe {
             let zero = _mm512_setzero_si512();
@@ -330,7 +359,8 @@ impl<U: Unpack> Block for Signed<U> {
                     // products of ggml's mul_sum_i8_pairs_float.
                     let dot = _mm512_dpbusd_epi32(minus_offset[i], shifted, q[i]);
                     let scale = _mm512_mul_ps(scale_w[i], scale_x);
-                    acc[i][j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[i][j]);
+                    acc.tile[i][j] =
+                        _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc.tile[i][j]);
                 }
             }
         }
@@ -338,7 +368,7 @@ impl<U: Unpack> Block for Signed<U> {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn finish(acc: __m512) -> [f32; 2] {
+    unsafe fn finish(acc: __m512, _: &(), _: usize) -> [f32; 2] {
         hsums(acc)
     }
 }
@@ -351,35 +381,40 @@ struct Q4_1;
 
 impl Block for Q4_1 {
     const FORMAT: Format = Format::Q4_1;
-    /// The dot products' 8 lanes per column, and each column's sum of
-    /// minimum × input sum (lanes 0 and 1).
-    type Acc = (__m512, __m128);
+    /// The dot products' 8 lanes per column; per column pair, the sums of
+    /// minimum × input sum of each row and column (lanes 2i and 2i + 1).
+    type Acc = __m512;
+    type Extra = __m256;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<Self::Acc, P>) {
+    unsafe fn step<const P: usize>(w: Rows, x: Pairs<P>, acc: &mut Accs<Self, P>) {
         // SAFETY: the caller's.
         unsafe {
             let zero = _mm512_setzero_si512();
             let mut q = [zero; R];
             let mut scale_w = [_mm512_setzero_ps(); R];
-            let mut min_w = [_mm_setzero_ps(); R];
+            let mut min_w = [0f32; R];
             for i in 0..R {
                 q[i] = _mm512_broadcast_i64x4(nibbles(w[i].add(4)));
                 scale_w[i] = _mm512_set1_ps(f16_at(w[i]));
-                min_w[i] = _mm_set1_ps(f16_at(w[i].add(2)));
+                min_w[i] = f16_at(w[i].add(2));
             }
+            // Each row's minimum twice, once per column of a pair.
+            let [m0, m1, m2, m3] = min_w;
+            let mins = _mm256_set_ps(m3, m3, m2, m2, m1, m1, m0, m0);
             for j in 0..P {
                 let xq = _mm512_loadu_si512(x[j] as *const __m512i);
                 let scale_x = _mm512_loadu_ps(x[j].add(64) as *const f32);
-                let sums = _mm_castpd_ps(_mm_load_sd(x[j].add(128) as *const f64));
+                // The pair's two sums, for every row.
+                let sums = _mm256_castpd_ps(_mm256_broadcast_sd(&*(x[j].add(128) as *const f64)));
+                // ggml's `summs += m * s`, contracted to one rounding.
+                acc.pairs[j] = _mm256_fmadd_ps(mins, sums, acc.pairs[j]);
                 for i in 0..R {
                     let dot = _mm512_dpbusd_epi32(zero, q[i], xq);
                     let scale = _mm512_mul_ps(scale_w[i], scale_x);
-                    let (dots, mins) = &mut acc[i][j];
-                    *dots = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *dots);
-                    // ggml's `summs += m * s`, contracted to one rounding.
-                    *mins = _mm_fmadd_ps(min_w[i], sums, *mins);
+                    acc.tile[i][j] =
+                        _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc.tile[i][j]);
                 }
             }
         }
@@ -387,12 +422,12 @@ impl Block for Q4_1 {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn finish((dots, mins): Self::Acc) -> [f32; 2] {
+    unsafe fn finish(dots: __m512, mins: &__m256, row: usize) -> [f32; 2] {
         let [a, b] = hsums(dots);
-        let mut m = [0f32; 4];
-        // SAFETY: 4 lanes into 4 floats.
-        unsafe { _mm_storeu_ps(m.as_mut_ptr(), mins) };
-        [a + m[0], b + m[1]]
+        let mut m = [0f32; 8];
+        // SAFETY: 8 lanes into 8 floats.
+        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), *mins) };
+        [a + m[2 * row], b + m[2 * row + 1]]
     }
 }
 
@@ -407,10 +442,11 @@ impl Block for Q4K {
     const FORMAT: Format = Format::Q4_K;
     /// 8 lanes per column, and the minimums' 4 lanes per column.
     type Acc = (__m512, __m256);
+    type Extra = ();
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<Self::Acc, P>) {
+    unsafe fn step<const P: usize>(w: Rows, x: Pairs<P>, acc: &mut Accs<Self, P>) {
         // SAFETY: the caller's.
         unsafe {
             // Each row's 8 scales, then 8 minimums, as bytes (ggml's
@@ -450,10 +486,7 @@ impl Block for Q4K {
                     };
                     let q = _mm512_broadcast_i64x4(_mm256_and_si256(q, low));
                     let scale = _mm512_set1_epi16(scales[i][g] as i16);
-                    for j in 0..P {
-                        let pairs = _mm512_maddubs_epi16(q, xq[j]);
-                        sums[i][j] = _mm512_dpwssd_epi32(sums[i][j], pairs, scale);
-                    }
+                    add_scaled(&mut sums[i], q, &xq, scale);
                 }
             }
             for j in 0..P {
@@ -462,7 +495,7 @@ impl Block for Q4K {
                 let scale4_x = _mm256_loadu_ps(x[j].add(672) as *const f32);
                 let minus_scale4_x = _mm256_xor_ps(scale4_x, _mm256_set1_ps(-0.0));
                 for i in 0..R {
-                    let (dots, mins_acc) = &mut acc[i][j];
+                    let (dots, mins_acc) = &mut acc.tile[i][j];
                     let d = _mm512_mul_ps(scale_x, _mm512_set1_ps(d_w[i]));
                     *dots = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sums[i][j]), *dots);
                     let dmin = _mm256_mul_ps(minus_scale4_x, _mm256_set1_ps(dmin_w[i]));
@@ -475,7 +508,7 @@ impl Block for Q4K {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn finish((dots, mins): Self::Acc) -> [f32; 2] {
+    unsafe fn finish((dots, mins): Self::Acc, _: &(), _: usize) -> [f32; 2] {
         let [a, b] = hsums(dots);
         let sum4 = |m: __m128| {
             let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
@@ -497,12 +530,12 @@ struct Q6K;
 
 impl Block for Q6K {
     const FORMAT: Format = Format::Q6_K;
-    type Acc = __m512;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn step<const P: usize>(w: Rows, x: [*const u8; P], acc: &mut Tile<__m512, P>) {
-        // SAFETY: the caller's.
+    unsafe fn step<const P: usize>(w: Rows, x: Pairs<P>, acc: &mut Accs<Self, P>) {
+        // SAFETY: the caller's: 4 rows of blocks of 210 bytes, pairs of
+        // packed Q8_K blocks.
         unsafe {
             let mut scales16 = [_mm512_setzero_si512(); R];
             let d_w: [f32; R] = std::array::from_fn(|i| f16_at(w[i].add(208)));
@@ -551,11 +584,12 @@ impl Block for Q6K {
                     let q = _mm512_broadcast_i64x4(q);
                     // Scale 2g for the first 16 weights of the run, 2g + 1
                     // for the last 16, in each column's half.
-                    let s = _mm512_permutexvar_epi16(pick, scales16[i]);
-                    for j in 0..P {
-                        let pairs = _mm512_maddubs_epi16(q, xq[j]);
-                        sums[i][j] = _mm512_dpwssd_epi32(sums[i][j], pairs, s);
-                    }
+                    add_scaled(
+                        &mut sums[i],
+                        q,
+                        &xq,
+                        _mm512_permutexvar_epi16(pick, scales16[i]),
+                    );
                 }
             }
             for j in 0..P {
@@ -565,7 +599,7 @@ impl Block for Q6K {
                     let less = _mm512_slli_epi32::<5>(_mm512_madd_epi16(sums16, scales16[i]));
                     let sum = _mm512_sub_epi32(sums[i][j], less);
                     let d = _mm512_mul_ps(scale_x, _mm512_set1_ps(d_w[i]));
-                    acc[i][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc[i][j]);
+                    acc.tile[i][j] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), acc.tile[i][j]);
                 }
             }
         }
@@ -573,7 +607,11 @@ impl Block for Q6K {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn finish(acc: __m512) -> [f32; 2] {
+    unsafe fn finish(acc: __m512, _: &(), _: usize) -> [f32; 2] {
         hsums(acc)
     }
+
+    /// Per row and column pair, 8 lanes per column; nothing per pair.
+    type Acc = __m512;
+    type Extra = ();
 }
