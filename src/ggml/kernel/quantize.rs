@@ -83,10 +83,10 @@ pub(super) fn pack_q8k(columns: [Option<&[f32]>; 2], out: &mut [u8]) {
                     *to = v as u8;
                 }
             }
-            let bsums: Vec<i16> = q
-                .chunks_exact(16)
-                .map(|s| s.iter().map(|&v| v as i16).sum())
-                .collect();
+            let mut bsums = [0i16; 16];
+            for (sum, run) in bsums.iter_mut().zip(q.chunks_exact(16)) {
+                *sum = run.iter().map(|&v| v as i16).sum();
+            }
             let (scales, rest) = at[2 * qk..].split_at_mut(64);
             let (sums16, rest) = rest.split_at_mut(64);
             let (sums32, scales4) = rest.split_at_mut(32);
