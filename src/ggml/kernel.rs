@@ -163,7 +163,7 @@ impl Context {
         let mut args = vec![w.as_ptr(), self.packed(x, input).as_ptr()];
         args.extend(extra.iter().map(|t| t.as_ptr()));
         // SAFETY: the operands are live tensors; `fits` and the checks of
-        // `then`'s sources hold (by the callers), so `compute` reads within
+        // `then`'s sources hold (by the callers), so `product` reads within
         // them and writes the whole `[n, b]` result. All threads take part.
         let raw = unsafe {
             sys::ggml_custom_4d(
