@@ -211,10 +211,10 @@ struct ModelArgs {
     #[arg(long = "ctx", default_value_t = 4096)]
     ctx: usize,
     /// How the weight matrices are held: auto or keep (as stored, the
-    /// same numbers as llama.cpp on the file; on CPU in the batched
-    /// kernels' layout where one reads the type), or re-quantized, which
-    /// changes the model's numbers: q8_0 (lossy for types above 8 bits)
-    /// or f16 (lossy for f32 and bf16)
+    /// same numbers as llama.cpp on the file; on CPU through the batched
+    /// kernels where one reads the type), or re-quantized, which changes
+    /// the model's numbers: q8_0 (lossy for types above 8 bits) or f16
+    /// (lossy for f32 and bf16)
     #[arg(long, default_value = "auto")]
     weights: WeightFormat,
 }

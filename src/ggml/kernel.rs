@@ -151,14 +151,7 @@ impl Context {
         then: Then,
         extra: &[Tensor<'a>],
     ) -> Tensor<'a> {
-        debug_assert!(
-            Matrix {
-                tensor: w,
-                batched: true
-            }
-            .kernel_takes(x.ne()[1])
-                && fits(w, x)
-        );
+        debug_assert!(kernel_reads(w, x.ne()[1]) && fits(w, x));
         let input = Format::of(w.ty()).expect("fits").input();
         let mut args = vec![w.as_ptr(), self.packed(x, input).as_ptr()];
         args.extend(extra.iter().map(|t| t.as_ptr()));
@@ -238,27 +231,29 @@ impl<'a> Matrix<'a> {
         }
     }
 
-    /// Whether a kernel computes its products with `columns` columns: one
-    /// reads its type and shape, and there are 2 columns or more. A single
-    /// column goes to ggml's own kernel, faster alone than ours, which
-    /// computes columns in pairs (1B-shaped Q4_K, one sequence: 37.1 tok/s
-    /// against 26.3).
+    /// Whether a kernel computes its products with `columns` columns.
     fn kernel_takes(self, columns: i64) -> bool {
-        let w = self.tensor;
-        let Some(format) = Format::of(w.ty()) else {
-            return false;
-        };
-        let (qk, bytes) = format.block();
-        let wn = w.ne();
-        self.batched
-            && columns > 1
-            && wn[0] % qk as i64 == 0
-            && wn[1] % TILE_ROWS as i64 == 0
-            && wn[2] == 1
-            && wn[3] == 1
-            && w.nb()[0] == bytes
-            && w.nb()[1] == bytes * wn[0] as usize / qk
+        self.batched && kernel_reads(self.tensor, columns)
     }
+}
+
+/// Whether a kernel reads `w`'s type and shape, for a product of `columns`
+/// columns: 2 or more. A single column goes to ggml's own kernel, faster
+/// alone than ours, which computes columns in pairs (1B-shaped Q4_K, one
+/// sequence: 37.1 tok/s against 26.3).
+fn kernel_reads(w: Tensor<'_>, columns: i64) -> bool {
+    let Some(format) = Format::of(w.ty()) else {
+        return false;
+    };
+    let (qk, bytes) = format.block();
+    let wn = w.ne();
+    columns > 1
+        && wn[0] % qk as i64 == 0
+        && wn[1] % TILE_ROWS as i64 == 0
+        && wn[2] == 1
+        && wn[3] == 1
+        && w.nb()[0] == bytes
+        && w.nb()[1] == bytes * wn[0] as usize / qk
 }
 
 impl Context {

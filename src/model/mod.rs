@@ -211,7 +211,7 @@ impl Model {
             backends.extend(Backend::device(&options.device)?);
         }
         backends.push(Backend::cpu(options.threads)?);
-        let holding = holding.unwrap_or_else(|| Holding::Serve(options.weights.resolve()));
+        let holding = holding.unwrap_or(Holding::Serve(options.weights));
         let batch_kernels = options.batch_kernels && kernel::available_on(&backends[0]);
         let weights = Weights::load(&mut gguf, &config, &backends[0], holding, batch_kernels)?;
         // Graph room for this many sequences per batch; grows on demand.

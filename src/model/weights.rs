@@ -36,15 +36,6 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
-    /// The format to load with: `Auto` is `Keep` (the layout follows from
-    /// the backend at load).
-    pub fn resolve(self) -> WeightFormat {
-        match self {
-            WeightFormat::Auto => WeightFormat::Keep,
-            chosen => chosen,
-        }
-    }
-
     /// The type a tensor is held in. Only 2-D matrices change; norms and
     /// other vectors stay as stored.
     fn type_of(self, info: &TensorInfo) -> Type {
@@ -94,7 +85,6 @@ impl fmt::Display for WeightFormat {
 /// very weights `svfit serve --weights FORMAT` runs. Returns the number of
 /// matrices converted.
 pub fn write_converted(src: &Path, format: WeightFormat, out: &Path) -> Result<usize, ModelError> {
-    let format = format.resolve();
     let gguf = GgufFile::open(src)?;
     let mut writer = GgufWriter::new(gguf.tensors().len())?;
     writer.copy_metadata_from(&gguf);
@@ -117,7 +107,7 @@ pub fn write_converted(src: &Path, format: WeightFormat, out: &Path) -> Result<u
 /// How [`Weights::load`] holds the tensors.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Holding {
-    /// Serving, as `WeightFormat` says (resolved).
+    /// Serving, as `WeightFormat` says.
     Serve(WeightFormat),
     /// Training: every matrix a backward pass goes through as f32.
     Train,
@@ -179,7 +169,9 @@ impl Weights {
         // in a batch of 4 than alone, so a sequence's logits would depend on
         // its batch. The oracle runs llama.cpp without them too (oracle.rs).
         let set = match holding {
-            Holding::Serve(WeightFormat::Keep) | Holding::Stored => gguf.load_tensors(backend)?,
+            Holding::Serve(WeightFormat::Auto | WeightFormat::Keep) | Holding::Stored => {
+                gguf.load_tensors(backend)?
+            }
             Holding::Serve(format) => gguf.load_tensors_as(backend, |info| format.type_of(info))?,
             Holding::Train => {
                 let tied = gguf.tensor("output.weight").is_none();
