@@ -504,7 +504,13 @@ fn rss_mb() -> f64 {
 }
 
 fn rss_field(name: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    process_rss_field("self", name)
+}
+
+/// A memory field of `/proc/{pid}/status` (`VmHWM`, `VmRSS`), in MB; 0
+/// where it cannot be read.
+fn process_rss_field(pid: &str, name: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines().find(|l| l.starts_with(name)).and_then(|l| {
@@ -1246,8 +1252,11 @@ async fn run_llama(o: &Options, dir: &Path, n_adapters: usize) -> Report {
     };
     let mut traffic = Traffic::new(o, n_adapters);
     let (samples, elapsed) = drive(o, &mut traffic, send).await;
+    let peak = process_rss_field(&server.child.id().to_string(), "VmHWM");
     drop(server);
-    report("llama-server", o, &samples, elapsed)
+    let mut r = report("llama-server", o, &samples, elapsed);
+    r.extra.push(("peak_rss_mb".into(), peak));
+    r
 }
 
 /// The request of `job` for svfit's OpenAI-compatible API: the same
@@ -1502,6 +1511,18 @@ fn main() {
             a.ttft_ms[1] / l.ttft_ms[1],
             a.itl_ms[1] / l.itl_ms[1],
             a.e2e_ms[1] / l.e2e_ms[1]
+        );
+        let peak = |r: &Report| {
+            r.extra
+                .iter()
+                .find(|(n, _)| n == "peak_rss_mb")
+                .map_or(f64::NAN, |e| e.1)
+        };
+        println!(
+            "peak RSS: svfit (this process, every svfit run) {:.0} MB, llama-server {:.0} MB ({:.2}x)",
+            peak(a),
+            peak(l),
+            peak(a) / peak(l)
         );
     }
     println!(

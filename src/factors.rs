@@ -8,6 +8,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::ggml::gguf::{GgufError, GgufFile};
 use crate::ggml::{self, Type};
@@ -211,10 +212,41 @@ impl Factor {
 
     /// Thin SVD of the row-major `[m, n]` matrix `w`, truncated by `policy`.
     pub fn of_matrix(w: &[f32], m: usize, n: usize, policy: RankPolicy) -> Option<Self> {
+        Self::of_matrix_with(w, m, n, policy, faer::Par::rayon(0))
+    }
+
+    /// [`Factor::of_matrix`] on `par`'s threads. The SVD runs in f64: in
+    /// f32 it takes half the time, but the singular vectors of close
+    /// singular values move by up to 10% (those of an f64 SVD by less
+    /// than 1e-9), and an adapter trained on one set of factors is served
+    /// on factors computed again wherever the base is.
+    pub fn of_matrix_with(
+        w: &[f32],
+        m: usize,
+        n: usize,
+        policy: RankPolicy,
+        par: faer::Par,
+    ) -> Option<Self> {
+        use faer::dyn_stack::{MemBuffer, MemStack};
+        use faer::linalg::svd::{self, ComputeSvdVectors};
         let a = faer::Mat::<f64>::from_fn(m, n, |i, j| w[i * n + j] as f64);
-        let svd = a.thin_svd().ok()?;
-        let (u, s, v) = (svd.U(), svd.S(), svd.V());
         let k = m.min(n);
+        let (mut u, mut v) = (faer::Mat::<f64>::zeros(m, k), faer::Mat::<f64>::zeros(n, k));
+        let mut s = faer::diag::Diag::<f64>::zeros(k);
+        let thin = ComputeSvdVectors::Thin;
+        let scratch = svd::svd_scratch::<f64>(m, n, thin, thin, par, Default::default());
+        svd::svd(
+            a.as_ref(),
+            s.as_mut(),
+            Some(u.as_mut()),
+            Some(v.as_mut()),
+            par,
+            MemStack::new(&mut MemBuffer::try_new(scratch).ok()?),
+            Default::default(),
+        )
+        .ok()?;
+        drop(a);
+        let (u, s, v) = (u.as_ref(), s.as_ref(), v.as_ref());
         let all: Vec<f32> = (0..k).map(|i| s[i] as f32).collect();
         let r = policy.rank(&all).max(1);
         Some(Factor {
@@ -440,124 +472,345 @@ pub fn rank_summary(factors: &[(TargetMatrix, usize)]) -> Vec<(&'static str, usi
         .collect()
 }
 
-/// Computes the factors of every target matrix of the model at `model`,
-/// calling `progress(done, total, name, rank, full_rank)` after each.
+/// One finished matrix of [`build`].
+pub struct Progress<'a> {
+    /// Matrices done, those of an earlier, interrupted run included.
+    pub done: usize,
+    pub total: usize,
+    /// Of `done`, those an earlier run had finished.
+    pub resumed: usize,
+    /// The matrix's tensor name (`blk.3.attn_q.weight`).
+    pub name: &'a str,
+    pub rank: usize,
+    pub full_rank: usize,
+}
+
+/// Where [`build`] keeps the matrices it has finished until the whole set
+/// is written: `{out}.partial/`.
+pub fn partial_dir(out: &Path) -> PathBuf {
+    let mut dir = out.as_os_str().to_owned();
+    dir.push(".partial");
+    PathBuf::from(dir)
+}
+
+/// Computes the factors of every target matrix of the model at `model` and
+/// writes them to `out`, `jobs` matrices at a time. Each finished matrix is
+/// kept in [`partial_dir`] (a file each, written atomically) until all are
+/// assembled into `out`, so a killed run resumes where it stopped, and
+/// memory holds the working set of `jobs` matrices, never the whole set.
+/// Calls `progress` after each matrix; returns every matrix's rank.
 pub fn build(
     model: &Path,
     key: &FactorsKey,
-    mut progress: impl FnMut(usize, usize, &str, usize, usize),
-) -> Result<Vec<(TargetMatrix, Factor)>, FactorError> {
-    let gguf = GgufFile::open(model)?;
-    let matrices = target_matrices(&gguf, &key.targets)?;
-    let total = matrices.len();
-    let mut out = Vec::with_capacity(total);
-    for (i, (t, slice)) in matrices.into_iter().enumerate() {
-        let name = format!("{}.weight", t.prefix());
-        let (w, m, n) = read_rows(&gguf, &slice.tensor_name(t.layer), slice.rows)?;
-        let f = Factor::of_matrix(&w, m, n, key.policy)
-            .ok_or_else(|| FactorError::Svd(name.clone()))?;
-        progress(i + 1, total, &name, f.rank(), m.min(n));
-        out.push((t, f));
-    }
-    Ok(out)
-}
-
-/// A factor file's bytes, after checking its format and key.
-fn read_file(path: &Path, key: &FactorsKey) -> Result<Vec<u8>, FactorError> {
-    let invalid = |reason: String| FactorError::Invalid {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let bytes = std::fs::read(path).map_err(|source| FactorError::Io {
-        path: path.to_path_buf(),
+    out: &Path,
+    jobs: usize,
+    progress: impl Fn(Progress) + Sync,
+) -> Result<Vec<(TargetMatrix, usize)>, FactorError> {
+    let matrices = target_matrices(&GgufFile::open(model)?, &key.targets)?;
+    let dir = partial_dir(out);
+    std::fs::create_dir_all(&dir).map_err(|source| FactorError::Io {
+        path: dir.clone(),
         source,
     })?;
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
-    let info = meta.metadata().clone().unwrap_or_default();
-    for (k, want) in key.metadata() {
-        if info.get(&k) != Some(&want) {
-            return Err(invalid(format!(
-                "{k} is {:?}, expected '{want}'",
-                info.get(&k)
-            )));
+    let part = |t: &TargetMatrix| dir.join(format!("{}.safetensors", t.prefix()));
+    let finished: Vec<bool> = matrices
+        .iter()
+        .map(|(t, _)| read_part(&part(t), key, t).is_ok())
+        .collect();
+    let resumed = finished.iter().filter(|&&f| f).count();
+    let todo: Vec<usize> = (0..matrices.len()).filter(|&i| !finished[i]).collect();
+    let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(resumed));
+    let failed = std::sync::Mutex::new(None);
+    let jobs = jobs.clamp(1, todo.len().max(1));
+    // One job: faer's threads share each SVD; more: a matrix per thread.
+    let par = if jobs == 1 {
+        faer::Par::rayon(0)
+    } else {
+        faer::Par::Seq
+    };
+    let work = || -> Result<(), FactorError> {
+        let gguf = GgufFile::open(model)?;
+        loop {
+            if failed.lock().map_or(true, |f| f.is_some()) {
+                return Ok(());
+            }
+            let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return Ok(());
+            };
+            let (t, slice) = &matrices[i];
+            let name = format!("{}.weight", t.prefix());
+            let (w, m, n) = read_rows(&gguf, &slice.tensor_name(t.layer), slice.rows.clone())?;
+            let f = Factor::of_matrix_with(&w, m, n, key.policy, par)
+                .ok_or_else(|| FactorError::Svd(name.clone()))?;
+            drop(w);
+            let rank = f.rank();
+            write_factors(&part(t), key, &[(t.clone(), f)])?;
+            progress(Progress {
+                done: done.fetch_add(1, Ordering::Relaxed) + 1,
+                total: matrices.len(),
+                resumed,
+                name: &name,
+                rank,
+                full_rank: m.min(n),
+            });
         }
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                if let Err(e) = work() {
+                    if let Ok(mut failed) = failed.lock() {
+                        failed.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
     }
-    Ok(bytes)
+    let mut parts = Vec::with_capacity(matrices.len());
+    let mut ranks = Vec::with_capacity(matrices.len());
+    for (t, _) in &matrices {
+        let path = part(t);
+        let (header, rank) = read_part(&path, key, t)?;
+        parts.push((path, header));
+        ranks.push((t.clone(), rank));
+    }
+    crate::tensorfile::concat(out, &parts, key.metadata()).map_err(|source| FactorError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    // The set is whole: the parts are no longer needed.
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ranks)
 }
 
-/// Reads a tensor of a factor file by name and number of dimensions: its
-/// shape and values as f32.
-type ReadTensor<'r> = dyn Fn(&str, usize) -> Result<(Vec<usize>, Vec<f32>), FactorError> + 'r;
-
-/// Reads every target matrix of a factor file, layer by layer, with `each`
-/// (which gets the tensor reader and the matrix).
-fn read_matrices<T>(
+/// The header of a finished matrix's file of [`build`] and the matrix's
+/// rank, after checking that the file is whole and holds `t`'s factors of
+/// `key`.
+fn read_part(
     path: &Path,
     key: &FactorsKey,
-    mut each: impl FnMut(&ReadTensor, &TargetMatrix) -> Result<T, FactorError>,
-) -> Result<Vec<(TargetMatrix, T)>, FactorError> {
+    t: &TargetMatrix,
+) -> Result<(crate::tensorfile::Header, usize), FactorError> {
     let invalid = |reason: String| FactorError::Invalid {
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = read_file(path, key)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
-    // A tensor's shape and values as f32, checking its rank (number of dims).
-    let tensor = |name: &str, dims: usize| -> Result<(Vec<usize>, Vec<f32>), FactorError> {
-        let view = st
-            .tensor(name)
-            .map_err(|_| invalid(format!("tensor '{name}' is missing")))?;
-        if view.shape().len() != dims {
-            return Err(invalid(format!(
-                "tensor '{name}' has shape {:?}, expected {dims} dimensions",
-                view.shape()
-            )));
-        }
-        let values = match view.dtype() {
-            safetensors::Dtype::F32 => crate::tensorfile::f32s(view.data()),
-            safetensors::Dtype::F16 => {
-                let bits: Vec<u16> = view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                let mut out = vec![0f32; bits.len()];
-                ggml::f16_to_f32(&bits, &mut out);
-                out
-            }
-            other => {
-                return Err(invalid(format!(
-                    "tensor '{name}' is {other:?}, expected F32 or F16"
-                )))
-            }
-        };
-        Ok((view.shape().to_vec(), values))
-    };
-    let mut out = Vec::new();
-    for layer in 0.. {
-        let before = out.len();
-        for &kind in key.targets.kinds() {
-            let t = TargetMatrix { layer, kind };
-            if st.tensor(&format!("{}.S", t.prefix())).is_err() {
-                continue;
-            }
-            let value = each(&tensor, &t)?;
-            out.push((t, value));
-        }
-        if out.len() == before {
-            break;
+    let header = crate::tensorfile::read_header(path).map_err(invalid)?;
+    for (k, want) in key.metadata() {
+        if header.metadata.get(&k) != Some(&want) {
+            return Err(invalid(format!("{k} is not '{want}'")));
         }
     }
-    Ok(out)
+    let p = t.prefix();
+    let shape = |suffix: &str| {
+        header
+            .tensors
+            .iter()
+            .find(|s| s.name == format!("{p}.{suffix}"))
+            .map(|s| s.shape.clone())
+    };
+    match (shape("U"), shape("S"), shape("Vt")) {
+        (Some(u), Some(s), Some(vt))
+            if header.tensors.len() == 3
+                && s.len() == 1
+                && u.len() == 2
+                && vt.len() == 2
+                && u[1] == s[0]
+                && vt[0] == s[0] =>
+        {
+            Ok((header, s[0]))
+        }
+        _ => Err(invalid(format!("not the factors of {p}"))),
+    }
+}
+
+/// A factor file opened for reading one matrix at a time: its header is
+/// checked against the key when opened, a matrix's values are read when
+/// asked for, so memory never holds more than one matrix.
+pub struct FactorFile {
+    path: PathBuf,
+    file: std::fs::File,
+    header: crate::tensorfile::Header,
+    matrices: Vec<Shape>,
+}
+
+/// A target matrix of a factor file: `[m, n]`, factored at rank `rank`.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub target: TargetMatrix,
+    pub m: usize,
+    pub n: usize,
+    pub rank: usize,
+}
+
+impl FactorFile {
+    /// Opens the factor file at `path`, after checking its format, key and
+    /// shapes: every target matrix, layer by layer, has U `[m, r]`, S `[r]`
+    /// and Vt `[r, n]` (a file stops at the first layer without one).
+    pub fn open(path: &Path, key: &FactorsKey) -> Result<Self, FactorError> {
+        let invalid = |reason: String| FactorError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let header = crate::tensorfile::read_header(path).map_err(invalid)?;
+        for (k, want) in key.metadata() {
+            if header.metadata.get(&k) != Some(&want) {
+                return Err(invalid(format!(
+                    "{k} is {:?}, expected '{want}'",
+                    header.metadata.get(&k)
+                )));
+            }
+        }
+        let file = std::fs::File::open(path).map_err(|source| FactorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut f = FactorFile {
+            path: path.to_path_buf(),
+            file,
+            header,
+            matrices: Vec::new(),
+        };
+        for layer in 0.. {
+            let before = f.matrices.len();
+            for &kind in key.targets.kinds() {
+                let target = TargetMatrix { layer, kind };
+                let p = target.prefix();
+                let Ok(s) = f.stored(&format!("{p}.S"), 1) else {
+                    continue;
+                };
+                let (u, vt) = (
+                    f.stored(&format!("{p}.U"), 2)?,
+                    f.stored(&format!("{p}.Vt"), 2)?,
+                );
+                let r = s.shape[0];
+                if u.shape[1] != r || vt.shape[0] != r {
+                    return Err(invalid(format!(
+                        "{p}: U is {:?} and Vt {:?}, expected [m, {r}] and [{r}, n]",
+                        u.shape, vt.shape
+                    )));
+                }
+                let (m, n) = (u.shape[0], vt.shape[1]);
+                f.matrices.push(Shape {
+                    target,
+                    m,
+                    n,
+                    rank: r,
+                });
+            }
+            if f.matrices.len() == before {
+                break;
+            }
+        }
+        Ok(f)
+    }
+
+    /// Every target matrix of the file, in order.
+    pub fn matrices(&self) -> &[Shape] {
+        &self.matrices
+    }
+
+    /// The singular values `S` of every matrix.
+    pub fn singular_values(&self) -> Result<SingularValues, FactorError> {
+        self.matrices
+            .iter()
+            .map(|m| {
+                Ok((
+                    m.target.clone(),
+                    self.values(&format!("{}.S", m.target.prefix()), 1)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The factor (U, S, Vt as f32) of matrix `i` of [`Self::matrices`].
+    pub fn factor(&self, i: usize) -> Result<Factor, FactorError> {
+        let shape = &self.matrices[i];
+        let p = shape.target.prefix();
+        Ok(Factor {
+            m: shape.m,
+            n: shape.n,
+            u: self.values(&format!("{p}.U"), 2)?,
+            s: self.values(&format!("{p}.S"), 1)?,
+            vt: self.values(&format!("{p}.Vt"), 2)?,
+        })
+    }
+
+    fn invalid(&self, reason: String) -> FactorError {
+        FactorError::Invalid {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    /// The tensor `name`, checking its number of dimensions and that its
+    /// bytes hold its shape in its dtype (f32 or f16).
+    fn stored(&self, name: &str, dims: usize) -> Result<&crate::tensorfile::Stored, FactorError> {
+        let t = self
+            .header
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| self.invalid(format!("tensor '{name}' is missing")))?;
+        if t.shape.len() != dims {
+            return Err(self.invalid(format!(
+                "tensor '{name}' has shape {:?}, expected {dims} dimensions",
+                t.shape
+            )));
+        }
+        let width = match t.dtype.as_str() {
+            "F32" => 4,
+            "F16" => 2,
+            other => {
+                return Err(self.invalid(format!("tensor '{name}' is {other}, expected F32 or F16")))
+            }
+        };
+        let want = t
+            .shape
+            .iter()
+            .try_fold(width, |a: u64, &d| a.checked_mul(d as u64));
+        if want != Some(t.range.end - t.range.start) {
+            return Err(self.invalid(format!(
+                "tensor '{name}' of shape {:?} has {} bytes",
+                t.shape,
+                t.range.end - t.range.start
+            )));
+        }
+        Ok(t)
+    }
+
+    /// The values of tensor `name` as f32.
+    fn values(&self, name: &str, dims: usize) -> Result<Vec<f32>, FactorError> {
+        use std::os::unix::fs::FileExt;
+        let t = self.stored(name, dims)?;
+        let mut bytes = vec![0u8; (t.range.end - t.range.start) as usize];
+        self.file
+            .read_exact_at(&mut bytes, self.header.data_start + t.range.start)
+            .map_err(|source| FactorError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(if t.dtype == "F32" {
+            crate::tensorfile::f32s(&bytes)
+        } else {
+            let bits: Vec<u16> = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let mut out = vec![0f32; bits.len()];
+            ggml::f16_to_f32(&bits, &mut out);
+            out
+        })
+    }
 }
 
 /// The singular values `S` of every matrix in a factor file, after checking
 /// its format and key.
 pub fn read_singular_values(path: &Path, key: &FactorsKey) -> Result<SingularValues, FactorError> {
-    read_matrices(path, key, |tensor, t| {
-        Ok(tensor(&format!("{}.S", t.prefix()), 1)?.1)
-    })
+    FactorFile::open(path, key)?.singular_values()
 }
 
 /// Every factor (U, S, Vt as f32) of a factor file, after checking its
@@ -566,38 +819,24 @@ pub fn read_factors(
     path: &Path,
     key: &FactorsKey,
 ) -> Result<Vec<(TargetMatrix, Factor)>, FactorError> {
-    read_matrices(path, key, |tensor, t| {
-        let p = t.prefix();
-        let (_, s) = tensor(&format!("{p}.S"), 1)?;
-        let (u_shape, u) = tensor(&format!("{p}.U"), 2)?;
-        let (vt_shape, vt) = tensor(&format!("{p}.Vt"), 2)?;
-        let r = s.len();
-        if u_shape[1] != r || vt_shape[0] != r {
-            return Err(FactorError::Invalid {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "{p}: U is {u_shape:?} and Vt {vt_shape:?}, expected [m, {r}] and [{r}, n]"
-                ),
-            });
-        }
-        Ok(Factor {
-            m: u_shape[0],
-            n: vt_shape[1],
-            u,
-            s,
-            vt,
-        })
-    })
+    let file = FactorFile::open(path, key)?;
+    (0..file.matrices().len())
+        .map(|i| Ok((file.matrices()[i].target.clone(), file.factor(i)?)))
+        .collect()
 }
 
 /// The factor file for `key`: from the cache, or computed and cached.
 pub fn ensure(model: &Path, key: &FactorsKey, home: &Path) -> Result<PathBuf, FactorError> {
     let path = key.path(home);
     if !path.exists() {
-        let factors = build(model, key, |_, _, _, _, _| {})?;
-        write_factors(&path, key, &factors)?;
+        build(model, key, &path, default_jobs(), |_| {})?;
     }
     Ok(path)
+}
+
+/// Matrices factorized at a time by default: one per core.
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(test)]

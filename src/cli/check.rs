@@ -21,17 +21,23 @@ pub(super) struct CheckArgs {
     /// stored types; q4_1 for a --write-metadata file) or 1b (a real
     /// model's widths and depth, mostly q4_1: for --arch llama Llama 3.2
     /// 1B's at 16 layers, qwen2 Qwen2.5 0.5B's, qwen3 Qwen3 0.6B's, gemma2
-    /// Gemma 2 2B's, gemma3 Gemma 3 1B's, phi3 Phi-3 mini's at 8 layers)
-    #[arg(long, value_name = "tiny|like|1b", value_parser = ["tiny", "like", "1b"])]
+    /// Gemma 2 2B's, gemma3 Gemma 3 1B's, phi3 Phi-3 mini's at 8 layers),
+    /// 3b or 8b (llama only: Llama 3.2 3B's and Llama 3.1 8B's widths and
+    /// depth). Every shape's vocabulary is the tokenizer's.
+    #[arg(
+        long,
+        value_name = "tiny|like|1b|3b|8b",
+        value_parser = ["tiny", "like", "1b", "3b", "8b"]
+    )]
     random: Option<String>,
-    /// The type of every block matrix of a tiny or 1b --random model
+    /// The type of every block matrix of a tiny, 1b, 3b or 8b --random model
     /// (q4_0, q4_1, q5_0, q8_0, q4_k, q6_k or f16; embeddings q8_0)
     /// [default: a mix for tiny, mostly q4_1 for 1b]
     #[arg(long, requires = "random", value_parser = matrix_type)]
     random_type: Option<Type>,
     /// The family of the --random model, whose tensors and metadata keys
     /// it gets as llama.cpp's converter writes them [default: llama for
-    /// tiny and 1b, --model's for like]
+    /// tiny, 1b, 3b and 8b, --model's for like]
     #[arg(
         long,
         requires = "random",
@@ -215,7 +221,12 @@ fn write_random(
     let (shape, types) = match kind {
         "tiny" => (Shape::tiny(arch.unwrap_or(Arch::Llama)), Types::Mixed),
         "1b" => (real_shape(arch.unwrap_or(Arch::Llama)), Types::Quantized),
-        _ if ty.is_some() => anyhow::bail!("--random-type is for --random tiny and 1b"),
+        "3b" | "8b" => match arch.unwrap_or(Arch::Llama) {
+            Arch::Llama if kind == "3b" => (Shape::THREE_B, Types::Quantized),
+            Arch::Llama => (Shape::EIGHT_B, Types::Quantized),
+            other => anyhow::bail!("--random {kind} is a llama shape, not {}", other.name()),
+        },
+        _ if ty.is_some() => anyhow::bail!("--random-type is for --random tiny, 1b, 3b and 8b"),
         // The stored types, or a quantized model's for a metadata file.
         _ if gguf.tensors().is_empty() => (Shape::of(&gguf)?, Types::Quantized),
         _ => (Shape::of(&gguf)?, Types::Like(&gguf)),

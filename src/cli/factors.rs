@@ -53,9 +53,38 @@ pub(super) struct ConvertArgs {
 pub(super) struct FactorizeArgs {
     #[command(flatten)]
     factors: FactorArgs,
-    /// Recompute even when the cache has these factors
+    /// Recompute even when the cache has these factors (and ignore the
+    /// matrices an interrupted run left)
     #[arg(long)]
     force: bool,
+    /// Matrices factorized at a time (each holds its own working set:
+    /// about 3 copies of the matrix in f64) [default: the number of cores]
+    #[arg(long)]
+    jobs: Option<usize>,
+}
+
+/// `[ 12/ 64] blk.5.attn_q.weight  rank 1841 of 2048  41.3s  ETA 1m 40s`;
+/// the ETA is from this run's pace, matrices an earlier run finished
+/// aside.
+fn progress_line(p: &svfit::factors::Progress, elapsed: std::time::Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    let here = p.done - p.resumed;
+    let eta = (secs / here.max(1) as f64 * (p.total - p.done) as f64).round() as u64;
+    let resumed = if p.resumed > 0 {
+        format!(" ({} resumed)", p.resumed)
+    } else {
+        String::new()
+    };
+    format!(
+        "[{:>4}/{}]{resumed} {:<28} rank {:>5} of {:>5}  {secs:>6.1}s  ETA {}m {:02}s ",
+        p.done,
+        p.total,
+        p.name,
+        p.rank,
+        p.full_rank,
+        eta / 60,
+        eta % 60
+    )
 }
 
 #[derive(Args)]
@@ -105,15 +134,18 @@ pub(super) fn run_factorize(args: &FactorizeArgs) -> Result<()> {
             .map(|(t, s)| (t, s.len()))
             .collect()
     } else {
+        if args.force {
+            // Matrices an interrupted run left are recomputed too.
+            let _ = std::fs::remove_dir_all(factors::partial_dir(&out));
+        }
         let start = std::time::Instant::now();
-        let done = factors::build(&path, &key, |i, total, name, rank, full| {
-            let secs = start.elapsed().as_secs_f64();
-            eprint!("\r[{i:>3}/{total}] {name:<28} rank {rank:>4} of {full:>4}  {secs:>5.1}s");
+        let jobs = args.jobs.unwrap_or_else(factors::default_jobs);
+        let ranks = factors::build(&path, &key, &out, jobs, |p| {
+            eprint!("\r{}", progress_line(&p, start.elapsed()));
         })?;
         eprintln!();
-        factors::write_factors(&out, &key, &done)?;
         eprintln!("wrote {}", out.display());
-        done.into_iter().map(|(t, f)| (t, f.rank())).collect()
+        ranks
     };
     println!("{:<12} {:>6} {:>8} {:>6}", "matrix", "min", "mean", "max");
     for (kind, min, mean, max) in factors::rank_summary(&ranks) {

@@ -76,7 +76,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Write the logits of every position of a text as a float32 .npy file.
     Logits(LogitsArgs),
-    /// Compute (or find cached) the SVD factors of the base model's target matrices.
+    /// Compute (or find cached) the SVD factors of the base model's target matrices: in
+    /// parallel, with progress, resumed where an interrupted run stopped.
     Factorize(FactorizeArgs),
     /// Write a standalone GGUF with an adapter merged into the base weights
     /// (W' = W + U diag(sigma - S) Vt), runnable by llama.cpp.

@@ -21,7 +21,7 @@ pub use svfit::{Branch, Slot};
 pub use tokenizer::Tokenizer;
 pub use train::{Learner, RowLoss, TrainRow};
 
-use crate::factors::{Factor, TargetMatrix};
+use crate::factors::{Factor, FactorFile, Shape, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile, GgufWriteError};
 use crate::ggml::{kernel, Backend, Context, GgmlError, Scheduler, Type};
 use kv_cache::SeqGroup;
@@ -259,11 +259,52 @@ impl Model {
         n_slots: usize,
         factor_type: Type,
     ) -> Result<(), ModelError> {
+        let shapes: Vec<Shape> = factors
+            .iter()
+            .map(|(t, f)| Shape {
+                target: t.clone(),
+                m: f.m,
+                n: f.n,
+                rank: f.rank(),
+            })
+            .collect();
+        self.attach(
+            &shapes,
+            &mut |i| Ok(factors[i].1.clone()),
+            n_slots,
+            factor_type,
+        )
+    }
+
+    /// [`Model::attach_factors`] from a factor file, one matrix at a time:
+    /// memory holds the factors as placed and one matrix read from the
+    /// file, never the whole set.
+    pub fn attach_factor_file(
+        &mut self,
+        file: &FactorFile,
+        n_slots: usize,
+        factor_type: Type,
+    ) -> Result<(), ModelError> {
+        let mut load = |i| {
+            file.factor(i)
+                .map_err(|e| ModelError::Factors(e.to_string()))
+        };
+        self.attach(file.matrices(), &mut load, n_slots, factor_type)
+    }
+
+    fn attach(
+        &mut self,
+        shapes: &[Shape],
+        load: &mut dyn FnMut(usize) -> Result<Factor, ModelError>,
+        n_slots: usize,
+        factor_type: Type,
+    ) -> Result<(), ModelError> {
         self.svfit = None;
         let backend = self.sched.primary();
         self.svfit = Some(Branch::new(
             &self.config,
-            factors,
+            shapes,
+            load,
             n_slots,
             factor_type,
             backend,

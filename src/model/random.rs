@@ -60,6 +60,24 @@ impl Shape {
         n_ctx: 2048,
     };
 
+    /// Llama 3.2 3B's widths and depth (28 layers), with a 49k vocabulary.
+    pub const THREE_B: Shape = Shape {
+        n_embd: 3072,
+        n_head: 24,
+        n_ff: 8192,
+        n_layer: 28,
+        ..Shape::ONE_B
+    };
+
+    /// Llama 3.1 8B's widths and depth (32 layers), with a 49k vocabulary.
+    pub const EIGHT_B: Shape = Shape {
+        n_embd: 4096,
+        n_head: 32,
+        n_ff: 14336,
+        n_layer: 32,
+        ..Shape::ONE_B
+    };
+
     /// The tests' tiny model of a family: [`Shape::TINY`] with heads wider
     /// than `n_embd / n_head` for Gemma, and one KV head for Gemma 3, as
     /// their files have.

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use crate::factors::{Factor, TargetMatrix, KINDS};
+use crate::factors::{Factor, Shape, TargetMatrix, KINDS};
 use crate::ggml::kernel::Matrix;
 use crate::ggml::{self, Backend, Context, Tensor, TensorId, TensorSet, Type};
 
@@ -65,15 +65,17 @@ fn kind_index(kind: &str) -> Option<usize> {
 }
 
 impl Branch {
-    /// Places `factors` (checked against the model's shapes) on `backend`
-    /// with `n_slots` slots (at least 2: the base and one adapter). U and Vt
-    /// are stored as `factor_type` (q8_0, f16 or f32); a Vt whose width is
-    /// not a multiple of 32 stays f16 when q8_0 is asked for. With
-    /// `batched` (the batched kernels run on `backend`), q8_0 factors go
-    /// through them.
+    /// Places the factors of the matrices `shapes` (checked against the
+    /// model's shapes) on `backend` with `n_slots` slots (at least 2: the
+    /// base and one adapter), reading one matrix at a time with `load`
+    /// (matrix `i` of `shapes`). U and Vt are stored as `factor_type`
+    /// (q8_0, f16 or f32); a Vt whose width is not a multiple of 32 stays
+    /// f16 when q8_0 is asked for. With `batched` (the batched kernels run
+    /// on `backend`), q8_0 factors go through them.
     pub(super) fn new(
         config: &Config,
-        factors: &[(TargetMatrix, Factor)],
+        shapes: &[Shape],
+        load: &mut dyn FnMut(usize) -> Result<Factor, ModelError>,
         n_slots: usize,
         factor_type: Type,
         backend: &Backend,
@@ -85,11 +87,12 @@ impl Branch {
             )));
         }
         let n_slots = n_slots.max(2);
-        let ctx = Context::new(3 * factors.len().max(1), 0)?;
-        let mut shapes = Vec::with_capacity(factors.len());
-        for (t, f) in factors {
-            let (m, n) = check_factor(config, t, f)?;
-            let padded = f.rank().next_multiple_of(BLOCK);
+        let ctx = Context::new(3 * shapes.len().max(1), 0)?;
+        let mut layout = Vec::with_capacity(shapes.len());
+        for shape in shapes {
+            let (t, m, n) = (&shape.target, shape.m, shape.n);
+            check_shape(config, t, m, n)?;
+            let padded = shape.rank.next_multiple_of(BLOCK);
             let vt_type = storage_type(factor_type, n);
             let p = t.prefix();
             ctx.new_tensor(factor_type, &[padded as i64, m as i64])
@@ -98,7 +101,7 @@ impl Branch {
                 .set_name(&format!("{p}.Vt"));
             ctx.new_tensor(Type::F32, &[padded as i64, n_slots as i64])
                 .set_name(&format!("{p}.D"));
-            shapes.push((padded, vt_type));
+            layout.push((padded, vt_type));
         }
         let set = TensorSet::allocate(ctx, backend)?;
         set.buffer().clear(0);
@@ -106,7 +109,18 @@ impl Branch {
         let mut targets: Vec<[Option<Target>; KINDS.len()]> =
             (0..config.n_layer).map(|_| Default::default()).collect();
         let mut by_prefix = HashMap::new();
-        for ((t, f), (padded, vt_type)) in factors.iter().zip(shapes) {
+        for (i, (shape, (padded, vt_type))) in shapes.iter().zip(layout).enumerate() {
+            let t = &shape.target;
+            let f = load(i)?;
+            check_factor(config, t, &f)?;
+            if f.rank() != shape.rank {
+                return Err(ModelError::Factors(format!(
+                    "{}: a factor of rank {}, expected {}",
+                    t.prefix(),
+                    f.rank(),
+                    shape.rank
+                )));
+            }
             let p = t.prefix();
             let id = |suffix: &str| set.find(&format!("{p}.{suffix}")).expect("created above");
             let (r, m, n) = (f.rank(), f.m, f.n);
@@ -114,7 +128,7 @@ impl Branch {
             for i in 0..m {
                 u[i * padded..i * padded + r].copy_from_slice(&f.u[i * r..(i + 1) * r]);
             }
-            let mut vt = f.vt.clone();
+            let mut vt = f.vt;
             vt.resize(padded * n, 0.0);
             let encode = |ty: Type, values: &[f32], row: usize| {
                 ggml::quantize(ty, values, row).ok_or_else(|| {
@@ -237,16 +251,28 @@ pub(super) fn check_factor(
     t: &TargetMatrix,
     f: &Factor,
 ) -> Result<(usize, usize), ModelError> {
-    let (m, n) = expected_shape(config, t)?;
-    if (f.m, f.n) != (m, n) || f.u.len() != m * f.rank() || f.vt.len() != f.rank() * n {
+    check_shape(config, t, f.m, f.n)?;
+    if f.u.len() != f.m * f.rank() || f.vt.len() != f.rank() * f.n {
         return Err(ModelError::Factors(format!(
-            "{}: factors of a [{}, {}] matrix, the model's is [{m}, {n}]",
+            "{}: U and Vt do not hold [{}, r] and [r, {}] values",
             t.prefix(),
             f.m,
             f.n
         )));
     }
-    Ok((m, n))
+    Ok((f.m, f.n))
+}
+
+/// Checks that the model's matrix `t` is `[m, n]`.
+fn check_shape(config: &Config, t: &TargetMatrix, m: usize, n: usize) -> Result<(), ModelError> {
+    let (want_m, want_n) = expected_shape(config, t)?;
+    if (m, n) != (want_m, want_n) {
+        return Err(ModelError::Factors(format!(
+            "{}: factors of a [{m}, {n}] matrix, the model's is [{want_m}, {want_n}]",
+            t.prefix(),
+        )));
+    }
+    Ok(())
 }
 
 /// `[m, n]` (out, in features) of a target matrix of this model.

@@ -409,8 +409,8 @@ fn load_model_and_factors(
     // factors are computed.
     model::understand(&GgufFile::open(&config.model)?)?;
     let path = factors::ensure(&config.model, &config.factors, &config.home)?;
-    let factor_set = factors::read_factors(&path, &config.factors)?;
-    let singular = factors::read_singular_values(&path, &config.factors)?;
+    let factor_file = factors::FactorFile::open(&path, &config.factors)?;
+    let singular = factor_file.singular_values()?;
     let ranks = factors::rank_summary(
         &singular
             .iter()
@@ -418,7 +418,7 @@ fn load_model_and_factors(
             .collect::<Vec<_>>(),
     );
     let mut model = Model::load(&config.model, &config.load)?;
-    model.attach_factors(&factor_set, config.engine.adapter_slots + 1, Type::Q8_0)?;
+    model.attach_factor_file(&factor_file, config.engine.adapter_slots + 1, Type::Q8_0)?;
     Ok((model, singular, ranks))
 }
 

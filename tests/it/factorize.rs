@@ -122,3 +122,106 @@ fn bad_options_are_refused() {
         );
     }
 }
+
+#[test]
+fn a_killed_factorization_resumes_and_writes_the_same_file() {
+    let _machine = crate::common::shared();
+    let model = common::default_model();
+    let dir = common::temp_dir("resume");
+    let args = ["--targets", "q,v", "--jobs", "2"];
+    let key = factors::FactorsKey::for_model(&model, "q,v", "energy:0.99", "f16").unwrap();
+
+    let clean = dir.path().join("clean");
+    let out = factorize(&clean, &model, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Killed (SIGKILL) once a few matrices are done.
+    let home = dir.path().join("killed");
+    let (path, partial) = (key.path(&home), factors::partial_dir(&key.path(&home)));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svfit"))
+        .args(["factorize", "--model", model.to_str().unwrap()])
+        .args(args)
+        .env("SVFIT_HOME", &home)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let parts = |dir: &std::path::Path| {
+        std::fs::read_dir(dir).map_or(0, |d| {
+            d.filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("blk.") && name.ends_with(".safetensors")
+            })
+            .count()
+        })
+    };
+    while parts(&partial) < 3 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = parts(&partial);
+    assert!(
+        !path.exists() && (3..60).contains(&left),
+        "{left} of 60 left"
+    );
+
+    let out = factorize(&home, &model, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("({left} resumed)")), "{stderr}");
+    assert!(!partial.exists(), "the finished matrices are removed");
+    assert!(
+        std::fs::read(&path).unwrap() == std::fs::read(key.path(&clean)).unwrap(),
+        "the resumed file equals the uninterrupted one"
+    );
+}
+
+#[test]
+fn a_damaged_factor_file_is_refused_with_its_reason() {
+    let _machine = crate::common::shared();
+    let (dir, model) = common::tiny_model();
+    let home = dir.path().join("home");
+    let out = factorize(&home, &model, &["--targets", "q,v"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = factors::FactorsKey::for_model(&model, "q,v", "energy:0.99", "f16").unwrap();
+    let bytes = std::fs::read(key.path(&home)).unwrap();
+    assert_eq!(
+        factors::read_factors(&key.path(&home), &key).unwrap().len(),
+        4
+    );
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut huge = bytes.clone();
+    huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut wrong_dtype = bytes.clone();
+    let at = String::from_utf8_lossy(&bytes[8..8 + header])
+        .find("F16")
+        .unwrap();
+    wrong_dtype[8 + at..8 + at + 3].copy_from_slice(b"I16");
+    for (damaged, reason) in [
+        (bytes[..bytes.len() - 1].to_vec(), "the tensors end at byte"),
+        (bytes[..header / 2].to_vec(), "header of"),
+        (huge, "header of"),
+        (wrong_dtype, "expected F32 or F16"),
+    ] {
+        let path = dir.path().join("damaged.safetensors");
+        std::fs::write(&path, &damaged).unwrap();
+        let err = factors::read_factors(&path, &key).unwrap_err().to_string();
+        assert!(
+            err.contains("not a valid factor file") && err.contains(reason),
+            "{err}"
+        );
+    }
+}
