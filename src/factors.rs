@@ -70,6 +70,14 @@ pub enum RankPolicy {
 }
 
 impl RankPolicy {
+    /// The most this policy keeps of `k` singular values.
+    pub fn bound(&self, k: usize) -> usize {
+        match *self {
+            RankPolicy::Rank(n) => n.min(k),
+            RankPolicy::Energy(_) | RankPolicy::Full => k,
+        }
+    }
+
     /// The rank for singular values `s` (descending).
     pub fn rank(&self, s: &[f32]) -> usize {
         match *self {

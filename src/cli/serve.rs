@@ -106,6 +106,17 @@ pub(super) struct ServeArgs {
     /// Listen on a non-loopback address without API keys
     #[arg(long)]
     allow_remote: bool,
+    /// The memory the server may hold, such as 6G or 800M: a configuration
+    /// whose budget (weights, factors, KV cache, compute buffers, both
+    /// caches when full; see --dry-run) is larger is refused at start
+    /// [default: the least of the cgroup's limit and the memory available]
+    #[arg(long, value_parser = svfit::server::budget::parse_size)]
+    memory_limit: Option<u64>,
+    /// Print the memory budget of this configuration and whether it fits,
+    /// then exit (nothing is loaded; where the factors are not computed
+    /// yet, full ranks are counted, a bound)
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// `--http-addr`: an address, or `none`.
@@ -167,7 +178,11 @@ pub(super) fn run_serve(args: &ServeArgs) -> Result<()> {
         metrics_addr: args.metrics_addr,
         http_addr: args.http_addr.0,
         allow_remote: args.allow_remote,
+        memory_limit: args.memory_limit,
     };
+    if args.dry_run {
+        return dry_run(&config);
+    }
     init_logs();
     let runtime = tokio::runtime::Runtime::new()?;
     let drain = std::time::Duration::from_secs_f64(args.drain_timeout);
@@ -214,4 +229,28 @@ fn init_logs() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
+}
+
+/// `serve --dry-run`: the budget, the limit, and whether it fits (exit
+/// status 1 where it does not).
+fn dry_run(config: &svfit::server::ServeConfig) -> Result<()> {
+    use svfit::server::budget;
+    let budget = budget::of(config, &config.factors.path(&config.home))?;
+    println!("memory budget of serving {}:", config.model.display());
+    println!("{budget}");
+    let limit = budget::limit(config.memory_limit);
+    match &limit {
+        Some(l) => println!(
+            "  {:<14} {:>9.1} MB  {}",
+            "limit",
+            l.bytes as f64 / (1u64 << 20) as f64,
+            l.source
+        ),
+        None => println!("  no limit found"),
+    }
+    if limit.is_some_and(|l| budget.total() > l.bytes) {
+        anyhow::bail!("this configuration does not fit: `svfit serve` would refuse it");
+    }
+    println!("fits");
+    Ok(())
 }

@@ -349,6 +349,18 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Bytes of the compute buffers the scheduler holds now (they grow to
+    /// the largest graph allocated so far).
+    pub fn buffer_bytes(&self) -> usize {
+        self.backends
+            .iter()
+            // SAFETY: scheduler and backends are live; the call only reads.
+            .map(|b| unsafe {
+                sys::ggml_backend_sched_get_buffer_size(self.raw.as_ptr(), b.as_ptr())
+            })
+            .sum()
+    }
+
     /// The backend that holds weights and caches (the first one).
     pub fn primary(&self) -> &Backend {
         &self.backends[0]

@@ -62,6 +62,25 @@ pub(super) fn graph_size(cfg: &Config, n_groups: usize) -> usize {
     (96 + 16 * n_groups) * (cfg.n_layer + 2) + 256
 }
 
+/// A bound of the compute buffers of one forward pass of `n_tokens`
+/// tokens, `n_outputs` of which produce logits, where one sequence's
+/// `n_query` tokens attend over `n_kv` cells: the f32 activations of one
+/// block (the allocator reuses them from block to block), one sequence's
+/// attention scores and softmax, and the logits.
+pub fn compute_bytes_bound(
+    cfg: &Config,
+    n_tokens: usize,
+    n_outputs: usize,
+    n_query: usize,
+    n_kv: usize,
+) -> u64 {
+    let n_q = cfg.n_head * cfg.head_dim;
+    let per_token = 6 * cfg.n_embd + 3 * (n_q + 2 * cfg.n_embd_kv()) + 4 * cfg.n_ff;
+    let scores = 2 * cfg.n_head * n_query * n_kv;
+    let logits = (cfg.n_vocab + cfg.n_embd) * n_outputs;
+    4 * (per_token * n_tokens + scores + logits) as u64
+}
+
 /// What every block of a graph reads: the context the graph is built in,
 /// the model's hyper-parameters and its weights.
 #[derive(Clone, Copy)]

@@ -60,6 +60,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Bytes of a cache of at least `size` cells: K and V of every layer,
+    /// f16.
+    pub fn bytes(config: &Config, size: usize) -> u64 {
+        let cells = size.max(1).next_multiple_of(PAGE) as u64;
+        2 * 2 * cells * (config.n_layer * config.n_embd_kv()) as u64
+    }
+
     /// A cache of at least `size` cells (rounded up to whole pages).
     pub(super) fn new(config: &Config, size: usize, backend: &Backend) -> Result<Self, ModelError> {
         let size = size.max(1).next_multiple_of(PAGE);

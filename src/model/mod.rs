@@ -16,6 +16,7 @@ use std::path::Path;
 
 pub use batch::{Batch, SeqId};
 pub use config::{Arch, Config, SUPPORTED_ARCHITECTURES};
+pub use graph::compute_bytes_bound;
 pub use kv_cache::KvCache;
 pub use svfit::{Branch, Slot};
 pub use tokenizer::Tokenizer;
@@ -25,7 +26,7 @@ use crate::factors::{Factor, FactorFile, Shape, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile, GgufWriteError};
 use crate::ggml::{kernel, Backend, Context, GgmlError, Scheduler, Type};
 use kv_cache::SeqGroup;
-pub use weights::{write_converted, MatrixSlice, WeightFormat};
+pub use weights::{held_bytes, write_converted, MatrixSlice, WeightFormat};
 use weights::{Holding, Weights};
 
 /// The config of the model in `gguf`, once every metadata key and every
@@ -311,6 +312,12 @@ impl Model {
             self.batch_kernels,
         )?);
         Ok(())
+    }
+
+    /// Bytes of the compute buffers now: they grow to the largest batch run
+    /// so far (see [`compute_bytes_bound`]).
+    pub fn compute_bytes(&self) -> usize {
+        self.sched.buffer_bytes()
     }
 
     /// The attached SVFit factors and slots.

@@ -158,6 +158,23 @@ impl Branch {
         })
     }
 
+    /// Bytes [`Branch::new`] places on the backend for `shapes`, `n_slots`
+    /// and `factor_type`.
+    pub fn bytes_for(shapes: &[Shape], n_slots: usize, factor_type: Type) -> u64 {
+        let size = |ty: Type, width: usize, rows: usize| {
+            ty.row_size(width as i64).unwrap_or(4 * width) as u64 * rows as u64
+        };
+        shapes
+            .iter()
+            .map(|s| {
+                let padded = s.rank.next_multiple_of(BLOCK);
+                size(factor_type, padded, s.m)
+                    + size(storage_type(factor_type, s.n), s.n, padded)
+                    + size(Type::F32, padded, n_slots.max(2))
+            })
+            .sum()
+    }
+
     pub fn n_slots(&self) -> usize {
         self.n_slots
     }

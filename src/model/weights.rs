@@ -53,6 +53,14 @@ impl WeightFormat {
     }
 }
 
+/// Bytes a tensor takes once loaded as `format` holds it.
+pub fn held_bytes(format: WeightFormat, info: &TensorInfo) -> u64 {
+    let rows = (info.ne[1] * info.ne[2] * info.ne[3]) as u64;
+    let ty = format.type_of(info);
+    ty.row_size(info.ne[0])
+        .map_or(info.n_bytes as u64, |row| row as u64 * rows)
+}
+
 impl FromStr for WeightFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

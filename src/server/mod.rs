@@ -10,6 +10,7 @@
 
 mod adapters;
 pub mod auth;
+pub mod budget;
 pub mod codec;
 mod http;
 mod inference;
@@ -88,6 +89,10 @@ pub struct ServeConfig {
     pub http_addr: Option<SocketAddr>,
     /// Listen beyond loopback without API keys.
     pub allow_remote: bool,
+    /// The memory the server may hold (`None`: the least of the cgroup's
+    /// limit and the memory available at start); a configuration whose
+    /// [`budget`] is larger is refused at start.
+    pub memory_limit: Option<u64>,
 }
 
 /// The API a request came through (a label of metrics and request logs).
@@ -409,6 +414,8 @@ fn load_model_and_factors(
     // factors are computed.
     model::understand(&GgufFile::open(&config.model)?)?;
     let path = factors::ensure(&config.model, &config.factors, &config.home)?;
+    let budget = budget::of(config, &path)?;
+    budget::check(&budget, budget::limit(config.memory_limit).as_ref())?;
     let factor_file = factors::FactorFile::open(&path, &config.factors)?;
     let singular = factor_file.singular_values()?;
     let ranks = factors::rank_summary(

@@ -98,6 +98,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         http_addr: Some("127.0.0.1:0".parse().unwrap()),
         allow_remote: false,
+        memory_limit: None,
     }
 }
 

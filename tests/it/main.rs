@@ -15,6 +15,7 @@
 mod common;
 
 mod adapter;
+mod budget;
 mod cli;
 mod cpu;
 mod demo;
