@@ -2,9 +2,12 @@
 //! default model's factors in a shared home, random adapters, a server
 //! config, loopback clients, and `svfit generate` as the oracle.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use svfit::adapter::Adapter;
 use svfit::engine::EngineConfig;
@@ -290,4 +293,67 @@ pub fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
             status.code()
         }
     }
+}
+
+/// An `svfit serve` process, killed when dropped.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+/// Spawns `command` (an `svfit serve`) and waits until it listens: its
+/// gRPC and metrics addresses come from its log, which goes on to `log`.
+pub fn start_process(mut command: Command) -> Process {
+    let mut child = command
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                // Keep draining so the server never blocks on its log.
+                continue;
+            }
+        }
+    });
+    let mut addr = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(line) = log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if let Some(a) = line.strip_prefix("svfit serving on ") {
+            addr = Some(a.split(' ').next().unwrap().parse().unwrap());
+        }
+        if let Some(m) = line.strip_prefix("svfit metrics on http://") {
+            let metrics = m.trim_end_matches("/metrics").parse().unwrap();
+            return Process {
+                child,
+                addr: addr.expect("the gRPC address comes first"),
+                metrics,
+                log,
+            };
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("svfit serve did not start");
+}
+
+impl Drop for Process {
+    /// A failing test leaves no server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }

@@ -150,3 +150,86 @@ fn a_configuration_over_the_limit_is_refused_with_its_budget() {
         );
     }
 }
+
+/// The process's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        << 10
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_server_stays_within_its_budget() {
+    use common::serve::{adapter, base, channel, greedy, start_process, write};
+    use svfit::server::pb::inference_client::InferenceClient;
+    let _machine = common::shared();
+    let dir = common::temp_dir("budget-rss");
+    let adapters = dir.path().join("adapters");
+    for i in 0..4 {
+        write(&adapters, "default", &format!("a{i}"), &adapter(i));
+    }
+    let flags = [
+        "--ctx",
+        "1024",
+        "--kv-cells",
+        "4096",
+        "--max-sequences",
+        "4",
+        "--prefix-cache-mb",
+        "16",
+        "--adapter-cache-mb",
+        "8",
+        "--adapters",
+        adapters.to_str().unwrap(),
+    ];
+    let home = base().home.clone();
+    let dry = serve(&home, &[&["--dry-run"][..], &flags].concat());
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    let total: f64 = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("total"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let budget = (total * (1 << 20) as f64) as u64;
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_svfit"));
+    command
+        .args(["serve", "--addr", "127.0.0.1:0", "--http-addr", "none"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--threads", "2"])
+        .arg("--model")
+        .arg(common::default_model())
+        .args(flags)
+        .env("SVFIT_HOME", &home);
+    let server = start_process(command);
+    // Long prompts on four adapters at once: the largest steps, the KV
+    // cache and the prefix cache in use.
+    let client = InferenceClient::new(channel(server.addr).await);
+    let words: Vec<String> = (0..330).map(|i| format!("w{}", i % 97)).collect();
+    let requests: Vec<_> = (0..4)
+        .map(|i| {
+            let mut client = client.clone();
+            let prompt = format!("{i} {}", words.join(" "));
+            tokio::spawn(async move {
+                let request = greedy(&format!("a{}", i % 4), &prompt, 8);
+                client.generate(request).await.map(|_| ())
+            })
+        })
+        .collect();
+    for r in requests {
+        let r = r.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let peak = peak_rss(server.child.id());
+    eprintln!("peak RSS {peak} bytes, budget {budget}");
+    assert!(
+        peak <= budget,
+        "peak RSS {peak} over the budget {budget}:\n{stdout}"
+    );
+}

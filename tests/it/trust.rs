@@ -9,10 +9,9 @@
 mod cluster;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use crate::common;
@@ -332,13 +331,6 @@ async fn concurrent_uploads(config: svfit::server::ServeConfig, dir: &Path, loca
 
 /// `svfit serve` as a child process: its addresses, and its stderr kept
 /// drained (lines go to the returned receiver after the start).
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    log: std::sync::mpsc::Receiver<String>,
-}
-
 fn spawn_server(adapters: &Path, rust_log: &str, shell_prefix: &str) -> Process {
     let b = base();
     let exe = env!("CARGO_BIN_EXE_svfit");
@@ -381,61 +373,6 @@ fn spawn_server(adapters: &Path, rust_log: &str, shell_prefix: &str) -> Process 
     }
     command.env("SVFIT_HOME", &b.home);
     start_process(command)
-}
-
-/// Spawns `command` (an `svfit serve`) and waits until it listens: its
-/// gRPC and metrics addresses come from its log, which goes on to `log`.
-fn start_process(mut command: Command) -> Process {
-    let mut child = command
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, log) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                // Keep draining so the server never blocks on its log.
-                continue;
-            }
-        }
-    });
-    let mut addr = None;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Ok(line) = log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        if let Some(a) = line.strip_prefix("svfit serving on ") {
-            addr = Some(a.split(' ').next().unwrap().parse().unwrap());
-        }
-        if let Some(m) = line.strip_prefix("svfit metrics on http://") {
-            let metrics = m.trim_end_matches("/metrics").parse().unwrap();
-            return Process {
-                child,
-                addr: addr.expect("the gRPC address comes first"),
-                metrics,
-                log,
-            };
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("svfit serve did not start");
-}
-
-impl Drop for Process {
-    /// A failing test leaves no server behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
