@@ -211,6 +211,9 @@ pub struct TensorSet {
     // Holds the tensors' metadata; dropped after the buffer, which is fine:
     // freeing a buffer does not touch it.
     _ctx: Context,
+    // The file the tensors' data lies in, for a set placed in a mapped
+    // file: dropped after the buffer, which does not own it.
+    _map: Option<memmap2::Mmap>,
 }
 
 // SAFETY: the set owns its context and buffer; raw tensor pointers point into
@@ -247,6 +250,73 @@ impl TensorSet {
             by_name,
             buffer,
             _ctx: ctx,
+            _map: None,
+        })
+    }
+
+    /// Where each tensor of `ctx` lies in a file of `len` bytes, from
+    /// `offset(name)`, if every one has an offset, lies inside and is
+    /// aligned to 32 bytes (what [`TensorSet::map_cpu`] needs).
+    pub fn placements(
+        ctx: &Context,
+        len: usize,
+        offset: impl Fn(&str) -> Option<usize>,
+    ) -> Option<Vec<usize>> {
+        ctx.tensors()
+            .map(|t| {
+                let at = offset(&t.name())?;
+                let end = at.checked_add(t.n_bytes())?;
+                (end <= len && at.is_multiple_of(32)).then_some(at)
+            })
+            .collect()
+    }
+
+    /// Places the tensors of `ctx` in `map` (a file mapped read-only) at
+    /// `places` ([`TensorSet::placements`]), as a CPU buffer over the map:
+    /// nothing is copied, pages are read from the file (or found in the
+    /// page cache) as products touch them, and the kernel can drop clean
+    /// ones under pressure.
+    pub fn map_cpu(ctx: Context, map: memmap2::Mmap, places: &[usize]) -> Result<Self, GgmlError> {
+        let tensors: Vec<_> = ctx
+            .tensors()
+            .map(|t| NonNull::new(t.as_ptr()).expect("non-null"))
+            .collect();
+        let alloc = || GgmlError::Alloc {
+            what: format!("a mapped buffer for {} tensors", tensors.len()),
+        };
+        if places.len() != tensors.len() {
+            return Err(alloc());
+        }
+        let base = map.as_ptr().cast_mut().cast::<std::ffi::c_void>();
+        // SAFETY: the map is page-aligned and lives as long as the buffer
+        // (both move into the set), which does not free it. Its pages are
+        // read-only: nothing writes to weights (they are never the
+        // destination of an op or of a `write`).
+        let raw = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(base, map.len()) };
+        let buffer = Buffer {
+            raw: NonNull::new(raw).ok_or_else(alloc)?,
+        };
+        for (&t, &at) in tensors.iter().zip(places) {
+            // SAFETY: the tensor is unallocated and no view; `at` and its
+            // bytes lie inside the buffer, 32-aligned (`placements`).
+            let status = unsafe {
+                sys::ggml_backend_tensor_alloc(buffer.raw.as_ptr(), t.as_ptr(), base.add(at))
+            };
+            if status != sys::GGML_STATUS_SUCCESS {
+                return Err(alloc());
+            }
+        }
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (Tensor::from_raw(*t).name(), TensorId(i)))
+            .collect();
+        Ok(TensorSet {
+            tensors,
+            by_name,
+            buffer,
+            _ctx: ctx,
+            _map: Some(map),
         })
     }
 

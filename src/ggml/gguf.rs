@@ -1,6 +1,7 @@
 //! GGUF files: a validating reader that loads tensors onto a backend, and a
 //! writer (for merged models and test fixtures).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -298,8 +299,10 @@ impl GgufFile {
         file.read_exact(out).map_err(io)
     }
 
-    /// Allocates every tensor of the file on `backend` and reads its data.
-    /// Can be called once; the tensor metadata moves into the result.
+    /// Allocates every tensor of the file on `backend` and reads its data;
+    /// on the CPU, the tensors are the file's own bytes, mapped (where the
+    /// file places every tensor 32-aligned, as GGUF writers do). Can be
+    /// called once; the tensor metadata moves into the result.
     pub fn load_tensors(&mut self, backend: &Backend) -> Result<TensorSet, GgufError> {
         let ggml = |source| GgufError::Ggml {
             path: self.path.clone(),
@@ -309,12 +312,28 @@ impl GgufFile {
             path: self.path.clone(),
             reason: "tensors already loaded".into(),
         })?;
-        let mut set = TensorSet::allocate(meta, backend).map_err(ggml)?;
         let io = |source| GgufError::Io {
             path: self.path.clone(),
             source,
         };
         let mut file = File::open(&self.path).map_err(io)?;
+        if backend.is_cpu() {
+            // SAFETY: the map is read-only; a file replaced by rename keeps
+            // its pages (one truncated in place while served would fault,
+            // as it would for llama.cpp).
+            if let Ok(map) = unsafe { memmap2::Mmap::map(&file) } {
+                let offsets: HashMap<&str, usize> = self
+                    .tensors
+                    .iter()
+                    .map(|t| (t.name.as_str(), t.file_offset as usize))
+                    .collect();
+                let offset = |name: &str| offsets.get(name).copied();
+                if let Some(places) = TensorSet::placements(&meta, map.len(), offset) {
+                    return TensorSet::map_cpu(meta, map, &places).map_err(ggml);
+                }
+            }
+        }
+        let mut set = TensorSet::allocate(meta, backend).map_err(ggml)?;
         let mut staging = Vec::new();
         for info in &self.tensors {
             let Some(id) = set.find(&info.name) else {
