@@ -135,12 +135,7 @@ fn read_part(
         path: path.to_path_buf(),
         reason,
     };
-    let header = crate::tensorfile::read_header(path).map_err(invalid)?;
-    for (k, want) in key.metadata() {
-        if header.metadata.get(&k) != Some(&want) {
-            return Err(invalid(format!("{k} is not '{want}'")));
-        }
-    }
+    let header = super::file::read_header(path, key)?;
     let p = t.prefix();
     let shape = |suffix: &str| {
         header

@@ -69,15 +69,7 @@ impl FactorFile {
             path: path.to_path_buf(),
             reason,
         };
-        let header = crate::tensorfile::read_header(path).map_err(invalid)?;
-        for (k, want) in key.metadata() {
-            if header.metadata.get(&k) != Some(&want) {
-                return Err(invalid(format!(
-                    "{k} is {:?}, expected '{want}'",
-                    header.metadata.get(&k)
-                )));
-            }
-        }
+        let header = read_header(path, key)?;
         let file = std::fs::File::open(path).map_err(|source| FactorError::Io {
             path: path.to_path_buf(),
             source,
@@ -237,4 +229,26 @@ pub fn read_factors(
     (0..file.matrices().len())
         .map(|i| Ok((file.matrices()[i].target.clone(), file.factor(i)?)))
         .collect()
+}
+
+/// The header of the safetensors file at `path`, after checking that it
+/// is whole and that its metadata is `key`'s.
+pub(super) fn read_header(
+    path: &Path,
+    key: &FactorsKey,
+) -> Result<crate::tensorfile::Header, FactorError> {
+    let invalid = |reason: String| FactorError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let header = crate::tensorfile::read_header(path).map_err(invalid)?;
+    for (k, want) in key.metadata() {
+        if header.metadata.get(&k) != Some(&want) {
+            return Err(invalid(format!(
+                "{k} is {:?}, expected '{want}'",
+                header.metadata.get(&k)
+            )));
+        }
+    }
+    Ok(header)
 }

@@ -240,18 +240,28 @@ impl TensorSet {
                         backend.name()
                     ),
                 })?;
+        Ok(Self::assemble(ctx, tensors, buffer, None))
+    }
+
+    /// The set of `ctx`'s `tensors`, allocated in `buffer` (over `map`).
+    fn assemble(
+        ctx: Context,
+        tensors: Vec<NonNull<sys::ggml_tensor>>,
+        buffer: Buffer,
+        map: Option<memmap2::Mmap>,
+    ) -> Self {
         let by_name = tensors
             .iter()
             .enumerate()
             .map(|(i, t)| (Tensor::from_raw(*t).name(), TensorId(i)))
             .collect();
-        Ok(TensorSet {
+        TensorSet {
             tensors,
             by_name,
             buffer,
             _ctx: ctx,
-            _map: None,
-        })
+            _map: map,
+        }
     }
 
     /// Where each tensor of `ctx` lies in a file of `len` bytes, from
@@ -306,18 +316,7 @@ impl TensorSet {
                 return Err(alloc());
             }
         }
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (Tensor::from_raw(*t).name(), TensorId(i)))
-            .collect();
-        Ok(TensorSet {
-            tensors,
-            by_name,
-            buffer,
-            _ctx: ctx,
-            _map: Some(map),
-        })
+        Ok(Self::assemble(ctx, tensors, buffer, Some(map)))
     }
 
     pub fn get(&self, id: TensorId) -> Tensor<'_> {
