@@ -234,21 +234,23 @@ fn init_logs() {
 /// `serve --dry-run`: the budget, the limit, and whether it fits (exit
 /// status 1 where it does not).
 fn dry_run(config: &svfit::server::ServeConfig) -> Result<()> {
+    use svfit::factors::FactorFile;
     use svfit::server::budget;
-    let budget = budget::of(config, &config.factors.path(&config.home))?;
+    let gguf = svfit::ggml::gguf::GgufFile::open(&config.model)?;
+    let path = config.factors.path(&config.home);
+    let factors = path
+        .exists()
+        .then(|| FactorFile::open(&path, &config.factors))
+        .transpose()?;
+    let budget = budget::of(config, &gguf, factors.as_ref())?;
     println!("memory budget of serving {}:", config.model.display());
     println!("{budget}");
     let limit = budget::limit(config.memory_limit);
     match &limit {
-        Some(l) => println!(
-            "  {:<14} {:>9.1} MB  {}",
-            "limit",
-            l.bytes as f64 / (1u64 << 20) as f64,
-            l.source
-        ),
+        Some(l) => println!("{l}"),
         None => println!("  no limit found"),
     }
-    if limit.is_some_and(|l| budget.total() > l.bytes) {
+    if !budget.fits(limit.as_ref()) {
         anyhow::bail!("this configuration does not fit: `svfit serve` would refuse it");
     }
     println!("fits");

@@ -59,17 +59,21 @@ pub struct KvCache {
     seqs: HashMap<SeqId, Range>,
 }
 
+/// The cells of a cache asked for `size`: whole pages, at least one.
+fn cells(size: usize) -> usize {
+    size.max(1).next_multiple_of(PAGE)
+}
+
 impl KvCache {
     /// Bytes of a cache of at least `size` cells: K and V of every layer,
     /// f16.
     pub fn bytes(config: &Config, size: usize) -> u64 {
-        let cells = size.max(1).next_multiple_of(PAGE) as u64;
-        2 * 2 * cells * (config.n_layer * config.n_embd_kv()) as u64
+        2 * 2 * (cells(size) * config.n_layer * config.n_embd_kv()) as u64
     }
 
     /// A cache of at least `size` cells (rounded up to whole pages).
     pub(super) fn new(config: &Config, size: usize, backend: &Backend) -> Result<Self, ModelError> {
-        let size = size.max(1).next_multiple_of(PAGE);
+        let size = cells(size);
         let ctx = Context::new(2 * config.n_layer, 0)?;
         let (width, cells) = (config.n_embd_kv() as i64, size as i64);
         for l in 0..config.n_layer {

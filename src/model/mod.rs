@@ -12,6 +12,7 @@ pub mod tokenizer;
 mod train;
 mod weights;
 
+use std::borrow::Cow;
 use std::path::Path;
 
 pub use batch::{Batch, SeqId};
@@ -271,7 +272,7 @@ impl Model {
             .collect();
         self.attach(
             &shapes,
-            &mut |i| Ok(factors[i].1.clone()),
+            &mut |i| Ok(Cow::Borrowed(&factors[i].1)),
             n_slots,
             factor_type,
         )
@@ -288,15 +289,16 @@ impl Model {
     ) -> Result<(), ModelError> {
         let mut load = |i| {
             file.factor(i)
+                .map(Cow::Owned)
                 .map_err(|e| ModelError::Factors(e.to_string()))
         };
         self.attach(file.matrices(), &mut load, n_slots, factor_type)
     }
 
-    fn attach(
+    fn attach<'f>(
         &mut self,
         shapes: &[Shape],
-        load: &mut dyn FnMut(usize) -> Result<Factor, ModelError>,
+        load: &mut dyn FnMut(usize) -> Result<Cow<'f, Factor>, ModelError>,
         n_slots: usize,
         factor_type: Type,
     ) -> Result<(), ModelError> {

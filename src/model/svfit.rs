@@ -15,6 +15,7 @@
 //! 32, so the rank is padded to a multiple of 32 with zero columns of `U`,
 //! zero rows of `Vt` and zero deltas: the padding adds exact zeros.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::factors::{Factor, Shape, TargetMatrix, KINDS};
@@ -72,10 +73,10 @@ impl Branch {
     /// (q8_0, f16 or f32); a Vt whose width is not a multiple of 32 stays
     /// f16 when q8_0 is asked for. With `batched` (the batched kernels run
     /// on `backend`), q8_0 factors go through them.
-    pub(super) fn new(
+    pub(super) fn new<'f>(
         config: &Config,
         shapes: &[Shape],
-        load: &mut dyn FnMut(usize) -> Result<Factor, ModelError>,
+        load: &mut dyn FnMut(usize) -> Result<Cow<'f, Factor>, ModelError>,
         n_slots: usize,
         factor_type: Type,
         backend: &Backend,
@@ -128,7 +129,8 @@ impl Branch {
             for i in 0..m {
                 u[i * padded..i * padded + r].copy_from_slice(&f.u[i * r..(i + 1) * r]);
             }
-            let mut vt = f.vt;
+            let mut vt = Vec::with_capacity(padded * n);
+            vt.extend_from_slice(&f.vt);
             vt.resize(padded * n, 0.0);
             let encode = |ty: Type, values: &[f32], row: usize| {
                 ggml::quantize(ty, values, row).ok_or_else(|| {

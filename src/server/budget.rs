@@ -5,7 +5,6 @@
 //! the budget, instead of being killed by the OOM killer under load.
 
 use std::fmt;
-use std::path::Path;
 
 use crate::factors::{self, FactorFile, Shape};
 use crate::ggml::gguf::GgufFile;
@@ -57,25 +56,27 @@ fn mb(bytes: u64) -> f64 {
 }
 
 /// The budget of serving `config`: the weights as the load holds them,
-/// the factors and slot tables (ranks from the factor file at `factors`,
-/// or full ranks, a bound, where it does not exist yet), the KV cache, the
+/// the factors and slot tables (ranks from the factor file `factors`, or
+/// full ranks, a bound, where it is not computed yet), the KV cache, the
 /// compute buffers of the largest step, both host caches at their limits.
-pub fn of(config: &ServeConfig, factors: &Path) -> anyhow::Result<Budget> {
-    let gguf = GgufFile::open(&config.model)?;
-    let cfg = Config::from_gguf(&gguf)?;
+/// `gguf` is the model's file.
+pub fn of(
+    config: &ServeConfig,
+    gguf: &GgufFile,
+    factors: Option<&FactorFile>,
+) -> anyhow::Result<Budget> {
+    let cfg = Config::from_gguf(gguf)?;
     let weights: u64 = gguf
         .tensors()
         .iter()
         .map(|t| model::held_bytes(config.load.weights, t))
         .sum();
-    let (shapes, ranks) = if factors.exists() {
-        let file = FactorFile::open(factors, &config.factors)?;
-        (file.matrices().to_vec(), "ranks of the cached factors")
-    } else {
-        (
-            full_ranks(&gguf, config)?,
+    let (shapes, ranks) = match factors {
+        Some(file) => (file.matrices().to_vec(), "ranks of the cached factors"),
+        None => (
+            full_ranks(gguf, config)?,
             "full ranks: factors not computed yet",
-        )
+        ),
     };
     let e = &config.engine;
     let n_slots = e.adapter_slots + 1;
@@ -198,10 +199,30 @@ pub fn limit(explicit: Option<u64>) -> Option<Limit> {
         .min_by_key(|l| l.bytes)
 }
 
+impl fmt::Display for Limit {
+    /// The limit as a line under a [`Budget`].
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "  {:<14} {:>9.1} MB  {}",
+            "limit",
+            mb(self.bytes),
+            self.source
+        )
+    }
+}
+
+impl Budget {
+    /// Whether the budget stays within `limit` (any budget fits no limit).
+    pub fn fits(&self, limit: Option<&Limit>) -> bool {
+        limit.is_none_or(|l| self.total() <= l.bytes)
+    }
+}
+
 /// Refuses `budget` if it exceeds `limit`, with the budget in the error.
 pub fn check(budget: &Budget, limit: Option<&Limit>) -> anyhow::Result<()> {
     match limit {
-        Some(limit) if budget.total() > limit.bytes => anyhow::bail!(
+        Some(limit) if !budget.fits(Some(limit)) => anyhow::bail!(
             "this configuration needs {:.0} MB, more than the {:.0} MB it may use ({}):\n{budget}\n\
              lower --kv-cells, --ctx, --prefix-cache-mb, --adapter-cache-mb or \
              --adapter-slots, or raise --memory-limit",

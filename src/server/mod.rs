@@ -412,11 +412,13 @@ fn load_model_and_factors(
 ) -> anyhow::Result<(Model, factors::SingularValues, Vec<RankSummary>)> {
     // A file the engine does not fully understand is refused before its
     // factors are computed.
-    model::understand(&GgufFile::open(&config.model)?)?;
+    let gguf = GgufFile::open(&config.model)?;
+    model::understand(&gguf)?;
     let path = factors::ensure(&config.model, &config.factors, &config.home)?;
-    let budget = budget::of(config, &path)?;
-    budget::check(&budget, budget::limit(config.memory_limit).as_ref())?;
     let factor_file = factors::FactorFile::open(&path, &config.factors)?;
+    let budget = budget::of(config, &gguf, Some(&factor_file))?;
+    drop(gguf);
+    budget::check(&budget, budget::limit(config.memory_limit).as_ref())?;
     let singular = factor_file.singular_values()?;
     let ranks = factors::rank_summary(
         &singular
