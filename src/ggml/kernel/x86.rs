@@ -24,7 +24,11 @@ struct Accs<B: Block + ?Sized, const P: usize> {
     tile: Tile<B::Acc, P>,
     pairs: [B::Extra; P],
 }
-/// How far ahead in a weight row to prefetch, in bytes.
+/// How far ahead in a weight row to prefetch, in bytes (256 and 1024 were
+/// no faster). Where weights stream from memory, prefetching every line
+/// of a block and the next tile's rows before they start is what lets the
+/// K-quant tiles run at their in-cache speed (docs/PERFORMANCE.md, 1B-shaped
+/// models).
 const PREFETCH: usize = 512;
 
 /// An f16 read from `p`, widened.
@@ -165,8 +169,23 @@ unsafe fn tile_of<B: Block, const P: usize>(product: Product, r0: usize, p0: usi
         let mut acc = std::mem::zeroed::<Accs<B, P>>();
         for kb in 0..nb {
             let rows: [*const u8; R] = std::array::from_fn(|i| w.add((i * nb + kb) * B::BYTES));
+            // Every cache line of each row's block PREFETCH bytes ahead
+            // (a hint: never faults, so the address may leave the matrix);
+            // past a row's end, the same row of the next tile, which is
+            // read next (rows are contiguous: R - 1 rows further on). Each
+            // of the R streams then starts warm.
             for row in rows {
-                _mm_prefetch::<_MM_HINT_T0>(row.add(PREFETCH) as *const i8);
+                for line in (0..B::BYTES).step_by(64) {
+                    let ahead = kb * B::BYTES + PREFETCH + line;
+                    let next = if ahead >= nb * B::BYTES {
+                        (R - 1) * nb * B::BYTES
+                    } else {
+                        0
+                    };
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        row.wrapping_add(PREFETCH + line + next) as *const i8
+                    );
+                }
             }
             let pairs: Pairs<P> =
                 std::array::from_fn(|j| packed.add(((p0 + j) * nb + kb) * B::PACKED));
