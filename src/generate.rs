@@ -2,6 +2,7 @@
 //! token by token, streaming text until an end-of-generation token, a stop
 //! string, the token limit or the end of the context.
 
+use crate::constraint::{Constraint, ConstraintError};
 use crate::model::{Batch, KvCache, Model, ModelError, Slot, Tokenizer};
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -31,6 +32,20 @@ impl FinishReason {
     }
 }
 
+/// Why a sequence takes no more tokens: it finished, or its constraint
+/// failed (a limit of the matcher reached mid-answer).
+#[derive(Debug)]
+pub enum Ended {
+    Finished(FinishReason),
+    Failed(ConstraintError),
+}
+
+impl From<FinishReason> for Ended {
+    fn from(finish: FinishReason) -> Self {
+        Ended::Finished(finish)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: Vec<u32>,
@@ -56,6 +71,8 @@ pub enum GenerateError {
     PromptTooLong { prompt: usize, n_ctx: usize },
     #[error("invalid sampling parameters: {0}")]
     Sampling(String),
+    #[error(transparent)]
+    Constraint(#[from] ConstraintError),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -108,7 +125,8 @@ pub fn generate(
                 batch.set_adapter(SEQ, request.adapter);
                 logits = model.decode(cache, &batch)?;
             }
-            Err(finish) => return Ok(sequence.finish(finish, &mut on_text)),
+            Err(Ended::Finished(finish)) => return Ok(sequence.finish(finish, &mut on_text)),
+            Err(Ended::Failed(e)) => return Err(e.into()),
         }
     }
 }
@@ -125,6 +143,8 @@ pub struct Sequence {
     history: Vec<u32>,
     tokens: Vec<u32>,
     text: TextStream,
+    /// What the answer must match, if anything.
+    constraint: Option<Constraint>,
 }
 
 impl Sequence {
@@ -145,7 +165,13 @@ impl Sequence {
             history: request.prompt.clone(),
             tokens: Vec::new(),
             text: TextStream::new(&request.stop),
+            constraint: None,
         })
+    }
+
+    /// Constrains the tokens sampled from now on (see [`crate::constraint`]).
+    pub fn constrain(&mut self, constraint: Option<Constraint>) {
+        self.constraint = constraint;
     }
 
     /// KV cells the whole generation can use: prompt + max tokens, at most
@@ -196,28 +222,43 @@ impl Sequence {
         &self.tokens
     }
 
-    /// Samples the next token from the logits of the last one. `Ok(token)`:
-    /// decode it next; `Err(reason)`: the generation is over.
+    /// Samples the next token from the logits of the last one (among the
+    /// tokens the constraint allows, if there is one). `Ok(token)`: decode
+    /// it next; `Err(ended)`: the generation is over.
     pub fn advance(
         &mut self,
         logits: &[f32],
         tokenizer: &Tokenizer,
         on_text: &mut impl FnMut(&str),
-    ) -> Result<u32, FinishReason> {
+    ) -> Result<u32, Ended> {
         if self.tokens.len() >= self.max_tokens {
-            return Err(FinishReason::Length);
+            return Err(FinishReason::Length.into());
         }
-        let token = self.sampler.sample(logits, &self.history);
+        let token = match &mut self.constraint {
+            None => self.sampler.sample(logits, &self.history),
+            Some(constraint) => {
+                let mut allowed = logits.to_vec();
+                constraint.mask(&mut allowed).map_err(Ended::Failed)?;
+                self.sampler.sample(&allowed, &self.history)
+            }
+        };
         if tokenizer.is_eog(token) {
-            return Err(FinishReason::Stop);
+            return Err(FinishReason::Stop.into());
         }
+        let complete = match &mut self.constraint {
+            None => false,
+            Some(constraint) => constraint.consume(token).map_err(Ended::Failed)?,
+        };
         self.tokens.push(token);
         self.history.push(token);
         if self.text.push(&tokenizer.piece(token), on_text) {
-            return Err(FinishReason::StopString);
+            return Err(FinishReason::StopString.into());
+        }
+        if complete {
+            return Err(FinishReason::Stop.into());
         }
         if self.history.len() >= self.n_ctx {
-            return Err(FinishReason::Context);
+            return Err(FinishReason::Context.into());
         }
         Ok(token)
     }

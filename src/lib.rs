@@ -9,6 +9,7 @@
 pub mod adapter;
 #[cfg(feature = "check")]
 pub mod check;
+pub mod constraint;
 pub mod engine;
 pub mod factors;
 pub mod generate;

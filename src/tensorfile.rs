@@ -168,6 +168,8 @@ pub fn concat(
 ) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let mut json = serde_json::Map::new();
+    // Sorted: the same set gives the same bytes in every process.
+    let metadata: std::collections::BTreeMap<_, _> = metadata.into_iter().collect();
     json.insert("__metadata__".into(), serde_json::json!(metadata));
     let mut base = 0;
     for (_, header) in parts {

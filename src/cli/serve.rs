@@ -68,6 +68,10 @@ pub(super) struct ServeArgs {
     /// Adapters in one mix at most
     #[arg(long, default_value_t = Limits::default().mix_parts)]
     max_mix: usize,
+    /// Bytes of a request's constraint (JSON schema, regex or grammar) at
+    /// most; compiling one is bounded by llguidance's limits too
+    #[arg(long, default_value_t = Limits::default().constraint_bytes)]
+    max_constraint_bytes: usize,
     /// Adapters one tenant may pin (all tenants together may pin one less
     /// than --adapter-slots)
     #[arg(long, default_value_t = 4)]
@@ -165,6 +169,7 @@ pub(super) fn run_serve(args: &ServeArgs) -> Result<()> {
             stop_strings: args.max_stop_strings,
             stop_bytes: args.max_stop_bytes,
             mix_parts: args.max_mix,
+            constraint_bytes: args.max_constraint_bytes,
             max_tokens: args.model.ctx,
             max_tokens_default: args.max_tokens,
         },

@@ -77,6 +77,8 @@ pub struct Job {
     /// Report each generated token's log-probability and this many of the
     /// most likely alternatives (`None`: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// What the answer must match (compiled before submission).
+    pub constraint: Option<crate::constraint::Constraint>,
 }
 
 impl Job {
@@ -141,6 +143,9 @@ pub enum Failure {
     /// A bug while handling this sequence; the engine went on without it.
     #[error("internal error while generating ({0}); the request was stopped")]
     Panicked(String),
+    /// Its constraint reached a limit of the matcher mid-answer.
+    #[error(transparent)]
+    Constraint(crate::constraint::ConstraintError),
 }
 
 /// Counters the engine keeps (read by metrics and `ModelInfo`).

@@ -20,7 +20,7 @@ use super::queue::{Pending, Waiting};
 use super::scheduler;
 use super::slots::{Acquired, SlotPool};
 use super::{Command, EngineConfig, Event, Failure, Job, Stats};
-use crate::generate::{FinishReason, Sequence};
+use crate::generate::{Ended, FinishReason, Sequence};
 use crate::model::{Batch, KvCache, Model, ModelError, SeqId, Slot, Tokenizer};
 use crate::prefix_cache::{block_keys, PrefixCache, BLOCK};
 
@@ -205,7 +205,7 @@ impl Worker {
 
     /// Starts a job when its adapter has a slot and its cells are free;
     /// gives it back otherwise. A job that can never run is failed.
-    fn start(&mut self, job: Box<Job>) -> Result<(), Box<Job>> {
+    fn start(&mut self, mut job: Box<Job>) -> Result<(), Box<Job>> {
         let sequence = match Sequence::new(&job.request, self.context) {
             Ok(s) => s,
             Err(e) => {
@@ -242,6 +242,7 @@ impl Worker {
         }
         self.next_seq = self.next_seq.wrapping_add(1);
         let mut sequence = sequence;
+        sequence.constrain(job.constraint.take());
         let cached = self.reuse_prefix(seq, &job, &mut sequence);
         self.running.push(Running {
             seq,
@@ -403,7 +404,8 @@ impl Worker {
             }));
             match outcome {
                 Ok(Ok(token)) => r.next = Some(token),
-                Ok(Err(finish)) => ended.push((i, Ok(finish))),
+                Ok(Err(Ended::Finished(finish))) => ended.push((i, Ok(finish))),
+                Ok(Err(Ended::Failed(e))) => ended.push((i, Err(Failure::Constraint(e)))),
                 Err(panic) => {
                     let panic = panic_text(&*panic).to_string();
                     tracing::error!(panic, tenant = r.job.tenant, "a sequence failed");
@@ -546,7 +548,7 @@ fn advance(
     logits: &[f32],
     tokenizer: &Tokenizer,
     stats: &Stats,
-) -> Result<u32, FinishReason> {
+) -> Result<u32, Ended> {
     #[cfg(feature = "fault-injection")]
     if fault::asks(&r.job, fault::PANIC_SEQUENCE) {
         panic!("fault injection: a bug in one sequence");

@@ -120,6 +120,24 @@ impl Tokenizer {
         self.vocab_model.vocab().is_eog(LlamaToken(token as i32))
     }
 
+    /// Control tokens (BOS, turn markers, ...): not text.
+    pub fn is_control(&self, token: u32) -> bool {
+        self.vocab_model
+            .vocab()
+            .is_control(LlamaToken(token as i32))
+    }
+
+    /// The number of tokens.
+    pub fn n_vocab(&self) -> u32 {
+        self.vocab_model.vocab().n_tokens().max(0) as u32
+    }
+
+    /// The end-of-sequence token, if the vocabulary has one.
+    pub fn eos(&self) -> Option<u32> {
+        let eos = self.vocab_model.vocab().eos().0;
+        (eos >= 0).then_some(eos as u32)
+    }
+
     /// Renders `messages` with the model's chat template; `add_assistant`
     /// opens the assistant's turn. A file without a template (a base model)
     /// gets its family's turns: Gemma's (`<start_of_turn>user` …

@@ -97,15 +97,31 @@ async fn submit_valid(
         stop,
         deadline,
         logprobs,
+        constraint,
     } = valid;
     let (deltas, adapter_version) = resolve(shared, adapter).await?;
-    let tokenizer = shared.tokenizer.clone();
-    let prompt = tokio::task::spawn_blocking(move || match prompt {
-        Prompt::Text(text) => Ok(tokenizer.encode(&text, true)),
-        Prompt::Chat(messages) => tokenizer
-            .apply_chat_template(&messages, true)
-            .map(|text| tokenizer.encode(&text, true))
-            .map_err(|e| Status::invalid_argument(format!("chat: {e}"))),
+    // Tokenizing and compiling the constraint (bounded by llguidance's
+    // limits) run off the async threads and off the engine's.
+    let blocking = shared.clone();
+    let (prompt, constraint) = tokio::task::spawn_blocking(move || {
+        let tokenizer = &blocking.tokenizer;
+        let prompt = match prompt {
+            Prompt::Text(text) => tokenizer.encode(&text, true),
+            Prompt::Chat(messages) => tokenizer
+                .apply_chat_template(&messages, true)
+                .map(|text| tokenizer.encode(&text, true))
+                .map_err(|e| Status::invalid_argument(format!("chat: {e}")))?,
+        };
+        let constraint = match constraint {
+            None => None,
+            Some(spec) => Some(
+                blocking
+                    .constraints()?
+                    .compile(&spec)
+                    .map_err(|e| Status::invalid_argument(format!("constraint: {e}")))?,
+            ),
+        };
+        Ok::<_, Status>((prompt, constraint))
     })
     .await
     .map_err(|e| Status::internal(e.to_string()))??;
@@ -131,6 +147,7 @@ async fn submit_valid(
             deadline,
             arrived,
             logprobs,
+            constraint,
         })
         .map_err(submit_status)?;
     Ok(Submitted {

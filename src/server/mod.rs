@@ -187,6 +187,22 @@ struct Shared {
     config: ServeConfig,
     ranks: Vec<RankSummary>,
     started: Instant,
+    /// Compiles requests' constraints: the vocabulary's token trie, built
+    /// at the first constrained request (or why it could not be).
+    constraints: std::sync::OnceLock<Result<crate::constraint::Compiler, String>>,
+}
+
+impl Shared {
+    /// The constraint compiler, built on first use (blocking: call off the
+    /// async threads).
+    fn constraints(&self) -> Result<&crate::constraint::Compiler, Status> {
+        self.constraints
+            .get_or_init(|| {
+                crate::constraint::Compiler::new(&self.tokenizer).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| Status::internal(format!("constrained decoding is unavailable: {e}")))
+    }
 }
 
 /// A server that is listening: its address and a way to stop it.
@@ -402,6 +418,7 @@ async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
         config,
         ranks,
         started: Instant::now(),
+        constraints: std::sync::OnceLock::new(),
     }))
 }
 
@@ -604,7 +621,7 @@ fn failure_status(failure: &Failure) -> Status {
     let message = failure.to_string();
     match failure {
         Failure::DeadlineExceeded => Status::deadline_exceeded(message),
-        Failure::Invalid(_) => Status::invalid_argument(message),
+        Failure::Invalid(_) | Failure::Constraint(_) => Status::invalid_argument(message),
         Failure::AdapterLoad(_) | Failure::Decode(_) | Failure::Panicked(_) => {
             Status::internal(message)
         }

@@ -13,6 +13,7 @@ use tonic::Status;
 
 use super::auth::Caller;
 use super::pb;
+use crate::constraint::Spec;
 use crate::model::tokenizer::Message;
 use crate::sampling::SamplingParams;
 use crate::store::shown;
@@ -28,6 +29,8 @@ pub struct Limits {
     pub stop_bytes: usize,
     /// Adapters in one mix.
     pub mix_parts: usize,
+    /// Bytes of a constraint (a JSON schema, regex or grammar).
+    pub constraint_bytes: usize,
     /// The largest `max_tokens` a request may ask for (the context).
     pub max_tokens: usize,
     /// `max_tokens` of requests that leave it 0.
@@ -43,6 +46,7 @@ impl Limits {
             + self.chat_messages * 2 * per_string
             + self.stop_strings * (self.stop_bytes + per_string)
             + self.mix_parts * (2 * crate::store::MAX_NAME + 16)
+            + self.constraint_bytes
             + (64 << 10)
     }
 }
@@ -55,6 +59,7 @@ impl Default for Limits {
             stop_strings: 16,
             stop_bytes: 128,
             mix_parts: 8,
+            constraint_bytes: 64 << 10,
             max_tokens: 8192,
             max_tokens_default: 256,
         }
@@ -97,6 +102,8 @@ pub struct ValidRequest {
     /// Alternatives per token to report with log-probabilities (`None`:
     /// none at all); the HTTP API sets it, gRPC has no such field.
     pub logprobs: Option<usize>,
+    /// What the answer must match (compiled at submission).
+    pub constraint: Option<Spec>,
 }
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
@@ -145,6 +152,7 @@ pub fn validate(
             ),
         ));
     }
+    let constraint = constraint(body.constraint, limits)?;
     Ok(ValidRequest {
         adapter,
         prompt,
@@ -153,6 +161,54 @@ pub fn validate(
         stop: body.stop,
         deadline: deadline(metadata)?,
         logprobs: None,
+        constraint,
+    })
+}
+
+/// The constraint's kind and text, within the size limit: a JSON schema
+/// must parse (an object, or `true`); a regex or grammar must not be empty.
+fn constraint(c: Option<pb::Constraint>, limits: &Limits) -> Result<Option<Spec>, Status> {
+    use pb::constraint::Kind;
+    let sized = |field: &str, text: &str| {
+        if text.len() > limits.constraint_bytes {
+            return Err(invalid(
+                field,
+                format!(
+                    "{} bytes; at most {} are allowed",
+                    text.len(),
+                    limits.constraint_bytes
+                ),
+            ));
+        }
+        if text.trim().is_empty() {
+            return Err(invalid(field, "empty"));
+        }
+        Ok(())
+    };
+    let Some(kind) = c.and_then(|c| c.kind) else {
+        return Ok(None);
+    };
+    Ok(match kind {
+        Kind::JsonObject(false) => None,
+        Kind::JsonObject(true) => Some(Spec::JsonObject),
+        Kind::JsonSchema(text) => {
+            let field = "constraint.json_schema";
+            sized(field, &text)?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| invalid(field, format!("not valid JSON: {e}")))?;
+            if !(schema.is_object() || schema == serde_json::Value::Bool(true)) {
+                return Err(invalid(field, "a schema is a JSON object"));
+            }
+            Some(Spec::JsonSchema(schema))
+        }
+        Kind::Regex(text) => {
+            sized("constraint.regex", &text)?;
+            Some(Spec::Regex(text))
+        }
+        Kind::Lark(text) => {
+            sized("constraint.lark", &text)?;
+            Some(Spec::Lark(text))
+        }
     })
 }
 

@@ -97,7 +97,66 @@ pub fn attacks(names: &Names) -> Vec<Attack> {
     out.extend(mixes(names));
     out.extend(adapters_and_prompts(names));
     out.extend(numbers_and_metadata());
+    out.extend(constraints(names));
     out
+}
+
+/// Constraints of hostile shapes and sizes: each compiles within its
+/// bounds and runs, or is refused.
+fn constraints(names: &Names) -> Vec<Attack> {
+    use pb::constraint::Kind;
+    let constrained = |adapter: &str, kind: Kind| pb::GenerateRequest {
+        constraint: Some(pb::Constraint { kind: Some(kind) }),
+        ..short(adapter)
+    };
+    let mut nested = String::from(r#"{"type": "integer"}"#);
+    for _ in 0..100 {
+        nested =
+            format!(r#"{{"type": "object", "properties": {{"a": {nested}}}, "required": ["a"]}}"#);
+    }
+    let over = format!(r#"{{"description": "{}"}}"#, "x".repeat(70_000));
+    vec![
+        attack(
+            "a regex of catastrophic-backtracking shape",
+            constrained(names.own, Kind::Regex("(a+)+$".into())),
+            Code::Ok,
+        ),
+        attack(
+            "a regex with a huge repetition count",
+            constrained("", Kind::Regex("[a-z]{1,60000}".into())),
+            Code::Ok,
+        ),
+        // Past the JSON parser's nesting bound: refused, not a stack overflow.
+        attack(
+            "a JSON schema nested 100 deep",
+            constrained("", Kind::JsonSchema(nested)),
+            Code::InvalidArgument,
+        ),
+        attack(
+            "a JSON schema that admits nothing",
+            constrained(
+                "",
+                Kind::JsonSchema(r#"{"type": "integer", "minimum": 5, "maximum": 1}"#.into()),
+            ),
+            Code::InvalidArgument,
+        ),
+        attack(
+            "a Lark grammar that does not parse",
+            constrained("", Kind::Lark("start: ((".into())),
+            Code::InvalidArgument,
+        ),
+        attack(
+            "a JSON schema over the constraint limit",
+            constrained("", Kind::JsonSchema(over)),
+            Code::InvalidArgument,
+        ),
+        // Larger than any valid request: refused before it is decoded.
+        attack(
+            "a 1 MB JSON schema",
+            constrained("", Kind::JsonSchema("x".repeat(1 << 20))),
+            Code::OutOfRange,
+        ),
+    ]
 }
 
 /// An attack without metadata.

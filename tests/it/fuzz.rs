@@ -4,7 +4,8 @@
 //! validation, the GGUF reader and model config (the tiny model of each
 //! family, its bytes mutated, or its keys set to values of any type, then
 //! loaded and run when understood), request validation, the OpenAI API's
-//! request bodies, and the stop-string text stream.
+//! request bodies, constraints (schemas, regexes, grammars) compiled
+//! against the default model, and the stop-string text stream.
 //!
 //! Inputs come from proptest strategies: byte targets mutate the seed
 //! files in `tests/fuzz/corpus/<target>/` (flips, interesting values,
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use svfit::adapter::Adapter;
+use svfit::constraint::Spec;
 use svfit::factors::{FactorsKey, SingularValues, TargetMatrix};
 use svfit::generate::TextStream;
 use svfit::ggml::gguf::{GgufFile, GgufWriter};
@@ -472,6 +474,18 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
                 }
             },
         );
+    use pb::constraint::Kind;
+    let constraint = proptest::option::of(
+        prop_oneof![
+            Just(None),
+            any::<bool>().prop_map(|b| Some(Kind::JsonObject(b))),
+            text(40).prop_map(|t| Some(Kind::JsonSchema(t))),
+            Just(Some(Kind::JsonSchema(r#"{"type": "object"}"#.into()))),
+            text(40).prop_map(|t| Some(Kind::Regex(t))),
+            text(40).prop_map(|t| Some(Kind::Lark(t))),
+        ]
+        .prop_map(|kind| pb::Constraint { kind }),
+    );
     (
         text(24),
         mix,
@@ -479,15 +493,17 @@ fn request() -> impl Strategy<Value = pb::GenerateRequest> {
         proptest::option::of(sampling),
         prop_oneof![Just(0u32), 1u32..10_000, any::<u32>()],
         proptest::collection::vec(text(24), 0..24),
+        constraint,
     )
         .prop_map(
-            |(adapter, mix, input, sampling, max_tokens, stop)| pb::GenerateRequest {
+            |(adapter, mix, input, sampling, max_tokens, stop, constraint)| pb::GenerateRequest {
                 adapter,
                 mix,
                 input,
                 sampling,
                 max_tokens,
                 stop,
+                constraint,
             },
         )
 }
@@ -514,6 +530,7 @@ fn small_limits() -> Limits {
         stop_strings: 4,
         stop_bytes: 16,
         mix_parts: 3,
+        constraint_bytes: 24,
         prompt_bytes: 48,
         chat_messages: 2,
         max_tokens: 4096,
@@ -553,6 +570,13 @@ fn request_validation() {
         prop_assert!(valid.stop.iter().all(|s| s.len() <= limits.stop_bytes));
         prop_assert!((1..=limits.max_tokens).contains(&valid.max_tokens));
         prop_assert!(valid.sampling.validate().is_ok());
+        match &valid.constraint {
+            None | Some(Spec::JsonObject) => {}
+            Some(Spec::JsonSchema(schema)) => prop_assert!(schema.is_object() || *schema == true),
+            Some(Spec::Regex(text) | Spec::Lark(text)) => {
+                prop_assert!(!text.trim().is_empty() && text.len() <= limits.constraint_bytes)
+            }
+        }
         if let Some(deadline) = valid.deadline {
             prop_assert!(deadline <= Instant::now() + validation::MAX_DEADLINE);
         }
@@ -573,6 +597,54 @@ fn request_validation() {
                     prop_assert!(named(tenant, id));
                     prop_assert!(weight.is_finite() && weight.abs() <= validation::MAX_MIX_WEIGHT);
                 }
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Constraints from random text and random JSON, compiled against the
+/// default model's vocabulary: each gives a constraint or an error, never
+/// a panic; a compiled one masks logits and takes a token it allows.
+#[test]
+fn constraint_compilation() {
+    use svfit::constraint::Compiler;
+    let _machine = crate::common::shared();
+    let tokenizer = svfit::model::Tokenizer::load(&common::default_model()).unwrap();
+    let compiler = Compiler::new(&tokenizer).unwrap();
+    let n_vocab = tokenizer.n_vocab() as usize;
+    let regex = proptest::string::string_regex(r"[a-z0-9()|*+?{}\\\[\]^$.,: -]{0,24}").unwrap();
+    let lark = proptest::string::string_regex(r#"(start: )?[a-z"|()*+?%{}:/ \n]{0,32}"#).unwrap();
+    let keyword = prop_oneof![
+        Just("type"),
+        Just("properties"),
+        Just("required"),
+        Just("items"),
+        Just("enum"),
+        Just("minimum"),
+        Just("maxLength"),
+        Just("pattern"),
+        Just("$ref"),
+        Just("anyOf"),
+        Just("additionalProperties"),
+    ];
+    let schema = proptest::collection::vec((keyword, json_value()), 0..4).prop_map(|kv| {
+        serde_json::Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    });
+    let spec = prop_oneof![
+        regex.prop_map(Spec::Regex),
+        lark.prop_map(Spec::Lark),
+        schema.prop_map(Spec::JsonSchema),
+        json_value().prop_map(Spec::JsonSchema),
+    ];
+    fuzz("constraint", spec, |spec| {
+        let Ok(mut constraint) = compiler.compile(&spec) else {
+            return Ok(());
+        };
+        let mut logits = vec![0f32; n_vocab];
+        if constraint.mask(&mut logits).is_ok() {
+            if let Some(token) = logits.iter().position(|l| l.is_finite()) {
+                let _ = constraint.consume(token as u32);
             }
         }
         Ok(())

@@ -111,6 +111,7 @@ impl<'a> Draft<'a> {
                 self.logprobs = Some(integer(key, v, 0, MAX_TOP_LOGPROBS as i64)? as usize)
             }
             (_, "svfit") => self.mix = Some(extension(v)?),
+            (_, "response_format") => self.body.constraint = response_format(v)?,
             _ => harmless(self.endpoint, key, v)?,
         }
         Ok(())
@@ -226,7 +227,6 @@ fn harmless(endpoint: Endpoint, key: &str, v: &Value) -> Result<(), Status> {
         }
         // Without tools there are no calls to run in parallel.
         (Endpoint::Chat, "parallel_tool_calls") => boolean(key, v).map(drop),
-        (Endpoint::Chat, "response_format") => only_default(key, v, &[json!({"type": "text"})]),
         (Endpoint::Chat, "modalities") => only_default(key, v, &[json!(["text"])]),
         (Endpoint::Chat, "store") => only_default(key, v, &[json!(false)]),
         // Tags of stored completions; nothing is stored.
@@ -234,6 +234,76 @@ fn harmless(endpoint: Endpoint, key: &str, v: &Value) -> Result<(), Status> {
         (Endpoint::Chat, "metadata") => Ok(()),
         (_, "service_tier") => only_default(key, v, &[json!("auto"), json!("default")]),
         _ => Err(unknown(key)),
+    }
+}
+
+/// `response_format`: `text` (nothing), `json_object`, `json_schema`
+/// (OpenAI's), and svfit's `regex` and `lark`. The schema, regex or
+/// grammar is checked and compiled as gRPC's `constraint` is.
+fn response_format(v: &Value) -> Result<Option<pb::Constraint>, Status> {
+    use pb::constraint::Kind;
+    if !v.is_object() {
+        return Err(expected("response_format", "an object", v));
+    }
+    let kind = match v.get("type") {
+        Some(kind) => string("response_format.type", kind)?,
+        None => return Err(invalid("response_format.type", "required")),
+    };
+    // The fields each type takes besides `type`.
+    let mut body = None;
+    for (key, value) in fields("response_format", v)? {
+        match (kind.as_str(), key) {
+            (_, "type") => {}
+            ("json_schema", "json_schema") | ("regex", "regex") | ("lark", "lark") => {
+                body = Some(value)
+            }
+            _ => return Err(unknown(&format!("response_format.{key}"))),
+        }
+    }
+    let needed =
+        |field: &str| body.ok_or_else(|| invalid(&format!("response_format.{field}"), "required"));
+    let kind = match kind.as_str() {
+        "text" => return Ok(None),
+        "json_object" => Kind::JsonObject(true),
+        "json_schema" => Kind::JsonSchema(json_schema(needed("json_schema")?)?),
+        "regex" => Kind::Regex(string("response_format.regex", needed("regex")?)?),
+        "lark" => Kind::Lark(string("response_format.lark", needed("lark")?)?),
+        other => {
+            return Err(invalid(
+                "response_format.type",
+                format!(
+                    "'{}' is not supported (text, json_object, json_schema, regex or lark)",
+                    crate::store::shown(other)
+                ),
+            ))
+        }
+    };
+    Ok(Some(pb::Constraint { kind: Some(kind) }))
+}
+
+/// `response_format.json_schema`: its `schema` as JSON text; `name`,
+/// `description` and `strict` name and describe it (every schema is
+/// enforced strictly).
+fn json_schema(v: &Value) -> Result<String, Status> {
+    let mut schema = None;
+    for (key, value) in fields("response_format.json_schema", v)? {
+        let param = format!("response_format.json_schema.{key}");
+        match key {
+            "schema" => schema = Some(value),
+            "name" | "description" => drop(string(&param, value)?),
+            "strict" => drop(boolean(&param, value)?),
+            _ => return Err(unknown(&param)),
+        }
+    }
+    match schema {
+        Some(schema @ Value::Object(_)) => Ok(schema.to_string()),
+        Some(other) => Err(expected(
+            "response_format.json_schema.schema",
+            "an object",
+            other,
+        )),
+        // OpenAI's default: any JSON value.
+        None => Ok("{}".into()),
     }
 }
 
@@ -448,6 +518,39 @@ mod tests {
     }
 
     #[test]
+    fn response_formats_become_constraints() {
+        use pb::constraint::Kind;
+        let m = json!([{"role": "user", "content": "x"}]);
+        let kind = |format: Value| {
+            chat(json!({"model": BASE, "messages": m, "response_format": format}))
+                .unwrap()
+                .body
+                .constraint
+                .and_then(|c| c.kind)
+        };
+        assert_eq!(kind(json!({"type": "text"})), None);
+        assert_eq!(
+            kind(json!({"type": "json_object"})),
+            Some(Kind::JsonObject(true))
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let Some(Kind::JsonSchema(text)) = kind(json!({"type": "json_schema",
+            "json_schema": {"name": "x", "strict": true, "schema": schema}}))
+        else {
+            panic!("a json_schema constraint")
+        };
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), schema);
+        assert_eq!(
+            kind(json!({"type": "regex", "regex": "[0-9]+"})),
+            Some(Kind::Regex("[0-9]+".into()))
+        );
+        assert_eq!(
+            kind(json!({"type": "lark", "lark": "start: \"a\""})),
+            Some(Kind::Lark("start: \"a\"".into()))
+        );
+    }
+
+    #[test]
     fn what_asks_for_behaviour_we_lack_is_refused_by_name() {
         let m = json!([{"role": "user", "content": "x"}]);
         let cases = [
@@ -465,8 +568,22 @@ mod tests {
                 "tools",
             ),
             (
-                json!({"model": "a", "messages": m, "response_format": {"type": "json_object"}}),
-                "response_format",
+                json!({"model": "a", "messages": m, "response_format": {"type": "xml"}}),
+                "response_format.type",
+            ),
+            (
+                json!({"model": "a", "messages": m, "response_format": {"type": "json_schema"}}),
+                "response_format.json_schema",
+            ),
+            (
+                json!({"model": "a", "messages": m,
+                       "response_format": {"type": "json_schema", "json_schema": {"schema": []}}}),
+                "response_format.json_schema.schema",
+            ),
+            (
+                json!({"model": "a", "messages": m,
+                       "response_format": {"type": "json_object", "regex": "a+"}}),
+                "response_format.regex",
             ),
             (
                 json!({"model": "a", "messages": m, "reasoning_effort": "low"}),

@@ -19,6 +19,8 @@ use svfit::server::pb;
 use super::common::serve::*;
 use super::common::temp_dir;
 
+mod structured;
+
 /// The Python with `openai` that `scripts/bootstrap` installs
 /// (`$SVFIT_TEST_PYTHON` overrides it).
 fn python() -> PathBuf {
