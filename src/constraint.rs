@@ -68,6 +68,8 @@ pub enum ConstraintError {
     Compile(String),
     #[error("the constraint failed while generating: {0}")]
     Step(String),
+    #[error("the vocabulary's token trie could not be built: {0}")]
+    Vocabulary(String),
 }
 
 /// Compiles constraints for one model's vocabulary.
@@ -101,8 +103,8 @@ impl Compiler {
         let eos = tokenizer.eos().or(eog.first().copied()).unwrap_or(0);
         let trie = TokTrie::from(&TokRxInfo::new(n, eos), &words);
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
-        let factory =
-            ParserFactory::new_simple(&env).map_err(|e| ConstraintError::Compile(e.to_string()))?;
+        let factory = ParserFactory::new_simple(&env)
+            .map_err(|e| ConstraintError::Vocabulary(e.to_string()))?;
         Ok(Compiler { factory, eog })
     }
 
@@ -128,21 +130,6 @@ impl Compiler {
 pub struct Constraint {
     matcher: Matcher,
     eog: Vec<u32>,
-}
-
-impl Clone for Constraint {
-    fn clone(&self) -> Self {
-        Constraint {
-            matcher: self.matcher.deep_clone(),
-            eog: self.eog.clone(),
-        }
-    }
-}
-
-impl std::fmt::Debug for Constraint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Constraint").finish_non_exhaustive()
-    }
 }
 
 impl Constraint {
