@@ -52,7 +52,7 @@ impl Spec {
 /// unconstrained, compact or indented: one space, or one line break and up
 /// to 16 spaces or tabs. No more: a model cannot spend its tokens on blank
 /// lines. A schema's own `x-guidance` options (llguidance's) win.
-fn json_options(mut schema: Value) -> Value {
+pub fn json_options(mut schema: Value) -> Value {
     if let Value::Object(fields) = &mut schema {
         fields.entry("x-guidance").or_insert_with(
             || serde_json::json!({"whitespace_pattern": r"\x20|\r?\n[\x20\t]{0,16}"}),

@@ -370,23 +370,44 @@ async fn generate(
         let mut p = openai::parse(endpoint, &bytes, &state.base_model)?;
         let sampling = p.body.sampling.get_or_insert_with(Default::default);
         sampling.seed.get_or_insert_with(random_seed);
-        let mut valid =
-            super::validation::validate(p.body.clone(), &MetadataMap::new(), caller, limits)?;
-        valid.logprobs = p.logprobs;
+        let (body, logprobs) = (p.body.clone(), p.logprobs);
         parsed = Some(p);
+        let mut valid = super::validation::validate(body, &MetadataMap::new(), caller, limits)?;
+        valid.logprobs = logprobs;
         Ok(valid)
     })
     .await;
     let submitted = match submitted {
         Ok(s) => s,
-        Err(status) => return ApiError(status).into_response(),
+        Err(status) => return ApiError(constraint_param(status, parsed.as_ref())).into_response(),
     };
-    let parsed = parsed.expect("set when the request was valid");
+    let parsed = parsed.expect("set when the request parsed");
     if parsed.stream {
         stream(state, endpoint, parsed, submitted)
     } else {
         whole(state, endpoint, parsed, submitted).await
     }
+}
+
+/// A refused constraint in the request's terms: the `tools` (whose
+/// grammar it was) or the `response_format`.
+fn constraint_param(status: Status, parsed: Option<&Parsed>) -> Status {
+    let message = status.message();
+    let Some(rest) = [
+        "constraint.json_schema",
+        "constraint.lark",
+        "constraint.regex",
+        "constraint",
+    ]
+    .iter()
+    .find_map(|field| message.strip_prefix(field)?.strip_prefix(": ")) else {
+        return status;
+    };
+    let param = match parsed {
+        Some(p) if p.tool_calls => "tools",
+        _ => "response_format",
+    };
+    Status::new(status.code(), format!("{param}: {rest}"))
 }
 
 /// The bytes of a token (for log-probabilities).
@@ -417,7 +438,17 @@ async fn whole(
         if let Some((usage, timings, finish)) = usage_and_timings(&event) {
             submitted.log_done(&usage, &timings, finish);
             let usage = openai::usage(&usage);
-            let body = answer.response(&text, logprobs, finish, usage);
+            let mut answer_text = std::mem::take(&mut text);
+            let mut calls = Vec::new();
+            if parsed.tool_calls {
+                let mut read = openai::Calls::default();
+                let mut pieces = read.read(&answer_text);
+                pieces.extend(read.end());
+                let mut split = openai::ToolAnswer::default();
+                split.add(pieces);
+                (answer_text, calls) = (split.content, split.calls);
+            }
+            let body = answer.response(&answer_text, &calls, logprobs, finish, usage);
             return (StatusCode::OK, json_body(&body)).into_response();
         }
         match event {
@@ -478,6 +509,7 @@ fn stream(
             return;
         }
         let mut offset = 0;
+        let mut calls = parsed.tool_calls.then(openai::Calls::default);
         loop {
             let event = match submitted.next_event(tx.closed()).await {
                 None => return,
@@ -490,7 +522,16 @@ fn stream(
             if let Some((usage, timings, finish)) = usage_and_timings(&event) {
                 submitted.log_done(&usage, &timings, finish);
                 let usage = openai::usage(&usage);
-                let mut last = vec![answer.chunk(None, None, Some(finish), usage_slot())];
+                let mut last = Vec::new();
+                let mut called = false;
+                if let Some(calls) = &mut calls {
+                    for piece in calls.end() {
+                        last.push(answer.piece_chunk(&piece, None, usage_slot()));
+                    }
+                    called = calls.called();
+                }
+                let finish = openai::finish_reason(finish, called);
+                last.push(answer.chunk(None, None, Some(finish), usage_slot()));
                 if parsed.include_usage {
                     last.push(answer.usage_chunk(usage));
                 }
@@ -502,13 +543,29 @@ fn stream(
                 let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
                 return;
             }
-            let chunk = match event {
+            let chunks = match event {
                 Event::Text { text, logprobs, .. } => {
                     let logprobs = parsed
                         .logprobs
                         .is_some()
                         .then(|| answer.logprobs(&logprobs, &mut offset, &piece));
-                    answer.chunk(Some(&text), logprobs, None, usage_slot())
+                    match &mut calls {
+                        None => vec![answer.chunk(Some(&text), logprobs, None, usage_slot())],
+                        Some(calls) => {
+                            // The log-probabilities ride on the first chunk
+                            // (or an empty one, while a call's text is held).
+                            let mut logprobs = logprobs;
+                            let mut chunks: Vec<Value> = calls
+                                .read(&text)
+                                .iter()
+                                .map(|p| answer.piece_chunk(p, logprobs.take(), usage_slot()))
+                                .collect();
+                            if let Some(lp) = logprobs {
+                                chunks.push(answer.chunk(None, Some(lp), None, usage_slot()));
+                            }
+                            chunks
+                        }
+                    }
                 }
                 Event::Failed(failure) => {
                     let status = failure_status(&failure);
@@ -518,8 +575,10 @@ fn stream(
                 }
                 Event::Done { .. } => unreachable!("handled above"),
             };
-            if !send(chunk).await {
-                return;
+            for chunk in chunks {
+                if !send(chunk).await {
+                    return;
+                }
             }
         }
     });

@@ -8,8 +8,8 @@
 //! penalties, `stream: false`, `null` anywhere), or refused with a 400 that
 //! names it; a field we do not know is refused unless it is `null`. Never
 //! silently ignored. Extensions: `top_k`, `min_p`, `repetition_penalty`
-//! (as vLLM names them) and `svfit.mix`.
-
+//! (as vLLM names them), `svfit.mix`, and `response_format` types `regex`
+//! and `lark`. `tools.rs` has the tool-call format.
 //!
 //! `request.rs` reads a body field by field (`values.rs` has the readers
 //! of JSON values whose errors name the field); `response.rs` writes the
@@ -17,6 +17,7 @@
 
 mod request;
 mod response;
+mod tools;
 mod values;
 
 use tonic::Status;
@@ -25,6 +26,7 @@ use super::pb;
 
 pub use request::parse;
 pub use response::{append_logprobs, finish_reason, usage, Answer};
+pub use tools::{Answer as ToolAnswer, Calls, Piece};
 
 /// The two generation endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +48,8 @@ pub struct Parsed {
     pub include_usage: bool,
     /// Alternatives per token, when log-probabilities are asked for.
     pub logprobs: Option<usize>,
+    /// The answer may hold tool calls (`tools.rs` reads them back).
+    pub tool_calls: bool,
 }
 
 /// A 400 about `param`.

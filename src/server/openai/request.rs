@@ -5,10 +5,12 @@
 use serde_json::{json, Map, Value};
 use tonic::Status;
 
+use super::tools::{self, Choice, Function, Tools};
 use super::values::{
     boolean, expected, fields, integer, kind, number, only_default, string, unknown, unsupported,
 };
 use super::{invalid, pb, Endpoint, Parsed};
+use crate::constraint::json_options;
 use crate::sampling::MAX_TOP_LOGPROBS;
 
 /// Parses a request body for `endpoint`. `base_model` is the name that
@@ -50,6 +52,9 @@ struct Draft<'a> {
     top_logprobs: Option<usize>,
     max_tokens: Option<u32>,
     mix: Option<Vec<pb::MixPart>>,
+    functions: Vec<Function>,
+    tool_choice: Option<Choice>,
+    parallel_tool_calls: bool,
 }
 
 impl<'a> Draft<'a> {
@@ -74,6 +79,9 @@ impl<'a> Draft<'a> {
             top_logprobs: None,
             max_tokens: None,
             mix: None,
+            functions: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: true,
         }
     }
 
@@ -112,6 +120,9 @@ impl<'a> Draft<'a> {
             }
             (_, "svfit") => self.mix = Some(extension(v)?),
             (_, "response_format") => self.body.constraint = response_format(v)?,
+            (Endpoint::Chat, "tools") => self.functions = tools::functions(v)?,
+            (Endpoint::Chat, "tool_choice") => self.tool_choice = Some(tools::choice(v)?),
+            (Endpoint::Chat, "parallel_tool_calls") => self.parallel_tool_calls = boolean(key, v)?,
             _ => harmless(self.endpoint, key, v)?,
         }
         Ok(())
@@ -152,6 +163,7 @@ impl<'a> Draft<'a> {
         }
         let include_usage = self.include_usage()?;
         let logprobs = self.logprobs()?;
+        let tool_calls = self.offer_tools()?;
         match self.mix {
             Some(_) if model != base_model => {
                 return Err(invalid(
@@ -171,7 +183,55 @@ impl<'a> Draft<'a> {
             stream: self.stream,
             include_usage,
             logprobs,
+            tool_calls,
         })
+    }
+
+    /// Describes the tools in the system message and constrains the
+    /// answer to calls (or, with `auto`, to calls or text); true when the
+    /// answer may hold calls.
+    fn offer_tools(&mut self) -> Result<bool, Status> {
+        use pb::constraint::Kind;
+        let functions = std::mem::take(&mut self.functions);
+        let Some(tools) = Tools::new(functions, self.tool_choice.take(), self.parallel_tool_calls)?
+        else {
+            return Ok(false);
+        };
+        // A text answer keeps `response_format`'s JSON.
+        let text = match self.body.constraint.take().and_then(|c| c.kind) {
+            None | Some(Kind::JsonObject(false)) => None,
+            Some(Kind::JsonObject(true)) => Some(json_options(json!({"type": "object"}))),
+            Some(Kind::JsonSchema(schema)) => {
+                let schema = serde_json::from_str(&schema)
+                    .map_err(|e| invalid("response_format.json_schema", e))?;
+                Some(json_options(schema))
+            }
+            Some(Kind::Regex(_) | Kind::Lark(_)) => {
+                return Err(invalid(
+                    "response_format",
+                    "regex and lark formats do not combine with tools (json_schema does)",
+                ))
+            }
+        };
+        self.body.constraint = Some(pb::Constraint {
+            kind: Some(Kind::Lark(tools.grammar(text))),
+        });
+        if let Some(pb::generate_request::Input::Chat(chat)) = &mut self.body.input {
+            let described = tools.system_text();
+            match chat.messages.first_mut() {
+                Some(first) if first.role == "system" => {
+                    first.content = format!("{}\n\n{described}", first.content)
+                }
+                _ => chat.messages.insert(
+                    0,
+                    pb::ChatMessage {
+                        role: "system".into(),
+                        content: described,
+                    },
+                ),
+            }
+        }
+        Ok(true)
     }
 
     /// `stream_options.include_usage`; stream options need a stream.
@@ -221,12 +281,9 @@ fn harmless(endpoint: Endpoint, key: &str, v: &Value) -> Result<(), Status> {
         }
         (_, "logit_bias") => only_default(key, v, &[json!({})]),
         (_, "user") => string(key, v).map(drop),
-        (Endpoint::Chat, "tools" | "functions") => only_default(key, v, &[json!([])]),
-        (Endpoint::Chat, "tool_choice" | "function_call") => {
-            only_default(key, v, &[json!("none"), json!("auto")])
-        }
-        // Without tools there are no calls to run in parallel.
-        (Endpoint::Chat, "parallel_tool_calls") => boolean(key, v).map(drop),
+        // The deprecated forms of `tools` and `tool_choice`.
+        (Endpoint::Chat, "functions") => only_default(key, v, &[json!([])]),
+        (Endpoint::Chat, "function_call") => only_default(key, v, &[json!("none"), json!("auto")]),
         (Endpoint::Chat, "modalities") => only_default(key, v, &[json!(["text"])]),
         (Endpoint::Chat, "store") => only_default(key, v, &[json!(false)]),
         // Tags of stored completions; nothing is stored.
@@ -318,45 +375,83 @@ fn stream_options_usage(v: &Value) -> Result<bool, Status> {
     Ok(usage)
 }
 
-/// `messages`: roles system, developer (as system), user and assistant;
-/// content a string or text parts.
+/// `messages`: roles system, developer (as system), user, assistant (with
+/// its earlier `tool_calls`) and tool (a call's result, shown as a user
+/// turn); content a string or text parts.
 fn messages(v: &Value) -> Result<pb::generate_request::Input, Status> {
     let Value::Array(list) = v else {
         return Err(expected("messages", "an array", v));
     };
-    let mut messages = Vec::with_capacity(list.len().min(1024));
+    let mut messages: Vec<pb::ChatMessage> = Vec::with_capacity(list.len().min(1024));
+    // Whether the last message holds tool results (the next joins it).
+    let mut results = false;
     for (i, m) in list.iter().enumerate() {
         let param = format!("messages[{i}]");
         let mut role = None;
         let mut content = String::new();
+        let mut calls = None;
+        let mut call_id = None;
         for (key, v) in fields(&param, m)? {
             let field = format!("{param}.{key}");
             match key {
                 "role" => role = Some(string(&field, v)?),
                 "content" => content = message_content(&field, v)?,
-                "tool_calls" => only_default(&field, v, &[json!([])])?,
+                "tool_calls" => calls = Some((field.clone(), tools::call_text(&field, v)?)),
+                "tool_call_id" => call_id = Some((field.clone(), string(&field, v)?)),
                 "refusal" => {}
-                "name" | "tool_call_id" | "function_call" | "audio" => {
+                "name" | "function_call" | "audio" => {
                     return Err(unsupported(&field, "this message field"))
                 }
                 _ => return Err(unknown(&field)),
             }
         }
         let role = match role.as_deref() {
-            Some("developer") => "system".to_string(),
-            Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
+            Some("developer") => "system",
+            Some(r @ ("system" | "user" | "assistant" | "tool")) => r,
             Some(other) => {
                 return Err(invalid(
                     &format!("{param}.role"),
                     format!(
-                        "'{}' is not supported (system, developer, user or assistant)",
+                        "'{}' is not supported (system, developer, user, assistant or tool)",
                         crate::store::shown(other)
                     ),
                 ))
             }
             None => return Err(invalid(&format!("{param}.role"), "required")),
         };
-        messages.push(pb::ChatMessage { role, content });
+        match (role, calls, call_id) {
+            (_, Some((field, _)), _) if role != "assistant" => {
+                return Err(invalid(&field, "only assistant messages make tool calls"))
+            }
+            (_, _, Some((field, _))) if role != "tool" => {
+                return Err(invalid(&field, "only tool messages answer a call"))
+            }
+            ("tool", _, None) => return Err(invalid(&format!("{param}.tool_call_id"), "required")),
+            ("tool", _, Some(_)) => {
+                let result = tools::response_text(&content);
+                match messages.last_mut() {
+                    Some(last) if results => last.content = format!("{}\n{result}", last.content),
+                    _ => messages.push(pb::ChatMessage {
+                        role: "user".into(),
+                        content: result,
+                    }),
+                }
+                results = true;
+                continue;
+            }
+            (_, Some((_, calls)), _) if !calls.is_empty() => {
+                if !content.is_empty() {
+                    content.push('\n');
+                }
+                content.push_str(&calls);
+            }
+            _ => {}
+        }
+        results = false;
+        messages.push(pb::ChatMessage {
+            role: role.to_string(),
+            content,
+        });
     }
     Ok(pb::generate_request::Input::Chat(pb::Chat { messages }))
 }
@@ -551,6 +646,77 @@ mod tests {
     }
 
     #[test]
+    fn tools_are_described_constrained_and_their_results_shown() {
+        use pb::constraint::Kind;
+        let body = json!({
+            "model": BASE,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris and Rome?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c0", "type": "function",
+                     "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}},
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "weather", "arguments": "{\"city\": \"Rome\"}"}}]},
+                {"role": "tool", "tool_call_id": "c0", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+            ],
+            "tools": [{"type": "function", "function": {
+                "name": "weather", "description": "Today's weather.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                "strict": true}}],
+            "tool_choice": "required",
+            "parallel_tool_calls": false,
+        });
+        let p = chat(body.clone()).unwrap();
+        assert!(p.tool_calls);
+        let Some(pb::generate_request::Input::Chat(c)) = &p.body.input else {
+            panic!("chat");
+        };
+        let roles: Vec<&str> = c.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        assert!(c.messages[0].content.starts_with("Be brief.\n\n# Tools"));
+        assert!(c.messages[0]
+            .content
+            .contains(r#"{"type":"function","function":{"name":"weather","description""#));
+        assert_eq!(
+            c.messages[2].content,
+            "<tool_call>\n{\"name\":\"weather\",\"arguments\":{\"city\":\"Paris\"}}\n</tool_call>\n\
+             <tool_call>\n{\"name\":\"weather\",\"arguments\":{\"city\":\"Rome\"}}\n</tool_call>"
+        );
+        assert_eq!(
+            c.messages[3].content,
+            "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>"
+        );
+        let Some(Kind::Lark(grammar)) = p.body.constraint.and_then(|c| c.kind) else {
+            panic!("a grammar");
+        };
+        assert!(
+            grammar.starts_with("start: calls\ncalls: call\n"),
+            "{grammar}"
+        );
+
+        // `none` offers nothing; no tools, nothing either.
+        let mut none = body.clone();
+        none["tool_choice"] = json!("none");
+        let p = chat(none).unwrap();
+        assert!(!p.tool_calls && p.body.constraint.is_none());
+        let Some(pb::generate_request::Input::Chat(c)) = &p.body.input else {
+            panic!("chat");
+        };
+        assert_eq!(c.messages[0].content, "Be brief.");
+        // `auto` with a JSON format: calls or that JSON.
+        let mut auto = body;
+        auto["tool_choice"] = json!("auto");
+        auto["response_format"] = json!({"type": "json_object"});
+        let p = chat(auto).unwrap();
+        let Some(Kind::Lark(grammar)) = p.body.constraint.and_then(|c| c.kind) else {
+            panic!("a grammar");
+        };
+        assert!(grammar.starts_with("start: calls | %json {"), "{grammar}");
+    }
+
+    #[test]
     fn what_asks_for_behaviour_we_lack_is_refused_by_name() {
         let m = json!([{"role": "user", "content": "x"}]);
         let cases = [
@@ -610,8 +776,59 @@ mod tests {
                 "max_",
             ),
             (
-                json!({"model": "a", "messages": [{"role": "tool", "content": "x"}]}),
+                json!({"model": "a", "messages": [{"role": "function", "content": "x"}]}),
                 "messages[0].role",
+            ),
+            (
+                json!({"model": "a", "messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!({"model": "a", "messages": [{"role": "user", "content": "x",
+                       "tool_calls": []}]}),
+                "messages[0].tool_calls",
+            ),
+            (
+                json!({"model": "a", "messages": [{"role": "assistant", "tool_calls": [
+                    {"id": "c", "type": "function",
+                     "function": {"name": "f", "arguments": "{"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                json!({"model": "a", "messages": m, "tools": [
+                    {"type": "function", "function": {"name": "a b"}}]}),
+                "tools[0].function.name",
+            ),
+            (
+                json!({"model": "a", "messages": m, "tools": [
+                    {"type": "function", "function": {"name": "f"}},
+                    {"type": "function", "function": {"name": "f"}}]}),
+                "tools[1].function.name",
+            ),
+            (
+                json!({"model": "a", "messages": m, "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": []}}]}),
+                "tools[0].function.parameters",
+            ),
+            (
+                json!({"model": "a", "messages": m, "tool_choice": "required"}),
+                "tool_choice",
+            ),
+            (
+                json!({"model": "a", "messages": m, "tool_choice": "sometimes"}),
+                "tool_choice",
+            ),
+            (
+                json!({"model": "a", "messages": m,
+                       "tools": [{"type": "function", "function": {"name": "f"}}],
+                       "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+                "tool_choice.function.name",
+            ),
+            (
+                json!({"model": "a", "messages": m,
+                       "tools": [{"type": "function", "function": {"name": "f"}}],
+                       "response_format": {"type": "regex", "regex": "a"}}),
+                "response_format",
             ),
             (
                 json!({"model": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),

@@ -2,14 +2,17 @@
 
 use serde_json::{json, Map, Value};
 
+use super::tools::Piece;
 use super::{pb, Endpoint};
 use crate::engine::TokenLogprob;
 
 /// OpenAI's finish reasons: ours ending on a stop token or string are
-/// `stop`; on the token limit or the context, `length`.
-pub fn finish_reason(ours: &str) -> &'static str {
+/// `stop` (`tool_calls` when the answer `called` a tool); on the token
+/// limit or the context, `length`.
+pub fn finish_reason(ours: &str, called: bool) -> &'static str {
     match ours {
         "length" | "context" => "length",
+        _ if called => "tool_calls",
         _ => "stop",
     }
 }
@@ -38,8 +41,13 @@ impl Answer<'_> {
         }
     }
 
+    /// A tool call's id: unique to the request and the call.
+    fn call_id(&self, index: usize) -> String {
+        format!("call_{}_{index}", self.id)
+    }
+
     /// One choice of a whole response or chunk: `text` as a message,
-    /// delta or text, with its log-probabilities.
+    /// delta or text, with its log-probabilities; `finish` is OpenAI's.
     fn choice(&self, chunk: bool, text: Value, logprobs: Value, finish: Option<&str>) -> Value {
         let mut choice = Map::new();
         choice.insert("index".into(), json!(0));
@@ -64,7 +72,7 @@ impl Answer<'_> {
             }
         }
         choice.insert("logprobs".into(), logprobs);
-        choice.insert("finish_reason".into(), json!(finish.map(finish_reason)));
+        choice.insert("finish_reason".into(), json!(finish));
         Value::Object(choice)
     }
 
@@ -82,24 +90,69 @@ impl Answer<'_> {
         out
     }
 
-    /// The whole (non-streamed) response.
+    /// The whole (non-streamed) response; `calls` are its tool calls
+    /// (function name and arguments), and a chat answer that made some
+    /// has no content unless it wrote text too.
     pub fn response(
         &self,
         text: &str,
+        calls: &[(String, String)],
         logprobs: Option<Value>,
         finish: &str,
         usage: Value,
     ) -> Value {
-        let choice = self.choice(
+        let called = !calls.is_empty();
+        let content = if called && text.is_empty() {
+            Value::Null
+        } else {
+            json!(text)
+        };
+        let finish = finish_reason(finish, called);
+        let mut choice = self.choice(
             false,
-            json!(text),
+            content,
             logprobs.unwrap_or(Value::Null),
             Some(finish),
         );
+        if called {
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, arguments))| {
+                    json!({"id": self.call_id(i), "type": "function",
+                           "function": {"name": name, "arguments": arguments}})
+                })
+                .collect();
+            choice["message"]["tool_calls"] = Value::Array(calls);
+        }
         self.envelope(false, vec![choice], Some(usage))
     }
 
-    /// A streamed chunk: `text` (null: none), and `finish` on the last.
+    /// A streamed chunk of a chat answer that may call tools: its content,
+    /// or a call's first delta (id and name), or more of its arguments.
+    pub fn piece_chunk(
+        &self,
+        piece: &Piece,
+        logprobs: Option<Value>,
+        usage: Option<Value>,
+    ) -> Value {
+        let call = match piece {
+            Piece::Content(text) => return self.chunk(Some(text), logprobs, None, usage),
+            Piece::Call { index, name } => json!({
+                "index": index, "id": self.call_id(*index), "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }),
+            Piece::Arguments { index, text } => {
+                json!({"index": index, "function": {"arguments": text}})
+            }
+        };
+        let mut chunk = self.chunk(None, logprobs, None, usage);
+        chunk["choices"][0]["delta"] = json!({ "tool_calls": [call] });
+        chunk
+    }
+
+    /// A streamed chunk: `text` (null: none), and `finish` (OpenAI's) on
+    /// the last.
     /// `usage` is `Some(null)` on every chunk when the client asked for a
     /// usage chunk, as OpenAI does.
     pub fn chunk(

@@ -20,6 +20,7 @@ use super::common::serve::*;
 use super::common::temp_dir;
 
 mod structured;
+mod tools;
 
 /// The Python with `openai` that `scripts/bootstrap` installs
 /// (`$SVFIT_TEST_PYTHON` overrides it).
@@ -240,7 +241,7 @@ async fn openai_client_answers_equal_the_cli_and_grpc() {
         "completion_tokens": grpc_chat_usage.completion_tokens,
         "total_tokens": grpc_chat_usage.prompt_tokens + grpc_chat_usage.completion_tokens,
     });
-    let finish = |ours: &str| svfit::server::openai::finish_reason(ours).to_string();
+    let finish = |ours: &str| svfit::server::openai::finish_reason(ours, false).to_string();
     let (finish, chat_finish) = (
         finish(&grpc.finish_reason),
         finish(&grpc_chat.finish_reason),

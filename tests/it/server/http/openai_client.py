@@ -6,7 +6,10 @@ Reads a plan from stdin:
                 "key": API key, "params": {...}, "extra_body": {...}}]}
 and prints one JSON result per call, in order, as a list:
     {"status": 200 | HTTP status, "error": the error object, "retry_after",
-     "text", "finish", "usage", "logprobs", "chunks", "ids"}.
+     "text", "finish", "usage", "logprobs", "chunks", "ids", "tool_calls"}.
+A streamed answer's tool calls are reassembled from their deltas, as the
+SDK's users do: by index, the id and name from the first, the arguments
+concatenated.
 Assertions live in the Rust test; this only speaks the client library.
 """
 
@@ -51,7 +54,9 @@ def run(plan, call):
         r = create(**params, **extra)
         choice = r.choices[0]
         text = choice.message.content if endpoint == "chat" else choice.text
+        calls = getattr(choice.message, "tool_calls", None) if endpoint == "chat" else None
         return {
+            "tool_calls": [dump(c) for c in calls] if calls else None,
             "status": 200,
             "text": text,
             "finish": choice.finish_reason,
@@ -59,7 +64,7 @@ def run(plan, call):
             "logprobs": dump(choice.logprobs),
             "object": r.object,
         }
-    text, finish, usage, chunks, logprobs = "", None, None, 0, []
+    text, finish, usage, chunks, logprobs, calls = "", None, None, 0, [], {}
     for chunk in create(**params, **extra):
         chunks += 1
         if chunk.usage is not None:
@@ -67,6 +72,17 @@ def run(plan, call):
         for choice in chunk.choices:
             piece = choice.delta.content if endpoint == "chat" else choice.text
             text += piece or ""
+            for delta in (choice.delta.tool_calls or []) if endpoint == "chat" else []:
+                call = calls.setdefault(
+                    delta.index,
+                    {"id": None, "type": "function", "function": {"name": None, "arguments": ""}},
+                )
+                if delta.id:
+                    call["id"] = delta.id
+                if delta.function and delta.function.name:
+                    call["function"]["name"] = delta.function.name
+                if delta.function and delta.function.arguments:
+                    call["function"]["arguments"] += delta.function.arguments
             if choice.finish_reason:
                 finish = choice.finish_reason
             if choice.logprobs is not None:
@@ -78,6 +94,7 @@ def run(plan, call):
         "usage": usage,
         "chunks": chunks,
         "logprobs": logprobs,
+        "tool_calls": [calls[i] for i in sorted(calls)] if calls else None,
     }
 
 

@@ -1,0 +1,653 @@
+//! Chat completions' function tools, in svfit's default tool format (the
+//! Hermes format that Qwen 2.5's template writes; llama.cpp's built-in
+//! templates, which svfit renders with, have no tool syntax of their own):
+//!
+//! - The tools are described in the system message, one JSON object per
+//!   line inside `<tools></tools>` ([`system_text`]).
+//! - The model calls one by writing
+//!   `<tool_call>\n{"name": NAME, "arguments": {...}}\n</tool_call>`;
+//!   parallel calls follow each other, a line apart.
+//! - An assistant message's earlier `tool_calls` are written back in that
+//!   form, and `role: "tool"` results as a user turn of
+//!   `<tool_response>\n...\n</tool_response>` blocks ([`call_text`],
+//!   [`response_text`]).
+//!
+//! The answer is constrained by a Lark grammar ([`Tools::grammar`]): with
+//! `tool_choice: "required"` or a named function it is one or more calls
+//! (one with `parallel_tool_calls: false`) whose arguments follow the
+//! function's JSON schema; with `auto` it is either calls or a text that
+//! does not begin with `<` (or the `response_format`'s JSON). [`Calls`]
+//! reads the answer back into content and calls, whole or as it streams.
+
+use serde_json::{json, Value};
+use tonic::Status;
+
+use super::invalid;
+use super::values::{boolean, expected, fields, string, unknown};
+
+/// At most this many tools per request (OpenAI's limit).
+const MAX_TOOLS: usize = 128;
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+/// A function the model may call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Function {
+    pub name: String,
+    description: Option<String>,
+    /// The JSON schema of its arguments (an object).
+    parameters: Value,
+}
+
+/// `tool_choice`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Choice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// The tools a request offers and how they may be used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tools {
+    pub functions: Vec<Function>,
+    pub choice: Choice,
+    /// `parallel_tool_calls`: more than one call per answer.
+    pub parallel: bool,
+}
+
+/// `tools`: function tools, each named once.
+pub fn functions(v: &Value) -> Result<Vec<Function>, Status> {
+    let Value::Array(list) = v else {
+        return Err(expected("tools", "an array", v));
+    };
+    if list.len() > MAX_TOOLS {
+        return Err(invalid(
+            "tools",
+            format!("{} tools; at most {MAX_TOOLS} are allowed", list.len()),
+        ));
+    }
+    let mut functions: Vec<Function> = Vec::with_capacity(list.len());
+    for (i, tool) in list.iter().enumerate() {
+        let param = format!("tools[{i}]");
+        let mut function = None;
+        for (key, value) in fields(&param, tool)? {
+            let field = format!("{param}.{key}");
+            match key {
+                "type" if value == "function" => {}
+                "type" => {
+                    return Err(invalid(
+                        &field,
+                        format!("{value} is not supported (only function tools are)"),
+                    ))
+                }
+                "function" => function = Some(read_function(&field, value)?),
+                _ => return Err(unknown(&field)),
+            }
+        }
+        let function = function.ok_or_else(|| invalid(&format!("{param}.function"), "required"))?;
+        if functions.iter().any(|f| f.name == function.name) {
+            return Err(invalid(
+                &format!("{param}.function.name"),
+                format!("'{}' names two tools", function.name),
+            ));
+        }
+        functions.push(function);
+    }
+    Ok(functions)
+}
+
+fn read_function(param: &str, v: &Value) -> Result<Function, Status> {
+    let mut name = None;
+    let mut description = None;
+    // No parameters: the function takes none.
+    let mut parameters = json!({"type": "object", "properties": {}, "additionalProperties": false});
+    for (key, value) in fields(param, v)? {
+        let field = format!("{param}.{key}");
+        match key {
+            "name" => name = Some(function_name(&field, value)?),
+            "description" => description = Some(string(&field, value)?),
+            "parameters" if value.is_object() => parameters = value.clone(),
+            "parameters" => return Err(expected(&field, "a JSON schema object", value)),
+            // Every schema is enforced.
+            "strict" => drop(boolean(&field, value)?),
+            _ => return Err(unknown(&field)),
+        }
+    }
+    Ok(Function {
+        name: name.ok_or_else(|| invalid(&format!("{param}.name"), "required"))?,
+        description,
+        parameters,
+    })
+}
+
+/// A function name as OpenAI allows them: 1 to 64 of `a-z A-Z 0-9 _ -`.
+fn function_name(param: &str, v: &Value) -> Result<String, Status> {
+    let name = string(param, v)?;
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(invalid(
+            param,
+            "a function name is 1 to 64 letters, digits, '_' or '-'",
+        ));
+    }
+    Ok(name)
+}
+
+/// `tool_choice`: `none`, `auto`, `required` or
+/// `{"type": "function", "function": {"name": ...}}`.
+pub fn choice(v: &Value) -> Result<Choice, Status> {
+    let param = "tool_choice";
+    match v {
+        Value::String(s) => match s.as_str() {
+            "none" => Ok(Choice::None),
+            "auto" => Ok(Choice::Auto),
+            "required" => Ok(Choice::Required),
+            other => Err(invalid(
+                param,
+                format!(
+                    "'{}' is not a choice (none, auto, required or a function)",
+                    crate::store::shown(other)
+                ),
+            )),
+        },
+        Value::Object(_) => {
+            let mut name = None;
+            for (key, value) in fields(param, v)? {
+                let field = format!("{param}.{key}");
+                match key {
+                    "type" if value == "function" => {}
+                    "type" => return Err(invalid(&field, "only 'function' is supported")),
+                    "function" => {
+                        for (key, value) in fields(&field, value)? {
+                            match key {
+                                "name" => {
+                                    name = Some(function_name(&format!("{field}.name"), value)?)
+                                }
+                                _ => return Err(unknown(&format!("{field}.{key}"))),
+                            }
+                        }
+                    }
+                    _ => return Err(unknown(&field)),
+                }
+            }
+            let name = name.ok_or_else(|| invalid("tool_choice.function.name", "required"))?;
+            Ok(Choice::Named(name))
+        }
+        other => Err(expected(param, "a string or an object", other)),
+    }
+}
+
+impl Tools {
+    /// The tools of a request; `None` when no call can be made (no tools,
+    /// or `tool_choice: "none"`).
+    pub fn new(
+        functions: Vec<Function>,
+        choice: Option<Choice>,
+        parallel: bool,
+    ) -> Result<Option<Tools>, Status> {
+        let choice = choice.unwrap_or(if functions.is_empty() {
+            Choice::None
+        } else {
+            Choice::Auto
+        });
+        match &choice {
+            Choice::None => return Ok(None),
+            Choice::Required if functions.is_empty() => {
+                return Err(invalid("tool_choice", "'required' needs tools"))
+            }
+            Choice::Named(name) if !functions.iter().any(|f| &f.name == name) => {
+                return Err(invalid(
+                    "tool_choice.function.name",
+                    format!("'{name}' is not one of the tools"),
+                ))
+            }
+            _ if functions.is_empty() => return Ok(None),
+            _ => {}
+        }
+        Ok(Some(Tools {
+            functions,
+            choice,
+            parallel,
+        }))
+    }
+
+    /// The system message's text that describes the tools and the format
+    /// of a call.
+    pub fn system_text(&self) -> String {
+        let mut text = String::from(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+             You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+        );
+        for f in &self.functions {
+            let mut function = json!({"name": f.name});
+            if let Some(d) = &f.description {
+                function["description"] = json!(d);
+            }
+            function["parameters"] = f.parameters.clone();
+            text.push('\n');
+            text.push_str(&json!({"type": "function", "function": function}).to_string());
+        }
+        text.push_str(
+            "\n</tools>\n\nFor each function call, return a json object with function name and \
+             arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n\
+             {\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
+        );
+        text
+    }
+
+    /// The Lark grammar of the answer; `text` is the grammar of a text
+    /// answer (`response_format`'s JSON) where `auto` allows one.
+    pub fn grammar(&self, text: Option<Value>) -> String {
+        let offered: Vec<&Function> = match &self.choice {
+            Choice::Named(name) => self.functions.iter().filter(|f| &f.name == name).collect(),
+            _ => self.functions.iter().collect(),
+        };
+        let variants: Vec<Value> = offered
+            .iter()
+            .map(|f| {
+                json!({
+                    "type": "object",
+                    "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        let mut call = match <[Value; 1]>::try_from(variants) {
+            Ok([one]) => one,
+            Err(many) => json!({"anyOf": many}),
+        };
+        // Written as the format shows it, so that it reads back by rote.
+        call["x-guidance"] = json!({
+            "whitespace_flexible": false,
+            "item_separator": ", ",
+            "key_separator": ": ",
+        });
+        let calls = if self.parallel {
+            r#"call ("\n" call)*"#
+        } else {
+            "call"
+        };
+        let start = match (&self.choice, text) {
+            (Choice::Auto, None) => "start: (calls | TEXT)?\nTEXT: /[^<](?s:.*)/\n".to_string(),
+            (Choice::Auto, Some(json)) => format!("start: calls | %json {json}\n"),
+            _ => "start: calls\n".to_string(),
+        };
+        format!("{start}calls: {calls}\ncall: \"{OPEN}\\n\" %json {call} \"\\n{CLOSE}\"\n")
+    }
+}
+
+/// An earlier assistant message's `tool_calls`, in the default format;
+/// each `arguments` must be JSON text.
+pub fn call_text(param: &str, v: &Value) -> Result<String, Status> {
+    let Value::Array(list) = v else {
+        return Err(expected(param, "an array", v));
+    };
+    let mut text = Vec::with_capacity(list.len().min(MAX_TOOLS));
+    for (i, call) in list.iter().enumerate() {
+        let param = format!("{param}[{i}]");
+        let (mut name, mut arguments) = (None, None);
+        for (key, value) in fields(&param, call)? {
+            let field = format!("{param}.{key}");
+            match key {
+                "id" => drop(string(&field, value)?),
+                "type" if value == "function" => {}
+                "type" => return Err(invalid(&field, "only 'function' is supported")),
+                "function" => {
+                    for (key, value) in fields(&field, value)? {
+                        let field = format!("{field}.{key}");
+                        match key {
+                            "name" => name = Some(function_name(&field, value)?),
+                            "arguments" => {
+                                let args = string(&field, value)?;
+                                let parsed: Value = serde_json::from_str(&args)
+                                    .map_err(|e| invalid(&field, format!("not valid JSON: {e}")))?;
+                                arguments = Some(parsed);
+                            }
+                            _ => return Err(unknown(&field)),
+                        }
+                    }
+                }
+                _ => return Err(unknown(&field)),
+            }
+        }
+        let name = name.ok_or_else(|| invalid(&format!("{param}.function.name"), "required"))?;
+        let arguments = arguments.unwrap_or_else(|| json!({}));
+        let call = json!({"name": name, "arguments": arguments});
+        text.push(format!("{OPEN}\n{call}\n{CLOSE}"));
+    }
+    Ok(text.join("\n"))
+}
+
+/// A tool's result as the user turn shows it.
+pub fn response_text(content: &str) -> String {
+    format!("<tool_response>\n{content}\n</tool_response>")
+}
+
+/// A piece of an answer read by [`Calls`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Piece {
+    /// Text for `content`.
+    Content(String),
+    /// Call `index` begins: its function's name.
+    Call { index: usize, name: String },
+    /// More of call `index`'s arguments (JSON text).
+    Arguments { index: usize, text: String },
+}
+
+/// Where [`Calls`] is in the answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum Place {
+    /// Nothing read yet: a `<` begins calls, anything else is content.
+    #[default]
+    Start,
+    Content,
+    /// Before a call or after one.
+    Between,
+    /// Inside `<tool_call>`, before the arguments.
+    Header,
+    /// In the arguments; `sent` bytes of them were given out.
+    Arguments {
+        sent: usize,
+    },
+}
+
+/// Reads an answer back into content and calls as it arrives: each piece
+/// of text gives the pieces that it completes. The arguments are given out
+/// as they are written, up to their last `}` (which may be the call's).
+#[derive(Default)]
+pub struct Calls {
+    place: Place,
+    pending: String,
+    calls: usize,
+}
+
+impl Calls {
+    /// Whether a call has begun.
+    pub fn called(&self) -> bool {
+        self.calls > 0 || matches!(self.place, Place::Arguments { .. })
+    }
+
+    /// Reads `text`, the next stretch of the answer.
+    pub fn read(&mut self, text: &str) -> Vec<Piece> {
+        self.pending.push_str(text);
+        let mut out = Vec::new();
+        while self.step(&mut out) {}
+        out
+    }
+
+    /// The end of the answer: what is left (an unfinished call's
+    /// arguments, text that began like a call but was not one).
+    pub fn end(&mut self) -> Vec<Piece> {
+        let mut out = self.read("");
+        let rest = std::mem::take(&mut self.pending);
+        match self.place {
+            Place::Arguments { sent } => {
+                if let Some(text) = rest.get(sent..).filter(|t| !t.is_empty()) {
+                    out.push(Piece::Arguments {
+                        index: self.calls,
+                        text: text.to_string(),
+                    });
+                }
+                self.calls += 1;
+            }
+            Place::Header => out.push(Piece::Content(format!("{OPEN}{rest}"))),
+            // Between calls, the start of another cut short.
+            Place::Between if OPEN.starts_with(rest.trim_start()) => {}
+            _ if rest.is_empty() => {}
+            _ => out.push(Piece::Content(rest)),
+        }
+        self.place = Place::Content;
+        out
+    }
+
+    /// One step over the pending text; false when it needs more.
+    fn step(&mut self, out: &mut Vec<Piece>) -> bool {
+        let pending = &mut self.pending;
+        match self.place {
+            Place::Start if pending.is_empty() => false,
+            Place::Start => {
+                self.place = if pending.starts_with('<') {
+                    Place::Between
+                } else {
+                    Place::Content
+                };
+                true
+            }
+            Place::Content => {
+                if !pending.is_empty() {
+                    out.push(Piece::Content(std::mem::take(pending)));
+                }
+                false
+            }
+            Place::Between => {
+                let rest = pending.trim_start();
+                if let Some(after) = rest.strip_prefix(OPEN) {
+                    *pending = after.to_string();
+                    self.place = Place::Header;
+                    true
+                } else if OPEN.starts_with(rest) {
+                    false
+                } else {
+                    // Not a call (only a cut answer gets here).
+                    self.place = Place::Content;
+                    true
+                }
+            }
+            Place::Header => match header(pending) {
+                Header::More => false,
+                Header::Not => {
+                    *pending = format!("{OPEN}{pending}");
+                    self.place = Place::Content;
+                    true
+                }
+                Header::Name(name, used) => {
+                    out.push(Piece::Call {
+                        index: self.calls,
+                        name,
+                    });
+                    pending.drain(..used);
+                    self.place = Place::Arguments { sent: 0 };
+                    true
+                }
+            },
+            Place::Arguments { sent } => {
+                let index = self.calls;
+                let mut give = |upto: &str| {
+                    if let Some(text) = upto.get(sent..).filter(|t| !t.is_empty()) {
+                        out.push(Piece::Arguments {
+                            index,
+                            text: text.to_string(),
+                        });
+                    }
+                };
+                if let Some(end) = pending.find(CLOSE) {
+                    let body = pending[..end].trim_end();
+                    give(body.strip_suffix('}').unwrap_or(body).trim_end());
+                    pending.drain(..end + CLOSE.len());
+                    self.calls += 1;
+                    self.place = Place::Between;
+                    return true;
+                }
+                // The last `}` may close the call; whitespace before it
+                // may end the arguments.
+                let hold = pending.rfind('}').unwrap_or(pending.len());
+                let safe = pending[..hold].trim_end();
+                give(safe);
+                self.place = Place::Arguments {
+                    sent: sent.max(safe.len()),
+                };
+                false
+            }
+        }
+    }
+}
+
+/// A call's header: `{"name": "NAME", "arguments": `.
+enum Header {
+    More,
+    Not,
+    /// The name, and the bytes the header took.
+    Name(String, usize),
+}
+
+fn header(text: &str) -> Header {
+    let mut rest = text;
+    let mut name = None;
+    for part in [
+        "{",
+        "\"name\"",
+        ":",
+        "\"",
+        "NAME",
+        ",",
+        "\"arguments\"",
+        ":",
+    ] {
+        rest = rest.trim_start();
+        if part == "NAME" {
+            let Some(end) = rest.find('"') else {
+                return Header::More;
+            };
+            name = Some(rest[..end].to_string());
+            rest = &rest[end + 1..];
+            continue;
+        }
+        if let Some(after) = rest.strip_prefix(part) {
+            rest = after;
+        } else if part.starts_with(rest) {
+            return Header::More;
+        } else {
+            return Header::Not;
+        }
+    }
+    let rest = rest.trim_start();
+    if rest.is_empty() {
+        // The arguments' first byte tells where they begin.
+        return Header::More;
+    }
+    Header::Name(name.unwrap_or_default(), text.len() - rest.len())
+}
+
+/// Content and calls of a whole answer.
+#[derive(Debug, Default, PartialEq)]
+pub struct Answer {
+    pub content: String,
+    /// Each call's function name and arguments.
+    pub calls: Vec<(String, String)>,
+}
+
+impl Answer {
+    pub fn add(&mut self, pieces: Vec<Piece>) {
+        for piece in pieces {
+            match piece {
+                Piece::Content(text) => self.content.push_str(&text),
+                Piece::Call { name, .. } => self.calls.push((name, String::new())),
+                Piece::Arguments { text, .. } => {
+                    if let Some((_, arguments)) = self.calls.last_mut() {
+                        arguments.push_str(&text);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(text: &str) -> Answer {
+        let mut calls = Calls::default();
+        let mut answer = Answer::default();
+        answer.add(calls.read(text));
+        answer.add(calls.end());
+        answer
+    }
+
+    /// Read a byte at a time where the text is ASCII.
+    fn streamed(text: &str) -> (Answer, Vec<Piece>) {
+        let mut calls = Calls::default();
+        let mut all = Vec::new();
+        for c in text.chars() {
+            all.extend(calls.read(&c.to_string()));
+        }
+        all.extend(calls.end());
+        let mut answer = Answer::default();
+        answer.add(all.clone());
+        (answer, all)
+    }
+
+    #[test]
+    fn calls_read_back_whole_and_streamed_alike() {
+        let text = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \
+                    \"at\": {\"h\": 1}}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \
+                    \"arguments\": {}}\n</tool_call>";
+        let expected = Answer {
+            content: String::new(),
+            calls: vec![
+                (
+                    "get_weather".into(),
+                    r#"{"city": "Paris", "at": {"h": 1}}"#.into(),
+                ),
+                ("now".into(), "{}".into()),
+            ],
+        };
+        assert_eq!(whole(text), expected);
+        let (answer, pieces) = streamed(text);
+        assert_eq!(answer, expected);
+        // The arguments came out as they were written, not at the end.
+        let parts = pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Arguments { index: 0, .. }))
+            .count();
+        assert!(parts > 10, "{pieces:?}");
+    }
+
+    #[test]
+    fn text_is_content_and_cut_calls_keep_what_was_written() {
+        assert_eq!(whole("Hello <tool_call>").content, "Hello <tool_call>");
+        assert!(whole("Hello").calls.is_empty());
+        let cut = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": [1, 2";
+        let answer = whole(cut);
+        assert_eq!(answer.calls, vec![("f".into(), "{\"a\": [1, 2".into())]);
+        assert_eq!(streamed(cut).0, answer);
+        let cut = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool";
+        assert_eq!(whole(cut).calls, vec![("f".into(), "{}".into())]);
+        assert_eq!(whole(cut).content, "");
+        // Text that begins like a call but is not one.
+        assert_eq!(whole("<b>bold</b>").content, "<b>bold</b>");
+        assert_eq!(whole("<tool_call>\n[1]").content, "<tool_call>\n[1]");
+        assert_eq!(streamed("<tool_call>\n[1]").0.content, "<tool_call>\n[1]");
+    }
+
+    #[test]
+    fn the_grammar_offers_what_the_choice_allows() {
+        let functions = functions(&json!([
+            {"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},
+            {"type": "function", "function": {"name": "b"}},
+        ]))
+        .unwrap();
+        let tools = |choice, parallel| {
+            Tools::new(functions.clone(), Some(choice), parallel)
+                .unwrap()
+                .unwrap()
+        };
+        let g = tools(Choice::Named("b".into()), false).grammar(None);
+        assert!(g.starts_with("start: calls\ncalls: call\n"), "{g}");
+        assert!(g.contains(r#"{"const":"b"}"#) && !g.contains(r#"{"const":"a"}"#));
+        let g = tools(Choice::Auto, true).grammar(None);
+        assert!(g.contains("TEXT") && g.contains("anyOf"), "{g}");
+        assert!(Tools::new(functions.clone(), Some(Choice::None), true)
+            .unwrap()
+            .is_none());
+        assert!(Tools::new(Vec::new(), Some(Choice::Required), true).is_err());
+        assert!(Tools::new(functions, Some(Choice::Named("c".into())), true).is_err());
+    }
+}
