@@ -32,7 +32,10 @@
 //! one short question) and `multi-turn` (conversations of 5 turns on a
 //! short system prompt, each turn sent with the answers so far): both run
 //! twice on svfit, with the prefix cache and without (`--prefix-cache-mb`,
-//! default 1024, for the first run).
+//! default 1024, for the first run), and `structured` (the `many` traffic
+//! with half of the requests, at random, constrained by a JSON schema;
+//! svfit runs the same traffic unconstrained in the same run and reports
+//! the throughput ratio and the time its steps spent masking).
 //!
 //! Options: `--clients N` (concurrent streaming clients, default 8),
 //! `--seconds S` (per engine, default 40), `--requests N` (stop after N
@@ -79,7 +82,7 @@ mod hostile;
 
 use common::{exit, fail};
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "base",
     "one",
     "many",
@@ -88,6 +91,7 @@ const SCENARIOS: [&str; 8] = [
     "soak",
     "shared-prefix",
     "multi-turn",
+    "structured",
 ];
 
 /// The options (see the top of this file).
@@ -156,6 +160,10 @@ struct Options {
     /// Passed by `cargo bench`
     #[arg(long, hide = true)]
     bench: bool,
+    /// `structured`'s traffic with its constraints left out (the run it is
+    /// compared with).
+    #[arg(skip)]
+    unconstrained: bool,
 }
 
 fn millis(s: &str) -> Result<Duration, String> {
@@ -193,6 +201,9 @@ fn parse_args() -> Options {
     if o.http && CHAT_SCENARIOS.contains(&o.scenario.as_str()) {
         exit("--api http runs the completion scenarios, not the chat ones");
     }
+    if o.http && o.scenario == "structured" {
+        exit("--api http does not run the structured scenario (gRPC only)");
+    }
     o
 }
 
@@ -212,7 +223,15 @@ struct Job {
     /// sent one request per turn with the answers so far (`shared-prefix`,
     /// `multi-turn`).
     chat: Option<(String, Vec<String>)>,
+    /// The answer must follow [`STRUCTURED_SCHEMA`] (`structured`).
+    constrained: bool,
 }
+
+/// The JSON schema of half of `structured`'s requests: an object whose
+/// `story` is at least 1,000 characters, so that no answer completes
+/// before `--gen` tokens (every request generates as many tokens as the
+/// unconstrained traffic's).
+const STRUCTURED_SCHEMA: &str = r#"{"type": "object", "properties": {"title": {"type": "string", "maxLength": 60}, "story": {"type": "string", "minLength": 1000}}, "required": ["title", "story"], "additionalProperties": false}"#;
 
 /// The scenarios whose requests are chats.
 const CHAT_SCENARIOS: [&str; 2] = ["shared-prefix", "multi-turn"];
@@ -227,6 +246,8 @@ const SHARED_SYSTEM_WORDS: usize = 420;
 struct Traffic {
     adapters: usize,
     scenario: String,
+    /// Whether `structured`'s requests keep their constraints.
+    constrain: bool,
     words: usize,
     rng: Rng,
 }
@@ -242,6 +263,7 @@ impl Traffic {
         Traffic {
             adapters: adapters.max(1),
             scenario: o.scenario.clone(),
+            constrain: !o.unconstrained,
             words: o.prompt_words,
             rng: Rng::new(1),
         }
@@ -266,6 +288,9 @@ impl Traffic {
             prompt.push_str(WORDS[pick(WORDS.len())]);
         }
         prompt.push('.');
+        // Every other request on average, the same ones in both runs.
+        let constrained =
+            self.scenario == "structured" && pick(2) == 0 && self.constrain;
         let chat = match self.scenario.as_str() {
             // A tenant's ~500-token system prompt, and one short question.
             "shared-prefix" => {
@@ -286,11 +311,13 @@ impl Traffic {
                 which: Which::Adapter(tenant),
                 prompt: String::new(),
                 chat: Some((system, turns)),
+                constrained,
             },
             None => Job {
                 which,
                 prompt,
                 chat: None,
+                constrained,
             },
         }
     }
@@ -604,6 +631,9 @@ fn request(job: &Job, gen: u32) -> pb::GenerateRequest {
             ..Default::default()
         }),
         max_tokens: gen,
+        constraint: job.constrained.then(|| pb::Constraint {
+            kind: Some(pb::constraint::Kind::JsonSchema(STRUCTURED_SCHEMA.into())),
+        }),
         // Never stop early: every request generates exactly `gen` tokens.
         ..Default::default()
     }
@@ -954,6 +984,15 @@ async fn run_svfit(
                 during("svfit_batch_tokens_total") / steps,
             ),
             ("requests_failed".into(), get("svfit_requests_failed_total")),
+            (
+                "mask_ms_per_step".into(),
+                1e3 * during("svfit_constraint_mask_seconds_total") / steps,
+            ),
+            (
+                "mask_ms_per_mask".into(),
+                1e3 * during("svfit_constraint_mask_seconds_total")
+                    / during("svfit_constraint_masks_total").max(1.0),
+            ),
             (
                 "adapter_cache_hit_rate".into(),
                 hits / (hits + misses).max(1.0),
@@ -1468,6 +1507,38 @@ fn main() {
             http.e2e_ms[1] / grpc.e2e_ms[1]
         );
         reports.push(http);
+    }
+    // The same traffic without its constraints, in the same run.
+    if o.scenario == "structured" && o.addr.is_none() {
+        let free = Options {
+            unconstrained: true,
+            model: o.model.clone(),
+            json: None,
+            addr: None,
+            llama_server: None,
+            ..o.clone()
+        };
+        let mut free = runtime
+            .block_on(run_svfit(&free, &b, &dir, n_adapters, false))
+            .remove(0);
+        free.engine = "svfit-unconstrained".into();
+        let get = |r: &Report, k: &str| {
+            r.extra
+                .iter()
+                .find(|(n, _)| n == k)
+                .map_or(f64::NAN, |e| e.1)
+        };
+        let on = &reports[0];
+        println!(
+            "svfit half JSON-schema / unconstrained: throughput {:.3}x, e2e p95 {:.2}x; \
+             masks {:.2} ms per step ({:.1}% of the step), {:.3} ms per mask",
+            on.tokens_per_s / free.tokens_per_s,
+            on.e2e_ms[1] / free.e2e_ms[1],
+            get(on, "mask_ms_per_step"),
+            100.0 * get(on, "mask_ms_per_step") / get(on, "step_ms_mean"),
+            get(on, "mask_ms_per_mask"),
+        );
+        reports.push(free);
     }
     // Adapters against our own base, in the same run.
     if o.scenario == "many" && o.addr.is_none() {

@@ -145,6 +145,8 @@ pub struct Sequence {
     text: TextStream,
     /// What the answer must match, if anything.
     constraint: Option<Constraint>,
+    /// Time spent masking logits since [`Sequence::take_mask_time`].
+    mask_time: std::time::Duration,
 }
 
 impl Sequence {
@@ -166,12 +168,19 @@ impl Sequence {
             tokens: Vec::new(),
             text: TextStream::new(&request.stop),
             constraint: None,
+            mask_time: std::time::Duration::ZERO,
         })
     }
 
     /// Constrains the tokens sampled from now on (see [`crate::constraint`]).
     pub fn constrain(&mut self, constraint: Option<Constraint>) {
         self.constraint = constraint;
+    }
+
+    /// The time spent computing and applying the constraint's masks since
+    /// the last call.
+    pub fn take_mask_time(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.mask_time)
     }
 
     /// KV cells the whole generation can use: prompt + max tokens, at most
@@ -237,8 +246,11 @@ impl Sequence {
         let token = match &mut self.constraint {
             None => self.sampler.sample(logits, &self.history),
             Some(constraint) => {
+                let start = std::time::Instant::now();
                 let mut allowed = logits.to_vec();
-                constraint.mask(&mut allowed).map_err(Ended::Failed)?;
+                let masked = constraint.mask(&mut allowed);
+                self.mask_time += start.elapsed();
+                masked.map_err(Ended::Failed)?;
                 self.sampler.sample(&allowed, &self.history)
             }
         };

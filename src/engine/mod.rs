@@ -165,6 +165,10 @@ pub struct Stats {
     pub slot_hits: AtomicU64,
     pub slot_loads: AtomicU64,
     pub slot_evictions: AtomicU64,
+    /// Constrained sequences' masks computed, and the time they took (on
+    /// the engine thread, within the steps' time).
+    pub masks: AtomicU64,
+    pub mask_micros: AtomicU64,
     /// The prefix cache's counters, as of the last change.
     pub prefix: std::sync::Mutex<PrefixStats>,
     pub latency: Latencies,

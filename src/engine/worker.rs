@@ -559,6 +559,13 @@ fn advance(
         .sequence
         .advance(logits, tokenizer, &mut |t| text.push_str(t));
     let tokens = r.sequence.generated()[before..].to_vec();
+    let masking = r.sequence.take_mask_time();
+    if !masking.is_zero() {
+        stats.masks.fetch_add(1, Relaxed);
+        stats
+            .mask_micros
+            .fetch_add(masking.as_micros() as u64, Relaxed);
+    }
     if r.first_token.is_none() && !tokens.is_empty() {
         let ttft = r.job.arrived.elapsed();
         r.first_token = Some(ttft);

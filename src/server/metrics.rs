@@ -161,7 +161,7 @@ type Reading = (&'static str, &'static str, f64);
 /// The counters and gauges of the engine `e`, the store's cache `c` and the
 /// prefix cache `p` as of now, in the order exposed, a metric a line.
 #[rustfmt::skip]
-fn readings(e: &engine::Stats, c: &CacheStats, p: &PrefixStats) -> [Reading; 27] {
+fn readings(e: &engine::Stats, c: &CacheStats, p: &PrefixStats) -> [Reading; 29] {
     [
         ("svfit_requests_finished_total", "requests that completed", e.requests_finished.value()),
         ("svfit_requests_cancelled_total", "requests cancelled (client gone or deadline)", e.requests_cancelled.value()),
@@ -174,6 +174,8 @@ fn readings(e: &engine::Stats, c: &CacheStats, p: &PrefixStats) -> [Reading; 27]
         ("svfit_steps_total", "decode steps", e.steps.value()),
         ("svfit_step_seconds_total", "time spent in decode steps", e.step_micros.value() / 1e6),
         ("svfit_batch_tokens_total", "tokens decoded over all steps", e.batch_tokens.value()),
+        ("svfit_constraint_masks_total", "token masks of constrained sequences", e.masks.value()),
+        ("svfit_constraint_mask_seconds_total", "time spent computing and applying token masks (within the steps)", e.mask_micros.value() / 1e6),
         ("svfit_adapter_cache_hits_total", "host adapter cache hits", c.hits.value()),
         ("svfit_adapter_cache_misses_total", "host adapter cache misses", c.misses.value()),
         ("svfit_adapter_cache_evictions_total", "host adapter cache evictions", c.evictions.value()),
