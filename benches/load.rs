@@ -33,9 +33,10 @@
 //! short system prompt, each turn sent with the answers so far): both run
 //! twice on svfit, with the prefix cache and without (`--prefix-cache-mb`,
 //! default 1024, for the first run), and `structured` (the `many` traffic
-//! with half of the requests, at random, constrained by a JSON schema;
-//! svfit runs the same traffic unconstrained in the same run and reports
-//! the throughput ratio and the time its steps spent masking).
+//! with half of the requests, at random, constrained by a JSON schema, in
+//! turns with the same traffic unconstrained on the same server, as
+//! `--api http` takes turns; reports the throughput ratio, its median over
+//! the rounds, and the time the constrained turns' steps spent masking).
 //!
 //! Options: `--clients N` (concurrent streaming clients, default 8),
 //! `--seconds S` (per engine, default 40), `--requests N` (stop after N
@@ -160,10 +161,6 @@ struct Options {
     /// Passed by `cargo bench`
     #[arg(long, hide = true)]
     bench: bool,
-    /// `structured`'s traffic with its constraints left out (the run it is
-    /// compared with).
-    #[arg(skip)]
-    unconstrained: bool,
 }
 
 fn millis(s: &str) -> Result<Duration, String> {
@@ -187,9 +184,12 @@ fn api_is_http(s: &str) -> Result<bool, String> {
 enum Api {
     Grpc,
     Http,
+    /// gRPC, the traffic without its constraints (`structured`).
+    Free,
 }
 
-/// Rounds of gRPC and HTTP turns with `--api http`.
+/// Rounds of gRPC and HTTP turns with `--api http`, and of constrained and
+/// unconstrained turns in `structured`.
 const HTTP_ROUNDS: usize = 4;
 
 fn parse_args() -> Options {
@@ -263,7 +263,7 @@ impl Traffic {
         Traffic {
             adapters: adapters.max(1),
             scenario: o.scenario.clone(),
-            constrain: !o.unconstrained,
+            constrain: true,
             words: o.prompt_words,
             rng: Rng::new(1),
         }
@@ -289,8 +289,7 @@ impl Traffic {
         }
         prompt.push('.');
         // Every other request on average, the same ones in both runs.
-        let constrained =
-            self.scenario == "structured" && pick(2) == 0 && self.constrain;
+        let constrained = self.scenario == "structured" && pick(2) == 0 && self.constrain;
         let chat = match self.scenario.as_str() {
             // A tenant's ~500-token system prompt, and one short question.
             "shared-prefix" => {
@@ -892,16 +891,23 @@ async fn run_svfit(
     // With --api http, both APIs take turns on this one server: rounds of
     // gRPC then HTTP (then HTTP then gRPC), the same traffic in each, so
     // that the machine's drift falls on both alike.
-    let schedule: Vec<Api> = if o.http && !hostile {
+    let rounds = |other: Api| -> Vec<Api> {
         (0..HTTP_ROUNDS)
             .flat_map(|r| match r % 2 {
-                0 => [Api::Grpc, Api::Http],
-                _ => [Api::Http, Api::Grpc],
+                0 => [Api::Grpc, other],
+                _ => [other, Api::Grpc],
             })
             .collect()
+    };
+    let schedule: Vec<Api> = if o.http && !hostile {
+        rounds(Api::Http)
+    } else if o.scenario == "structured" && o.addr.is_none() {
+        rounds(Api::Free)
     } else {
         vec![Api::Grpc]
     };
+    // The engine's counters over each kind of turn (`structured`).
+    let mut counters: [HashMap<String, f64>; 3] = Default::default();
     let segment = Options {
         seconds: o.seconds * 2.0 / schedule.len().max(2) as f64,
         ..o.clone()
@@ -917,16 +923,28 @@ async fn run_svfit(
             async move { vec![stream_openai(addr.port(), &body).await] }
         }
     });
-    let mut runs: [(Vec<Sample>, Duration, Vec<f64>); 2] = Default::default();
+    let mut runs: [(Vec<Sample>, Duration, Vec<f64>); 3] = Default::default();
+    let metrics_addr = running.as_ref().and_then(|r| r.metrics_addr);
     for api in &schedule {
         let mut traffic = Traffic::new(o, n_adapters);
+        traffic.constrain = *api != Api::Free;
+        let start = match metrics_addr {
+            Some(addr) if schedule.contains(&Api::Free) => metrics(addr).await,
+            _ => HashMap::new(),
+        };
         let (samples, elapsed) = match api {
-            Api::Grpc => drive(&segment, &mut traffic, send.clone()).await,
+            Api::Grpc | Api::Free => drive(&segment, &mut traffic, send.clone()).await,
             Api::Http => {
                 let send = http_send.clone().expect("an in-process server");
                 drive(&segment, &mut traffic, send).await
             }
         };
+        if let Some(addr) = metrics_addr.filter(|_| !start.is_empty()) {
+            for (k, v) in metrics(addr).await {
+                *counters[*api as usize].entry(k.clone()).or_default() +=
+                    v - start.get(&k).copied().unwrap_or(0.0);
+            }
+        }
         let tokens: usize = samples.iter().map(|s| s.tokens).sum();
         let run = &mut runs[*api as usize];
         run.0.extend(samples);
@@ -935,6 +953,50 @@ async fn run_svfit(
     }
     let engine = if hostile { "svfit+hostile" } else { "svfit" };
     let mut r = report(engine, o, &runs[0].0, runs[0].1);
+    // Constrained turns against unconstrained ones: the throughput per
+    // round, and the time the constrained turns' steps spent masking.
+    let free = schedule.contains(&Api::Free).then(|| {
+        let mut free = report("svfit-unconstrained", o, &runs[2].0, runs[2].1);
+        let mut ratios: Vec<f64> = runs[0]
+            .2
+            .iter()
+            .zip(&runs[2].2)
+            .map(|(c, f)| c / f)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        r.extra.extend([
+            (
+                "over_unconstrained_round_median".into(),
+                ratios[ratios.len() / 2],
+            ),
+            ("over_unconstrained_round_min".into(), ratios[0]),
+            (
+                "over_unconstrained_round_max".into(),
+                ratios[ratios.len() - 1],
+            ),
+        ]);
+        for (report, counters) in [(&mut r, &counters[0]), (&mut free, &counters[2])] {
+            let get = |k: &str| counters.get(k).copied().unwrap_or(0.0);
+            let steps = get("svfit_steps_total").max(1.0);
+            let mask = get("svfit_constraint_mask_seconds_total");
+            report.extra.extend([
+                (
+                    "turns_step_ms_mean".into(),
+                    1e3 * get("svfit_step_seconds_total") / steps,
+                ),
+                ("turns_mask_ms_per_step".into(), 1e3 * mask / steps),
+                (
+                    "turns_mask_share_of_steps".into(),
+                    mask / get("svfit_step_seconds_total").max(1e-9),
+                ),
+                (
+                    "turns_mask_ms_per_mask".into(),
+                    1e3 * mask / get("svfit_constraint_masks_total").max(1.0),
+                ),
+            ]);
+        }
+        free
+    });
     let mut http = (schedule.len() > 1).then(|| {
         let mut http = report("svfit-http", o, &runs[1].0, runs[1].1);
         // HTTP over gRPC throughput, per round (each round runs both).
@@ -1035,6 +1097,7 @@ async fn run_svfit(
     }
     let mut reports = vec![r];
     reports.extend(http.take());
+    reports.extend(free);
     reports
 }
 
@@ -1458,6 +1521,7 @@ fn main() {
             .extra
             .extend(cold_load_cost(runtime.handle(), &o, &b, &dir, 200));
     }
+    let structured = (o.scenario == "structured" && ours.len() > 1).then(|| ours.remove(1));
     let http = (ours.len() > 1).then(|| ours.remove(1));
     reports.extend(ours);
     if o.scenario == "soak" {
@@ -1508,35 +1572,27 @@ fn main() {
         );
         reports.push(http);
     }
-    // The same traffic without its constraints, in the same run.
-    if o.scenario == "structured" && o.addr.is_none() {
-        let free = Options {
-            unconstrained: true,
-            model: o.model.clone(),
-            json: None,
-            addr: None,
-            llama_server: None,
-            ..o.clone()
-        };
-        let mut free = runtime
-            .block_on(run_svfit(&free, &b, &dir, n_adapters, false))
-            .remove(0);
-        free.engine = "svfit-unconstrained".into();
+    // Constrained and unconstrained turns of the same traffic.
+    if let Some(free) = structured {
+        let on = &reports[0];
         let get = |r: &Report, k: &str| {
             r.extra
                 .iter()
                 .find(|(n, _)| n == k)
                 .map_or(f64::NAN, |e| e.1)
         };
-        let on = &reports[0];
         println!(
-            "svfit half JSON-schema / unconstrained: throughput {:.3}x, e2e p95 {:.2}x; \
-             masks {:.2} ms per step ({:.1}% of the step), {:.3} ms per mask",
+            "svfit half JSON-schema / unconstrained: throughput {:.3}x (median of {HTTP_ROUNDS} rounds \
+             {:.3}x, {:.3}-{:.3}x), e2e p95 {:.2}x; masks {:.2} ms per step ({:.1}% of the steps' \
+             time), {:.3} ms per mask",
             on.tokens_per_s / free.tokens_per_s,
+            get(on, "over_unconstrained_round_median"),
+            get(on, "over_unconstrained_round_min"),
+            get(on, "over_unconstrained_round_max"),
             on.e2e_ms[1] / free.e2e_ms[1],
-            get(on, "mask_ms_per_step"),
-            100.0 * get(on, "mask_ms_per_step") / get(on, "step_ms_mean"),
-            get(on, "mask_ms_per_mask"),
+            get(on, "turns_mask_ms_per_step"),
+            100.0 * get(on, "turns_mask_share_of_steps"),
+            get(on, "turns_mask_ms_per_mask"),
         );
         reports.push(free);
     }
