@@ -997,7 +997,7 @@ async fn run_svfit(
         }
         free
     });
-    let mut http = (schedule.len() > 1).then(|| {
+    let mut http = schedule.contains(&Api::Http).then(|| {
         let mut http = report("svfit-http", o, &runs[1].0, runs[1].1);
         // HTTP over gRPC throughput, per round (each round runs both).
         let mut ratios: Vec<f64> = runs[1]
