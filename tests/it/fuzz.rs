@@ -839,35 +839,3 @@ fn write_corpus() {
         std::fs::write(dir.join(format!("request-{i}.json")), seed.to_string()).unwrap();
     }
 }
-
-#[test]
-#[ignore]
-fn tmp_constraint_timing() {
-    use svfit::constraint::Compiler;
-    let tokenizer = svfit::model::Tokenizer::load(&common::default_model()).unwrap();
-    let compiler = Compiler::new(&tokenizer).unwrap();
-    let schema: serde_json::Value = serde_json::from_str(r#"{"type": "object", "properties": {"title": {"type": "string", "maxLength": 60}, "story": {"type": "string", "minLength": 1000}}, "required": ["title", "story"], "additionalProperties": false}"#).unwrap();
-    for _ in 0..3 {
-        let t = std::time::Instant::now();
-        let mut c = compiler.compile(&Spec::JsonSchema(schema.clone())).unwrap();
-        let compile = t.elapsed();
-        let n = tokenizer.n_vocab() as usize;
-        let text = tokenizer.encode("{\"title\": \"The river\", \"story\": \"Once upon a time there was a river that ran through a market and an engine in a garden", false);
-        let (mut mask, mut consume) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-        for &tok in &text {
-            let mut logits = vec![0f32; n];
-            let t = std::time::Instant::now();
-            c.mask(&mut logits).unwrap();
-            mask += t.elapsed();
-            let t = std::time::Instant::now();
-            c.consume(tok).unwrap();
-            consume += t.elapsed();
-        }
-        eprintln!(
-            "compile {compile:?}, {} tokens: mask {:?}/token, consume {:?}/token",
-            text.len(),
-            mask / text.len() as u32,
-            consume / text.len() as u32
-        );
-    }
-}
