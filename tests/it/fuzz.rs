@@ -663,6 +663,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         text(12).prop_map(Value::String),
         Just(json!("user")),
         Just(json!("text")),
+        Just(json!("tool")),
+        Just(json!("function")),
+        Just(json!("required")),
     ];
     leaf.prop_recursive(3, 24, 4, |inner| {
         prop_oneof![
@@ -697,6 +700,14 @@ fn field_name() -> impl Strategy<Value = String> {
         "logit_bias",
         "user",
         "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "tool_calls",
+        "tool_call_id",
+        "function",
+        "name",
+        "parameters",
+        "arguments",
         "response_format",
         "svfit",
         "mix",
@@ -834,6 +845,17 @@ fn write_corpus() {
         serde_json::json!({"model": "base.gguf", "prompt": ["Once"], "stop": ["\n", "END"],
             "svfit": {"mix": [{"adapter": "a", "weight": 0.5}, {"adapter": "b", "weight": 0.5}]},
             "logprobs": 3, "seed": 7, "top_p": 0.9, "n": 1, "user": "u"}),
+        serde_json::json!({"model": "a1", "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c0",
+                    "type": "function", "function": {"name": "w", "arguments": "{\"c\": 1}"}}]},
+                {"role": "tool", "tool_call_id": "c0", "content": "sunny"}],
+            "tools": [{"type": "function", "function": {"name": "w", "description": "d",
+                "parameters": {"type": "object", "properties": {"c": {"type": "integer"}}}}}],
+            "tool_choice": {"type": "function", "function": {"name": "w"}},
+            "parallel_tool_calls": false,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                "schema": {"type": "object"}}}}),
     ];
     for (i, seed) in seeds.iter().enumerate() {
         std::fs::write(dir.join(format!("request-{i}.json")), seed.to_string()).unwrap();
