@@ -16,6 +16,7 @@ pub mod generate;
 #[allow(unsafe_code)]
 pub mod ggml;
 pub mod home;
+pub mod lora;
 pub mod merge;
 pub mod model;
 pub mod npy;

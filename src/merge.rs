@@ -50,7 +50,7 @@ pub enum MergeError {
 }
 
 /// The part of a merged tensor one target is: its rows, factors and deltas.
-type Part<'f> = (Range<usize>, &'f Factor, &'f [f32]);
+pub(crate) type Part<'f> = (Range<usize>, &'f Factor, &'f [f32]);
 
 /// Writes the merged model to `out`; `info` becomes extra metadata keys.
 /// Returns the number of matrices replaced. A target that is rows of a
@@ -116,7 +116,7 @@ pub fn merge(
 
 /// Each adapted tensor's parts, by tensor name: every delta's target with
 /// its factors, where the model stores it (the config says, per family).
-fn parts_by_tensor<'f>(
+pub(crate) fn parts_by_tensor<'f>(
     gguf: &GgufFile,
     factors: &'f [(TargetMatrix, Factor)],
     deltas: &'f Deltas,

@@ -10,7 +10,7 @@ use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 use crate::model::tokenizer::llama_backend;
@@ -51,6 +51,13 @@ impl Reference {
         let model = LlamaModel::load_from_file(llama_backend(), path, &params)
             .map_err(|_| OracleError::Load(path.display().to_string()))?;
         Ok(Reference { model })
+    }
+
+    /// A LoRA in llama.cpp's GGUF format for this model (`--lora FILE`).
+    pub fn lora(&mut self, path: &Path) -> Result<LlamaLoraAdapter, OracleError> {
+        self.model
+            .lora_adapter_init(path)
+            .map_err(|e| OracleError::Load(format!("{}: {e}", path.display())))
     }
 
     /// A llama.cpp context of `n_ctx` cells for up to `n_seq` sequences,
@@ -109,6 +116,13 @@ pub struct ReferenceSession<'m> {
 }
 
 impl ReferenceSession<'_> {
+    /// Applies `lora` at scale 1 to what this session decodes from now on.
+    pub fn apply_lora(&mut self, lora: &mut LlamaLoraAdapter) -> Result<(), OracleError> {
+        self.ctx
+            .lora_adapter_set(lora, 1.0)
+            .map_err(|e| OracleError::Context(e.to_string()))
+    }
+
     /// Decodes `batch` (same meaning as [`crate::model::Model::decode`]) and
     /// returns the logits of its output tokens.
     pub fn decode(&mut self, batch: &Batch) -> Result<Logits, OracleError> {

@@ -35,6 +35,32 @@ pub(super) enum AdapterCommand {
         #[command(flatten)]
         base: ModelFile,
     },
+    /// Write an adapter (or a mix) as an exact LoRA for other runtimes: a
+    /// GGUF LoRA for llama.cpp (`--lora FILE`) or a PEFT adapter directory.
+    /// Its update U diag(sigma' - sigma) Vt is a LoRA B A of the rank of its
+    /// non-zero deltas, scale 1.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+pub(super) struct ExportArgs {
+    #[command(flatten)]
+    base: ModelFile,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+    /// gguf-lora (a file for llama.cpp's --lora) or peft (a directory with
+    /// adapter_model.safetensors and adapter_config.json, Hugging Face's
+    /// module names and row order)
+    #[arg(long, value_enum)]
+    format: svfit::lora::Format,
+    /// Output file (gguf-lora) or directory (peft)
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep at most N deltas per matrix, the largest (the LoRA's rank); the
+    /// relative error of the update dropped is reported. Default: all of
+    /// them (exact)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rank: Option<u32>,
 }
 
 #[derive(Args)]
@@ -264,6 +290,36 @@ pub(super) fn run_adapter(command: &AdapterCommand) -> Result<()> {
             a.write(out)?;
             eprintln!("wrote {}", out.display());
         }
+        AdapterCommand::Export(args) => run_export(args)?,
     }
+    Ok(())
+}
+
+fn run_export(args: &ExportArgs) -> Result<()> {
+    let model = args.base.path()?;
+    understood(&model)?;
+    let resolved = args
+        .adapter
+        .resolve(&model)?
+        .context("name the adapter to export with --adapter FILE or --mix A=W,B=W")?;
+    let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
+    let rank = args.rank.map(|r| r as usize);
+    let done = svfit::lora::export(
+        &model,
+        &factors,
+        &resolved.deltas,
+        args.format,
+        rank,
+        &args.out,
+    )
+    .with_context(|| format!("exporting {}", resolved.description))?;
+    eprintln!(
+        "wrote {} ({} matrices, rank up to {}, {} parameters; update dropped: {:.3e} of |dW|)",
+        args.out.display(),
+        done.matrices,
+        done.max_rank,
+        done.parameters,
+        done.dropped
+    );
     Ok(())
 }

@@ -264,6 +264,118 @@ fn adapters_on_the_command_line() {
     ));
     assert!(!out.trim().is_empty());
 
+    // Export: a GGUF LoRA llama.cpp loads (tests/it/svfit.rs runs it) and
+    // a PEFT directory with Hugging Face's names; a missing adapter, rank 0
+    // and an unwritable place are refused.
+    let lora = path("a-lora.gguf");
+    let said = svfit(
+        &home,
+        &[
+            "adapter",
+            "export",
+            "--model",
+            m,
+            "--adapter",
+            &a,
+            "--format",
+            "gguf-lora",
+            "--out",
+            &lora,
+        ],
+    );
+    assert!(
+        said.status.success(),
+        "{}",
+        String::from_utf8_lossy(&said.stderr)
+    );
+    assert!(String::from_utf8_lossy(&said.stderr).contains("update dropped: 0.000e0"));
+    let gguf = svfit::ggml::gguf::GgufFile::open(Path::new(&lora)).unwrap();
+    assert_eq!(
+        gguf.get_str("general.type").unwrap().as_deref(),
+        Some("adapter")
+    );
+    assert!(gguf.tensor("blk.3.attn_q.weight.lora_a").is_some());
+    let peft = path("a-peft");
+    ok(svfit(
+        &home,
+        &[
+            "adapter",
+            "export",
+            "--model",
+            m,
+            "--adapter",
+            &a,
+            "--format",
+            "peft",
+            "--out",
+            &peft,
+            "--rank",
+            "4",
+        ],
+    ));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&peft).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    assert_eq!(config["rank_pattern"]["model.layers.3.self_attn.q_proj"], 4);
+    let header =
+        svfit::tensorfile::read_header(&Path::new(&peft).join("adapter_model.safetensors"))
+            .unwrap();
+    assert!(header
+        .tensors
+        .iter()
+        .any(|t| t.name == "base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"));
+    refused(
+        svfit(
+            &home,
+            &[
+                "adapter", "export", "--model", m, "--format", "peft", "--out", &peft,
+            ],
+        ),
+        "name the adapter to export",
+    );
+    let zero = svfit(
+        &home,
+        &[
+            "adapter",
+            "export",
+            "--model",
+            m,
+            "--adapter",
+            &a,
+            "--format",
+            "peft",
+            "--out",
+            &peft,
+            "--rank",
+            "0",
+        ],
+    );
+    assert!(!zero.status.success() && String::from_utf8_lossy(&zero.stderr).contains("--rank"));
+    refused(
+        svfit(
+            &home,
+            &[
+                "adapter",
+                "export",
+                "--model",
+                m,
+                "--adapter",
+                &a,
+                "--format",
+                "gguf-lora",
+                "--out",
+                &path("no-such-dir/a.gguf"),
+            ],
+        ),
+        "no-such-dir",
+    );
+
     // Bad adapters and mixes.
     let mut nan = Adapter::read(Path::new(&a)).unwrap();
     nan.sigma[5].1[0] = f32::NAN;

@@ -319,6 +319,82 @@ fn tiny_adapter_path_matches_llama_cpp_on_the_merged_model() {
     check_exactness(&tiny("all-linear"), &random_tokens(90, 2), 5.0);
 }
 
+/// llama.cpp's logits of `tokens` on the model at `path` with the GGUF
+/// LoRA at `lora` applied.
+fn llama_cpp_with_lora(path: &Path, lora: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut reference = common::reference(path);
+    let mut adapter = reference.lora(lora).unwrap();
+    let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
+    session.apply_lora(&mut adapter).unwrap();
+    let mut batch = Batch::new();
+    batch.add_sequence(tokens, 0, 0, true);
+    let out = session.decode(&batch).unwrap();
+    rows(&out).into_iter().map(<[f32]>::to_vec).collect()
+}
+
+/// An adapter exported as a GGUF LoRA (`svfit adapter export --format
+/// gguf-lora`) and run by llama.cpp (`--lora`) answers as our adapter path
+/// does, within the merged model's bounds: on the tiny llama with every
+/// target, and on Phi-3 with q and v inside its fused `attn_qkv` (one LoRA
+/// for the fused tensor, zeros in k's rows). Keeping fewer deltas
+/// (`--rank`) reports what it drops, and drops it.
+#[test]
+fn exported_gguf_lora_in_llama_cpp_matches_the_adapter_path() {
+    use svfit::lora::{export, Format};
+    let _machine = crate::common::shared();
+    let phi3 = {
+        let dir = temp_dir("lora-phi3");
+        let model = dir.path().join("phi3.gguf");
+        common::write_tiny_model(&model, &random::Shape::tiny(Arch::Phi3));
+        setup(dir, model, "q,v")
+    };
+    for s in [tiny("all-linear"), phi3] {
+        let tokens = random_tokens(90, 2);
+        let deltas = s.deltas(&s.adapter(0.05, 1));
+        let lora = s.dir.path().join("lora.gguf");
+        let exported =
+            export(&s.model, &s.factors, &deltas, Format::GgufLora, None, &lora).unwrap();
+        assert_eq!(exported.dropped, 0.0);
+        let mut model = load(&s.model);
+        model.attach_factors(&s.factors, 2, Type::Q8_0).unwrap();
+        model.set_adapter(1, &deltas).unwrap();
+        let ours = logits(&mut model, &tokens, 1);
+        let unadapted = logits(&mut model, &tokens, 0);
+        let theirs = llama_cpp_with_lora(&s.model, &lora, &tokens);
+        let a = agreement(&ours, &theirs);
+        let moved = agreement(&ours, &unadapted);
+        eprintln!("adapter path vs llama.cpp with the exported LoRA: {a:?}; moved {moved:?}");
+        assert!(a.top1 >= 0.98, "top-1 agrees at {:.1}%", 100.0 * a.top1);
+        assert!(a.mean_abs_rel < 2e-2, "mean |Δ| {:.4}", a.mean_abs_rel);
+        assert!(
+            moved.mean_abs_rel > 2.5 * a.mean_abs_rel,
+            "{moved:?} against {a:?}"
+        );
+
+        // Rank 2: most of the update dropped, as reported.
+        let cut = s.dir.path().join("lora-2.gguf");
+        let exported = export(
+            &s.model,
+            &s.factors,
+            &deltas,
+            Format::GgufLora,
+            Some(2),
+            &cut,
+        )
+        .unwrap();
+        assert_eq!(
+            exported.max_rank,
+            2 * if s.model.ends_with("phi3.gguf") { 2 } else { 1 }
+        );
+        assert!(exported.dropped > 0.5, "{exported:?}");
+        let truncated = agreement(&ours, &llama_cpp_with_lora(&s.model, &cut, &tokens));
+        assert!(
+            truncated.mean_abs_rel > 2.0 * a.mean_abs_rel,
+            "{truncated:?}"
+        );
+    }
+}
+
 /// A Llama 3.x file (`rope_freqs.weight`, RoPE base 500000): `merge`
 /// keeps the factors as they were, and llama.cpp on the merged file
 /// answers as our adapter path does.
