@@ -65,15 +65,83 @@ pub fn merge(
 ) -> Result<usize, MergeError> {
     let gguf = GgufFile::open(model)?;
     let parts = parts_by_tensor(&gguf, factors, deltas)?;
+    write_merged(
+        &gguf,
+        ty,
+        info,
+        out,
+        &|name| parts.contains_key(name),
+        &mut |name, w, m, n| {
+            let mut replaced = 0;
+            for (rows, factor, delta) in &parts[name] {
+                if (factor.m, factor.n, factor.rank()) != (rows.len(), n, delta.len())
+                    || rows.end > m
+                {
+                    return Err(format!(
+                    "factors [{}, {}] of rank {} for rows {rows:?} of a [{m}, {n}] matrix with \
+                     {} deltas",
+                    factor.m,
+                    factor.n,
+                    factor.rank(),
+                    delta.len()
+                ));
+                }
+                add_low_rank(&mut w[rows.start * n..rows.end * n], factor, delta);
+                replaced += 1;
+            }
+            Ok(replaced)
+        },
+    )
+}
+
+/// Writes the model with `lora` merged (`W' = W + scale · B A` for each of
+/// its tensors) to `out`, as [`merge`] does; returns the matrices changed.
+pub fn merge_lora(
+    model: &Path,
+    lora: &crate::lora::Lora,
+    ty: MergeType,
+    info: &[(String, String)],
+    out: &Path,
+) -> Result<usize, MergeError> {
+    let gguf = GgufFile::open(model)?;
+    let updates = &lora.updates;
+    write_merged(
+        &gguf,
+        ty,
+        info,
+        out,
+        &|name| updates.contains_key(name),
+        &mut |name, w, m, n| {
+            updates[name].add_to(w, m, n);
+            Ok(1)
+        },
+    )
+}
+
+/// Changes the tensor `name`, a row-major `[m, n]` matrix `w`: the matrices
+/// changed, or why it could not.
+type Apply<'a> = dyn FnMut(&str, &mut [f32], usize, usize) -> Result<usize, String> + 'a;
+
+/// Copies `gguf` to `out`, each tensor that `adapted` names dequantized,
+/// changed by `apply` (which returns the matrices it changed, or why it
+/// could not) and stored as `ty`.
+fn write_merged(
+    gguf: &GgufFile,
+    ty: MergeType,
+    info: &[(String, String)],
+    out: &Path,
+    adapted: &dyn Fn(&str) -> bool,
+    apply: &mut Apply,
+) -> Result<usize, MergeError> {
     let mut writer = GgufWriter::new(gguf.tensors().len())?;
-    writer.copy_metadata_from(&gguf);
+    writer.copy_metadata_from(gguf);
     for (key, value) in info {
         writer.set_str(key, value)?;
     }
     let mut replaced = 0;
     for tensor in gguf.tensors() {
         let shape = tensor.shape();
-        let Some(parts) = parts.get(tensor.name.as_str()) else {
+        if !adapted(&tensor.name) {
             writer.add_tensor(
                 &tensor.name,
                 tensor.ty,
@@ -81,26 +149,13 @@ pub fn merge(
                 gguf.read_tensor_bytes(tensor)?,
             )?;
             continue;
-        };
+        }
         let bad = |reason: String| MergeError::Matrix {
             name: tensor.name.clone(),
             reason,
         };
-        let (mut w, m, n) = factors::read_matrix(&gguf, &tensor.name)?;
-        for (rows, factor, delta) in parts {
-            if (factor.m, factor.n, factor.rank()) != (rows.len(), n, delta.len()) || rows.end > m {
-                return Err(bad(format!(
-                    "factors [{}, {}] of rank {} for rows {rows:?} of a [{m}, {n}] matrix with \
-                     {} deltas",
-                    factor.m,
-                    factor.n,
-                    factor.rank(),
-                    delta.len()
-                )));
-            }
-            add_low_rank(&mut w[rows.start * n..rows.end * n], factor, delta);
-            replaced += 1;
-        }
+        let (mut w, m, n) = factors::read_matrix(gguf, &tensor.name)?;
+        replaced += apply(&tensor.name, &mut w, m, n).map_err(bad)?;
         let out_type = match ty {
             MergeType::F16 => Type::F16,
             MergeType::F32 => Type::F32,

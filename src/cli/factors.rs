@@ -119,6 +119,11 @@ pub(super) struct MergeArgs {
     base: ModelFile,
     #[command(flatten)]
     adapter: AdapterArgs,
+    /// A LoRA to merge instead of an SVFit adapter: a PEFT directory
+    /// (adapter_config.json, adapter_model.safetensors) or a GGUF LoRA file
+    /// (llama.cpp's), checked against the model
+    #[arg(long, conflicts_with_all = ["adapter", "mix"])]
+    lora: Option<PathBuf>,
     /// Output GGUF file
     #[arg(long)]
     out: PathBuf,
@@ -199,10 +204,25 @@ pub(super) fn run_merge(args: &MergeArgs) -> Result<()> {
     let ty: svfit::merge::MergeType = args.ty.parse()?;
     let model = args.base.path()?;
     understood(&model)?;
+    if let Some(path) = &args.lora {
+        let gguf = svfit::ggml::gguf::GgufFile::open(&model)?;
+        let lora = svfit::lora::Lora::read(path, &gguf)?;
+        let info = [("svfit.merged.lora".to_string(), path.display().to_string())];
+        let start = std::time::Instant::now();
+        let n = svfit::merge::merge_lora(&model, &lora, ty, &info, &args.out)?;
+        let max_rank = lora.updates.values().map(|u| u.rank).max().unwrap_or(0);
+        eprintln!(
+            "wrote {} ({n} matrices merged as {}, LoRA rank up to {max_rank}, {:.1}s)",
+            args.out.display(),
+            args.ty,
+            start.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let resolved = args
         .adapter
         .resolve(&model)?
-        .context("name the adapter to merge with --adapter FILE or --mix A=W,B=W")?;
+        .context("name the adapter to merge with --adapter FILE, --mix A=W,B=W or --lora PATH")?;
     let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
     let info = [
         (

@@ -80,7 +80,8 @@ enum Command {
     /// parallel, with progress, resumed where an interrupted run stopped.
     Factorize(FactorizeArgs),
     /// Write a standalone GGUF with an adapter merged into the base weights
-    /// (W' = W + U diag(sigma - S) Vt), runnable by llama.cpp.
+    /// (W' = W + U diag(sigma - S) Vt), or a LoRA (W' = W + scale B A),
+    /// runnable by llama.cpp.
     Merge(MergeArgs),
     /// Write the model with its matrices in the types --weights holds them
     /// in (as on CPU), so llama.cpp runs exactly the weights svfit serves.

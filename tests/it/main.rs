@@ -22,6 +22,7 @@ mod demo;
 mod engine;
 mod factorize;
 mod fuzz;
+mod lora;
 mod parity;
 mod server;
 mod svfit;
