@@ -72,6 +72,12 @@ pub(super) struct ServeArgs {
     /// most; compiling one is bounded by llguidance's limits too
     #[arg(long, default_value_t = Limits::default().constraint_bytes)]
     max_constraint_bytes: usize,
+    /// Bytes of one file uploaded to the files API (/v1/files) at most
+    #[arg(long, default_value_t = Limits::default().file_bytes)]
+    max_file_bytes: usize,
+    /// Files one tenant may keep in the files API at most
+    #[arg(long, default_value_t = Limits::default().files_per_tenant)]
+    max_files_per_tenant: usize,
     /// Adapters one tenant may pin (all tenants together may pin one less
     /// than --adapter-slots)
     #[arg(long, default_value_t = 4)]
@@ -172,6 +178,8 @@ pub(super) fn run_serve(args: &ServeArgs) -> Result<()> {
             constraint_bytes: args.max_constraint_bytes,
             max_tokens: args.model.ctx,
             max_tokens_default: args.max_tokens,
+            file_bytes: args.max_file_bytes,
+            files_per_tenant: args.max_files_per_tenant,
         },
         pins_per_tenant: args.pins_per_tenant,
         max_connections: args.max_connections,

@@ -8,6 +8,8 @@
 //!   (`inference::submit`).
 //! - `GET /v1/models`, `GET /v1/models/{id}`: the base and the caller's
 //!   adapters (`?limit=N&after=ID` pages through them; `http/models.rs`).
+//! - `/v1/files`: OpenAI's files API for fine-tuning data (`http/files.rs`,
+//!   kept by `server/files.rs`).
 //! - `GET /health`: 200 while serving, 503 once draining or stopped.
 //!
 //! Errors have OpenAI's shape, `{"error": {"message", "type", "param",
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -41,6 +43,7 @@ use super::inference::{self, engine_gone, usage_and_timings, Submitted};
 use super::openai::{self, Answer, Endpoint, Parsed};
 use super::{failure_status, Api, Shared};
 
+mod files;
 mod models;
 use crate::engine::Event;
 use crate::store::unix_now;
@@ -77,9 +80,18 @@ pub(super) fn serve(
         shared,
         auth,
     };
+    let file_body_limit = files::body_limit(&state);
     let router = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route(
+            "/v1/files",
+            post(files::create)
+                .get(files::list)
+                .layer(DefaultBodyLimit::max(file_body_limit)),
+        )
+        .route("/v1/files/{id}", get(files::one).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::one))
         .route("/health", get(health))
@@ -604,7 +616,8 @@ async fn health(State(state): State<HttpState>) -> Response {
 
 async fn not_found() -> ApiError {
     ApiError(Status::not_found(
-        "no such endpoint (POST /v1/chat/completions, POST /v1/completions, GET /v1/models)",
+        "no such endpoint (POST /v1/chat/completions, POST /v1/completions, GET /v1/models, \
+         /v1/files)",
     ))
 }
 

@@ -12,6 +12,7 @@ mod adapters;
 pub mod auth;
 pub mod budget;
 pub mod codec;
+mod files;
 mod http;
 mod inference;
 mod listener;
@@ -190,6 +191,8 @@ struct Shared {
     /// Compiles requests' constraints: the vocabulary's token trie, built
     /// at the first constrained request (or why it could not be).
     constraints: std::sync::OnceLock<Result<crate::constraint::Compiler, String>>,
+    /// The files API's files (fine-tuning data).
+    files: files::Files,
 }
 
 impl Shared {
@@ -409,6 +412,7 @@ async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
     };
     let mut limits = config.limits.clone();
     limits.max_tokens = limits.max_tokens.min(engine.config().context);
+    let files = files::Files::open(&config.adapters)?;
     Ok(Arc::new(Shared {
         engine,
         store,
@@ -419,6 +423,7 @@ async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
         ranks,
         started: Instant::now(),
         constraints: std::sync::OnceLock::new(),
+        files,
     }))
 }
 

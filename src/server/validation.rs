@@ -35,6 +35,10 @@ pub struct Limits {
     pub max_tokens: usize,
     /// `max_tokens` of requests that leave it 0.
     pub max_tokens_default: usize,
+    /// Bytes of one file of the files API.
+    pub file_bytes: usize,
+    /// Files one tenant may keep.
+    pub files_per_tenant: usize,
 }
 
 impl Limits {
@@ -62,6 +66,8 @@ impl Default for Limits {
             constraint_bytes: 64 << 10,
             max_tokens: 8192,
             max_tokens_default: 256,
+            file_bytes: 64 << 20,
+            files_per_tenant: 100,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Adapter files in a local directory: `DIR/<tenant>/<id>.safetensors`,
+//! Adapter files in a local directory: `DIR/<tenant>/<id>.safetensors`
+//! (or another extension, for the files API's files),
 //! written through `home::write_atomic`, with an exclusive lock on the
 //! tenant's directory around each compare-and-swap.
 //!
@@ -15,21 +16,26 @@ use std::time::SystemTime;
 use super::{off_async, Backend, Call, Contents, Fingerprint, NextFile, StoreError};
 
 /// Adapter files in a local directory.
-pub struct LocalDir(PathBuf);
+pub struct LocalDir(PathBuf, &'static str);
 
 impl LocalDir {
     /// Opens (creating) `dir` and removes the temporary files that killed
     /// processes left behind.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, "safetensors")
+    }
+
+    /// The same for files named `<id>.<extension>`.
+    pub fn open_with(dir: &Path, extension: &'static str) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir.display(), e))?;
         for tenant in tenant_names(dir)? {
             crate::home::remove_stale_temps(&dir.join(tenant));
         }
-        Ok(LocalDir(dir.to_path_buf()))
+        Ok(LocalDir(dir.to_path_buf(), extension))
     }
 
     fn path(&self, tenant: &str, id: &str) -> PathBuf {
-        self.0.join(tenant).join(format!("{id}.safetensors"))
+        self.0.join(tenant).join(format!("{id}.{}", self.1))
     }
 }
 
@@ -64,7 +70,8 @@ fn names(
     Ok(out)
 }
 
-/// The tenants' directories under `root`.
+/// The tenants' directories under `root` (a name starting with `.` is
+/// no tenant's: the files API keeps its own tree in `.files`).
 fn tenant_names(root: &Path) -> Result<Vec<String>, StoreError> {
     names(root, |e| {
         e.file_type()
@@ -72,14 +79,17 @@ fn tenant_names(root: &Path) -> Result<Vec<String>, StoreError> {
             .is_dir()
             .then(|| e.file_name().into_string().ok())
             .flatten()
+            .filter(|n| !n.starts_with('.'))
     })
 }
 
-/// The adapter ids in a tenant's directory.
-fn id_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+/// The ids of the files named `<id>.<extension>` in a tenant's directory.
+fn id_names(dir: &Path, extension: &str) -> Result<Vec<String>, StoreError> {
     names(dir, |e| {
         let name = e.file_name().into_string().ok()?;
-        name.strip_suffix(".safetensors").map(str::to_string)
+        name.strip_suffix(extension)?
+            .strip_suffix('.')
+            .map(str::to_string)
     })
 }
 
@@ -166,7 +176,7 @@ impl Backend for LocalDir {
     }
 
     fn ids<'a>(&'a self, tenant: &'a str) -> Call<'a, Vec<String>> {
-        let dir = self.0.join(tenant);
-        Box::pin(off_async(move || id_names(&dir)))
+        let (dir, extension) = (self.0.join(tenant), self.1);
+        Box::pin(off_async(move || id_names(&dir, extension)))
     }
 }

@@ -193,16 +193,29 @@ async fn off_async<T: Send + 'static>(
 /// The backend for `--adapters`: a directory, or (with the `object-store`
 /// feature) an object store URL such as `s3://bucket/prefix`.
 pub fn backend(location: &str) -> Result<Box<dyn Backend>, StoreError> {
+    backend_with(location, "safetensors")
+}
+
+/// The same kind of backend for files named `<id>.<extension>`.
+pub fn backend_with(
+    location: &str,
+    extension: &'static str,
+) -> Result<Box<dyn Backend>, StoreError> {
     if location.contains("://") {
         #[cfg(feature = "object-store")]
-        return Ok(Box::new(object::Objects::open(location)?));
+        return Ok(Box::new(
+            object::Objects::open(location)?.with_extension(extension),
+        ));
         #[cfg(not(feature = "object-store"))]
         return Err(StoreError::io(
             location,
             "object store URLs need svfit built with --features s3 (or object-store)",
         ));
     }
-    Ok(Box::new(LocalDir::open(Path::new(location))?))
+    Ok(Box::new(LocalDir::open_with(
+        Path::new(location),
+        extension,
+    )?))
 }
 
 pub struct AdapterStore {

@@ -1,5 +1,6 @@
 //! Adapter files in an object store (the `object-store` feature), laid out
-//! as in a directory: `<prefix>/<tenant>/<id>.safetensors`.
+//! as in a directory: `<prefix>/<tenant>/<id>.safetensors` (or another
+//! extension, for the files API's files).
 //!
 //! Calls are futures of the caller's runtime (the server's): no runtime
 //! and no thread of their own. The HTTP client's pooled connections are
@@ -42,6 +43,7 @@ fn retry() -> object_store::RetryConfig {
 pub struct Objects {
     store: Box<dyn ObjectStore>,
     prefix: ObjectPath,
+    extension: &'static str,
 }
 
 impl Objects {
@@ -92,14 +94,23 @@ impl Objects {
                 }
                 _ => object_store::parse_url_opts(&parsed, options).map_err(fail)?,
             };
-        Ok(Objects { store, prefix })
+        Ok(Objects {
+            store,
+            prefix,
+            extension: "safetensors",
+        })
+    }
+
+    /// The same store for objects named `<id>.<extension>`.
+    pub fn with_extension(self, extension: &'static str) -> Self {
+        Objects { extension, ..self }
     }
 
     fn path(&self, tenant: &str, id: &str) -> ObjectPath {
         self.prefix
             .clone()
             .join(tenant)
-            .join(format!("{id}.safetensors").as_str())
+            .join(format!("{id}.{}", self.extension).as_str())
     }
 
     /// Names directly under `dir` (sub-prefixes when `dirs`, else
@@ -237,7 +248,12 @@ impl Backend for Objects {
     }
 
     fn tenants(&self) -> Call<'_, Vec<String>> {
-        Box::pin(self.names(self.prefix.clone(), true))
+        // A name starting with `.` is no tenant's (the files API's `.files`).
+        Box::pin(async move {
+            let mut names = self.names(self.prefix.clone(), true).await?;
+            names.retain(|n| !n.starts_with('.'));
+            Ok(names)
+        })
     }
 
     fn ids<'a>(&'a self, tenant: &'a str) -> Call<'a, Vec<String>> {
@@ -247,7 +263,11 @@ impl Backend for Objects {
                 .names(dir, false)
                 .await?
                 .into_iter()
-                .filter_map(|n| n.strip_suffix(".safetensors").map(str::to_string))
+                .filter_map(|n| {
+                    n.strip_suffix(self.extension)?
+                        .strip_suffix('.')
+                        .map(str::to_string)
+                })
                 .collect())
         })
     }

@@ -10,7 +10,6 @@
 //! - `{"text": T}`: plain text, loss on every token.
 
 use std::collections::BTreeSet;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -98,11 +97,26 @@ impl Dataset {
         ctx: usize,
         strict: bool,
     ) -> Result<Self, DataError> {
+        let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_reader(path, std::io::BufReader::new(file), tokenizer, ctx, strict)
+    }
+
+    /// The same from `reader` (an uploaded file's bytes, say), named `path`
+    /// in errors.
+    pub fn from_reader(
+        path: &Path,
+        reader: impl std::io::BufRead,
+        tokenizer: &Tokenizer,
+        ctx: usize,
+        strict: bool,
+    ) -> Result<Self, DataError> {
         let io = |source| DataError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
         let mut hasher = Sha256::new();
         let mut data = Dataset {
             path: path.to_path_buf(),
@@ -111,7 +125,7 @@ impl Dataset {
             truncated: 0,
             sha256: String::new(),
         };
-        for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+        for (i, line) in reader.split(b'\n').enumerate() {
             let line = line.map_err(io)?;
             hasher.update(&line);
             hasher.update(b"\n");

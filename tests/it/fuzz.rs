@@ -535,6 +535,7 @@ fn small_limits() -> Limits {
         chat_messages: 2,
         max_tokens: 4096,
         max_tokens_default: 64,
+        ..Limits::default()
     }
 }
 

@@ -19,6 +19,7 @@ use svfit::server::pb;
 use super::common::serve::*;
 use super::common::temp_dir;
 
+mod files;
 mod structured;
 mod tools;
 

@@ -44,6 +44,8 @@ def run(plan, call):
     endpoint = call["endpoint"]
     params = call.get("params", {})
     extra = {"extra_body": call["extra_body"]} if call.get("extra_body") else {}
+    if endpoint.startswith("file"):
+        return file_call(c, endpoint, params)
     if endpoint == "models":
         return {"status": 200, "ids": [m.id for m in c.models.list()]}
     if endpoint == "model":
@@ -98,11 +100,40 @@ def run(plan, call):
     }
 
 
+def file_call(c, endpoint, params):
+    """The files API: file_create (path, purpose), file_list (purpose),
+    file_get, file_content, file_delete (id)."""
+    if endpoint == "file_create":
+        with open(params["path"], "rb") as f:
+            return {"status": 200, "file": dump(c.files.create(file=f, purpose=params["purpose"]))}
+    if endpoint == "file_list":
+        extra = {"purpose": params["purpose"]} if params.get("purpose") else {}
+        return {"status": 200, "files": [dump(f) for f in c.files.list(**extra)]}
+    if endpoint == "file_get":
+        return {"status": 200, "file": dump(c.files.retrieve(params["id"]))}
+    if endpoint == "file_content":
+        return {"status": 200, "content": c.files.content(params["id"]).read().decode()}
+    if endpoint == "file_delete":
+        return {"status": 200, "deleted": dump(c.files.delete(params["id"]))}
+    raise ValueError(endpoint)
+
+
+def resolve(params, results):
+    """`{"id_of": N}` in params: the id of the file result N made."""
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and "id_of" in v:
+            v = results[v["id_of"]]["file"]["id"]
+        out[k] = v
+    return out
+
+
 def main():
     plan = json.load(sys.stdin)
     results = []
     for call in plan["calls"]:
         try:
+            call = dict(call, params=resolve(call.get("params", {}), results))
             results.append(run(plan, call))
         except openai.APIStatusError as e:
             body = e.body if isinstance(e.body, dict) else {"raw": str(e.body)}

@@ -1,0 +1,216 @@
+//! The files of OpenAI's files API (`/v1/files`, `http/files.rs`): a
+//! tenant's fine-tuning data, kept beside its adapters in the same kind of
+//! backend (`--adapters` DIR or object store), under `.files`:
+//! `.files/<tenant>/<id>.jsonl` holds the bytes as uploaded and
+//! `.files/<tenant>/<id>.json` the file object (name, purpose, size,
+//! time). The bytes are written first and the object last, and deleted in
+//! the other order: a file exists once its object does, and a killed
+//! process leaves at worst bytes no object names (never listed).
+//!
+//! An upload is checked before anything is stored: within
+//! `--max-file-bytes`, the tenant under `--max-files-per-tenant`, purpose
+//! `fine-tune`, and every line a training example `svfit train` takes (the
+//! OpenAI chat format, `prompt`/`completion`, or `text`), the first bad
+//! line named.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tonic::Status;
+
+use crate::store::{self, Backend, StoreError};
+use crate::train::data::Dataset;
+
+use super::validation::Limits;
+use super::Shared;
+
+/// The files of every tenant.
+pub(super) struct Files {
+    bytes: Box<dyn Backend>,
+    objects: Box<dyn Backend>,
+}
+
+/// What the store said, as a status (files are not adapters).
+fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::InvalidName { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::Conflict(_) => Status::aborted(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "files");
+            Status::unavailable("the file store failed or is unreachable; retry later")
+        }
+    }
+}
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("file '{}' not found", store::shown(id)))
+}
+
+impl Files {
+    /// The files kept beside the adapters at `adapters` (a directory or an
+    /// object store URL).
+    pub(super) fn open(adapters: &str) -> Result<Self, StoreError> {
+        let location = format!("{}/.files", adapters.trim_end_matches('/'));
+        Ok(Files {
+            bytes: store::backend_with(&location, "jsonl")?,
+            objects: store::backend_with(&location, "json")?,
+        })
+    }
+
+    /// Checks and stores an upload of `tenant`; its file object.
+    pub(super) async fn create(
+        &self,
+        shared: &Arc<Shared>,
+        tenant: &str,
+        filename: &str,
+        purpose: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Value, Status> {
+        if purpose != "fine-tune" {
+            return Err(Status::invalid_argument(format!(
+                "purpose: '{}' is not stored here (only fine-tune)",
+                store::shown(purpose)
+            )));
+        }
+        let limits = &shared.limits;
+        check_size(bytes.len(), limits)?;
+        let held = self.objects.ids(tenant).await.map_err(status)?.len();
+        if held >= limits.files_per_tenant {
+            return Err(Status::resource_exhausted(format!(
+                "tenant '{tenant}' keeps {held} files, its quota: delete some first"
+            )));
+        }
+        let (checked, bytes) = {
+            let shared = shared.clone();
+            let name = filename.to_string();
+            tokio::task::spawn_blocking(move || (check_lines(&shared, &name, &bytes), bytes))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+        };
+        let examples = checked?;
+        let id = new_id();
+        let object = json!({
+            "id": id, "object": "file", "bytes": bytes.len(),
+            "created_at": store::unix_now(), "filename": filename,
+            "purpose": purpose, "status": "processed", "status_details": null,
+            "svfit": {"examples": examples},
+        });
+        put(self.bytes.as_ref(), tenant, &id, bytes).await?;
+        put(
+            self.objects.as_ref(),
+            tenant,
+            &id,
+            object.to_string().into_bytes(),
+        )
+        .await?;
+        Ok(object)
+    }
+
+    /// The tenant's file objects, newest first.
+    pub(super) async fn list(&self, tenant: &str) -> Result<Vec<Value>, Status> {
+        let mut files = Vec::new();
+        for id in self.objects.ids(tenant).await.map_err(status)? {
+            if let Some(object) = self.object(tenant, &id).await? {
+                files.push(object);
+            }
+        }
+        files.sort_by_key(|f| std::cmp::Reverse(f["created_at"].as_u64().unwrap_or(0)));
+        Ok(files)
+    }
+
+    /// One file object of the tenant.
+    pub(super) async fn get(&self, tenant: &str, id: &str) -> Result<Value, Status> {
+        valid_id(id)?;
+        self.object(tenant, id).await?.ok_or_else(|| not_found(id))
+    }
+
+    /// A file's bytes as uploaded.
+    pub(super) async fn content(&self, tenant: &str, id: &str) -> Result<Vec<u8>, Status> {
+        self.get(tenant, id).await?;
+        let read = self.bytes.read(tenant, id).await.map_err(status)?;
+        read.map(|(bytes, _)| bytes).ok_or_else(|| not_found(id))
+    }
+
+    /// Deletes a file: its object first, so it is gone once that is.
+    pub(super) async fn delete(&self, tenant: &str, id: &str) -> Result<(), Status> {
+        valid_id(id)?;
+        if !self.objects.delete(tenant, id).await.map_err(status)? {
+            return Err(not_found(id));
+        }
+        self.bytes.delete(tenant, id).await.map_err(status)?;
+        Ok(())
+    }
+
+    async fn object(&self, tenant: &str, id: &str) -> Result<Option<Value>, Status> {
+        let Some((bytes, _)) = self.objects.read(tenant, id).await.map_err(status)? else {
+            return Ok(None);
+        };
+        let object: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Status::internal(format!("file '{id}': its object is unreadable: {e}")))?;
+        Ok(Some(object))
+    }
+}
+
+/// Writes a new file `id` (a fresh id: one already there is a conflict).
+async fn put(
+    backend: &dyn Backend,
+    tenant: &str,
+    id: &str,
+    contents: Vec<u8>,
+) -> Result<(), Status> {
+    let mut contents = Some(contents);
+    let mut next = |current: Option<&[u8]>| match current {
+        None => Ok(contents.take().unwrap_or_default()),
+        Some(_) => Err(StoreError::Conflict(id.to_string())),
+    };
+    backend.update(tenant, id, &mut next).await.map_err(status)
+}
+
+/// 413-worthy sizes are refused before the lines are read.
+fn check_size(bytes: usize, limits: &Limits) -> Result<(), Status> {
+    if bytes == 0 {
+        return Err(Status::invalid_argument("file: empty"));
+    }
+    if bytes > limits.file_bytes {
+        return Err(Status::out_of_range(format!(
+            "file: {bytes} bytes; at most {} are stored (--max-file-bytes)",
+            limits.file_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Every line a training example for the served model; the number of
+/// examples, or the first bad line.
+fn check_lines(shared: &Shared, filename: &str, bytes: &[u8]) -> Result<usize, Status> {
+    let context = shared.engine.config().context;
+    let data = Dataset::from_reader(Path::new(filename), bytes, &shared.tokenizer, context, true)
+        .map_err(|e| Status::invalid_argument(format!("file: {e}")))?;
+    Ok(data.examples.len())
+}
+
+/// Ids are `file-` and 24 hex digits.
+fn new_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut id = String::from("file-");
+    for _ in 0..2 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        id.push_str(&format!("{:012x}", h.finish() >> 16));
+    }
+    id
+}
+
+fn valid_id(id: &str) -> Result<(), Status> {
+    let hex = id.strip_prefix("file-").unwrap_or("");
+    if hex.len() == 24 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(not_found(id))
+    }
+}
