@@ -25,10 +25,15 @@ use crate::train::data::Dataset;
 use super::validation::Limits;
 use super::Shared;
 
+/// Uploads read at once; more wait their turn, so uploads hold at most
+/// this many times `--max-file-bytes` (and their examples while checked).
+const CONCURRENT_UPLOADS: usize = 2;
+
 /// The files of every tenant.
 pub(super) struct Files {
     bytes: Box<dyn Backend>,
     objects: Box<dyn Backend>,
+    uploads: tokio::sync::Semaphore,
 }
 
 /// What the store said, as a status (files are not adapters).
@@ -55,7 +60,16 @@ impl Files {
         Ok(Files {
             bytes: store::backend_with(&location, "jsonl")?,
             objects: store::backend_with(&location, "json")?,
+            uploads: tokio::sync::Semaphore::new(CONCURRENT_UPLOADS),
         })
+    }
+
+    /// A turn to read and check an upload (held until it is stored).
+    pub(super) async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        self.uploads
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is stopping"))
     }
 
     /// Checks and stores an upload of `tenant`; its file object.

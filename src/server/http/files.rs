@@ -29,6 +29,7 @@ pub(super) async fn create(
     let caller = state.caller(&headers)?;
     let mut multipart =
         multipart.map_err(|e| openai::invalid("file", format!("a multipart form: {e}")))?;
+    let _turn = state.shared.files.turn().await?;
     let timeout = state.shared.config.upload_timeout;
     let read = tokio::time::timeout(timeout, async {
         let (mut purpose, mut file) = (None, None);
