@@ -299,14 +299,31 @@ fn permuted_heads(config: &Config, name: &str) -> Option<usize> {
 /// converter writes row `h·d + 2i + s` of a head of `d` rows from Hugging
 /// Face's row `h·d + s·d/2 + i`.
 fn unpermute_rows(b: &[f32], m: usize, cols: usize, heads: usize) -> Vec<f32> {
+    move_rows(b, m, cols, heads, |gguf, hf| (gguf, hf))
+}
+
+/// The rows of `b` in llama.cpp's order from Hugging Face's (the inverse
+/// of [`unpermute_rows`]).
+fn permute_rows(b: &[f32], m: usize, cols: usize, heads: usize) -> Vec<f32> {
+    move_rows(b, m, cols, heads, |gguf, hf| (hf, gguf))
+}
+
+/// `out[to] = b[from]` for each row pair `(from, to) = pair(gguf, hf)` of
+/// the converter's permutation.
+fn move_rows(
+    b: &[f32],
+    m: usize,
+    cols: usize,
+    heads: usize,
+    pair: impl Fn(usize, usize) -> (usize, usize),
+) -> Vec<f32> {
     let d = m / heads;
     let mut out = vec![0.0; b.len()];
     for h in 0..heads {
         for i in 0..d / 2 {
             for s in 0..2 {
-                let gguf = h * d + 2 * i + s;
-                let hf = h * d + s * d / 2 + i;
-                out[hf * cols..(hf + 1) * cols].copy_from_slice(&b[gguf * cols..(gguf + 1) * cols]);
+                let (from, to) = pair(h * d + 2 * i + s, h * d + s * d / 2 + i);
+                out[to * cols..(to + 1) * cols].copy_from_slice(&b[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -721,23 +738,6 @@ fn gguf_tensor(config: &Config, layer: usize, module: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("blk.{layer}.{kind}.weight"))
-}
-
-/// Rows of `[m, cols]` `b` in llama.cpp's order from Hugging Face's (the
-/// inverse of [`unpermute_rows`]).
-fn permute_rows(b: &[f32], m: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let d = m / heads;
-    let mut out = vec![0.0; b.len()];
-    for h in 0..heads {
-        for i in 0..d / 2 {
-            for s in 0..2 {
-                let gguf = h * d + 2 * i + s;
-                let hf = h * d + s * d / 2 + i;
-                out[gguf * cols..(gguf + 1) * cols].copy_from_slice(&b[hf * cols..(hf + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

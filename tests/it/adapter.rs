@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use svfit::adapter::Adapter;
 
-fn svfit(home: &Path, args: &[&str]) -> Output {
+pub(crate) fn svfit(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_svfit"))
         .args(args)
         .env("SVFIT_HOME", home)

@@ -12,8 +12,8 @@ use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use crate::adapter::svfit;
 use common::{compare, rows, Rng};
 use svfit::ggml::gguf::{GgufFile, GgufWriter};
 use svfit::ggml::Type;
@@ -232,15 +232,6 @@ fn exports_read_back_as_the_adapter() {
         eprintln!("{format:?}: largest difference {d:.2e} of a tensor's largest value");
         assert!(d < 1e-5, "{format:?}: {d}");
     }
-}
-
-fn svfit(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_svfit"))
-        .args(args)
-        .env("SVFIT_HOME", home)
-        .env_remove("SVFIT_MODEL")
-        .output()
-        .unwrap()
 }
 
 /// Copies the PEFT directory `from` to `to`, changing its weights with
