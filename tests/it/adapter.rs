@@ -267,22 +267,14 @@ fn adapters_on_the_command_line() {
     // Export: a GGUF LoRA llama.cpp loads (tests/it/svfit.rs runs it) and
     // a PEFT directory with Hugging Face's names; a missing adapter, rank 0
     // and an unwritable place are refused.
+    let export = |format: &str, out: &str, extra: &[&str]| {
+        let mut args = vec!["adapter", "export", "--model", m, "--adapter", &a];
+        args.extend(["--format", format, "--out", out]);
+        args.extend_from_slice(extra);
+        svfit(&home, &args)
+    };
     let lora = path("a-lora.gguf");
-    let said = svfit(
-        &home,
-        &[
-            "adapter",
-            "export",
-            "--model",
-            m,
-            "--adapter",
-            &a,
-            "--format",
-            "gguf-lora",
-            "--out",
-            &lora,
-        ],
-    );
+    let said = export("gguf-lora", &lora, &[]);
     assert!(
         said.status.success(),
         "{}",
@@ -296,23 +288,7 @@ fn adapters_on_the_command_line() {
     );
     assert!(gguf.tensor("blk.3.attn_q.weight.lora_a").is_some());
     let peft = path("a-peft");
-    ok(svfit(
-        &home,
-        &[
-            "adapter",
-            "export",
-            "--model",
-            m,
-            "--adapter",
-            &a,
-            "--format",
-            "peft",
-            "--out",
-            &peft,
-            "--rank",
-            "4",
-        ],
-    ));
+    ok(export("peft", &peft, &["--rank", "4"]));
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(Path::new(&peft).join("adapter_config.json")).unwrap(),
     )
@@ -339,40 +315,10 @@ fn adapters_on_the_command_line() {
         ),
         "name the adapter to export",
     );
-    let zero = svfit(
-        &home,
-        &[
-            "adapter",
-            "export",
-            "--model",
-            m,
-            "--adapter",
-            &a,
-            "--format",
-            "peft",
-            "--out",
-            &peft,
-            "--rank",
-            "0",
-        ],
-    );
+    let zero = export("peft", &peft, &["--rank", "0"]);
     assert!(!zero.status.success() && String::from_utf8_lossy(&zero.stderr).contains("--rank"));
     refused(
-        svfit(
-            &home,
-            &[
-                "adapter",
-                "export",
-                "--model",
-                m,
-                "--adapter",
-                &a,
-                "--format",
-                "gguf-lora",
-                "--out",
-                &path("no-such-dir/a.gguf"),
-            ],
-        ),
+        export("gguf-lora", &path("no-such-dir/a.gguf"), &[]),
         "no-such-dir",
     );
 
