@@ -355,12 +355,68 @@ enum Place {
     /// In the arguments; `sent` bytes of them were given out.
     Arguments {
         sent: usize,
+        scan: Scan,
     },
+    /// After a call's closing `}`, before `</tool_call>`.
+    Closing,
+}
+
+/// How far the arguments were scanned as JSON: `at` bytes, inside `depth`
+/// objects and arrays (the call's own object included), and whether in a
+/// string (after a backslash). The call's object closes at depth 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Scan {
+    at: usize,
+    depth: usize,
+    string: bool,
+    escaped: bool,
+}
+
+impl Scan {
+    /// Inside the call's object, at the first byte of the arguments.
+    const START: Scan = Scan {
+        at: 0,
+        depth: 1,
+        string: false,
+        escaped: false,
+    };
+
+    /// Scans `text` on from `at`; the offset of the call's closing `}` once
+    /// it is reached. Byte-wise: no byte of a multi-byte UTF-8 character
+    /// is ASCII.
+    fn find_close(&mut self, text: &[u8]) -> Option<usize> {
+        while let Some(&c) = text.get(self.at) {
+            if self.string {
+                match c {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => self.string = false,
+                    _ => {}
+                }
+            } else {
+                match c {
+                    b'"' => self.string = true,
+                    b'{' | b'[' => self.depth += 1,
+                    b'}' | b']' => {
+                        self.depth = self.depth.saturating_sub(1);
+                        if self.depth == 0 {
+                            return Some(self.at);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            self.at += 1;
+        }
+        None
+    }
 }
 
 /// Reads an answer back into content and calls as it arrives: each piece
 /// of text gives the pieces that it completes. The arguments are given out
-/// as they are written, up to their last `}` (which may be the call's).
+/// as they are written, scanned as JSON (so a `}` or `</tool_call>` inside
+/// a string is text), up to the call's closing `}`; whitespace waits until
+/// what follows it shows whether it is the arguments'.
 #[derive(Default)]
 pub struct Calls {
     place: Place,
@@ -388,7 +444,7 @@ impl Calls {
         let mut out = self.read("");
         let rest = std::mem::take(&mut self.pending);
         match self.place {
-            Place::Arguments { sent } => {
+            Place::Arguments { sent, .. } => {
                 if let Some(text) = rest.get(sent..).filter(|t| !t.is_empty()) {
                     out.push(Piece::Arguments {
                         index: self.calls,
@@ -398,8 +454,10 @@ impl Calls {
                 self.calls += 1;
             }
             Place::Header => out.push(Piece::Content(format!("{OPEN}{rest}"))),
-            // Between calls, the start of another cut short.
+            // Between calls, the start of another (or this one's end) cut
+            // short.
             Place::Between if OPEN.starts_with(rest.trim_start()) => {}
+            Place::Closing if CLOSE.starts_with(rest.trim_start()) => {}
             _ if rest.is_empty() => {}
             _ => out.push(Piece::Content(rest)),
         }
@@ -453,37 +511,49 @@ impl Calls {
                         name,
                     });
                     pending.drain(..used);
-                    self.place = Place::Arguments { sent: 0 };
+                    self.place = Place::Arguments {
+                        sent: 0,
+                        scan: Scan::START,
+                    };
                     true
                 }
             },
-            Place::Arguments { sent } => {
-                let index = self.calls;
-                let mut give = |upto: &str| {
-                    if let Some(text) = upto.get(sent..).filter(|t| !t.is_empty()) {
-                        out.push(Piece::Arguments {
-                            index,
-                            text: text.to_string(),
-                        });
-                    }
-                };
-                if let Some(end) = pending.find(CLOSE) {
-                    let body = pending[..end].trim_end();
-                    give(body.strip_suffix('}').unwrap_or(body).trim_end());
-                    pending.drain(..end + CLOSE.len());
-                    self.calls += 1;
-                    self.place = Place::Between;
-                    return true;
+            Place::Arguments { sent, mut scan } => {
+                let close = scan.find_close(pending.as_bytes());
+                let upto = pending[..close.unwrap_or(scan.at)].trim_end();
+                if let Some(text) = upto.get(sent..).filter(|t| !t.is_empty()) {
+                    out.push(Piece::Arguments {
+                        index: self.calls,
+                        text: text.to_string(),
+                    });
                 }
-                // The last `}` may close the call; whitespace before it
-                // may end the arguments.
-                let hold = pending.rfind('}').unwrap_or(pending.len());
-                let safe = pending[..hold].trim_end();
-                give(safe);
-                self.place = Place::Arguments {
-                    sent: sent.max(safe.len()),
-                };
-                false
+                let sent = sent.max(upto.len());
+                match close {
+                    Some(at) => {
+                        pending.drain(..=at);
+                        self.calls += 1;
+                        self.place = Place::Closing;
+                        true
+                    }
+                    None => {
+                        self.place = Place::Arguments { sent, scan };
+                        false
+                    }
+                }
+            }
+            Place::Closing => {
+                let rest = pending.trim_start();
+                if let Some(after) = rest.strip_prefix(CLOSE) {
+                    *pending = after.to_string();
+                    self.place = Place::Between;
+                    true
+                } else if CLOSE.starts_with(rest) {
+                    false
+                } else {
+                    // Not the end of a call (only a cut answer gets here).
+                    self.place = Place::Content;
+                    true
+                }
             }
         }
     }
@@ -608,6 +678,19 @@ mod tests {
             .filter(|p| matches!(p, Piece::Arguments { index: 0, .. }))
             .count();
         assert!(parts > 10, "{pieces:?}");
+    }
+
+    #[test]
+    fn braces_and_tags_inside_strings_are_arguments() {
+        let text = "<tool_call>\n{\"name\": \"say\", \"arguments\": {\"text\": \"a } b \\\" ] \
+                    </tool_call> c\"}}\n</tool_call>";
+        let expected = vec![(
+            "say".to_string(),
+            r#"{"text": "a } b \" ] </tool_call> c"}"#.to_string(),
+        )];
+        assert_eq!(whole(text).calls, expected);
+        assert_eq!(streamed(text).0.calls, expected);
+        assert_eq!(whole(text).content, "");
     }
 
     #[test]
