@@ -34,6 +34,9 @@ pub(super) struct Files {
     bytes: Box<dyn Backend>,
     objects: Box<dyn Backend>,
     uploads: tokio::sync::Semaphore,
+    /// Held from counting a tenant's files to storing a new one, so that
+    /// concurrent uploads cannot pass the quota together.
+    counting: tokio::sync::Mutex<()>,
 }
 
 /// What the store said, as a status (files are not adapters).
@@ -61,6 +64,7 @@ impl Files {
             bytes: store::backend_with(&location, "jsonl")?,
             objects: store::backend_with(&location, "json")?,
             uploads: tokio::sync::Semaphore::new(CONCURRENT_UPLOADS),
+            counting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -89,12 +93,7 @@ impl Files {
         }
         let limits = &shared.limits;
         check_size(bytes.len(), limits)?;
-        let held = self.objects.ids(tenant).await.map_err(status)?.len();
-        if held >= limits.files_per_tenant {
-            return Err(Status::resource_exhausted(format!(
-                "tenant '{tenant}' keeps {held} files, its quota: delete some first"
-            )));
-        }
+        self.check_quota(tenant, limits).await?;
         let (checked, bytes) = {
             let shared = shared.clone();
             let name = filename.to_string();
@@ -110,6 +109,8 @@ impl Files {
             "purpose": purpose, "status": "processed", "status_details": null,
             "svfit": {"examples": examples},
         });
+        let _counting = self.counting.lock().await;
+        self.check_quota(tenant, limits).await?;
         put(self.bytes.as_ref(), tenant, &id, bytes).await?;
         put(
             self.objects.as_ref(),
@@ -119,6 +120,18 @@ impl Files {
         )
         .await?;
         Ok(object)
+    }
+
+    /// Refuses a new file of a tenant at its quota (checked before the
+    /// lines are read, and again under `counting` before it is stored).
+    async fn check_quota(&self, tenant: &str, limits: &Limits) -> Result<(), Status> {
+        let held = self.objects.ids(tenant).await.map_err(status)?.len();
+        if held >= limits.files_per_tenant {
+            return Err(Status::resource_exhausted(format!(
+                "tenant '{tenant}' keeps {held} files, its quota: delete some first"
+            )));
+        }
+        Ok(())
     }
 
     /// The tenant's file objects, newest first.
