@@ -1,5 +1,6 @@
 //! OpenAI's files API for fine-tuning data: `POST /v1/files` (multipart:
-//! `purpose` and `file`), `GET /v1/files` (`?purpose=` filters),
+//! `purpose` and `file`), `GET /v1/files` (`?purpose=`, `limit`, `order`,
+//! `after`),
 //! `GET /v1/files/{id}`, `GET /v1/files/{id}/content`,
 //! `DELETE /v1/files/{id}`. A caller sees its own tenant's files only (an
 //! admin key's are its own too); `server/files.rs` checks and keeps them.
@@ -84,24 +85,52 @@ pub(super) async fn list(
     let caller = state.caller(&headers)?;
     let Query(query) = query.map_err(|e| openai::invalid("query", e.body_text()))?;
     let mut purpose = None;
+    let mut limit = 10_000;
+    let mut ascending = false;
+    let mut after = None;
     for (key, value) in &query {
         match key.as_str() {
             "purpose" => purpose = Some(value.clone()),
-            // The SDK's paging: every file fits one page.
-            "limit" | "order" | "after" => {}
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| openai::invalid("limit", "expected 1 to 10000"))?
+            }
+            "order" => {
+                ascending = match value.as_str() {
+                    "asc" => true,
+                    "desc" => false,
+                    _ => return Err(openai::invalid("order", "expected asc or desc").into()),
+                }
+            }
+            "after" => after = Some(value.clone()),
             other => return Err(openai::invalid(other, "unknown query parameter").into()),
         }
     }
+    // Newest first, or oldest first with `order=asc`; a page starts after
+    // the file `after` names.
     let mut files = state.shared.files.list(&caller.tenant).await?;
     if let Some(p) = purpose {
         files.retain(|f| f["purpose"] == p.as_str());
     }
+    if ascending {
+        files.reverse();
+    }
+    if let Some(after) = after {
+        let at = files.iter().position(|f| f["id"] == after.as_str());
+        let at = at.ok_or_else(|| openai::invalid("after", "no such file"))?;
+        files.drain(..=at);
+    }
+    let has_more = files.len() > limit;
+    files.truncate(limit);
     let id = |f: Option<&Value>| f.map(|f| f["id"].clone());
     let body = json!({
         "object": "list",
         "first_id": id(files.first()),
         "last_id": id(files.last()),
-        "has_more": false,
+        "has_more": has_more,
         "data": files,
     });
     Ok((StatusCode::OK, json_body(&body)).into_response())

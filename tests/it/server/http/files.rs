@@ -49,21 +49,23 @@ async fn files_upload_list_read_delete_per_tenant() {
         &url,
         None,
         vec![
-            create("ka", &good, "fine-tune"),                         // 0
-            call("file_list", "ka", json!({})),                       // 1
-            on("file_get", "ka", 0),                                  // 2
-            on("file_content", "ka", 0),                              // 3
-            call("file_list", "kb", json!({})),                       // 4
-            on("file_get", "kb", 0),                                  // 5
-            on("file_content", "kb", 0),                              // 6
-            on("file_delete", "kb", 0),                               // 7
-            create("ka", &bad, "fine-tune"),                          // 8
-            create("ka", &good, "assistants"),                        // 9
-            create("ka", &empty, "fine-tune"),                        // 10
-            create("ka", &big, "fine-tune"),                          // 11
-            create("ka", &good, "fine-tune"),                         // 12
-            create("ka", &good, "fine-tune"),                         // 13: over the quota
-            call("file_list", "ka", json!({"purpose": "fine-tune"})), // 14
+            create("ka", &good, "fine-tune"),                             // 0
+            call("file_list", "ka", json!({})),                           // 1
+            on("file_get", "ka", 0),                                      // 2
+            on("file_content", "ka", 0),                                  // 3
+            call("file_list", "kb", json!({})),                           // 4
+            on("file_get", "kb", 0),                                      // 5
+            on("file_content", "kb", 0),                                  // 6
+            on("file_delete", "kb", 0),                                   // 7
+            create("ka", &bad, "fine-tune"),                              // 8
+            create("ka", &good, "assistants"),                            // 9
+            create("ka", &empty, "fine-tune"),                            // 10
+            create("ka", &big, "fine-tune"),                              // 11
+            create("ka", &good, "fine-tune"),                             // 12
+            create("ka", &good, "fine-tune"),                             // 13: over the quota
+            call("file_list", "ka", json!({"purpose": "fine-tune"})),     // 14
+            call("file_list", "ka", json!({"limit": 1})),                 // 15
+            call("file_list", "ka", json!({"limit": 1, "order": "asc"})), // 16
         ],
     );
     let file = &results[0]["file"];
@@ -96,6 +98,19 @@ async fn files_upload_list_read_delete_per_tenant() {
     assert_eq!(results[12]["status"], 200, "{}", results[12]);
     refused(&results[13], 429, "keeps 2 files, its quota");
     assert_eq!(results[14]["files"].as_array().unwrap().len(), 2);
+    // Pages of one, followed by the SDK: the same files, in either order.
+    let ids = |r: &Value| -> Vec<Value> {
+        r["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["id"].clone())
+            .collect()
+    };
+    assert_eq!(ids(&results[15]), ids(&results[14]), "{}", results[15]);
+    let mut ascending = ids(&results[16]);
+    ascending.reverse();
+    assert_eq!(ascending, ids(&results[14]), "{}", results[16]);
 
     // On disk beside the adapters; a restarted server has them.
     let id = file["id"].as_str().unwrap().to_string();

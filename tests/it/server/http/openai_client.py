@@ -101,13 +101,15 @@ def run(plan, call):
 
 
 def file_call(c, endpoint, params):
-    """The files API: file_create (path, purpose), file_list (purpose),
+    """The files API: file_create (path, purpose), file_list (purpose,
+    limit, order),
     file_get, file_content, file_delete (id)."""
     if endpoint == "file_create":
         with open(params["path"], "rb") as f:
             return {"status": 200, "file": dump(c.files.create(file=f, purpose=params["purpose"]))}
     if endpoint == "file_list":
-        extra = {"purpose": params["purpose"]} if params.get("purpose") else {}
+        # Iterating the page follows `has_more` and `after`, as the SDK does.
+        extra = {k: params[k] for k in ("purpose", "limit", "order") if k in params}
         return {"status": 200, "files": [dump(f) for f in c.files.list(**extra)]}
     if endpoint == "file_get":
         return {"status": 200, "file": dump(c.files.retrieve(params["id"]))}
