@@ -780,6 +780,7 @@ async fn run_svfit(
                     tenant_queue_limit: 100_000,
                     prefill_budget: o.prefill_budget,
                     prefix_cache_bytes: o.prefix_cache_mb << 20,
+                    lora: svfit::engine::LoraConfig::default(),
                 },
                 limits: svfit::server::validation::Limits {
                     max_tokens_default: o.gen as usize,

@@ -11,9 +11,27 @@ use std::path::{Path, PathBuf};
 use crate::factors::{self, FactorError, FactorsKey, SingularValues, TargetMatrix};
 
 pub const FORMAT: &str = "adapter/1";
+/// The format of a LoRA kept as an adapter (`svfit adapter import`, the
+/// store): `blk.L.kind.lora_a` `[r, n]` and `.lora_b` `[m, r]` f32 pairs,
+/// the scale folded into `B` (see `lora::stored`).
+pub const LORA_FORMAT: &str = "lora/1";
 
 /// Per target matrix (`blk.L.kind`), `delta = sigma - S`.
 pub type Deltas = Vec<(String, Vec<f32>)>;
+
+/// A LoRA's update of one target matrix, `ΔW = B A`, its scale folded
+/// into `B`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LowRank {
+    /// `[rank, n]`, row-major.
+    pub a: Vec<f32>,
+    /// `[m, rank]`, row-major.
+    pub b: Vec<f32>,
+    pub rank: usize,
+}
+
+/// Per target matrix (`blk.L.kind`), a LoRA's update.
+pub type LowRanks = Vec<(String, LowRank)>;
 
 /// An adapter (one version of it, or a mix) as the engine sees it: its
 /// deltas, and the key its device slot and cached cells are found under.
@@ -26,7 +44,10 @@ pub struct AdapterDeltas {
     pub owner: Option<String>,
     /// The owner's version (0 for a mix).
     pub version: u64,
+    /// The SVFit deltas (empty for a LoRA alone).
     pub deltas: Deltas,
+    /// The LoRA updates (empty for an SVFit adapter alone).
+    pub lora: LowRanks,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +141,41 @@ pub fn mix(parts: &[(f32, &Deltas)]) -> Deltas {
         .collect()
 }
 
+/// A weighted mix of LoRAs, exact: `Σ w_i B_i A_i` is the LoRA whose `A`
+/// stacks the `A_i` and whose `B` sets the `w_i B_i` side by side (rank
+/// `Σ r_i` per matrix).
+pub fn mix_lora(parts: &[(f32, &LowRanks)]) -> LowRanks {
+    let mut by_prefix: Vec<(String, Vec<(f32, &LowRank)>)> = Vec::new();
+    for (w, lora) in parts {
+        for (prefix, u) in lora.iter() {
+            match by_prefix.iter_mut().find(|(p, _)| p == prefix) {
+                Some((_, list)) => list.push((*w, u)),
+                None => by_prefix.push((prefix.clone(), vec![(*w, u)])),
+            }
+        }
+    }
+    by_prefix
+        .into_iter()
+        .map(|(prefix, list)| {
+            let rank: usize = list.iter().map(|(_, u)| u.rank).sum();
+            let m = list[0].1.b.len() / list[0].1.rank;
+            let mut a = Vec::new();
+            let mut b = vec![0f32; m * rank];
+            let mut col = 0;
+            for (w, u) in list {
+                a.extend_from_slice(&u.a);
+                for i in 0..m {
+                    for j in 0..u.rank {
+                        b[i * rank + col + j] = w * u.b[i * u.rank + j];
+                    }
+                }
+                col += u.rank;
+            }
+            (prefix, LowRank { a, b, rank })
+        })
+        .collect()
+}
+
 /// An adapter: its metadata and `sigma` per target matrix (`blk.L.kind`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adapter {
@@ -129,8 +185,11 @@ pub struct Adapter {
     pub rank_policy: String,
     /// Free-form information (training data, steps, losses, ...).
     pub info: HashMap<String, String>,
-    /// `(prefix, sigma)` in the factors' order.
+    /// `(prefix, sigma)` in the factors' order (empty for a LoRA).
     pub sigma: Vec<(String, Vec<f32>)>,
+    /// A LoRA's updates (empty for an SVFit adapter): the file's format is
+    /// then [`LORA_FORMAT`] and it has no factors.
+    pub lora: LowRanks,
 }
 
 impl Adapter {
@@ -146,6 +205,7 @@ impl Adapter {
                 .iter()
                 .map(|(t, s)| (t.prefix(), s.clone()))
                 .collect(),
+            lora: Vec::new(),
         }
     }
 
@@ -203,11 +263,11 @@ impl Adapter {
             })
         };
         let format = take("svfit.format")?;
-        if format != FORMAT {
+        if format != FORMAT && format != LORA_FORMAT {
             return Err(AdapterError::Metadata {
                 path: path.to_path_buf(),
                 field: "svfit.format".into(),
-                expected: format!("'{FORMAT}'"),
+                expected: format!("'{FORMAT}' or '{LORA_FORMAT}'"),
                 actual: format!("'{format}'"),
             });
         }
@@ -217,6 +277,17 @@ impl Adapter {
             take("svfit.targets")?,
             take("svfit.rank_policy")?,
         );
+        if format == LORA_FORMAT {
+            return Ok(Adapter {
+                base_sha256,
+                factors_id,
+                targets,
+                rank_policy,
+                info,
+                sigma: Vec::new(),
+                lora: crate::lora::stored::parse(&st, path)?,
+            });
+        }
         let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         names.sort_by_key(|n| tensor_order(n));
         let mut sigma = Vec::with_capacity(names.len());
@@ -252,6 +323,7 @@ impl Adapter {
             rank_policy,
             info,
             sigma,
+            lora: Vec::new(),
         })
     }
 
@@ -311,9 +383,11 @@ impl Adapter {
                 actual: format!("'{actual}'"),
             })
         };
+        // A LoRA has no factors: its base is all there is to check here.
+        let factors_id = if self.is_lora() { None } else { field("svfit.factors_id", &key.id(), &self.factors_id) };
         let checks = [
             field("svfit.base_sha256", &key.base_sha256, &self.base_sha256),
-            field("svfit.factors_id", &key.id(), &self.factors_id),
+            factors_id,
         ];
         match checks.into_iter().flatten().next() {
             Some(e) => Err(e),
@@ -393,18 +467,25 @@ impl Adapter {
         })
     }
 
+    /// Whether this is a LoRA kept as an adapter.
+    pub fn is_lora(&self) -> bool {
+        !self.lora.is_empty()
+    }
+
     fn entries(&self) -> (Vec<crate::tensorfile::Entry>, HashMap<String, String>) {
         let mut metadata = self.info.clone();
-        metadata.insert("svfit.format".into(), FORMAT.into());
+        let format = if self.is_lora() { LORA_FORMAT } else { FORMAT };
+        metadata.insert("svfit.format".into(), format.into());
         metadata.insert("svfit.base_sha256".into(), self.base_sha256.clone());
         metadata.insert("svfit.factors_id".into(), self.factors_id.clone());
         metadata.insert("svfit.targets".into(), self.targets.clone());
         metadata.insert("svfit.rank_policy".into(), self.rank_policy.clone());
-        let entries = self
+        let mut entries: Vec<_> = self
             .sigma
             .iter()
             .map(|(p, s)| crate::tensorfile::Entry::f32(format!("{p}.sigma"), vec![s.len()], s))
             .collect();
+        entries.extend(crate::lora::stored::entries(&self.lora));
         (entries, metadata)
     }
 }

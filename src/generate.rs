@@ -3,7 +3,7 @@
 //! string, the token limit or the end of the context.
 
 use crate::constraint::{Constraint, ConstraintError};
-use crate::model::{Batch, KvCache, Model, ModelError, Slot, Tokenizer};
+use crate::model::{Batch, KvCache, Model, ModelError, Slots, Tokenizer};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// Prompt tokens decoded per graph run during prefill.
@@ -52,8 +52,8 @@ pub struct Request {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
-    /// The adapter slot to run with (0: the base model).
-    pub adapter: Slot,
+    /// The slots to run with (0 and 0: the base model).
+    pub adapter: Slots,
 }
 
 #[derive(Clone, Debug)]
@@ -113,7 +113,7 @@ pub fn generate(
     while let Some((start, chunk)) = sequence.next_prefill_chunk() {
         batch.clear();
         batch.add_sequence(chunk, start, SEQ, false);
-        batch.set_adapter(SEQ, request.adapter);
+        batch.set_slots(SEQ, request.adapter);
         logits = Some(model.decode(cache, &batch)?);
     }
     let mut logits = logits.expect("a non-empty prompt has one chunk");
@@ -122,7 +122,7 @@ pub fn generate(
             Ok(token) => {
                 batch.clear();
                 batch.add(token, sequence.position(), SEQ, true);
-                batch.set_adapter(SEQ, request.adapter);
+                batch.set_slots(SEQ, request.adapter);
                 logits = model.decode(cache, &batch)?;
             }
             Err(Ended::Finished(finish)) => return Ok(sequence.finish(finish, &mut on_text)),

@@ -40,6 +40,21 @@ pub(super) enum AdapterCommand {
     /// Its update U diag(sigma' - sigma) Vt is a LoRA B A of the rank of its
     /// non-zero deltas, scale 1.
     Export(ExportArgs),
+    /// Keep a LoRA (a PEFT directory or a GGUF LoRA) as an svfit adapter
+    /// file, checked against the base: the file the server's store holds
+    /// and `--adapter` takes, uploaded, versioned and served like any
+    /// adapter (the scale folded into B; fused tensors cut per matrix).
+    Import {
+        /// PEFT directory (adapter_model.safetensors + adapter_config.json)
+        /// or GGUF LoRA file
+        lora: PathBuf,
+        /// The base model it belongs to
+        #[command(flatten)]
+        base: ModelFile,
+        /// Output adapter file (.safetensors)
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -223,13 +238,14 @@ pub(super) fn run_merge(args: &MergeArgs) -> Result<()> {
         .adapter
         .resolve(&model)?
         .context("name the adapter to merge with --adapter FILE, --mix A=W,B=W or --lora PATH")?;
-    let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
+    let (key, factors_path) = resolved.factors()?;
+    let factors = svfit::factors::read_factors(factors_path, key)?;
     let info = [
         (
             "svfit.merged.adapters".to_string(),
             resolved.description.clone(),
         ),
-        ("svfit.merged.factors_id".to_string(), resolved.key.id()),
+        ("svfit.merged.factors_id".to_string(), key.id()),
     ];
     let start = std::time::Instant::now();
     let n = svfit::merge::merge(&model, &factors, &resolved.deltas, ty, &info, &args.out)?;
@@ -246,6 +262,28 @@ pub(super) fn run_adapter(command: &AdapterCommand) -> Result<()> {
     use svfit::adapter::Adapter;
     use svfit::factors;
     match command {
+        AdapterCommand::Import { lora, base, out } => {
+            let model = base.path()?;
+            let gguf = svfit::ggml::gguf::GgufFile::open(&model)?;
+            let config = svfit::model::Config::from_gguf(&gguf)?;
+            let read = svfit::lora::Lora::read(lora, &gguf)?;
+            let updates = read.low_ranks(&config)?;
+            let sha = home::sha256_file(&model)
+                .with_context(|| format!("reading {}", model.display()))?;
+            let source = match read.format {
+                svfit::lora::Format::Peft => "peft",
+                svfit::lora::Format::GgufLora => "gguf-lora",
+            };
+            let adapter = Adapter::from_lora(&sha, updates, source);
+            adapter.write(out)?;
+            eprintln!(
+                "wrote {} (a LoRA of {} matrices, targets {}, {})",
+                out.display(),
+                adapter.lora.len(),
+                adapter.targets,
+                adapter.rank_policy
+            );
+        }
         AdapterCommand::Init { factors: args, out } => {
             let (model, key) = args.key()?;
             let path = factors::ensure(&model, &key, &home::home_dir())?;
@@ -322,7 +360,8 @@ fn run_export(args: &ExportArgs) -> Result<()> {
         .adapter
         .resolve(&model)?
         .context("name the adapter to export with --adapter FILE or --mix A=W,B=W")?;
-    let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
+    let (key, factors_path) = resolved.factors()?;
+    let factors = svfit::factors::read_factors(factors_path, key)?;
     let rank = args.rank.map(|r| r as usize);
     let done = svfit::lora::export(
         &model,

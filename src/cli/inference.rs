@@ -149,14 +149,14 @@ fn all_logits(
     model: &mut Model,
     cache: &mut model::KvCache,
     ids: &[u32],
-    adapter: Slot,
+    adapter: Slots,
 ) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(ids.len() * model.config().n_vocab);
     let mut batch = Batch::new();
     for (i, chunk) in ids.chunks(generate::PREFILL_CHUNK).enumerate() {
         batch.clear();
         batch.add_sequence(chunk, i * generate::PREFILL_CHUNK, 0, true);
-        batch.set_adapter(0, adapter);
+        batch.set_slots(0, adapter);
         out.extend_from_slice(model.decode(cache, &batch)?.as_slice());
     }
     Ok(out)

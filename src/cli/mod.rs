@@ -25,12 +25,12 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use svfit::adapter::{self, Deltas, Loaded};
+use svfit::adapter::{self, Deltas, Loaded, LowRanks};
 use svfit::factors::FactorsKey;
 use svfit::generate::{self, Request};
 use svfit::ggml::Type;
 use svfit::model::tokenizer::Message;
-use svfit::model::{self, Batch, LoadOptions, Model, Slot, Tokenizer, WeightFormat};
+use svfit::model::{self, Batch, LoadOptions, Model, Slots, Tokenizer, WeightFormat};
 use svfit::sampling::SamplingParams;
 use svfit::server::validation::Limits;
 use svfit::{home, npy};
@@ -255,13 +255,28 @@ struct AdapterArgs {
     mix: Option<String>,
 }
 
-/// A validated adapter or mix: its factors and combined deltas.
+/// A validated adapter or mix: its factors and combined deltas, and its
+/// LoRAs' combined updates.
 struct Resolved {
-    key: FactorsKey,
-    factors: PathBuf,
+    /// The SVFit parts' factors, when there are SVFit parts.
+    factors: Option<(FactorsKey, PathBuf)>,
     deltas: Deltas,
+    lora: LowRanks,
     /// What was applied, for messages and metadata.
     description: String,
+}
+
+impl Resolved {
+    /// The factors of an SVFit adapter (or mix); a LoRA has none.
+    fn factors(&self) -> Result<(&FactorsKey, &PathBuf)> {
+        match &self.factors {
+            Some((key, path)) => Ok((key, path)),
+            None => anyhow::bail!(
+                "{} is a LoRA, not an SVFit adapter: merge a LoRA with `svfit merge --lora`",
+                self.description
+            ),
+        }
+    }
 }
 
 impl AdapterArgs {
@@ -289,7 +304,9 @@ impl AdapterArgs {
             .collect()
     }
 
-    /// Reads and validates the adapters against the model at `model`.
+    /// Reads and validates the adapters against the model at `model`:
+    /// SVFit adapters, and LoRAs (a PEFT directory, a GGUF LoRA, or a LoRA
+    /// kept as an adapter by `svfit adapter import`).
     fn resolve(&self, model: &Path) -> Result<Option<Resolved>> {
         let parts = self.parts()?;
         if parts.is_empty() {
@@ -299,7 +316,13 @@ impl AdapterArgs {
             home::sha256_file(model).with_context(|| format!("reading {}", model.display()))?;
         let home = home::home_dir();
         let mut loaded: Vec<(PathBuf, Loaded)> = Vec::new();
-        for (path, _) in &parts {
+        let mut weighted = Vec::new();
+        let mut loras: Vec<(f32, LowRanks)> = Vec::new();
+        for (path, weight) in &parts {
+            if let Some(lora) = read_lora(path, model, &sha)? {
+                loras.push((*weight, lora));
+                continue;
+            }
             let l = Loaded::open(path, model, &sha, &home)?;
             if let Some((first, f)) = loaded.first() {
                 if f.key != l.key {
@@ -312,35 +335,89 @@ impl AdapterArgs {
                     .into());
                 }
             }
+            weighted.push((*weight, l.deltas()));
             loaded.push((path.clone(), l));
         }
-        let deltas: Vec<Deltas> = loaded.iter().map(|(_, l)| l.deltas()).collect();
-        let weighted: Vec<(f32, &Deltas)> = parts.iter().map(|(_, w)| *w).zip(&deltas).collect();
+        let weighted_refs: Vec<(f32, &Deltas)> = weighted.iter().map(|(w, d)| (*w, d)).collect();
+        let lora_refs: Vec<(f32, &LowRanks)> = loras.iter().map(|(w, l)| (*w, l)).collect();
         let description = parts
             .iter()
             .map(|(p, w)| format!("{}={w}", p.display()))
             .collect::<Vec<_>>()
             .join(",");
-        let key = loaded.swap_remove(0).1.key;
+        let factors = (!loaded.is_empty()).then(|| {
+            let key = loaded.swap_remove(0).1.key;
+            (key.clone(), key.path(&home))
+        });
         Ok(Some(Resolved {
-            factors: key.path(&home),
-            key,
-            deltas: adapter::mix(&weighted),
+            factors,
+            deltas: adapter::mix(&weighted_refs),
+            lora: adapter::mix_lora(&lora_refs),
             description,
         }))
     }
 
-    /// Applies the adapter (if any) to `model`: its factors in slot tables,
-    /// the deltas in slot 1. Returns the slot to run with.
-    fn apply(&self, model: &mut Model, model_path: &Path) -> Result<Slot> {
+    /// Applies the adapter (if any) to `model`: its factors in slot tables
+    /// and the deltas in slot 1, and its LoRA in LoRA slot 1. Returns the
+    /// slots to run with.
+    fn apply(&self, model: &mut Model, model_path: &Path) -> Result<Slots> {
         let Some(resolved) = self.resolve(model_path)? else {
-            return Ok(0);
+            return Ok(Slots::default());
         };
-        let factors = svfit::factors::read_factors(&resolved.factors, &resolved.key)?;
-        model.attach_factors(&factors, 2, Type::Q8_0)?;
-        model.set_adapter(1, &resolved.deltas)?;
-        Ok(1)
+        let mut slots = Slots::default();
+        if let Some((key, path)) = &resolved.factors {
+            let factors = svfit::factors::read_factors(path, key)?;
+            model.attach_factors(&factors, 2, Type::Q8_0)?;
+            model.set_adapter(1, &resolved.deltas)?;
+            slots.svfit = 1;
+        }
+        if !resolved.lora.is_empty() {
+            let mut kinds: Vec<&'static str> = Vec::new();
+            for (prefix, _) in &resolved.lora {
+                let kind = prefix.rsplit('.').next().unwrap_or_default();
+                if let Some(k) = svfit::factors::KINDS.iter().find(|k| k.1 == kind) {
+                    if !kinds.contains(&k.1) {
+                        kinds.push(k.1);
+                    }
+                }
+            }
+            let rank = resolved.lora.iter().map(|(_, u)| u.rank).max().unwrap_or(1);
+            model.attach_lora(&kinds, rank, 2)?;
+            model.set_lora(1, &resolved.lora)?;
+            slots.lora = 1;
+        }
+        Ok(slots)
     }
+}
+
+/// The LoRA at `path` for the model at `model` (whose sha256 is `sha`), or
+/// `None` when `path` is an SVFit adapter.
+fn read_lora(path: &Path, model: &Path, sha: &str) -> Result<Option<LowRanks>> {
+    if !path.is_dir() {
+        let mut magic = [0u8; 4];
+        std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .with_context(|| format!("reading {}", path.display()))?;
+        if &magic != b"GGUF" {
+            let adapter = adapter::Adapter::read(path)?;
+            if !adapter.is_lora() {
+                return Ok(None);
+            }
+            if adapter.base_sha256 != sha {
+                anyhow::bail!(
+                    "{}: a LoRA of the model with sha256 {}, not of {} ({sha})",
+                    path.display(),
+                    adapter.base_sha256,
+                    model.display()
+                );
+            }
+            return Ok(Some(adapter.lora));
+        }
+    }
+    let gguf = svfit::ggml::gguf::GgufFile::open(model)?;
+    let config = model::Config::from_gguf(&gguf)?;
+    let lora = svfit::lora::Lora::read(path, &gguf)?;
+    Ok(Some(lora.low_ranks(&config)?))
 }
 
 /// Parses the command line and runs the command; errors are one line.

@@ -2,6 +2,7 @@
 //! lifetime (Ctrl-C stops, SIGTERM drains).
 
 use super::*;
+use svfit::engine::LoraConfig;
 
 #[derive(Args)]
 pub(super) struct ServeArgs {
@@ -37,6 +38,18 @@ pub(super) struct ServeArgs {
     /// Adapters resident on the compute device at once (one batch may mix them all)
     #[arg(long, default_value_t = 32)]
     adapter_slots: usize,
+    /// LoRAs resident on the compute device at once (PEFT and GGUF LoRAs,
+    /// uploaded like adapters); 0 serves no LoRAs. Each slot holds f32 A and
+    /// B of --lora-rank on every --lora-targets matrix
+    #[arg(long, default_value_t = LoraConfig::default().slots)]
+    lora_slots: usize,
+    /// The largest LoRA rank served (a mix of LoRAs has their ranks' sum)
+    #[arg(long, default_value_t = LoraConfig::default().rank)]
+    lora_rank: usize,
+    /// Matrices LoRAs may adapt, as q,k,v,o,gate,up,down (or all-linear);
+    /// a LoRA of another matrix is refused on upload
+    #[arg(long, default_value = "all-linear")]
+    lora_targets: String,
     /// Sequences decoded together at most
     #[arg(long, default_value_t = 32)]
     max_sequences: usize,
@@ -168,6 +181,11 @@ pub(super) fn run_serve(args: &ServeArgs) -> Result<()> {
             tenant_queue_limit: args.tenant_queue,
             prefill_budget: generate::PREFILL_CHUNK,
             prefix_cache_bytes: args.prefix_cache_mb << 20,
+            lora: LoraConfig {
+                slots: args.lora_slots,
+                rank: args.lora_rank.max(1),
+                kinds: lora_kinds(&args.lora_targets)?,
+            },
         },
         limits: Limits {
             prompt_bytes: args.max_prompt_bytes,
@@ -268,4 +286,12 @@ fn dry_run(config: &svfit::server::ServeConfig) -> Result<()> {
     }
     println!("fits");
     Ok(())
+}
+
+/// The target kinds of `--lora-targets`.
+fn lora_kinds(targets: &str) -> Result<Vec<&'static str>> {
+    let targets: svfit::factors::Targets = targets
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?;
+    Ok(targets.kinds().to_vec())
 }

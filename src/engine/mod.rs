@@ -63,6 +63,31 @@ pub struct EngineConfig {
     pub prefill_budget: usize,
     /// Host memory for the prefix cache's KV blocks (0: no prefix cache).
     pub prefix_cache_bytes: usize,
+    /// The LoRA slot tables the server attaches.
+    pub lora: LoraConfig,
+}
+
+/// LoRA serving: how many LoRAs are resident on the compute device at once,
+/// up to which rank, on which target kinds.
+#[derive(Clone, Debug)]
+pub struct LoraConfig {
+    /// LoRA slots (besides slot 0, no LoRA); 0 serves no LoRAs.
+    pub slots: usize,
+    /// The largest rank served (a mix's ranks add up).
+    pub rank: usize,
+    /// Target kinds with tables ("attn_q", ...).
+    pub kinds: Vec<&'static str>,
+}
+
+impl Default for LoraConfig {
+    /// 8 slots of rank up to 16 on every linear matrix of the blocks.
+    fn default() -> Self {
+        LoraConfig {
+            slots: 8,
+            rank: 16,
+            kinds: crate::factors::KINDS.iter().map(|k| k.1).collect(),
+        }
+    }
 }
 
 /// One request for the engine.

@@ -45,12 +45,14 @@ pub(super) fn next_batch(
                 // No logits yet, but the adapter all the same: the
                 // chunk's keys and values depend on it.
                 batch.set_adapter(r.seq, r.slot);
+                batch.set_lora(r.seq, r.lora_slot);
                 continue;
             }
         } else {
             continue;
         }
         batch.set_adapter(r.seq, r.slot);
+        batch.set_lora(r.seq, r.lora_slot);
         owners.push(i);
     }
     (batch, owners)

@@ -170,6 +170,7 @@ mod tests {
             owner: Some(format!("t/a{owner}")),
             version,
             deltas: Vec::new(),
+            lora: Vec::new(),
         }
     }
 
@@ -232,7 +233,7 @@ mod tests {
             for slot in running.drain(..) {
                 pool.release(slot);
             }
-            let mix = AdapterDeltas { key: "mix:x".into(), owner: None, version: 0, deltas: Vec::new() };
+            let mix = AdapterDeltas { key: "mix:x".into(), owner: None, version: 0, deltas: Vec::new(), lora: Vec::new() };
             prop_assert_ne!(pool.acquire(&mix), Acquired::Full);
         }
     }

@@ -20,6 +20,7 @@ use super::queue::{Pending, Waiting};
 use super::scheduler;
 use super::slots::{Acquired, SlotPool};
 use super::{Command, EngineConfig, Event, Failure, Job, Stats};
+use crate::adapter::AdapterDeltas;
 use crate::generate::{Ended, FinishReason, Sequence};
 use crate::model::{Batch, KvCache, Model, ModelError, SeqId, Slot, Tokenizer};
 use crate::prefix_cache::{block_keys, PrefixCache, BLOCK};
@@ -29,7 +30,9 @@ pub(super) struct Running {
     pub(super) seq: SeqId,
     pub(super) job: Box<Job>,
     pub(super) sequence: Sequence,
+    /// Its adapter's SVFit slot and LoRA slot (0: none).
     pub(super) slot: Slot,
+    pub(super) lora_slot: Slot,
     /// The token to decode next (after the prompt).
     pub(super) next: Option<u32>,
     started: Instant,
@@ -77,6 +80,8 @@ pub(super) struct Worker {
     pending: Pending,
     running: Vec<Running>,
     slots: SlotPool,
+    /// The LoRA slots, when the model has LoRA tables.
+    lora_slots: SlotPool,
     next_seq: SeqId,
     context: usize,
     config: EngineConfig,
@@ -96,6 +101,9 @@ impl Worker {
         config: EngineConfig,
     ) -> Self {
         let n_slots = model.branch().map_or(0, |b| b.n_slots().saturating_sub(1));
+        let n_lora_slots = model
+            .lora_branch()
+            .map_or(0, |b| b.n_slots().saturating_sub(1));
         Worker {
             context: config.context,
             model,
@@ -106,6 +114,7 @@ impl Worker {
             stats,
             running: Vec::new(),
             slots: SlotPool::new(n_slots.min(config.adapter_slots)),
+            lora_slots: SlotPool::new(n_lora_slots),
             next_seq: 0,
             prefix: PrefixCache::new(config.prefix_cache_bytes),
             config,
@@ -144,8 +153,14 @@ impl Worker {
     fn command(&mut self, command: Command) {
         match command {
             Command::Job(job) => self.pending.push(job),
-            Command::Pin { owner, pinned } => self.slots.pin(&owner, pinned),
-            Command::Forget { owner } => self.slots.forget(&owner),
+            Command::Pin { owner, pinned } => {
+                self.slots.pin(&owner, pinned);
+                self.lora_slots.pin(&owner, pinned);
+            }
+            Command::Forget { owner } => {
+                self.slots.forget(&owner);
+                self.lora_slots.forget(&owner);
+            }
         }
     }
 
@@ -170,6 +185,7 @@ impl Worker {
     fn release(&mut self, r: &Running) {
         self.cache.remove_seq(r.seq);
         self.slots.release(r.slot);
+        self.lora_slots.release(r.lora_slot);
         self.stats.active.store(self.running.len(), Relaxed);
     }
 
@@ -203,6 +219,57 @@ impl Worker {
         self.stats.active.store(self.running.len(), Relaxed);
     }
 
+    /// The SVFit slot (for its deltas) and the LoRA slot (for its LoRA) of
+    /// `adapter`, each loaded when it was not there; `None` while a slot it
+    /// needs is taken.
+    fn acquire(&mut self, adapter: &AdapterDeltas) -> Result<Option<(Slot, Slot)>, ModelError> {
+        let slot = if adapter.deltas.is_empty() && !adapter.lora.is_empty() {
+            0
+        } else {
+            match self.take_slot(false, adapter)? {
+                Some(slot) => slot,
+                None => return Ok(None),
+            }
+        };
+        if adapter.lora.is_empty() {
+            return Ok(Some((slot, 0)));
+        }
+        let lora_slot = self.take_slot(true, adapter);
+        if !matches!(lora_slot, Ok(Some(_))) {
+            self.slots.release(slot);
+        }
+        Ok(lora_slot?.map(|lora_slot| (slot, lora_slot)))
+    }
+
+    /// A slot of the SVFit pool (or the LoRA pool, `lora`) for `adapter`.
+    fn take_slot(&mut self, lora: bool, adapter: &AdapterDeltas) -> Result<Option<Slot>, ModelError> {
+        let pool = if lora { &mut self.lora_slots } else { &mut self.slots };
+        match pool.acquire(adapter) {
+            Acquired::Full => Ok(None),
+            Acquired::Hit(slot) => {
+                self.stats.slot_hits.fetch_add(1, Relaxed);
+                Ok(Some(slot))
+            }
+            Acquired::Load { slot, evicted } => {
+                if evicted {
+                    self.stats.slot_evictions.fetch_add(1, Relaxed);
+                }
+                let loaded = if lora {
+                    self.model.set_lora(slot, &adapter.lora)
+                } else {
+                    self.model.set_adapter(slot, &adapter.deltas)
+                };
+                if let Err(e) = loaded {
+                    let pool = if lora { &mut self.lora_slots } else { &mut self.slots };
+                    pool.unload(slot);
+                    return Err(e);
+                }
+                self.stats.slot_loads.fetch_add(1, Relaxed);
+                Ok(Some(slot))
+            }
+        }
+    }
+
     /// Starts a job when its adapter has a slot and its cells are free;
     /// gives it back otherwise. A job that can never run is failed.
     fn start(&mut self, mut job: Box<Job>) -> Result<(), Box<Job>> {
@@ -213,31 +280,21 @@ impl Worker {
                 return Ok(());
             }
         };
-        let slot = match &job.adapter {
-            None => 0,
-            Some(adapter) => match self.slots.acquire(adapter) {
-                Acquired::Full => return Err(job),
-                Acquired::Hit(slot) => {
-                    self.stats.slot_hits.fetch_add(1, Relaxed);
-                    slot
-                }
-                Acquired::Load { slot, evicted } => {
-                    if evicted {
-                        self.stats.slot_evictions.fetch_add(1, Relaxed);
-                    }
-                    if let Err(e) = self.model.set_adapter(slot, &adapter.deltas) {
-                        self.slots.unload(slot);
-                        self.fail(&job.events, Failure::AdapterLoad(e));
-                        return Ok(());
-                    }
-                    self.stats.slot_loads.fetch_add(1, Relaxed);
-                    slot
+        let (slot, lora_slot) = match &job.adapter {
+            None => (0, 0),
+            Some(adapter) => match self.acquire(adapter) {
+                Ok(Some(slots)) => slots,
+                Ok(None) => return Err(job),
+                Err(e) => {
+                    self.fail(&job.events, Failure::AdapterLoad(e));
+                    return Ok(());
                 }
             },
         };
         let seq = self.next_seq;
         if self.cache.reserve(seq, sequence.reservation()).is_err() {
             self.slots.release(slot);
+            self.lora_slots.release(lora_slot);
             return Err(job);
         }
         self.next_seq = self.next_seq.wrapping_add(1);
@@ -249,6 +306,7 @@ impl Worker {
             job,
             sequence,
             slot,
+            lora_slot,
             next: None,
             started: Instant::now(),
             first_token: None,
@@ -467,6 +525,7 @@ impl Worker {
                 one.add(token, pos, seq, output);
             }
             one.set_adapter(seq, batch.adapter(seq));
+            one.set_lora(seq, batch.lora(seq));
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.model.decode(&mut self.cache, &one)
             }));

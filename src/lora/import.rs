@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::{permute_rows, permuted_heads, Format, LoraError};
-use crate::factors::FactorError;
+use crate::adapter::{LowRank, LowRanks};
+use crate::factors::{FactorError, KINDS};
 use crate::ggml::gguf::GgufFile;
 use crate::model::Config;
 
@@ -66,6 +67,59 @@ impl Lora {
                 source: e,
             }),
         }
+    }
+}
+
+impl Lora {
+    /// The updates per target matrix (`blk.L.kind`), as the engine serves
+    /// them: a fused tensor's update is cut into its matrices' rows (a part
+    /// whose rows are all zero is left out), and the scale is folded into
+    /// `B`. A LoRA of a tensor that is not a linear matrix of the blocks
+    /// (the output head, the embeddings) is refused.
+    pub fn low_ranks(&self, config: &Config) -> Result<LowRanks, LoraError> {
+        let mut out = LowRanks::new();
+        for (name, u) in &self.updates {
+            let parsed = name
+                .strip_prefix("blk.")
+                .and_then(|rest| rest.strip_suffix(".weight"))
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(l, t)| Some((l.parse::<usize>().ok()?, t)));
+            let parts: Vec<(&str, std::ops::Range<usize>)> = match parsed {
+                Some((_, tensor)) => KINDS
+                    .iter()
+                    .filter_map(|&(_, kind)| {
+                        let slice = config.matrix_slice(kind)?;
+                        (slice.tensor == tensor).then_some((kind, slice.rows))
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            let Some((layer, _)) = parsed.filter(|_| !parts.is_empty()) else {
+                return Err(LoraError::Unsupported(format!(
+                    "{name}: a LoRA of this tensor is merged (svfit merge --lora), not served; \
+                     svfit serves LoRAs of the blocks' q, k, v, o, gate, up and down"
+                )));
+            };
+            let r = u.rank;
+            for (kind, rows) in parts {
+                let b: Vec<f32> = u.b[rows.start * r..rows.end * r]
+                    .iter()
+                    .map(|v| u.scale * v)
+                    .collect();
+                if b.iter().all(|&v| v == 0.0) {
+                    continue;
+                }
+                out.push((
+                    format!("blk.{layer}.{kind}"),
+                    LowRank {
+                        a: u.a.clone(),
+                        b,
+                        rank: r,
+                    },
+                ));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -29,9 +29,11 @@ use crate::model::Config;
 
 mod export;
 mod import;
+pub mod stored;
 
 pub use export::{export, Exported};
 pub use import::{Lora, Update};
+pub use stored::LoraLimits;
 
 /// Where the exported LoRA goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

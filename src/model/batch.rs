@@ -6,6 +6,13 @@ use super::svfit::Slot;
 /// Identifies one sequence in the KV cache.
 pub type SeqId = u32;
 
+/// A sequence's slots: its SVFit adapter's and its LoRA's (0: none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slots {
+    pub svfit: Slot,
+    pub lora: Slot,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub(super) tokens: Vec<u32>,
@@ -14,6 +21,8 @@ pub struct Batch {
     pub(super) outputs: Vec<bool>,
     /// The adapter slot of each sequence that is not on the base (slot 0).
     pub(super) adapters: Vec<(SeqId, Slot)>,
+    /// The LoRA slot of each sequence that has a LoRA (slot 0: none).
+    pub(super) loras: Vec<(SeqId, Slot)>,
 }
 
 impl Batch {
@@ -57,6 +66,35 @@ impl Batch {
     /// The adapter slot of each token, in batch order.
     pub(super) fn token_slots(&self) -> Vec<i32> {
         self.seqs.iter().map(|&s| self.adapter(s) as i32).collect()
+    }
+
+    /// Runs every token of `seq` in this batch with the LoRA in LoRA slot
+    /// `slot` (0: none), beside its adapter slot's SVFit deltas.
+    pub fn set_lora(&mut self, seq: SeqId, slot: Slot) {
+        self.loras.retain(|&(s, _)| s != seq);
+        if slot != 0 {
+            self.loras.push((seq, slot));
+        }
+    }
+
+    /// Runs every token of `seq` in this batch with the SVFit slot and the
+    /// LoRA slot of `slots`.
+    pub fn set_slots(&mut self, seq: SeqId, slots: Slots) {
+        self.set_adapter(seq, slots.svfit);
+        self.set_lora(seq, slots.lora);
+    }
+
+    /// The LoRA slot of `seq`.
+    pub fn lora(&self, seq: SeqId) -> Slot {
+        self.loras
+            .iter()
+            .find(|&&(s, _)| s == seq)
+            .map_or(0, |&(_, slot)| slot)
+    }
+
+    /// The LoRA slot of each token, in batch order.
+    pub(super) fn token_lora_slots(&self) -> Vec<i32> {
+        self.seqs.iter().map(|&s| self.lora(s) as i32).collect()
     }
 
     /// (token, position, sequence, wants logits) of each entry, in order.
@@ -110,6 +148,7 @@ impl Batch {
             seqs: order.iter().map(|&i| self.seqs[i]).collect(),
             outputs: order.iter().map(|&i| self.outputs[i]).collect(),
             adapters: self.adapters.clone(),
+            loras: self.loras.clone(),
         }
     }
 
@@ -119,5 +158,6 @@ impl Batch {
         self.seqs.clear();
         self.outputs.clear();
         self.adapters.clear();
+        self.loras.clear();
     }
 }

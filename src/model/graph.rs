@@ -17,6 +17,7 @@ use crate::ggml::{Context, Graph, Rope, Tensor, TensorId, Type};
 
 use super::config::Activation;
 use super::kv_cache::{KvCache, SeqGroup};
+use super::lora::LoraBranch;
 use super::svfit::{Branch, TargetTensors};
 use super::weights::{LayerWeights, Weights};
 use super::Config;
@@ -46,6 +47,10 @@ pub(super) struct Inputs<'a> {
     /// and the slots of the output rows, i32 `[n_outputs]` (with `out_rows`).
     pub slots: Option<Tensor<'a>>,
     pub out_slots: Option<Tensor<'a>>,
+    /// With the LoRA branch: the same for LoRA slots, i32 `[1, n_tokens]`
+    /// and `[1, n_outputs]`.
+    pub lora_slots: Option<Tensor<'a>>,
+    pub out_lora_slots: Option<Tensor<'a>>,
 }
 
 /// Shapes of one forward pass.
@@ -56,10 +61,10 @@ pub(super) struct Shape<'g> {
     pub groups: &'g [SeqGroup],
 }
 
-/// Graph nodes one forward pass needs at most (with the SVFit branch on
-/// every linear matrix).
+/// Graph nodes one forward pass needs at most (with the SVFit and LoRA
+/// branches on every linear matrix).
 pub(super) fn graph_size(cfg: &Config, n_groups: usize) -> usize {
-    (96 + 16 * n_groups) * (cfg.n_layer + 2) + 256
+    (144 + 16 * n_groups) * (cfg.n_layer + 2) + 256
 }
 
 /// A bound of the compute buffers of one forward pass of `n_tokens`
@@ -95,12 +100,30 @@ pub(super) struct Builder<'a, 'c> {
 
 /// A target matrix's SVFit factors and the deltas its tokens use.
 #[derive(Clone, Copy)]
-pub(super) struct Adapted<'a> {
+pub(super) struct SvFit<'a> {
     /// `[rank, m]`
     pub u: Matrix<'a>,
     /// `[n, rank]`
     pub vt: Matrix<'a>,
     pub delta: Delta<'a>,
+}
+
+/// A target matrix's LoRA slot tables and each token's slot.
+#[derive(Clone, Copy)]
+pub(super) struct LowRankTables<'a> {
+    /// `[n, R, n_slots]`
+    pub a: Tensor<'a>,
+    /// `[R, m, n_slots]`
+    pub b: Tensor<'a>,
+    /// i32 `[1, n_tokens]`
+    pub slots: Tensor<'a>,
+}
+
+/// The branches a target matrix adds to its product.
+#[derive(Clone, Copy)]
+pub(super) struct Adapted<'a> {
+    pub svfit: Option<SvFit<'a>>,
+    pub lora: Option<LowRankTables<'a>>,
 }
 
 /// Where a branch's deltas come from.
@@ -215,16 +238,36 @@ impl<'a> Builder<'a, '_> {
 
     /// `y` (a product over `x`) plus the SVFit branch `U (D[:, slot] ⊙ Vt
     /// x)` where there is one.
-    fn adapt(self, y: Tensor<'a>, x: Tensor<'a>, svfit: Option<Adapted<'a>>) -> Tensor<'a> {
+    fn adapt(self, y: Tensor<'a>, x: Tensor<'a>, adapted: Option<Adapted<'a>>) -> Tensor<'a> {
         let ctx = self.ctx;
-        let Some(Adapted { u, vt, delta }) = svfit else {
+        let Some(adapted) = adapted else {
             return y;
         };
-        let scaled = match delta {
-            Delta::PerToken { table, slots } => ctx.product_scaled(vt, x, table, slots),
-            Delta::Shared(d) => ctx.mul(ctx.product(vt, x), d),
-        };
-        ctx.product_added(u, scaled, y)
+        let mut y = y;
+        if let Some(SvFit { u, vt, delta }) = adapted.svfit {
+            let scaled = match delta {
+                Delta::PerToken { table, slots } => ctx.product_scaled(vt, x, table, slots),
+                Delta::Shared(d) => ctx.mul(ctx.product(vt, x), d),
+            };
+            y = ctx.product_added(u, scaled, y);
+        }
+        if let Some(lora) = adapted.lora {
+            y = self.low_rank(y, x, lora);
+        }
+        y
+    }
+
+    /// `y` plus each token's LoRA, `B_j (A_j x)` for its slot `j`: two
+    /// per-token products (`MUL_MAT_ID`), so a token's branch is its own
+    /// column whatever else the batch holds.
+    fn low_rank(self, y: Tensor<'a>, x: Tensor<'a>, t: LowRankTables<'a>) -> Tensor<'a> {
+        let ctx = self.ctx;
+        let [n, n_tokens, ..] = x.ne();
+        let m = y.ne()[0];
+        let x = if x.is_contiguous() { x } else { ctx.cont(x) };
+        let ax = ctx.mul_mat_id(t.a, ctx.reshape_3d(x, n, 1, n_tokens), t.slots);
+        let bax = ctx.mul_mat_id(t.b, ax, t.slots);
+        ctx.add(y, ctx.reshape_2d(bax, m, n_tokens))
     }
 
     /// q or k of layer `il` (`[n_heads * head_dim, n_tokens]`) as heads
@@ -388,14 +431,15 @@ impl<'a> Builder<'a, '_> {
         self,
         gf: &mut Graph<'a>,
         cache: &'a KvCache,
-        branch: Option<&'a Branch>,
+        (branch, lora): (Option<&'a Branch>, Option<&'a LoraBranch>),
         shape: &Shape,
     ) -> (Inputs<'a>, Tensor<'a>) {
-        let inputs = self.serving_inputs(shape, branch.is_some());
+        let inputs = self.serving_inputs(shape, branch.is_some(), lora.is_some());
         let pass = Serving {
             builder: self,
             cache,
             branch,
+            lora,
             inputs: &inputs,
             shape,
         };
@@ -409,8 +453,8 @@ impl<'a> Builder<'a, '_> {
     }
 
     /// The input tensors of a serving pass of `shape`, with slot inputs
-    /// when the SVFit branch is on.
-    fn serving_inputs(self, shape: &Shape, with_branch: bool) -> Inputs<'a> {
+    /// for the branches that are on.
+    fn serving_inputs(self, shape: &Shape, with_branch: bool, with_lora: bool) -> Inputs<'a> {
         let ctx = self.ctx;
         let n_tokens = shape.n_tokens as i64;
         let partial = shape.n_outputs < shape.n_tokens;
@@ -449,32 +493,47 @@ impl<'a> Builder<'a, '_> {
             slots: with_branch.then(|| input(Type::I32, &[n_tokens], "inp_slots")),
             out_slots: (with_branch && partial)
                 .then(|| input(Type::I32, &[shape.n_outputs as i64], "inp_out_slots")),
+            lora_slots: with_lora.then(|| input(Type::I32, &[1, n_tokens], "inp_lora_slots")),
+            out_lora_slots: (with_lora && partial).then(|| {
+                input(
+                    Type::I32,
+                    &[1, shape.n_outputs as i64],
+                    "inp_out_lora_slots",
+                )
+            }),
         }
     }
 }
 
-/// One serving pass: the batch's KV cache, inputs and shape, and the SVFit
-/// branch when some token is not on the base.
+/// One serving pass: the batch's KV cache, inputs and shape, the SVFit
+/// branch when some token has an SVFit adapter and the LoRA branch when
+/// some token has a LoRA.
 struct Serving<'a, 'p> {
     builder: Builder<'a, 'p>,
     cache: &'a KvCache,
     branch: Option<&'a Branch>,
+    lora: Option<&'a LoraBranch>,
     inputs: &'p Inputs<'a>,
     shape: &'p Shape<'p>,
 }
 
+/// A pass's SVFit slots `[n]` and LoRA slots `[1, n]` of its tokens.
+type Slots<'a> = (Option<Tensor<'a>>, Option<Tensor<'a>>);
+
 impl<'a> Serving<'a, '_> {
-    /// The SVFit branch of a target matrix, for tokens whose slots are `slots`.
-    fn adapted(&self, il: usize, kind: &str, slots: Option<Tensor<'a>>) -> Option<Adapted<'a>> {
-        let TargetTensors { u, vt, d } = self.branch?.target(il, kind)?;
-        Some(Adapted {
+    /// The branches of a target matrix, for tokens whose SVFit and LoRA
+    /// slots are `slots`.
+    fn adapted(&self, il: usize, kind: &str, slots: Slots<'a>) -> Option<Adapted<'a>> {
+        let (svfit_slots, lora_slots) = slots;
+        let svfit = self.branch.and_then(|b| b.target(il, kind)).zip(svfit_slots);
+        let svfit = svfit.map(|(TargetTensors { u, vt, d }, slots)| SvFit {
             u,
             vt,
-            delta: Delta::PerToken {
-                table: d,
-                slots: slots?,
-            },
-        })
+            delta: Delta::PerToken { table: d, slots },
+        });
+        let lora = self.lora.and_then(|l| l.target(il, kind)).zip(lora_slots);
+        let lora = lora.map(|((a, b), slots)| LowRankTables { a, b, slots });
+        (svfit.is_some() || lora.is_some()).then_some(Adapted { svfit, lora })
     }
 
     /// Layer `il` over the hidden states `x`.
@@ -484,13 +543,13 @@ impl<'a> Serving<'a, '_> {
         let attn_in = b.rms_norm(x, layer.attn_norm);
         let mut attn_out = self.attention(gf, il, attn_in);
         let mut residual = x;
-        let mut ffn_slots = self.inputs.slots;
+        let mut ffn_slots = (self.inputs.slots, self.inputs.lora_slots);
         if il + 1 == b.weights.layers.len() {
             // Only the rows that produce logits go through the last FFN.
             if let Some(rows) = self.inputs.out_rows {
                 attn_out = b.ctx.get_rows(attn_out, rows);
                 residual = b.ctx.get_rows(residual, rows);
-                ffn_slots = self.inputs.out_slots;
+                ffn_slots = (self.inputs.out_slots, self.inputs.out_lora_slots);
             }
         }
         let attn_out = b.maybe_norm(attn_out, layer.post_attention_norm);
@@ -506,7 +565,8 @@ impl<'a> Serving<'a, '_> {
         let layer = &b.weights.layers[il];
         let (ctx, cfg) = (b.ctx, b.cfg);
         let n_tokens = self.shape.n_tokens as i64;
-        let svfit = |kind: &str| self.adapted(il, kind, inputs.slots);
+        let slots = (inputs.slots, inputs.lora_slots);
+        let svfit = |kind: &str| self.adapted(il, kind, slots);
         let [q, k, v] = b.qkv(il, layer, x, inputs.positions, &svfit);
 
         // Store this batch's K and V in their cells before attention reads them.

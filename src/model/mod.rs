@@ -5,6 +5,7 @@ mod batch;
 mod config;
 mod graph;
 pub mod kv_cache;
+mod lora;
 #[cfg(feature = "check")]
 pub mod random;
 mod svfit;
@@ -15,14 +16,16 @@ mod weights;
 use std::borrow::Cow;
 use std::path::Path;
 
-pub use batch::{Batch, SeqId};
+pub use batch::{Batch, SeqId, Slots};
 pub use config::{Arch, Config, SUPPORTED_ARCHITECTURES};
 pub use graph::compute_bytes_bound;
 pub use kv_cache::KvCache;
+pub use lora::LoraBranch;
 pub use svfit::{Branch, Slot};
 pub use tokenizer::Tokenizer;
 pub use train::{Learner, RowLoss, TrainRow};
 
+use crate::adapter::LowRank;
 use crate::factors::{Factor, FactorFile, Shape, TargetMatrix};
 use crate::ggml::gguf::{GgufError, GgufFile, GgufWriteError};
 use crate::ggml::{kernel, Backend, Context, GgmlError, Scheduler, Type};
@@ -169,6 +172,8 @@ pub struct Model {
     graph_groups: usize,
     /// The SVFit factors and adapter slots, once attached.
     svfit: Option<Branch>,
+    /// The LoRA slot tables, once attached.
+    lora: Option<LoraBranch>,
     /// Whether matrices (weights and factors) go through the batched
     /// kernels: asked by `LoadOptions::batch_kernels` and run by the backend.
     batch_kernels: bool,
@@ -224,6 +229,7 @@ impl Model {
             graph_ctx: Context::new(2 * size, size)?,
             graph_groups: GROUPS,
             svfit: None,
+            lora: None,
             batch_kernels,
             config,
             weights,
@@ -327,6 +333,41 @@ impl Model {
         self.svfit.as_ref()
     }
 
+    /// Places LoRA slot tables for the target kinds `kinds` ("attn_q", ...)
+    /// of every layer: `n_slots` slots (slot 0 is no LoRA) of rank up to
+    /// `rank`, replacing any attached before.
+    pub fn attach_lora(
+        &mut self,
+        kinds: &[&'static str],
+        rank: usize,
+        n_slots: usize,
+    ) -> Result<(), ModelError> {
+        self.lora = None;
+        let backend = self.sched.primary();
+        self.lora = Some(LoraBranch::new(
+            &self.config,
+            kinds,
+            rank,
+            n_slots,
+            backend,
+        )?);
+        Ok(())
+    }
+
+    /// The attached LoRA slot tables.
+    pub fn lora_branch(&self) -> Option<&LoraBranch> {
+        self.lora.as_ref()
+    }
+
+    /// Loads a LoRA (per `blk.L.kind`, `ΔW = B A`) into LoRA slot `slot`
+    /// (1 or more); sequences on that slot use it from their next batch.
+    pub fn set_lora(&mut self, slot: Slot, lora: &[(String, LowRank)]) -> Result<(), ModelError> {
+        match &self.lora {
+            Some(branch) => branch.set_slot(slot, lora),
+            None => Err(ModelError::Slot { slot, n_slots: 1 }),
+        }
+    }
+
     /// Loads an adapter's deltas (`sigma - S` per `blk.L.kind`) into `slot`
     /// (1 or more); sequences on that slot use it from their next batch.
     pub fn set_adapter(
@@ -386,6 +427,10 @@ impl Model {
         if let Some(&(_, slot)) = batch.adapters.iter().find(|&&(_, s)| s as usize >= n_slots) {
             return Err(ModelError::Slot { slot, n_slots });
         }
+        let n_slots = self.lora.as_ref().map_or(1, LoraBranch::n_slots);
+        if let Some(&(_, slot)) = batch.loras.iter().find(|&&(_, s)| s as usize >= n_slots) {
+            return Err(ModelError::Slot { slot, n_slots });
+        }
         Ok(())
     }
 
@@ -423,6 +468,11 @@ impl Model {
             .svfit
             .as_ref()
             .filter(|_| slots.iter().any(|&s| s != 0));
+        let lora_slots = batch.token_lora_slots();
+        let lora = self
+            .lora
+            .as_ref()
+            .filter(|_| lora_slots.iter().any(|&s| s != 0));
         self.graph_ctx.reset();
         let ctx = &self.graph_ctx;
         let mut gf = ctx.new_graph(graph::graph_size(&self.config, groups.len()));
@@ -432,7 +482,7 @@ impl Model {
             weights: &self.weights,
             differentiable: false,
         };
-        let (inputs, logits) = builder.forward(&mut gf, cache, branch, &shape);
+        let (inputs, logits) = builder.forward(&mut gf, cache, (branch, lora), &shape);
         let allocated = self.sched.alloc(&mut gf)?;
 
         let tokens: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
@@ -460,6 +510,13 @@ impl Model {
         }
         if let Some(t) = inputs.out_slots.filter(|t| t.is_allocated()) {
             let out: Vec<i32> = out_rows.iter().map(|&r| slots[r as usize]).collect();
+            t.write(&out)?;
+        }
+        if let Some(t) = inputs.lora_slots.filter(|t| t.is_allocated()) {
+            t.write(&lora_slots)?;
+        }
+        if let Some(t) = inputs.out_lora_slots.filter(|t| t.is_allocated()) {
+            let out: Vec<i32> = out_rows.iter().map(|&r| lora_slots[r as usize]).collect();
             t.write(&out)?;
         }
         allocated.compute()?;

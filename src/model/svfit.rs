@@ -295,7 +295,7 @@ fn check_shape(config: &Config, t: &TargetMatrix, m: usize, n: usize) -> Result<
 }
 
 /// `[m, n]` (out, in features) of a target matrix of this model.
-fn expected_shape(c: &Config, t: &TargetMatrix) -> Result<(usize, usize), ModelError> {
+pub(super) fn expected_shape(c: &Config, t: &TargetMatrix) -> Result<(usize, usize), ModelError> {
     let (embd, ff, q, kv) = (c.n_embd, c.n_ff, c.n_head * c.head_dim, c.n_embd_kv());
     let shape = match t.kind {
         "attn_q" => (q, embd),

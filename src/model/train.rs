@@ -8,7 +8,7 @@ use crate::factors::{Factor, TargetMatrix};
 use crate::ggml::kernel::Matrix;
 use crate::ggml::{Context, Tensor, TensorId, TensorSet, Type};
 
-use super::graph::{self, Adapted, Delta};
+use super::graph::{self, Adapted, Delta, SvFit};
 use super::{Model, ModelError};
 
 /// Packed training examples as one row of tokens.
@@ -245,9 +245,12 @@ impl Learner {
         let branch = |layer: usize, kind: &str| {
             let p = params.iter().find(|p| p.layer == layer && p.kind == kind)?;
             Some(Adapted {
-                u: Matrix::plain(set.get(p.u)),
-                vt: Matrix::plain(set.get(p.vt)),
-                delta: Delta::Shared(set.get(p.delta)),
+                svfit: Some(SvFit {
+                    u: Matrix::plain(set.get(p.u)),
+                    vt: Matrix::plain(set.get(p.vt)),
+                    delta: Delta::Shared(set.get(p.delta)),
+                }),
+                lora: None,
             })
         };
         let size = graph::train_graph_size(&cfg);

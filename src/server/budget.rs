@@ -9,7 +9,7 @@ use std::fmt;
 use crate::factors::{self, FactorFile, Shape};
 use crate::ggml::gguf::GgufFile;
 use crate::ggml::Type;
-use crate::model::{self, Branch, Config, KvCache};
+use crate::model::{self, Branch, Config, KvCache, LoraBranch};
 
 use super::ServeConfig;
 
@@ -99,6 +99,20 @@ pub fn of(
                 "{} matrices ({}, {ranks}), q8_0, {n_slots} slots",
                 shapes.len(),
                 config.factors.targets
+            ),
+        },
+        Item {
+            what: "LoRA slots",
+            bytes: if e.lora.slots == 0 {
+                0
+            } else {
+                LoraBranch::bytes_for(&cfg, &e.lora.kinds, e.lora.rank, e.lora.slots + 1)?
+            },
+            how: format!(
+                "{} slots of rank {} on {} kinds, f32 (--lora-slots, --lora-rank, --lora-targets)",
+                e.lora.slots,
+                e.lora.rank,
+                e.lora.kinds.len()
             ),
         },
         Item {

@@ -139,7 +139,7 @@ async fn submit_valid(
                 max_tokens,
                 stop,
                 sampling,
-                adapter: 0,
+                adapter: Default::default(),
             },
             tenant: caller.tenant.clone(),
             adapter: deltas,

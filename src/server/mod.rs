@@ -403,9 +403,13 @@ async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             let (model, singular, ranks) = load_model_and_factors(&config)?;
+            let lora_limits = model.lora_branch().map(|b| b.limits());
             let tokenizer = Arc::new(Tokenizer::load(&config.model)?);
             let engine = Engine::start(model, tokenizer.clone(), config.engine.clone())?;
-            let store = open_store(&config, &engine, singular)?;
+            let mut store = open_store(&config, &engine, singular)?;
+            if let Some(limits) = lora_limits {
+                store = store.serving_loras(limits);
+            }
             anyhow::Ok((engine, store, tokenizer, ranks))
         })
         .await??
@@ -450,6 +454,10 @@ fn load_model_and_factors(
     );
     let mut model = Model::load(&config.model, &config.load)?;
     model.attach_factor_file(&factor_file, config.engine.adapter_slots + 1, Type::Q8_0)?;
+    let lora = &config.engine.lora;
+    if lora.slots > 0 {
+        model.attach_lora(&lora.kinds, lora.rank, lora.slots + 1)?;
+    }
     Ok((model, singular, ranks))
 }
 

@@ -34,7 +34,8 @@ use std::time::{Instant, SystemTime};
 use lru::LruCache;
 use sha2::Digest;
 
-use crate::adapter::{Adapter, AdapterDeltas, AdapterError, Deltas};
+use crate::adapter::{Adapter, AdapterDeltas, AdapterError, Deltas, LowRanks};
+use crate::lora::LoraLimits;
 use crate::factors::{FactorsKey, SingularValues};
 
 mod local;
@@ -232,6 +233,8 @@ pub struct AdapterStore {
 struct Checker {
     key: FactorsKey,
     singular: SingularValues,
+    /// What LoRAs the engine can serve (none: LoRAs are refused).
+    lora: Option<LoraLimits>,
 }
 
 /// Tenant and adapter names: safe as file names.
@@ -296,7 +299,11 @@ impl AdapterStore {
     ) -> Self {
         AdapterStore {
             backend,
-            checker: Arc::new(Checker { key, singular }),
+            checker: Arc::new(Checker {
+                key,
+                singular,
+                lora: None,
+            }),
             budget,
             pins,
             state: Mutex::new(State {
@@ -567,22 +574,43 @@ impl AdapterStore {
         Ok(ids)
     }
 
+    /// Accepts LoRAs that fit `limits` (the engine's LoRA tables).
+    pub fn serving_loras(mut self, limits: LoraLimits) -> Self {
+        self.checker = Arc::new(Checker {
+            key: self.checker.key.clone(),
+            singular: self.checker.singular.clone(),
+            lora: Some(limits),
+        });
+        self
+    }
+
     /// The deltas of a weighted mix, keyed for the engine by its parts'
-    /// keys and weights. CPU work in proportion to the parts' sizes: call
-    /// it off the async threads.
+    /// keys and weights: the SVFit parts' weighted deltas, and the LoRA
+    /// parts side by side (exact: see [`crate::adapter::mix_lora`]). CPU
+    /// work in proportion to the parts' sizes: call it off the async
+    /// threads.
     pub fn mix(&self, parts: &[(Arc<Stored>, f32)]) -> Arc<AdapterDeltas> {
         let key = parts
             .iter()
             .map(|(s, w)| format!("{}*{w}", s.deltas.key))
             .collect::<Vec<_>>()
             .join("+");
-        let weighted: Vec<(f32, &Deltas)> =
-            parts.iter().map(|(s, w)| (*w, &s.deltas.deltas)).collect();
+        let weighted: Vec<(f32, &Deltas)> = parts
+            .iter()
+            .filter(|(s, _)| !s.deltas.deltas.is_empty())
+            .map(|(s, w)| (*w, &s.deltas.deltas))
+            .collect();
+        let loras: Vec<(f32, &LowRanks)> = parts
+            .iter()
+            .filter(|(s, _)| !s.deltas.lora.is_empty())
+            .map(|(s, w)| (*w, &s.deltas.lora))
+            .collect();
         Arc::new(AdapterDeltas {
             key: format!("mix:{key}"),
             owner: None,
             version: 0,
             deltas: crate::adapter::mix(&weighted),
+            lora: crate::adapter::mix_lora(&loras),
         })
     }
 }
@@ -603,6 +631,14 @@ impl Checker {
         adapter
             .check_base(shown, &self.key)
             .map_err(StoreError::Mismatch)?;
+        if adapter.is_lora() {
+            let none = LoraLimits::default();
+            let limits = self.lora.as_ref().unwrap_or(&none);
+            adapter
+                .validate_lora(shown, &self.key.base_sha256, limits)
+                .map_err(StoreError::Invalid)?;
+            return Ok(adapter);
+        }
         adapter
             .validate(shown, &self.key, &self.singular)
             .map_err(StoreError::Invalid)?;
@@ -610,10 +646,16 @@ impl Checker {
     }
 
     /// What the store knows of a checked `adapter` whose file is `bytes`.
-    fn stored(&self, tenant: &str, id: &str, adapter: Adapter, bytes: &[u8]) -> Stored {
+    fn stored(&self, tenant: &str, id: &str, mut adapter: Adapter, bytes: &[u8]) -> Stored {
         let version = version_of(&adapter).unwrap_or(1);
         let hash = hex(&sha2::Sha256::digest(bytes)[..6]);
-        let deltas: Deltas = adapter.deltas(&self.singular);
+        // The engine's copy is the only one kept.
+        let lora = std::mem::take(&mut adapter.lora);
+        let deltas: Deltas = if lora.is_empty() {
+            adapter.deltas(&self.singular)
+        } else {
+            Vec::new()
+        };
         Stored {
             tenant: tenant.to_string(),
             id: id.to_string(),
@@ -624,6 +666,7 @@ impl Checker {
                 owner: Some(format!("{tenant}/{id}")),
                 version,
                 deltas,
+                lora,
             }),
             adapter,
         }

@@ -86,6 +86,7 @@ pub fn config(dir: &Path) -> ServeConfig {
             tenant_queue_limit: 64,
             prefill_budget: 512,
             prefix_cache_bytes: 256 << 20,
+            lora: svfit::engine::LoraConfig::default(),
         },
         limits: svfit::server::validation::Limits {
             max_tokens_default: 64,

@@ -1,0 +1,175 @@
+//! A LoRA kept as an adapter file ([`crate::adapter::LORA_FORMAT`]): what
+//! `svfit adapter import` writes and the store holds, so a LoRA is
+//! uploaded, versioned, listed and served like any adapter. Per target
+//! matrix `blk.L.kind`: `.lora_a` f32 `[r, n]` and `.lora_b` f32 `[m, r]`,
+//! the scale folded into `B` (`ΔW = B A`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::SafeTensors;
+
+use crate::adapter::{Adapter, AdapterError, LowRank, LowRanks};
+use crate::tensorfile::Entry;
+
+/// What a server (or a command) can serve: the `[m, n]` of each target
+/// matrix that has LoRA tables, and the largest rank.
+#[derive(Clone, Debug, Default)]
+pub struct LoraLimits {
+    pub shapes: HashMap<String, (usize, usize)>,
+    pub max_rank: usize,
+}
+
+/// A matrix's values and `[rows, columns]`.
+type Matrix = (Vec<f32>, [usize; 2]);
+
+/// The tensors of one LoRA file, checked on their own: pairs of f32
+/// matrices whose ranks agree, finite values.
+pub(crate) fn parse(st: &SafeTensors<'_>, path: &Path) -> Result<LowRanks, AdapterError> {
+    let mut pairs: BTreeMap<(usize, String), [Option<Matrix>; 2]> = BTreeMap::new();
+    for name in st.names() {
+        let bad = |problem: String| AdapterError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            problem,
+        };
+        let (prefix, side) = match (name.strip_suffix(".lora_a"), name.strip_suffix(".lora_b")) {
+            (Some(p), _) => (p, 0),
+            (_, Some(p)) => (p, 1),
+            _ => return Err(bad("a LoRA file holds only blk.L.kind.lora_a and .lora_b".into())),
+        };
+        let layer = prefix
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| bad("not a blk.L.kind name".into()))?;
+        let view = st.tensor(name).map_err(|e| bad(e.to_string()))?;
+        let shape = view.shape();
+        if view.dtype() != safetensors::Dtype::F32 || shape.len() != 2 {
+            return Err(bad(format!(
+                "expected F32 [rows, columns], got {:?} {shape:?}",
+                view.dtype()
+            )));
+        }
+        let values = crate::tensorfile::f32s(view.data());
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!("value {i} is {} (must be finite)", values[i])));
+        }
+        pairs.entry((layer, prefix.to_string())).or_default()[side] =
+            Some((values, [shape[0], shape[1]]));
+    }
+    let mut lora = LowRanks::new();
+    for ((_, prefix), pair) in pairs {
+        let bad = |problem: String| AdapterError::Tensor {
+            path: path.to_path_buf(),
+            tensor: format!("{prefix}.lora_a"),
+            problem,
+        };
+        let [Some((a, [r, _])), Some((b, [_, b_r]))] = pair else {
+            return Err(bad("lora_a and lora_b come in pairs".into()));
+        };
+        if r == 0 || b_r != r {
+            return Err(bad(format!(
+                "rank {r}, and lora_b has {b_r} columns (they must agree, at least 1)"
+            )));
+        }
+        lora.push((prefix, LowRank { a, b, rank: r }));
+    }
+    if lora.is_empty() {
+        return Err(AdapterError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "a LoRA file without tensors".into(),
+        });
+    }
+    Ok(lora)
+}
+
+/// The tensors of `lora` as file entries.
+pub(crate) fn entries(lora: &LowRanks) -> Vec<Entry> {
+    let mut out = Vec::with_capacity(2 * lora.len());
+    for (prefix, u) in lora {
+        let (r, n, m) = (u.rank, u.a.len() / u.rank, u.b.len() / u.rank);
+        out.push(Entry::f32(format!("{prefix}.lora_a"), vec![r, n], &u.a));
+        out.push(Entry::f32(format!("{prefix}.lora_b"), vec![m, r], &u.b));
+    }
+    out
+}
+
+impl Adapter {
+    /// Checks a LoRA adapter against what is served: the base model
+    /// (`base_sha256`), each matrix one with LoRA tables and its shape,
+    /// ranks within the largest.
+    pub fn validate_lora(
+        &self,
+        path: &Path,
+        base_sha256: &str,
+        limits: &LoraLimits,
+    ) -> Result<(), AdapterError> {
+        if self.base_sha256 != base_sha256 {
+            return Err(AdapterError::Metadata {
+                path: path.to_path_buf(),
+                field: "svfit.base_sha256".into(),
+                expected: format!("'{base_sha256}'"),
+                actual: format!("'{}'", self.base_sha256),
+            });
+        }
+        for (prefix, u) in &self.lora {
+            let bad = |problem: String| AdapterError::Tensor {
+                path: path.to_path_buf(),
+                tensor: format!("{prefix}.lora_a"),
+                problem,
+            };
+            let Some(&(m, n)) = limits.shapes.get(prefix) else {
+                return Err(bad(if limits.shapes.is_empty() {
+                    "this server serves no LoRAs (--lora-slots 0)".into()
+                } else {
+                    "not a LoRA target of this server (see --lora-targets)".into()
+                }));
+            };
+            if u.a.len() != u.rank * n || u.b.len() != m * u.rank {
+                return Err(bad(format!(
+                    "A [{}, {}] and B [{}, {}]; the matrix is [{m}, {n}]",
+                    u.rank,
+                    u.a.len() / u.rank,
+                    u.b.len() / u.rank,
+                    u.rank
+                )));
+            }
+            if u.rank > limits.max_rank {
+                return Err(bad(format!(
+                    "rank {}; this server serves ranks up to {} (--lora-rank)",
+                    u.rank, limits.max_rank
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A LoRA of the model whose sha256 is `base_sha256` as an adapter,
+    /// described by `source` (where it came from).
+    pub fn from_lora(base_sha256: &str, lora: LowRanks, source: &str) -> Adapter {
+        let mut kinds: Vec<&str> = Vec::new();
+        for (prefix, _) in &lora {
+            let kind = prefix.rsplit('.').next().unwrap_or_default();
+            let short = crate::factors::KINDS
+                .iter()
+                .find(|k| k.1 == kind)
+                .map_or(kind, |k| k.0);
+            if !kinds.contains(&short) {
+                kinds.push(short);
+            }
+        }
+        let max_rank = lora.iter().map(|(_, u)| u.rank).max().unwrap_or(0);
+        let mut info = HashMap::new();
+        info.insert("svfit.lora_source".into(), source.to_string());
+        Adapter {
+            base_sha256: base_sha256.to_string(),
+            factors_id: String::new(),
+            targets: kinds.join(","),
+            rank_policy: format!("lora:{max_rank}"),
+            info,
+            sigma: Vec::new(),
+            lora,
+        }
+    }
+}
