@@ -22,8 +22,8 @@ use svfit::merge::{merge, merge_lora, MergeType};
 use svfit::model::Batch;
 use svfit::tensorfile::Entry;
 
-const RANK: usize = 4;
-const ALPHA: f32 = 8.0;
+pub(super) const RANK: usize = 4;
+pub(super) const ALPHA: f32 = 8.0;
 
 /// The modules of the test LoRA: (Hugging Face module, GGUF kind, m, n).
 fn modules() -> Vec<(&'static str, &'static str, usize, usize)> {
@@ -56,7 +56,7 @@ fn converter_permute(w: &[f32], m: usize, cols: usize, n_head: usize) -> Vec<f32
 
 /// A random LoRA as PEFT writes it (directory `peft`) and as a GGUF LoRA
 /// (`gguf`), both for the tiny llama's two layers.
-fn write_loras(peft: &Path, gguf: &Path, seed: u64) {
+pub(super) fn write_loras(peft: &Path, gguf: &Path, seed: u64) {
     let mut rng = Rng::new(seed);
     let mut entries = Vec::new();
     let mut w = GgufWriter::new(64).unwrap();
@@ -126,7 +126,7 @@ fn write_loras(peft: &Path, gguf: &Path, seed: u64) {
 }
 
 /// llama.cpp's logits of `tokens` on `model`, with `lora` applied if any.
-fn llama_cpp(model: &Path, lora: Option<&Path>, tokens: &[u32]) -> Vec<Vec<f32>> {
+pub(super) fn llama_cpp(model: &Path, lora: Option<&Path>, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut reference = common::reference(model);
     let mut adapter = lora.map(|l| reference.lora(l).unwrap());
     let mut session = reference.session(256, 1, 2).unwrap();
@@ -139,7 +139,7 @@ fn llama_cpp(model: &Path, lora: Option<&Path>, tokens: &[u32]) -> Vec<Vec<f32>>
     rows(&out).into_iter().map(<[f32]>::to_vec).collect()
 }
 
-fn agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> common::Agreement {
+pub(super) fn agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> common::Agreement {
     fn view(x: &[Vec<f32>]) -> Vec<&[f32]> {
         x.iter().map(Vec::as_slice).collect()
     }

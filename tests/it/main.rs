@@ -23,6 +23,7 @@ mod engine;
 mod factorize;
 mod fuzz;
 mod lora;
+mod lora_serving;
 mod parity;
 mod server;
 mod svfit;
