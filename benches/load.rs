@@ -590,6 +590,7 @@ async fn upload_adapters(b: &Base, channel: tonic::transport::Channel, n: usize)
             part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
                 id: id.clone(),
                 tenant: String::new(),
+                peft_config: String::new(),
             })),
         }];
         chunks.extend(bytes.chunks(1 << 16).map(|piece| pb::UploadChunk {

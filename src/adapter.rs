@@ -384,7 +384,11 @@ impl Adapter {
             })
         };
         // A LoRA has no factors: its base is all there is to check here.
-        let factors_id = if self.is_lora() { None } else { field("svfit.factors_id", &key.id(), &self.factors_id) };
+        let factors_id = if self.is_lora() {
+            None
+        } else {
+            field("svfit.factors_id", &key.id(), &self.factors_id)
+        };
         let checks = [
             field("svfit.base_sha256", &key.base_sha256, &self.base_sha256),
             factors_id,

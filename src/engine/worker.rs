@@ -242,8 +242,16 @@ impl Worker {
     }
 
     /// A slot of the SVFit pool (or the LoRA pool, `lora`) for `adapter`.
-    fn take_slot(&mut self, lora: bool, adapter: &AdapterDeltas) -> Result<Option<Slot>, ModelError> {
-        let pool = if lora { &mut self.lora_slots } else { &mut self.slots };
+    fn take_slot(
+        &mut self,
+        lora: bool,
+        adapter: &AdapterDeltas,
+    ) -> Result<Option<Slot>, ModelError> {
+        let pool = if lora {
+            &mut self.lora_slots
+        } else {
+            &mut self.slots
+        };
         match pool.acquire(adapter) {
             Acquired::Full => Ok(None),
             Acquired::Hit(slot) => {
@@ -260,7 +268,11 @@ impl Worker {
                     self.model.set_adapter(slot, &adapter.deltas)
                 };
                 if let Err(e) = loaded {
-                    let pool = if lora { &mut self.lora_slots } else { &mut self.slots };
+                    let pool = if lora {
+                        &mut self.lora_slots
+                    } else {
+                        &mut self.slots
+                    };
                     pool.unload(slot);
                     return Err(e);
                 }

@@ -36,7 +36,11 @@ pub(crate) fn parse(st: &SafeTensors<'_>, path: &Path) -> Result<LowRanks, Adapt
         let (prefix, side) = match (name.strip_suffix(".lora_a"), name.strip_suffix(".lora_b")) {
             (Some(p), _) => (p, 0),
             (_, Some(p)) => (p, 1),
-            _ => return Err(bad("a LoRA file holds only blk.L.kind.lora_a and .lora_b".into())),
+            _ => {
+                return Err(bad(
+                    "a LoRA file holds only blk.L.kind.lora_a and .lora_b".into()
+                ))
+            }
         };
         let layer = prefix
             .strip_prefix("blk.")
@@ -172,4 +176,55 @@ impl Adapter {
             lora,
         }
     }
+}
+
+/// A LoRA uploaded as bytes — a GGUF LoRA, or PEFT's
+/// `adapter_model.safetensors` with its `adapter_config.json` text
+/// (`peft_config`) — read and checked against the model at `model` (whose
+/// sha256 is `base_sha256`), as the bytes of an svfit LoRA file.
+pub fn import_bytes(
+    bytes: &[u8],
+    peft_config: Option<&str>,
+    model: &Path,
+    base_sha256: &str,
+) -> Result<Vec<u8>, super::LoraError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "svfit-lora-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| super::LoraError::Io { path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let read = (|| {
+        let path = match peft_config {
+            Some(config) => {
+                std::fs::write(dir.join("adapter_config.json"), config).map_err(io(&dir))?;
+                std::fs::write(dir.join("adapter_model.safetensors"), bytes).map_err(io(&dir))?;
+                dir.clone()
+            }
+            None => {
+                let file = dir.join("lora.gguf");
+                std::fs::write(&file, bytes).map_err(io(&file))?;
+                file
+            }
+        };
+        let gguf = crate::ggml::gguf::GgufFile::open(model)?;
+        let config =
+            crate::model::Config::from_gguf(&gguf).map_err(crate::factors::FactorError::from)?;
+        let lora = super::Lora::read(&path, &gguf)?;
+        let source = if peft_config.is_some() {
+            "peft"
+        } else {
+            "gguf-lora"
+        };
+        let adapter = Adapter::from_lora(base_sha256, lora.low_ranks(&config)?, source);
+        Ok(adapter.to_bytes()?)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    read
 }

@@ -525,7 +525,10 @@ impl<'a> Serving<'a, '_> {
     /// slots are `slots`.
     fn adapted(&self, il: usize, kind: &str, slots: Slots<'a>) -> Option<Adapted<'a>> {
         let (svfit_slots, lora_slots) = slots;
-        let svfit = self.branch.and_then(|b| b.target(il, kind)).zip(svfit_slots);
+        let svfit = self
+            .branch
+            .and_then(|b| b.target(il, kind))
+            .zip(svfit_slots);
         let svfit = svfit.map(|(TargetTensors { u, vt, d }, slots)| SvFit {
             u,
             vt,

@@ -17,8 +17,8 @@ use std::collections::HashMap;
 
 use crate::adapter::LowRank;
 use crate::factors::{TargetMatrix, KINDS};
-use crate::lora::LoraLimits;
 use crate::ggml::{Backend, Context, Tensor, TensorId, TensorSet, Type};
+use crate::lora::LoraLimits;
 
 use super::svfit::{expected_shape, Slot};
 use super::{Config, ModelError};
@@ -137,7 +137,11 @@ impl LoraBranch {
     /// Writes a LoRA (per `blk.L.kind`, `ΔW = B A`) into `slot`; matrices
     /// it does not name get zeros. Everything is checked before anything
     /// is written.
-    pub(super) fn set_slot(&self, slot: Slot, lora: &[(String, LowRank)]) -> Result<(), ModelError> {
+    pub(super) fn set_slot(
+        &self,
+        slot: Slot,
+        lora: &[(String, LowRank)],
+    ) -> Result<(), ModelError> {
         let slot = slot as usize;
         if slot == 0 || slot >= self.n_slots {
             return Err(ModelError::Slot {
@@ -155,7 +159,8 @@ impl LoraBranch {
             check(prefix, update, tables, self.rank)?;
             given.insert(prefix.as_str(), update);
         }
-        let bytes = |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+        let bytes =
+            |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
         for (layer, kinds) in self.targets.iter().enumerate() {
             for (k, tables) in kinds.iter().enumerate() {
                 let Some(Tables { a, b, m, n }) = tables else {
@@ -172,8 +177,12 @@ impl LoraBranch {
                             .copy_from_slice(&u.b[i * u.rank..(i + 1) * u.rank]);
                     }
                 }
-                self.set.get(*a).write_at(slot * big_r * n * 4, &bytes(&a_rows))?;
-                self.set.get(*b).write_at(slot * m * big_r * 4, &bytes(&b_rows))?;
+                self.set
+                    .get(*a)
+                    .write_at(slot * big_r * n * 4, &bytes(&a_rows))?;
+                self.set
+                    .get(*b)
+                    .write_at(slot * m * big_r * 4, &bytes(&b_rows))?;
             }
         }
         Ok(())

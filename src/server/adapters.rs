@@ -31,6 +31,29 @@ impl AdaptersService {
         }
     }
 
+    /// An uploaded GGUF LoRA, or PEFT LoRA (`peft_config` given), as the
+    /// svfit LoRA file the store keeps; other bytes as they are.
+    async fn lora_as_adapter(&self, bytes: Vec<u8>, peft_config: &str) -> Result<Vec<u8>, Status> {
+        let gguf = bytes.starts_with(b"GGUF");
+        if !gguf && peft_config.is_empty() {
+            return Ok(bytes);
+        }
+        let config = &self.shared.config;
+        let (model, sha) = (config.model.clone(), config.factors.base_sha256.clone());
+        let peft_config = peft_config.to_string();
+        let converted = tokio::task::spawn_blocking(move || {
+            crate::lora::stored::import_bytes(
+                &bytes,
+                (!gguf).then_some(&*peft_config),
+                &model,
+                &sha,
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the LoRA: {e}")))?;
+        converted.map_err(|e| Status::invalid_argument(format!("not a LoRA of this base: {e}")))
+    }
+
     fn info(&self, stored: &Stored) -> pb::AdapterInfo {
         let a = &stored.adapter;
         pb::AdapterInfo {
@@ -105,6 +128,7 @@ impl pb::adapters_server::Adapters for AdaptersService {
                     limit.as_secs_f64()
                 ))
             })??;
+        let bytes = self.lora_as_adapter(bytes, &header.peft_config).await?;
         let stored = self
             .shared
             .store

@@ -35,8 +35,8 @@ use lru::LruCache;
 use sha2::Digest;
 
 use crate::adapter::{Adapter, AdapterDeltas, AdapterError, Deltas, LowRanks};
-use crate::lora::LoraLimits;
 use crate::factors::{FactorsKey, SingularValues};
+use crate::lora::LoraLimits;
 
 mod local;
 #[cfg(feature = "object-store")]

@@ -268,6 +268,7 @@ pub fn upload_chunks(id: &str, bytes: &[u8]) -> Vec<pb::UploadChunk> {
         part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
             id: id.into(),
             tenant: String::new(),
+            peft_config: String::new(),
         })),
     }];
     for piece in bytes.chunks(8192) {

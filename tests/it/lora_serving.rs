@@ -43,7 +43,11 @@ fn kinds(lora: &LowRanks) -> Vec<&'static str> {
     let mut kinds = Vec::new();
     for (prefix, _) in lora {
         let kind = prefix.rsplit('.').next().unwrap();
-        let k = svfit::factors::KINDS.iter().find(|k| k.1 == kind).unwrap().1;
+        let k = svfit::factors::KINDS
+            .iter()
+            .find(|k| k.1 == kind)
+            .unwrap()
+            .1;
         if !kinds.contains(&k) {
             kinds.push(k);
         }
@@ -124,9 +128,16 @@ fn a_served_peft_lora_is_its_merge_and_llama_cpp_running_it() {
     );
     eprintln!("served LoRA vs its merge: {m:?}; vs llama.cpp with it: {l:?}; it moves {moved:?}");
     for (what, a) in [("the merge", &m), ("llama.cpp", &l)] {
-        assert!(a.top1 >= 0.98, "{what}: top-1 agrees at {:.1}%", 100.0 * a.top1);
+        assert!(
+            a.top1 >= 0.98,
+            "{what}: top-1 agrees at {:.1}%",
+            100.0 * a.top1
+        );
         assert!(a.mean_abs_rel < 2e-2, "{what}: {a:?}");
-        assert!(moved.mean_abs_rel > 5.0 * a.mean_abs_rel, "{what}: {moved:?} against {a:?}");
+        assert!(
+            moved.mean_abs_rel > 5.0 * a.mean_abs_rel,
+            "{what}: {moved:?} against {a:?}"
+        );
     }
 
     // The same LoRA as a GGUF LoRA is the same served LoRA.
@@ -137,7 +148,12 @@ fn a_served_peft_lora_is_its_merge_and_llama_cpp_running_it() {
     // 32 greedy tokens, as llama.cpp with the LoRA.
     let prompt = &tokens[..24];
     let mut cache = model.new_cache(N_CTX).unwrap();
-    let mine = greedy(&mut |b| model.decode(&mut cache, b).unwrap(), prompt, LORA, 32);
+    let mine = greedy(
+        &mut |b| model.decode(&mut cache, b).unwrap(),
+        prompt,
+        LORA,
+        32,
+    );
     let mut reference = common::reference(&model_path);
     let mut adapter = reference.lora(&gguf).unwrap();
     let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
@@ -153,9 +169,8 @@ fn base_svfit_and_lora_tokens_batched_equal_each_alone() {
     let (peft, gguf) = (dir.path().join("peft"), dir.path().join("lora.gguf"));
     write_loras(&peft, &gguf, 12);
     let lora = served(&model_path, &peft);
-    let key =
-        svfit::factors::FactorsKey::for_model(&model_path, "q,v,down", "energy:0.99", "f16")
-            .unwrap();
+    let key = svfit::factors::FactorsKey::for_model(&model_path, "q,v,down", "energy:0.99", "f16")
+        .unwrap();
     let path = svfit::factors::ensure(&model_path, &key, &dir.path().join("home")).unwrap();
     let factors = svfit::factors::read_factors(&path, &key).unwrap();
     let singular = svfit::factors::read_singular_values(&path, &key).unwrap();
@@ -171,9 +186,15 @@ fn base_svfit_and_lora_tokens_batched_equal_each_alone() {
     let mut rng = Rng::new(9);
     let cases = [
         (Slots::default(), rng.tokens(30, common::TINY.n_vocab)),
-        (Slots { svfit: 1, lora: 0 }, rng.tokens(41, common::TINY.n_vocab)),
+        (
+            Slots { svfit: 1, lora: 0 },
+            rng.tokens(41, common::TINY.n_vocab),
+        ),
         (LORA, rng.tokens(25, common::TINY.n_vocab)),
-        (Slots { svfit: 1, lora: 1 }, rng.tokens(37, common::TINY.n_vocab)),
+        (
+            Slots { svfit: 1, lora: 1 },
+            rng.tokens(37, common::TINY.n_vocab),
+        ),
     ];
     let alone: Vec<Vec<Vec<f32>>> = cases
         .iter()
@@ -212,6 +233,10 @@ fn base_svfit_and_lora_tokens_batched_equal_each_alone() {
         }
     }
     for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
-        assert!(t == a, "case {i} ({:?}): batched differs from alone", cases[i].0);
+        assert!(
+            t == a,
+            "case {i} ({:?}): batched differs from alone",
+            cases[i].0
+        );
     }
 }

@@ -6,6 +6,7 @@
 use crate::common;
 mod gemma;
 mod http;
+mod lora;
 mod metrics;
 mod phi3;
 mod prefix;

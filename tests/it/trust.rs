@@ -911,6 +911,7 @@ async fn stalled_uploads_time_out_and_never_block_others() {
             part: Some(pb::upload_chunk::Part::Header(pb::UploadHeader {
                 id: format!("stalled{i}"),
                 tenant: String::new(),
+                peft_config: String::new(),
             })),
         })
         .await
