@@ -19,7 +19,11 @@
 //! and slot pool smaller than the working set: cold loads from the store;
 //! a cache of 20 adapters and 16 slots; svfit only, plus the measured cost of one
 //! cold load), `mix` (each request
-//! a weighted mix of two of 64 adapters; svfit only), `soak` (the `many`
+//! a weighted mix of two of 64 adapters; svfit only), `lora` (the `many`
+//! traffic with 64 LoRAs in place of SVFit adapters: the rank-8 q,v GGUF
+//! LoRAs llama-server gets, imported by svfit (`adapter import`'s path) and
+//! served from 64 LoRA slots; svfit also runs the `many` traffic with SVFit
+//! adapters in the same run), `soak` (the `many`
 //! traffic twice on svfit: alone, then with a hostile tenant beside it that
 //! sends one malformed or abusive request after another, the catalogue the
 //! trust tests send (`tests/common/hostile.rs`: non-ASCII stop strings,
@@ -83,10 +87,11 @@ mod hostile;
 
 use common::{exit, fail};
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "base",
     "one",
     "many",
+    "lora",
     "cold",
     "mix",
     "soak",
@@ -580,6 +585,25 @@ fn write_adapters(b: &Base, dir: &Path, n: usize) {
     }
 }
 
+/// The `lora` scenario's adapters `t0`, `t1`, ...: the GGUF LoRAs
+/// llama-server gets (`write_lora`, same seeds), imported as svfit LoRA
+/// files.
+fn write_lora_adapters(b: &Base, model: &Path, dir: &Path, n: usize) {
+    let gguf = GgufFile::open(model).unwrap_or_else(fail);
+    let tenant = dir.join("default");
+    std::fs::create_dir_all(&tenant).unwrap_or_else(fail);
+    for i in 0..n {
+        let file = dir.join(format!("lora{i}.gguf"));
+        write_lora(&gguf, &file, i as u64 + 1);
+        let bytes = std::fs::read(&file).unwrap_or_else(fail);
+        let sha = &b.key.base_sha256;
+        let imported =
+            svfit::lora::stored::import_bytes(&bytes, None, model, sha).unwrap_or_else(fail);
+        std::fs::write(tenant.join(format!("t{i}.safetensors")), imported).unwrap_or_else(fail);
+        std::fs::remove_file(&file).unwrap_or_else(fail);
+    }
+}
+
 /// Uploads the scenario's adapters (`t0`, `t1`, ...) to a running server.
 async fn upload_adapters(b: &Base, channel: tonic::transport::Channel, n: usize) {
     let mut admin = AdaptersClient::new(channel);
@@ -752,11 +776,23 @@ async fn run_svfit(
         "cold" => (16, 20 * 16_251 * 4 + 20 * 2_000),
         _ => (64, 256 << 20),
     };
+    let lora = o.scenario == "lora";
+    let lora_config = if lora {
+        svfit::engine::LoraConfig {
+            slots: n_adapters,
+            rank: 8,
+            kinds: vec!["attn_q", "attn_v"],
+        }
+    } else {
+        svfit::engine::LoraConfig::default()
+    };
     let mut running = None;
     let addr = match &o.addr {
         Some(a) => a.clone(),
         None => {
-            if n_adapters > 0 {
+            if lora {
+                write_lora_adapters(b, &o.model, &adapters, n_adapters);
+            } else if n_adapters > 0 {
                 write_adapters(b, &adapters, n_adapters);
             }
             let config = svfit::server::ServeConfig {
@@ -781,7 +817,7 @@ async fn run_svfit(
                     tenant_queue_limit: 100_000,
                     prefill_budget: o.prefill_budget,
                     prefix_cache_bytes: o.prefix_cache_mb << 20,
-                    lora: svfit::engine::LoraConfig::default(),
+                    lora: lora_config,
                 },
                 limits: svfit::server::validation::Limits {
                     max_tokens_default: o.gen as usize,
@@ -1598,6 +1634,29 @@ fn main() {
         );
         reports.push(free);
     }
+    // LoRAs against SVFit adapters on the same traffic, in the same run.
+    if o.scenario == "lora" && o.addr.is_none() {
+        let many = Options {
+            scenario: "many".into(),
+            model: o.model.clone(),
+            json: None,
+            addr: None,
+            llama_server: None,
+            http: false,
+            device: o.device.clone(),
+            ..o.clone()
+        };
+        let svfit_adapters = runtime
+            .block_on(run_svfit(&many, &b, &dir, n_adapters, false))
+            .remove(0);
+        println!(
+            "svfit 64 LoRAs / svfit 64 SVFit adapters: throughput {:.2}x, TTFT p95 {:.2}x, e2e p95 {:.2}x",
+            reports[0].tokens_per_s / svfit_adapters.tokens_per_s,
+            reports[0].ttft_ms[1] / svfit_adapters.ttft_ms[1],
+            reports[0].e2e_ms[1] / svfit_adapters.e2e_ms[1]
+        );
+        reports.push(svfit_adapters);
+    }
     // Adapters against our own base, in the same run.
     if o.scenario == "many" && o.addr.is_none() {
         let base = Options {
@@ -1631,7 +1690,7 @@ fn main() {
         );
         reports.push(ours);
     }
-    let comparable = ["base", "one", "many"].contains(&o.scenario.as_str());
+    let comparable = ["base", "one", "many", "lora"].contains(&o.scenario.as_str());
     if o.llama && comparable {
         reports.push(runtime.block_on(run_llama(&o, &dir, n_adapters)));
         let (a, l) = (&reports[0], &reports[reports.len() - 1]);
