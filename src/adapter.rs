@@ -102,6 +102,14 @@ impl Loaded {
         home: &Path,
     ) -> Result<Self, AdapterError> {
         let adapter = Adapter::read(path)?;
+        if adapter.is_lora() {
+            return Err(AdapterError::Metadata {
+                path: path.to_path_buf(),
+                field: "svfit.format".into(),
+                expected: format!("'{FORMAT}' (an SVFit adapter, with factors)"),
+                actual: format!("'{LORA_FORMAT}' (a LoRA)"),
+            });
+        }
         let key = adapter.factors_key(path, base_sha256)?;
         // Refused before the (slow) factorization: names the base hash.
         adapter.check_base(path, &key)?;
@@ -507,6 +515,54 @@ fn tensor_order(name: &str) -> (usize, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `B A` of a LoRA, `[m, n]` row-major.
+    fn product(u: &LowRank) -> Vec<f32> {
+        let (m, n) = (u.b.len() / u.rank, u.a.len() / u.rank);
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..u.rank)
+                    .map(|k| u.b[i * u.rank + k] * u.a[k * n + j])
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_mix_of_loras_is_the_weighted_sum_of_their_updates() {
+        let one = LowRank {
+            a: vec![1.0, 2.0, 3.0],
+            b: vec![2.0, -1.0],
+            rank: 1,
+        };
+        let two = LowRank {
+            a: vec![0.5, 0.0, 1.0, -1.0, 2.0, 0.25],
+            b: vec![1.0, 3.0, -2.0, 0.5],
+            rank: 2,
+        };
+        let (x, y): (LowRanks, LowRanks) = (
+            vec![("blk.0.attn_q".into(), one.clone())],
+            vec![
+                ("blk.0.attn_q".into(), two.clone()),
+                ("blk.1.attn_v".into(), one.clone()),
+            ],
+        );
+        let mixed = mix_lora(&[(0.5, &x), (2.0, &y)]);
+        assert_eq!(mixed.len(), 2);
+        assert_eq!(mixed[0].1.rank, 3);
+        let want: Vec<f32> = product(&one)
+            .iter()
+            .zip(product(&two))
+            .map(|(p, q)| 0.5 * p + 2.0 * q)
+            .collect();
+        assert_eq!(product(&mixed[0].1), want);
+        assert_eq!(
+            product(&mixed[1].1),
+            product(&one).iter().map(|v| 2.0 * v).collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn mix_is_the_weighted_sum_of_deltas() {

@@ -297,6 +297,10 @@ pub(super) fn run_adapter(command: &AdapterCommand) -> Result<()> {
             );
         }
         AdapterCommand::Inspect { adapter, base } => {
+            let read = Adapter::read(adapter)?;
+            if read.is_lora() {
+                return inspect_lora(&read, &base.path()?);
+            }
             let Loaded {
                 adapter: a,
                 singular,
@@ -380,5 +384,33 @@ fn run_export(args: &ExportArgs) -> Result<()> {
         done.parameters,
         done.dropped
     );
+    Ok(())
+}
+
+/// `svfit adapter inspect` of a LoRA kept as an adapter: its base (checked
+/// against the model), targets and each matrix's rank and shape.
+fn inspect_lora(a: &svfit::adapter::Adapter, model: &Path) -> Result<()> {
+    let sha = home::sha256_file(model).with_context(|| format!("reading {}", model.display()))?;
+    if a.base_sha256 != sha {
+        anyhow::bail!(
+            "a LoRA of the model with sha256 {}, not of {} ({sha})",
+            a.base_sha256,
+            model.display()
+        );
+    }
+    println!("format       LoRA ({})", svfit::adapter::LORA_FORMAT);
+    println!("base sha256  {}", a.base_sha256);
+    println!("targets      {}", a.targets);
+    println!("rank         {}", a.rank_policy);
+    let mut info: Vec<_> = a.info.iter().collect();
+    info.sort();
+    for (k, v) in info {
+        println!("{k:<12} {v}");
+    }
+    println!("{:<24} {:>6} {:>14}", "matrix", "rank", "[m, n]");
+    for (prefix, u) in &a.lora {
+        let shape = format!("[{}, {}]", u.b.len() / u.rank, u.a.len() / u.rank);
+        println!("{prefix:<24} {:>6} {shape:>14}", u.rank);
+    }
     Ok(())
 }

@@ -228,3 +228,92 @@ pub fn import_bytes(
     let _ = std::fs::remove_dir_all(&dir);
     read
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensorfile::serialize;
+
+    /// A rank-2 LoRA of a `[2, 3]` q.
+    fn lora() -> LowRanks {
+        let a = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = vec![0.5, -1.0, 2.0, 0.0];
+        vec![("blk.0.attn_q".into(), LowRank { a, b, rank: 2 })]
+    }
+
+    fn limits(max_rank: usize) -> LoraLimits {
+        LoraLimits {
+            shapes: [("blk.0.attn_q".to_string(), (2, 3))].into(),
+            max_rank,
+        }
+    }
+
+    #[test]
+    fn a_lora_file_reads_back_and_is_checked_against_the_tables() {
+        let path = Path::new("l.safetensors");
+        let a = Adapter::from_lora("abc", lora(), "peft");
+        let back = Adapter::parse(&a.to_bytes().unwrap(), path).unwrap();
+        assert!(back.is_lora());
+        assert_eq!(back.lora, lora());
+        assert_eq!(
+            (back.targets.as_str(), back.rank_policy.as_str()),
+            ("q", "lora:2")
+        );
+        back.validate_lora(path, "abc", &limits(2)).unwrap();
+        let refused = |base: &str, limits: &LoraLimits| {
+            back.validate_lora(path, base, limits)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused("xyz", &limits(2)).contains("svfit.base_sha256"));
+        assert!(refused("abc", &limits(1)).contains("rank 2"));
+        let mut other = limits(2);
+        other.shapes.insert("blk.0.attn_q".into(), (3, 3));
+        assert!(refused("abc", &other).contains("the matrix is [3, 3]"));
+        other.shapes = [("blk.0.attn_v".to_string(), (2, 3))].into();
+        assert!(refused("abc", &other).contains("--lora-targets"));
+        assert!(refused("abc", &LoraLimits::default()).contains("--lora-slots 0"));
+    }
+
+    #[test]
+    fn bad_lora_tensors_are_refused_by_name() {
+        let meta = |extra: &[(&str, &str)]| {
+            let mut m: HashMap<String, String> = [
+                ("svfit.format", crate::adapter::LORA_FORMAT),
+                ("svfit.base_sha256", "abc"),
+                ("svfit.factors_id", ""),
+                ("svfit.targets", "q"),
+                ("svfit.rank_policy", "lora:2"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            m.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            m
+        };
+        let parse = |entries: Vec<Entry>| {
+            let bytes = serialize(&entries, meta(&[])).unwrap();
+            Adapter::parse(&bytes, Path::new("l"))
+                .unwrap_err()
+                .to_string()
+        };
+        let a = |name: &str, values: &[f32]| Entry::f32(name.into(), vec![2, 3], values);
+        let b = |name: &str, values: &[f32]| Entry::f32(name.into(), vec![2, 2], values);
+        let six = [1.0; 6];
+        assert!(parse(vec![a("blk.0.attn_q.lora_a", &six)]).contains("in pairs"));
+        let mut nan = six;
+        nan[4] = f32::NAN;
+        let e = parse(vec![
+            a("blk.0.attn_q.lora_a", &nan),
+            b("blk.0.attn_q.lora_b", &[1.0; 4]),
+        ]);
+        assert!(e.contains("value 4 is NaN"), "{e}");
+        let e = parse(vec![
+            a("blk.0.attn_q.lora_a", &six),
+            Entry::f32("blk.0.attn_q.lora_b".into(), vec![6, 1], &six),
+        ]);
+        assert!(e.contains("must agree"), "{e}");
+        let e = parse(vec![a("output.weight", &six)]);
+        assert!(e.contains("only blk.L.kind.lora_a"), "{e}");
+    }
+}

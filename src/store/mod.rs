@@ -396,7 +396,13 @@ impl AdapterStore {
             .deltas
             .iter()
             .map(|(p, d)| p.len() + 4 * d.len())
-            .sum::<usize>();
+            .sum::<usize>()
+            + stored
+                .deltas
+                .lora
+                .iter()
+                .map(|(p, u)| p.len() + 4 * (u.a.len() + u.b.len()))
+                .sum::<usize>();
         let mut s = self.state();
         s.stats.loads += 1;
         // A slower reader of an older file must not replace a newer entry.

@@ -66,6 +66,9 @@ fn write_peft(
     config
 }
 
+/// Writes a PEFT LoRA into a directory; returns its config's text.
+type Writer = Box<dyn Fn(&Path) -> String>;
+
 /// The upload of a PEFT LoRA as `id`.
 fn peft_chunks(id: &str, dir: &Path, config: &str) -> Vec<pb::UploadChunk> {
     let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
@@ -214,7 +217,7 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
 
     // Bad LoRAs: refused by name, nothing stored.
     let bad = dir.path().join("bad");
-    let cases: [(&str, Box<dyn Fn(&Path) -> String>, &str); 3] = [
+    let cases: [(&str, Writer, &str); 3] = [
         (
             "rank",
             Box::new(|d| write_peft(d, 32, 0.01, 2, |_| {})),
