@@ -202,10 +202,21 @@ pub(crate) fn parts_by_tensor<'f>(
 
 /// `w += U diag(delta) Vt` for the row-major `[m, n]` matrix `w`.
 fn add_low_rank(w: &mut [f32], f: &Factor, delta: &[f32]) {
-    let (m, n, r) = (f.m, f.n, f.rank());
-    let u = faer::Mat::<f32>::from_fn(m, r, |i, j| f.u[i * r + j] * delta[j]);
-    let vt = faer::Mat::<f32>::from_fn(r, n, |i, j| f.vt[i * n + j]);
-    let product = &u * &vt;
+    let r = f.rank();
+    add_product(w, (f.m, f.n, r), |i, j| f.u[i * r + j] * delta[j], &f.vt);
+}
+
+/// `w += B A` for the row-major `[m, n]` matrix `w`, `B` `[m, r]` given by
+/// `b(i, j)` and `A` `[r, n]` row-major (`(m, n, r)` = `shape`).
+pub(crate) fn add_product(
+    w: &mut [f32],
+    (m, n, r): (usize, usize, usize),
+    b: impl Fn(usize, usize) -> f32,
+    a: &[f32],
+) {
+    let b = faer::Mat::<f32>::from_fn(m, r, b);
+    let a = faer::Mat::<f32>::from_fn(r, n, |i, j| a[i * n + j]);
+    let product = &b * &a;
     for i in 0..m {
         for j in 0..n {
             w[i * n + j] += product[(i, j)];

@@ -80,10 +80,10 @@ pub struct LoraConfig {
 }
 
 impl Default for LoraConfig {
-    /// 8 slots of rank up to 16 on every linear matrix of the blocks.
+    /// 4 slots of rank up to 16 on every linear matrix of the blocks.
     fn default() -> Self {
         LoraConfig {
-            slots: 8,
+            slots: 4,
             rank: 16,
             kinds: crate::factors::KINDS.iter().map(|k| k.1).collect(),
         }

@@ -63,6 +63,11 @@ impl SlotPool {
         }
     }
 
+    /// Whether the pool has no slot at all.
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.len() <= 1
+    }
+
     /// Whether slot `s` must keep its adapter even when unused: it holds
     /// the newest version of a pinned adapter.
     fn protected(&self, s: usize) -> bool {

@@ -101,9 +101,11 @@ impl Worker {
         config: EngineConfig,
     ) -> Self {
         let n_slots = model.branch().map_or(0, |b| b.n_slots().saturating_sub(1));
+        // Tables already attached, or those `config.lora` asks for (placed
+        // at the first LoRA served).
         let n_lora_slots = model
             .lora_branch()
-            .map_or(0, |b| b.n_slots().saturating_sub(1));
+            .map_or(config.lora.slots, |b| b.n_slots().saturating_sub(1));
         Worker {
             context: config.context,
             model,
@@ -153,10 +155,10 @@ impl Worker {
     fn command(&mut self, command: Command) {
         match command {
             Command::Job(job) => self.pending.push(job),
-            Command::Pin { owner, pinned } => {
-                self.slots.pin(&owner, pinned);
-                self.lora_slots.pin(&owner, pinned);
-            }
+            // Pins protect SVFit slots only: there are fewer LoRA slots
+            // than pins allowed, and a LoRA slot must come free for any
+            // LoRA (a pinned LoRA stays in the host cache).
+            Command::Pin { owner, pinned } => self.slots.pin(&owner, pinned),
             Command::Forget { owner } => {
                 self.slots.forget(&owner);
                 self.lora_slots.forget(&owner);
@@ -234,6 +236,12 @@ impl Worker {
         if adapter.lora.is_empty() {
             return Ok(Some((slot, 0)));
         }
+        if self.lora_slots.is_empty() {
+            self.slots.release(slot);
+            return Err(ModelError::Unsupported(
+                "a LoRA, and this server serves none (--lora-slots 0)".into(),
+            ));
+        }
         let lora_slot = self.take_slot(true, adapter);
         if !matches!(lora_slot, Ok(Some(_))) {
             self.slots.release(slot);
@@ -263,7 +271,8 @@ impl Worker {
                     self.stats.slot_evictions.fetch_add(1, Relaxed);
                 }
                 let loaded = if lora {
-                    self.model.set_lora(slot, &adapter.lora)
+                    self.place_lora_tables()
+                        .and_then(|()| self.model.set_lora(slot, &adapter.lora))
                 } else {
                     self.model.set_adapter(slot, &adapter.deltas)
                 };
@@ -280,6 +289,21 @@ impl Worker {
                 Ok(Some(slot))
             }
         }
+    }
+
+    /// The LoRA slot tables of `config.lora`, placed at the first LoRA.
+    fn place_lora_tables(&mut self) -> Result<(), ModelError> {
+        if self.model.lora_branch().is_some() {
+            return Ok(());
+        }
+        let lora = &self.config.lora;
+        tracing::info!(
+            slots = lora.slots,
+            rank = lora.rank,
+            "placing the LoRA slot tables for the first LoRA"
+        );
+        self.model
+            .attach_lora(&lora.kinds, lora.rank, lora.slots + 1)
     }
 
     /// Starts a job when its adapter has a slot and its cells are free;

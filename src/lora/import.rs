@@ -34,14 +34,8 @@ impl Update {
     /// `w += scale · B A` for the row-major `[m, n]` matrix `w`.
     pub fn add_to(&self, w: &mut [f32], m: usize, n: usize) {
         let r = self.rank;
-        let b = faer::Mat::<f32>::from_fn(m, r, |i, j| self.scale * self.b[i * r + j]);
-        let a = faer::Mat::<f32>::from_fn(r, n, |i, j| self.a[i * n + j]);
-        let product = &b * &a;
-        for i in 0..m {
-            for j in 0..n {
-                w[i * n + j] += product[(i, j)];
-            }
-        }
+        let b = |i: usize, j: usize| self.scale * self.b[i * r + j];
+        crate::merge::add_product(w, (m, n, r), b, &self.a);
     }
 }
 

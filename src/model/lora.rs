@@ -110,20 +110,21 @@ impl LoraBranch {
         self.rank
     }
 
-    /// What these tables can hold, for checking LoRA files.
-    pub fn limits(&self) -> LoraLimits {
-        let mut shapes = HashMap::new();
-        for (layer, kinds) in self.targets.iter().enumerate() {
-            for (k, t) in kinds.iter().enumerate() {
-                if let Some(t) = t {
-                    shapes.insert(format!("blk.{layer}.{}", KINDS[k].1), (t.m, t.n));
-                }
-            }
-        }
-        LoraLimits {
+    /// What tables of `kinds` and `rank` for a model of `config` can hold,
+    /// for checking LoRA files before the tables exist.
+    pub fn limits_for(
+        config: &Config,
+        kinds: &[&'static str],
+        rank: usize,
+    ) -> Result<LoraLimits, ModelError> {
+        let shapes = shapes(config, kinds)?
+            .into_iter()
+            .map(|(t, m, n)| (t.prefix(), (m, n)))
+            .collect();
+        Ok(LoraLimits {
             shapes,
-            max_rank: self.rank,
-        }
+            max_rank: rank,
+        })
     }
 
     /// Whether matrices of `kind` have tables.

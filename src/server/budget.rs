@@ -109,7 +109,8 @@ pub fn of(
                 LoraBranch::bytes_for(&cfg, &e.lora.kinds, e.lora.rank, e.lora.slots + 1)?
             },
             how: format!(
-                "{} slots of rank {} on {} kinds, f32 (--lora-slots, --lora-rank, --lora-targets)",
+                "{} slots of rank {} on {} kinds, f32, placed at the first LoRA served \
+                 (--lora-slots, --lora-rank, --lora-targets)",
                 e.lora.slots,
                 e.lora.rank,
                 e.lora.kinds.len()
@@ -238,7 +239,7 @@ pub fn check(budget: &Budget, limit: Option<&Limit>) -> anyhow::Result<()> {
     match limit {
         Some(limit) if !budget.fits(Some(limit)) => anyhow::bail!(
             "this configuration needs {:.0} MB, more than the {:.0} MB it may use ({}):\n{budget}\n\
-             lower --kv-cells, --ctx, --prefix-cache-mb, --adapter-cache-mb or \
+             lower --kv-cells, --ctx, --prefix-cache-mb, --adapter-cache-mb, --lora-slots or \
              --adapter-slots, or raise --memory-limit",
             mb(budget.total()),
             mb(limit.bytes),

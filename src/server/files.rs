@@ -219,18 +219,8 @@ fn check_lines(shared: &Shared, filename: &str, bytes: &[u8]) -> Result<usize, S
 
 /// Ids are `file-` and 24 hex digits.
 fn new_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut id = String::from("file-");
-    for _ in 0..2 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        id.push_str(&format!("{:012x}", h.finish() >> 16));
-    }
-    id
+    let part = || super::http::random_seed() >> 16;
+    format!("file-{:012x}{:012x}", part(), part())
 }
 
 fn valid_id(id: &str) -> Result<(), Status> {

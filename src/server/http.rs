@@ -337,9 +337,9 @@ async fn completions(State(state): State<HttpState>, headers: HeaderMap, body: B
     generate(state, Endpoint::Completions, headers, body).await
 }
 
-/// A random seed for requests that set none (OpenAI's answers vary unless
-/// a seed is given).
-fn random_seed() -> u64 {
+/// A random number: the seed of requests that set none (OpenAI's answers
+/// vary unless a seed is given), and file ids.
+pub(super) fn random_seed() -> u64 {
     let mut h = RandomState::new().build_hasher();
     h.write_u128(
         SystemTime::now()

@@ -185,7 +185,16 @@ async fn resolve(
                 .map(|(s, w)| format!("{}@v{}*{w}", s.id, s.version))
                 .collect::<Vec<_>>()
                 .join("+");
+            let max_rank = shared.config.engine.lora.rank;
             let mixed = blocking(move || Ok(shared.store.mix(&stored))).await?;
+            // LoRAs mix side by side: their ranks add up.
+            if let Some((prefix, u)) = mixed.lora.iter().find(|(_, u)| u.rank > max_rank) {
+                return Err(Status::invalid_argument(format!(
+                    "the mix's LoRAs have rank {} together on {prefix}; this server serves \
+                     ranks up to {max_rank} (--lora-rank)",
+                    u.rank
+                )));
+            }
             Ok((Some(mixed), version))
         }
     }

@@ -35,7 +35,7 @@ use crate::engine::{Engine, EngineConfig, Failure, SubmitError};
 use crate::factors::{self, FactorsKey};
 use crate::ggml::gguf::GgufFile;
 use crate::ggml::Type;
-use crate::model::{self, LoadOptions, Model, Tokenizer};
+use crate::model::{self, LoadOptions, LoraBranch, Model, Tokenizer};
 use crate::store::{AdapterStore, PinLimits, StoreError};
 use adapters::AdaptersService;
 use auth::{Authenticate, Keys, TenantRate};
@@ -403,7 +403,11 @@ async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             let (model, singular, ranks) = load_model_and_factors(&config)?;
-            let lora_limits = model.lora_branch().map(|b| b.limits());
+            // The LoRA tables are placed at the first LoRA the engine serves.
+            let lora = &config.engine.lora;
+            let lora_limits = (lora.slots > 0)
+                .then(|| LoraBranch::limits_for(model.config(), &lora.kinds, lora.rank))
+                .transpose()?;
             let tokenizer = Arc::new(Tokenizer::load(&config.model)?);
             let engine = Engine::start(model, tokenizer.clone(), config.engine.clone())?;
             let mut store = open_store(&config, &engine, singular)?;
@@ -454,10 +458,6 @@ fn load_model_and_factors(
     );
     let mut model = Model::load(&config.model, &config.load)?;
     model.attach_factor_file(&factor_file, config.engine.adapter_slots + 1, Type::Q8_0)?;
-    let lora = &config.engine.lora;
-    if lora.slots > 0 {
-        model.attach_lora(&lora.kinds, lora.rank, lora.slots + 1)?;
-    }
     Ok((model, singular, ranks))
 }
 

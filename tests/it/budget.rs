@@ -127,6 +127,8 @@ fn a_configuration_over_the_limit_is_refused_with_its_budget() {
         .chain([
             "--adapter-cache-mb",
             "8",
+            "--lora-slots",
+            "0",
             "--kv-cells",
             "4096",
             "--ctx",

@@ -142,6 +142,17 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
         .await;
     assert_eq!(code(theirs), Code::NotFound);
 
+    // The OpenAI API lists it, and answers with it.
+    let addr = running.http_addr.expect("HTTP API on");
+    let auth = [("authorization", "Bearer kc")];
+    let (status, _, text) = http(addr, "GET", "/v1/models", &auth, "").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"tuned\""), "{text}");
+    let body = serde_json::json!({"model": "tuned", "prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0});
+    let (status, _, text) = http(addr, "POST", "/v1/completions", &auth, &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let completion: serde_json::Value = serde_json::from_str(&text).unwrap();
+
     // Three tenants, two prompts each, all at once.
     let cases = [("ka", ""), ("kb", "sv"), ("kc", "tuned")];
     let mut tasks = Vec::new();
@@ -185,6 +196,10 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
     assert_eq!(together[4], cli(Some(&peft), PROMPTS[0], TOKENS));
     assert_eq!(together[2], cli(Some(&svfit_path), PROMPTS[0], TOKENS));
     assert_ne!(together[4], together[0], "the LoRA changes the answer");
+    assert_eq!(
+        completion["choices"][0]["text"], together[4],
+        "the OpenAI API's answer"
+    );
 
     // A mix of an SVFit adapter and a LoRA (one tenant owns both).
     let stream = tokio_stream::iter(peft_chunks("tuned", &peft, &peft_config));
@@ -214,6 +229,28 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
         cli_mix(&mix, PROMPTS[0]),
         "the mix, served and by the CLI"
     );
+
+    // LoRAs mix side by side: ranks 8 and 12 make 20, above --lora-rank.
+    let wide = dir.path().join("wide");
+    let wide_config = write_peft(&wide, 12, 0.02, 5, |_| {});
+    let stream = tokio_stream::iter(peft_chunks("wide", &wide, &wide_config));
+    admin.upload(with_key(stream, "kb")).await.unwrap();
+    let request = pb::GenerateRequest {
+        mix: vec![
+            pb::MixPart {
+                adapter: "tuned".into(),
+                weight: 1.0,
+            },
+            pb::MixPart {
+                adapter: "wide".into(),
+                weight: 1.0,
+            },
+        ],
+        ..greedy("", PROMPTS[0], 4)
+    };
+    let status = client.generate(with_key(request, "kb")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("rank 20"), "{}", status.message());
 
     // Bad LoRAs: refused by name, nothing stored.
     let bad = dir.path().join("bad");
