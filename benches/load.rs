@@ -1539,6 +1539,21 @@ fn print(reports: &[Report]) {
     }
 }
 
+/// The options of another svfit run of `scenario` in the same run (gRPC,
+/// in process, no llama-server, no JSON).
+fn same_run(o: &Options, scenario: &str) -> Options {
+    Options {
+        scenario: scenario.into(),
+        model: o.model.clone(),
+        json: None,
+        addr: None,
+        llama_server: None,
+        http: false,
+        device: o.device.clone(),
+        ..o.clone()
+    }
+}
+
 fn main() {
     let o = parse_args();
     let dir = std::env::temp_dir().join(format!("svfit-load-{}", std::process::id()));
@@ -1636,16 +1651,7 @@ fn main() {
     }
     // LoRAs against SVFit adapters on the same traffic, in the same run.
     if o.scenario == "lora" && o.addr.is_none() {
-        let many = Options {
-            scenario: "many".into(),
-            model: o.model.clone(),
-            json: None,
-            addr: None,
-            llama_server: None,
-            http: false,
-            device: o.device.clone(),
-            ..o.clone()
-        };
+        let many = same_run(&o, "many");
         let svfit_adapters = runtime
             .block_on(run_svfit(&many, &b, &dir, n_adapters, false))
             .remove(0);
@@ -1659,16 +1665,7 @@ fn main() {
     }
     // Adapters against our own base, in the same run.
     if o.scenario == "many" && o.addr.is_none() {
-        let base = Options {
-            scenario: "base".into(),
-            model: o.model.clone(),
-            json: None,
-            addr: None,
-            llama_server: None,
-            http: false,
-            device: o.device.clone(),
-            ..o
-        };
+        let base = same_run(&o, "base");
         let ours = runtime
             .block_on(run_svfit(&base, &b, &dir, 0, false))
             .remove(0);

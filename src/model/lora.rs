@@ -20,7 +20,7 @@ use crate::factors::{TargetMatrix, KINDS};
 use crate::ggml::{Backend, Context, Tensor, TensorId, TensorSet, Type};
 use crate::lora::LoraLimits;
 
-use super::svfit::{expected_shape, Slot};
+use super::svfit::{adapter_slot, expected_shape, Slot};
 use super::{Config, ModelError};
 
 /// One target matrix's slot tables.
@@ -143,13 +143,7 @@ impl LoraBranch {
         slot: Slot,
         lora: &[(String, LowRank)],
     ) -> Result<(), ModelError> {
-        let slot = slot as usize;
-        if slot == 0 || slot >= self.n_slots {
-            return Err(ModelError::Slot {
-                slot: slot as Slot,
-                n_slots: self.n_slots,
-            });
-        }
+        let slot = adapter_slot(slot, self.n_slots)?;
         let mut given = HashMap::new();
         for (prefix, update) in lora {
             let tables = self.tables(prefix).ok_or_else(|| {

@@ -193,13 +193,7 @@ impl Branch {
         slot: Slot,
         deltas: &[(String, Vec<f32>)],
     ) -> Result<(), ModelError> {
-        let slot = slot as usize;
-        if slot == 0 || slot >= self.n_slots {
-            return Err(ModelError::Slot {
-                slot: slot as Slot,
-                n_slots: self.n_slots,
-            });
-        }
+        let slot = adapter_slot(slot, self.n_slots)?;
         // Check everything before writing anything.
         let mut columns = HashMap::new();
         for (prefix, delta) in deltas {
@@ -253,6 +247,15 @@ impl Branch {
             d: self.set.get(t.d),
         })
     }
+}
+
+/// `slot` as an index, when it is an adapter slot (1 to `n_slots` - 1) of
+/// a table of `n_slots`.
+pub(super) fn adapter_slot(slot: Slot, n_slots: usize) -> Result<usize, ModelError> {
+    if slot == 0 || slot as usize >= n_slots {
+        return Err(ModelError::Slot { slot, n_slots });
+    }
+    Ok(slot as usize)
 }
 
 /// `Vt` rows are `n` wide: q8_0 needs whole blocks.

@@ -165,6 +165,28 @@ pub fn compare(ours: &[&[f32]], reference: &[&[f32]]) -> Agreement {
     a
 }
 
+/// `n` greedy tokens after `prompt` (sequence 0 on `slots`), from `decode`.
+pub fn greedy_tokens(
+    decode: &mut dyn FnMut(&svfit::model::Batch) -> Logits,
+    prompt: &[u32],
+    slots: svfit::model::Slots,
+    n: usize,
+) -> Vec<u32> {
+    let mut batch = svfit::model::Batch::new();
+    batch.add_sequence(prompt, 0, 0, false);
+    batch.set_slots(0, slots);
+    let mut out = Vec::new();
+    while out.len() < n {
+        let logits = decode(&batch);
+        let token = svfit::sampling::argmax(logits.row(logits.n_rows() - 1));
+        out.push(token);
+        batch.clear();
+        batch.add(token, prompt.len() + out.len() - 1, 0, true);
+        batch.set_slots(0, slots);
+    }
+    out
+}
+
 pub fn rows(logits: &Logits) -> Vec<&[f32]> {
     (0..logits.n_rows()).map(|i| logits.row(i)).collect()
 }

@@ -147,16 +147,20 @@ pub fn with_key<T>(message: T, key: &str) -> Request<T> {
 
 /// `svfit generate` (greedy) with `adapter` (a file, or none): the oracle.
 pub fn cli(adapter: Option<&Path>, prompt: &str, max_tokens: u32) -> String {
+    let args = adapter.map(|a| vec!["--adapter".as_ref(), a.as_os_str()]);
+    cli_with(&args.unwrap_or_default(), prompt, max_tokens)
+}
+
+/// `svfit generate` (greedy) with the arguments `args` (`--mix ...`).
+pub fn cli_with(args: &[&std::ffi::OsStr], prompt: &str, max_tokens: u32) -> String {
     let b = base();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_svfit"));
     cmd.args(["generate", "--threads", "2", "--temperature", "0"])
         .args(["--max-tokens", &max_tokens.to_string(), "--prompt", prompt])
         .arg("--model")
         .arg(&b.model)
+        .args(args)
         .env("SVFIT_HOME", &b.home);
-    if let Some(a) = adapter {
-        cmd.arg("--adapter").arg(a);
-    }
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),

@@ -10,13 +10,13 @@ use crate::common;
 use std::path::Path;
 
 use super::lora::{agreement, llama_cpp, write_loras, RANK};
-use common::{rows, Rng};
+use common::{greedy_tokens, rows, Rng};
 use svfit::adapter::{Adapter, LowRanks};
 use svfit::ggml::gguf::GgufFile;
 use svfit::ggml::Type;
 use svfit::lora::Lora;
 use svfit::merge::{merge_lora, MergeType};
-use svfit::model::{Batch, Config, LoadOptions, Logits, Model, Slots, WeightFormat};
+use svfit::model::{Batch, Config, LoadOptions, Model, Slots, WeightFormat};
 
 const THREADS: usize = 2;
 const N_CTX: usize = 256;
@@ -63,38 +63,6 @@ fn logits(model: &mut Model, tokens: &[u32], slots: Slots) -> Vec<Vec<f32>> {
     batch.set_slots(0, slots);
     let out = model.decode(&mut cache, &batch).unwrap();
     rows(&out).into_iter().map(<[f32]>::to_vec).collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// `n` greedy tokens after `prompt` (sequence 0 on `slots`), from `decode`.
-fn greedy(
-    decode: &mut dyn FnMut(&Batch) -> Logits,
-    prompt: &[u32],
-    slots: Slots,
-    n: usize,
-) -> Vec<u32> {
-    let mut batch = Batch::new();
-    batch.add_sequence(prompt, 0, 0, false);
-    batch.set_slots(0, slots);
-    let mut out = Vec::new();
-    while out.len() < n {
-        let logits = decode(&batch);
-        let token = argmax(logits.row(logits.n_rows() - 1));
-        out.push(token);
-        batch.clear();
-        batch.add(token, prompt.len() + out.len() - 1, 0, true);
-        batch.set_slots(0, slots);
-    }
-    out
 }
 
 const LORA: Slots = Slots { svfit: 0, lora: 1 };
@@ -148,7 +116,7 @@ fn a_served_peft_lora_is_its_merge_and_llama_cpp_running_it() {
     // 32 greedy tokens, as llama.cpp with the LoRA.
     let prompt = &tokens[..24];
     let mut cache = model.new_cache(N_CTX).unwrap();
-    let mine = greedy(
+    let mine = greedy_tokens(
         &mut |b| model.decode(&mut cache, b).unwrap(),
         prompt,
         LORA,
@@ -158,7 +126,7 @@ fn a_served_peft_lora_is_its_merge_and_llama_cpp_running_it() {
     let mut adapter = reference.lora(&gguf).unwrap();
     let mut session = reference.session(N_CTX, 1, THREADS).unwrap();
     session.apply_lora(&mut adapter).unwrap();
-    let theirs = greedy(&mut |b| session.decode(b).unwrap(), prompt, LORA, 32);
+    let theirs = greedy_tokens(&mut |b| session.decode(b).unwrap(), prompt, LORA, 32);
     assert_eq!(mine, theirs, "greedy tokens with the LoRA");
 }
 

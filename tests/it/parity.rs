@@ -12,7 +12,6 @@ use common::{compare, Agreement, Rng};
 use svfit::model::{
     random, Arch, Batch, LoadOptions, Logits, Model, SeqId, Tokenizer, WeightFormat,
 };
-use svfit::sampling::argmax;
 
 const THREADS: usize = 2;
 const N_CTX: usize = 1024;
@@ -198,17 +197,7 @@ fn tiny_model_matches_llama_cpp() {
 
 /// `n` greedy tokens after `prompt` (sequence 0), from `decode`.
 fn greedy(decode: &mut dyn FnMut(&Batch) -> Logits, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut batch = Batch::new();
-    batch.add_sequence(prompt, 0, 0, false);
-    let mut out = Vec::new();
-    while out.len() < n {
-        let logits = decode(&batch);
-        let token = argmax(logits.row(logits.n_rows() - 1));
-        out.push(token);
-        batch.clear();
-        batch.add(token, prompt.len() + out.len() - 1, 0, true);
-    }
-    out
+    common::greedy_tokens(decode, prompt, Default::default(), n)
 }
 
 /// `n` greedy tokens after `prompt` from our engine (`keep`) and from

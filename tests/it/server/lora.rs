@@ -79,27 +79,6 @@ fn peft_chunks(id: &str, dir: &Path, config: &str) -> Vec<pb::UploadChunk> {
     chunks
 }
 
-/// `svfit generate --mix`, greedy.
-fn cli_mix(mix: &str, prompt: &str) -> String {
-    let b = base();
-    let out = Command::new(env!("CARGO_BIN_EXE_svfit"))
-        .args(["generate", "--threads", "2", "--temperature", "0"])
-        .args(["--max-tokens", &TOKENS.to_string(), "--prompt", prompt])
-        .args(["--mix", mix])
-        .arg("--model")
-        .arg(&b.model)
-        .env("SVFIT_HOME", &b.home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.strip_suffix('\n').unwrap_or(&text).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
     let _machine = crate::common::shared();
@@ -224,11 +203,8 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
         .into_inner()
         .text;
     let mix = format!("{}=0.5,{}=1.5", svfit_path.display(), peft.display());
-    assert_eq!(
-        mixed,
-        cli_mix(&mix, PROMPTS[0]),
-        "the mix, served and by the CLI"
-    );
+    let cli_mix = cli_with(&["--mix".as_ref(), mix.as_ref()], PROMPTS[0], TOKENS);
+    assert_eq!(mixed, cli_mix, "the mix, served and by the CLI");
 
     // LoRAs mix side by side: ranks 8 and 12 make 20, above --lora-rank.
     let wide = dir.path().join("wide");
