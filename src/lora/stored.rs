@@ -226,7 +226,18 @@ pub fn import_bytes(
         Ok(adapter.to_bytes()?)
     })();
     let _ = std::fs::remove_dir_all(&dir);
-    read
+    // Errors name the upload, not this process's temporary files.
+    read.map_err(|e| match e {
+        super::LoraError::Io { source, .. } => super::LoraError::Io {
+            path: "the LoRA".into(),
+            source,
+        },
+        e => super::LoraError::Invalid(
+            e.to_string()
+                .replace(&format!("{}/", dir.display()), "")
+                .replace(&dir.display().to_string(), "the LoRA"),
+        ),
+    })
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use super::{
 use crate::adapter::AdapterDeltas;
 use crate::engine::{Event, Job};
 use crate::generate;
+use crate::store::StoreError;
 
 pub(super) struct InferenceService(pub(super) Arc<Shared>);
 
@@ -170,7 +171,13 @@ async fn resolve(
     match choice {
         AdapterChoice::Base => Ok((None, String::new())),
         AdapterChoice::One(tenant, id) => {
-            let stored = shared.store.get(&tenant, &id).await.map_err(store_status)?;
+            let stored =
+                match shared.store.get(&tenant, &id).await {
+                    Err(StoreError::NotFound(e)) => import_dropped_lora(&shared, &tenant, &id)
+                        .await?
+                        .ok_or_else(|| store_status(StoreError::NotFound(e)))?,
+                    got => got.map_err(store_status)?,
+                };
             let version = format!("{}@v{}", stored.id, stored.version);
             Ok((Some(stored.deltas.clone()), version))
         }
@@ -198,6 +205,53 @@ async fn resolve(
             Ok((Some(mixed), version))
         }
     }
+}
+
+/// A LoRA dropped into the local adapters directory as llama.cpp or PEFT
+/// keep it — `DIR/<tenant>/<id>.gguf` (a GGUF LoRA) or `DIR/<tenant>/<id>/`
+/// (a PEFT directory) — imported on first use: checked against the base
+/// and stored as `<id>.safetensors` (an svfit LoRA file, version 1), which
+/// is served from then on. `None` when there is none (or the store is
+/// not a local directory). `tenant` and `id` are checked names.
+async fn import_dropped_lora(
+    shared: &Arc<Shared>,
+    tenant: &str,
+    id: &str,
+) -> Result<Option<Arc<crate::store::Stored>>, Status> {
+    let config = &shared.config;
+    if config.adapters.contains("://") {
+        return Ok(None);
+    }
+    let dir = std::path::Path::new(&config.adapters).join(tenant);
+    let (gguf, peft) = (dir.join(format!("{id}.gguf")), dir.join(id));
+    let peft_config = peft.join("adapter_config.json");
+    let (data, peft_text) = if gguf.is_file() {
+        (gguf, None)
+    } else if peft_config.is_file() {
+        let text = std::fs::read_to_string(&peft_config)
+            .map_err(|e| Status::invalid_argument(format!("{id}: adapter_config.json: {e}")))?;
+        (peft.join("adapter_model.safetensors"), Some(text))
+    } else {
+        return Ok(None);
+    };
+    let (model, sha) = (config.model.clone(), config.factors.base_sha256.clone());
+    let bytes = tokio::task::spawn_blocking(move || {
+        let bytes = std::fs::read(&data).map_err(|e| {
+            let name = data.file_name().unwrap_or_default().to_string_lossy();
+            Status::invalid_argument(format!("the dropped LoRA's {name}: {e}"))
+        })?;
+        crate::lora::stored::import_bytes(&bytes, peft_text.as_deref(), &model, &sha)
+            .map_err(|e| Status::invalid_argument(format!("not a LoRA of this base: {e}")))
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))??;
+    let stored = shared
+        .store
+        .put(tenant, id, bytes)
+        .await
+        .map_err(store_status)?;
+    tracing::info!(tenant, adapter = id, "imported a dropped LoRA");
+    Ok(Some(stored))
 }
 
 /// Usage and timings of the `Done` event.

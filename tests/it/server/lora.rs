@@ -91,6 +91,7 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
     )
     .unwrap();
     config.api_keys = Some(keys);
+    let adapters = config.adapters.clone();
     let peft = dir.path().join("peft");
     let peft_config = write_peft(&peft, 8, 0.04, 1, |_| {});
     let (svfit_path, svfit_bytes) = file_bytes(dir.path(), "sv.safetensors", &adapter(7));
@@ -227,6 +228,30 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
     let status = client.generate(with_key(request, "kb")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("rank 20"), "{}", status.message());
+
+    // A PEFT directory and a GGUF LoRA dropped into the adapters
+    // directory are imported on first use.
+    let tenant_dir = Path::new(&adapters).join("lora-team");
+    write_peft(&tenant_dir.join("dropped"), 8, 0.04, 1, |_| {});
+    let dropped = client
+        .generate(with_key(greedy("dropped", PROMPTS[0], TOKENS), "kc"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        dropped.text, together[4],
+        "the same LoRA, dropped as a PEFT directory"
+    );
+    assert_eq!(dropped.adapter_version, "dropped@v1");
+    assert!(tenant_dir.join("dropped.safetensors").is_file());
+    std::fs::write(tenant_dir.join("broken.gguf"), b"GGUF not really").unwrap();
+    let status = client
+        .generate(with_key(greedy("broken", PROMPTS[0], 4), "kc"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    eprintln!("a broken dropped LoRA: {}", status.message());
+    assert!(!status.message().contains("/tmp"), "{}", status.message());
 
     // Bad LoRAs: refused by name, nothing stored.
     let bad = dir.path().join("bad");
