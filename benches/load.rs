@@ -782,6 +782,7 @@ async fn run_svfit(
             slots: n_adapters,
             rank: 8,
             kinds: vec!["attn_q", "attn_v"],
+            cache_bytes: 256 << 20,
         }
     } else {
         svfit::engine::LoraConfig::default()

@@ -46,6 +46,10 @@ pub(super) struct ServeArgs {
     /// The largest LoRA rank served (a mix of LoRAs has their ranks' sum)
     #[arg(long, default_value_t = LoraConfig::default().rank)]
     lora_rank: usize,
+    /// Host memory for validated LoRAs, in MB (least recently used are
+    /// dropped; SVFit adapters have --adapter-cache-mb)
+    #[arg(long, default_value_t = LoraConfig::default().cache_bytes >> 20)]
+    lora_cache_mb: usize,
     /// Matrices LoRAs may adapt, as q,k,v,o,gate,up,down (or all-linear);
     /// a LoRA of another matrix is refused on upload
     #[arg(long, default_value = "all-linear")]
@@ -185,6 +189,7 @@ pub(super) fn run_serve(args: &ServeArgs) -> Result<()> {
                 slots: args.lora_slots,
                 rank: args.lora_rank.max(1),
                 kinds: lora_kinds(&args.lora_targets)?,
+                cache_bytes: args.lora_cache_mb << 20,
             },
         },
         limits: Limits {

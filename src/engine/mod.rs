@@ -77,15 +77,20 @@ pub struct LoraConfig {
     pub rank: usize,
     /// Target kinds with tables ("attn_q", ...).
     pub kinds: Vec<&'static str>,
+    /// Host memory for validated LoRAs (the adapter store's LRU holds
+    /// them beside SVFit adapters, each kind in its own budget).
+    pub cache_bytes: usize,
 }
 
 impl Default for LoraConfig {
-    /// 4 slots of rank up to 16 on every linear matrix of the blocks.
+    /// 4 slots of rank up to 16 on every linear matrix of the blocks, and
+    /// 256 MB of host cache.
     fn default() -> Self {
         LoraConfig {
             slots: 4,
             rank: 16,
             kinds: crate::factors::KINDS.iter().map(|k| k.1).collect(),
+            cache_bytes: 256 << 20,
         }
     }
 }

@@ -145,6 +145,15 @@ pub fn of(
             how: "--adapter-cache-mb, when full".into(),
         },
         Item {
+            what: "LoRA cache",
+            bytes: if e.lora.slots == 0 {
+                0
+            } else {
+                e.lora.cache_bytes as u64
+            },
+            how: "--lora-cache-mb, when full".into(),
+        },
+        Item {
             what: "runtime",
             bytes: RUNTIME,
             how: "code, tokenizer, threads, allocator".into(),
@@ -239,7 +248,7 @@ pub fn check(budget: &Budget, limit: Option<&Limit>) -> anyhow::Result<()> {
     match limit {
         Some(limit) if !budget.fits(Some(limit)) => anyhow::bail!(
             "this configuration needs {:.0} MB, more than the {:.0} MB it may use ({}):\n{budget}\n\
-             lower --kv-cells, --ctx, --prefix-cache-mb, --adapter-cache-mb, --lora-slots or \
+             lower --kv-cells, --ctx, --prefix-cache-mb, --adapter-cache-mb, --lora-slots, --lora-cache-mb or \
              --adapter-slots, or raise --memory-limit",
             mb(budget.total()),
             mb(limit.bytes),

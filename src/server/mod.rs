@@ -412,7 +412,7 @@ async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
             let engine = Engine::start(model, tokenizer.clone(), config.engine.clone())?;
             let mut store = open_store(&config, &engine, singular)?;
             if let Some(limits) = lora_limits {
-                store = store.serving_loras(limits);
+                store = store.serving_loras(limits, config.engine.lora.cache_bytes);
             }
             anyhow::Ok((engine, store, tokenizer, ranks))
         })

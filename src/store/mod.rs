@@ -140,6 +140,12 @@ struct Cached {
     bytes: usize,
 }
 
+impl Cached {
+    fn is_lora(&self) -> bool {
+        !self.stored.deltas.lora.is_empty()
+    }
+}
+
 type Name = (String, String);
 
 struct State {
@@ -223,7 +229,9 @@ pub struct AdapterStore {
     backend: Box<dyn Backend>,
     /// Shared with the blocking pool, where files are checked.
     checker: Arc<Checker>,
+    /// Bytes of cached SVFit adapters, and of cached LoRAs, at most.
     budget: usize,
+    lora_budget: usize,
     pins: PinLimits,
     state: Mutex<State>,
 }
@@ -305,6 +313,7 @@ impl AdapterStore {
                 lora: None,
             }),
             budget,
+            lora_budget: 0,
             pins,
             state: Mutex::new(State {
                 cache: LruCache::unbounded(),
@@ -420,7 +429,7 @@ impl AdapterStore {
                 },
             );
         }
-        Self::evict(&mut s, self.budget);
+        Self::evict(&mut s, self.budget, self.lora_budget);
         Ok(stored)
     }
 
@@ -447,23 +456,37 @@ impl AdapterStore {
         Ok(stored)
     }
 
-    /// Drops least recently used, unpinned entries until the cache fits.
-    fn evict(s: &mut State, budget: usize) {
-        let mut total: usize = s.cache.iter().map(|(_, c)| c.bytes).sum();
-        let mut kept = Vec::new();
-        while total > budget {
-            let Some((name, entry)) = s.cache.pop_lru() else {
-                break;
-            };
-            if s.pinned.contains(&name) {
-                kept.push((name, entry));
+    /// Drops least recently used, unpinned entries of each kind until it
+    /// fits its budget: SVFit adapters `budget`, LoRAs `lora_budget`.
+    fn evict(s: &mut State, budget: usize, lora_budget: usize) {
+        for lora in [false, true] {
+            let limit = if lora { lora_budget } else { budget };
+            let mut total: usize = s
+                .cache
+                .iter()
+                .filter(|(_, c)| c.is_lora() == lora)
+                .map(|(_, c)| c.bytes)
+                .sum();
+            if total <= limit {
                 continue;
             }
-            total -= entry.bytes;
-            s.stats.evictions += 1;
-        }
-        for (name, entry) in kept {
-            s.cache.put(name, entry);
+            // Least recently used first.
+            let order: Vec<Name> = s
+                .cache
+                .iter()
+                .rev()
+                .filter(|(n, c)| c.is_lora() == lora && !s.pinned.contains(*n))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in order {
+                if total <= limit {
+                    break;
+                }
+                if let Some(entry) = s.cache.pop(&name) {
+                    total -= entry.bytes;
+                    s.stats.evictions += 1;
+                }
+            }
         }
     }
 
@@ -554,7 +577,7 @@ impl AdapterStore {
             s.pinned.insert(name);
         } else {
             s.pinned.remove(&name);
-            Self::evict(&mut s, self.budget);
+            Self::evict(&mut s, self.budget, self.lora_budget);
         }
         Ok(stored)
     }
@@ -580,8 +603,10 @@ impl AdapterStore {
         Ok(ids)
     }
 
-    /// Accepts LoRAs that fit `limits` (the engine's LoRA tables).
-    pub fn serving_loras(mut self, limits: LoraLimits) -> Self {
+    /// Accepts LoRAs that fit `limits` (the engine's LoRA tables), caching
+    /// at most `budget` bytes of them (beside the SVFit adapters' budget).
+    pub fn serving_loras(mut self, limits: LoraLimits, budget: usize) -> Self {
+        self.lora_budget = budget;
         self.checker = Arc::new(Checker {
             key: self.checker.key.clone(),
             singular: self.checker.singular.clone(),

@@ -91,6 +91,9 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
     )
     .unwrap();
     config.api_keys = Some(keys);
+    // Room for one rank-8 LoRA (1.84 MB) in the host cache, not two: the
+    // LoRAs evict each other, the SVFit adapter stays (its own budget).
+    config.engine.lora.cache_bytes = 3 << 20;
     let adapters = config.adapters.clone();
     let peft = dir.path().join("peft");
     let peft_config = write_peft(&peft, 8, 0.04, 1, |_| {});
@@ -252,6 +255,11 @@ async fn peft_loras_serve_beside_svfit_adapters_in_shared_batches() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     eprintln!("a broken dropped LoRA: {}", status.message());
     assert!(!status.message().contains("/tmp"), "{}", status.message());
+
+    assert!(
+        metric(&running, "svfit_adapter_cache_evictions_total").await >= 2.0,
+        "LoRAs beyond --lora-cache-mb are evicted"
+    );
 
     // Bad LoRAs: refused by name, nothing stored.
     let bad = dir.path().join("bad");
