@@ -243,14 +243,17 @@ impl ModelArgs {
     }
 }
 
-/// Which SVFit adapter (or weighted mix of adapters) to apply.
+/// Which adapter (or weighted mix of adapters) to apply.
 #[derive(Args)]
 struct AdapterArgs {
-    /// SVFit adapter file (.safetensors) to apply to the base model
+    /// Adapter to apply to the base model: an SVFit adapter file
+    /// (.safetensors), or a LoRA (a PEFT directory, a GGUF LoRA, or the
+    /// file `svfit adapter import` keeps)
     #[arg(long, conflicts_with = "mix")]
     adapter: Option<PathBuf>,
-    /// A weighted mix of adapters of the same factors, as
-    /// A.safetensors=0.7,B.safetensors=0.3: delta = sum of weight x delta
+    /// A weighted mix, as A.safetensors=0.7,B.safetensors=0.3: SVFit
+    /// adapters of the same factors mix their deltas (sum of weight x
+    /// delta), LoRAs their updates (sum of weight x B A, exactly)
     #[arg(long)]
     mix: Option<String>,
 }

@@ -162,12 +162,14 @@ fn update(
             ),
         ));
     }
-    if r == 0 || r > m.min(n) {
+    // Above min(m, n) a LoRA is redundant but exact: a fused tensor's
+    // stacks its parts' ranks (an export of q, k and v in `attn_qkv`).
+    if r == 0 || r > m.max(n) {
         return Err(bad(
             path,
             format!(
                 "{name}: rank {r}; a [{m}, {n}] matrix takes 1 to {}",
-                m.min(n)
+                m.max(n)
             ),
         ));
     }

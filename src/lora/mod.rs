@@ -16,7 +16,7 @@
 //!
 //! LoRA in: [`Lora::read`] reads a PEFT directory or a GGUF LoRA and
 //! checks it against the base model (every tensor a matrix the base has,
-//! shapes, ranks from 1 to the matrix's smaller side, finite values, the
+//! shapes, ranks from 1 to the matrix's larger side, finite values, the
 //! config agreeing with the weights); `merge::merge_lora` merges it.
 //!
 //! `export.rs` writes, `import.rs` reads; this file holds what both use:

@@ -208,3 +208,70 @@ fn base_svfit_and_lora_tokens_batched_equal_each_alone() {
         );
     }
 }
+
+/// Every family the engine runs serves a LoRA as llama.cpp runs it: an
+/// SVFit adapter of every linear matrix exported as a GGUF LoRA (exact),
+/// served through the LoRA branch, against llama.cpp with `--lora`; on
+/// Phi-3 the LoRA's fused `attn_qkv` and `ffn_up` are cut per matrix.
+#[test]
+fn every_family_serves_a_lora_as_llama_cpp_runs_it() {
+    use svfit::model::{random, Arch};
+    let _machine = crate::common::shared();
+    let archs = [
+        Arch::Llama,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Gemma2,
+        Arch::Gemma3,
+        Arch::Phi3,
+    ];
+    for arch in archs {
+        let dir = common::temp_dir("lora-family");
+        let model_path = dir.path().join("model.gguf");
+        common::write_tiny_model(&model_path, &random::Shape::tiny(arch));
+        let key =
+            svfit::factors::FactorsKey::for_model(&model_path, "all-linear", "energy:0.99", "f16")
+                .unwrap();
+        let path = svfit::factors::ensure(&model_path, &key, &dir.path().join("home")).unwrap();
+        let factors = svfit::factors::read_factors(&path, &key).unwrap();
+        let singular = svfit::factors::read_singular_values(&path, &key).unwrap();
+        let deltas = Adapter::perturbed(&key, &singular, 0.05, 2).deltas(&singular);
+        let gguf = dir.path().join("lora.gguf");
+        svfit::lora::export(
+            &model_path,
+            &factors,
+            &deltas,
+            svfit::lora::Format::GgufLora,
+            None,
+            &gguf,
+        )
+        .unwrap();
+        let lora = served(&model_path, &gguf);
+        let rank = lora.iter().map(|(_, u)| u.rank).max().unwrap();
+        let mut model = load(&model_path);
+        model.attach_lora(&kinds(&lora), rank, 2).unwrap();
+        model.set_lora(1, &lora).unwrap();
+
+        let tokens = Rng::new(5).tokens(60, common::TINY.n_vocab);
+        let ours = logits(&mut model, &tokens, LORA);
+        let plain = logits(&mut model, &tokens, Slots::default());
+        let theirs = llama_cpp(&model_path, Some(&gguf), &tokens);
+        let (a, moved) = (agreement(&ours, &theirs), agreement(&ours, &plain));
+        eprintln!(
+            "{}: served LoRA vs llama.cpp {a:?}; it moves {moved:?}",
+            arch.name()
+        );
+        assert!(
+            a.top1 >= 0.98,
+            "{}: top-1 {:.1}%",
+            arch.name(),
+            100.0 * a.top1
+        );
+        assert!(a.mean_abs_rel < 2e-2, "{}: {a:?}", arch.name());
+        assert!(
+            moved.mean_abs_rel > 2.5 * a.mean_abs_rel.max(1e-4),
+            "{}: {moved:?} against {a:?}",
+            arch.name()
+        );
+    }
+}
