@@ -13,6 +13,10 @@
 //! - `batch`: a sequence's logits alone against the same sequence in a
 //!   batch with others on other adapters (exact on the CPU; reported, not
 //!   judged, on a GPU, whose kernels may change with the batch);
+//! - `lora`: the same adapter exported as an exact LoRA (`svfit adapter
+//!   export`) through the LoRA branch against the SVFit branch, both on the
+//!   device (the `adapter` step's bounds), and the LoRA sequence batched
+//!   with a base and an SVFit sequence against alone (as `batch`);
 //! - `gradient`: the training gradient of up to 32 singular values against
 //!   central finite differences of the loss, on the device (< 1e-2);
 //! - `train`: training tokens/s (forward and backward of packed rows) on the
@@ -31,7 +35,9 @@ use crate::adapter::Adapter;
 use crate::factors::{self, Factor, FactorsKey, SingularValues, TargetMatrix};
 use crate::ggml::{Placement, Type};
 use crate::merge::{self, MergeType};
-use crate::model::{Batch, Learner, LoadOptions, Model, ModelError, Slot, TrainRow, WeightFormat};
+use crate::model::{
+    Batch, Learner, LoadOptions, Model, ModelError, Slot, Slots, TrainRow, WeightFormat,
+};
 use crate::rng::Rng;
 use crate::sampling::argmax;
 
@@ -213,14 +219,17 @@ fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
 
 /// Logits of every position of each `(tokens, slot)` sequence, all in one
 /// batch.
-fn logits(model: &mut Model, seqs: &[(&[u32], Slot)]) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
+fn logits<S: Copy + Into<Slots>>(
+    model: &mut Model,
+    seqs: &[(&[u32], S)],
+) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
     let n: usize = seqs.iter().map(|(t, _)| t.len()).sum();
     // Room to spare: the cache hands out cells in blocks per sequence.
     let mut cache = model.new_cache(4 * n + 256)?;
     let mut batch = Batch::new();
     for (seq, (tokens, slot)) in seqs.iter().enumerate() {
         batch.add_sequence(tokens, 0, seq as _, true);
-        batch.set_adapter(seq as _, *slot);
+        batch.set_slots(seq as _, (*slot).into());
     }
     let out = model.decode(&mut cache, &batch)?;
     let mut row = 0;
@@ -292,9 +301,10 @@ pub fn run(o: &Options, progress: &mut dyn FnMut(&Step)) -> Result<Report, anyho
         singular: factors::read_singular_values(&path, &key)?,
         key,
     };
-    let (adapter, batch, decode) = adapter_and_batch(o, &f, &prompt)?;
-    push(adapter);
-    push(batch);
+    let (steps, decode) = adapter_and_batch(o, &f, &prompt)?;
+    for step in steps {
+        push(step);
+    }
 
     let (gradient, train, training) = training(o, &f, n_vocab)?;
     push(gradient);
@@ -324,7 +334,7 @@ fn adapter_and_batch(
     o: &Options,
     f: &Factors,
     prompt: &[u32],
-) -> Result<(Step, Step, Placement), anyhow::Error> {
+) -> Result<([Step; 3], Placement), anyhow::Error> {
     let adapters = [1, 2].map(|seed| Adapter::perturbed(&f.key, &f.singular, 0.1, seed));
     let merged = |name: &str, adapter: &Adapter| -> Result<PathBuf, anyhow::Error> {
         let path = o.scratch.join(name);
@@ -411,7 +421,66 @@ fn adapter_and_batch(
         pass: exact_expected.then_some(a.max_abs_rel <= 1e-4),
         data: json(&a),
     };
-    Ok((adapter, batch, device.placement().unwrap_or_default()))
+
+    // The adapter as a LoRA, alone and beside the base and adapter 2.
+    let exported = o.scratch.join("lora.gguf");
+    let deltas = adapters[0].deltas(&f.singular);
+    crate::lora::export(
+        &o.model,
+        &f.factors,
+        &deltas,
+        crate::lora::Format::GgufLora,
+        None,
+        &exported,
+    )?;
+    let gguf = crate::ggml::gguf::GgufFile::open(&o.model)?;
+    let config = crate::model::Config::from_gguf(&gguf)?;
+    let updates = crate::lora::Lora::read(&exported, &gguf)?.low_ranks(&config)?;
+    let _ = std::fs::remove_file(&exported);
+    let rank = updates.iter().map(|(_, u)| u.rank).max().unwrap_or(1);
+    device.attach_lora(f.key.targets.kinds(), rank, 2)?;
+    device.set_lora(1, &updates)?;
+    let on_lora = Slots { svfit: 0, lora: 1 };
+    let via_lora = logits(&mut device, &[(prompt, on_lora)])?.remove(0);
+    let together = logits(
+        &mut device,
+        &[
+            (&others[0], Slots::default()),
+            (prompt, on_lora),
+            (&others[1], Slots::from(2)),
+        ],
+    )?;
+    let (a, b) = (
+        agreement(&via_lora, &adapted)?,
+        agreement(&together[1], &via_lora)?,
+    );
+    let lora = Step {
+        name: "lora",
+        result: format!(
+            "{} against the SVFit branch; batched vs alone: max |Δ| {:.2e} of the std",
+            judged(&a),
+            b.max_abs_rel
+        ),
+        target: format!(
+            "top-1 >= {:.1}%, mean <= {mean_bound:.2e}{}",
+            100.0 * top1_bound,
+            if exact_expected {
+                ", batched max <= 1e-4"
+            } else {
+                ""
+            }
+        ),
+        pass: Some(
+            a.top1 >= top1_bound
+                && a.mean_abs_rel <= mean_bound
+                && (!exact_expected || b.max_abs_rel <= 1e-4),
+        ),
+        data: serde_json::json!({ "agreement": a, "batched": b }),
+    };
+    Ok((
+        [adapter, batch, lora],
+        device.placement().unwrap_or_default(),
+    ))
 }
 
 fn is_cpu(model: &Model) -> bool {

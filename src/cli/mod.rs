@@ -96,7 +96,7 @@ enum Command {
     #[command(subcommand)]
     Adapter(AdapterCommand),
     /// Check a compute device against the CPU on one model: logits, an
-    /// adapter against the merged weights, batch invariance, the training
+    /// adapter against the merged weights, batch invariance, a LoRA, the training
     /// gradient, training speed, and where every op ran.
     #[cfg(feature = "check")]
     Check(CheckArgs),

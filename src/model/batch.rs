@@ -13,6 +13,13 @@ pub struct Slots {
     pub lora: Slot,
 }
 
+impl From<Slot> for Slots {
+    /// An SVFit slot, no LoRA.
+    fn from(svfit: Slot) -> Self {
+        Slots { svfit, lora: 0 }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub(super) tokens: Vec<u32>,

@@ -611,6 +611,7 @@ fn check_runs_every_step_on_the_cpu() {
             "parity",
             "adapter",
             "batch",
+            "lora",
             "gradient",
             "train",
             "placement"
