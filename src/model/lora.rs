@@ -105,11 +105,6 @@ impl LoraBranch {
         self.n_slots
     }
 
-    /// The largest rank a slot holds.
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
     /// What tables of `kinds` and `rank` for a model of `config` can hold,
     /// for checking LoRA files before the tables exist.
     pub fn limits_for(
@@ -125,14 +120,6 @@ impl LoraBranch {
             shapes,
             max_rank: rank,
         })
-    }
-
-    /// Whether matrices of `kind` have tables.
-    pub fn has_kind(&self, kind: &str) -> bool {
-        KINDS
-            .iter()
-            .position(|k| k.1 == kind)
-            .is_some_and(|i| self.targets.iter().any(|l| l[i].is_some()))
     }
 
     /// Writes a LoRA (per `blk.L.kind`, `ΔW = B A`) into `slot`; matrices

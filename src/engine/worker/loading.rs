@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::Worker;
 use crate::adapter::AdapterDeltas;
-use crate::engine::slots::Acquired;
+use crate::engine::slots::{Acquired, SlotPool};
 use crate::model::{ModelError, Slot};
 
 impl Worker {
@@ -46,12 +46,7 @@ impl Worker {
         lora: bool,
         adapter: &AdapterDeltas,
     ) -> Result<Option<Slot>, ModelError> {
-        let pool = if lora {
-            &mut self.lora_slots
-        } else {
-            &mut self.slots
-        };
-        match pool.acquire(adapter) {
+        match self.pool(lora).acquire(adapter) {
             Acquired::Full => Ok(None),
             Acquired::Hit(slot) => {
                 self.stats.slot_hits.fetch_add(1, Relaxed);
@@ -68,17 +63,21 @@ impl Worker {
                     self.model.set_adapter(slot, &adapter.deltas)
                 };
                 if let Err(e) = loaded {
-                    let pool = if lora {
-                        &mut self.lora_slots
-                    } else {
-                        &mut self.slots
-                    };
-                    pool.unload(slot);
+                    self.pool(lora).unload(slot);
                     return Err(e);
                 }
                 self.stats.slot_loads.fetch_add(1, Relaxed);
                 Ok(Some(slot))
             }
+        }
+    }
+
+    /// The LoRA slot pool, or the SVFit one.
+    fn pool(&mut self, lora: bool) -> &mut SlotPool {
+        if lora {
+            &mut self.lora_slots
+        } else {
+            &mut self.slots
         }
     }
 
