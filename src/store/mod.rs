@@ -32,13 +32,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use lru::LruCache;
-use sha2::Digest;
 
 use crate::adapter::{Adapter, AdapterDeltas, AdapterError, Deltas, LowRanks};
 use crate::factors::{FactorsKey, SingularValues};
 use crate::lora::LoraLimits;
 
+mod checker;
 mod local;
+
+use checker::Checker;
 #[cfg(feature = "object-store")]
 pub mod object;
 
@@ -234,15 +236,6 @@ pub struct AdapterStore {
     lora_budget: usize,
     pins: PinLimits,
     state: Mutex<State>,
-}
-
-/// Checks adapter files against the served factors and makes what the
-/// engine gets of them.
-struct Checker {
-    key: FactorsKey,
-    singular: SingularValues,
-    /// What LoRAs the engine can serve (none: LoRAs are refused).
-    lora: Option<LoraLimits>,
 }
 
 /// Tenant and adapter names: safe as file names.
@@ -644,66 +637,4 @@ impl AdapterStore {
             lora: crate::adapter::mix_lora(&loras),
         })
     }
-}
-
-impl Checker {
-    /// Checks a file's bytes completely against the served factors.
-    fn validate(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<Stored, StoreError> {
-        let adapter = self.check(id, bytes)?;
-        Ok(self.stored(tenant, id, adapter, bytes))
-    }
-
-    /// The adapter in `bytes`, if it is one for the served factors.
-    fn check(&self, id: &str, bytes: &[u8]) -> Result<Adapter, StoreError> {
-        let shown = Path::new(id);
-        let adapter = Adapter::parse(bytes, shown).map_err(StoreError::Invalid)?;
-        // Base and factor id first: a different base is a precondition
-        // failure, not a malformed file.
-        adapter
-            .check_base(shown, &self.key)
-            .map_err(StoreError::Mismatch)?;
-        if adapter.is_lora() {
-            let none = LoraLimits::default();
-            let limits = self.lora.as_ref().unwrap_or(&none);
-            adapter
-                .validate_lora(shown, &self.key.base_sha256, limits)
-                .map_err(StoreError::Invalid)?;
-            return Ok(adapter);
-        }
-        adapter
-            .validate(shown, &self.key, &self.singular)
-            .map_err(StoreError::Invalid)?;
-        Ok(adapter)
-    }
-
-    /// What the store knows of a checked `adapter` whose file is `bytes`.
-    fn stored(&self, tenant: &str, id: &str, mut adapter: Adapter, bytes: &[u8]) -> Stored {
-        let version = version_of(&adapter).unwrap_or(1);
-        let hash = hex(&sha2::Sha256::digest(bytes)[..6]);
-        // The engine's copy is the only one kept.
-        let lora = std::mem::take(&mut adapter.lora);
-        let deltas: Deltas = if lora.is_empty() {
-            adapter.deltas(&self.singular)
-        } else {
-            Vec::new()
-        };
-        Stored {
-            tenant: tenant.to_string(),
-            id: id.to_string(),
-            version,
-            bytes: bytes.len() as u64,
-            deltas: Arc::new(AdapterDeltas {
-                key: format!("{tenant}/{id}@v{version}-{hash}"),
-                owner: Some(format!("{tenant}/{id}")),
-                version,
-                deltas,
-                lora,
-            }),
-            adapter,
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -215,17 +215,10 @@ fn base_svfit_and_lora_tokens_batched_equal_each_alone() {
 /// Phi-3 the LoRA's fused `attn_qkv` and `ffn_up` are cut per matrix.
 #[test]
 fn every_family_serves_a_lora_as_llama_cpp_runs_it() {
-    use svfit::model::{random, Arch};
+    use svfit::model::{random, Arch, SUPPORTED_ARCHITECTURES};
     let _machine = crate::common::shared();
-    let archs = [
-        Arch::Llama,
-        Arch::Qwen2,
-        Arch::Qwen3,
-        Arch::Gemma2,
-        Arch::Gemma3,
-        Arch::Phi3,
-    ];
-    for arch in archs {
+    for name in SUPPORTED_ARCHITECTURES {
+        let arch = Arch::from_name(name).unwrap();
         let dir = common::temp_dir("lora-family");
         let model_path = dir.path().join("model.gguf");
         common::write_tiny_model(&model_path, &random::Shape::tiny(arch));
