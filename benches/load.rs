@@ -835,6 +835,7 @@ async fn run_svfit(
                 http_addr: Some("127.0.0.1:0".parse().unwrap_or_else(fail)),
                 allow_remote: false,
                 memory_limit: None,
+                jobs: Default::default(),
             };
             let r = svfit::server::start(config).await.unwrap_or_else(fail);
             let addr = r.addr.to_string();

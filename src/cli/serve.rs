@@ -3,6 +3,7 @@
 
 use super::*;
 use svfit::engine::LoraConfig;
+use svfit::server::jobs::JobsConfig;
 
 #[derive(Args)]
 pub(super) struct ServeArgs {
@@ -144,6 +145,35 @@ pub(super) struct ServeArgs {
     /// yet, full ranks are counted, a bound)
     #[arg(long)]
     dry_run: bool,
+    /// Fine-tuning jobs (POST /v1/fine_tuning/jobs) this replica trains at
+    /// once, in this process beside serving; 0 trains none here (another
+    /// replica on the same --adapters store runs them)
+    #[arg(long, default_value_t = JobsConfig::default().runners)]
+    train_jobs: usize,
+    /// The share of the compute a training job takes while requests are in
+    /// flight (0.01 to 1): its steps and serving's take turns, so a request
+    /// waits at most one training step; with no request in flight a job
+    /// trains at full speed
+    #[arg(long, default_value_t = JobsConfig::default().share, value_parser = parse_share)]
+    train_share: f64,
+    /// Seconds a replica's claim on a running job lasts unless renewed: a
+    /// job whose replica died resumes from its last checkpoint after this
+    #[arg(long, default_value_t = JobsConfig::default().lease.as_secs_f64())]
+    job_lease: f64,
+    /// Unfinished fine-tuning jobs of one tenant at most
+    #[arg(long, default_value_t = JobsConfig::default().per_tenant)]
+    max_jobs_per_tenant: usize,
+    /// Optimizer steps one fine-tuning job may take at most
+    #[arg(long, default_value_t = JobsConfig::default().max_steps)]
+    max_job_steps: u64,
+}
+
+/// `--train-share`: a share in [0.01, 1].
+fn parse_share(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|x| (0.01..=1.0).contains(x))
+        .ok_or_else(|| format!("'{s}': expected a number from 0.01 to 1"))
 }
 
 /// `--http-addr`: an address, or `none`.
@@ -215,6 +245,13 @@ pub(super) fn run_serve(args: &ServeArgs) -> Result<()> {
         http_addr: args.http_addr.0,
         allow_remote: args.allow_remote,
         memory_limit: args.memory_limit,
+        jobs: JobsConfig {
+            runners: args.train_jobs,
+            share: args.train_share,
+            lease: std::time::Duration::from_secs_f64(args.job_lease.clamp(1.0, 86_400.0)),
+            per_tenant: args.max_jobs_per_tenant,
+            max_steps: args.max_job_steps,
+        },
     };
     if args.dry_run {
         return dry_run(&config);

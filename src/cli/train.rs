@@ -262,7 +262,7 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
     let summary = session::run(
         &options,
         resume,
-        &|| stop.load(std::sync::atomic::Ordering::SeqCst),
+        &|_| stop.load(std::sync::atomic::Ordering::SeqCst),
         &mut progress,
     )?;
     if progress.tty {

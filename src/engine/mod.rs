@@ -16,10 +16,12 @@
 //!
 //! This module is the engine's API: the handle ([`Engine`]), what goes in
 //! ([`Job`]) and comes back ([`Event`], [`Failure`]), and its counters
-//! ([`Stats`]). Inside: `queue` (waiting requests and their limits),
+//! ([`Stats`]), and the [`gate`] through which fine-tuning jobs take turns
+//! on the compute. Inside: `queue` (waiting requests and their limits),
 //! `scheduler` (what one step's batch holds), `slots` (the adapter slot
 //! pool) and `worker` (the engine thread's loop).
 
+pub mod gate;
 mod queue;
 mod scheduler;
 mod slots;
@@ -271,6 +273,8 @@ pub struct Engine {
     alive: tokio::sync::watch::Receiver<bool>,
     /// Set by [`Engine::drain`]: new requests are refused.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Each step takes a turn here; training jobs take theirs between.
+    gate: Arc<gate::Gate>,
 }
 
 impl Engine {
@@ -286,13 +290,13 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let waiting = Arc::new(Waiting::default());
+        let gate = Arc::new(gate::Gate::default());
         let worker = Worker::new(
             model,
             cache,
             tokenizer,
             rx,
-            stats.clone(),
-            waiting.clone(),
+            (stats.clone(), waiting.clone(), gate.clone()),
             config.clone(),
         );
         let (alive_tx, alive) = tokio::sync::watch::channel(true);
@@ -304,6 +308,7 @@ impl Engine {
             config,
             alive,
             draining: Arc::default(),
+            gate,
         })
     }
 
@@ -366,5 +371,10 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The gate the engine's steps take turns at.
+    pub fn gate(&self) -> Arc<gate::Gate> {
+        self.gate.clone()
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 #[cfg(feature = "fault-injection")]
 use super::fault;
+use super::gate::Gate;
 use super::queue::{Pending, Waiting};
 use super::scheduler;
 use super::slots::SlotPool;
@@ -87,6 +88,7 @@ pub(super) struct Worker {
     context: usize,
     config: EngineConfig,
     prefix: PrefixCache,
+    gate: Arc<Gate>,
 }
 
 impl Worker {
@@ -97,8 +99,7 @@ impl Worker {
         cache: KvCache,
         tokenizer: Arc<Tokenizer>,
         rx: mpsc::Receiver<Command>,
-        stats: Arc<Stats>,
-        waiting: Arc<Waiting>,
+        (stats, waiting, gate): (Arc<Stats>, Arc<Waiting>, Arc<Gate>),
         config: EngineConfig,
     ) -> Self {
         let n_slots = model.branch().map_or(0, |b| b.n_slots().saturating_sub(1));
@@ -121,6 +122,7 @@ impl Worker {
             next_seq: 0,
             prefix: PrefixCache::new(config.prefix_cache_bytes),
             config,
+            gate,
         }
     }
 
@@ -346,10 +348,13 @@ impl Worker {
         {
             panic!("fault injection: the engine thread dies");
         }
+        let gate = self.gate.clone();
+        let turn = gate.serve();
         let Some((logits, mut ended)) = self.decode(&batch, &owners) else {
             return;
         };
         self.sample(&logits, &owners, &mut ended);
+        drop(turn);
         self.end(ended);
         self.record_step(start.elapsed(), batch.len(), owners.len());
     }

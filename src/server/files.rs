@@ -40,7 +40,7 @@ pub(super) struct Files {
 }
 
 /// What the store said, as a status (files are not adapters).
-fn status(e: StoreError) -> Status {
+pub(super) fn status(e: StoreError) -> Status {
     match e {
         StoreError::InvalidName { .. } => Status::invalid_argument(e.to_string()),
         StoreError::Conflict(_) => Status::aborted(e.to_string()),

@@ -10,6 +10,8 @@
 //!   adapters (`?limit=N&after=ID` pages through them; `http/models.rs`).
 //! - `/v1/files`: OpenAI's files API for fine-tuning data (`http/files.rs`,
 //!   kept by `server/files.rs`).
+//! - `/v1/fine_tuning/jobs`: OpenAI's fine-tuning API (`http/jobs.rs`,
+//!   kept and run by `server/jobs`).
 //! - `GET /health`: 200 while serving, 503 once draining or stopped.
 //!
 //! Errors have OpenAI's shape, `{"error": {"message", "type", "param",
@@ -44,6 +46,7 @@ use super::openai::{self, Answer, Endpoint, Parsed};
 use super::{failure_status, Api, Shared};
 
 mod files;
+mod jobs;
 mod models;
 use crate::engine::Event;
 use crate::store::unix_now;
@@ -92,6 +95,14 @@ pub(super) fn serve(
         )
         .route("/v1/files/{id}", get(files::one).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/fine_tuning/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/fine_tuning/jobs/{id}", get(jobs::one))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(jobs::events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(jobs::checkpoints),
+        )
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::one))
         .route("/health", get(health))

@@ -15,6 +15,7 @@ pub mod codec;
 mod files;
 mod http;
 mod inference;
+pub mod jobs;
 mod listener;
 mod metrics;
 pub mod openai;
@@ -94,6 +95,9 @@ pub struct ServeConfig {
     /// limit and the memory available at start); a configuration whose
     /// [`budget`] is larger is refused at start.
     pub memory_limit: Option<u64>,
+    /// Fine-tuning jobs: how many run here, their share of the compute,
+    /// their leases and quotas.
+    pub jobs: jobs::JobsConfig,
 }
 
 /// The API a request came through (a label of metrics and request logs).
@@ -193,6 +197,8 @@ struct Shared {
     constraints: std::sync::OnceLock<Result<crate::constraint::Compiler, String>>,
     /// The files API's files (fine-tuning data).
     files: files::Files,
+    /// Fine-tuning jobs, shared with their runner threads.
+    jobs: Arc<jobs::Jobs>,
 }
 
 impl Shared {
@@ -221,12 +227,16 @@ pub struct Running {
     health: HealthReporter,
     engine: Engine,
     in_flight: Arc<AtomicUsize>,
+    /// Set when the server stops: a running fine-tuning job stops after
+    /// its step, to be resumed from its checkpoint.
+    jobs_stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Running {
     /// The metrics listener holds the engine: without it, the engine
     /// thread (and its compute threads) end once the last request has.
     fn drop(&mut self) {
+        self.jobs_stopping.store(true, Relaxed);
         if let Some(task) = &self.metrics_task {
             task.abort();
         }
@@ -239,6 +249,7 @@ impl Drop for Running {
 impl Running {
     /// Stops accepting requests and waits for the server to finish.
     pub async fn stop(mut self) {
+        self.jobs_stopping.store(true, Relaxed);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -271,6 +282,7 @@ impl Running {
     /// for at most `deadline`; the engine refuses anything after that and
     /// the server stops. Returns how many requests were cut off.
     pub async fn drain(mut self, deadline: std::time::Duration) -> usize {
+        self.jobs_stopping.store(true, Relaxed);
         not_serving(&self.health).await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -317,6 +329,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         None => None,
     };
     let shared = load_services(config.clone()).await?;
+    jobs::runner::start(&shared)?;
     let (metrics_addr, metrics_task) = match config.metrics_addr {
         Some(addr) => {
             let (addr, task) = metrics::serve(addr, shared.clone()).await?;
@@ -369,6 +382,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         health,
         engine: shared.engine.clone(),
         in_flight: shared.stats.in_flight.clone(),
+        jobs_stopping: shared.jobs.stopping.clone(),
     })
 }
 
@@ -421,6 +435,7 @@ async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
     let mut limits = config.limits.clone();
     limits.max_tokens = limits.max_tokens.min(engine.config().context);
     let files = files::Files::open(&config.adapters)?;
+    let jobs = Arc::new(jobs::Jobs::open(&config.adapters, config.jobs.clone())?);
     Ok(Arc::new(Shared {
         engine,
         store,
@@ -432,6 +447,7 @@ async fn load_services(config: ServeConfig) -> anyhow::Result<Arc<Shared>> {
         started: Instant::now(),
         constraints: std::sync::OnceLock::new(),
         files,
+        jobs,
     }))
 }
 

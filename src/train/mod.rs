@@ -160,6 +160,38 @@ pub enum Event<'a> {
     EpochEnd(&'a State),
 }
 
+/// When a run stops, and how it shares the machine: `stop` is asked
+/// before each step; `begin` and `end` bracket each step and evaluation
+/// (a fine-tuning job in the server takes a turn on the compute there).
+pub trait Pace {
+    fn stop(&self, step: u64) -> bool;
+    fn begin(&self) {}
+    fn end(&self) {}
+}
+
+/// A plain stop condition (`svfit train`) takes the machine as it is.
+impl<F: Fn(u64) -> bool> Pace for F {
+    fn stop(&self, step: u64) -> bool {
+        self(step)
+    }
+}
+
+/// Holds a [`Pace`]'s turn until dropped.
+pub struct Turn<'a>(&'a dyn Pace);
+
+impl<'a> Turn<'a> {
+    pub fn take(pace: &'a dyn Pace) -> Self {
+        pace.begin();
+        Turn(pace)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -266,8 +298,11 @@ impl Trainer {
         })
     }
 
-    fn eval_record(&mut self, eval: &Dataset) -> Result<EvalRecord, TrainError> {
-        let e = self.evaluate(eval)?;
+    fn eval_record(&mut self, eval: &Dataset, pace: &dyn Pace) -> Result<EvalRecord, TrainError> {
+        let e = {
+            let _turn = Turn::take(pace);
+            self.evaluate(eval)?
+        };
         Ok(EvalRecord {
             step: self.state.step,
             epoch: self.state.epoch + 1,
@@ -277,14 +312,14 @@ impl Trainer {
         })
     }
 
-    /// Trains on `train` until the planned steps are done or `stop` says
-    /// so (checked before each step), evaluating on `eval` after each epoch
-    /// and at the end.
+    /// Trains on `train` until the planned steps are done or `pace` says
+    /// to stop (asked before each step), evaluating on `eval` after each
+    /// epoch and at the end; each step and evaluation takes `pace`'s turn.
     pub fn run(
         &mut self,
         train: &Dataset,
         eval: Option<&Dataset>,
-        stop: &dyn Fn(u64) -> bool,
+        pace: &dyn Pace,
         on_event: &mut dyn FnMut(Event<'_>) -> Result<(), TrainError>,
     ) -> Result<Outcome, TrainError> {
         let n = train.examples.len();
@@ -295,7 +330,7 @@ impl Trainer {
         let mut grad = vec![0f32; self.learner.n_params()];
         let mut sum = vec![0f32; grad.len()];
         while self.state.step < total {
-            if stop(self.state.step) {
+            if pace.stop(self.state.step) {
                 return Ok(Outcome::Stopped);
             }
             let epoch = self.state.epoch;
@@ -305,6 +340,7 @@ impl Trainer {
             let (_, order) = order.as_ref().expect("set above");
             let b = self.state.next_batch;
             let batch = &order[b * self.hyper.batch..((b + 1) * self.hyper.batch).min(n)];
+            let turn = Turn::take(pace);
             let started = Instant::now();
             let examples = batch.iter().map(|&i| &train.examples[i]);
             let (loss, tokens) = self.accumulate(examples, &mut grad, &mut sum)?;
@@ -317,6 +353,7 @@ impl Trainer {
             self.learner.set_deltas(&deltas)?;
             self.state.step += 1;
             self.state.next_batch += 1;
+            drop(turn);
             let record = StepRecord {
                 step: self.state.step,
                 epoch: epoch + 1,
@@ -329,7 +366,7 @@ impl Trainer {
             on_event(Event::Step(&record))?;
             if self.state.next_batch >= per_epoch {
                 if let Some(eval) = eval {
-                    let record = self.eval_record(eval)?;
+                    let record = self.eval_record(eval, pace)?;
                     on_event(Event::Eval(&record))?;
                 }
                 self.state.epoch += 1;
@@ -340,7 +377,7 @@ impl Trainer {
         // A run cut short by --max-steps ends mid-epoch: evaluate there too.
         if self.state.next_batch != 0 {
             if let Some(eval) = eval {
-                let record = self.eval_record(eval)?;
+                let record = self.eval_record(eval, pace)?;
                 on_event(Event::Eval(&record))?;
             }
         }

@@ -16,7 +16,7 @@ use super::checkpoint::CHECKPOINT_FORMAT;
 pub use super::checkpoint::{Checkpoint, CheckpointInfo};
 use super::data::Dataset;
 use super::metrics::{plot_metrics, Metrics};
-use super::{Event, Hyper, Outcome, State, TrainError, Trainer};
+use super::{Event, Hyper, Outcome, Pace, State, TrainError, Trainer, Turn};
 use crate::adapter::Adapter;
 use crate::factors::{self, FactorsKey, RankPolicy, Targets};
 use crate::ggml::Type;
@@ -222,7 +222,7 @@ fn choose_frozen(
 pub fn run(
     options: &Options,
     resume: Option<Checkpoint>,
-    stop: &dyn Fn() -> bool,
+    pace: &dyn Pace,
     observer: &mut dyn Observer,
 ) -> Result<Summary, SessionError> {
     let started = Instant::now();
@@ -230,9 +230,9 @@ pub fn run(
     let (session, mut trainer, singular) = set_up(options, resume, observer)?;
     let mut metrics = Metrics::open(&session.files.metrics, resumed_at)?;
     if resumed_at.is_none() {
-        session.evaluate_base(&mut trainer, &mut metrics, observer)?;
+        session.evaluate_base(&mut trainer, &mut metrics, pace, observer)?;
     }
-    let (outcome, latest) = session.train(&mut trainer, &mut metrics, stop, observer)?;
+    let (outcome, latest) = session.train(&mut trainer, &mut metrics, pace, observer)?;
     let state = trainer.state().clone();
     session
         .checkpoint(&state)
@@ -525,12 +525,16 @@ impl Session<'_> {
         &self,
         trainer: &mut Trainer,
         metrics: &mut Metrics,
+        pace: &dyn Pace,
         observer: &mut dyn Observer,
     ) -> Result<(), SessionError> {
         let Some(e) = &self.eval else {
             return Ok(());
         };
-        let base = trainer.evaluate(e)?;
+        let base = {
+            let _turn = Turn::take(pace);
+            trainer.evaluate(e)?
+        };
         let record = super::EvalRecord {
             step: 0,
             epoch: 0,
@@ -542,21 +546,27 @@ impl Session<'_> {
         metrics.write(&record)
     }
 
-    /// Trains until the plan is done or `stop` (or `--stop-after`) says so,
-    /// recording every step and evaluation and a checkpoint at each epoch's
-    /// end. A write that fails stops the run with its error.
+    /// Trains until the plan is done or `pace` (or `--stop-after`) says
+    /// so, recording every step and evaluation and a checkpoint at each
+    /// epoch's end (written before the observer hears of the epoch's end).
+    /// A write that fails stops the run with its error.
     fn train(
         &self,
         trainer: &mut Trainer,
         metrics: &mut Metrics,
-        stop: &dyn Fn() -> bool,
+        pace: &dyn Pace,
         observer: &mut dyn Observer,
     ) -> Result<(Outcome, Latest), SessionError> {
         let mut latest = Latest::default();
         let mut write_error: Option<SessionError> = None;
-        let stop_at = |step: u64| stop() || self.options.stop_after.is_some_and(|s| step >= s);
-        let outcome = trainer.run(&self.train, self.eval.as_ref(), &stop_at, &mut |event| {
-            observer.event(&event, self.total);
+        let pace = StopAfter {
+            pace,
+            after: self.options.stop_after,
+        };
+        let outcome = trainer.run(&self.train, self.eval.as_ref(), &pace, &mut |event| {
+            if !matches!(event, Event::EpochEnd(_)) {
+                observer.event(&event, self.total);
+            }
             let result = match &event {
                 Event::Step(r) => {
                     latest.loss = Some(r.loss);
@@ -566,7 +576,13 @@ impl Session<'_> {
                     latest.eval = Some((r.eval_loss, r.eval_accuracy));
                     metrics.write(*r)
                 }
-                Event::EpochEnd(state) => self.checkpoint(state).write(&self.files.checkpoint),
+                Event::EpochEnd(state) => {
+                    let written = self.checkpoint(state).write(&self.files.checkpoint);
+                    if written.is_ok() {
+                        observer.event(&event, self.total);
+                    }
+                    written
+                }
             };
             result.map_err(|e| {
                 let text = e.to_string();
@@ -615,5 +631,23 @@ impl Session<'_> {
         }
         adapter.write(&options.out)?;
         Ok(options.out.clone())
+    }
+}
+
+/// A run's pace that also stops at `--stop-after`.
+struct StopAfter<'a> {
+    pace: &'a dyn Pace,
+    after: Option<u64>,
+}
+
+impl Pace for StopAfter<'_> {
+    fn stop(&self, step: u64) -> bool {
+        self.pace.stop(step) || self.after.is_some_and(|s| step >= s)
+    }
+    fn begin(&self) {
+        self.pace.begin();
+    }
+    fn end(&self) {
+        self.pace.end();
     }
 }

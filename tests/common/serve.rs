@@ -103,6 +103,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         http_addr: Some("127.0.0.1:0".parse().unwrap()),
         allow_remote: false,
         memory_limit: None,
+        jobs: Default::default(),
     }
 }
 

@@ -20,6 +20,7 @@ use super::common::serve::*;
 use super::common::temp_dir;
 
 mod files;
+mod jobs;
 mod structured;
 mod tools;
 

@@ -16,6 +16,7 @@ Assertions live in the Rust test; this only speaks the client library.
 import json
 import ssl
 import sys
+import time
 
 import openai
 
@@ -46,6 +47,8 @@ def run(plan, call):
     extra = {"extra_body": call["extra_body"]} if call.get("extra_body") else {}
     if endpoint.startswith("file"):
         return file_call(c, endpoint, params)
+    if endpoint.startswith("job"):
+        return job_call(c, endpoint, params, extra)
     if endpoint == "models":
         return {"status": 200, "ids": [m.id for m in c.models.list()]}
     if endpoint == "model":
@@ -120,12 +123,63 @@ def file_call(c, endpoint, params):
     raise ValueError(endpoint)
 
 
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def job_call(c, endpoint, params, extra):
+    """The fine-tuning API: job_create (the SDK's arguments), job_get,
+    job_cancel, job_events (every event, newest first, through the SDK's
+    pages of `limit`), job_checkpoints (id), job_list (limit: the first
+    page), and job_wait: polls job `id` until its status is one of `until`
+    (default: a final one) or, with `steps`, until it has run that many
+    steps; within `timeout` seconds."""
+    jobs = c.fine_tuning.jobs
+    if endpoint == "job_create":
+        return {"status": 200, "job": dump(jobs.create(**params, **extra))}
+    if endpoint == "job_get":
+        return {"status": 200, "job": dump(jobs.retrieve(params["id"]))}
+    if endpoint == "job_cancel":
+        return {"status": 200, "job": dump(jobs.cancel(params["id"]))}
+    if endpoint == "job_events":
+        pages = jobs.list_events(params["id"], limit=params.get("limit", 20))
+        return {"status": 200, "events": [dump(e) for e in pages]}
+    if endpoint == "job_checkpoints":
+        pages = jobs.checkpoints.list(params["id"])
+        return {"status": 200, "checkpoints": [dump(p) for p in pages]}
+    if endpoint == "job_list":
+        page = jobs.list(limit=params.get("limit", 20))
+        return {"status": 200, "jobs": [dump(j) for j in page.data], "has_more": page.has_more}
+    if endpoint == "job_wait":
+        until = params.get("until", TERMINAL)
+        deadline = time.time() + params.get("timeout", 300)
+        while True:
+            job = jobs.retrieve(params["id"])
+            if job.status in until or ("steps" in params and steps_run(jobs, job.id) >= params["steps"]):
+                return {"status": 200, "job": dump(job)}
+            if job.status in TERMINAL or time.time() > deadline:
+                return {"status": 200, "job": dump(job), "timed_out": True}
+            time.sleep(0.2)
+    raise ValueError(endpoint)
+
+
+def steps_run(jobs, job_id):
+    """The last step a job's events report."""
+    for e in jobs.list_events(job_id, limit=10).data:
+        if e.data and "train_loss" in e.data:
+            return e.data["step"]
+    return 0
+
+
 def resolve(params, results):
-    """`{"id_of": N}` in params: the id of the file result N made."""
+    """`{"id_of": N}` in params: the id of the file or job result N made;
+    `{"model_of": N}`: the fine-tuned model of job result N."""
     out = {}
     for k, v in params.items():
         if isinstance(v, dict) and "id_of" in v:
-            v = results[v["id_of"]]["file"]["id"]
+            made = results[v["id_of"]]
+            v = (made.get("file") or made["job"])["id"]
+        elif isinstance(v, dict) and "model_of" in v:
+            v = results[v["model_of"]]["job"]["fine_tuned_model"]
         out[k] = v
     return out
 
