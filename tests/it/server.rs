@@ -5,7 +5,7 @@
 
 use crate::common;
 mod gemma;
-mod http;
+pub(crate) mod http;
 mod lora;
 mod metrics;
 mod phi3;

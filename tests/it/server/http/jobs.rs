@@ -94,7 +94,7 @@ fn prompt(word: &str) -> String {
 }
 
 /// Every fourth word of each list is held out.
-fn rows(held_out: bool) -> Vec<(String, &'static str)> {
+pub(crate) fn rows(held_out: bool) -> Vec<(String, &'static str)> {
     let mut rows = Vec::new();
     for (words, label) in [(POSITIVE, "positive"), (NEGATIVE, "negative")] {
         for (i, w) in words.iter().enumerate() {
@@ -106,7 +106,7 @@ fn rows(held_out: bool) -> Vec<(String, &'static str)> {
     rows
 }
 
-fn write_rows(path: &Path, rows: &[(String, &str)]) -> String {
+pub(crate) fn write_rows(path: &Path, rows: &[(String, &str)]) -> String {
     let lines: Vec<String> = rows
         .iter()
         .map(|(p, c)| json!({"prompt": p, "completion": c}).to_string())
@@ -373,4 +373,137 @@ fn results_file_id(url: &str) -> String {
         vec![call("file_list", "ka", json!({"order": "asc"}))],
     );
     files[0]["files"][0]["id"].as_str().unwrap().to_string()
+}
+
+/// `svfit serve` as a process on HTTP port `http`, with 2 s job leases.
+fn spawn_server(adapters: &Path, http: u16) -> Process {
+    let b = base();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_svfit"));
+    command
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--threads",
+            "2",
+        ])
+        .args(["--job-lease", "2", "--model"])
+        .arg(&b.model)
+        .arg("--adapters")
+        .arg(adapters)
+        .env("SVFIT_HOME", &b.home)
+        .env("RUST_LOG", "warn");
+    start_process(command)
+}
+
+fn sigma_bits(adapters: &Path, model: &Value) -> Vec<u32> {
+    let path = adapters
+        .join("default")
+        .join(format!("{}.safetensors", model.as_str().unwrap()));
+    let adapter = svfit::adapter::Adapter::read(&path).unwrap();
+    adapter
+        .sigma
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|v| v.to_bits()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_killed_with_9_resumes_to_the_same_adapter() {
+    let _machine = crate::common::shared();
+    let dir = temp_dir("http-jobs-kill");
+    let adapters = dir.path().join("adapters");
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{http}/v1");
+    let base = json!(base().model.file_name().unwrap().to_str().unwrap());
+    let train = write_rows(&dir.path().join("train.jsonl"), &rows(false));
+    let per_epoch = rows(false).len().div_ceil(8) as u64;
+    let create = |file: &Value| {
+        call(
+            "job_create",
+            "none",
+            json!({"model": base, "training_file": file, "seed": 11,
+                   "hyperparameters": {"n_epochs": 3}}),
+        )
+    };
+
+    let mut server = spawn_server(&adapters, http);
+    let results = openai_calls(
+        &url,
+        None,
+        vec![
+            call(
+                "file_create",
+                "none",
+                json!({"path": train, "purpose": "fine-tune"}),
+            ),
+            create(&json!({"id_of": 0})),
+            // Past the first epoch's checkpoint.
+            job_call(
+                "job_wait",
+                "none",
+                1,
+                json!({"steps": per_epoch + 2, "timeout": 300}),
+            ),
+        ],
+    );
+    assert_eq!(results[2]["job"]["status"], "running", "{}", results[2]);
+    let file = results[0]["file"]["id"].clone();
+    let job = results[1]["job"]["id"].clone();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(server);
+
+    let server = spawn_server(&adapters, http);
+    let results = openai_calls(
+        &url,
+        None,
+        vec![
+            call("job_wait", "none", json!({"id": job, "timeout": 300})),
+            call("job_events", "none", json!({"id": job, "limit": 100})),
+            create(&file),
+            job_call("job_wait", "none", 2, json!({"timeout": 300})),
+            job_call("job_events", "none", 2, json!({"limit": 100})),
+        ],
+    );
+    let (resumed, whole) = (&results[0]["job"], &results[3]["job"]);
+    assert_eq!(resumed["status"], "succeeded", "{}", results[0]);
+    assert_eq!(whole["status"], "succeeded", "{}", results[3]);
+    assert_eq!(
+        resumed["svfit"]["ran_on"].as_array().unwrap().len(),
+        2,
+        "{resumed}"
+    );
+    let messages: Vec<&str> = results[1]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    let from = format!("resumed from its checkpoint at step {per_epoch}");
+    assert!(messages.iter().any(|m| m.contains(&from)), "{messages:?}");
+    // The same losses at every step, and the same adapter, bit for bit.
+    let (a, b) = (losses(&results[1]["events"]), losses(&results[4]["events"]));
+    assert_eq!(a.len() as u64, 3 * per_epoch, "{a:?}");
+    assert_eq!(a, b);
+    let (a, b) = (
+        sigma_bits(&adapters, &resumed["fine_tuned_model"]),
+        sigma_bits(&adapters, &whole["fine_tuned_model"]),
+    );
+    assert!(!a.is_empty());
+    assert!(
+        a == b,
+        "the resumed job's adapter differs from the uninterrupted one's"
+    );
+    drop(server);
 }

@@ -20,7 +20,7 @@ use super::common::serve::*;
 use super::common::temp_dir;
 
 mod files;
-mod jobs;
+pub(crate) mod jobs;
 mod structured;
 mod tools;
 
@@ -39,7 +39,7 @@ fn python() -> PathBuf {
 }
 
 /// Runs `calls` through the `openai` package; one result per call.
-fn openai_calls(base_url: &str, ca: Option<&Path>, calls: Vec<Value>) -> Vec<Value> {
+pub(crate) fn openai_calls(base_url: &str, ca: Option<&Path>, calls: Vec<Value>) -> Vec<Value> {
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/server/http/openai_client.py");
     let plan = json!({"base_url": base_url, "ca": ca, "calls": calls});
@@ -66,7 +66,7 @@ fn openai_calls(base_url: &str, ca: Option<&Path>, calls: Vec<Value>) -> Vec<Val
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn call(endpoint: &str, key: &str, params: Value) -> Value {
+pub(crate) fn call(endpoint: &str, key: &str, params: Value) -> Value {
     json!({"endpoint": endpoint, "key": key, "params": params})
 }
 

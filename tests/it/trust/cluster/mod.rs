@@ -26,6 +26,7 @@ use svfit::server::pb::inference_client::InferenceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
+mod jobs;
 mod threads;
 
 const BUCKET: &str = "svfit-cluster";
