@@ -40,7 +40,12 @@
 //! with half of the requests, at random, constrained by a JSON schema, in
 //! turns with the same traffic unconstrained on the same server, as
 //! `--api http` takes turns; reports the throughput ratio, its median over
-//! the rounds, and the time the constrained turns' steps spent masking).
+//! the rounds, and the time the constrained turns' steps spent masking),
+//! and `job` (the `many` traffic in turns without and with a fine-tuning
+//! job running in the server, created through its OpenAI API before each
+//! job turn and cancelled after, at `--train-share`; reports throughput
+//! and TTFT with the job relative to without, per round and overall, and
+//! the job's steps per second beside the traffic).
 //!
 //! Options: `--clients N` (concurrent streaming clients, default 8),
 //! `--seconds S` (per engine, default 40), `--requests N` (stop after N
@@ -84,10 +89,12 @@ mod common;
     reason = "the soak counts answers; the wanted codes are the tests'"
 )]
 mod hostile;
+#[path = "load/job.rs"]
+mod job;
 
 use common::{exit, fail};
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "base",
     "one",
     "many",
@@ -98,6 +105,7 @@ const SCENARIOS: [&str; 10] = [
     "shared-prefix",
     "multi-turn",
     "structured",
+    "job",
 ];
 
 /// The options (see the top of this file).
@@ -163,6 +171,9 @@ struct Options {
     /// With --addr: upload the scenario's adapters first
     #[arg(long, requires = "addr")]
     upload: bool,
+    /// The `job` scenario's --train-share
+    #[arg(long, default_value_t = svfit::server::jobs::JobsConfig::default().share)]
+    train_share: f64,
     /// Passed by `cargo bench`
     #[arg(long, hide = true)]
     bench: bool,
@@ -191,6 +202,8 @@ enum Api {
     Http,
     /// gRPC, the traffic without its constraints (`structured`).
     Free,
+    /// gRPC, with a fine-tuning job running (`job`).
+    Job,
 }
 
 /// Rounds of gRPC and HTTP turns with `--api http`, and of constrained and
@@ -835,7 +848,10 @@ async fn run_svfit(
                 http_addr: Some("127.0.0.1:0".parse().unwrap_or_else(fail)),
                 allow_remote: false,
                 memory_limit: None,
-                jobs: Default::default(),
+                jobs: svfit::server::jobs::JobsConfig {
+                    share: o.train_share,
+                    ..Default::default()
+                },
             };
             let r = svfit::server::start(config).await.unwrap_or_else(fail);
             let addr = r.addr.to_string();
@@ -943,11 +959,13 @@ async fn run_svfit(
         rounds(Api::Http)
     } else if o.scenario == "structured" && o.addr.is_none() {
         rounds(Api::Free)
+    } else if o.scenario == "job" && o.addr.is_none() {
+        rounds(Api::Job)
     } else {
         vec![Api::Grpc]
     };
     // The engine's counters over each kind of turn (`structured`).
-    let mut counters: [HashMap<String, f64>; 3] = Default::default();
+    let mut counters: [HashMap<String, f64>; 4] = Default::default();
     let segment = Options {
         seconds: o.seconds * 2.0 / schedule.len().max(2) as f64,
         ..o.clone()
@@ -963,9 +981,25 @@ async fn run_svfit(
             async move { vec![stream_openai(addr.port(), &body).await] }
         }
     });
-    let mut runs: [(Vec<Sample>, Duration, Vec<f64>); 3] = Default::default();
+    let mut runs: [(Vec<Sample>, Duration, Vec<f64>); 4] = Default::default();
     let metrics_addr = running.as_ref().and_then(|r| r.metrics_addr);
+    let http_port = running.as_ref().and_then(|r| r.http_addr).map(|a| a.port());
+    let job_file = match http_port.filter(|_| schedule.contains(&Api::Job)) {
+        Some(port) => Some(job::upload(port).await),
+        None => None,
+    };
+    let (mut job_steps, mut job_seconds, mut ttft_p95) = (0u64, 0f64, [Vec::new(), Vec::new()]);
     for api in &schedule {
+        let training = match (api, &job_file, http_port) {
+            (Api::Job, Some(file), Some(port)) => {
+                let model = o
+                    .model
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                Some(job::start(port, &model.unwrap_or_default(), file).await)
+            }
+            _ => None,
+        };
         let mut traffic = Traffic::new(o, n_adapters);
         traffic.constrain = *api != Api::Free;
         let start = match metrics_addr {
@@ -973,7 +1007,7 @@ async fn run_svfit(
             _ => HashMap::new(),
         };
         let (samples, elapsed) = match api {
-            Api::Grpc | Api::Free => drive(&segment, &mut traffic, send.clone()).await,
+            Api::Grpc | Api::Free | Api::Job => drive(&segment, &mut traffic, send.clone()).await,
             Api::Http => {
                 let send = http_send.clone().expect("an in-process server");
                 drive(&segment, &mut traffic, send).await
@@ -984,6 +1018,15 @@ async fn run_svfit(
                 *counters[*api as usize].entry(k.clone()).or_default() +=
                     v - start.get(&k).copied().unwrap_or(0.0);
             }
+        }
+        if let (Some(running), Some(port)) = (training, http_port) {
+            let (steps, seconds) = job::stop(port, running).await;
+            job_steps += steps;
+            job_seconds += seconds;
+        }
+        if o.scenario == "job" {
+            let p95 = percentiles(samples.iter().map(|s| s.ttft).collect())[1];
+            ttft_p95[usize::from(*api == Api::Job)].push(p95);
         }
         let tokens: usize = samples.iter().map(|s| s.tokens).sum();
         let run = &mut runs[*api as usize];
@@ -1036,6 +1079,39 @@ async fn run_svfit(
             ]);
         }
         free
+    });
+    let beside_job = schedule.contains(&Api::Job).then(|| {
+        let mut with = report("svfit+job", o, &runs[3].0, runs[3].1);
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let throughput: Vec<f64> = runs[3]
+            .2
+            .iter()
+            .zip(&runs[0].2)
+            .map(|(j, n)| j / n)
+            .collect();
+        let ttft: Vec<f64> = ttft_p95[1]
+            .iter()
+            .zip(&ttft_p95[0])
+            .map(|(j, n)| j / n)
+            .collect();
+        with.extra.extend([
+            ("over_nojob_round_median".into(), median(throughput.clone())),
+            (
+                "over_nojob_round_min".into(),
+                throughput.iter().copied().fold(f64::INFINITY, f64::min),
+            ),
+            ("ttft_p95_over_nojob_round_median".into(), median(ttft)),
+            ("job_steps".into(), job_steps as f64),
+            (
+                "job_steps_per_s".into(),
+                job_steps as f64 / job_seconds.max(1e-9),
+            ),
+            ("train_share".into(), o.train_share),
+        ]);
+        with
     });
     let mut http = schedule.contains(&Api::Http).then(|| {
         let mut http = report("svfit-http", o, &runs[1].0, runs[1].1);
@@ -1138,6 +1214,7 @@ async fn run_svfit(
     let mut reports = vec![r];
     reports.extend(http.take());
     reports.extend(free);
+    reports.extend(beside_job);
     reports
 }
 
@@ -1577,6 +1654,7 @@ fn main() {
             .extend(cold_load_cost(runtime.handle(), &o, &b, &dir, 200));
     }
     let structured = (o.scenario == "structured" && ours.len() > 1).then(|| ours.remove(1));
+    let beside_job = (o.scenario == "job" && ours.len() > 1).then(|| ours.remove(1));
     let http = (ours.len() > 1).then(|| ours.remove(1));
     reports.extend(ours);
     if o.scenario == "soak" {
@@ -1650,6 +1728,30 @@ fn main() {
             get(on, "turns_mask_ms_per_mask"),
         );
         reports.push(free);
+    }
+    // Turns with a fine-tuning job running against turns without.
+    if let Some(with) = beside_job {
+        let without = &reports[0];
+        let get = |k: &str| {
+            with.extra
+                .iter()
+                .find(|(n, _)| n == k)
+                .map_or(f64::NAN, |e| e.1)
+        };
+        println!(
+            "svfit with a fine-tuning job / without (--train-share {}): throughput {:.3}x (median of \
+             {HTTP_ROUNDS} rounds {:.3}x, min {:.3}x), TTFT p95 {:.2}x (round median {:.2}x); the job \
+             took {:.0} steps, {:.3} steps/s",
+            o.train_share,
+            with.tokens_per_s / without.tokens_per_s,
+            get("over_nojob_round_median"),
+            get("over_nojob_round_min"),
+            with.ttft_ms[1] / without.ttft_ms[1],
+            get("ttft_p95_over_nojob_round_median"),
+            get("job_steps"),
+            get("job_steps_per_s"),
+        );
+        reports.push(with);
     }
     // LoRAs against SVFit adapters on the same traffic, in the same run.
     if o.scenario == "lora" && o.addr.is_none() {

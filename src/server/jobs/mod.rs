@@ -266,9 +266,23 @@ impl Jobs {
         Ok(jobs)
     }
 
+    /// A job; one running here shows its last step (the stored one is
+    /// renewed with the lease).
     pub(super) async fn get(&self, tenant: &str, id: &str) -> Result<Value, Status> {
         valid_id(id)?;
-        self.object(tenant, id).await?.ok_or_else(|| not_found(id))
+        let mut job = self
+            .object(tenant, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        if let Some(step) = self.step_here(id) {
+            job["svfit"]["step"] = json!(step);
+        }
+        Ok(job)
+    }
+
+    fn step_here(&self, id: &str) -> Option<u64> {
+        let progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        progress.get(id).copied()
     }
 
     async fn object(&self, tenant: &str, id: &str) -> Result<Option<Value>, Status> {
@@ -323,12 +337,7 @@ impl Jobs {
     /// step. A job running here records the step it was cancelled at.
     pub(super) async fn cancel(&self, tenant: &str, id: &str) -> Result<Value, Status> {
         self.get(tenant, id).await?;
-        let at = self
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .copied();
+        let at = self.step_here(id);
         let job = self
             .update(tenant, id, &mut |job| {
                 let now = job["status"].as_str().unwrap_or("").to_string();
