@@ -161,8 +161,9 @@ pub enum Event<'a> {
 }
 
 /// When a run stops, and how it shares the machine: `stop` is asked
-/// before each step; `begin` and `end` bracket each step and evaluation
-/// (a fine-tuning job in the server takes a turn on the compute there).
+/// before each step; `begin` and `end` bracket the gradient of each packed
+/// row and each evaluation (a fine-tuning job in the server takes a turn
+/// on the compute there).
 pub trait Pace {
     fn stop(&self, step: u64) -> bool;
     fn begin(&self) {}
@@ -278,10 +279,22 @@ impl Trainer {
 
     /// Mean loss over `data` (and accuracy, for class-label data).
     pub fn evaluate(&mut self, data: &Dataset) -> Result<Evaluation, TrainError> {
+        self.evaluate_paced(data, &|_| false)
+    }
+
+    /// [`Trainer::evaluate`], each packed row in a turn of `pace`.
+    pub fn evaluate_paced(
+        &mut self,
+        data: &Dataset,
+        pace: &dyn Pace,
+    ) -> Result<Evaluation, TrainError> {
         let classes = data.labels().is_some();
         let (mut loss, mut n_targets, mut tokens, mut correct) = (0f64, 0usize, 0usize, 0usize);
         for packed in data::pack(&data.examples, self.hyper.ctx) {
-            let result = self.learner.evaluate(&packed.row)?;
+            let result = {
+                let _turn = Turn::take(pace);
+                self.learner.evaluate(&packed.row)?
+            };
             loss += result.loss as f64 * result.n_targets as f64;
             n_targets += result.n_targets;
             tokens += packed.row.len();
@@ -299,10 +312,7 @@ impl Trainer {
     }
 
     fn eval_record(&mut self, eval: &Dataset, pace: &dyn Pace) -> Result<EvalRecord, TrainError> {
-        let e = {
-            let _turn = Turn::take(pace);
-            self.evaluate(eval)?
-        };
+        let e = self.evaluate_paced(eval, pace)?;
         Ok(EvalRecord {
             step: self.state.step,
             epoch: self.state.epoch + 1,
@@ -314,7 +324,7 @@ impl Trainer {
 
     /// Trains on `train` until the planned steps are done or `pace` says
     /// to stop (asked before each step), evaluating on `eval` after each
-    /// epoch and at the end; each step and evaluation takes `pace`'s turn.
+    /// epoch and at the end; each packed row takes a turn of `pace`.
     pub fn run(
         &mut self,
         train: &Dataset,
@@ -340,10 +350,9 @@ impl Trainer {
             let (_, order) = order.as_ref().expect("set above");
             let b = self.state.next_batch;
             let batch = &order[b * self.hyper.batch..((b + 1) * self.hyper.batch).min(n)];
-            let turn = Turn::take(pace);
             let started = Instant::now();
             let examples = batch.iter().map(|&i| &train.examples[i]);
-            let (loss, tokens) = self.accumulate(examples, &mut grad, &mut sum)?;
+            let (loss, tokens) = self.accumulate(examples, &mut grad, &mut sum, pace)?;
             // To the relative shifts: d loss / d p = S * d loss / d delta.
             sum.iter_mut().zip(&self.scale).for_each(|(g, s)| *g *= s);
             let grad_norm = optim::clip(&mut sum, self.hyper.clip);
@@ -353,7 +362,6 @@ impl Trainer {
             self.learner.set_deltas(&deltas)?;
             self.state.step += 1;
             self.state.next_batch += 1;
-            drop(turn);
             let record = StepRecord {
                 step: self.state.step,
                 epoch: epoch + 1,
@@ -385,17 +393,22 @@ impl Trainer {
     }
 
     /// The batch's gradient (w.r.t. the deltas) into `sum`, weighted by loss
-    /// tokens; returns the batch's mean loss and token count.
+    /// tokens; returns the batch's mean loss and token count. Each packed
+    /// row takes its own turn of `pace` (the unit a request may wait for).
     fn accumulate<'e>(
         &mut self,
         examples: impl Iterator<Item = &'e Example>,
         grad: &mut [f32],
         sum: &mut [f32],
+        pace: &dyn Pace,
     ) -> Result<(f64, usize), TrainError> {
         sum.fill(0.0);
         let (mut loss, mut n_targets, mut tokens) = (0f64, 0usize, 0usize);
         for packed in data::pack(examples, self.hyper.ctx) {
-            let row_loss = self.learner.gradient(&packed.row, grad)?;
+            let row_loss = {
+                let _turn = Turn::take(pace);
+                self.learner.gradient(&packed.row, grad)?
+            };
             let w = packed.row.targets.len() as f32;
             sum.iter_mut()
                 .zip(grad.iter())

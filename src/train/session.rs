@@ -16,7 +16,7 @@ use super::checkpoint::CHECKPOINT_FORMAT;
 pub use super::checkpoint::{Checkpoint, CheckpointInfo};
 use super::data::Dataset;
 use super::metrics::{plot_metrics, Metrics};
-use super::{Event, Hyper, Outcome, Pace, State, TrainError, Trainer, Turn};
+use super::{Event, Hyper, Outcome, Pace, State, TrainError, Trainer};
 use crate::adapter::Adapter;
 use crate::factors::{self, FactorsKey, RankPolicy, Targets};
 use crate::ggml::Type;
@@ -531,10 +531,7 @@ impl Session<'_> {
         let Some(e) = &self.eval else {
             return Ok(());
         };
-        let base = {
-            let _turn = Turn::take(pace);
-            trainer.evaluate(e)?
-        };
+        let base = trainer.evaluate_paced(e, pace)?;
         let record = super::EvalRecord {
             step: 0,
             epoch: 0,
