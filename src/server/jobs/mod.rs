@@ -55,7 +55,7 @@ impl Default for JobsConfig {
     fn default() -> Self {
         JobsConfig {
             runners: 1,
-            share: 0.05,
+            share: 0.02,
             lease: Duration::from_secs(30),
             per_tenant: 4,
             max_steps: 20_000,
