@@ -83,6 +83,9 @@ pub(super) struct Jobs {
     objects: Box<dyn Backend>,
     events: Box<dyn Backend>,
     checkpoints: Box<dyn Backend>,
+    /// An empty `<id>.open` per job not yet finished, so that runners read
+    /// those jobs' objects only, however many finished ones a tenant has.
+    open: Box<dyn Backend>,
     pub(super) config: JobsConfig,
     /// Jobs cancelled through this replica, for its runners to stop at
     /// once (other replicas see the status at their next lease renewal).
@@ -146,6 +149,7 @@ impl Jobs {
             objects: store::backend_with(&location, "json")?,
             events: store::backend_with(&location, "events")?,
             checkpoints: store::backend_with(&location, "ckpt")?,
+            open: store::backend_with(&location, "open")?,
             config,
             cancelled: Mutex::default(),
             progress: Mutex::default(),
@@ -209,6 +213,11 @@ impl Jobs {
         }
         let created = event("Created fine-tuning job", "info", None);
         self.append_events(tenant, &id, vec![created], None).await?;
+        let mut empty = |_: Option<&[u8]>| Ok(Vec::new());
+        self.open
+            .update(tenant, &id, &mut empty)
+            .await
+            .map_err(status)?;
         let text = object.to_string().into_bytes();
         let mut bytes = Some(text);
         let mut next = |current: Option<&[u8]>| match current {
@@ -252,18 +261,30 @@ impl Jobs {
         Ok(jobs)
     }
 
-    /// Every tenant's jobs not yet finished, oldest first.
+    /// Every tenant's jobs not yet finished, oldest first (the open
+    /// markers of jobs found finished are dropped on the way).
     pub(super) async fn unfinished(&self) -> Result<Vec<(String, Value)>, Status> {
         let mut jobs = Vec::new();
-        for tenant in self.objects.tenants().await.map_err(status)? {
-            for job in self.list(&tenant).await? {
-                if !finished(job["status"].as_str().unwrap_or("")) {
-                    jobs.push((tenant.clone(), job));
+        for tenant in self.open.tenants().await.map_err(status)? {
+            for id in self.open.ids(&tenant).await.map_err(status)? {
+                match self.object(&tenant, &id).await? {
+                    Some(job) if !finished(job["status"].as_str().unwrap_or("")) => {
+                        jobs.push((tenant.clone(), job));
+                    }
+                    _ => self.closed(&tenant, &id).await,
                 }
             }
         }
         jobs.sort_by_key(|(_, j)| j["created_at"].as_u64().unwrap_or(0));
         Ok(jobs)
+    }
+
+    /// Drops a finished job's open marker (a failure only costs a read of
+    /// its object at the next look for work).
+    pub(super) async fn closed(&self, tenant: &str, id: &str) {
+        if let Err(e) = self.open.delete(tenant, id).await {
+            tracing::warn!(job = id, error = %e, "dropping a finished job's marker");
+        }
     }
 
     /// A job; one running here shows its last step (the stored one is
@@ -366,6 +387,7 @@ impl Jobs {
         let cancelled = event("Job cancelled", "info", None);
         self.append_events(tenant, id, vec![cancelled], None)
             .await?;
+        self.closed(tenant, id).await;
         Ok(job)
     }
 

@@ -81,8 +81,16 @@ pub fn parse(body: &Value, seed: u64) -> Result<JobRequest, Status> {
             .ok_or_else(|| invalid("seed", "expected a whole number from 0 to 2147483647"))?,
     };
     let metadata = body.get("metadata").cloned().unwrap_or(Value::Null);
-    if !(metadata.is_null() || metadata.as_object().is_some_and(|m| m.len() <= 16)) {
-        return Err(invalid("metadata", "expected an object of at most 16 keys"));
+    let fits = |m: &Map<String, Value>| {
+        m.len() <= 16
+            && m.iter()
+                .all(|(k, v)| k.len() <= 64 && v.as_str().is_some_and(|v| v.len() <= 512))
+    };
+    if !(metadata.is_null() || metadata.as_object().is_some_and(fits)) {
+        return Err(invalid(
+            "metadata",
+            "expected at most 16 keys of up to 64 characters, with string values of up to 512",
+        ));
     }
     let empty = Map::new();
     let (where_, fields) = match hyper_fields {

@@ -240,16 +240,19 @@ async fn set_failed(
     code: &str,
     message: &str,
 ) -> Result<Value, Status> {
-    jobs.update(tenant, id, &mut |job| {
-        if job["status"] != CANCELLED {
-            job["status"] = json!(FAILED);
-            job["error"] = json!({"code": code, "message": message, "param": null});
-            job["finished_at"] = json!(unix_now());
-        }
-        job["svfit"]["lease"] = Value::Null;
-        Ok(())
-    })
-    .await
+    let failed = jobs
+        .update(tenant, id, &mut |job| {
+            if job["status"] != CANCELLED {
+                job["status"] = json!(FAILED);
+                job["error"] = json!({"code": code, "message": message, "param": null});
+                job["finished_at"] = json!(unix_now());
+            }
+            job["svfit"]["lease"] = Value::Null;
+            Ok(())
+        })
+        .await?;
+    jobs.closed(tenant, id).await;
+    Ok(failed)
 }
 
 /// What one claimed job shares between its trainer, its observer and its
@@ -519,6 +522,7 @@ impl Running<'_> {
             Ok(())
         })
         .await?;
+        jobs.closed(tenant, id).await;
         let done = [
             format!("New fine-tuned model created: {model}"),
             "The job has successfully completed".to_string(),
