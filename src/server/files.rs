@@ -102,7 +102,7 @@ impl Files {
                 .map_err(|e| Status::internal(e.to_string()))?
         };
         let examples = checked?;
-        let id = new_id();
+        let id = new_id("file");
         let object = json!({
             "id": id, "object": "file", "bytes": bytes.len(),
             "created_at": store::unix_now(), "filename": filename,
@@ -217,15 +217,25 @@ fn check_lines(shared: &Shared, filename: &str, bytes: &[u8]) -> Result<usize, S
     Ok(data.examples.len())
 }
 
-/// Ids are `file-` and 24 hex digits.
-fn new_id() -> String {
+/// A new id: `prefix`, `-` and 24 hex digits (files are `file-…`, jobs
+/// `ftjob-…`).
+pub(super) fn new_id(prefix: &str) -> String {
     let part = || super::http::random_seed() >> 16;
-    format!("file-{:012x}{:012x}", part(), part())
+    format!("{prefix}-{:012x}{:012x}", part(), part())
+}
+
+/// Whether `id` is one [`new_id`] makes with `prefix` (anything else is
+/// not found, and never reaches the store).
+pub(super) fn is_id(prefix: &str, id: &str) -> bool {
+    let hex = id
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .unwrap_or("");
+    hex.len() == 24 && hex.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn valid_id(id: &str) -> Result<(), Status> {
-    let hex = id.strip_prefix("file-").unwrap_or("");
-    if hex.len() == 24 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if is_id("file", id) {
         Ok(())
     } else {
         Err(not_found(id))

@@ -348,6 +348,23 @@ async fn completions(State(state): State<HttpState>, headers: HeaderMap, body: B
     generate(state, Endpoint::Completions, headers, body).await
 }
 
+/// A page of `items` (in the list's order) as an OpenAI list object: the
+/// items after the one whose id is `after`, at most `limit`.
+fn list_page(mut items: Vec<Value>, limit: usize, after: Option<String>) -> Result<Value, Status> {
+    if let Some(after) = after {
+        let at = items.iter().position(|i| i["id"] == after.as_str());
+        let at = at.ok_or_else(|| openai::invalid("after", "no such id in this list"))?;
+        items.drain(..=at);
+    }
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    let id = |i: Option<&Value>| i.map(|i| i["id"].clone());
+    Ok(serde_json::json!({
+        "object": "list", "data": items, "has_more": has_more,
+        "first_id": id(items.first()), "last_id": id(items.last()),
+    }))
+}
+
 /// A random number: the seed of requests that set none (OpenAI's answers
 /// vary unless a seed is given), and file ids.
 pub(super) fn random_seed() -> u64 {

@@ -9,7 +9,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
+use serde_json::json;
 use tonic::Status;
 
 use super::{json_body, ApiError, HttpState};
@@ -118,21 +118,7 @@ pub(super) async fn list(
     if ascending {
         files.reverse();
     }
-    if let Some(after) = after {
-        let at = files.iter().position(|f| f["id"] == after.as_str());
-        let at = at.ok_or_else(|| openai::invalid("after", "no such file"))?;
-        files.drain(..=at);
-    }
-    let has_more = files.len() > limit;
-    files.truncate(limit);
-    let id = |f: Option<&Value>| f.map(|f| f["id"].clone());
-    let body = json!({
-        "object": "list",
-        "first_id": id(files.first()),
-        "last_id": id(files.last()),
-        "has_more": has_more,
-        "data": files,
-    });
+    let body = super::list_page(files, limit, after)?;
     Ok((StatusCode::OK, json_body(&body)).into_response())
 }
 

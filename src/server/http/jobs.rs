@@ -11,10 +11,10 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tonic::Status;
 
-use super::{json_body, random_seed, ApiError, HttpState};
+use super::{json_body, list_page, random_seed, ApiError, HttpState};
 use crate::server::jobs::request;
 use crate::server::openai;
 
@@ -86,22 +86,6 @@ fn page(query: PageQuery, default: usize) -> Result<(usize, Option<String>), Sta
         }
     }
     Ok((limit, after))
-}
-
-/// A page of `items` (newest first) as an OpenAI list.
-fn list_page(mut items: Vec<Value>, limit: usize, after: Option<String>) -> Result<Value, Status> {
-    if let Some(after) = after {
-        let at = items.iter().position(|i| i["id"] == after.as_str());
-        let at = at.ok_or_else(|| openai::invalid("after", "no such id in this list"))?;
-        items.drain(..=at);
-    }
-    let has_more = items.len() > limit;
-    items.truncate(limit);
-    let id = |i: Option<&Value>| i.map(|i| i["id"].clone());
-    Ok(json!({
-        "object": "list", "data": items, "has_more": has_more,
-        "first_id": id(items.first()), "last_id": id(items.last()),
-    }))
 }
 
 /// `GET /v1/fine_tuning/jobs`.

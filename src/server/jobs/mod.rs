@@ -109,15 +109,10 @@ fn not_found(id: &str) -> Status {
     Status::not_found(format!("fine-tuning job '{}' not found", store::shown(id)))
 }
 
-/// `prefix-` and 24 hex digits.
-pub(super) fn new_id(prefix: &str) -> String {
-    let part = || super::http::random_seed() >> 16;
-    format!("{prefix}-{:012x}{:012x}", part(), part())
-}
+pub(super) use super::files::new_id;
 
 fn valid_id(id: &str) -> Result<(), Status> {
-    let hex = id.strip_prefix("ftjob-").unwrap_or("");
-    if hex.len() == 24 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if super::files::is_id("ftjob", id) {
         Ok(())
     } else {
         Err(not_found(id))
