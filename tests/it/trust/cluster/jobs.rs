@@ -16,16 +16,7 @@ async fn two_replicas_run_a_job_once_and_both_serve_it() {
     let dir = dir.path();
     let s3_port = free_port();
     let _store = s3(dir, s3_port, 0).await;
-    let mut replicas: Vec<Replica> = (0..2)
-        .map(|_| Replica {
-            grpc: free_port(),
-            http: free_port(),
-            process: None,
-        })
-        .collect();
-    for r in &mut replicas {
-        r.start(s3_port);
-    }
+    let replicas = start_replicas(2, s3_port);
     let url = |r: &Replica| format!("http://{}/v1", local(r.http));
     let base = json!(base().model.file_name().unwrap().to_str().unwrap());
     let train = write_rows(&dir.join("train.jsonl"), &rows(false));

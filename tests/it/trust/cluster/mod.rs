@@ -123,6 +123,21 @@ struct Replica {
     process: Option<Process>,
 }
 
+/// `n` replicas on the store at `s3_port`, started.
+fn start_replicas(n: usize, s3_port: u16) -> Vec<Replica> {
+    let mut replicas: Vec<Replica> = (0..n)
+        .map(|_| Replica {
+            grpc: free_port(),
+            http: free_port(),
+            process: None,
+        })
+        .collect();
+    for r in &mut replicas {
+        r.start(s3_port);
+    }
+    replicas
+}
+
 impl Replica {
     fn start(&mut self, s3_port: u16) {
         let b = base();
@@ -389,16 +404,7 @@ async fn three_replicas_behind_nginx_share_one_s3_store() {
     let dir = dir.path();
     let s3_port = free_port();
     let mut store = s3(dir, s3_port, 0).await;
-    let mut replicas: Vec<Replica> = (0..REPLICAS)
-        .map(|_| Replica {
-            grpc: free_port(),
-            http: free_port(),
-            process: None,
-        })
-        .collect();
-    for r in &mut replicas {
-        r.start(s3_port);
-    }
+    let mut replicas = start_replicas(REPLICAS, s3_port);
     let (front_grpc, front_http) = (free_port(), free_port());
     let _nginx = nginx(dir, front_grpc, front_http, &replicas).await;
     let files: Vec<Vec<u8>> = (0..4)
