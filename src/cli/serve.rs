@@ -151,9 +151,9 @@ pub(super) struct ServeArgs {
     #[arg(long, default_value_t = JobsConfig::default().runners)]
     train_jobs: usize,
     /// The share of the compute a training job takes while requests are in
-    /// flight (0.01 to 1): its steps and serving's take turns, so a request
-    /// waits at most one training step; with no request in flight a job
-    /// trains at full speed
+    /// flight (0.01 to 1): training and serving take turns, so a request
+    /// waits at most one training turn (one packed row's forward and
+    /// backward); with no request in flight a job trains at full speed
     #[arg(long, default_value_t = JobsConfig::default().share, value_parser = parse_share)]
     train_share: f64,
     /// Seconds a replica's claim on a running job lasts unless renewed: a
@@ -278,16 +278,28 @@ pub(super) fn run_serve(args: &ServeArgs) -> Result<()> {
         }
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            result = running.wait() => result,
-            _ = tokio::signal::ctrl_c() => Ok(()),
-            _ = terminate.recv() => {
+        // `None`: Ctrl-C; `Some(true)`: SIGTERM; `Some(false)`: the server
+        // stopped by itself (with the error `wait` returns).
+        let mut failed = Ok(());
+        let signal = tokio::select! {
+            result = running.wait() => {
+                failed = result;
+                Some(false)
+            }
+            _ = tokio::signal::ctrl_c() => None,
+            _ = terminate.recv() => Some(true),
+        };
+        match signal {
+            // A fine-tuning job stops after its current turn, to resume.
+            None => running.stop_jobs().await,
+            Some(true) => {
                 eprintln!("svfit draining (at most {:.0} s)", drain.as_secs_f64());
                 let cut = running.drain(drain).await;
                 eprintln!("svfit stopped; {cut} requests cut off at the deadline");
-                Ok(())
             }
+            Some(false) => {}
         }
+        failed
     })
 }
 

@@ -75,6 +75,10 @@ pub(super) struct TrainArgs {
     /// (the schedule still plans the whole run; --resume continues it)
     #[arg(long)]
     stop_after: Option<u64>,
+    /// Start from this adapter's singular values instead of the base's (an
+    /// SVFit adapter of the same model and factors: train it further)
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -248,6 +252,11 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
         default_warmup: args.warmup.is_none(),
         stop_after: args.stop_after,
         home: home::home_dir(),
+        init: args
+            .init
+            .as_deref()
+            .map(svfit::adapter::Adapter::read)
+            .transpose()?,
     };
     if !(0.0..1.0).contains(&options.eval_split) {
         anyhow::bail!("--eval-split must be in [0, 1), got {}", options.eval_split);

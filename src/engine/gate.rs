@@ -2,11 +2,12 @@
 //! process. ggml's worker threads spin at barriers, so an engine step and a
 //! training step running side by side each slow to a few percent of their
 //! speed: they take turns instead. The engine takes a turn for each decode
-//! step ([`Gate::serve`]); a training step or evaluation takes one through
-//! a [`Pacer`], which while requests are in flight takes no more than its
-//! share of the time (`--train-share`), and while none are takes all it
-//! wants. A request that arrives during a training step waits for that
-//! step (at most one) to end.
+//! step ([`Gate::serve`]); a training job takes one for each packed row's
+//! forward and backward (or evaluation) through a [`Pacer`], which while
+//! requests are in flight takes no more than its share of the time
+//! (`--train-share`), and while none are takes all it wants. A request
+//! that arrives during a training turn waits for that turn (at most one)
+//! to end.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -42,7 +43,7 @@ impl Gate {
         self.turns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The engine's turn for one step, once the training step that holds
+    /// The engine's turn for one step, once the training turn that holds
     /// the compute (if any) has ended.
     pub fn serve(&self) -> ServeTurn<'_> {
         let mut turns = self.turns();

@@ -227,16 +227,16 @@ pub struct Running {
     health: HealthReporter,
     engine: Engine,
     in_flight: Arc<AtomicUsize>,
-    /// Set when the server stops: a running fine-tuning job stops after
-    /// its step, to be resumed from its checkpoint.
-    jobs_stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Told to stop with the server: a running fine-tuning job stops after
+    /// its turn, to be resumed from its checkpoint.
+    runners: jobs::runner::Runners,
 }
 
 impl Drop for Running {
     /// The metrics listener holds the engine: without it, the engine
     /// thread (and its compute threads) end once the last request has.
     fn drop(&mut self) {
-        self.jobs_stopping.store(true, Relaxed);
+        self.runners.stop();
         if let Some(task) = &self.metrics_task {
             task.abort();
         }
@@ -249,12 +249,13 @@ impl Drop for Running {
 impl Running {
     /// Stops accepting requests and waits for the server to finish.
     pub async fn stop(mut self) {
-        self.jobs_stopping.store(true, Relaxed);
+        self.runners.stop();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
         self.stop_http().await;
+        self.runners.join().await;
     }
 
     /// Waits up to [`DRAIN`] for the HTTP API's open connections (it was
@@ -265,6 +266,13 @@ impl Running {
                 task.abort();
             }
         }
+    }
+
+    /// Stops this replica's fine-tuning runners and waits until they have
+    /// left their jobs (each stops after its current turn; its job resumes
+    /// from its checkpoint, here after a restart or on another replica).
+    pub async fn stop_jobs(&mut self) {
+        self.runners.join().await;
     }
 
     /// Serves until the server fails or stops; an error when the engine
@@ -282,7 +290,7 @@ impl Running {
     /// for at most `deadline`; the engine refuses anything after that and
     /// the server stops. Returns how many requests were cut off.
     pub async fn drain(mut self, deadline: std::time::Duration) -> usize {
-        self.jobs_stopping.store(true, Relaxed);
+        self.runners.stop();
         not_serving(&self.health).await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -300,6 +308,7 @@ impl Running {
             self.task.abort();
         }
         self.stop_http().await;
+        self.runners.join().await;
         cut
     }
 }
@@ -329,7 +338,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         None => None,
     };
     let shared = load_services(config.clone()).await?;
-    jobs::runner::start(&shared)?;
+    let runners = jobs::runner::start(&shared)?;
     let (metrics_addr, metrics_task) = match config.metrics_addr {
         Some(addr) => {
             let (addr, task) = metrics::serve(addr, shared.clone()).await?;
@@ -382,7 +391,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         health,
         engine: shared.engine.clone(),
         in_flight: shared.stats.in_flight.clone(),
-        jobs_stopping: shared.jobs.stopping.clone(),
+        runners,
     })
 }
 

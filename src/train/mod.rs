@@ -223,9 +223,20 @@ impl Trainer {
     /// parameter order.
     pub fn new(learner: Learner, singular: Vec<f32>, hyper: Hyper) -> Result<Self, TrainError> {
         let n = learner.n_params();
+        Self::starting_at(learner, singular, hyper, vec![0.0; n])
+    }
+
+    /// A fresh run from sigma = S (1 + `shift`): an adapter trained before,
+    /// trained on (the optimizer's moments start at zero).
+    pub fn starting_at(
+        learner: Learner,
+        singular: Vec<f32>,
+        hyper: Hyper,
+        shift: Vec<f32>,
+    ) -> Result<Self, TrainError> {
         let state = State {
-            shift: vec![0.0; n],
-            adam: AdamW::new(n, hyper.weight_decay),
+            adam: AdamW::new(shift.len(), hyper.weight_decay),
+            shift,
             step: 0,
             epoch: 0,
             next_batch: 0,

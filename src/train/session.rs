@@ -66,6 +66,9 @@ pub struct Options {
     /// Stop (with a checkpoint) after this many steps in all.
     pub stop_after: Option<u64>,
     pub home: PathBuf,
+    /// A fresh run starts from this adapter's singular values (an SVFit
+    /// adapter of the same factors) instead of the base's.
+    pub init: Option<Adapter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -427,11 +430,50 @@ fn start_trainer(
         .iter()
         .flat_map(|(_, s)| s.iter().copied())
         .collect();
-    let trainer = match resume {
-        Some(c) => Trainer::resume(learner, scale, hyper.clone(), c.state)?,
-        None => Trainer::new(learner, scale, hyper.clone())?,
+    let trainer = match (resume, &options.init) {
+        (Some(c), _) => Trainer::resume(learner, scale, hyper.clone(), c.state)?,
+        (None, Some(init)) => {
+            let shift = initial_shift(init, key, &singular)?;
+            Trainer::starting_at(learner, scale, hyper.clone(), shift)?
+        }
+        (None, None) => Trainer::new(learner, scale, hyper.clone())?,
     };
     Ok((trainer, singular))
+}
+
+/// The relative shifts `(sigma - S) / S` of the adapter a run starts from,
+/// in the trainer's order (a matrix the adapter lacks starts at S).
+fn initial_shift(
+    init: &Adapter,
+    key: &FactorsKey,
+    singular: &factors::SingularValues,
+) -> Result<Vec<f32>, SessionError> {
+    let invalid = |why: String| SessionError::Train(TrainError::Invalid(why));
+    if init.is_lora() {
+        return Err(invalid(
+            "a LoRA cannot be trained on as an SVFit adapter".into(),
+        ));
+    }
+    init.check_base(Path::new("the adapter to start from"), key)?;
+    let mut shift = Vec::new();
+    for ((prefix, delta), (_, s)) in init.deltas(singular).iter().zip(singular.iter()) {
+        if !delta.is_empty() && delta.len() != s.len() {
+            return Err(invalid(format!(
+                "the adapter to start from has {} values for {prefix}, the factors {}",
+                delta.len(),
+                s.len()
+            )));
+        }
+        shift.extend(s.iter().enumerate().map(|(i, s)| {
+            let d = delta.get(i).copied().unwrap_or(0.0);
+            if *s != 0.0 && (d / s).is_finite() {
+                d / s
+            } else {
+                0.0
+            }
+        }));
+    }
+    Ok(shift)
 }
 
 /// The plan of a run, in one line.

@@ -16,7 +16,8 @@ use tonic::Status;
 
 use super::{json_body, list_page, random_seed, ApiError, HttpState};
 use crate::server::jobs::request;
-use crate::server::openai;
+use crate::server::{openai, store_status};
+use crate::store::StoreError;
 
 type PageQuery = Result<Query<HashMap<String, String>>, QueryRejection>;
 
@@ -30,19 +31,32 @@ pub(super) async fn create(
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| openai::invalid("body", format!("not JSON: {e}")))?;
     let request = request::parse(&body, random_seed() % (i32::MAX as u64 + 1))?;
-    if request.model != state.base_model {
-        return Err(openai::invalid(
-            "model",
-            format!(
-                "'{}' cannot be fine-tuned here: name the base model '{}' (continuing from an \
-                 adapter is not supported yet)",
-                crate::store::shown(&request.model),
-                state.base_model
-            ),
-        )
-        .into());
-    }
     let shared = &state.shared;
+    // The base model, or an SVFit adapter of the caller's to train on.
+    let init = if request.model == state.base_model {
+        None
+    } else {
+        let not_tunable = |why: &str| {
+            openai::invalid(
+                "model",
+                format!(
+                    "'{}' {why}: name the base model '{}' or one of your SVFit adapters",
+                    crate::store::shown(&request.model),
+                    state.base_model
+                ),
+            )
+        };
+        match shared.store.get(&caller.tenant, &request.model).await {
+            Ok(stored) if stored.adapter.is_lora() => {
+                return Err(not_tunable("is a LoRA, which is not trained here").into())
+            }
+            Ok(stored) => Some((stored.id.clone(), stored.version)),
+            Err(StoreError::NotFound(_) | StoreError::InvalidName { .. }) => {
+                return Err(not_tunable("is not a model of yours").into())
+            }
+            Err(e) => return Err(store_status(e).into()),
+        }
+    };
     let mut examples = 0;
     for (param, file) in [
         ("training_file", Some(&request.training_file)),
@@ -60,7 +74,7 @@ pub(super) async fn create(
     }
     let job = shared
         .jobs
-        .create(&caller.tenant, request, examples)
+        .create(&caller.tenant, request, examples, init)
         .await?;
     Ok((StatusCode::OK, json_body(&job)).into_response())
 }

@@ -155,12 +155,14 @@ impl Jobs {
     }
 
     /// Stores a new job (status `validating_files`) for `tenant`, whose
-    /// training file holds `examples` examples.
+    /// training file holds `examples` examples, starting from the base or
+    /// from the tenant's adapter `init` (id, version).
     pub(super) async fn create(
         &self,
         tenant: &str,
         request: JobRequest,
         examples: u64,
+        init: Option<(String, u64)>,
     ) -> Result<Value, Status> {
         let steps = request.hyper.total_steps(examples as usize);
         if steps > self.config.max_steps {
@@ -191,6 +193,7 @@ impl Jobs {
             "svfit": {
                 "hyper": hyper, "examples": examples, "step": 0, "total_steps": steps,
                 "checkpoints": [], "lease": null, "ran_on": [],
+                "init": init.map(|(id, version)| json!({"adapter": id, "version": version})),
             },
         });
         let _counting = self.counting.lock().await;

@@ -9,7 +9,7 @@
 //! - in a work directory under the home (`jobs/<tenant>.<id>`), from the
 //!   files and the last checkpoint in the store, so any replica can resume
 //!   it exactly where the last epoch ended;
-//! - each step and evaluation taking a turn at the engine's gate
+//! - each packed row of a step or evaluation taking a turn at the engine's gate
 //!   ([`Pacer`]: `--train-share` of the time while requests are in
 //!   flight);
 //! - while a lease thread renews the claim, notices a cancel made through
@@ -53,20 +53,54 @@ const SHUTDOWN: u8 = 2;
 const LOST: u8 = 3;
 
 /// Starts this replica's runners.
-pub(in crate::server) fn start(shared: &Arc<Shared>) -> std::io::Result<()> {
+pub(in crate::server) fn start(shared: &Arc<Shared>) -> std::io::Result<Runners> {
     let replica = format!(
         "{}-{}",
         std::process::id(),
         super::new_id("r").trim_start_matches("r-")
     );
+    let mut threads = Vec::new();
     for n in 0..shared.jobs.config.runners {
         let (weak, jobs) = (Arc::downgrade(shared), shared.jobs.clone());
         let (handle, replica) = (Handle::current(), replica.clone());
-        std::thread::Builder::new()
-            .name(format!("svfit-jobs-{n}"))
-            .spawn(move || runner(weak, jobs, handle, replica))?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("svfit-jobs-{n}"))
+                .spawn(move || runner(weak, jobs, handle, replica))?,
+        );
     }
-    Ok(())
+    Ok(Runners {
+        jobs: shared.jobs.clone(),
+        threads,
+    })
+}
+
+/// A replica's runner threads.
+pub(in crate::server) struct Runners {
+    jobs: Arc<Jobs>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Runners {
+    /// Tells the runners to stop: a job stops after its current turn.
+    pub(in crate::server) fn stop(&self) {
+        self.jobs.stopping.store(true, SeqCst);
+        self.jobs.wake();
+    }
+
+    /// Stops the runners and waits until they have left their jobs (a
+    /// process that exits while one trains would pull the model from
+    /// under it).
+    pub(in crate::server) async fn join(&mut self) {
+        self.stop();
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
 }
 
 /// Milliseconds since the Unix epoch (leases are kept in them).
@@ -393,6 +427,21 @@ impl Running<'_> {
             }
             None => None,
         };
+        let init = match job["svfit"]["init"]["adapter"].as_str() {
+            Some(id) if resume.is_none() => {
+                let stored = self
+                    .handle
+                    .block_on(shared.store.get(self.tenant, id))
+                    .map_err(|e| format!("the adapter to start from: {e}"))?;
+                let from = format!("Starting from adapter {id} v{}", stored.version);
+                let first = vec![event(&from, "info", None)];
+                self.handle
+                    .block_on(self.jobs().append_events(self.tenant, self.id, first, None))
+                    .map_err(|e| e.message().to_string())?;
+                Some(stored.adapter.clone())
+            }
+            _ => None,
+        };
         let at = resume.as_ref().map_or(0, |c| c.state.step);
         self.step.store(at, SeqCst);
         let started = match at {
@@ -425,6 +474,7 @@ impl Running<'_> {
             default_warmup: true,
             stop_after: None,
             home: config.home.clone(),
+            init,
         };
         let engine = shared.engine.clone();
         let pace = JobPace {

@@ -250,6 +250,15 @@ async fn a_job_trains_an_adapter_that_serves_at_once() {
             "ka",
             json!({"model": "other.gguf", "training_file": {"id_of": 0}}),
         ), // 15
+        // One more epoch, from the first job's adapter.
+        call(
+            "job_create",
+            "ka",
+            json!({"model": {"model_of": 3}, "training_file": {"id_of": 0},
+                   "hyperparameters": {"n_epochs": 1}}),
+        ), // 16
+        job_call("job_wait", "ka", 16, json!({"timeout": 300})), // 17
+        job_call("job_events", "ka", 16, json!({"limit": 50})),  // 18
     ];
     let results = openai_calls(&url, None, calls);
     let job = &results[3]["job"];
@@ -306,6 +315,17 @@ async fn a_job_trains_an_adapter_that_serves_at_once() {
         .unwrap()
         .contains("not found"));
     assert_eq!(results[15]["status"], 400, "{}", results[15]);
+    // Trained on from the first job's adapter: its first step starts
+    // where the first job ended, far below where the first job began.
+    let further = &results[17]["job"];
+    assert_eq!(further["status"], "succeeded", "{}", results[17]);
+    assert_eq!(further["model"], job["fine_tuned_model"]);
+    assert_ne!(further["fine_tuned_model"], job["fine_tuned_model"]);
+    let again = losses(&json!(results[18]["events"]));
+    assert!(
+        again[0].1 < 0.5 * steps[0].1,
+        "from {again:?}, first job {steps:?}"
+    );
 
     // The base answers in sentences; the job's adapter with the label.
     let mut chats = answers("ka", &base);
