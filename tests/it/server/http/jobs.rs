@@ -9,6 +9,10 @@
 //! `svfit serve` killed with -9 mid-job resumes the job from its last
 //! checkpoint, after restart, to an adapter equal bit for bit to an
 //! uninterrupted job's with the same seed.
+//!
+//! Both hold the machine alone: a job trains at full speed while its own
+//! server is idle, and ggml's spinning threads beside another test's
+//! engine would slow both to a crawl.
 
 use super::*;
 
@@ -173,7 +177,7 @@ fn job_call(endpoint: &str, key: &str, of: usize, extra: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_trains_an_adapter_that_serves_at_once() {
-    let _machine = crate::common::shared();
+    let _machine = crate::common::alone();
     let dir = temp_dir("http-jobs");
     let mut config = keyed_config(dir.path());
     config.jobs.per_tenant = 2;
@@ -436,7 +440,7 @@ fn sigma_bits(adapters: &Path, model: &Value) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_killed_with_9_resumes_to_the_same_adapter() {
-    let _machine = crate::common::shared();
+    let _machine = crate::common::alone();
     let dir = temp_dir("http-jobs-kill");
     let adapters = dir.path().join("adapters");
     let http = std::net::TcpListener::bind("127.0.0.1:0")
