@@ -47,7 +47,7 @@ async fn two_replicas_run_a_job_once_and_both_serve_it() {
         &url(&replicas[0]),
         None,
         vec![
-            call("job_wait", "none", json!({"id": job, "timeout": 300})),
+            call("job_wait", "none", json!({"id": job, "timeout": 600})),
             call("job_events", "none", json!({"id": job, "limit": 100})),
         ],
     );
