@@ -179,8 +179,9 @@ impl Files {
     }
 }
 
-/// Writes a new file `id` (a fresh id: one already there is a conflict).
-async fn put(
+/// Writes a new file `id` (a fresh id: one already there is a conflict);
+/// the jobs' objects are written the same way.
+pub(super) async fn put(
     backend: &dyn Backend,
     tenant: &str,
     id: &str,

@@ -217,15 +217,7 @@ impl Jobs {
             .await
             .map_err(status)?;
         let text = object.to_string().into_bytes();
-        let mut bytes = Some(text);
-        let mut next = |current: Option<&[u8]>| match current {
-            None => Ok(bytes.take().unwrap_or_default()),
-            Some(_) => Err(StoreError::Conflict(id.clone())),
-        };
-        self.objects
-            .update(tenant, &id, &mut next)
-            .await
-            .map_err(status)?;
+        super::files::put(self.objects.as_ref(), tenant, &id, text).await?;
         self.wake();
         Ok(object)
     }

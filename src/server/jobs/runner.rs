@@ -229,16 +229,16 @@ async fn dataset(
 /// `queued`, or `failed` with the file and line at fault.
 async fn validate(shared: &Shared, tenant: &str, job: &Value) -> Result<(), Status> {
     let id = job["id"].as_str().unwrap_or("");
-    let mut checked = hyper_of(job).map(|_| ());
+    let hyper = hyper_of(job);
+    let mut checked = hyper.as_ref().map(|_| ()).map_err(String::clone);
     for (param, file) in [
         ("training_file", &job["training_file"]),
         ("validation_file", &job["validation_file"]),
     ] {
-        let (Ok(()), Some(file)) = (&checked, file.as_str()) else {
+        let (Ok(hyper), Ok(()), Some(file)) = (&hyper, &checked, file.as_str()) else {
             continue;
         };
-        let hyper = hyper_of(job).map_err(Status::internal)?;
-        if let Err(e) = dataset(shared, tenant, file, &hyper).await {
+        if let Err(e) = dataset(shared, tenant, file, hyper).await {
             checked = Err(format!("invalid {param}: {e}"));
         }
     }
