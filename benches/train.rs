@@ -16,7 +16,9 @@
 //! lora.py` on the same GGUF, dequantized to fp32 by transformers) on
 //! DIR/train.jsonl, for `--steps N` steps of `--batch B` examples on the
 //! same schedule (cosine, a tenth warm-up) and threads, then scores both on
-//! DIR/eval.jsonl (greedy answers, the first label named). It reports
+//! DIR/eval.jsonl, or DIR/NAME.jsonl with `--split NAME` (greedy answers,
+//! as `svfit eval` scores them: the first label named when the completions
+//! are class labels, else the exact answer). It reports
 //! seconds per step (the first, a warm-up, left out), trained tokens per
 //! second, trainable values and accuracy, in one run. `scripts/peft-env`
 //! makes the Python environment (`--python` to use another). Each
@@ -70,6 +72,10 @@ struct TrainOptions {
     /// Examples per step in the comparison
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Score the comparison on DIR/NAME.jsonl (e.g. dev, to choose settings
+    /// without looking at eval)
+    #[arg(long, value_name = "NAME", default_value = "eval")]
+    split: String,
     /// The Python with torch, transformers, peft and gguf [default: the
     /// environment scripts/peft-env makes]
     #[arg(long)]
@@ -88,7 +94,13 @@ fn main() {
             .python
             .clone()
             .unwrap_or_else(|| svfit::home::home_dir().join("peft-venv/bin/python"));
-        return compare_with_peft(&opts, dir, o.steps, o.batch, &python, &o.variant);
+        let run = Comparison {
+            dir,
+            held_out: dir.join(format!("{}.jsonl", o.split)),
+            steps: o.steps,
+            batch: o.batch,
+        };
+        return compare_with_peft(&opts, &run, &python, &o.variant);
     }
     let tokenizer = Tokenizer::load(&opts.model).unwrap_or_else(fail);
     let text = include_str!("../README.md").repeat(2);
@@ -171,6 +183,14 @@ fn main() {
     }
 }
 
+/// What the PEFT comparison trains on and scores on.
+struct Comparison<'a> {
+    dir: &'a Path,
+    held_out: PathBuf,
+    steps: usize,
+    batch: usize,
+}
+
 /// One side of the PEFT comparison.
 struct Side {
     engine: String,
@@ -179,6 +199,8 @@ struct Side {
     tokens_per_step: f64,
     tokens_per_s: f64,
     accuracy: f64,
+    /// How answers were scored: "label" or "exact".
+    scored: String,
 }
 
 /// Runs a command; its stdout, or an exit with its stderr.
@@ -194,13 +216,7 @@ fn output(cmd: &mut Command) -> String {
 }
 
 /// `svfit train` then `svfit eval`, as a user runs them.
-fn svfit_side(
-    opts: &common::Options,
-    dir: &Path,
-    steps: usize,
-    batch: usize,
-    variant: &str,
-) -> Side {
+fn svfit_side(opts: &common::Options, run: &Comparison, variant: &str) -> Side {
     let work = std::env::temp_dir().join(format!("svfit-bench-peft-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap_or_else(fail);
     let adapter = work.join("a.safetensors");
@@ -216,12 +232,12 @@ fn svfit_side(
         ]);
         cmd
     };
-    let (steps, batch) = (steps.to_string(), batch.to_string());
+    let (steps, batch) = (run.steps.to_string(), run.batch.to_string());
     output(
         svfit("train")
             .args(["--epochs", "1", "--max-steps", &steps, "--batch", &batch])
             .arg("--data")
-            .arg(dir.join("train.jsonl"))
+            .arg(run.dir.join("train.jsonl"))
             .arg("--out")
             .arg(&adapter)
             .args(variant.split_whitespace()),
@@ -242,16 +258,21 @@ fn svfit_side(
     let eval = output(
         svfit("eval")
             .arg("--data")
-            .arg(dir.join("eval.jsonl"))
+            .arg(&run.held_out)
             .arg("--adapter")
             .arg(&adapter),
     );
-    let accuracy = eval
-        .lines()
-        .find(|l| l.starts_with("label accuracy"))
-        .and_then(|l| l.split(['(', '%']).nth(1))
-        .and_then(|pct| pct.parse::<f64>().ok())
-        .unwrap_or_else(|| common::exit(&format!("no label accuracy in: {eval}")));
+    // `label accuracy  N (P%)` for class labels, else `exact answers  N (P%)`.
+    let percent = |line: &str| {
+        eval.lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.split(['(', '%']).nth(1))
+            .and_then(|pct| pct.parse::<f64>().ok())
+    };
+    let (scored, accuracy) = percent("label accuracy")
+        .map(|p| ("label", p))
+        .or_else(|| percent("exact answers").map(|p| ("exact", p)))
+        .unwrap_or_else(|| common::exit(&format!("no accuracy in: {eval}")));
     let adapter_values = svfit::adapter::Adapter::read(&adapter)
         .unwrap_or_else(fail)
         .sigma
@@ -266,20 +287,14 @@ fn svfit_side(
         tokens_per_step: tokens / timed.len().max(1) as f64,
         tokens_per_s: tokens / seconds,
         accuracy: accuracy / 100.0,
+        scored: scored.into(),
     }
 }
 
-fn compare_with_peft(
-    opts: &common::Options,
-    dir: &Path,
-    steps: usize,
-    batch: usize,
-    python: &Path,
-    variants: &[String],
-) {
+fn compare_with_peft(opts: &common::Options, run: &Comparison, python: &Path, variants: &[String]) {
     let ours: Vec<Side> = std::iter::once("")
         .chain(variants.iter().map(String::as_str))
-        .map(|variant| svfit_side(opts, dir, steps, batch, variant))
+        .map(|variant| svfit_side(opts, run, variant))
         .collect();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peft/lora.py");
     let arg = |p: &Path| p.to_string_lossy().into_owned();
@@ -288,13 +303,13 @@ fn compare_with_peft(
         "--model",
         &arg(&opts.model),
         "--data",
-        &arg(&dir.join("train.jsonl")),
+        &arg(&run.dir.join("train.jsonl")),
         "--eval",
-        &arg(&dir.join("eval.jsonl")),
+        &arg(&run.held_out),
         "--steps",
-        &steps.to_string(),
+        &run.steps.to_string(),
         "--batch",
-        &batch.to_string(),
+        &run.batch.to_string(),
         "--threads",
         &opts.threads.to_string(),
     ]));
@@ -311,13 +326,17 @@ fn compare_with_peft(
         tokens_per_step: number("tokens_per_step"),
         tokens_per_s: number("tokens_per_s"),
         accuracy: number("accuracy"),
+        scored: v["scored"].as_str().unwrap_or("?").into(),
     };
     println!(
-        "svfit train vs PyTorch {} + PEFT, {}, {} threads, {steps} steps of {batch} examples, {}",
+        "svfit train vs PyTorch {} + PEFT, {}, {} threads, {} steps of {} examples, {} scored on {}",
         v["torch"].as_str().unwrap_or("?"),
         opts.model_name(),
         opts.threads,
-        dir.display()
+        run.steps,
+        run.batch,
+        run.dir.display(),
+        run.held_out.display()
     );
     let width = ours
         .iter()
@@ -326,18 +345,19 @@ fn compare_with_peft(
         .unwrap_or(0)
         .max(14);
     println!(
-        "{:<width$} {:>16} {:>8} {:>12} {:>10} {:>9}",
+        "{:<width$} {:>16} {:>8} {:>12} {:>10} {:>9}  scored",
         "engine", "trainable values", "s/step", "tokens/step", "tokens/s", "accuracy"
     );
     for s in ours.iter().chain([&peft]) {
         println!(
-            "{:<width$} {:>16} {:>8.2} {:>12.0} {:>10.0} {:>8.1}%",
+            "{:<width$} {:>16} {:>8.2} {:>12.0} {:>10.0} {:>8.1}%  {}",
             s.engine,
             s.trainable,
             s.s_per_step,
             s.tokens_per_step,
             s.tokens_per_s,
-            100.0 * s.accuracy
+            100.0 * s.accuracy,
+            s.scored
         );
     }
     for s in &ours {

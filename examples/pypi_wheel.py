@@ -108,17 +108,19 @@ def add_seed_arg(p):
 
 
 def write_task(out, splits, instruction, labels):
-    """DIR/train.jsonl and DIR/eval.jsonl ({"prompt": instruction + text,
-    "completion": label} a line, from splits["train"|"eval"] = [(text,
-    label)]) and DIR/labels.txt; returns the three paths by name."""
+    """DIR/NAME.jsonl for each split ({"prompt": instruction + text,
+    "completion": label} a line, from splits[NAME] = [(text, label)]: train,
+    eval and perhaps dev) and, given labels, DIR/labels.txt; returns the
+    paths by name."""
     os.makedirs(out, exist_ok=True)
     paths = {}
-    for name in ("train", "eval"):
+    for name in splits:
         lines = [json.dumps({"prompt": instruction + text, "completion": label},
                             ensure_ascii=False) + "\n"
                  for text, label in splits[name]]
         paths[name] = os.path.join(out, f"{name}.jsonl")
         write_atomic(paths[name], "".join(lines))
-    paths["labels"] = os.path.join(out, "labels.txt")
-    write_atomic(paths["labels"], "".join(label + "\n" for label in labels))
+    if labels:
+        paths["labels"] = os.path.join(out, "labels.txt")
+        write_atomic(paths["labels"], "".join(label + "\n" for label in labels))
     return paths

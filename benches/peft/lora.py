@@ -4,8 +4,9 @@ PEFT LoRA fine-tune on the same GGUF (loaded and dequantized to fp32 by
 transformers), the same prompt/completion JSONL, batch and schedule as
 `svfit train`, on the CPU. Prints one JSON object: seconds per step (the
 first step, a warm-up, left out), trained tokens per second, the trainable
-values, and the held-out accuracy (greedy answers; a hit when the first
-label the answer names is the completion, as `svfit eval` scores labels).
+values, and the held-out accuracy (greedy answers, scored as `svfit eval`
+scores them: the first label named for class labels, else the exact
+answer).
 
 Each example is the prompt as a user turn of the model's chat template and
 the completion as the assistant's answer, loss on the answer and its end of
@@ -22,6 +23,23 @@ import os
 import time
 
 
+def normalize(s):
+    """An answer or completion as compared: `svfit eval`'s normalize."""
+    return s.strip().rstrip(".!").strip().lower()
+
+
+def first_word(text, word):
+    """Offset of the first whole-word occurrence of `word` in `text`."""
+    at = text.find(word)
+    while at >= 0:
+        before = text[at - 1] if at else ""
+        after = text[at + len(word)] if at + len(word) < len(text) else ""
+        if not before.isalnum() and not after.isalnum():
+            return at
+        at = text.find(word, at + 1)
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -35,6 +53,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--eval-limit", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=16)
     a = ap.parse_args()
 
     import torch
@@ -103,20 +122,30 @@ def main():
         times.append(time.perf_counter() - start)
         tokens.append(sum(len(t) for t, _ in batch))
 
-    labels = sorted({r["completion"].strip() for r in records})
     held = [json.loads(line) for line in open(a.eval) if line.strip()]
     if a.eval_limit:
         held = held[:a.eval_limit]
+    # As `svfit eval` scores (src/train/eval.rs): answers normalised; the
+    # first label named when the held-out completions are a few class
+    # labels, else the exact answer.
+    labels = sorted({normalize(r["completion"]) for r in held})
+    classes = len(labels) <= 32 and 2 * len(labels) <= len(held)
     model.eval()
     hits = 0
     with torch.no_grad():
         for r in held:
             x = torch.tensor([list(ids(render(r["prompt"])))[-a.ctx:]])
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
-                                 max_new_tokens=8, do_sample=False, pad_token_id=pad)
-            answer = tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).lower()
-            named = sorted((answer.find(l.lower()), l) for l in labels if l.lower() in answer)
-            hits += bool(named) and named[0][1] == r["completion"].strip()
+                                 max_new_tokens=a.max_tokens, do_sample=False,
+                                 pad_token_id=pad)
+            answer = normalize(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True))
+            want = normalize(r["completion"])
+            if classes:
+                named = sorted((first_word(answer, l), l) for l in labels
+                               if first_word(answer, l) is not None)
+                hits += bool(named) and named[0][1] == want
+            else:
+                hits += answer == want
     timed = times[1:] or times
     print(json.dumps({
         "engine": "peft-lora",
@@ -130,6 +159,7 @@ def main():
         "final_loss": float(loss.detach()),
         "eval_examples": len(held),
         "accuracy": hits / max(1, len(held)),
+        "scored": "label" if classes else "exact",
         "torch": torch.__version__,
         "threads": a.threads,
     }))

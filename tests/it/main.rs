@@ -20,6 +20,7 @@ mod cli;
 mod cpu;
 mod demo;
 mod engine;
+mod examples;
 mod factorize;
 mod fuzz;
 mod lora;
