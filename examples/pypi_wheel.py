@@ -102,6 +102,18 @@ def add_common_args(p):
                         "SVFIT_HOME defaults to ~/.cache/svfit as in svfit]")
 
 
+def add_split_args(p, noun):
+    """--out, --train, --dev, --eval and --seed, for a task written here
+    (no wheel) with a dev split; `noun` names what a split counts."""
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (created if missing)")
+    for split, n, what in (("train", 600, "training"), ("dev", 200, "development"),
+                           ("eval", 200, "held-out")):
+        p.add_argument(f"--{split}", type=count, default=n, metavar="N",
+                       help=f"{what} {noun} [default: {n}]")
+    add_seed_arg(p)
+
+
 def add_seed_arg(p):
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="random seed of the split [default: 0]")

@@ -112,15 +112,7 @@ def parse_args():
             '  P = "Write this date in ISO 8601 form, YYYY-MM-DD. Answer with the\n'
             '       date only.\\n\\nDate: " + DATE\n'
             "The same arguments give byte-identical files."))
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory (created if missing)")
-    p.add_argument("--train", type=pypi_wheel.count, default=600, metavar="N",
-                   help="training examples [default: 600]")
-    p.add_argument("--dev", type=pypi_wheel.count, default=200, metavar="N",
-                   help="development examples [default: 200]")
-    p.add_argument("--eval", type=pypi_wheel.count, default=200, metavar="N",
-                   help="held-out examples [default: 200]")
-    pypi_wheel.add_seed_arg(p)
+    pypi_wheel.add_split_args(p, "examples")
     return p.parse_args()
 
 

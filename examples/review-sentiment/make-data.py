@@ -129,15 +129,7 @@ def parse_args():
             '  P = "Is this film review sentence positive or negative? Answer with\n'
             '       one word: positive or negative.\\n\\nSentence: " + SENTENCE\n'
             "The same arguments give byte-identical files."))
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory (created if missing)")
-    p.add_argument("--train", type=pypi_wheel.count, default=600, metavar="N",
-                   help="training sentences, N/2 per label [default: 600]")
-    p.add_argument("--dev", type=pypi_wheel.count, default=200, metavar="N",
-                   help="development sentences [default: 200]")
-    p.add_argument("--eval", type=pypi_wheel.count, default=200, metavar="N",
-                   help="held-out sentences [default: 200]")
-    pypi_wheel.add_seed_arg(p)
+    pypi_wheel.add_split_args(p, "sentences, half per label")
     return p.parse_args()
 
 
