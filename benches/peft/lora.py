@@ -141,8 +141,8 @@ def main():
             answer = normalize(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True))
             want = normalize(r["completion"])
             if classes:
-                named = sorted((first_word(answer, l), l) for l in labels
-                               if first_word(answer, l) is not None)
+                named = sorted((at, l) for l in labels
+                               if (at := first_word(answer, l)) is not None)
                 hits += bool(named) and named[0][1] == want
             else:
                 hits += answer == want

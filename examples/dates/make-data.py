@@ -85,9 +85,11 @@ FIRST = datetime.date(1900, 1, 1)
 DAYS = (datetime.date(2099, 12, 31) - FIRST).days + 1
 
 
-def examples(rng, forms, n, held_out):
-    """n (text, iso) pairs; with held_out, half of them in those forms."""
-    out, seen = [], set()
+def examples(rng, forms, n, held_out, seen):
+    """n (text, iso) pairs, none of them a text in `seen` (the splits made
+    before: no held-out date repeats a training one), which gets them; with
+    held_out, half of them in those forms."""
+    out = []
     while len(out) < n:
         d = FIRST + datetime.timedelta(days=rng.randrange(DAYS))
         pool = held_out if held_out and len(out) % 2 == 0 else forms
@@ -119,10 +121,11 @@ def parse_args():
 def main():
     args = parse_args()
     rng = random.Random(args.seed)
+    seen = set()
     splits = {
-        "train": examples(rng, TRAIN_FORMS, args.train, None),
-        "dev": examples(rng, TRAIN_FORMS, args.dev, HELD_OUT["dev"]),
-        "eval": examples(rng, TRAIN_FORMS, args.eval, HELD_OUT["eval"]),
+        "train": examples(rng, TRAIN_FORMS, args.train, None, seen),
+        "dev": examples(rng, TRAIN_FORMS, args.dev, HELD_OUT["dev"], seen),
+        "eval": examples(rng, TRAIN_FORMS, args.eval, HELD_OUT["eval"], seen),
     }
     paths = pypi_wheel.write_task(args.out, splits, INSTRUCTION, None)
     for name, rows in splits.items():

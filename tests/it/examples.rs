@@ -69,6 +69,7 @@ fn review_sentiment_is_balanced_and_holds_out_words_and_phrasings() {
             .collect()
     };
     let train_words = words("train");
+    let train_sentences: BTreeSet<_> = splits["train"].iter().map(|(p, _)| item(p)).collect();
     for (split, n) in [("train", 600), ("dev", 200), ("eval", 200)] {
         let rows = &splits[split];
         assert_eq!(rows.len(), n, "{split}");
@@ -79,8 +80,7 @@ fn review_sentiment_is_balanced_and_holds_out_words_and_phrasings() {
             // Adjectives and some phrasings of the held-out splits are new.
             let new: Vec<_> = words(split).difference(&train_words).cloned().collect();
             assert!(new.len() >= 20, "{split}: only {new:?} unseen");
-            let sentences: BTreeSet<_> = splits["train"].iter().map(|(p, _)| item(p)).collect();
-            assert!(rows.iter().all(|(p, _)| !sentences.contains(item(p))));
+            assert!(rows.iter().all(|(p, _)| !train_sentences.contains(item(p))));
         }
     }
     // The label is the sentence's, not a word's: a negation turns it.
@@ -135,6 +135,18 @@ fn dates_are_right_and_eval_has_forms_training_never_has() {
                 "{split}: {date} -> {iso}"
             );
         }
+    }
+    let train_dates: BTreeSet<_> = splits["train"].iter().map(|(p, _)| item(p)).collect();
+    for split in ["dev", "eval"] {
+        let repeated: Vec<_> = splits[split]
+            .iter()
+            .map(|(p, _)| item(p))
+            .filter(|d| train_dates.contains(d))
+            .collect();
+        assert!(
+            repeated.is_empty(),
+            "{split} repeats training dates: {repeated:?}"
+        );
     }
     let spelled = |split: &str| {
         splits[split]
