@@ -465,9 +465,10 @@ fn initial_shift(
             )));
         }
         shift.extend(s.iter().enumerate().map(|(i, s)| {
-            let d = delta.get(i).copied().unwrap_or(0.0);
-            if *s != 0.0 && (d / s).is_finite() {
-                d / s
+            // A zero S (0/0 or d/0) starts at S.
+            let p = delta.get(i).copied().unwrap_or(0.0) / s;
+            if p.is_finite() {
+                p
             } else {
                 0.0
             }
