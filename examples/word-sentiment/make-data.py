@@ -12,9 +12,12 @@ the ten ratings.
 
 A word (lowercase letters only) whose mean rating is at least --margin is
 "positive", at most -margin "negative"; the rest are left out. Outputs, in
---out DIR: train.jsonl and eval.jsonl ({"prompt": ..., "completion": LABEL}
-a line, balanced over the two labels) and labels.txt. Standard library only;
-the same arguments always give the same bytes.
+--out DIR: train.jsonl, dev.jsonl and eval.jsonl ({"prompt": ...,
+"completion": LABEL} a line, balanced over the two labels) and labels.txt.
+Choose settings on dev; report eval. Dev is drawn from the words left after
+eval and train, so train.jsonl and eval.jsonl are the same bytes as before
+dev existed. Standard library only; the same arguments always give the same
+bytes.
 """
 
 import argparse
@@ -72,16 +75,18 @@ def parse_args():
         prog="make-data.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Build train/eval JSONL files for two-class word sentiment.\n\n"
+            "Build train/dev/eval JSONL files for two-class word sentiment.\n\n"
             "Source: the VADER sentiment lexicon (7,520 rated tokens) inside the\n"
             f"PyPI wheel {PACKAGE}=={VERSION} (MIT License). The wheel is downloaded\n"
             "once with 'python3 -m pip download --no-deps' into the cache, its\n"
             f"sha256 is checked ({WHEEL_SHA256[:16]}...), and the lexicon is read\n"
             "straight out of it (nothing is installed)."),
         epilog=(
-            "Each label gets half of --eval and of --train words, drawn without\n"
-            "overlap with random.Random(--seed); the same arguments give\n"
-            "byte-identical files. Each line of DIR/train.jsonl and DIR/eval.jsonl:\n"
+            "Each label gets half of --eval, --train and --dev words, drawn without\n"
+            "overlap with random.Random(--seed) (dev from the words eval and train\n"
+            "leave; a word the lexicon lists twice counts once); the same\n"
+            "arguments give byte-identical files. Choose settings on dev;\n"
+            "report eval. Each line of DIR/{train,dev,eval}.jsonl:\n"
             '  {"prompt": P, "completion": LABEL}\n'
             "LABEL: positive | negative, and\n"
             '  P = "Is the sentiment of this English word positive or negative?\n'
@@ -89,6 +94,8 @@ def parse_args():
     pypi_wheel.add_common_args(p)
     p.add_argument("--train", type=pypi_wheel.count, default=600, metavar="N",
                    help="training examples, N/2 per label [default: 600]")
+    p.add_argument("--dev", type=pypi_wheel.count, default=200, metavar="N",
+                   help="development examples, N/2 per label [default: 200]")
     p.add_argument("--eval", type=pypi_wheel.count, default=200, metavar="N",
                    help="evaluation examples, N/2 per label [default: 200]")
     p.add_argument("--margin", type=float, default=1.0, metavar="M",
@@ -105,26 +112,36 @@ def main():
     words = read_words(wheel, args.margin)
 
     rng = random.Random(args.seed)
-    splits = {"train": [], "eval": []}
+    splits = {"train": [], "dev": [], "eval": []}
     for label in LABELS:
         pool = words[label]
         rng.shuffle(pool)
-        e, t = args.eval // 2, args.train // 2
-        if e + t > len(pool):
-            pypi_wheel.fail(PROG, f"--train {args.train} and --eval {args.eval} need "
-                                  f"{e + t} '{label}' words, only {len(pool)} have a "
-                                  f"mean rating {args.margin} from neutral")
+        # The lexicon lists a few words twice (fav, lol, ok, ...): keep the
+        # first of each in the shuffled pool, so no word is in two splits.
+        # Done after the shuffle, it moves nothing before a second copy.
+        pool = list(dict.fromkeys(pool))
+        e, t, d = args.eval // 2, args.train // 2, args.dev // 2
+        if e + t + d > len(pool):
+            pypi_wheel.fail(PROG, f"--train {args.train}, --dev {args.dev} and --eval "
+                                  f"{args.eval} need {e + t + d} '{label}' words, only "
+                                  f"{len(pool)} have a mean rating {args.margin} from "
+                                  f"neutral")
         splits["eval"] += [(w, label) for w in pool[:e]]
         splits["train"] += [(w, label) for w in pool[e:e + t]]
-    for name in ("train", "eval"):
+        # Dev comes from what eval and train leave, and is shuffled after
+        # them, so train.jsonl and eval.jsonl are the bytes they were before
+        # there was a dev split.
+        splits["dev"] += [(w, label) for w in pool[e + t:e + t + d]]
+    for name in ("train", "eval", "dev"):
         rng.shuffle(splits[name])
 
     paths = pypi_wheel.write_task(args.out, splits, INSTRUCTION, LABELS)
 
     print(f"source: {wheel} (sha256 ok); words rated at least {args.margin} from "
           f"neutral: {len(words['positive'])} positive, {len(words['negative'])} negative")
-    print(f"train {len(splits['train'])}, eval {len(splits['eval'])}, balanced")
-    for name in ("train", "eval", "labels"):
+    print(f"train {len(splits['train'])}, dev {len(splits['dev'])}, "
+          f"eval {len(splits['eval'])}, balanced")
+    for name in ("train", "dev", "eval", "labels"):
         print(f"wrote {paths[name]}")
 
 

@@ -43,8 +43,8 @@ pub(super) struct TrainArgs {
     /// The cosine decay ends at lr x this
     #[arg(long, default_value_t = 0.1)]
     min_lr_ratio: f32,
-    /// AdamW weight decay (pulls sigma back toward S)
-    #[arg(long, default_value_t = 0.0)]
+    /// AdamW weight decay: pulls sigma back toward S (0 = off)
+    #[arg(long, default_value_t = svfit::train::DEFAULT_WEIGHT_DECAY)]
     weight_decay: f32,
     /// Clip the gradient to this L2 norm (0 = off)
     #[arg(long, default_value_t = 1.0)]

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use tonic::Status;
 
 use crate::server::openai::invalid;
-use crate::train::Hyper;
+use crate::train::{Hyper, DEFAULT_WEIGHT_DECAY};
 
 /// `svfit train`'s peak learning rate, which `learning_rate_multiplier`
 /// scales.
@@ -127,7 +127,7 @@ pub fn parse(body: &Value, seed: u64) -> Result<JobRequest, Status> {
         lr: BASE_LR * lr_multiplier as f32,
         warmup: 0,
         min_lr_ratio: 0.1,
-        weight_decay: 0.0,
+        weight_decay: DEFAULT_WEIGHT_DECAY,
         clip: 1.0,
         batch: batch as usize,
         epochs: epochs as usize,
