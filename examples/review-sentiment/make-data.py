@@ -106,9 +106,8 @@ def sentences(rng, templates, words, n):
     out, seen, misses = [], set(), 0
     while any(want.values()):
         if misses > MAX_MISSES:
-            pypi_wheel.fail("make-data", f"no new {min(l for l in want if want[l])} "
-                                         f"sentence in {MAX_MISSES} draws: ask for fewer "
-                                         f"than {n} (these templates and words run out)")
+            pypi_wheel.fail("make-data", f"no new sentence in {MAX_MISSES} draws: ask for "
+                                         f"fewer than {n} (these templates and words run out)")
         template, rule = rng.choice(templates)
         a = rng.choice(words[rng.choice(LABELS)])
         b = rng.choice(words[rng.choice(LABELS)])
