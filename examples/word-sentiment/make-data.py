@@ -138,7 +138,8 @@ def main():
     paths = pypi_wheel.write_task(args.out, splits, INSTRUCTION, LABELS)
 
     print(f"source: {wheel} (sha256 ok); words rated at least {args.margin} from "
-          f"neutral: {len(words['positive'])} positive, {len(words['negative'])} negative")
+          f"neutral: {len(set(words['positive']))} positive, "
+          f"{len(set(words['negative']))} negative (distinct words)")
     print(f"train {len(splits['train'])}, dev {len(splits['dev'])}, "
           f"eval {len(splits['eval'])}, balanced")
     for name in ("train", "dev", "eval", "labels"):
