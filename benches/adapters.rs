@@ -2,12 +2,13 @@
 //! the batched SVFit branch as a ratio to the base model, in one process,
 //! the modes alternating:
 //!
-//! - 1 sequence: base (slot 0, the branch skipped) and one `q,v` adapter;
+//! - 1 sequence: base (slot 0, the branch skipped) and one adapter;
 //! - 8 sequences decoded together: all base, all on one adapter, and each on
-//!   its own adapter (8 distinct slots in one batch).
+//!   its own adapter (8 distinct slots in one batch);
 //!
-//! Also prints the factor memory for `q,v` and `all-linear` (computing and
-//! caching the factors in $SVFIT_HOME when missing).
+//! once with `q,v` factors and once with `v,down` (the default targets).
+//! Also prints the factor memory for `q,v`, `v,down` and `all-linear`
+//! (computing and caching the factors in $SVFIT_HOME when missing).
 //!
 //! `cargo bench --bench adapters -- [--threads N] [--model PATH] [--reps N] [--weights LAYOUT]`
 
@@ -25,6 +26,9 @@ use svfit::sampling::argmax;
 const GEN: usize = 64;
 const GEN_PROMPT: usize = 16;
 const N_ADAPTERS: usize = 8;
+/// The factor sets whose decode throughput is measured: the serving default
+/// of before (`q,v`) and of now (`v,down`).
+const THROUGHPUT_TARGETS: [&str; 2] = ["q,v", "v,down"];
 
 /// Generated tokens per second, sequence `s` on `slots[s]` (greedy; the
 /// prompts are prefilled before the clock starts).
@@ -68,7 +72,7 @@ fn main() {
 
     // Factor memory per target set: the file (f16) and on the backend (q8_0).
     let mut memory = Vec::new();
-    for targets in ["q,v", "all-linear"] {
+    for targets in ["q,v", "v,down", "all-linear"] {
         let key = key(&opts.model, targets);
         let path = factors::ensure(&opts.model, &key, &home).unwrap_or_else(fail);
         let factors = factors::read_factors(&path, &key).unwrap_or_else(fail);
@@ -82,12 +86,36 @@ fn main() {
         memory.push((targets, factors.len(), values, file, device));
     }
 
-    // Throughput with q,v adapters in slots 1..=8.
-    let key = key(&opts.model, "q,v");
-    let path = key.path(&home);
+    for targets in THROUGHPUT_TARGETS {
+        throughput(&opts, &load, &tokens, &home, targets);
+    }
+    println!(
+        "\n{:<12} {:>9} {:>14} {:>14} {:>16}",
+        "targets", "matrices", "factor values", "file (f16) MB", "in memory MB"
+    );
+    for (targets, n, values, file, device) in memory {
+        println!(
+            "{targets:<12} {n:>9} {values:>14} {:>14.1} {:>16.1}",
+            file as f64 / 1e6,
+            device as f64 / 1e6
+        );
+    }
+}
+
+/// Decode throughput of the modes with `targets` adapters in slots 1..=8,
+/// and the ratios between them.
+fn throughput(
+    opts: &common::Options,
+    load: &LoadOptions,
+    tokens: &[u32],
+    home: &std::path::Path,
+    targets: &str,
+) {
+    let key = key(&opts.model, targets);
+    let path = key.path(home);
     let factors = factors::read_factors(&path, &key).unwrap_or_else(fail);
     let singular = factors::read_singular_values(&path, &key).unwrap_or_else(fail);
-    let mut model = Model::load(&opts.model, &load).unwrap_or_else(fail);
+    let mut model = Model::load(&opts.model, load).unwrap_or_else(fail);
     model
         .attach_factors(&factors, N_ADAPTERS + 1, Type::Q8_0)
         .unwrap_or_else(fail);
@@ -110,7 +138,7 @@ fn main() {
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for _ in 0..opts.reps {
         for (r, (_, slots)) in runs.iter_mut().zip(&modes) {
-            r.push(generation_speed(&mut model, &tokens, slots));
+            r.push(generation_speed(&mut model, tokens, slots));
         }
     }
     let best: Vec<f64> = runs
@@ -128,7 +156,7 @@ fn main() {
     };
 
     println!(
-        "model {}, {} threads, q,v factors as q8_0, generate {GEN} tokens, {} runs",
+        "\nmodel {}, {} threads, {targets} factors as q8_0, generate {GEN} tokens, {} runs",
         opts.model_name(),
         opts.threads,
         opts.reps
@@ -145,16 +173,5 @@ fn main() {
     ] {
         let (median, min, max) = median_ratio(a, b);
         println!("{name:<32} {median:.3} [{min:.3}, {max:.3}]");
-    }
-    println!(
-        "\n{:<12} {:>9} {:>14} {:>14} {:>16}",
-        "targets", "matrices", "factor values", "file (f16) MB", "in memory MB"
-    );
-    for (targets, n, values, file, device) in memory {
-        println!(
-            "{targets:<12} {n:>9} {values:>14} {:>14.1} {:>16.1}",
-            file as f64 / 1e6,
-            device as f64 / 1e6
-        );
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! `cargo bench --bench train -- [--threads N] [--model PATH] [--reps N]`
 //!
-//! With `--peft DIR` it instead compares `svfit train` (its defaults, q,v)
+//! With `--peft DIR` it instead compares `svfit train` (its defaults: v,down)
 //! with PyTorch + PEFT LoRA (rank 8 on q and v, lr 1e-3; `benches/peft/
 //! lora.py` on the same GGUF, dequantized to fp32 by transformers) on
 //! DIR/train.jsonl, for `--steps N` steps of `--batch B` examples on the

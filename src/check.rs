@@ -267,8 +267,9 @@ fn judged(a: &Agreement) -> String {
     )
 }
 
-/// The factors every step uses: q,v at the serving default (f16 file,
-/// energy 0.99), as `svfit train` and `svfit serve` use them.
+/// The factors every step uses: q,v (f16 file, energy 0.99), the serving
+/// default until `v,down` (`factors::DEFAULT_TARGETS`); the check's speed
+/// targets were set on q,v, and its load bench serves q,v.
 struct Factors {
     key: FactorsKey,
     factors: Vec<(TargetMatrix, Factor)>,

@@ -121,11 +121,11 @@ impl ModelFile {
 struct FactorChoice {
     /// Target matrices of the factors (an adapter is made for one set):
     /// all-linear, or a comma list of q, k, v, o, gate, up, down
-    #[arg(long, default_value = "q,v")]
+    #[arg(long, default_value = svfit::factors::DEFAULT_TARGETS)]
     targets: String,
     /// Singular values kept per matrix: energy:T (smallest r whose squared
     /// singular values reach fraction T of the total), rank:N, or full
-    #[arg(long, default_value = "energy:0.99")]
+    #[arg(long, default_value = svfit::factors::DEFAULT_RANK)]
     rank: String,
 }
 

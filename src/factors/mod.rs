@@ -30,6 +30,16 @@ pub const KINDS: [(&str, &str); 7] = [
     ("down", "ffn_down"),
 ];
 
+/// The targets `svfit train` and `svfit serve` use unless told: the value
+/// projection and the MLP's down projection. Chosen on the dev splits of four
+/// tasks, where `v,down` learned more than `q,v` on each (PERFORMANCE.md,
+/// "v,down by default"); its serving branch costs more multiply-adds.
+pub const DEFAULT_TARGETS: &str = "v,down";
+
+/// The rank policy used unless told: each matrix keeps the singular values
+/// that hold 99% of its energy.
+pub const DEFAULT_RANK: &str = "energy:0.99";
+
 #[derive(Debug, thiserror::Error)]
 pub enum FactorError {
     #[error("invalid rank policy '{0}': use energy:T (0 < T <= 1), rank:N (N >= 1) or full")]

@@ -48,6 +48,14 @@ pub fn base() -> &'static Base {
     })
 }
 
+impl Base {
+    /// `--targets` of these factors, for a `svfit serve` process that serves
+    /// the adapters made here (`q,v`, not the CLI's default targets).
+    pub fn targets_args(&self) -> [String; 2] {
+        ["--targets".into(), self.key.targets.to_string()]
+    }
+}
+
 /// An adapter with sigma = S (1 + scale z).
 pub fn adapter(seed: u64) -> Adapter {
     let b = base();

@@ -176,7 +176,17 @@ fn adapters_on_the_command_line() {
     );
     ok(svfit(
         &home,
-        &["adapter", "init", "--model", m, "--out", &id],
+        // q,v (the default targets are v,down): the checks below name q.
+        &[
+            "adapter",
+            "init",
+            "--model",
+            m,
+            "--targets",
+            "q,v",
+            "--out",
+            &id,
+        ],
     ));
     for (out, seed) in [(&a, "1"), (&b, "2")] {
         ok(svfit(
@@ -356,7 +366,16 @@ fn adapters_on_the_command_line() {
     ok(svfit(
         &home,
         &[
-            "adapter", "init", "--model", m, "--rank", "rank:8", "--out", &other,
+            "adapter",
+            "init",
+            "--model",
+            m,
+            "--targets",
+            "q,v",
+            "--rank",
+            "rank:8",
+            "--out",
+            &other,
         ],
     ));
     let mixed = format!("{a}=0.5,{other}=0.5");

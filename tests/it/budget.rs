@@ -53,13 +53,14 @@ fn compute_buffers_stay_under_their_bound() {
     );
 }
 
-/// `svfit serve` on the default model with `args`, in a home with its
-/// factors.
+/// `svfit serve` on the default model and `base()`'s factors with `args`,
+/// in a home with those factors.
 fn serve(home: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_svfit"))
         .args(["serve", "--addr", "127.0.0.1:0", "--http-addr", "none"])
         .arg("--model")
         .arg(common::default_model())
+        .args(common::serve::base().targets_args())
         .args(args)
         .env("SVFIT_HOME", home)
         .output()
@@ -207,6 +208,7 @@ async fn a_busy_server_stays_within_its_budget() {
         .args(["--metrics-addr", "127.0.0.1:0", "--threads", "2"])
         .arg("--model")
         .arg(common::default_model())
+        .args(common::serve::base().targets_args())
         .args(flags)
         .env("SVFIT_HOME", &home);
     let server = start_process(command);

@@ -853,7 +853,11 @@ async fn trained_adapter_serves_and_merges() {
         "--epochs",
         "2",
     ];
-    train.extend(["--batch", "4", "--lr", "0.05", "--ctx", "128", "--data"]);
+    train.extend(["--batch", "4", "--lr", "0.05", "--ctx", "128"]);
+    // For the factors `config` serves (q,v, not the CLI's default targets).
+    let targets = base().targets_args();
+    train.extend(targets.iter().map(String::as_str));
+    train.push("--data");
     svfit_ok(&train, &[&data, Path::new("--out"), &adapter]);
 
     // The chat prompt, rendered as the trainer renders it.

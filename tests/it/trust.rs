@@ -352,6 +352,7 @@ fn spawn_server(adapters: &Path, rust_log: &str, shell_prefix: &str) -> Process 
     .map(|s| s.to_string())
     .collect();
     args.extend(["--model".into(), b.model.display().to_string()]);
+    args.extend(b.targets_args());
     args.extend(["--adapters".into(), adapters.display().to_string()]);
     let mut command = if shell_prefix.is_empty() {
         let mut c = Command::new(exe);

@@ -419,6 +419,7 @@ fn spawn_server(adapters: &Path, http: u16) -> Process {
         ])
         .args(["--job-lease", "2", "--model"])
         .arg(&b.model)
+        .args(b.targets_args())
         .arg("--adapters")
         .arg(adapters)
         .env("SVFIT_HOME", &b.home)

@@ -150,6 +150,7 @@ impl Replica {
             .args(["--tenant-rate", "0", "--drain-timeout", "30"])
             .arg("--model")
             .arg(&b.model)
+            .args(b.targets_args())
             .args(["--adapters", &format!("s3://{BUCKET}/adapters")])
             .env("SVFIT_HOME", &b.home)
             .env("RUST_LOG", "warn")
