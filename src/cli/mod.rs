@@ -194,6 +194,12 @@ struct TrainCompute {
     #[arg(long = "train-gemm", env = "SVFIT_TRAIN_GEMM", value_name = "1|0",
           default_value = "1", value_parser = on_unless_zero, action = ArgAction::Set)]
     gemm: bool,
+    /// Targets whose kept rank is near full train over their full-rank
+    /// factors in place of the weight (1: fewer multiply-adds, the same
+    /// values trained), or as the weight plus the branch (0, to compare)
+    #[arg(long = "train-full-rank", env = "SVFIT_TRAIN_FULL_RANK", value_name = "1|0",
+          default_value = "1", value_parser = on_unless_zero, action = ArgAction::Set)]
+    full_rank: bool,
 }
 
 /// A switch given as a number or in the environment: "0" is off, anything

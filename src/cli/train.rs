@@ -220,6 +220,7 @@ pub(super) fn run_train(args: &TrainArgs) -> Result<()> {
         // Training holds its frozen weights as --frozen says.
         load: args.compute.load_options(WeightFormat::Keep),
         gemm: args.train_compute.gemm,
+        full_rank: args.train_compute.full_rank,
         frozen: args.frozen.parse().map_err(anyhow::Error::msg)?,
         targets: match &saved {
             Some(s) => s.targets.parse()?,

@@ -3,9 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use super::{
-    read_rows, target_matrices, write_factors, Factor, FactorError, FactorsKey, TargetMatrix,
+    read_rows, target_matrices, write_factors, Factor, FactorError, FactorsKey, RankPolicy,
+    TargetMatrix,
 };
 use crate::ggml::gguf::GgufFile;
 
@@ -56,56 +58,27 @@ pub fn build(
         .collect();
     let resumed = finished.iter().filter(|&&f| f).count();
     let todo: Vec<usize> = (0..matrices.len()).filter(|&i| !finished[i]).collect();
-    let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(resumed));
-    let failed = std::sync::Mutex::new(None);
-    let jobs = jobs.clamp(1, todo.len().max(1));
-    // One job: faer's threads share each SVD; more: a matrix per thread.
-    let par = if jobs == 1 {
-        faer::Par::rayon(0)
-    } else {
-        faer::Par::Seq
-    };
-    let work = || -> Result<(), FactorError> {
-        let gguf = GgufFile::open(model)?;
-        loop {
-            if failed.lock().map_or(true, |f| f.is_some()) {
-                return Ok(());
-            }
-            let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                return Ok(());
-            };
-            let (t, slice) = &matrices[i];
-            let name = format!("{}.weight", t.prefix());
-            let (w, m, n) = read_rows(&gguf, &slice.tensor_name(t.layer), slice.rows.clone())?;
-            let f = Factor::of_matrix_with(&w, m, n, key.policy, par)
-                .ok_or_else(|| FactorError::Svd(name.clone()))?;
-            drop(w);
-            let rank = f.rank();
-            write_factors(&part(t), key, &[(t.clone(), f)])?;
-            progress(Progress {
-                done: done.fetch_add(1, Ordering::Relaxed) + 1,
-                total: matrices.len(),
-                resumed,
-                name: &name,
-                rank,
-                full_rank: m.min(n),
-            });
-        }
-    };
-    std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            scope.spawn(|| {
-                if let Err(e) = work() {
-                    if let Ok(mut failed) = failed.lock() {
-                        failed.get_or_insert(e);
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = failed.into_inner().ok().flatten() {
-        return Err(e);
-    }
+    let done = AtomicUsize::new(resumed);
+    let par = par_of(jobs, todo.len());
+    for_each(model, todo.len(), jobs, |gguf, j| {
+        let (t, slice) = &matrices[todo[j]];
+        let name = format!("{}.weight", t.prefix());
+        let (w, m, n) = read_rows(gguf, &slice.tensor_name(t.layer), slice.rows.clone())?;
+        let f = Factor::of_matrix_with(&w, m, n, key.policy, par)
+            .ok_or_else(|| FactorError::Svd(name.clone()))?;
+        drop(w);
+        let rank = f.rank();
+        write_factors(&part(t), key, &[(t.clone(), f)])?;
+        progress(Progress {
+            done: done.fetch_add(1, Ordering::Relaxed) + 1,
+            total: matrices.len(),
+            resumed,
+            name: &name,
+            rank,
+            full_rank: m.min(n),
+        });
+        Ok(())
+    })?;
     let mut parts = Vec::with_capacity(matrices.len());
     let mut ranks = Vec::with_capacity(matrices.len());
     for (t, _) in &matrices {
@@ -121,6 +94,86 @@ pub fn build(
     // The set is whole: the parts are no longer needed.
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ranks)
+}
+
+/// The full-rank factors of `matrices` of the model at `model`, in
+/// memory, `jobs` matrices at a time (training over full-rank factors,
+/// `model::Learner::with_full_rank`): the same SVD as [`build`]'s.
+pub fn full_rank(
+    model: &Path,
+    matrices: &[TargetMatrix],
+    jobs: usize,
+) -> Result<Vec<Factor>, FactorError> {
+    let config = crate::model::Config::from_gguf(&GgufFile::open(model)?)?;
+    let slices = matrices
+        .iter()
+        .map(|t| t.slice(&config))
+        .collect::<Result<Vec<_>, _>>()?;
+    let out = Mutex::new(vec![None; matrices.len()]);
+    let par = par_of(jobs, matrices.len());
+    for_each(model, matrices.len(), jobs, |gguf, i| {
+        let (t, slice) = (&matrices[i], &slices[i]);
+        let (w, m, n) = read_rows(gguf, &slice.tensor_name(t.layer), slice.rows.clone())?;
+        let f = Factor::of_matrix_with(&w, m, n, RankPolicy::Full, par)
+            .ok_or_else(|| FactorError::Svd(format!("{}.weight", t.prefix())))?;
+        if let Ok(mut out) = out.lock() {
+            out[i] = Some(f);
+        }
+        Ok(())
+    })?;
+    let out = out.into_inner().unwrap_or_default();
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// faer's parallelism for each SVD when `jobs` threads share `n` matrices:
+/// all its threads for one job, else one thread per matrix.
+fn par_of(jobs: usize, n: usize) -> faer::Par {
+    if jobs.clamp(1, n.max(1)) == 1 {
+        faer::Par::rayon(0)
+    } else {
+        faer::Par::Seq
+    }
+}
+
+/// Calls `each(gguf, i)` for every `i` below `n` on `jobs` threads, each
+/// with its own handle on the model; after the first error no more start,
+/// and it is returned.
+fn for_each(
+    model: &Path,
+    n: usize,
+    jobs: usize,
+    each: impl Fn(&GgufFile, usize) -> Result<(), FactorError> + Sync,
+) -> Result<(), FactorError> {
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(None);
+    let work = || -> Result<(), FactorError> {
+        let gguf = GgufFile::open(model)?;
+        loop {
+            if failed.lock().map_or(true, |f| f.is_some()) {
+                return Ok(());
+            }
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                return Ok(());
+            }
+            each(&gguf, i)?;
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, n.max(1)) {
+            scope.spawn(|| {
+                if let Err(e) = work() {
+                    if let Ok(mut failed) = failed.lock() {
+                        failed.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// The header of a finished matrix's file of [`build`] and the matrix's

@@ -16,7 +16,7 @@ use crate::model::{Config, MatrixSlice, ModelError};
 mod build;
 mod file;
 
-pub use build::{build, partial_dir, Progress};
+pub use build::{build, full_rank, partial_dir, Progress};
 pub use file::{read_factors, read_singular_values, write_factors, FactorFile, Shape};
 
 /// Matrix kinds that can be targets: short name and GGUF tensor kind.

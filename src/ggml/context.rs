@@ -626,6 +626,13 @@ impl Context {
         self.wrap(unsafe { sys::ggml_reshape_3d(self.as_ptr(), a.as_ptr(), ne0, ne1, ne2) })
     }
 
+    pub fn reshape_4d<'a>(&'a self, a: Tensor<'a>, ne: [i64; 4]) -> Tensor<'a> {
+        // SAFETY: see `mul_mat`.
+        self.wrap(unsafe {
+            sys::ggml_reshape_4d(self.as_ptr(), a.as_ptr(), ne[0], ne[1], ne[2], ne[3])
+        })
+    }
+
     /// A 3-d view of `a` with byte strides `nb1`, `nb2`, starting `offset` bytes in.
     pub fn view_3d<'a>(
         &'a self,

@@ -23,7 +23,7 @@ use super::weights::{LayerWeights, Weights};
 use super::Config;
 
 mod training;
-pub(super) use training::train_graph_size;
+pub(super) use training::{train_graph_size, ByExample};
 
 /// The graph's inputs, filled per batch after allocation.
 pub(super) struct Inputs<'a> {
@@ -136,6 +136,11 @@ pub(super) enum Delta<'a> {
     },
     /// Training: one vector `[rank]` for every token (the parameter).
     Shared(Tensor<'a>),
+    /// Training over `W`'s full-rank factors: the whole spectrum `S + Δ`
+    /// `[min(m, n)]`, so that `U ((S + Δ) ⊙ Vt x)` stands for `W x` plus
+    /// the branch (fewer multiply-adds when the rank kept is near full).
+    /// Never a part of a fused matrix, whose product is shared.
+    Whole(Tensor<'a>),
 }
 
 /// The SVFit branch (if any) of a layer's matrix of a given kind.
@@ -190,8 +195,22 @@ impl<'a> Builder<'a, '_> {
     }
 
     /// `y = W x` for a weight of the model, plus `U (D[:, slot] ⊙ Vt x)`
-    /// when the matrix is an SVFit target (METHOD.md §4).
+    /// when the matrix is an SVFit target (METHOD.md §4), or `U ((S + Δ) ⊙
+    /// Vt x)` alone over full-rank factors ([`Delta::Whole`]).
     fn linear(self, w: TensorId, x: Tensor<'a>, svfit: Option<Adapted<'a>>) -> Tensor<'a> {
+        if let Some(Adapted {
+            svfit:
+                Some(SvFit {
+                    u,
+                    vt,
+                    delta: Delta::Whole(spectrum),
+                }),
+            lora: None,
+        }) = svfit
+        {
+            let ctx = self.ctx;
+            return ctx.product(u, ctx.mul(ctx.product(vt, x), spectrum));
+        }
         let y = self.weights.product(self.ctx, w, x);
         self.adapt(y, x, svfit)
     }
@@ -248,6 +267,7 @@ impl<'a> Builder<'a, '_> {
             let scaled = match delta {
                 Delta::PerToken { table, slots } => ctx.product_scaled(vt, x, table, slots),
                 Delta::Shared(d) => ctx.mul(ctx.product(vt, x), d),
+                Delta::Whole(_) => unreachable!("a whole spectrum stands for a matrix's product"),
             };
             y = ctx.product_added(u, scaled, y);
         }

@@ -23,7 +23,7 @@ pub use kv_cache::KvCache;
 pub use lora::LoraBranch;
 pub use svfit::{Branch, Slot};
 pub use tokenizer::Tokenizer;
-pub use train::{Learner, RowLoss, TrainRow};
+pub use train::{full_rank_pays, Learner, RowLoss, TrainRow};
 
 use crate::adapter::LowRank;
 use crate::factors::{Factor, FactorFile, Shape, TargetMatrix};

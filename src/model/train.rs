@@ -8,7 +8,7 @@ use crate::factors::{Factor, TargetMatrix};
 use crate::ggml::kernel::Matrix;
 use crate::ggml::{Context, Tensor, TensorId, TensorSet, Type};
 
-use super::graph::{self, Adapted, Delta, SvFit};
+use super::graph::{self, Adapted, ByExample, Delta, SvFit};
 use super::{Model, ModelError};
 
 /// Packed training examples as one row of tokens.
@@ -49,6 +49,72 @@ impl TrainRow {
         }
     }
 
+    /// Each example's first token and length, in order.
+    fn examples(&self) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for (i, s) in self.segments.iter().enumerate() {
+            match out.last_mut() {
+                Some((start, len)) if self.segments[*start] == *s => *len += 1,
+                _ => out.push((i, 1)),
+            }
+        }
+        out
+    }
+
+    /// Attention example by example, where that computes at most half the
+    /// scores of attention over the whole row (the examples padded to the
+    /// longest): short examples packed many to a row.
+    fn by_example(&self) -> Option<ByExample> {
+        let examples = self.examples();
+        let len = examples.iter().map(|e| e.1).max()?;
+        let count = examples.len();
+        (count > 1 && 2 * count * len * len <= self.len() * self.len())
+            .then_some(ByExample { len, count })
+    }
+
+    /// Whether the row attends example by example (see
+    /// [`Learner::set_attention_by_example`]).
+    pub fn attends_by_example(&self) -> bool {
+        self.by_example().is_some()
+    }
+
+    /// Rows of attention by example (`graph::ByExampleInputs`): the row of
+    /// each padded row for `heads` heads (past an example's end, its last
+    /// token's), and each token's and head's padded row for `heads`.
+    fn padded_rows(&self, len: usize, heads: usize) -> (Vec<i32>, Vec<i32>) {
+        let examples = self.examples();
+        let mut gather = Vec::with_capacity(len * heads * examples.len());
+        let mut scatter = vec![0; self.len() * heads];
+        for (e, &(start, n)) in examples.iter().enumerate() {
+            for h in 0..heads {
+                let padded = (e * heads + h) * len;
+                gather.extend((0..len).map(|p| ((start + p.min(n - 1)) * heads + h) as i32));
+                for p in 0..n {
+                    scatter[(start + p) * heads + h] = (padded + p) as i32;
+                }
+            }
+        }
+        (gather, scatter)
+    }
+
+    /// The masks `[len, len, 1, count]` of attention by example, by query
+    /// within each example: causal, within the `window`; a padded query
+    /// sees its example's first token only (finite, and its output is
+    /// dropped).
+    fn padded_mask(&self, len: usize, window: Option<usize>) -> Vec<f32> {
+        let examples = self.examples();
+        let mut mask = vec![f32::NEG_INFINITY; len * len * examples.len()];
+        for (e, &(_, n)) in examples.iter().enumerate() {
+            let mask = &mut mask[e * len * len..][..len * len];
+            for q in 0..len {
+                let first = window.map_or(0, |w| (q + 1).saturating_sub(w));
+                let keys = if q < n { first..q + 1 } else { 0..1 };
+                mask[q * len..][keys].fill(0.0);
+            }
+        }
+        mask
+    }
+
     /// The attention mask `[n, n]`, row-major by query; with a `window`,
     /// a token sees only the last `window` positions of its example.
     fn mask(&self, window: Option<usize>) -> Vec<f32> {
@@ -81,11 +147,18 @@ struct Param {
     prefix: String,
     layer: usize,
     kind: &'static str,
+    /// Trained values: the rank kept.
     rank: usize,
+    /// Length of the factors, delta and gradient tensors: the rank, or
+    /// `min(m, n)` when `spectrum` is there.
+    width: usize,
     u: TensorId,
     vt: TensorId,
     delta: TensorId,
     grad: TensorId,
+    /// `S` of `W`'s full-rank factors, which then stand for `W`
+    /// ([`Delta::Whole`]); the delta's values past the rank stay zero.
+    spectrum: Option<TensorId>,
 }
 
 /// A model with SVFit factors whose deltas are trained.
@@ -99,27 +172,112 @@ pub struct Learner {
     /// Whether graphs on a CPU run their f32 products through faer's GEMM
     /// (`ggml::gemm`), see [`Learner::set_gemm`].
     gemm: bool,
+    /// Whether attention runs example by example where that pays, see
+    /// [`Learner::set_attention_by_example`].
+    by_example: bool,
+}
+
+/// Whether a target's training graph takes fewer multiply-adds per token
+/// as one product over `W`'s full-rank factors, `U ((S + Δ) ⊙ Vt x)` with
+/// `k = min(m, n)` values, than as `W x` plus the branch of `rank` values:
+/// `k (m + n) < m n + rank (m + n)`. Most policies keep a rank near full
+/// (`energy:0.99` keeps 90% of `ffn_down`'s), where the full-rank product
+/// saves about a third. Never for a part of a fused matrix, whose product
+/// the other parts share.
+pub fn full_rank_pays(
+    config: &super::Config,
+    t: &TargetMatrix,
+    m: usize,
+    n: usize,
+    rank: usize,
+) -> bool {
+    let own = config
+        .matrix_slice(t.kind)
+        .is_some_and(|s| s.tensor == t.kind);
+    let k = m.min(n);
+    own && k * (m + n) < m * n + rank * (m + n)
+}
+
+/// Whether `full` (full rank) begins with `kept`'s singular values and
+/// vectors, within the rounding of a factor file's f16: the same SVD, so
+/// that values trained over `full` are `kept`'s.
+fn extends(full: &Factor, kept: &Factor) -> bool {
+    let r = kept.rank();
+    let close = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol * (1.0 + a.abs());
+    full.m == kept.m
+        && full.n == kept.n
+        && full.rank() == full.m.min(full.n)
+        && full.rank() >= r
+        && full.s.iter().zip(&kept.s).all(|(&a, &b)| close(a, b, 1e-3))
+        && (0..full.m).all(|i| {
+            let (a, b) = (&full.u[i * full.rank()..][..r], &kept.u[i * r..][..r]);
+            a.iter().zip(b).all(|(&a, &b)| close(a, b, 2e-3))
+        })
+        && full.vt[..r * full.n]
+            .iter()
+            .zip(&kept.vt)
+            .all(|(&a, &b)| close(a, b, 2e-3))
 }
 
 impl Learner {
-    /// Places `factors` (f32) next to `model`'s weights with zero deltas.
+    /// Places `factors` (f32) next to `model`'s weights with zero deltas:
+    /// every target's graph is `W x` plus its branch.
     pub fn new(model: Model, factors: &[(TargetMatrix, Factor)]) -> Result<Self, ModelError> {
+        Self::build(model, factors, None)
+    }
+
+    /// [`Learner::new`], where full-rank factors stand for the matrix when
+    /// that pays ([`full_rank_pays`]): a target's own factors when they are
+    /// full rank, else `full[i]` (for `factors[i]`, computed from the same
+    /// matrix) when it begins with them. The same values are trained, with
+    /// fewer multiply-adds.
+    pub fn with_full_rank(
+        model: Model,
+        factors: &[(TargetMatrix, Factor)],
+        full: &[Option<Factor>],
+    ) -> Result<Self, ModelError> {
+        Self::build(model, factors, Some(full))
+    }
+
+    fn build(
+        model: Model,
+        factors: &[(TargetMatrix, Factor)],
+        full: Option<&[Option<Factor>]>,
+    ) -> Result<Self, ModelError> {
         if factors.is_empty() {
             return Err(ModelError::Factors("no target matrices to train".into()));
         }
-        let ctx = Context::new(4 * factors.len() + 1, 0)?;
-        for (t, f) in factors {
+        let mut stand_ins = Vec::with_capacity(factors.len());
+        for (i, (t, f)) in factors.iter().enumerate() {
             let (m, n) = super::svfit::check_factor(model.config(), t, f)?;
-            let (p, r) = (t.prefix(), f.rank() as i64);
-            ctx.new_tensor(Type::F32, &[r, m as i64])
+            let stand_in = match full {
+                Some(_) if !full_rank_pays(model.config(), t, m, n, f.rank()) => None,
+                Some(_) if f.rank() == m.min(n) => Some(f),
+                Some(full) => full
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .filter(|g| extends(g, f)),
+                None => None,
+            };
+            stand_ins.push(stand_in);
+        }
+        let ctx = Context::new(5 * factors.len() + 1, 0)?;
+        for ((t, f), stand_in) in factors.iter().zip(&stand_ins) {
+            let p = t.prefix();
+            let width = stand_in.unwrap_or(f).rank() as i64;
+            ctx.new_tensor(Type::F32, &[width, f.m as i64])
                 .set_name(&format!("{p}.U"));
-            ctx.new_tensor(Type::F32, &[n as i64, r])
+            ctx.new_tensor(Type::F32, &[f.n as i64, width])
                 .set_name(&format!("{p}.Vt"));
-            ctx.new_tensor(Type::F32, &[r])
+            ctx.new_tensor(Type::F32, &[width])
                 .set_name(&format!("{p}.delta"))
                 .set_param();
-            ctx.new_tensor(Type::F32, &[r, 1, 1, 1])
+            ctx.new_tensor(Type::F32, &[width, 1, 1, 1])
                 .set_name(&format!("{p}.grad"));
+            if stand_in.is_some() {
+                ctx.new_tensor(Type::F32, &[width])
+                    .set_name(&format!("{p}.S"));
+            }
         }
         ctx.new_tensor(Type::F32, &[1, 1, 1, 1])
             .set_name("loss.grad");
@@ -128,21 +286,27 @@ impl Learner {
         let loss_grad = set.find("loss.grad").expect("created above");
         set.get(loss_grad).write(&[1.0f32])?;
         let mut params = Vec::with_capacity(factors.len());
-        for (t, f) in factors {
+        for ((t, f), stand_in) in factors.iter().zip(stand_ins) {
             let p = t.prefix();
             let id = |suffix: &str| set.find(&format!("{p}.{suffix}")).expect("created above");
+            let stored = stand_in.unwrap_or(f);
             let param = Param {
                 layer: t.layer,
                 kind: t.kind,
                 rank: f.rank(),
+                width: stored.rank(),
                 u: id("U"),
                 vt: id("Vt"),
                 delta: id("delta"),
                 grad: id("grad"),
+                spectrum: stand_in.map(|_| id("S")),
                 prefix: p,
             };
-            set.get(param.u).write(&f.u)?;
-            set.get(param.vt).write(&f.vt)?;
+            set.get(param.u).write(&stored.u)?;
+            set.get(param.vt).write(&stored.vt)?;
+            if let Some(s) = param.spectrum {
+                set.get(s).write(&stored.s)?;
+            }
             params.push(param);
         }
         let size = graph::train_graph_size(model.config());
@@ -153,6 +317,7 @@ impl Learner {
             params,
             loss_grad,
             gemm: true,
+            by_example: true,
         })
     }
 
@@ -163,6 +328,13 @@ impl Learner {
         self.gemm = on;
     }
 
+    /// Whether a row of many short examples attends example by example on
+    /// a CPU (on by default: at most half the scores), or over the whole
+    /// row with a mask (to compare: the same loss and gradients).
+    pub fn set_attention_by_example(&mut self, on: bool) {
+        self.by_example = on;
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
     }
@@ -170,6 +342,12 @@ impl Learner {
     /// `(blk.L.kind, rank)` of every trained matrix, in parameter order.
     pub fn matrices(&self) -> impl Iterator<Item = (&str, usize)> + '_ {
         self.params.iter().map(|p| (p.prefix.as_str(), p.rank))
+    }
+
+    /// How many targets train over full-rank factors that stand for their
+    /// matrix ([`Learner::with_full_rank`]).
+    pub fn n_full_rank(&self) -> usize {
+        self.params.iter().filter(|p| p.spectrum.is_some()).count()
     }
 
     /// Trained values in all: the sum of the ranks.
@@ -189,7 +367,13 @@ impl Learner {
         let mut rest = flat;
         for p in &self.params {
             let (mine, tail) = rest.split_at(p.rank);
-            self.set.get(p.delta).write(mine)?;
+            if p.width == p.rank {
+                self.set.get(p.delta).write(mine)?;
+            } else {
+                let mut padded = mine.to_vec();
+                padded.resize(p.width, 0.0);
+                self.set.get(p.delta).write(&padded)?;
+            }
             rest = tail;
         }
         Ok(())
@@ -209,7 +393,12 @@ impl Learner {
         let mut rest = grad;
         for p in &self.params {
             let (mine, tail) = rest.split_at_mut(p.rank);
-            self.set.get(p.grad).read(mine)?;
+            if p.width == p.rank {
+                self.set.get(p.grad).read(mine)?;
+            } else {
+                // The values past the rank are not trained.
+                mine.copy_from_slice(&self.set.get(p.grad).read_f32_vec()?[..p.rank]);
+            }
             rest = tail;
         }
         Ok(result.loss)
@@ -244,11 +433,15 @@ impl Learner {
         let params = &self.params;
         let branch = |layer: usize, kind: &str| {
             let p = params.iter().find(|p| p.layer == layer && p.kind == kind)?;
+            let delta = set.get(p.delta);
             Some(Adapted {
                 svfit: Some(SvFit {
                     u: Matrix::plain(set.get(p.u)),
                     vt: Matrix::plain(set.get(p.vt)),
-                    delta: Delta::Shared(set.get(p.delta)),
+                    delta: match p.spectrum {
+                        Some(s) => Delta::Whole(ctx.add(set.get(s), delta)),
+                        None => Delta::Shared(delta),
+                    },
                 }),
                 lora: None,
             })
@@ -261,8 +454,12 @@ impl Learner {
             weights: &self.model.weights,
             differentiable: true,
         };
+        // On a GPU the scores are cheap, and this layout is unmeasured.
+        let by_example = row
+            .by_example()
+            .filter(|_| self.by_example && self.model.sched.primary().is_cpu());
         let (inputs, logits, loss) =
-            builder.train_forward(&mut gf, &branch, row.len(), row.targets.len());
+            builder.train_forward(&mut gf, &branch, row.len(), row.targets.len(), by_example);
         if backward {
             let mut accs: Vec<(Tensor, Tensor)> = params
                 .iter()
@@ -281,14 +478,27 @@ impl Learner {
         let tokens: Vec<i32> = row.tokens.iter().map(|&t| t as i32).collect();
         inputs.tokens.write(&tokens)?;
         inputs.positions.write(&row.positions)?;
+        let mask = |window: Option<usize>| match by_example {
+            Some(b) => row.padded_mask(b.len, window),
+            None => row.mask(window),
+        };
         // Only the masks some layer reads are allocated.
         if inputs.mask.is_allocated() {
-            inputs.mask.write(&row.mask(None))?;
+            inputs.mask.write(&mask(None))?;
         }
-        if let (Some(mask), Some(w)) = (inputs.mask_swa, &cfg.sliding_window) {
-            if mask.is_allocated() {
-                mask.write(&row.mask(Some(w.size)))?;
+        if let (Some(swa), Some(w)) = (inputs.mask_swa, &cfg.sliding_window) {
+            if swa.is_allocated() {
+                swa.write(&mask(Some(w.size)))?;
             }
+        }
+        if let Some(padded) = &inputs.by_example {
+            let len = padded.shape.len;
+            let (gather_q, scatter) = row.padded_rows(len, cfg.n_head);
+            padded.gather_q.write(&gather_q)?;
+            padded.scatter.write(&scatter)?;
+            padded
+                .gather_kv
+                .write(&row.padded_rows(len, cfg.n_head_kv).0)?;
         }
         let rows: Vec<i32> = row.targets.iter().map(|&(r, _)| r as i32).collect();
         inputs.loss_rows.write(&rows)?;

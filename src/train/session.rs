@@ -18,9 +18,9 @@ use super::data::Dataset;
 use super::metrics::{plot_metrics, Metrics};
 use super::{Event, Hyper, Outcome, Pace, State, TrainError, Trainer};
 use crate::adapter::Adapter;
-use crate::factors::{self, FactorsKey, RankPolicy, Targets};
+use crate::factors::{self, Factor, FactorsKey, RankPolicy, TargetMatrix, Targets};
 use crate::ggml::Type;
-use crate::model::{Learner, LoadOptions, Model, Tokenizer};
+use crate::model::{full_rank_pays, Learner, LoadOptions, Model, Tokenizer};
 
 /// How frozen weights are held during training.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +51,10 @@ pub struct Options {
     /// Whether the CPU's training products run through faer's GEMM
     /// (`Learner::set_gemm`; the CLI's `--train-gemm`).
     pub gemm: bool,
+    /// Whether targets whose kept rank is near full train over their
+    /// full-rank factors (`Learner::with_full_rank`; the CLI's
+    /// `--train-full-rank`).
+    pub full_rank: bool,
     pub frozen: Frozen,
     pub targets: Targets,
     pub rank: RankPolicy,
@@ -423,9 +427,36 @@ fn start_trainer(
         key.targets,
         key.policy,
     ));
-    let mut learner = Learner::new(model, &factors)?;
+    let started = Instant::now();
+    let (mut learner, wanted) = if options.full_rank {
+        let full = full_rank_factors(&options.model, &model, &factors, observer)?;
+        let wanted = (factors.iter().zip(&full))
+            .filter(|((_, f), g)| g.is_some() || f.rank() == f.m.min(f.n))
+            .filter(|((t, f), _)| full_rank_pays(model.config(), t, f.m, f.n, f.rank()))
+            .count();
+        (Learner::with_full_rank(model, &factors, &full)?, wanted)
+    } else {
+        (Learner::new(model, &factors)?, 0)
+    };
     learner.set_gemm(options.gemm);
     drop(factors);
+    if wanted > 0 {
+        observer.message(&format!(
+            "{} of {} matrices train over their full-rank factors in place of the \
+             weight (fewer multiply-adds; {:.1} s to factor){}",
+            learner.n_full_rank(),
+            singular.len(),
+            started.elapsed().as_secs_f64(),
+            if learner.n_full_rank() < wanted {
+                format!(
+                    "; {} did not match the factor file and train as before",
+                    wanted - learner.n_full_rank()
+                )
+            } else {
+                String::new()
+            }
+        ));
+    }
     let scale: Vec<f32> = singular
         .iter()
         .flat_map(|(_, s)| s.iter().copied())
@@ -439,6 +470,58 @@ fn start_trainer(
         (None, None) => Trainer::new(learner, scale, hyper.clone())?,
     };
     Ok((trainer, singular))
+}
+
+/// The full-rank factors (`full[i]` for `factors[i]`) of the targets whose
+/// training graph they shorten ([`full_rank_pays`]) and whose kept factors
+/// are not full rank already, computed now (the factor file keeps the
+/// rank only). None when they and the SVD's working set would take more
+/// than a quarter of the free memory: the run is the same, slower.
+fn full_rank_factors(
+    path: &Path,
+    model: &Model,
+    factors: &[(TargetMatrix, Factor)],
+    observer: &mut dyn Observer,
+) -> Result<Vec<Option<Factor>>, SessionError> {
+    let want: Vec<usize> = (0..factors.len())
+        .filter(|&i| {
+            let (t, f) = &factors[i];
+            f.rank() < f.m.min(f.n) && full_rank_pays(model.config(), t, f.m, f.n, f.rank())
+        })
+        .collect();
+    let mut full = vec![None; factors.len()];
+    if want.is_empty() {
+        return Ok(full);
+    }
+    let jobs = factors::default_jobs();
+    let of = |i: &usize| &factors[*i].1;
+    let bytes: usize = want
+        .iter()
+        .map(of)
+        .map(|f| 4 * f.m.min(f.n) * (f.m + f.n))
+        .sum();
+    // The SVD holds about 3 copies of a matrix in f64 per job.
+    let working = jobs * 3 * 8 * want.iter().map(of).map(|f| f.m * f.n).max().unwrap_or(0);
+    match available_memory() {
+        Some(free) if 4 * (bytes + working) as u64 > free => {
+            observer.message(&format!(
+                "the full-rank factors would take {:.0} MB of {:.0} MB free: training over the \
+                 kept ones only",
+                (bytes + working) as f64 / 1e6,
+                free as f64 / 1e6
+            ));
+            return Ok(full);
+        }
+        _ => {}
+    }
+    let matrices: Vec<TargetMatrix> = want.iter().map(|&i| factors[i].0.clone()).collect();
+    for (i, f) in want
+        .into_iter()
+        .zip(factors::full_rank(path, &matrices, jobs)?)
+    {
+        full[i] = Some(f);
+    }
+    Ok(full)
 }
 
 /// The relative shifts `(sigma - S) / S` of the adapter a run starts from,

@@ -125,6 +125,127 @@ fn check_gradient(model: &Path, home: &Path, targets: &str, bound: f64, probes: 
     );
 }
 
+/// Targets whose kept rank is near full train over their full-rank
+/// factors in place of the weight (`Learner::with_full_rank`): the same
+/// loss and the same gradient of the same values as the weight plus the
+/// branch, in families with biases and norms, for kept ranks below full
+/// (the factors computed again at full rank) and at full rank (`k`, `v`).
+#[test]
+fn full_rank_factors_train_the_same_values() {
+    let _machine = crate::common::shared();
+    let dir = temp_dir("train-full-rank");
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Gemma3] {
+        let model = dir.path().join(format!("{}.gguf", arch.name()));
+        common::write_tiny_model(&model, &random::Shape::tiny(arch));
+        let key = FactorsKey::for_model(&model, "all-linear", "rank:40", "f32").unwrap();
+        let path = factors::ensure(&model, &key, &dir.path().join("home")).unwrap();
+        let kept = factors::read_factors(&path, &key).unwrap();
+        let matrices: Vec<TargetMatrix> = kept.iter().map(|(t, _)| t.clone()).collect();
+        let full: Vec<Option<Factor>> = factors::full_rank(&model, &matrices, 2)
+            .unwrap()
+            .into_iter()
+            .map(Some)
+            .collect();
+        let options = LoadOptions {
+            device: "cpu".into(),
+            threads: 2,
+            ..LoadOptions::default()
+        };
+        let load = || Model::load_for_training(&model, &options, true).unwrap();
+        let mut plain = Learner::new(load(), &kept).unwrap();
+        let mut whole = Learner::with_full_rank(load(), &kept, &full).unwrap();
+        assert_eq!(plain.n_full_rank(), 0);
+        assert_eq!(
+            whole.n_full_rank(),
+            kept.len(),
+            "{}: every target pays",
+            arch.name()
+        );
+        assert_eq!(whole.n_params(), plain.n_params());
+
+        let row = svfit::check::short_row(plain.model().config().n_vocab, 7);
+        let deltas = Rng::new(5).normals(plain.n_params(), 0.05);
+        let mut grads = [vec![0f32; deltas.len()], vec![0f32; deltas.len()]];
+        let mut losses = [0f32; 2];
+        for ((learner, grad), loss) in [&mut plain, &mut whole]
+            .into_iter()
+            .zip(&mut grads)
+            .zip(&mut losses)
+        {
+            learner.set_deltas(&deltas).unwrap();
+            *loss = learner.gradient(&row, grad).unwrap();
+        }
+        let largest = grads[0].iter().fold(0f32, |a, g| a.max(g.abs()));
+        let worst = grads[0]
+            .iter()
+            .zip(&grads[1])
+            .fold(0f32, |a, (p, w)| a.max((p - w).abs()));
+        eprintln!(
+            "{}: loss {} vs {}, gradient max difference {worst:.2e} of {largest:.2e}",
+            arch.name(),
+            losses[0],
+            losses[1]
+        );
+        assert!((losses[0] - losses[1]).abs() < 1e-4 * losses[0].abs().max(1.0));
+        assert!(largest > 0.0 && worst < 1e-3 * largest);
+    }
+}
+
+/// A row of short examples attends example by example (each padded to the
+/// longest, `Learner::set_attention_by_example`): the same loss and
+/// gradient as attention over the whole row with a mask, in families with
+/// a sliding window (the examples are longer than Gemma's tiny window of
+/// 16), GQA and biases.
+#[test]
+fn attention_by_example_matches_the_whole_row() {
+    let _machine = crate::common::shared();
+    let dir = temp_dir("train-by-example");
+    for arch in [
+        Arch::Llama,
+        Arch::Qwen2,
+        Arch::Gemma2,
+        Arch::Gemma3,
+        Arch::Phi3,
+    ] {
+        let model = dir.path().join(format!("{}.gguf", arch.name()));
+        common::write_tiny_model(&model, &random::Shape::tiny(arch));
+        let mut learner = learner(&model, &dir.path().join("home"), "all-linear");
+        let n_vocab = learner.model().config().n_vocab;
+        let mut rng = Rng::new(11);
+        let mut row = svfit::model::TrainRow::default();
+        for len in [17, 18, 5, 16, 17] {
+            let loss: Vec<bool> = (0..len).map(|i| i >= len / 3).collect();
+            row.push(&rng.tokens(len, n_vocab), &loss);
+        }
+        assert!(row.attends_by_example());
+        let deltas = rng.normals(learner.n_params(), 0.05);
+        learner.set_deltas(&deltas).unwrap();
+        let mut runs = Vec::new();
+        for by_example in [true, false] {
+            learner.set_attention_by_example(by_example);
+            let mut grad = vec![0f32; deltas.len()];
+            let loss = learner.gradient(&row, &mut grad).unwrap();
+            let eval = learner.evaluate(&row).unwrap();
+            runs.push((loss, grad, eval.hits));
+        }
+        let [(loss, grad, hits), (whole_loss, whole_grad, whole_hits)] = &runs[..] else {
+            unreachable!()
+        };
+        let largest = whole_grad.iter().fold(0f32, |a, g| a.max(g.abs()));
+        let worst = grad
+            .iter()
+            .zip(whole_grad)
+            .fold(0f32, |a, (p, w)| a.max((p - w).abs()));
+        eprintln!(
+            "{}: loss {loss} vs {whole_loss}, gradient max difference {worst:.2e} of {largest:.2e}",
+            arch.name()
+        );
+        assert!((loss - whole_loss).abs() < 1e-4 * whole_loss.abs().max(1.0));
+        assert!(largest > 0.0 && worst < 1e-3 * largest);
+        assert_eq!(hits, whole_hits);
+    }
+}
+
 // ---- `svfit train` on the default model, as a user runs it ----
 
 use std::process::{Command, Output};

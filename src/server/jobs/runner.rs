@@ -465,6 +465,7 @@ impl Running<'_> {
             model: config.model.clone(),
             load,
             gemm: true,
+            full_rank: true,
             frozen: Frozen::Auto,
             targets: config.factors.targets.clone(),
             rank: config.factors.policy,
