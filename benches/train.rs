@@ -7,7 +7,9 @@
 //! Rows are 512 tokens of this repository's README packed as 4 examples of
 //! 128 tokens, with the loss either on every token (language modelling) or
 //! on the last 4 tokens of each example (a short answer, as in
-//! classification data).
+//! classification data). The learner is `svfit train`'s: full-rank factors
+//! stand for the targets where that pays, and the examples attend one by
+//! one.
 //!
 //! `cargo bench --bench train -- [--threads N] [--model PATH] [--reps N]`
 //!
@@ -162,7 +164,14 @@ fn main() {
             factors::ensure(&opts.model, &key, &svfit::home::home_dir()).unwrap_or_else(fail);
         let factors = factors::read_factors(&path, &key).unwrap_or_else(fail);
         let model = Model::load_for_training(&opts.model, &options, true).unwrap_or_else(fail);
-        let mut learner = Learner::new(model, &factors).unwrap_or_else(fail);
+        // As `svfit train` runs: full-rank factors where they pay.
+        let matrices: Vec<_> = factors.iter().map(|(t, _)| t.clone()).collect();
+        let full: Vec<_> = factors::full_rank(&opts.model, &matrices, factors::default_jobs())
+            .unwrap_or_else(fail)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut learner = Learner::with_full_rank(model, &factors, &full).unwrap_or_else(fail);
         learner.set_gemm(opts.train_gemm);
         let mut grad = vec![0f32; learner.n_params()];
         for (what, row) in &rows {
