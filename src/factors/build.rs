@@ -121,8 +121,11 @@ pub fn full_rank(
         }
         Ok(())
     })?;
-    let out = out.into_inner().unwrap_or_default();
-    Ok(out.into_iter().flatten().collect())
+    let mut out = out.into_inner().unwrap_or_default();
+    out.resize(matrices.len(), None);
+    (out.into_iter().zip(matrices))
+        .map(|(f, t)| f.ok_or_else(|| FactorError::Svd(format!("{}.weight", t.prefix()))))
+        .collect()
 }
 
 /// faer's parallelism for each SVD when `jobs` threads share `n` matrices:
