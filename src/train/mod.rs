@@ -16,6 +16,7 @@
 mod checkpoint;
 pub mod data;
 pub mod eval;
+mod memory;
 mod metrics;
 pub mod optim;
 pub mod plot;
